@@ -1,0 +1,1 @@
+"""Benchmarks (bench_serving, bench_one_batch, ...)."""

@@ -1,0 +1,1 @@
+"""pdserve.kvtransfer: KV page transfer backends (fake, zmq, nccl). Arrives with issue 4."""

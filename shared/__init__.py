@@ -1,0 +1,1 @@
+"""pdserve.shared: what every role uses: args, protocol, models, the engine."""

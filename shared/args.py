@@ -1,0 +1,97 @@
+"""Engine and worker arguments: one dataclass, buildable without a checkpoint, and its CLI flags.
+
+Flag names follow SGLang's server arguments where SGLang has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@dataclass
+class EngineArgs:
+    model_path: str = DEFAULT_MODEL
+    tokenizer_path: str | None = None
+    load_format: str = "auto"  # auto | safetensors | dummy
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    context_length: int | None = None
+    served_model_name: str | None = None
+    trust_remote_code: bool = False
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    random_seed: int = 0
+
+    page_size: int = 16
+    mem_fraction_static: float = 0.85  # GPU only: share of device memory for weights + KV pool
+    max_total_tokens: int | None = None  # KV pool capacity in tokens; default: 65,536 on CPU
+    disable_radix_cache: bool = False
+    chunked_prefill_size: int = 8192  # -1 disables chunking
+    max_prefill_tokens: int = 16384
+    max_running_requests: int = 256
+    schedule_policy: str = "fcfs"  # fcfs | lpm
+    # Pages kept free for running requests when admitting new ones, per running request.
+    new_token_ratio_reserve: int = 1
+
+    @property
+    def effective_tokenizer_path(self) -> str:
+        return self.tokenizer_path or self.model_path
+
+    def validate(self) -> None:
+        if self.load_format not in ("auto", "safetensors", "dummy"):
+            raise ValueError(f"--load-format must be auto, safetensors or dummy, got {self.load_format!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"):
+            raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.page_size < 1:
+            raise ValueError("--page-size must be >= 1")
+        if self.schedule_policy not in ("fcfs", "lpm"):
+            raise ValueError(f"--schedule-policy must be fcfs or lpm, got {self.schedule_policy!r}")
+        if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
+            raise ValueError("--chunked-prefill-size must be -1 or at least --page-size")
+        if self.max_running_requests < 1:
+            raise ValueError("--max-running-requests must be >= 1")
+        if not 0.0 < self.mem_fraction_static < 1.0:
+            raise ValueError("--mem-fraction-static must be in (0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Adds one flag per EngineArgs field (`--model-path` for `model_path`, booleans as switches)."""
+    defaults = EngineArgs()
+    choices = {
+        "load_format": ["auto", "safetensors", "dummy"],
+        "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
+        "schedule_policy": ["fcfs", "lpm"],
+    }
+    for f in dataclasses.fields(EngineArgs):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, action="store_true", default=default)
+            continue
+        kind = _parse_type(f)
+        parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name))
+
+
+def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(EngineArgs) if hasattr(ns, f.name)}
+    args = EngineArgs(**values)
+    args.validate()
+    return args
+
+
+def _parse_type(f: dataclasses.Field) -> Any:
+    text = str(f.type)
+    if "int" in text:
+        return int
+    if "float" in text:
+        return float
+    return str
+
+
+__all__ = ["EngineArgs", "add_engine_args", "engine_args_from", "DEFAULT_MODEL"]

@@ -1,0 +1,1 @@
+"""The engine: paged KV pool, radix prefix cache, scheduler, sampler, model runner."""

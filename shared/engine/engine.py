@@ -1,0 +1,267 @@
+"""The in-process engine: validated requests in, one scheduling step at a time, typed outputs out.
+
+    engine = Engine(EngineArgs(model_path=..., device="cpu"))
+    engine.add_request(GenerateRequest(rid="a", input_ids=[...], sampling_params={"temperature": 0}))
+    while engine.has_work():
+        for out in engine.step(): ...          # RequestOutput per request that progressed
+    engine.generate([[1, 2, 3]], {"max_new_tokens": 8})   # offline: runs to completion
+
+Workers drive `step()` from their loop; tests and benchmarks use `generate()`. Everything that a
+client can get wrong raises `RequestError` from `add_request` with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.kv_cache_manager import KVCacheManager
+from pdserve.shared.engine.model_runner import ModelRunner
+from pdserve.shared.engine.output import build_output
+from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.request_validation import RequestError, validate_request
+from pdserve.shared.engine.scheduler import BatchKind, Scheduler, SchedulerConfig
+from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.resolver import resolve_model
+from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    """Monotonic counters for /metrics; throughputs are derived by the scraper."""
+
+    num_requests: int = 0
+    num_finished: int = 0
+    num_aborted: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_tokens_computed: int = 0
+    decode_tokens_computed: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    num_retractions: int = 0
+
+
+class Engine:
+    def __init__(self, args: EngineArgs):
+        args.validate()
+        self.args = args
+        resolved = resolve_model(args.model_path)
+        self.model_path = resolved.reported_path
+        self.local_dir = resolved.local_dir
+        self.model_config = ModelConfig.from_path(
+            resolved.local_dir,
+            dtype=args.dtype,
+            device=args.device,
+            context_length=args.context_length,
+            trust_remote_code=args.trust_remote_code,
+        )
+        self.runner = ModelRunner(args, self.model_config, resolved.local_dir)
+        self.kv = KVCacheManager(self.runner.pool.num_pages, args.page_size, enable_radix=not args.disable_radix_cache)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                page_size=args.page_size,
+                max_running_requests=args.max_running_requests,
+                max_prefill_tokens=args.max_prefill_tokens,
+                chunked_prefill_size=args.chunked_prefill_size,
+                schedule_policy=args.schedule_policy,
+                context_length=self.model_config.context_length,
+            ),
+            self.kv,
+        )
+        self.stats = EngineStats()
+        self.weight_version = "default"
+        self._live: dict[str, list[Req]] = {}
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def max_total_num_tokens(self) -> int:
+        return self.runner.pool.total_tokens
+
+    @property
+    def context_length(self) -> int:
+        return self.model_config.context_length
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def load(self, query_id: int = 0) -> LoadReport:
+        kv = self.kv
+        used_pages = kv.num_total_pages - kv.num_free_pages - kv.num_evictable_pages
+        return LoadReport(
+            query_id=query_id,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            num_free_pages=kv.num_free_pages,
+            num_evictable_pages=kv.num_evictable_pages,
+            num_total_pages=kv.num_total_pages,
+            page_size=self.args.page_size,
+            num_used_tokens=used_pages * self.args.page_size,
+            max_total_num_tokens=self.max_total_num_tokens,
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, msg: GenerateRequest) -> None:
+        """Queues a request (n samples share the prompt's pages); raises RequestError if invalid."""
+        if msg.rid in self._live:
+            raise RequestError(f"Duplicate request id {msg.rid!r}: a request with this rid is still running.")
+        params = validate_request(msg, self.model_config.vocab_size, self.context_length, self.max_total_num_tokens)
+        samples: list[Req] = []
+        for index in range(params.n):
+            sample_params = params if index == 0 else _derive_sample_params(params, index)
+            req = Req(
+                rid=msg.rid,
+                input_ids=list(msg.input_ids),
+                params=sample_params,
+                index=index,
+                share_prompt_with=samples[0] if index > 0 and not self.args.disable_radix_cache else None,
+                eos_token_ids=self.model_config.eos_token_ids,
+                return_logprob=msg.return_logprob,
+                top_logprobs_num=msg.top_logprobs_num,
+                logprob_start_len=msg.logprob_start_len,
+                token_ids_logprob=list(msg.token_ids_logprob) if msg.token_ids_logprob else None,
+            )
+            samples.append(req)
+            self.scheduler.add(req)
+        self._live[msg.rid] = samples
+        self.stats.num_requests += 1
+        self.stats.prompt_tokens += len(msg.input_ids) * params.n
+
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[RequestOutput]:
+        """Aborts every sample of rid; returns their final outputs (empty if rid is unknown)."""
+        reqs = self.scheduler.abort(rid, message)
+        self.stats.num_aborted += len(reqs)
+        return [self._emit(r) for r in reqs]
+
+    def abort_all(self, message: str) -> list[RequestOutput]:
+        reqs = self.scheduler.abort_all(message)
+        self.stats.num_aborted += len(reqs)
+        return [self._emit(r) for r in reqs]
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one batch; returns an output for every request that gained tokens or finished."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        t0 = time.perf_counter()
+        next_tokens = self.runner.run(batch)
+        elapsed = time.perf_counter() - t0
+        computed = sum(batch.extend_lens)
+        if batch.kind == BatchKind.EXTEND:
+            self.stats.prefill_tokens_computed += computed
+            self.stats.prefill_seconds += elapsed
+        else:
+            self.stats.decode_tokens_computed += computed
+            self.stats.decode_seconds += elapsed
+        retractions_before = self.scheduler.num_retractions
+        result = self.scheduler.on_batch_done(batch, next_tokens)
+        self.stats.num_retractions += self.scheduler.num_retractions - retractions_before
+        # aborted-in-schedule requests (pool exhausted) are finished but not in result
+        progressed = list(dict.fromkeys(result.progressed + [r for r in batch.reqs if r.is_finished]))
+        return [self._emit(r) for r in progressed]
+
+    def _emit(self, req: Req) -> RequestOutput:
+        out = build_output(req)
+        self.stats.generated_tokens += len(out.token_ids)
+        if req.is_finished:
+            self.stats.num_finished += 1
+            if not req.reported:
+                self.stats.cached_tokens += req.cached_tokens
+            samples = self._live.get(req.rid)
+            if samples is not None and all(s.is_finished for s in samples):
+                del self._live[req.rid]
+        req.reported = True
+        return out
+
+    def flush_cache(self, query_id: int = 0) -> FlushCacheResult:
+        if self.scheduler.has_work():
+            return FlushCacheResult(query_id, False, "Cache not flushed: there are running or queued requests.")
+        ok = self.kv.flush()
+        return FlushCacheResult(query_id, ok, "Cache flushed." if ok else "Cache not flushed: pages are in use.")
+
+    # ------------------------------------------------------------------ offline use
+
+    def generate(
+        self,
+        input_ids: list[list[int]],
+        sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
+        return_logprob: bool = False,
+        top_logprobs_num: int = 0,
+        logprob_start_len: int = -1,
+        token_ids_logprob: list[int] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Runs the prompts to completion in one continuous batch. One dict per sample, in prompt order
+        (n>1: the n samples of a prompt follow each other), with output_ids and meta_info."""
+        if isinstance(sampling_params, list):
+            assert len(sampling_params) == len(input_ids)
+            params = sampling_params
+        else:
+            params = [dict(sampling_params or {})] * len(input_ids)
+        base = f"offline-{time.monotonic_ns()}"
+        rids = [f"{base}-{i}" for i in range(len(input_ids))]
+        for rid, ids, p in zip(rids, input_ids, params):
+            self.add_request(
+                GenerateRequest(
+                    rid=rid,
+                    input_ids=list(ids),
+                    sampling_params=p,
+                    return_logprob=return_logprob,
+                    top_logprobs_num=top_logprobs_num,
+                    logprob_start_len=logprob_start_len,
+                    token_ids_logprob=token_ids_logprob,
+                )
+            )
+        collected: dict[tuple[str, int], list[RequestOutput]] = {}
+        while self.has_work():
+            for out in self.step():
+                collected.setdefault((out.rid, out.index), []).append(out)
+        results = []
+        for rid, p in zip(rids, params):
+            for index in range(int(p.get("n", 1))):
+                results.append(_merge_outputs(collected.get((rid, index), [])))
+        return results
+
+
+def _derive_sample_params(params, index: int):
+    """Sample i of an n>1 request: same parameters, its own seed (when seeded) so samples differ."""
+    from dataclasses import replace
+
+    seed = None if params.sampling_seed is None else params.sampling_seed + index
+    return replace(params, sampling_seed=seed)
+
+
+def _merge_outputs(outs: list[RequestOutput]) -> dict[str, Any]:
+    """Folds the stream of one sample into one SGLang-shaped result (ids, not text)."""
+    ids: list[int] = []
+    meta: dict[str, Any] = {}
+    logprob_keys = (
+        "output_token_logprobs",
+        "output_top_logprobs",
+        "output_token_ids_logprobs",
+        "input_token_logprobs",
+        "input_top_logprobs",
+        "input_token_ids_logprobs",
+    )
+    for out in outs:
+        ids.extend(out.token_ids)
+        for key in logprob_keys:
+            value = getattr(out, key)
+            if value is not None:
+                meta.setdefault(key, []).extend(value)
+    last = outs[-1] if outs else None
+    meta.update(
+        prompt_tokens=last.prompt_tokens if last else 0,
+        completion_tokens=len(ids),
+        cached_tokens=last.cached_tokens if last else 0,
+        finish_reason=last.finish_reason if last else None,
+        error=last.error if last else None,
+    )
+    return {"output_ids": ids, "meta_info": meta}

@@ -1,0 +1,75 @@
+"""The paged KV pool: per layer one K and one V tensor shaped [num_pages, page_size, kv_heads, head_dim].
+
+Page ids are the only currency: the radix cache, the allocator, the kernels and the transfer
+backends all speak them, so a page moves between workers as one contiguous block. Page 0 is never
+handed out by the allocator: padded page tables point at it and writes from padded rows land
+there harmlessly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVPoolShape:
+    num_layers: int
+    num_pages: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of K plus V for one token over all layers, per element byte."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+    @staticmethod
+    def pages_for_budget(
+        budget_bytes: int, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        per_page = 2 * num_layers * page_size * num_kv_heads * head_dim * elem
+        return max(0, budget_bytes // per_page)
+
+
+class PagedKVPool:
+    def __init__(self, shape: KVPoolShape, dtype: torch.dtype, device: torch.device | str):
+        self.shape = shape
+        self.dtype = dtype
+        self.device = torch.device(device)
+        dims = (shape.num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
+        self.k_buffers = [torch.zeros(dims, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        self.v_buffers = [torch.zeros(dims, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+
+    @property
+    def page_size(self) -> int:
+        return self.shape.page_size
+
+    @property
+    def num_pages(self) -> int:
+        return self.shape.num_pages
+
+    @property
+    def total_tokens(self) -> int:
+        """Token capacity, not counting the reserved page 0."""
+        return (self.shape.num_pages - 1) * self.shape.page_size
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k_buffers + self.v_buffers)
+
+    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Writes k/v [T, kv_heads, head_dim] at flat slots [T] (page * page_size + offset)."""
+        flat_k = self.k_buffers[layer_id].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
+        flat_v = self.v_buffers[layer_id].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
+        flat_k[slots] = k.to(self.dtype)
+        flat_v[slots] = v.to(self.dtype)
+
+    def gather(self, layer_id: int, pages: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first `length` tokens held in `pages` (in order): [length, kv_heads, head_dim]."""
+        k = self.k_buffers[layer_id][pages].flatten(0, 1)[:length]
+        v = self.v_buffers[layer_id][pages].flatten(0, 1)[:length]
+        return k, v

@@ -1,0 +1,177 @@
+"""Turns a ScheduledBatch into one forward pass, logits for the rows that need them, and samples.
+
+The runner owns the torch side of the engine: the model, the paged KV pool, the attention backend
+and the sampler. It writes logprobs into the requests (they are the client's data) and returns one
+sampled token per request that reached the end of its fill_ids, None for the others.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.attention_ref import TorchRefAttention
+from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
+from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
+from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.sampler import Sampler, SamplingInputs, token_logprobs
+from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch
+from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.loader import load_model
+
+logger = logging.getLogger(__name__)
+
+# KV pool size on CPU when --max-total-tokens is not given (GPU sizes from --mem-fraction-static).
+DEFAULT_CPU_POOL_TOKENS = 16384
+
+
+@dataclass
+class PromptLogprobRows:
+    """Rows of this step's logits that score prompt tokens of one request."""
+
+    req: Req
+    first_row: int  # index into the logits rows
+    next_ids: list[int]  # the prompt token each row predicts
+
+
+class ModelRunner:
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, local_dir):
+        self.args = args
+        self.config = model_config
+        self.device = torch.device(args.device)
+        self.local_dir = local_dir
+        self.model = load_model(model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed)
+        self.pool = PagedKVPool(self._pool_shape(), model_config.dtype, self.device)
+        self.attn_backend = TorchRefAttention()
+        self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
+        logger.info(
+            "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB)",
+            model_config.architectures, self.pool.num_pages, self.pool.page_size, self.pool.nbytes / 2**20,
+        )
+
+    # ------------------------------------------------------------------ sizing
+
+    def _pool_shape(self) -> KVPoolShape:
+        cfg, args = self.config, self.args
+        ps = args.page_size
+        if args.max_total_tokens is not None:
+            tokens = args.max_total_tokens
+        elif self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            used = total - free
+            budget = int(total * args.mem_fraction_static) - used
+            pages = KVPoolShape.pages_for_budget(
+                budget, cfg.num_layers, ps, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+            )
+            tokens = pages * ps
+        else:
+            tokens = DEFAULT_CPU_POOL_TOKENS
+        num_pages = tokens // ps + 1  # + the reserved page 0
+        if num_pages < 2:
+            raise ValueError(f"KV pool too small: {tokens} tokens with page size {ps}")
+        return KVPoolShape(cfg.num_layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim)
+
+    # ------------------------------------------------------------------ one step
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> list[int | None]:
+        fb, sample_rows, prompt_rows = self._build(batch)
+        hidden = self.model.forward(fb)
+        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        for rows in prompt_rows:
+            self._record_prompt_logprobs(rows, logits)
+        next_tokens: list[int | None] = [None] * len(batch.reqs)
+        sampled = [i for i in range(len(batch.reqs)) if sample_rows[i] is not None]
+        if not sampled:
+            return next_tokens
+        reqs = [batch.reqs[i] for i in sampled]
+        out = self.sampler.sample(logits[[sample_rows[i] for i in sampled]], self._sampling_inputs(reqs))
+        for j, i in enumerate(sampled):
+            req = batch.reqs[i]
+            next_tokens[i] = out.next_token_ids[j]
+            if req.return_logprob:
+                req.output_token_logprobs.append((out.logprobs[j], out.next_token_ids[j]))
+                if req.top_logprobs_num > 0:
+                    req.output_top_logprobs.append(out.top_logprobs[j] or [])
+                if req.token_ids_logprob:
+                    req.output_token_ids_logprobs.append(out.token_ids_logprobs[j] or [])
+        return next_tokens
+
+    def _build(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int | None], list[PromptLogprobRows]]:
+        input_ids: list[int] = []
+        logits_positions: list[int] = []  # rows of hidden (token index in the batch) needing logits
+        sample_rows: list[int | None] = []
+        prompt_rows: list[PromptLogprobRows] = []
+        start = 0
+        for i, req in enumerate(batch.reqs):
+            c, e = batch.prefix_lens[i], batch.extend_lens[i]
+            input_ids.extend(req.fill_ids[c : c + e])
+            if batch.kind == BatchKind.EXTEND and req.wants_input_logprobs:
+                rows = self._plan_prompt_logprobs(req, c, e, start, logits_positions)
+                if rows is not None:
+                    prompt_rows.append(rows)
+            if batch.samples(i):
+                sample_rows.append(len(logits_positions))
+                logits_positions.append(start + e - 1)
+            else:
+                sample_rows.append(None)
+            start += e
+        mode = ForwardMode.DECODE if batch.kind == BatchKind.DECODE else ForwardMode.EXTEND
+        fb = ForwardBatch.build(
+            mode,
+            input_ids,
+            batch.prefix_lens,
+            batch.extend_lens,
+            [r.pages for r in batch.reqs],
+            self.pool.page_size,
+            self.pool,
+            self.attn_backend,
+            logits_indices=logits_positions,
+            device=self.device,
+        )
+        return fb, sample_rows, prompt_rows
+
+    def _plan_prompt_logprobs(
+        self, req: Req, c: int, e: int, start: int, logits_positions: list[int]
+    ) -> PromptLogprobRows | None:
+        """Position p's logits score prompt token p+1; SGLang reports tokens from logprob_start_len on,
+        the very first prompt token with a None logprob."""
+        s, prompt_len = req.logprob_start_len, len(req.input_ids)
+        if c == 0 and s == 0:
+            req.input_token_logprobs.append((None, req.input_ids[0]))
+            if req.top_logprobs_num > 0:
+                req.input_top_logprobs.append(None)
+            if req.token_ids_logprob:
+                req.input_token_ids_logprobs.append(None)
+        lo, hi = max(c, s - 1), min(c + e, prompt_len - 1)
+        if c + e >= prompt_len:
+            req.input_logprobs_done = True
+        if lo >= hi:
+            return None
+        first_row = len(logits_positions)
+        logits_positions.extend(start + (p - c) for p in range(lo, hi))
+        return PromptLogprobRows(req, first_row, req.input_ids[lo + 1 : hi + 1])
+
+    def _record_prompt_logprobs(self, rows: PromptLogprobRows, logits: torch.Tensor) -> None:
+        req = rows.req
+        chunk = logits[rows.first_row : rows.first_row + len(rows.next_ids)]
+        lps, tops, id_lps = token_logprobs(chunk, rows.next_ids, req.top_logprobs_num, req.token_ids_logprob)
+        req.input_token_logprobs.extend(zip(lps, rows.next_ids))
+        if req.top_logprobs_num > 0:
+            req.input_top_logprobs.extend(tops)
+        if req.token_ids_logprob:
+            req.input_token_ids_logprobs.extend(id_lps)
+
+    def _sampling_inputs(self, reqs: list[Req]) -> SamplingInputs:
+        return SamplingInputs(
+            params=[r.params for r in reqs],
+            prompt_ids=[r.input_ids for r in reqs],
+            output_ids=[r.output_ids for r in reqs],
+            eos_token_ids=[r.eos_token_ids for r in reqs],
+            top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
+            token_ids_logprob=[r.token_ids_logprob if r.return_logprob else None for r in reqs],
+            return_logprob=[r.return_logprob for r in reqs],
+        )

@@ -1,0 +1,57 @@
+"""Checks a GenerateRequest against the model and the pool before it reaches the scheduler.
+
+Every message names the field and the allowed range: the router answers HTTP 400 with it verbatim.
+"""
+
+from __future__ import annotations
+
+from pdserve.shared.engine.sampling_params import SamplingParams, SamplingParamsError
+from pdserve.shared.protocol import GenerateRequest
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message is safe to show the client."""
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def validate_request(
+    msg: GenerateRequest, vocab_size: int, context_length: int, pool_tokens: int
+) -> SamplingParams:
+    ids = msg.input_ids
+    if not isinstance(ids, list) or not ids:
+        raise RequestError("input_ids must be a non-empty list of token ids.")
+    if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
+        raise RequestError(f"input_ids must hold token ids in [0, {vocab_size}).")
+    if len(ids) >= context_length:
+        raise RequestError(
+            f"The input ({len(ids)} tokens) is longer than the model's context length ({context_length} tokens)."
+        )
+    if len(ids) + 1 > pool_tokens:
+        raise RequestError(f"The input ({len(ids)} tokens) does not fit in the KV cache ({pool_tokens} tokens).")
+    try:
+        params = SamplingParams.from_dict(msg.sampling_params)
+        params.check_vocab(vocab_size)
+    except TypeError as exc:  # wrong field types reaching the dataclass constructor
+        raise RequestError(f"Invalid sampling_params: {exc}") from exc
+    except SamplingParamsError as exc:
+        raise RequestError(str(exc)) from exc
+    if not isinstance(msg.return_logprob, bool):
+        raise RequestError("return_logprob must be a boolean.")
+    if not _is_int(msg.top_logprobs_num) or msg.top_logprobs_num < 0:
+        raise RequestError(f"top_logprobs_num must be an integer >= 0, got {msg.top_logprobs_num!r}.")
+    if msg.top_logprobs_num > vocab_size:
+        raise RequestError(f"top_logprobs_num must be <= the vocabulary size {vocab_size}.")
+    if not _is_int(msg.logprob_start_len) or not -1 <= msg.logprob_start_len < len(ids):
+        raise RequestError(
+            f"logprob_start_len must be an integer in [-1, {len(ids) - 1}] (the prompt has {len(ids)} tokens), "
+            f"got {msg.logprob_start_len!r}."
+        )
+    if msg.token_ids_logprob is not None and (
+        not isinstance(msg.token_ids_logprob, list)
+        or not all(_is_int(t) and 0 <= t < vocab_size for t in msg.token_ids_logprob)
+    ):
+        raise RequestError(f"token_ids_logprob must be a list of token ids in [0, {vocab_size}).")
+    return params

@@ -1,0 +1,302 @@
+"""Continuous batching with chunked prefill, admission by free pages, and retraction.
+
+Life of a request in one engine:
+
+    waiting ──admit (prefix match + pages for its first chunk)──▶ prefilling (one chunk per step)
+       ▲                                                              │ last chunk: samples a token
+       │ retract (decode ran out of pages: pages freed,               ▼
+       └──────── computed prefix kept in the radix cache) ──── running (one token per step) ──▶ finished
+
+Each step is either an EXTEND batch (chunks of waiting/prefilling requests, prefill first, like
+SGLang) or a DECODE batch (every running request). The scheduler is pure Python: it decides which
+tokens to compute and where their KV goes (page ids); the model runner does the arithmetic and hands
+back one sampled token per request that reached the end of its `fill_ids`.
+
+Page accounting rules:
+- a request's `pages` cover at least `num_computed` tokens; before a step, pages are allocated for
+  the tokens that step computes;
+- admission keeps one page of headroom per running request, so a new prompt never takes the page a
+  running request needs for its next token;
+- when decode still runs short, the most recently arrived running requests are retracted (LIFO)
+  until the rest fit; their computed tokens stay in the radix cache, so recompute is mostly hits.
+- finished, aborted and retracted requests return every page through `KVCacheManager.release`.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from pdserve.shared.engine.kv_cache_manager import KVCacheManager
+from pdserve.shared.engine.request import Req, ReqStatus
+from pdserve.shared.engine.schedule_policy import order_waiting
+
+
+class BatchKind(enum.IntEnum):
+    EXTEND = 1
+    DECODE = 2
+
+
+@dataclass
+class SchedulerConfig:
+    page_size: int
+    max_running_requests: int
+    max_prefill_tokens: int
+    chunked_prefill_size: int  # -1: no chunking
+    schedule_policy: str = "fcfs"
+    context_length: int = 1 << 62
+
+
+@dataclass
+class ScheduledBatch:
+    kind: BatchKind
+    reqs: list[Req]
+    prefix_lens: list[int]  # num_computed of each request before this step
+    extend_lens: list[int]  # tokens computed for each request this step
+
+    def samples(self, i: int) -> bool:
+        """Whether request i reaches the end of its fill_ids this step (and so samples a token)."""
+        req = self.reqs[i]
+        return self.prefix_lens[i] + self.extend_lens[i] == req.seq_len and req.params.max_new_tokens > 0
+
+
+@dataclass
+class StepResult:
+    """What changed for the engine to report: requests that gained tokens or finished."""
+
+    progressed: list[Req] = field(default_factory=list)
+    finished: list[Req] = field(default_factory=list)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Req] = deque()
+        self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
+        self.running: list[Req] = []  # decoding
+        self.num_retractions = 0
+
+    # ------------------------------------------------------------------ queue views
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + len(self.prefilling)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def all_requests(self) -> list[Req]:
+        return list(self.waiting) + self.prefilling + self.running
+
+    def add(self, req: Req) -> None:
+        req.status = ReqStatus.WAITING
+        self.waiting.append(req)
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> ScheduledBatch | None:
+        """Picks the next batch: prefill work when any can be admitted, else one decode step."""
+        batch = self._schedule_extend()
+        if batch is not None:
+            return batch
+        if self.running:
+            return self._schedule_decode()
+        return None
+
+    def _prefix_limit(self, req: Req) -> int:
+        """How many leading tokens may come from the cache: the last token must always be computed
+        (its logits give the next token), and prompt logprobs need the positions they score."""
+        limit = req.seq_len - 1
+        if req.wants_input_logprobs:
+            limit = min(limit, max(req.logprob_start_len - 1, 0))
+        return limit
+
+    def _cached_len(self, req: Req) -> int:
+        return self.kv.match_prefix(req.fill_ids[: self._prefix_limit(req)]).num_tokens
+
+    def _blocked(self, req: Req) -> bool:
+        """Samples 1..n-1 of an n>1 request wait until sample 0 has its prompt in the cache."""
+        lead = req.share_prompt_with
+        return lead is not None and lead.status in (ReqStatus.WAITING, ReqStatus.PREFILLING)
+
+    def _schedule_extend(self) -> ScheduledBatch | None:
+        cfg = self.config
+        budget = cfg.max_prefill_tokens
+        chunk_cap = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else 1 << 62
+        headroom = len(self.running)
+        reqs: list[Req] = []
+        prefix_lens: list[int] = []
+        extend_lens: list[int] = []
+        admitted = 0
+
+        def take(req: Req) -> bool:
+            """Plans this step's chunk of req; False when not a single token fits."""
+            nonlocal budget
+            remaining = req.remaining_fill
+            # tokens that fit into the pages the request holds plus those it may still allocate
+            spare_pages = self.kv.available_pages - headroom
+            room = len(req.pages) * cfg.page_size - req.num_computed + max(spare_pages, 0) * cfg.page_size
+            n = min(remaining, budget, chunk_cap, room)
+            if n <= 0:
+                return False
+            need = ceil_div(req.num_computed + n, cfg.page_size) - len(req.pages)
+            if need > 0:
+                pages = self.kv.allocate(need)
+                if pages is None:
+                    return False
+                req.pages.extend(pages)
+            reqs.append(req)
+            prefix_lens.append(req.num_computed)
+            extend_lens.append(n)
+            budget -= n
+            return True
+
+        # 1. continue requests already prefilling (chunked), oldest first
+        for req in list(self.prefilling):
+            if budget <= 0 or not take(req):
+                break
+        # 2. admit waiting requests while budget, slots and pages last
+        if budget > 0 and self.waiting:
+            for req in order_waiting(cfg.schedule_policy, list(self.waiting), self._cached_len):
+                if budget <= 0 or self.num_running + admitted >= cfg.max_running_requests:
+                    break
+                if self._blocked(req):
+                    continue
+                if not self._admit(req, take):
+                    break
+                admitted += 1
+        if not reqs:
+            return None
+        for req in reqs:
+            if req.status == ReqStatus.WAITING:
+                self.waiting.remove(req)
+                self.prefilling.append(req)
+                req.status = ReqStatus.PREFILLING
+        return ScheduledBatch(BatchKind.EXTEND, reqs, prefix_lens, extend_lens)
+
+    def _admit(self, req: Req, take) -> bool:
+        """Matches req's prefix in the cache, locks it, and plans its first chunk."""
+        hit = self.kv.match_prefix(req.fill_ids[: self._prefix_limit(req)])
+        self.kv.acquire(hit)
+        req.pages = list(hit.pages)
+        req.prefix_node = hit.node
+        req.num_computed = hit.num_tokens
+        if req.num_retractions == 0:
+            req.cached_tokens = hit.num_tokens
+        if take(req):
+            return True
+        # nothing fits: give the matched prefix back to the cache as it was
+        self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
+        req.pages, req.prefix_node, req.num_computed = [], None, 0
+        return False
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        """One token for every running request; retracts (LIFO) while pages run short."""
+        ps = self.config.page_size
+        while True:
+            need = sum(1 for r in self.running if r.num_computed + 1 > len(r.pages) * ps)
+            if need <= self.kv.available_pages or len(self.running) <= 1:
+                break
+            self._retract(max(self.running, key=lambda r: r.arrival_time))
+        for req in list(self.running):
+            if req.num_computed + 1 > len(req.pages) * ps:
+                pages = self.kv.allocate(1)
+                if pages is None:
+                    # a lone request that outgrew the whole pool: stop it rather than loop forever
+                    self._finish(req, {"type": "abort", "message": "KV cache pool exhausted by one request"})
+                    continue
+                req.pages.extend(pages)
+        reqs = list(self.running)
+        return ScheduledBatch(BatchKind.DECODE, reqs, [r.num_computed for r in reqs], [1] * len(reqs))
+
+    def _retract(self, req: Req) -> None:
+        self.running.remove(req)
+        self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
+        req.pages, req.prefix_node, req.num_computed = [], None, 0
+        req.num_retractions += 1
+        req.status = ReqStatus.WAITING
+        self.waiting.appendleft(req)
+        self.num_retractions += 1
+
+    # ------------------------------------------------------------------ results
+
+    def on_batch_done(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> StepResult:
+        """Advances counters after the forward pass; next_tokens[i] is set where batch.samples(i)."""
+        result = StepResult()
+        for i, req in enumerate(batch.reqs):
+            if req.is_finished:  # aborted while the batch ran
+                continue
+            req.num_computed = batch.prefix_lens[i] + batch.extend_lens[i]
+            if batch.kind == BatchKind.EXTEND:
+                self._after_chunk(req)
+            token = next_tokens[i]
+            if req.status == ReqStatus.PREFILLING and req.num_computed == req.seq_len:
+                self.prefilling.remove(req)
+                req.status = ReqStatus.RUNNING
+                self.running.append(req)
+                if req.params.max_new_tokens == 0:  # prompt scoring only
+                    self._finish(req, {"type": "length", "length": 0})
+                    result.progressed.append(req)
+                    result.finished.append(req)
+                    continue
+            if token is None:
+                continue
+            req.output_ids.append(token)
+            result.progressed.append(req)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+                result.finished.append(req)
+        return result
+
+    def _after_chunk(self, req: Req) -> None:
+        """Puts the request's computed whole pages into the radix cache so others can share them."""
+        tokens = req.fill_ids[: req.num_computed]
+        req.pages, req.prefix_node = self.kv.cache_request(tokens, req.pages, req.prefix_node)
+
+    def _stop_reason(self, req: Req, token: int) -> dict | None:
+        p = req.params
+        if token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids):
+            if len(req.output_ids) >= p.min_new_tokens:
+                return {"type": "stop", "matched": token}
+        if len(req.output_ids) >= p.max_new_tokens:
+            return {"type": "length", "length": p.max_new_tokens}
+        if req.seq_len >= self.config.context_length:
+            return {"type": "length", "length": len(req.output_ids)}
+        return None
+
+    def _finish(self, req: Req, reason: dict) -> None:
+        """Ends a request and returns its pages; safe in any state but FINISHED."""
+        if req.status == ReqStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status == ReqStatus.PREFILLING:
+            self.prefilling.remove(req)
+        elif req.status == ReqStatus.RUNNING:
+            self.running.remove(req)
+        if req.pages or req.prefix_node is not None:
+            self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
+        req.pages, req.prefix_node = [], None
+        req.finish(reason)
+
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[Req]:
+        """Finishes every live request with this rid (all samples of an n>1 request)."""
+        hit = [r for r in self.all_requests() if r.rid == rid]
+        for req in hit:
+            self._finish(req, {"type": "abort", "message": message})
+        return hit
+
+    def abort_all(self, message: str) -> list[Req]:
+        reqs = self.all_requests()
+        for req in reqs:
+            self._finish(req, {"type": "abort", "message": message})
+        return reqs

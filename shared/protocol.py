@@ -1,0 +1,157 @@
+"""Typed messages between router and workers: one dataclass per message, msgpack on the wire.
+
+A frame is the msgpack encoding of `[type_tag, {field: value, ...}]`. `encode`/`decode` go through a
+table keyed by tag, so receivers dispatch on message type with a dict, not an isinstance chain.
+Fields are plain msgpack types (ints, floats, str, lists, dicts, None); nested messages are encoded
+as lists of field dicts by the message's own `to_wire`/`from_wire` where needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgpack
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a known message or whose fields do not match its type."""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    TAG: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TAG:
+            assert cls.TAG not in _REGISTRY, f"duplicate message tag {cls.TAG}"
+            _REGISTRY[cls.TAG] = cls
+
+    def to_wire(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> Message:
+        return cls(**data)
+
+
+def encode(msg: Message) -> bytes:
+    return msgpack.packb([msg.TAG, msg.to_wire()], use_bin_type=True)
+
+
+def decode(frame: bytes) -> Message:
+    try:
+        tag, data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+        cls = _REGISTRY[tag]
+        return cls.from_wire(data)
+    except (KeyError, TypeError, ValueError, msgpack.exceptions.ExtraData) as exc:
+        raise ProtocolError(f"bad frame: {exc!r}") from exc
+
+
+# ---------------------------------------------------------------- router -> worker
+
+
+@dataclass
+class GenerateRequest(Message):
+    """A tokenized generation request. `sampling_params` uses SamplingParams' field names."""
+
+    TAG: ClassVar[str] = "gen"
+    rid: str
+    input_ids: list[int]
+    sampling_params: dict[str, Any] = field(default_factory=dict)
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    token_ids_logprob: list[int] | None = None
+    stream: bool = True
+
+
+@dataclass
+class AbortRequest(Message):
+    TAG: ClassVar[str] = "abort"
+    rid: str
+    message: str = "Aborted by the client."
+
+
+@dataclass
+class LoadQuery(Message):
+    TAG: ClassVar[str] = "load?"
+    query_id: int = 0
+
+
+@dataclass
+class FlushCacheRequest(Message):
+    TAG: ClassVar[str] = "flush"
+    query_id: int = 0
+
+
+# ---------------------------------------------------------------- worker -> router
+
+
+@dataclass
+class RequestOutput(Message):
+    """What one request gained in one step. Logprob lists hold only the new entries.
+
+    `finish_reason` follows SGLang: {"type": "stop", "matched": id}, {"type": "length", "length": n},
+    {"type": "abort", "message": str}. Pairs are [logprob, token_id]; input logprobs arrive once,
+    with the first output of the request.
+    """
+
+    TAG: ClassVar[str] = "out"
+    rid: str
+    token_ids: list[int]
+    index: int = 0  # which sample of an n>1 request
+    finished: bool = False
+    finish_reason: dict[str, Any] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    output_token_logprobs: list[list[Any]] | None = None
+    output_top_logprobs: list[list[list[Any]]] | None = None
+    output_token_ids_logprobs: list[list[list[Any]]] | None = None
+    input_token_logprobs: list[list[Any]] | None = None
+    input_top_logprobs: list[Any] | None = None
+    input_token_ids_logprobs: list[Any] | None = None
+    error: str | None = None  # a request the worker refused (bad params): finished with this message
+
+
+@dataclass
+class OutputBatch(Message):
+    """All of one step's outputs for one router, in one frame."""
+
+    TAG: ClassVar[str] = "outs"
+    outputs: list[RequestOutput] = field(default_factory=list)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"outputs": [o.to_wire() for o in self.outputs]}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> OutputBatch:
+        return cls(outputs=[RequestOutput.from_wire(o) for o in data["outputs"]])
+
+
+@dataclass
+class LoadReport(Message):
+    TAG: ClassVar[str] = "load"
+    query_id: int = 0
+    num_running: int = 0
+    num_waiting: int = 0
+    num_free_pages: int = 0  # free now, not counting evictable cached pages
+    num_evictable_pages: int = 0
+    num_total_pages: int = 0
+    page_size: int = 0
+    num_used_tokens: int = 0
+    max_total_num_tokens: int = 0
+
+
+@dataclass
+class FlushCacheResult(Message):
+    TAG: ClassVar[str] = "flushed"
+    query_id: int = 0
+    success: bool = True
+    message: str = ""

@@ -1,0 +1,1 @@
+"""The worker process: ZMQ front, engine loop, health/metrics HTTP port."""
