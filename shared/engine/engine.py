@@ -148,9 +148,12 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that gained tokens or finished."""
+        in_flight = self.scheduler.running + self.scheduler.prefilling
         batch = self.scheduler.schedule()
+        # requests the scheduler stopped itself (a lone request that outgrew the pool) are in no batch
+        stopped = [r for r in in_flight if r.is_finished]
         if batch is None:
-            return []
+            return [self._emit(r) for r in stopped]
         t0 = time.perf_counter()
         next_tokens = self.runner.run(batch)
         elapsed = time.perf_counter() - t0
@@ -161,20 +164,19 @@ class Engine:
         else:
             self.stats.decode_tokens_computed += computed
             self.stats.decode_seconds += elapsed
-        retractions_before = self.scheduler.num_retractions
         result = self.scheduler.on_batch_done(batch, next_tokens)
-        self.stats.num_retractions += self.scheduler.num_retractions - retractions_before
+        self.stats.num_retractions = self.scheduler.num_retractions
         # aborted-in-schedule requests (pool exhausted) are finished but not in result
-        progressed = list(dict.fromkeys(result.progressed + [r for r in batch.reqs if r.is_finished]))
+        progressed = list(dict.fromkeys(result.progressed + [r for r in batch.reqs if r.is_finished] + stopped))
         return [self._emit(r) for r in progressed]
 
     def _emit(self, req: Req) -> RequestOutput:
         out = build_output(req)
         self.stats.generated_tokens += len(out.token_ids)
+        if not req.reported:  # counted once, with the first output (cached_tokens is set at admission)
+            self.stats.cached_tokens += req.cached_tokens
         if req.is_finished:
             self.stats.num_finished += 1
-            if not req.reported:
-                self.stats.cached_tokens += req.cached_tokens
             samples = self._live.get(req.rid)
             if samples is not None and all(s.is_finished for s in samples):
                 del self._live[req.rid]

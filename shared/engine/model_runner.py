@@ -170,7 +170,8 @@ class ModelRunner:
             params=[r.params for r in reqs],
             prompt_ids=[r.input_ids for r in reqs],
             output_ids=[r.output_ids for r in reqs],
-            eos_token_ids=[r.eos_token_ids for r in reqs],
+            # with ignore_eos, eos is an ordinary token: nothing to hold back until min_new_tokens
+            eos_token_ids=[frozenset() if r.params.ignore_eos else r.eos_token_ids for r in reqs],
             top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             token_ids_logprob=[r.token_ids_logprob if r.return_logprob else None for r in reqs],
             return_logprob=[r.return_logprob for r in reqs],
