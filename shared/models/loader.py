@@ -1,0 +1,95 @@
+"""Building a model from a ModelConfig and filling its weights.
+
+Rules:
+- The model is built on the meta device and materialized once on the target device, so no memory
+  or time goes to an initialization that the weights overwrite.
+- load_format "auto" and "safetensors" read `*.safetensors` (one file, or shards listed by
+  `model.safetensors.index.json`); "dummy" draws deterministic random weights (normal, std 0.02;
+  norm weights 1) from `seed` on the target device, for benchmarks without a checkpoint.
+- The result is in eval mode, without grad, in `config.dtype`, on `device`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.registry import get_model_class
+from pdserve.shared.models.weights import WeightLoadError
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DUMMY_STD = 0.02
+
+
+def safetensors_files(local_dir: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files, in a stable order; WeightLoadError when there are none."""
+    local_dir = Path(local_dir)
+    index = local_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [local_dir / name for name in names]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise WeightLoadError(f"shards listed in {index} are missing: {absent}")
+        return files
+    if (local_dir / "model.safetensors").is_file():
+        return [local_dir / "model.safetensors"]
+    files = sorted(local_dir.glob("*.safetensors"))
+    if not files:
+        raise WeightLoadError(f"no *.safetensors weights in {local_dir} (only safetensors checkpoints load)")
+    return files
+
+
+def iter_weights(local_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, CPU tensor) for every tensor of the checkpoint in `local_dir`, file by file."""
+    for path in safetensors_files(local_dir):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            names = list(f.keys())  # safe_open handles are not iterable
+            for name in names:
+                yield name, f.get_tensor(name)
+
+
+@torch.no_grad()
+def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
+    """Deterministic random weights: norms 1, everything else normal(0, DUMMY_STD), drawn in name order."""
+    params = list(model.named_parameters())
+    if not params:
+        return
+    generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    for name, param in params:
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, DUMMY_STD, generator=generator)
+
+
+def load_model(
+    config: ModelConfig,
+    local_dir: str | Path | None,
+    load_format: str = "auto",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> nn.Module:
+    """The model for `config` with its weights (see the module rules)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    model_class = get_model_class(config.architectures)
+    with torch.device("meta"):
+        model = model_class(config)
+    model.to_empty(device=torch.device(device))
+    model.reset_buffers()
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        if local_dir is None:
+            raise WeightLoadError(f"load_format {load_format!r} needs a checkpoint directory")
+        model.load_weights(iter_weights(local_dir))
+    model.eval()
+    model.requires_grad_(False)
+    return model

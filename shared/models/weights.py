@@ -1,0 +1,78 @@
+"""Copying checkpoint tensors (Hugging Face names) into a model's parameters.
+
+Rules:
+- Every parameter answers to its own dotted name, except the rows of a `MergedLinear`, which answer
+  to the checkpoint names they replace ("...self_attn.qkv_proj" holds "...self_attn.q_proj.weight",
+  "...k_proj.weight", "...v_proj.weight").
+- Shapes must match exactly; dtypes are converted to the parameter's.
+- A checkpoint tensor with no target is an error unless the model's `ignore` says it is expected
+  (rotary buffers saved by old exporters, lm_head of a tied model); a target that received nothing
+  is an error when `strict`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from pdserve.shared.models.layers import MergedLinear
+
+
+class WeightLoadError(ValueError):
+    """The checkpoint does not fit the model: missing, unexpected or misshapen tensors."""
+
+
+def checkpoint_targets(model: nn.Module) -> dict[str, tuple[nn.Parameter, slice | None]]:
+    """Checkpoint tensor name -> (parameter, rows of it, or None for all of it)."""
+    targets: dict[str, tuple[nn.Parameter, slice | None]] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module.named_parameters(recurse=False):
+            if isinstance(module, MergedLinear):
+                parent = module_name.rpartition(".")[0]
+                for shard in module.shards:
+                    name = f"{parent}.{shard}.{attr}" if parent else f"{shard}.{attr}"
+                    targets[name] = (param, module.shard_rows(shard))
+            else:
+                targets[f"{module_name}.{attr}" if module_name else attr] = (param, None)
+    return targets
+
+
+def _summarize(names: Iterable[str], limit: int = 8) -> str:
+    names = sorted(names)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+@torch.no_grad()
+def load_checkpoint_weights(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    ignore: Callable[[str], bool],
+    strict: bool = True,
+) -> set[str]:
+    """Copies `weights` into `model`; returns the checkpoint names loaded. See the module rules."""
+    targets = checkpoint_targets(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for name, tensor in weights:
+        target = targets.get(name)
+        if target is None:
+            if not ignore(name):
+                unexpected.append(name)
+            continue
+        param, rows = target
+        dest = param.data if rows is None else param.data[rows]
+        if dest.shape != tensor.shape:
+            raise WeightLoadError(
+                f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)}"
+            )
+        dest.copy_(tensor)
+        loaded.add(name)
+    if unexpected:
+        raise WeightLoadError(f"unexpected tensors in checkpoint: {_summarize(unexpected)}")
+    missing = set(targets) - loaded
+    if strict and missing:
+        raise WeightLoadError(f"tensors missing from checkpoint: {_summarize(missing)}")
+    return loaded

@@ -1,0 +1,1 @@
+"""Test helpers shared by unit, end-to-end and GPU tests."""

@@ -1,0 +1,169 @@
+"""Tiny random Hugging Face checkpoints of each supported architecture, for fast parity tests.
+
+`make_tiny_model(kind, dir)` writes a safetensors checkpoint (float32) with config.json,
+generation_config.json and a byte-level tokenizer (ChatML template) into `dir` and returns it.
+Weights come from a fixed seed, so two calls give identical files. Every weight, bias and norm is
+random (HF would init biases to 0 and norms to 1, which would hide a bias or norm applied wrongly),
+with std 0.1 so logits are spread enough for greedy parity.
+
+Kinds:
+- llama:   GQA 4/2, head_dim 16, 3 layers, llama3 rope scaling that affects short sequences
+           (original context 64), untied lm_head;
+- mistral: GQA 8/4, head_dim 8, 2 layers, no sliding window;
+- qwen2:   MQA 4/1, q/k/v biases, tied embeddings;
+- qwen3:   GQA 4/2, explicit head_dim 32 (!= hidden/heads), q/k norms, untied.
+Vocabulary 512: ids 0-255 are bytes, 256 <|endoftext|> (config eos), 257 <|im_start|>,
+258 <|im_end|> (generation_config eos); the rest are never produced by the tokenizer.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3")
+VOCAB_SIZE = 512
+ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 256, 257, 258
+WEIGHT_STD = 0.1
+_SEED = 1234
+
+_CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
+    " + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_COMMON = {
+    "vocab_size": VOCAB_SIZE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "bos_token_id": IM_START_ID,
+    "eos_token_id": ENDOFTEXT_ID,
+    "pad_token_id": ENDOFTEXT_ID,
+}
+
+
+def tiny_config(kind: str):  # -> a transformers PretrainedConfig
+    """The Hugging Face config of a tiny model of `kind` (see the module docstring)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    if kind == "llama":
+        rope = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+        return LlamaConfig(
+            **_COMMON,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            rope_theta=10000.0,
+            rope_scaling=rope,
+            tie_word_embeddings=False,
+            architectures=["LlamaForCausalLM"],
+        )
+    if kind == "mistral":
+        return MistralConfig(
+            **_COMMON,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=8,
+            sliding_window=None,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+            architectures=["MistralForCausalLM"],
+        )
+    if kind == "qwen2":
+        return Qwen2Config(
+            **_COMMON,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+            use_sliding_window=False,
+            architectures=["Qwen2ForCausalLM"],
+        )
+    if kind == "qwen3":
+        return Qwen3Config(
+            **_COMMON,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            rope_theta=1000000.0,
+            tie_word_embeddings=False,
+            attention_bias=False,
+            architectures=["Qwen3ForCausalLM"],
+        )
+    raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {TINY_KINDS}")
+
+
+def _byte_tokenizer():  # -> a transformers PreTrainedTokenizerFast
+    """Byte-level BPE without merges: one token per byte, plus the three special tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # GPT-2's byte -> printable char table, so byte b is token b.
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = list(bs)
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    assert set(vocab) == set(byte_chars)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(
+        [AddedToken(t, special=True) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1024,
+    )
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        ENDOFTEXT_ID,
+        IM_START_ID,
+        IM_END_ID,
+    ]
+    tokenizer.chat_template = _CHATML
+    return tokenizer
+
+
+@torch.no_grad()
+def make_tiny_model(kind: str, dir: Path) -> Path:
+    """Writes the tiny `kind` checkpoint (weights, configs, tokenizer) into `dir`; returns `dir`."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    config = tiny_config(kind)
+    torch.manual_seed(_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(_SEED)
+    for name, param in model.named_parameters():
+        noise = torch.randn(param.shape, generator=generator) * WEIGHT_STD
+        param.copy_(1.0 + noise if name.endswith("norm.weight") else noise)
+    model.save_pretrained(str(dir), safe_serialization=True)
+    GenerationConfig(
+        bos_token_id=IM_START_ID, eos_token_id=[IM_END_ID], pad_token_id=ENDOFTEXT_ID
+    ).save_pretrained(str(dir))
+    _byte_tokenizer().save_pretrained(str(dir))
+    return dir
