@@ -43,7 +43,17 @@ class EngineArgs:
     def validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
             raise ValueError(f"--load-format must be auto, safetensors or dummy, got {self.load_format!r}")
-        if self.dtype not in ("auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"):
+        if self.dtype not in (
+            "auto",
+            "bfloat16",
+            "float16",
+            "float32",
+            "half",
+            "float",
+            "bf16",
+            "fp16",
+            "fp32",
+        ):
             raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
@@ -94,4 +104,4 @@ def _parse_type(f: dataclasses.Field) -> Any:
     return str
 
 
-__all__ = ["EngineArgs", "add_engine_args", "engine_args_from", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "EngineArgs", "add_engine_args", "engine_args_from"]

@@ -63,7 +63,9 @@ class Engine:
             trust_remote_code=args.trust_remote_code,
         )
         self.runner = ModelRunner(args, self.model_config, resolved.local_dir)
-        self.kv = KVCacheManager(self.runner.pool.num_pages, args.page_size, enable_radix=not args.disable_radix_cache)
+        self.kv = KVCacheManager(
+            self.runner.pool.num_pages, args.page_size, enable_radix=not args.disable_radix_cache
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 page_size=args.page_size,
@@ -113,7 +115,9 @@ class Engine:
         """Queues a request (n samples share the prompt's pages); raises RequestError if invalid."""
         if msg.rid in self._live:
             raise RequestError(f"Duplicate request id {msg.rid!r}: a request with this rid is still running.")
-        params = validate_request(msg, self.model_config.vocab_size, self.context_length, self.max_total_num_tokens)
+        params = validate_request(
+            msg, self.model_config.vocab_size, self.context_length, self.max_total_num_tokens
+        )
         samples: list[Req] = []
         for index in range(params.n):
             sample_params = params if index == 0 else _derive_sample_params(params, index)
@@ -148,10 +152,9 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that gained tokens or finished."""
-        in_flight = self.scheduler.running + self.scheduler.prefilling
         batch = self.scheduler.schedule()
         # requests the scheduler stopped itself (a lone request that outgrew the pool) are in no batch
-        stopped = [r for r in in_flight if r.is_finished]
+        stopped = self.scheduler.take_stopped()
         if batch is None:
             return [self._emit(r) for r in stopped]
         t0 = time.perf_counter()
@@ -166,8 +169,7 @@ class Engine:
             self.stats.decode_seconds += elapsed
         result = self.scheduler.on_batch_done(batch, next_tokens)
         self.stats.num_retractions = self.scheduler.num_retractions
-        # aborted-in-schedule requests (pool exhausted) are finished but not in result
-        progressed = list(dict.fromkeys(result.progressed + [r for r in batch.reqs if r.is_finished] + stopped))
+        progressed = list(dict.fromkeys(stopped + result.progressed))
         return [self._emit(r) for r in progressed]
 
     def _emit(self, req: Req) -> RequestOutput:
@@ -185,9 +187,13 @@ class Engine:
 
     def flush_cache(self, query_id: int = 0) -> FlushCacheResult:
         if self.scheduler.has_work():
-            return FlushCacheResult(query_id, False, "Cache not flushed: there are running or queued requests.")
+            return FlushCacheResult(
+                query_id, False, "Cache not flushed: there are running or queued requests."
+            )
         ok = self.kv.flush()
-        return FlushCacheResult(query_id, ok, "Cache flushed." if ok else "Cache not flushed: pages are in use.")
+        return FlushCacheResult(
+            query_id, ok, "Cache flushed." if ok else "Cache not flushed: pages are in use."
+        )
 
     # ------------------------------------------------------------------ offline use
 

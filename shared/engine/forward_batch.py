@@ -36,7 +36,12 @@ class AttentionBackend(Protocol):
     """
 
     def attend(
-        self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: ForwardBatch,
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor: ...
 

@@ -28,7 +28,12 @@ class KVPoolShape:
 
     @staticmethod
     def pages_for_budget(
-        budget_bytes: int, num_layers: int, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        budget_bytes: int,
+        num_layers: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
     ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
         per_page = 2 * num_layers * page_size * num_kv_heads * head_dim * elem

@@ -43,13 +43,18 @@ class ModelRunner:
         self.config = model_config
         self.device = torch.device(args.device)
         self.local_dir = local_dir
-        self.model = load_model(model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed)
+        self.model = load_model(
+            model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
+        )
         self.pool = PagedKVPool(self._pool_shape(), model_config.dtype, self.device)
         self.attn_backend = TorchRefAttention()
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
         logger.info(
             "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB)",
-            model_config.architectures, self.pool.num_pages, self.pool.page_size, self.pool.nbytes / 2**20,
+            model_config.architectures,
+            self.pool.num_pages,
+            self.pool.page_size,
+            self.pool.nbytes / 2**20,
         )
 
     # ------------------------------------------------------------------ sizing

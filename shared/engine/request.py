@@ -79,7 +79,11 @@ class Req:
 
     @property
     def wants_input_logprobs(self) -> bool:
-        return self.return_logprob and 0 <= self.logprob_start_len < len(self.input_ids) and not self.input_logprobs_done
+        return (
+            self.return_logprob
+            and 0 <= self.logprob_start_len < len(self.input_ids)
+            and not self.input_logprobs_done
+        )
 
     @property
     def max_seq_len(self) -> int:

@@ -30,7 +30,11 @@ def validate_request(
             f"The input ({len(ids)} tokens) is longer than the model's context length ({context_length} tokens)."
         )
     if len(ids) + 1 > pool_tokens:
-        raise RequestError(f"The input ({len(ids)} tokens) does not fit in the KV cache ({pool_tokens} tokens).")
+        raise RequestError(
+            f"The input ({len(ids)} tokens) does not fit in the KV cache ({pool_tokens} tokens)."
+        )
+    if msg.sampling_params is not None and not isinstance(msg.sampling_params, dict):
+        raise RequestError("sampling_params must be an object.")
     try:
         params = SamplingParams.from_dict(msg.sampling_params)
         params.check_vocab(vocab_size)

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
 from pdserve.shared.engine.sampling.filters import min_p_mask, top_k_mask, top_p_mask
 from pdserve.shared.engine.sampling.logprobs import TokenLogprobs, TopList, gather_logprobs, token_logprobs
 from pdserve.shared.engine.sampling.noise import ExponentialNoise

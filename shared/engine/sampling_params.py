@@ -115,10 +115,14 @@ class SamplingParams:
         """Token ids must exist in the model's vocabulary."""
         for tok in self.stop_token_ids:
             if tok >= vocab_size:
-                raise SamplingParamsError(f"stop_token_ids entry {tok} is outside the vocabulary [0, {vocab_size}).")
+                raise SamplingParamsError(
+                    f"stop_token_ids entry {tok} is outside the vocabulary [0, {vocab_size})."
+                )
         for tok in self.logit_bias or {}:
             if int(tok) >= vocab_size:
-                raise SamplingParamsError(f"logit_bias key {tok} is outside the vocabulary [0, {vocab_size}).")
+                raise SamplingParamsError(
+                    f"logit_bias key {tok} is outside the vocabulary [0, {vocab_size})."
+                )
 
 
 def _check_int(p: SamplingParams, name: str, lo: int | None) -> None:

@@ -17,8 +17,9 @@ Page accounting rules:
   the tokens that step computes;
 - admission keeps one page of headroom per running request, so a new prompt never takes the page a
   running request needs for its next token;
-- when decode still runs short, the most recently arrived running requests are retracted (LIFO)
-  until the rest fit; their computed tokens stay in the radix cache, so recompute is mostly hits.
+- when decode still runs short, half-prefilled requests and then the most recently arrived running
+  requests are retracted until the rest fit; their computed tokens stay in the radix cache, so
+  recompute is mostly hits. Only a lone request that outgrows the whole pool is stopped (abort).
 - finished, aborted and retracted requests return every page through `KVCacheManager.release`.
 """
 
@@ -81,6 +82,8 @@ class Scheduler:
         self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
         self.running: list[Req] = []  # decoding
         self.num_retractions = 0
+        # requests finished while scheduling (none of a batch's results): the engine reports them
+        self.stopped: list[Req] = []
 
     # ------------------------------------------------------------------ queue views
 
@@ -200,27 +203,42 @@ class Scheduler:
         req.pages, req.prefix_node, req.num_computed = [], None, 0
         return False
 
-    def _schedule_decode(self) -> ScheduledBatch:
-        """One token for every running request; retracts (LIFO) while pages run short."""
+    def _schedule_decode(self) -> ScheduledBatch | None:
+        """One token for every running request; retracts while pages run short."""
         ps = self.config.page_size
         while True:
             need = sum(1 for r in self.running if r.num_computed + 1 > len(r.pages) * ps)
-            if need <= self.kv.available_pages or len(self.running) <= 1:
+            if need <= self.kv.available_pages:
                 break
-            self._retract(max(self.running, key=lambda r: r.arrival_time))
+            victim = self._retraction_victim()
+            if victim is None:
+                break
+            self._retract(victim)
         for req in list(self.running):
             if req.num_computed + 1 > len(req.pages) * ps:
                 pages = self.kv.allocate(1)
                 if pages is None:
                     # a lone request that outgrew the whole pool: stop it rather than loop forever
                     self._finish(req, {"type": "abort", "message": "KV cache pool exhausted by one request"})
+                    self.stopped.append(req)
                     continue
                 req.pages.extend(pages)
         reqs = list(self.running)
+        if not reqs:
+            return None
         return ScheduledBatch(BatchKind.DECODE, reqs, [r.num_computed for r in reqs], [1] * len(reqs))
 
+    def _retraction_victim(self) -> Req | None:
+        """Half-prefilled requests go first (they block no client yet), then running ones, newest
+        first; the last running request is never retracted (it would only come back to the same spot)."""
+        if self.prefilling:
+            return max(self.prefilling, key=lambda r: r.arrival_time)
+        if len(self.running) > 1:
+            return max(self.running, key=lambda r: r.arrival_time)
+        return None
+
     def _retract(self, req: Req) -> None:
-        self.running.remove(req)
+        (self.running if req.status == ReqStatus.RUNNING else self.prefilling).remove(req)
         self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
         req.pages, req.prefix_node, req.num_computed = [], None, 0
         req.num_retractions += 1
@@ -229,6 +247,10 @@ class Scheduler:
         self.num_retractions += 1
 
     # ------------------------------------------------------------------ results
+
+    def take_stopped(self) -> list[Req]:
+        stopped, self.stopped = self.stopped, []
+        return stopped
 
     def on_batch_done(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> StepResult:
         """Advances counters after the forward pass; next_tokens[i] is set where batch.samples(i)."""
@@ -266,9 +288,9 @@ class Scheduler:
 
     def _stop_reason(self, req: Req, token: int) -> dict | None:
         p = req.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids):
-            if len(req.output_ids) >= p.min_new_tokens:
-                return {"type": "stop", "matched": token}
+        is_stop = token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids)
+        if is_stop and len(req.output_ids) >= p.min_new_tokens:
+            return {"type": "stop", "matched": token}
         if len(req.output_ids) >= p.max_new_tokens:
             return {"type": "length", "length": p.max_new_tokens}
         if req.seq_len >= self.config.context_length:

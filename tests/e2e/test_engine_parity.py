@@ -100,7 +100,9 @@ def _assert_same(outputs: list[dict], reference, label: str, check_logprobs: boo
         assert out["output_ids"] == ref_ids, f"{label}: prompt {i} differs from transformers"
         if check_logprobs:
             lps = [lp for lp, _ in out["meta_info"]["output_token_logprobs"]]
-            assert torch.allclose(torch.tensor(lps), torch.tensor(ref_lps), atol=1e-4), f"{label}: prompt {i} logprobs"
+            assert torch.allclose(torch.tensor(lps), torch.tensor(ref_lps), atol=1e-4), (
+                f"{label}: prompt {i} logprobs"
+            )
 
 
 def test_one_at_a_time_and_batched(case: Case):

@@ -28,8 +28,11 @@ def test_tiny_greedy_parity_cuda_float32(kind: str, tmp_path: Path):
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in (1, 5, 33, 64, 130, 257)]
     reference = hf_greedy(model_dir, prompts, 24)
     # the first engine sizes its pool from --mem-fraction-static; each is freed before the next
-    for overrides in ({"mem_fraction_static": 0.5}, {"chunked_prefill_size": 32, "max_total_tokens": 8192},
-                      {"max_total_tokens": 512}):
+    for overrides in (
+        {"mem_fraction_static": 0.5},
+        {"chunked_prefill_size": 32, "max_total_tokens": 8192},
+        {"max_total_tokens": 512},
+    ):
         engine = Engine(EngineArgs(model_path=model_dir, device="cuda", dtype="float32", **overrides))
         outs = engine.generate(prompts, {"temperature": 0.0, "max_new_tokens": 24}, return_logprob=True)
         if overrides.get("max_total_tokens") == 512:

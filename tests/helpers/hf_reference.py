@@ -9,7 +9,9 @@ from pdserve.shared.models.config import ModelConfig
 
 
 @torch.inference_mode()
-def hf_greedy(model_dir: str, prompts: list[list[int]], max_new_tokens: int) -> list[tuple[list[int], list[float]]]:
+def hf_greedy(
+    model_dir: str, prompts: list[list[int]], max_new_tokens: int
+) -> list[tuple[list[int], list[float]]]:
     """For each prompt alone: (generated ids, logprob of each generated id under log_softmax of the raw
     logits). Stops on the same eos ids the engine uses (config ∪ generation_config)."""
     eos = sorted(ModelConfig.from_path(model_dir).eos_token_ids)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.radix_cache import RadixNode
 

@@ -1,6 +1,7 @@
 """PageAllocator: exact ids, lowest-first reuse, all-or-nothing alloc, strict frees."""
 
 import pytest
+
 from pdserve.shared.engine.page_allocator import PageAllocator
 
 

@@ -1,6 +1,7 @@
 """RadixCache: whole-page matching, splits, insert's prefix length, LRU eviction order, locks."""
 
 import pytest
+
 from pdserve.shared.engine.page_allocator import PageAllocator
 from pdserve.shared.engine.radix_cache import RadixCache
 

@@ -1,6 +1,7 @@
 """The keep-masks of top-k / top-p / min-p on hand-made rows, boundaries and ties included."""
 
 import torch
+
 from pdserve.shared.engine.sampling.filters import min_p_mask, top_k_mask, top_k_sorted, top_p_mask
 
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from pdserve.shared.engine.sampler import Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.sampling_params import SamplingParams
 

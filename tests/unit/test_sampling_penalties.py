@@ -1,6 +1,7 @@
 """Penalty formulas on fixed logits; the expected values are computed by hand."""
 
 import torch
+
 from pdserve.shared.engine.sampling.penalties import (
     apply_frequency_presence,
     apply_logit_bias,

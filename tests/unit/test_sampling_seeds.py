@@ -3,6 +3,7 @@
 import random
 
 import torch
+
 from pdserve.shared.engine.sampler import Sampler, SamplingInputs
 from pdserve.shared.engine.sampling.noise import row_seed
 from pdserve.shared.engine.sampling_params import SamplingParams

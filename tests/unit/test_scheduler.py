@@ -19,7 +19,9 @@ from pdserve.shared.engine.scheduler import BatchKind, Scheduler, SchedulerConfi
 EOS = 0
 
 
-def make(num_pages=64, page_size=4, chunk=-1, max_prefill=1 << 20, max_running=256, radix=True, policy="fcfs"):
+def make(
+    num_pages=64, page_size=4, chunk=-1, max_prefill=1 << 20, max_running=256, radix=True, policy="fcfs"
+):
     kv = KVCacheManager(num_pages, page_size, enable_radix=radix)
     cfg = SchedulerConfig(
         page_size=page_size,
@@ -238,3 +240,31 @@ def test_random_storm_of_add_abort_and_steps_returns_every_page(seed, page_size,
     assert all_pages_back(s)
     assert s.kv.flush()
     assert s.kv.num_free_pages == s.kv.num_total_pages
+
+
+def test_a_lone_request_that_outgrows_the_pool_is_stopped_and_reported():
+    s = make(num_pages=4, page_size=4)  # 12 usable tokens
+    r = req("big", range(1, 9), max_new=50)
+    s.add(r)
+    drain(s)
+    assert r.finish_reason == {"type": "abort", "message": "KV cache pool exhausted by one request"}
+    assert len(r.output_ids) == 12 - 8 + 1  # every slot used, plus the token sampled last
+    assert s.take_stopped() == [r]
+    assert all_pages_back(s)
+
+
+def test_a_half_prefilled_request_is_retracted_before_a_running_one_starves():
+    s = make(num_pages=7, page_size=4)  # 24 usable tokens
+    runner = req("runner", range(1, 5), max_new=12)  # grows to 16 tokens
+    s.add(runner)
+    step(s)
+    step(s)
+    hog = req("hog", range(50, 70), max_new=2)  # 20 tokens: only part of it fits beside the runner
+    s.add(hog)
+    b = step(s)
+    assert b.kind == BatchKind.EXTEND and hog.status == ReqStatus.PREFILLING
+    drain(s)
+    assert runner.finish_reason == {"type": "length", "length": 12}
+    assert hog.finish_reason == {"type": "length", "length": 2}
+    assert hog.num_retractions > 0 and runner.num_retractions == 0
+    assert all_pages_back(s)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
+
 from pdserve.shared.engine.sampling.filters import top_k_sorted
 
 TopList = list[tuple[float, int]]

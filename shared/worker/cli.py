@@ -1,0 +1,152 @@
+"""`worker`: one worker process. `--role mixed` serves prefill and decode in one engine.
+
+    worker --role mixed --model-path HuggingFaceTB/SmolLM2-135M-Instruct --port 30001
+
+Start-up order (so probes and clients see sensible states at every moment):
+  1. SIGTERM/SIGINT handlers (a signal during loading ends the process cleanly after the load);
+  2. the HTTP port (`/health` answers 503 while loading) and the ZMQ ROUTER socket (clients may
+     connect and queue requests early);
+  3. the engine (model + KV pool), one warm-up forward of one token, then a cache flush;
+  4. `/health` turns 200 and one line goes to stdout:
+     `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q`
+  5. the loop (mixed.py) until a signal; then intake stops, live requests are aborted (their clients
+     get abort outputs), sockets close, exit status 0. A second signal exits at once with status 1.
+
+Ports: `--port` is the ZMQ port (0: a free one). `--http-port` defaults to port + 1 (a free one
+when `--port 0`); `--http-port 0` disables HTTP. The ready line prints the ports actually bound.
+Logs go to stderr; stdout carries only the ready line. The worker starts no child processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+import zmq
+
+from pdserve.shared.args import EngineArgs, add_engine_args, engine_args_from
+from pdserve.shared.worker.http_server import HealthMetricsServer, HealthState
+from pdserve.shared.worker.metrics import WorkerMetrics
+from pdserve.shared.worker.zmq_io import RouterSocket, tcp_address
+
+logger = logging.getLogger("pdserve.worker")
+
+ROLES = ("mixed", "prefill", "decode")
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--role", choices=ROLES, default="mixed", help="what this worker does (default mixed)"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind ZMQ and HTTP to")
+    parser.add_argument("--port", type=int, default=30001, help="ZMQ ROUTER port (0: pick a free one)")
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="/health and /metrics port; default port+1 (a free one with --port 0); 0 disables HTTP",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_engine_args(parser)
+    return parser
+
+
+def _http_port(ns: argparse.Namespace) -> int | None:
+    """The port to bind HTTP to (0 = any free one), or None when HTTP is off."""
+    if ns.http_port is None:
+        return ns.port + 1 if ns.port else 0
+    return ns.http_port or None
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def on_signal(signum: int, _frame) -> None:
+        if stop.is_set():
+            logger.warning("second %s: exiting now", signal.Signals(signum).name)
+            raise SystemExit(1)
+        logger.info("%s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def warm_up(engine) -> None:
+    """One forward of one token, so /health turns 200 only when the first real request is fast;
+    then flush, so the warm-up leaves nothing in the cache."""
+    engine.generate([[0]], {"max_new_tokens": 1, "temperature": 0.0})
+    engine.flush_cache()
+
+
+def run_mixed(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+    stop = threading.Event()
+    _install_signal_handlers(stop)
+    state = HealthState()
+    metrics = WorkerMetrics(role="mixed", model=engine_args.served_model_name or engine_args.model_path)
+    http = None
+    http_port = _http_port(ns)
+    ctx = zmq.Context()
+    try:
+        if http_port is not None:
+            http = HealthMetricsServer(ns.host, http_port, state, metrics)
+        sock = RouterSocket(ctx, tcp_address(ns.host, ns.port))
+    except (OSError, zmq.ZMQError) as exc:
+        logger.error("cannot bind %s (zmq port %d, http port %s): %s", ns.host, ns.port, http_port, exc)
+        ctx.term()
+        return 1
+    if http is not None:
+        http.start()
+    try:
+        from pdserve.shared.engine.engine import Engine  # torch import: after the ports answer
+        from pdserve.shared.worker.mixed import MixedWorker
+
+        try:
+            engine = Engine(engine_args)
+        except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
+            logger.error("cannot load the model: %s", exc)
+            return 1
+        if not stop.is_set():  # a signal during loading: skip readiness, refuse what queued up, exit
+            warm_up(engine)
+            state.set_ready()
+            print(
+                f"pdserve worker ready role=mixed zmq={sock.address} http={http.url if http else 'off'}",
+                flush=True,
+            )
+        MixedWorker(engine, sock, metrics, stop).serve()
+    finally:
+        state.set_stopping()
+        sock.close()
+        ctx.term()
+        if http is not None:
+            http.close()
+    logger.info("worker stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if ns.role != "mixed":
+        print(
+            f"worker: --role {ns.role} arrives with the disaggregation issue; use --role mixed for now.",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        engine_args = engine_args_from(ns)
+    except ValueError as exc:  # EngineArgs.validate names the flag
+        print(f"worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return run_mixed(ns, engine_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""The mixed worker's loop: prefill and decode in one engine, like a classic SGLang server.
+
+Life cycle (one thread drives the engine; the HTTP thread only reads published metrics):
+
+    ROUTER socket ──frames──▶ dispatch table ──▶ engine.add_request / abort / load / flush_cache
+         ▲                                              │
+         │ one OutputBatch per client per step          ▼
+         └───────────── RequestOwners.group ◀──── engine.step()
+
+Each turn of the loop:
+  1. polls the socket, without waiting while the engine has work, else up to `idle_poll_ms`;
+  2. handles every queued frame: GenerateRequest (refused → an immediate finished output with
+     `error` and finish_reason abort), AbortRequest (outputs go to the rid's owner), LoadQuery →
+     LoadReport, FlushCacheRequest → FlushCacheResult; undecodable frames are logged and dropped;
+  3. runs one engine step and sends each client ONE OutputBatch holding all its outputs of the step;
+  4. publishes a metrics snapshot (every `metrics_interval_s`, and at once when the engine goes idle).
+
+Shutdown (`stop` set by SIGTERM/SIGINT): frames still queued are handled with intake closed (new
+GenerateRequests get "worker is shutting down"), everything left is aborted and its clients get the
+abort outputs, then `serve` returns; the caller closes the socket (with linger, so they leave).
+
+No client can kill the loop: a handler's exception is logged and answered where the message says
+who to answer. An exception inside `engine.step()` aborts all live requests with an internal-error
+message (their state cannot be trusted) and the loop goes on; if even that fails, it propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import msgpack
+
+from pdserve.shared.engine.request_validation import RequestError
+from pdserve.shared.protocol import (
+    AbortRequest,
+    FlushCacheRequest,
+    GenerateRequest,
+    LoadQuery,
+    Message,
+    OutputBatch,
+    RequestOutput,
+)
+from pdserve.shared.worker.metrics import EngineSnapshot, WorkerMetrics
+from pdserve.shared.worker.owners import RequestOwners
+from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_MESSAGE = "worker is shutting down"
+
+
+def error_output(rid: str, message: str) -> RequestOutput:
+    """The single, finished output of a request the worker refused."""
+    return RequestOutput(
+        rid=rid,
+        token_ids=[],
+        finished=True,
+        finish_reason={"type": "abort", "message": message},
+        error=message,
+    )
+
+
+def salvage_generate_rid(frame: bytes) -> str | None:
+    """The rid of a GenerateRequest frame whose fields do not match the message, if it has one:
+    the sender then gets an error output instead of waiting for a reply that never comes."""
+    try:
+        tag, data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, msgpack.exceptions.UnpackException):  # garbage: no rid to answer
+        return None
+    if tag == GenerateRequest.TAG and isinstance(data, dict) and isinstance(data.get("rid"), str):
+        return data["rid"]
+    return None
+
+
+class MixedWorker:
+    def __init__(
+        self,
+        engine,
+        sock: RouterSocket,
+        metrics: WorkerMetrics,
+        stop: threading.Event,
+        idle_poll_ms: int = 50,
+        metrics_interval_s: float = 0.25,
+    ):
+        self.engine = engine
+        self.sock = sock
+        self.metrics = metrics
+        self.stop = stop
+        self.idle_poll_ms = idle_poll_ms
+        self.metrics_interval_s = metrics_interval_s
+        self.owners = RequestOwners()
+        self.accepting = True
+        self._last_publish = float("-inf")
+        self._handlers: dict[type[Message], Callable[[bytes, Message], None]] = {
+            GenerateRequest: self._on_generate,
+            AbortRequest: self._on_abort,
+            LoadQuery: self._on_load,
+            FlushCacheRequest: self._on_flush,
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def serve(self) -> None:
+        """Runs until `stop` is set, then shuts down as the module docstring says."""
+        self._publish_metrics(force=True)
+        busy = False
+        while not self.stop.is_set():
+            if self.sock.poll(0 if busy else self.idle_poll_ms):
+                self._drain_socket()
+            was_busy, busy = busy, self.engine.has_work()
+            if busy:
+                self._step()
+                busy = self.engine.has_work()
+            # going idle publishes at once: a scrape after the last output sees the final counts
+            self._publish_metrics(force=was_busy and not busy)
+        self._shutdown()
+
+    def _drain_socket(self) -> None:
+        while (env := self.sock.recv_nowait()) is not None:
+            self._handle(env)
+
+    def _handle(self, env: Envelope) -> None:
+        if env.message is None:
+            logger.warning("dropping undecodable frame from %s: %s", env.identity.hex(), env.error)
+            rid = salvage_generate_rid(env.frame)
+            if rid is not None and rid not in self.owners:
+                self._send(env.identity, [error_output(rid, f"Malformed GenerateRequest: {env.error}")])
+            return
+        handler = self._handlers.get(type(env.message))
+        if handler is None:
+            logger.warning(
+                "dropping %s from %s: not a request", type(env.message).__name__, env.identity.hex()
+            )
+            return
+        try:
+            handler(env.identity, env.message)
+        except Exception:  # a client must never kill the loop
+            logger.exception("handling %s from %s failed", type(env.message).__name__, env.identity.hex())
+            msg = env.message
+            if isinstance(msg, GenerateRequest) and isinstance(msg.rid, str) and msg.rid not in self.owners:
+                self._send(env.identity, [error_output(msg.rid, "Internal error handling the request.")])
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as exc:
+            logger.exception("engine step failed; aborting every live request")
+            outputs = self.engine.abort_all(f"Internal error in the worker: {type(exc).__name__}: {exc}")
+        self._deliver(outputs)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for identity, outs in self.owners.group(outputs).items():
+            self._send(identity, outs)
+
+    def _send(self, identity: bytes, outputs: list[RequestOutput]) -> None:
+        self.sock.send(identity, OutputBatch(outputs=outputs))
+
+    def _publish_metrics(self, force: bool = False) -> None:
+        """Snapshots the engine for /metrics; throttled because load() walks the cache's counters."""
+        now = time.monotonic()
+        if force or now - self._last_publish >= self.metrics_interval_s:
+            self.metrics.publish(EngineSnapshot.of(self.engine), now)
+            self._last_publish = now
+
+    def _shutdown(self) -> None:
+        self.accepting = False
+        self._drain_socket()
+        aborted = self.engine.abort_all(SHUTDOWN_MESSAGE)
+        if aborted:
+            logger.info("shutdown: aborted %d live request(s)", len(aborted))
+        self._deliver(aborted)
+        self._publish_metrics(force=True)
+
+    # ------------------------------------------------------------------ handlers
+
+    def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
+        if not isinstance(msg.rid, str) or not msg.rid:
+            self._send(identity, [error_output(str(msg.rid), "rid must be a non-empty string.")])
+            return
+        if not self.accepting:
+            self._send(identity, [error_output(msg.rid, SHUTDOWN_MESSAGE)])
+            return
+        if not isinstance(msg.sampling_params, dict):
+            self._send(identity, [error_output(msg.rid, "sampling_params must be an object (a dict).")])
+            return
+        try:
+            self.engine.add_request(msg)
+        except RequestError as exc:
+            logger.info("refused request %r: %s", msg.rid, exc)
+            self._send(identity, [error_output(msg.rid, str(exc))])
+            return
+        self.owners.register(msg.rid, identity, int(msg.sampling_params.get("n", 1)))
+
+    def _on_abort(self, identity: bytes, msg: AbortRequest) -> None:
+        self._deliver(self.engine.abort(msg.rid, msg.message))
+
+    def _on_load(self, identity: bytes, msg: LoadQuery) -> None:
+        self.sock.send(identity, self.engine.load(msg.query_id))
+
+    def _on_flush(self, identity: bytes, msg: FlushCacheRequest) -> None:
+        self.sock.send(identity, self.engine.flush_cache(msg.query_id))
