@@ -155,3 +155,55 @@ class FlushCacheResult(Message):
     query_id: int = 0
     success: bool = True
     message: str = ""
+
+
+# ---------------------------------------------------------------- router <-> worker: admin
+
+
+@dataclass
+class ServerInfoQuery(Message):
+    TAG: ClassVar[str] = "info?"
+    query_id: int = 0
+
+
+@dataclass
+class ServerInfo(Message):
+    """A worker's arguments and facts, for /get_server_info and /get_model_info."""
+
+    TAG: ClassVar[str] = "info"
+    query_id: int = 0
+    worker_id: str = ""
+    role: str = "mixed"
+    args: dict[str, Any] = field(default_factory=dict)  # EngineArgs.to_dict() plus the worker's flags
+    model_path: str = ""
+    tokenizer_path: str = ""
+    served_model_name: str = ""
+    model_type: str = ""
+    architectures: list[str] = field(default_factory=list)
+    context_length: int = 0
+    vocab_size: int = 0
+    max_total_num_tokens: int = 0
+    page_size: int = 0
+    kv_pool_bytes: int = 0
+    weight_version: str = "default"
+    version: str = ""
+
+
+@dataclass
+class UpdateWeightsRequest(Message):
+    """Reload weights from disk without restarting; the radix cache is flushed on success."""
+
+    TAG: ClassVar[str] = "update_weights"
+    query_id: int = 0
+    model_path: str = ""
+    load_format: str | None = None
+    weight_version: str | None = None
+
+
+@dataclass
+class UpdateWeightsResult(Message):
+    TAG: ClassVar[str] = "weights_updated"
+    query_id: int = 0
+    success: bool = True
+    message: str = ""
+    weight_version: str = "default"

@@ -1,0 +1,1 @@
+"""`serve`: Redis, router and workers on one machine, in one command."""
