@@ -1,1 +1,1 @@
-"""pdserve.router: the HTTP face (SGLang native API + OpenAI API). Arrives with issue 3."""
+"""pdserve.router: the HTTP face: SGLang's native API and the OpenAI API over ZMQ workers."""

@@ -32,5 +32,7 @@ def error_body(status: int, message: str, err_type: str | None = None, param: st
     }
 
 
-def error_response(status: int, message: str, err_type: str | None = None, param: str | None = None) -> web.Response:
+def error_response(
+    status: int, message: str, err_type: str | None = None, param: str | None = None
+) -> web.Response:
     return web.json_response(error_body(status, message, err_type, param), status=status)

@@ -12,6 +12,7 @@ client can get wrong raises `RequestError` from `add_request` with a message nam
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import time
 from dataclasses import dataclass
@@ -24,9 +25,18 @@ from pdserve.shared.engine.output import build_output
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError, validate_request
 from pdserve.shared.engine.scheduler import BatchKind, Scheduler, SchedulerConfig
+from pdserve.shared.engine.weights_update import (
+    UPDATE_OK,
+    CheckedWeights,
+    WeightsUpdateError,
+    apply_weights,
+    check_weights,
+    next_weight_version,
+)
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.loader import init_dummy_weights, iter_weights
 from pdserve.shared.models.resolver import resolve_model
-from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput
+from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput, ServerInfo
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +63,10 @@ class Engine:
         args.validate()
         self.args = args
         resolved = resolve_model(args.model_path)
-        self.model_path = resolved.reported_path
+        self.model_path = resolved.reported_path  # changes with update_weights_from_disk
         self.local_dir = resolved.local_dir
+        self.tokenizer_path = args.effective_tokenizer_path  # fixed at launch, like SGLang's
+        self.served_model_name = args.served_model_name or args.model_path
         self.model_config = ModelConfig.from_path(
             resolved.local_dir,
             dtype=args.dtype,
@@ -194,6 +206,70 @@ class Engine:
         return FlushCacheResult(
             query_id, ok, "Cache flushed." if ok else "Cache not flushed: pages are in use."
         )
+
+    # ------------------------------------------------------------------ admin
+
+    def server_info(self, query_id: int = 0) -> ServerInfo:
+        """The engine's facts; the worker adds its id, role and flags."""
+        cfg = self.model_config
+        return ServerInfo(
+            query_id=query_id,
+            args=self.args.to_dict(),
+            model_path=self.model_path,
+            tokenizer_path=self.tokenizer_path,
+            served_model_name=self.served_model_name,
+            model_type=cfg.model_type,
+            architectures=list(cfg.architectures),
+            context_length=self.context_length,
+            vocab_size=cfg.vocab_size,
+            max_total_num_tokens=self.max_total_num_tokens,
+            page_size=self.args.page_size,
+            kv_pool_bytes=self.runner.pool.nbytes,
+            weight_version=self.weight_version,
+            version=importlib.metadata.version("pdserve"),
+        )
+
+    def check_weights(self, model_path: str, load_format: str | None = None) -> CheckedWeights:
+        """Checks a checkpoint against the live model (weights_update.py); raises WeightsUpdateError.
+        Reads parameter shapes only, so it may run in another thread while the engine steps."""
+        return check_weights(self.runner.model, self.model_config, model_path, load_format)
+
+    def update_weights_from_disk(
+        self,
+        model_path: str,
+        load_format: str | None = None,
+        weight_version: str | None = None,
+        checked: CheckedWeights | None = None,
+    ) -> tuple[bool, str]:
+        """Replaces the weights, flushes the radix cache and sets weight_version; (success, message).
+
+        Only an idle engine updates (a worker drains its requests first): with requests in flight
+        this fails and changes nothing. `checked` skips the check when the caller already ran it."""
+        if self.has_work():
+            return False, "Failed to update weights: requests are still running."
+        try:
+            checked = checked or self.check_weights(model_path, load_format)
+            try:
+                apply_weights(self.runner.model, checked)
+            except WeightsUpdateError:
+                self._reload_current_weights()
+                raise
+        except WeightsUpdateError as exc:
+            return False, str(exc)
+        self.kv.flush()  # cached pages hold K/V computed by the old weights
+        self.model_path, self.local_dir = checked.reported_path, checked.local_dir
+        self.args.model_path, self.args.load_format = checked.reported_path, checked.load_format
+        self.weight_version = next_weight_version(self.weight_version, weight_version)
+        logger.info("weights updated from %s (version %s)", checked.local_dir, self.weight_version)
+        return True, UPDATE_OK
+
+    def _reload_current_weights(self) -> None:
+        """Restores the weights served before a failed copy (same source, same seed)."""
+        model = self.runner.model
+        if self.args.load_format == "dummy":
+            init_dummy_weights(model, self.args.random_seed)
+        else:
+            model.load_weights(iter_weights(self.local_dir), strict=True)
 
     # ------------------------------------------------------------------ offline use
 

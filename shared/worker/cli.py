@@ -8,12 +8,17 @@ Start-up order (so probes and clients see sensible states at every moment):
      connect and queue requests early);
   3. the engine (model + KV pool), one warm-up forward of one token, then a cache flush;
   4. `/health` turns 200 and one line goes to stdout:
-     `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q`
+     `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q`;
+     with `--redis-url`, the Redis heartbeat (shared/cluster.py) writes its first beat just before
+     that line: routers see the worker only once it is ready, and a clean exit deletes its key;
   5. the loop (mixed.py) until a signal; then intake stops, live requests are aborted (their clients
      get abort outputs), sockets close, exit status 0. A second signal exits at once with status 1.
 
 Ports: `--port` is the ZMQ port (0: a free one). `--http-port` defaults to port + 1 (a free one
 when `--port 0`); `--http-port 0` disables HTTP. The ready line prints the ports actually bound.
+Cluster: `--redis-url` registers the worker under `--worker-id` (default `<role>@<host>:<zmq port>`)
+with addresses on `--advertise-host` (default: `--host`, or this machine's address when binding a
+wildcard). Without `--redis-url` the worker serves whoever dials its ZMQ port, as before.
 Logs go to stderr; stdout carries only the ready line. The worker starts no child processes.
 """
 
@@ -24,12 +29,16 @@ import logging
 import signal
 import sys
 import threading
+import time
 
 import zmq
 
 from pdserve.shared.args import EngineArgs, add_engine_args, engine_args_from
+from pdserve.shared.cluster import WorkerRegistration, advertise_host, default_worker_id
+from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.worker.http_server import HealthMetricsServer, HealthState
 from pdserve.shared.worker.metrics import WorkerMetrics
+from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S
 from pdserve.shared.worker.zmq_io import RouterSocket, tcp_address
 
 logger = logging.getLogger("pdserve.worker")
@@ -50,6 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="/health and /metrics port; default port+1 (a free one with --port 0); 0 disables HTTP",
+    )
+    parser.add_argument("--redis-url", default=None, help="register in this Redis (redis://host:port)")
+    parser.add_argument("--worker-id", default=None, help="id in the cluster (default role@host:port)")
+    parser.add_argument(
+        "--advertise-host", default=None, help="host routers dial (default --host; a wildcard: this host)"
+    )
+    parser.add_argument(
+        "--update-weights-drain-timeout",
+        type=float,
+        default=DEFAULT_DRAIN_TIMEOUT_S,
+        help="seconds a weights update waits for running requests before aborting them",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(parser)
@@ -75,6 +95,45 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
+def _port_of(address: str) -> int:
+    """The port of `tcp://h:p` or `http://h:p`."""
+    return int(address.rsplit(":", 1)[1])
+
+
+def worker_flags(ns: argparse.Namespace, zmq_port: int, http_port: int | None, worker_id: str) -> dict:
+    """The worker's own flags (not EngineArgs), as bound, for ServerInfo.args."""
+    return {
+        "role": ns.role,
+        "host": ns.host,
+        "port": zmq_port,
+        "http_port": http_port or 0,
+        "redis_url": ns.redis_url,
+        "worker_id": worker_id,
+        "advertise_host": ns.advertise_host,
+        "update_weights_drain_timeout": ns.update_weights_drain_timeout,
+    }
+
+
+def registration_for(ns: argparse.Namespace, engine, worker_id: str, zmq_port: int, http_port: int | None):
+    """The Redis heartbeat of this worker (not started yet)."""
+    host = ns.advertise_host or advertise_host(ns.host)
+    info = WorkerInfo(
+        worker_id=worker_id,
+        role=ns.role,
+        zmq_addr=tcp_address(host, zmq_port),
+        http_addr=f"http://{host}:{http_port}" if http_port else "",
+        model_path=engine.model_path,
+        served_model_name=engine.served_model_name,
+        max_total_num_tokens=engine.max_total_num_tokens,
+        context_length=engine.context_length,
+        page_size=engine.args.page_size,
+        num_free_pages=engine.kv.available_pages,  # free + evictable, as every later beat
+        num_total_pages=engine.kv.num_total_pages,
+        started_at=time.time(),
+    )
+    return WorkerRegistration(ns.redis_url, info)
+
+
 def warm_up(engine) -> None:
     """One forward of one token, so /health turns 200 only when the first real request is fast;
     then flush, so the warm-up leaves nothing in the cache."""
@@ -88,6 +147,7 @@ def run_mixed(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     state = HealthState()
     metrics = WorkerMetrics(role="mixed", model=engine_args.served_model_name or engine_args.model_path)
     http = None
+    registration: WorkerRegistration | None = None
     http_port = _http_port(ns)
     ctx = zmq.Context()
     try:
@@ -109,15 +169,34 @@ def run_mixed(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
             logger.error("cannot load the model: %s", exc)
             return 1
+        zmq_port = _port_of(sock.address)
+        bound_http_port = _port_of(http.url) if http else None
+        worker_id = ns.worker_id or default_worker_id(
+            ns.role, ns.advertise_host or advertise_host(ns.host), zmq_port
+        )
         if not stop.is_set():  # a signal during loading: skip readiness, refuse what queued up, exit
             warm_up(engine)
             state.set_ready()
+            if ns.redis_url:  # before the ready line: whoever waits for it finds the worker registered
+                registration = registration_for(ns, engine, worker_id, zmq_port, bound_http_port)
+                registration.start()
             print(
                 f"pdserve worker ready role=mixed zmq={sock.address} http={http.url if http else 'off'}",
                 flush=True,
             )
-        MixedWorker(engine, sock, metrics, stop).serve()
+        MixedWorker(
+            engine,
+            sock,
+            metrics,
+            stop,
+            worker_id=worker_id,
+            worker_flags=worker_flags(ns, zmq_port, bound_http_port, worker_id),
+            registration=registration,
+            drain_timeout_s=ns.update_weights_drain_timeout,
+        ).serve()
     finally:
+        if registration is not None:  # first: routers stop sending before the sockets close
+            registration.close()
         state.set_stopping()
         sock.close()
         ctx.term()

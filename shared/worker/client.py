@@ -37,6 +37,10 @@ from pdserve.shared.protocol import (
     Message,
     OutputBatch,
     RequestOutput,
+    ServerInfo,
+    ServerInfoQuery,
+    UpdateWeightsRequest,
+    UpdateWeightsResult,
 )
 from pdserve.shared.worker.zmq_io import DealerSocket
 
@@ -66,6 +70,30 @@ class WorkerClient:
         query_id = next(self._query_ids)
         self._sock.send(FlushCacheRequest(query_id=query_id))
         return self._wait_reply(FlushCacheResult, query_id, timeout_s)
+
+    def server_info(self, timeout_s: float = 10.0) -> ServerInfo:
+        query_id = next(self._query_ids)
+        self._sock.send(ServerInfoQuery(query_id=query_id))
+        return self._wait_reply(ServerInfo, query_id, timeout_s)
+
+    def update_weights(
+        self,
+        model_path: str,
+        weight_version: str | None = None,
+        load_format: str | None = None,
+        timeout_s: float = 120.0,
+    ) -> UpdateWeightsResult:
+        """Waits for the swap (the worker first drains its running requests)."""
+        query_id = next(self._query_ids)
+        self._sock.send(
+            UpdateWeightsRequest(
+                query_id=query_id,
+                model_path=model_path,
+                load_format=load_format,
+                weight_version=weight_version,
+            )
+        )
+        return self._wait_reply(UpdateWeightsResult, query_id, timeout_s)
 
     def send_raw(self, frame: bytes) -> None:
         self._sock.send_raw(frame)

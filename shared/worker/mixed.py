@@ -11,13 +11,17 @@ Each turn of the loop:
   1. polls the socket, without waiting while the engine has work, else up to `idle_poll_ms`;
   2. handles every queued frame: GenerateRequest (refused → an immediate finished output with
      `error` and finish_reason abort), AbortRequest (outputs go to the rid's owner), LoadQuery →
-     LoadReport, FlushCacheRequest → FlushCacheResult; undecodable frames are logged and dropped;
-  3. runs one engine step and sends each client ONE OutputBatch holding all its outputs of the step;
-  4. publishes a metrics snapshot (every `metrics_interval_s`, and at once when the engine goes idle).
+     LoadReport, FlushCacheRequest → FlushCacheResult, ServerInfoQuery → ServerInfo,
+     UpdateWeightsRequest → UpdateWeightsResult once done; undecodable frames are logged and dropped;
+  3. moves a weights update on (weight_updates.py: while it drains, new GenerateRequests are held,
+     not refused, and enter the engine after the swap);
+  4. runs one engine step and sends each client ONE OutputBatch holding all its outputs of the step;
+  5. publishes a metrics snapshot (every `metrics_interval_s`, and at once when the engine goes idle),
+     and the load numbers to the Redis heartbeat when the worker is registered.
 
 Shutdown (`stop` set by SIGTERM/SIGINT): frames still queued are handled with intake closed (new
-GenerateRequests get "worker is shutting down"), everything left is aborted and its clients get the
-abort outputs, then `serve` returns; the caller closes the socket (with linger, so they leave).
+GenerateRequests get "worker is shutting down"), a pending weights update fails, held and live
+requests are aborted and their clients get the abort outputs, then `serve` returns; the caller closes the socket (with linger, so they leave).
 
 No client can kill the loop: a handler's exception is logged and answered where the message says
 who to answer. An exception inside `engine.step()` aborts all live requests with an internal-error
@@ -30,6 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import msgpack
 
@@ -42,9 +47,12 @@ from pdserve.shared.protocol import (
     Message,
     OutputBatch,
     RequestOutput,
+    ServerInfoQuery,
+    UpdateWeightsRequest,
 )
 from pdserve.shared.worker.metrics import EngineSnapshot, WorkerMetrics
 from pdserve.shared.worker.owners import RequestOwners
+from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S, WeightUpdates, num_samples
 from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 
 logger = logging.getLogger(__name__)
@@ -61,6 +69,21 @@ def error_output(rid: str, message: str) -> RequestOutput:
         finish_reason={"type": "abort", "message": message},
         error=message,
     )
+
+
+def held_abort_outputs(msg: GenerateRequest, message: str) -> list[RequestOutput]:
+    """The final outputs of a request aborted while it was held (one per sample, nothing generated)."""
+    return [
+        RequestOutput(
+            rid=msg.rid,
+            token_ids=[],
+            index=i,
+            finished=True,
+            finish_reason={"type": "abort", "message": message},
+            prompt_tokens=len(msg.input_ids),
+        )
+        for i in range(num_samples(msg))
+    ]
 
 
 def salvage_generate_rid(frame: bytes) -> str | None:
@@ -84,11 +107,19 @@ class MixedWorker:
         stop: threading.Event,
         idle_poll_ms: int = 50,
         metrics_interval_s: float = 0.25,
+        worker_id: str = "",
+        worker_flags: dict[str, Any] | None = None,
+        registration=None,  # a shared.cluster.WorkerRegistration, when the worker is in a cluster
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
     ):
         self.engine = engine
         self.sock = sock
         self.metrics = metrics
         self.stop = stop
+        self.worker_id = worker_id
+        self.worker_flags = dict(worker_flags or {})
+        self.registration = registration
+        self.updates = WeightUpdates(engine, sock.send, self._deliver, self._on_generate, drain_timeout_s)
         self.idle_poll_ms = idle_poll_ms
         self.metrics_interval_s = metrics_interval_s
         self.owners = RequestOwners()
@@ -99,6 +130,8 @@ class MixedWorker:
             AbortRequest: self._on_abort,
             LoadQuery: self._on_load,
             FlushCacheRequest: self._on_flush,
+            ServerInfoQuery: self._on_server_info,
+            UpdateWeightsRequest: self._on_update_weights,
         }
 
     # ------------------------------------------------------------------ loop
@@ -110,6 +143,7 @@ class MixedWorker:
         while not self.stop.is_set():
             if self.sock.poll(0 if busy else self.idle_poll_ms):
                 self._drain_socket()
+            self.updates.advance()
             was_busy, busy = busy, self.engine.has_work()
             if busy:
                 self._step()
@@ -162,12 +196,21 @@ class MixedWorker:
         """Snapshots the engine for /metrics; throttled because load() walks the cache's counters."""
         now = time.monotonic()
         if force or now - self._last_publish >= self.metrics_interval_s:
-            self.metrics.publish(EngineSnapshot.of(self.engine), now)
+            snapshot = EngineSnapshot.of(self.engine)
+            self.metrics.publish(snapshot, now)
+            if self.registration is not None:
+                self.registration.publish_load(
+                    num_running=snapshot.num_running,
+                    num_waiting=snapshot.num_waiting + self.updates.num_held,
+                    num_free_pages=snapshot.num_free_pages + snapshot.num_evictable_pages,
+                )
             self._last_publish = now
 
     def _shutdown(self) -> None:
         self.accepting = False
         self._drain_socket()
+        for identity, msg in self.updates.close(SHUTDOWN_MESSAGE):
+            self._send(identity, [error_output(msg.rid, SHUTDOWN_MESSAGE)])
         aborted = self.engine.abort_all(SHUTDOWN_MESSAGE)
         if aborted:
             logger.info("shutdown: aborted %d live request(s)", len(aborted))
@@ -186,6 +229,9 @@ class MixedWorker:
         if not isinstance(msg.sampling_params, dict):
             self._send(identity, [error_output(msg.rid, "sampling_params must be an object (a dict).")])
             return
+        if self.updates.holding:  # the weights are being swapped: it waits, and enters after the swap
+            self.updates.hold(identity, msg)
+            return
         try:
             self.engine.add_request(msg)
         except RequestError as exc:
@@ -195,10 +241,26 @@ class MixedWorker:
         self.owners.register(msg.rid, identity, int(msg.sampling_params.get("n", 1)))
 
     def _on_abort(self, identity: bytes, msg: AbortRequest) -> None:
+        held = self.updates.take_held(msg.rid)
+        if held is not None:
+            self._send(identity, held_abort_outputs(held, msg.message))
+            return
         self._deliver(self.engine.abort(msg.rid, msg.message))
 
     def _on_load(self, identity: bytes, msg: LoadQuery) -> None:
-        self.sock.send(identity, self.engine.load(msg.query_id))
+        report = self.engine.load(msg.query_id)
+        report.num_waiting += self.updates.num_held
+        self.sock.send(identity, report)
 
     def _on_flush(self, identity: bytes, msg: FlushCacheRequest) -> None:
         self.sock.send(identity, self.engine.flush_cache(msg.query_id))
+
+    def _on_server_info(self, identity: bytes, msg: ServerInfoQuery) -> None:
+        info = self.engine.server_info(msg.query_id)
+        info.worker_id = self.worker_id
+        info.role = "mixed"
+        info.args = {**info.args, **self.worker_flags}
+        self.sock.send(identity, info)
+
+    def _on_update_weights(self, identity: bytes, msg: UpdateWeightsRequest) -> None:
+        self.updates.submit(identity, msg)

@@ -1,0 +1,145 @@
+"""`router`: the HTTP face of a pdserve cluster (SGLang's native API and the OpenAI API).
+
+    router --worker-addr tcp://127.0.0.1:30001 --port 30000
+    router --redis-url redis://127.0.0.1:6379 --policy cache_aware --api-key KEY
+
+Workers come from `--worker-addr` (repeatable) and/or Redis membership (`--redis-url`). Once the
+port listens, one line goes to stdout: `pdserve router ready url=http://HOST:PORT` (with
+`--port 0`, the port actually bound). Logs go to stderr. SIGTERM or SIGINT stops it cleanly:
+connections to workers close, requests in flight end, exit status 0. `/health` turns 200 once a
+worker answered and the tokenizer is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from pdserve.router.policies import POLICY_NAMES
+from pdserve.router.state import RouterArgs
+
+logger = logging.getLogger("pdserve.router")
+
+READY_PREFIX = "pdserve router ready"
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RouterArgs()
+    p = argparse.ArgumentParser(prog="router", description=__doc__.split("\n\n")[0])
+    p.add_argument("--host", default=d.host, help="address to listen on")
+    p.add_argument("--port", type=int, default=d.port, help="HTTP port (0: a free one)")
+    p.add_argument(
+        "--redis-url", default=None, help="learn workers from Redis membership (redis://host:port)"
+    )
+    p.add_argument(
+        "--worker-addr",
+        dest="worker_addrs",
+        action="append",
+        default=[],
+        help="a worker's ZMQ address (tcp://host:port); repeatable",
+    )
+    p.add_argument("--policy", choices=POLICY_NAMES, default=d.policy, help="worker choice")
+    p.add_argument(
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health, /metrics)"
+    )
+    p.add_argument("--admin-api-key", default=None, help="key for admin routes (flush, weights, abort)")
+    p.add_argument(
+        "--request-timeout", type=float, default=None, help="seconds a request may take (504 after)"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
+    p.add_argument(
+        "--max-batch-size", type=int, default=d.max_batch_size, help="most prompts in one /generate"
+    )
+    p.add_argument("--model-path", default=None, help="the model's path as reported (default: the workers')")
+    p.add_argument("--tokenizer-path", default=None, help="tokenizer to load (default: the workers' model)")
+    p.add_argument("--served-model-name", default=None, help="the name in OpenAI responses")
+    p.add_argument(
+        "--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)"
+    )
+    p.add_argument("--preferred-sampling-params", default=None, help="JSON object of default sampling params")
+    p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="workers tried per request")
+    p.add_argument(
+        "--worker-liveness-timeout",
+        type=float,
+        default=d.worker_liveness_timeout,
+        help="seconds of worker silence (no outputs, no load replies) before its requests move on",
+    )
+    p.add_argument(
+        "--load-poll-interval", type=float, default=d.load_poll_interval, help="seconds between load queries"
+    )
+    p.add_argument(
+        "--breaker-failure-threshold",
+        type=int,
+        default=d.breaker_failure_threshold,
+        help="consecutive worker failures that open its circuit",
+    )
+    p.add_argument(
+        "--breaker-cooldown",
+        type=float,
+        default=d.breaker_cooldown,
+        help="seconds before an open circuit is probed",
+    )
+    return p
+
+
+def args_from(ns: argparse.Namespace) -> RouterArgs:
+    args = RouterArgs(**{k: v for k, v in vars(ns).items() if k in RouterArgs.__dataclass_fields__})
+    args.validate()
+    return args
+
+
+async def serve(args: RouterArgs) -> None:
+    from pdserve.router.app import build_app
+
+    app = build_app(args)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    port = runner.addresses[0][1] if runner.addresses else args.port
+    print(f"{READY_PREFIX} url=http://{args.host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        logger.info("stopping")
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        args = args_from(ns)
+    except ValueError as exc:
+        print(f"router: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import uvloop
+
+        uvloop.run(serve(args))
+    except ValueError as exc:  # --chat-template that is neither a file nor a template
+        print(f"router: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

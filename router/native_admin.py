@@ -1,0 +1,143 @@
+"""Admin routes (they take `--admin-api-key` when set): flush the cache, update weights, abort.
+
+- `/flush_cache` (GET or POST, `?timeout=<seconds>`, default 0): every connected worker flushes its
+  radix cache. A worker with requests running or queued refuses; the router retries until all
+  flushed or the timeout passed, then answers 400 naming the workers that refused and why.
+  Success is 200 with SGLang's text "Cache flushed.".
+- `/update_weights_from_disk` (POST {"model_path", "load_format"?, "weight_version"?}): every
+  connected worker reloads; `success` iff all succeeded. The message is the workers' own
+  ("Succeeded to update model weights." / "Failed to get weights iterator: <path> (repository not
+  found)."), failures first, de-duplicated. 200 on success, 400 on failure, like SGLang. On success
+  the router takes the new weight_version and model path and refreshes the workers' ServerInfo.
+- `/abort_request` (POST {"rid"} or {"abort_all": true}): the worker running each such request
+  aborts it; its client gets finish_reason {"type": "abort", ...}. 200 with an empty body, also for
+  an unknown rid (it may have just finished), as SGLang does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+
+from pdserve.router.limits import http_error, read_json_object
+from pdserve.router.state import STATE_KEY, RouterState
+from pdserve.router.worker_conn import WorkerUnavailable
+from pdserve.router.worker_pool import WorkerHandle
+from pdserve.shared.protocol import (
+    FlushCacheRequest,
+    FlushCacheResult,
+    UpdateWeightsRequest,
+    UpdateWeightsResult,
+)
+
+FLUSH_QUERY_TIMEOUT_S = 10.0
+FLUSH_RETRY_S = 0.1
+# A worker drains running requests before swapping weights (120 s by default): wait longer.
+UPDATE_WEIGHTS_TIMEOUT_S = 600.0
+
+
+def _connected(state: RouterState) -> list[WorkerHandle]:
+    handles = [h for h in state.pool.workers.values() if h.conn.connected]
+    if not handles:
+        raise http_error(503, state.pool.why_none())
+    return handles
+
+
+async def _flush_one(h: WorkerHandle) -> str | None:
+    """None when flushed, else why not."""
+    try:
+        result = await h.conn.query(FlushCacheRequest(), FlushCacheResult, FLUSH_QUERY_TIMEOUT_S)
+    except (WorkerUnavailable, TimeoutError, asyncio.TimeoutError) as exc:
+        return f"no answer ({exc or 'timed out'})"
+    return None if result.success else result.message
+
+
+async def handle_flush_cache(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    raw = request.query.get("timeout", "0")
+    try:
+        timeout_s = float(raw)
+    except ValueError:
+        raise http_error(400, f"timeout must be a number of seconds, got {raw!r}.") from None
+    if not timeout_s >= 0:  # also refuses NaN
+        raise http_error(400, f"timeout must be >= 0 seconds, got {raw!r}.")
+    deadline = time.monotonic() + timeout_s
+    pending = _connected(state)
+    while True:
+        reasons = await asyncio.gather(*(_flush_one(h) for h in pending))
+        failed = [(h, r) for h, r in zip(pending, reasons) if r is not None]
+        if not failed:
+            return web.Response(text="Cache flushed.\n")
+        if time.monotonic() >= deadline:
+            detail = "; ".join(f"{h.worker_id}: {r}" for h, r in failed)
+            hint = "" if timeout_s else " Pass ?timeout=<seconds> to wait for running requests to finish."
+            waited = f" after waiting {timeout_s:g} s" if timeout_s else ""
+            raise http_error(400, f"Cache not flushed{waited} ({detail}).{hint}")
+        pending = [h for h, _ in failed]
+        await asyncio.sleep(min(FLUSH_RETRY_S, max(deadline - time.monotonic(), 0)))
+
+
+async def _update_one(h: WorkerHandle, msg: UpdateWeightsRequest) -> UpdateWeightsResult:
+    try:
+        return await h.conn.query(msg, UpdateWeightsResult, UPDATE_WEIGHTS_TIMEOUT_S)
+    except (WorkerUnavailable, TimeoutError, asyncio.TimeoutError) as exc:
+        return UpdateWeightsResult(
+            success=False, message=f"Worker {h.worker_id} did not answer: {exc or 'timeout'}"
+        )
+
+
+async def handle_update_weights(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    body = await read_json_object(request)
+    model_path = body.get("model_path")
+    if not isinstance(model_path, str) or not model_path:
+        raise http_error(400, "model_path must be a non-empty string.")
+    load_format, weight_version = body.get("load_format"), body.get("weight_version")
+    for name, value in (("load_format", load_format), ("weight_version", weight_version)):
+        if value is not None and not isinstance(value, str):
+            raise http_error(400, f"{name} must be a string.")
+    handles = _connected(state)
+    results = await asyncio.gather(
+        *(
+            _update_one(
+                h,
+                UpdateWeightsRequest(
+                    model_path=model_path, load_format=load_format, weight_version=weight_version
+                ),
+            )
+            for h in handles
+        )
+    )
+    success = all(r.success for r in results)
+    failures = list(dict.fromkeys(r.message for r in results if not r.success))
+    successes = list(dict.fromkeys(r.message for r in results if r.success))
+    updated = sum(r.success for r in results)
+    if failures and 0 < updated < len(handles):  # a partial update says so; a uniform failure is verbatim
+        failures.append(f"({updated} of {len(handles)} workers updated)")
+    message = " ".join(failures) if failures else " ".join(successes)
+    if success:
+        if state.facts is not None:
+            state.facts.weight_version = results[0].weight_version
+            state.facts.model_path = model_path
+        await state.pool.refresh_server_info()
+    return web.json_response(
+        {"success": success, "message": message, "num_paused_requests": 0}, status=200 if success else 400
+    )
+
+
+async def handle_abort_request(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    body = await read_json_object(request)
+    rid, abort_all = body.get("rid"), body.get("abort_all", False)
+    if not isinstance(abort_all, bool):
+        raise http_error(400, "abort_all must be a boolean.")
+    if abort_all:
+        for active in state.dispatcher.active_rids():
+            state.dispatcher.abort(active)
+    elif isinstance(rid, str) and rid:
+        state.dispatcher.abort(rid)
+    else:
+        raise http_error(400, "Give rid (a non-empty string) or abort_all: true.")
+    return web.Response(status=200)

@@ -1,0 +1,21 @@
+"""The OpenAI-compatible routes of the router: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+
+Handlers read the router state (`request.app[STATE_KEY]`) at request time, so the routes can be
+registered before the state is built.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pdserve.router.openai.chat import handle_chat_completions
+from pdserve.router.openai.completions import handle_completions
+from pdserve.router.openai.models import handle_list_models, handle_retrieve_model
+
+
+def add_openai_routes(app: web.Application) -> None:
+    """Register the OpenAI routes on `app`."""
+    app.router.add_get("/v1/models", handle_list_models)
+    app.router.add_get("/v1/models/{model:.+}", handle_retrieve_model)
+    app.router.add_post("/v1/completions", handle_completions)
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)

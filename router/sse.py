@@ -1,0 +1,44 @@
+"""Server-sent events as SGLang and OpenAI stream them: `data: <json>\n\n` lines, then `data: [DONE]`.
+
+    resp = await open_sse(request)
+    await send_event(resp, {"text": "Hi", ...})
+    await send_done(resp)
+
+Rules: JSON is compact and keeps non-ASCII characters as they are; the response is not buffered
+by proxies (`X-Accel-Buffering: no`) or cached. A client that went away makes a write raise
+ConnectionResetError: the caller stops generating (and so aborts the request on its worker).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+DONE = b"data: [DONE]\n\n"
+
+
+def encode_event(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def open_sse(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        status=200,
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        },
+    )
+    await resp.prepare(request)
+    return resp
+
+
+async def send_event(resp: web.StreamResponse, data: Any) -> None:
+    await resp.write(encode_event(data))
+
+
+async def send_done(resp: web.StreamResponse) -> None:
+    await resp.write(DONE)

@@ -1,0 +1,263 @@
+"""The router's arguments and its one state object, stored on the aiohttp app under STATE_KEY.
+
+    state = request.app[STATE_KEY]
+    state.generator.stream(GenerateInput(...))     # router/generation.py's TextGenerator
+    state.tokenizer, state.model_name, state.context_length, state.chat_template, state.pool
+
+Model facts (model_path, tokenizer_path, context_length, vocab size, model_type, architectures,
+weight_version) come from the first worker's ServerInfo; `--model-path`/`--tokenizer-path` take
+precedence over what the worker says. The tokenizer loads (in a thread) from `--tokenizer-path`
+at start-up when given, else from the first worker's tokenizer path. Until both a worker and the
+tokenizer are known, `require_ready()` raises GenerationError 503 with a message saying which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from pdserve.router.dispatch import Dispatcher
+from pdserve.router.generation import GenerationError
+from pdserve.router.metrics import RouterMetrics
+from pdserve.router.policies import make_policy
+from pdserve.router.text_generator import RouterTextGenerator
+from pdserve.router.worker_pool import PoolConfig, WorkerPool
+from pdserve.shared.protocol import ServerInfo
+
+logger = logging.getLogger(__name__)
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class RouterArgs:
+    """Every router flag (router/cli.py), with its default."""
+
+    host: str = "127.0.0.1"
+    port: int = 30000
+    redis_url: str | None = None
+    worker_addrs: list[str] = field(default_factory=list)
+    policy: str = "cache_aware"
+    api_key: str | None = None
+    admin_api_key: str | None = None
+    request_timeout: float | None = None  # seconds; None: no limit
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_batch_size: int = 256
+    model_path: str | None = None
+    tokenizer_path: str | None = None
+    served_model_name: str | None = None
+    chat_template: str | None = None  # a file path (or an inline Jinja template)
+    preferred_sampling_params: str | None = None  # JSON object
+    log_level: str = "info"
+    max_attempts: int = 3  # workers tried per request before giving up
+    worker_liveness_timeout: float = 5.0
+    load_poll_interval: float = 0.5
+    breaker_failure_threshold: int = 3
+    breaker_cooldown: float = 10.0
+
+    def validate(self) -> None:
+        make_policy(self.policy)  # ValueError names the choices
+        if self.preferred_sampling_params is not None:
+            parse_preferred_sampling_params(self.preferred_sampling_params)
+        if self.chat_template is not None:
+            load_chat_template(self.chat_template)
+        for name in ("max_body_bytes", "max_batch_size", "max_attempts", "breaker_failure_threshold"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.request_timeout is not None and self.request_timeout <= 0:
+            raise ValueError("--request-timeout must be > 0")
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The arguments as /get_server_info shows them: keys are never shown, only whether set."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("api_key", "admin_api_key"):
+            out[key] = "<set>" if out[key] else None
+        return out
+
+
+def parse_preferred_sampling_params(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--preferred-sampling-params is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--preferred-sampling-params must be a JSON object")  # noqa: TRY004 (a flag error)
+    return value
+
+
+def load_chat_template(arg: str) -> str:
+    """`--chat-template`: a file holding a Jinja template, or the template itself."""
+    path = Path(arg)
+    if path.is_file():
+        return path.read_text()
+    if "{%" in arg or "{{" in arg:
+        return arg
+    raise ValueError(f"--chat-template {arg!r} is neither a file nor a Jinja template")
+
+
+@dataclass
+class ModelFacts:
+    """What the router knows of the served model, from a worker's ServerInfo."""
+
+    model_path: str
+    tokenizer_path: str
+    served_model_name: str
+    model_type: str
+    architectures: list[str]
+    context_length: int
+    vocab_size: int
+    weight_version: str
+
+    @classmethod
+    def from_server_info(cls, info: ServerInfo) -> ModelFacts:
+        return cls(
+            model_path=info.model_path,
+            tokenizer_path=info.tokenizer_path or info.model_path,
+            served_model_name=info.served_model_name or info.model_path,
+            model_type=info.model_type,
+            architectures=list(info.architectures),
+            context_length=info.context_length,
+            vocab_size=info.vocab_size,
+            weight_version=info.weight_version,
+        )
+
+
+class RouterState:
+    def __init__(self, args: RouterArgs):
+        args.validate()
+        self.args = args
+        self.started_at = time.time()
+        self.metrics = RouterMetrics()
+        self.pool = WorkerPool(
+            make_policy(args.policy),
+            PoolConfig(
+                poll_interval_s=args.load_poll_interval,
+                liveness_s=args.worker_liveness_timeout,
+                breaker_failure_threshold=args.breaker_failure_threshold,
+                breaker_cooldown_s=args.breaker_cooldown,
+            ),
+            on_server_info=self.learn,
+        )
+        self.dispatcher = Dispatcher(self.pool, args.max_attempts, args.request_timeout, self.metrics)
+        self.preferred_sampling_params: dict[str, Any] | None = (
+            parse_preferred_sampling_params(args.preferred_sampling_params)
+            if args.preferred_sampling_params
+            else None
+        )
+        self._chat_template_arg = load_chat_template(args.chat_template) if args.chat_template else None
+        self.facts: ModelFacts | None = None
+        self.tokenizer: Any = None
+        self._tokenizer_task: asyncio.Task | None = None
+        self._tokenizer_error: str | None = None
+        self.generator = RouterTextGenerator(self)
+
+    # ------------------------------------------------------------------ model facts
+
+    @property
+    def model_path(self) -> str:
+        return self.args.model_path or (self.facts.model_path if self.facts else "")
+
+    @property
+    def tokenizer_path(self) -> str:
+        return (
+            self.args.tokenizer_path or (self.facts.tokenizer_path if self.facts else "") or self.model_path
+        )
+
+    @property
+    def model_name(self) -> str:
+        """The served model name (the `model` field of OpenAI responses)."""
+        if self.args.served_model_name:
+            return self.args.served_model_name
+        if self.args.model_path:
+            return self.args.model_path
+        return self.facts.served_model_name if self.facts else ""
+
+    @property
+    def context_length(self) -> int:
+        return self.facts.context_length if self.facts else 0
+
+    @property
+    def weight_version(self) -> str:
+        return self.facts.weight_version if self.facts else "default"
+
+    @property
+    def chat_template(self) -> str | None:
+        if self._chat_template_arg is not None:
+            return self._chat_template_arg
+        return getattr(self.tokenizer, "chat_template", None) if self.tokenizer is not None else None
+
+    @property
+    def pool_tokens(self) -> int:
+        """The smallest KV pool of the workers that can serve (a prompt must fit any of them)."""
+        sizes = [h.server_info.max_total_num_tokens for h in self.pool.workers.values() if h.server_info]
+        return min(sizes) if sizes else 0
+
+    def learn(self, info: ServerInfo) -> None:
+        """Called by the pool for each ServerInfo; the first one sets the model facts."""
+        if self.facts is None:
+            self.facts = ModelFacts.from_server_info(info)
+            logger.info("serving %s (learned from worker %s)", self.facts.model_path, info.worker_id)
+            self.start_tokenizer_load()
+            return
+        if info.model_path != self.facts.model_path:
+            logger.warning(
+                "worker %s serves %s, not %s: one router serves one model",
+                info.worker_id,
+                info.model_path,
+                self.facts.model_path,
+            )
+        if info.weight_version != self.facts.weight_version:
+            self.facts.weight_version = info.weight_version
+
+    def start_tokenizer_load(self) -> None:
+        """Loads the tokenizer in a thread (transformers is slow to import and load), once."""
+        if self._tokenizer_task is not None or not self.tokenizer_path:
+            return
+        self._tokenizer_task = asyncio.get_running_loop().create_task(
+            self._load_tokenizer(self.tokenizer_path)
+        )
+
+    async def _load_tokenizer(self, path: str) -> None:
+        from pdserve.shared.tokenizer import get_tokenizer
+
+        try:
+            self.tokenizer = await asyncio.to_thread(get_tokenizer, path)
+            logger.info("tokenizer of %s loaded", path)
+        except Exception as exc:  # noqa: BLE001 (any loading failure is reported by require_ready)
+            self._tokenizer_error = f"cannot load the tokenizer {path}: {exc}"
+            logger.error(self._tokenizer_error)
+
+    async def wait_tokenizer(self) -> None:
+        if self._tokenizer_task is not None:
+            await asyncio.shield(self._tokenizer_task)
+
+    def require_tokenizer(self) -> Any:
+        if self.tokenizer is not None:
+            return self.tokenizer
+        if self._tokenizer_error:
+            raise GenerationError(503, f"The router {self._tokenizer_error}.")
+        if self._tokenizer_task is None:
+            raise GenerationError(
+                503,
+                "No worker has registered yet: the router learns the model (and its tokenizer) from its first worker.",
+            )
+        raise GenerationError(503, f"The router is still loading the tokenizer of {self.tokenizer_path}.")
+
+    def require_ready(self) -> ModelFacts:
+        """The model facts, once a worker and the tokenizer are known; GenerationError 503 before."""
+        if self.facts is None:
+            raise GenerationError(
+                503, "No worker has registered yet: the router learns the model from its first worker."
+            )
+        self.require_tokenizer()
+        return self.facts
+
+
+STATE_KEY = web.AppKey("pdserve_state", RouterState)

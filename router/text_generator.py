@@ -1,0 +1,142 @@
+"""The router's TextGenerator (router/generation.py): validation, dispatch, text, metrics.
+
+    async for event in state.generator.stream(GenerateInput(rid, ids, {"max_new_tokens": 8})): ...
+    events = [e async for e in state.generator.stream(inp, buffered=True)]   # one event per sample
+
+Rules (beyond generation.py's):
+- the request is checked before it leaves the router, against the model facts its workers
+  reported: the worker's own validation (same code, shared/engine/request_validation.py), plus
+  SGLang's check that prompt + max_new_tokens (when given) fits the context. Problems are
+  GenerationError 400 with the field named; no worker or tokenizer yet is 503;
+- `buffered=True` is for consumers that show nothing until the end (non-streaming responses): each
+  sample arrives as one finished event with everything, and a worker failing at any point of the
+  request is retried on another worker from scratch (nothing was shown yet);
+- when stop strings have ended every sample while the worker still runs some of them, the worker
+  gets an AbortRequest (through dispatch's close) and the stream ends;
+- metrics: time to first token (first output with tokens), gaps between outputs, end-to-end
+  latency and token counts of each request that completes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from pdserve.router.dispatch import RESTART
+from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
+from pdserve.router.sample_tracker import SampleTracker
+from pdserve.shared.engine.request_validation import RequestError, validate_request
+from pdserve.shared.protocol import GenerateRequest
+
+if TYPE_CHECKING:
+    from pdserve.router.state import RouterState
+
+
+def context_overflow_message(prompt_len: int, max_new_tokens: int, context_length: int) -> str:
+    return (
+        f"Requested token count exceeds the model's maximum context length of {context_length} tokens. "
+        f"You requested a total of {prompt_len + max_new_tokens} tokens: {prompt_len} tokens from the "
+        f"input and {max_new_tokens} tokens for the completion."
+    )
+
+
+class RouterTextGenerator:
+    def __init__(self, state: RouterState):
+        self._state = state
+
+    def check(self, inp: GenerateInput) -> GenerateRequest:
+        """The worker message for inp, after the router-side checks (GenerationError 400/503)."""
+        facts = self._state.require_ready()
+        if inp.sampling_params is not None and not isinstance(inp.sampling_params, dict):
+            raise GenerationError(400, "sampling_params must be an object.")
+        # --preferred-sampling-params are defaults: what the request sets wins
+        params_in = {**(self._state.preferred_sampling_params or {}), **(inp.sampling_params or {})}
+        msg = GenerateRequest(
+            rid=inp.rid,
+            input_ids=inp.input_ids,
+            sampling_params=params_in,
+            return_logprob=inp.return_logprob,
+            top_logprobs_num=inp.top_logprobs_num,
+            logprob_start_len=inp.logprob_start_len,
+            token_ids_logprob=inp.token_ids_logprob,
+        )
+        if not isinstance(inp.rid, str) or not inp.rid:
+            raise GenerationError(400, "rid must be a non-empty string.")
+        if isinstance(inp.input_ids, list) and len(inp.input_ids) >= facts.context_length > 0:
+            raise GenerationError(
+                400,
+                f"The input ({len(inp.input_ids)} tokens) is longer than the model's context length "
+                f"({facts.context_length} tokens).",
+            )
+        try:
+            params = validate_request(
+                msg, facts.vocab_size, facts.context_length, self._state.pool_tokens or 1 << 62
+            )
+        except RequestError as exc:
+            raise GenerationError(400, str(exc)) from None
+        if not isinstance(inp.return_text_in_logprobs, bool):
+            raise GenerationError(400, "return_text_in_logprobs must be a boolean.")
+        explicit_max = params_in.get("max_new_tokens")
+        if explicit_max is not None and len(inp.input_ids) + params.max_new_tokens >= facts.context_length:
+            raise GenerationError(
+                400, context_overflow_message(len(inp.input_ids), params.max_new_tokens, facts.context_length)
+            )
+        return msg
+
+    async def abort(self, rid: str) -> None:
+        self._state.dispatcher.abort(rid)
+
+    async def stream(self, inp: GenerateInput, buffered: bool = False) -> AsyncIterator[SampleEvent]:
+        msg = self.check(inp)
+        tokenizer = self._state.require_tokenizer()
+        num_samples = int(msg.sampling_params.get("n", 1))
+        metrics = self._state.metrics
+
+        def fresh() -> list[SampleTracker]:
+            return [
+                SampleTracker(i, tokenizer, msg.sampling_params, inp.return_text_in_logprobs)
+                for i in range(num_samples)
+            ]
+
+        samples = fresh()
+        start = time.perf_counter()
+        last_output_at: float | None = None
+        metrics.running.inc()
+        completed = False
+        try:
+            outputs = self._state.dispatcher.run(msg, num_samples, restartable=buffered)
+            async with contextlib.aclosing(outputs):
+                async for item in outputs:
+                    if item is RESTART:
+                        samples = fresh()
+                        continue
+                    if item.token_ids:
+                        now = time.perf_counter()
+                        if last_output_at is None:
+                            metrics.ttft.observe(now - start)
+                        else:
+                            metrics.itl.observe(now - last_output_at)
+                        last_output_at = now
+                    tracker = samples[item.index]
+                    if tracker.done:
+                        continue  # a stop string ended it; the worker's later outputs are dropped
+                    event = tracker.apply(item)
+                    if not buffered:
+                        yield event
+                    if all(s.done for s in samples):
+                        break  # leaving aborts what the worker still runs (stop strings)
+            completed = all(s.done for s in samples)
+            if buffered:
+                for tracker in samples:
+                    yield tracker.summary_event()
+        finally:
+            metrics.running.dec()
+            if completed:
+                metrics.observe_request_done(
+                    time.perf_counter() - start,
+                    sum(s.prompt_tokens for s in samples[:1]),
+                    sum(len(s.output_ids) for s in samples),
+                    sum(s.cached_tokens for s in samples[:1]),
+                )

@@ -1,0 +1,208 @@
+"""The router's connection to one worker: an asyncio DEALER socket, a reader task, a monitor task.
+
+    conn = WorkerConnection(ctx, "tcp://127.0.0.1:30001", name="w1")
+    conn.start()
+    queue = asyncio.Queue(); conn.subscribe("rid-1", queue); conn.send_nowait(GenerateRequest(...))
+    out = await queue.get()          # RequestOutput, or a StreamFailure when the worker is lost
+    info = await conn.query(ServerInfoQuery(), ServerInfo, timeout_s=5)
+
+Rules:
+- one event loop owns the connection; nothing here is thread-safe;
+- `send_nowait` never waits: it raises WorkerUnavailable when no connection to the worker is up
+  (ZMQ_IMMEDIATE: messages are not queued for a peer that is not there) or the send queue is full;
+- the reader routes each RequestOutput of an OutputBatch to the queue subscribed for its rid
+  (outputs of unknown rids are dropped: an abandoned request) and each reply to the `query` that
+  waits for its (type, query_id);
+- `last_seen` is the monotonic time of the last frame received: the pool's liveness check;
+- when the TCP connection drops (the worker died or closed), every subscribed queue gets a
+  StreamFailure at once and `connected` turns False; ZMQ reconnects by itself when the worker is
+  back at the same address, and `connected` turns True again;
+- `close()` fails every subscribed queue and waiting query, then closes the sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from pdserve.shared.protocol import AbortRequest, Message, OutputBatch, ProtocolError, decode, encode
+
+logger = logging.getLogger(__name__)
+
+# Requests can outnumber ZMQ's default high-water mark of 1000 queued messages in a burst.
+SEND_HWM = 100_000
+
+R = TypeVar("R", bound=Message)
+
+
+class WorkerUnavailable(Exception):
+    """The worker cannot take a message now (not connected, or its send queue is full)."""
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """Put into a subscribed queue when the worker is lost; `reason` is for logs and error messages."""
+
+    reason: str
+
+
+class WorkerConnection:
+    def __init__(self, ctx: zmq.asyncio.Context, address: str, name: str = ""):
+        self.address = address
+        self.name = name or address
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self._sock.setsockopt(zmq.RCVHWM, SEND_HWM)
+        # a fresh identity per connection: a worker never mixes up two routers or two lives of one
+        self._sock.setsockopt(zmq.IDENTITY, b"router-" + os.urandom(8).hex().encode())
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+        )
+        self._sock.connect(address)
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._replies: dict[tuple[type[Message], int], asyncio.Future] = {}
+        self._query_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+        self.connected = False
+        self.closed = False
+        self.last_seen = time.monotonic()
+        self.times_disconnected = 0
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"worker-read-{self.name}"),
+            asyncio.create_task(self._monitor_loop(), name=f"worker-monitor-{self.name}"),
+        ]
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.connected = False
+        self.fail_streams(f"the connection to worker {self.name} was closed")
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+
+    # ------------------------------------------------------------------ streams
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def subscribe(self, rid: str, queue: asyncio.Queue) -> None:
+        self._streams[rid] = queue
+
+    def unsubscribe(self, rid: str) -> None:
+        self._streams.pop(rid, None)
+
+    def fail_streams(self, reason: str) -> int:
+        """Ends every subscribed stream with StreamFailure(reason); returns how many there were."""
+        streams, self._streams = self._streams, {}
+        for queue in streams.values():
+            queue.put_nowait(StreamFailure(reason))
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(WorkerUnavailable(reason))
+        self._replies.clear()
+        return len(streams)
+
+    # ------------------------------------------------------------------ sending
+
+    def send_nowait(self, msg: Message) -> None:
+        if self.closed or not self.connected:
+            raise WorkerUnavailable(f"worker {self.name} is not connected")
+        fut = self._sock.send(encode(msg), flags=zmq.NOBLOCK, copy=False)
+        exc = fut.exception() if fut.done() else None
+        if isinstance(exc, zmq.Again):
+            raise WorkerUnavailable(f"worker {self.name} cannot take messages now (not connected)")
+        if exc is not None:
+            raise WorkerUnavailable(f"sending to worker {self.name} failed: {exc}")
+
+    def send_abort(self, rid: str, message: str) -> None:
+        """Best effort: a worker that is gone has nothing to abort."""
+        with contextlib.suppress(WorkerUnavailable):
+            self.send_nowait(AbortRequest(rid=rid, message=message))
+
+    async def query(self, msg: Any, reply_type: type[R], timeout_s: float) -> R:
+        """Sends a message with a `query_id` field and waits for the reply of that type and id.
+
+        Raises WorkerUnavailable when it cannot be sent or the worker is lost, TimeoutError when no
+        reply arrives within timeout_s."""
+        msg.query_id = next(self._query_ids)
+        key = (reply_type, msg.query_id)
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._replies[key] = fut
+        try:
+            self.send_nowait(msg)
+            return await asyncio.wait_for(fut, timeout_s)
+        finally:
+            self._replies.pop(key, None)
+
+    # ------------------------------------------------------------------ background tasks
+
+    async def _read_loop(self) -> None:
+        while True:
+            try:
+                frame = await self._sock.recv(copy=True)
+            except zmq.ZMQError as exc:
+                if self.closed:
+                    return
+                logger.warning("worker %s: receive failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.last_seen = time.monotonic()
+            try:
+                msg = decode(frame)
+            except ProtocolError as exc:
+                logger.warning("worker %s sent an undecodable frame: %s", self.name, exc)
+                continue
+            if isinstance(msg, OutputBatch):
+                streams = self._streams
+                for out in msg.outputs:
+                    queue = streams.get(out.rid)
+                    if queue is not None:
+                        queue.put_nowait(out)
+                continue
+            fut = self._replies.pop((type(msg), getattr(msg, "query_id", 0)), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            try:
+                event = parse_monitor_message(await self._monitor.recv_multipart())
+            except zmq.ZMQError:
+                return
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                self.last_seen = time.monotonic()
+                logger.info("connected to worker %s at %s", self.name, self.address)
+            elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and self.connected:
+                self.connected = False
+                self.times_disconnected += 1
+                lost = self.fail_streams(f"lost the connection to worker {self.name}")
+                logger.warning("worker %s disconnected (%d request(s) in flight)", self.name, lost)
+            elif kind == zmq.EVENT_MONITOR_STOPPED:
+                return

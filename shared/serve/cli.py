@@ -1,0 +1,131 @@
+"""`serve`: Redis, workers and the router on this machine, in one command.
+
+    serve                                   # SmolLM2-135M-Instruct on the CPU, http://127.0.0.1:30000
+    serve --model-path Qwen/Qwen2.5-0.5B-Instruct --device cuda --port 8000
+    serve --workers 2 --redis-url redis://redis:6379 --policy least_load
+
+What it runs (launcher.py): an embedded Redis unless `--redis-url` is given, one mixed worker per
+device (or `--workers N`, spread over the devices), and the router on `--host`/`--port`. When the
+router's /health is 200 and every worker is ready, one line goes to stdout:
+`pdserve serving <model> at http://<host>:<port>`. Children's output goes to stderr, each line
+prefixed with the child's name.
+
+Exit status: 0 after Ctrl-C or SIGTERM (router stopped first, then workers, then Redis; a second
+signal kills what is left at once); 1 when a child fails to start or exits on its own (the message
+names it and shows the end of its output; everything else is stopped); 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from pdserve.shared.args import add_engine_args, engine_args_from
+from pdserve.shared.redis_server import RedisServerError
+from pdserve.shared.serve.launcher import ChildExited, Cluster, StartupError
+from pdserve.shared.serve.plan import (
+    cpu_threads_env,
+    parse_devices,
+    plan_workers,
+    router_command,
+    worker_command,
+)
+
+logger = logging.getLogger("pdserve.serve")
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+DEFAULT_STARTUP_TIMEOUT_S = 600.0  # the first run converts SmolLM2 from its GGUF; GPUs load big models
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="serve", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1", help="the router's address (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=30000, help="the router's port")
+    parser.add_argument("--workers", type=int, default=None, help="mixed workers (default: one per device)")
+    parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    parser.add_argument(
+        "--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="seconds to become ready"
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    router = parser.add_argument_group("router")
+    router.add_argument("--policy", default=None, help="worker choice (the router's default: cache_aware)")
+    router.add_argument("--api-key", default=None, help="Bearer key for every route but /health")
+    router.add_argument("--admin-api-key", default=None, help="Bearer key for the admin routes")
+    router.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
+    router.add_argument("--chat-template", default=None, help="a Jinja template file (or inline)")
+    router.add_argument("--preferred-sampling-params", default=None, help="JSON, shown by /get_model_info")
+    # --model-path, --tokenizer-path, --served-model-name: engine flags that the router gets too;
+    # --device: one device or a comma list (cpu | cuda | cuda:N), see plan.py
+    add_engine_args(parser.add_argument_group("engine (passed to every worker)"))
+    return parser
+
+
+def _client_host(host: str) -> str:
+    """Where to reach the router from this machine (a wildcard bind answers on loopback)."""
+    return "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+
+
+def _install_signal_handlers(stop: threading.Event, cluster: Cluster) -> None:
+    def on_signal(signum: int, _frame) -> None:
+        if stop.is_set():
+            logger.warning("second %s: killing every child now", signal.Signals(signum).name)
+            cluster.kill_all()
+            return
+        logger.info("%s: stopping the router, the workers, then Redis", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+
+def run(ns: argparse.Namespace) -> int:
+    try:
+        engine_args_from(ns)  # bad engine flags fail here, not in N workers at once
+        specs = plan_workers(parse_devices(ns.device), ns.workers)
+    except ValueError as exc:  # PlanError included
+        print(f"serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    stop = threading.Event()
+    cluster = Cluster()
+    _install_signal_handlers(stop, cluster)
+    status = 0
+    try:
+        redis_url = ns.redis_url or cluster.start_redis()
+        env = cpu_threads_env(specs)
+        for spec in specs:
+            cluster.start_worker(
+                spec.name, worker_command(spec, ns, redis_url), env if spec.device == "cpu" else {}
+            )
+        cluster.start_router(router_command(ns, redis_url))
+        url = f"http://{_client_host(ns.host)}:{ns.port}"
+        if cluster.wait_ready(url + "/health", ns.startup_timeout, stop):
+            print(f"pdserve serving {ns.served_model_name or ns.model_path} at {url}", flush=True)
+            cluster.watch(stop)
+    except (StartupError, ChildExited) as exc:
+        print(f"serve: {exc}", file=sys.stderr, flush=True)
+        status = EXIT_FAILURE
+    except (RedisServerError, OSError) as exc:  # no redis-server, a binary that does not run
+        print(f"serve: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        status = EXIT_FAILURE
+    finally:
+        cluster.stop_all()
+    logger.info("stopped")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=ns.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return run(ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

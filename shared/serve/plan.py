@@ -1,0 +1,139 @@
+"""What `serve` starts: a list of worker specs and the command line of every child.
+
+Rules:
+- Workers are a list of `WorkerSpec` (role, device), so other layouts (prefill + decode pools)
+  only add specs; the launcher starts whatever the list holds.
+- `--device` is one device or a comma list (`cpu`, `cuda`, `cuda:0,cuda:1`); a bare `cuda` means
+  every visible GPU. Workers are spread over the listed devices round-robin. A CUDA device hosts
+  one worker (each sizes its KV pool from the device's free memory, so two would fight over it);
+  the CPU hosts any number, each with an equal share of the cores (OMP_NUM_THREADS) unless the
+  environment already sets that.
+- Engine flags go to every worker when they differ from their defaults; router flags go to the
+  router when given. Workers bind loopback with free ports: only the router faces clients, and
+  it finds the workers through Redis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+
+from pdserve.shared.args import EngineArgs
+
+ROUTER_FLAGS = (
+    "policy",
+    "api_key",
+    "admin_api_key",
+    "request_timeout",
+    "model_path",
+    "tokenizer_path",
+    "served_model_name",
+    "chat_template",
+    "preferred_sampling_params",
+)
+
+
+class PlanError(ValueError):
+    """A combination of flags `serve` cannot start (the message names the flags)."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # mixed (prefill | decode later)
+    device: str
+    index: int  # position among all workers: names its log prefix
+
+    @property
+    def name(self) -> str:
+        return f"{self.role}-{self.index}"
+
+
+def parse_devices(text: str, cuda_count: int | None = None) -> list[str]:
+    """`cpu` | `cuda` | `cuda:N` | a comma list of those. A bare `cuda` expands to every visible GPU
+    (`cuda_count`; asked from torch when None)."""
+    devices: list[str] = []
+    for item in (part.strip() for part in text.split(",")):
+        if item == "cuda":
+            if cuda_count is None:
+                import torch  # only here: serve itself never needs torch on CPU
+
+                cuda_count = torch.cuda.device_count()
+            if cuda_count == 0:
+                raise PlanError("--device cuda: no CUDA device is visible")
+            devices.extend(f"cuda:{i}" for i in range(cuda_count))
+        elif item == "cpu" or (item.startswith("cuda:") and item[5:].isdigit()):
+            devices.append(item)
+        else:
+            raise PlanError(f"--device: {item!r} is not cpu, cuda or cuda:N")
+    if len(set(devices)) != len(devices):
+        raise PlanError(f"--device lists a device twice: {text}")
+    return devices
+
+
+def plan_workers(devices: list[str], num_workers: int | None, role: str = "mixed") -> list[WorkerSpec]:
+    """One spec per worker, devices round-robin; default: one worker per listed device."""
+    count = len(devices) if num_workers is None else num_workers
+    if count < 1:
+        raise PlanError("--workers must be >= 1")
+    specs = [WorkerSpec(role, devices[i % len(devices)], i) for i in range(count)]
+    per_device = {d: sum(s.device == d for s in specs) for d in devices}
+    crowded = [d for d, n in per_device.items() if d.startswith("cuda") and n > 1]
+    if crowded:
+        raise PlanError(
+            f"--workers {count} puts several workers on {', '.join(crowded)}: one worker per GPU "
+            "(list more devices with --device cuda:0,cuda:1,...)"
+        )
+    return specs
+
+
+def cpu_threads_env(specs: list[WorkerSpec]) -> dict[str, str]:
+    """OMP_NUM_THREADS for CPU workers: the cores shared evenly, unless the environment sets it."""
+    cpu_workers = sum(s.device == "cpu" for s in specs)
+    if cpu_workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // cpu_workers))}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def engine_flags(ns: argparse.Namespace) -> list[str]:
+    """The engine flags that differ from EngineArgs' defaults (always --model-path), without --device."""
+    defaults = EngineArgs()
+    out = ["--model-path", ns.model_path]
+    for f in dataclasses.fields(EngineArgs):
+        if f.name in ("model_path", "device"):
+            continue
+        value = getattr(ns, f.name)
+        if value == getattr(defaults, f.name):
+            continue
+        if isinstance(value, bool):
+            out.append(_flag(f.name))  # a switch that is on (defaults are off)
+        else:
+            out += [_flag(f.name), str(value)]
+    return out
+
+
+def worker_command(spec: WorkerSpec, ns: argparse.Namespace, redis_url: str) -> list[str]:
+    return [
+        sys.executable, "-m", "pdserve.shared.worker.cli",
+        "--role", spec.role, "--device", spec.device, "--host", "127.0.0.1", "--port", "0",
+        "--redis-url", redis_url, "--log-level", ns.log_level,
+        *engine_flags(ns),
+    ]  # fmt: skip
+
+
+def router_command(ns: argparse.Namespace, redis_url: str) -> list[str]:
+    cmd = [
+        sys.executable, "-m", "pdserve.router.cli",
+        "--host", ns.host, "--port", str(ns.port), "--redis-url", redis_url, "--log-level", ns.log_level,
+    ]  # fmt: skip
+    for name in ROUTER_FLAGS:
+        value = getattr(ns, name)
+        if value is not None:
+            cmd += [_flag(name), str(value)]
+    return cmd

@@ -1,0 +1,182 @@
+"""The worker loop's side of `/update_weights_from_disk`: check, drain, swap, release.
+
+One update at a time, in arrival order; each goes through three phases:
+
+  checking  the checkpoint is resolved and checked against the live model in a helper thread
+            (resolving a hub id can take long) while the loop keeps serving as usual;
+            a checkpoint that does not fit is answered with the failure at once, nothing paused.
+  draining  new GenerateRequests are held in arrival order (not refused, not admitted); requests
+            already in the engine (running or queued) finish with the old weights. Past
+            `drain_timeout_s` the stragglers are aborted with DRAIN_TIMEOUT_MESSAGE.
+  swapping  the idle engine copies the weights in, flushes its radix cache and sets the new
+            weight_version; the requester gets UpdateWeightsResult; held requests enter the engine.
+
+Rules: only the loop thread calls this class (`advance()` once per turn); the helper thread only
+runs `engine.check_weights`, which reads parameter shapes, never values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from pdserve.shared.engine.weights_update import CheckedWeights, WeightsUpdateError
+from pdserve.shared.protocol import (
+    GenerateRequest,
+    Message,
+    RequestOutput,
+    UpdateWeightsRequest,
+    UpdateWeightsResult,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DRAIN_TIMEOUT_S = 120.0
+
+
+def num_samples(msg: GenerateRequest) -> int:
+    """n of a request that has not been validated yet (a bad n counts as 1; the engine refuses it later)."""
+    n = msg.sampling_params.get("n", 1)
+    return n if isinstance(n, int) and n >= 1 else 1
+
+
+def drain_timeout_message(timeout_s: float) -> str:
+    return (
+        "Aborted: the worker is updating its model weights and this request did not finish "
+        f"within the {timeout_s:g} s drain timeout."
+    )
+
+
+@dataclass
+class _Update:
+    identity: bytes
+    request: UpdateWeightsRequest
+    check: Future[CheckedWeights]
+    checked: CheckedWeights | None = None
+    drain_deadline: float = 0.0
+
+
+class WeightUpdates:
+    def __init__(
+        self,
+        engine,
+        send: Callable[[bytes, Message], None],
+        deliver: Callable[[list[RequestOutput]], None],
+        admit: Callable[[bytes, GenerateRequest], None],
+        drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+    ):
+        self.engine = engine
+        self._send = send  # a reply to one client
+        self._deliver = deliver  # engine outputs to their owners
+        self._admit = admit  # a held request, handled as if it arrived now
+        self.drain_timeout_s = drain_timeout_s
+        self._queue: deque[tuple[bytes, UpdateWeightsRequest]] = deque()
+        self._current: _Update | None = None
+        self.held: deque[tuple[bytes, GenerateRequest]] = deque()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-check")
+
+    @property
+    def holding(self) -> bool:
+        """True while new requests must wait (draining or swapping)."""
+        return self._current is not None and self._current.checked is not None
+
+    @property
+    def num_held(self) -> int:
+        return sum(num_samples(msg) for _, msg in self.held)
+
+    def submit(self, identity: bytes, request: UpdateWeightsRequest) -> None:
+        self._queue.append((identity, request))
+        self.advance()
+
+    def hold(self, identity: bytes, request: GenerateRequest) -> None:
+        self.held.append((identity, request))
+
+    def take_held(self, rid: str) -> GenerateRequest | None:
+        """Removes and returns the held request `rid` (a client aborted it), or None."""
+        for i, (_, msg) in enumerate(self.held):
+            if msg.rid == rid:
+                del self.held[i]
+                return msg
+        return None
+
+    # ------------------------------------------------------------------ the phases
+
+    def advance(self) -> None:
+        """Moves the current update on as far as it can go now; never blocks on the check."""
+        if self._current is None:
+            if not self._queue:
+                return
+            identity, request = self._queue.popleft()
+            check = self._executor.submit(self.engine.check_weights, request.model_path, request.load_format)
+            self._current = _Update(identity, request, check)
+        update = self._current
+        if update.checked is None:
+            if not update.check.done():
+                return
+            try:
+                update.checked = update.check.result()
+            except WeightsUpdateError as exc:
+                self._finish(False, str(exc))
+                return
+            except Exception as exc:  # any failure of the check is the client's answer
+                logger.exception("checking weights at %s failed", update.request.model_path)
+                self._finish(False, f"Failed to update weights: {type(exc).__name__}: {exc}.")
+                return
+            update.drain_deadline = time.monotonic() + self.drain_timeout_s
+            logger.info("weights at %s fit: draining before the swap", update.request.model_path)
+        if self.engine.has_work():
+            if time.monotonic() < update.drain_deadline:
+                return
+            aborted = self.engine.abort_all(drain_timeout_message(self.drain_timeout_s))
+            logger.warning("weights update: aborted %d request(s) after the drain timeout", len(aborted))
+            self._deliver(aborted)
+        ok, message = self.engine.update_weights_from_disk(
+            update.request.model_path,
+            update.request.load_format,
+            update.request.weight_version,
+            checked=update.checked,
+        )
+        self._finish(ok, message)
+
+    def _finish(self, success: bool, message: str) -> None:
+        update, self._current = self._current, None
+        assert update is not None
+        if not success:
+            logger.warning("weights update from %s failed: %s", update.request.model_path, message)
+        self._send(
+            update.identity,
+            UpdateWeightsResult(
+                query_id=update.request.query_id,
+                success=success,
+                message=message,
+                weight_version=self.engine.weight_version,
+            ),
+        )
+        held, self.held = self.held, deque()
+        for identity, request in held:
+            self._admit(identity, request)
+        self.advance()  # the next queued update starts checking at once
+
+    def close(self, message: str) -> list[tuple[bytes, GenerateRequest]]:
+        """Shutdown: fails the current and queued updates; returns the held requests to refuse."""
+        pending = ([(self._current.identity, self._current.request)] if self._current else []) + list(
+            self._queue
+        )
+        self._current, self._queue = None, deque()
+        for identity, request in pending:
+            self._send(
+                identity,
+                UpdateWeightsResult(
+                    query_id=request.query_id,
+                    success=False,
+                    message=f"Failed to update weights: {message}.",
+                    weight_version=self.engine.weight_version,
+                ),
+            )
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        held, self.held = list(self.held), deque()
+        return held

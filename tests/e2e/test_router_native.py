@@ -1,0 +1,471 @@
+"""SGLang's native API through the router: real `worker` and `router` processes on loopback.
+
+Two stacks, one module each process:
+- SmolLM2-135M-Instruct (one worker, one router, no keys): the seed's flows with the seed's own
+  assertions (get_model_info, server_info, health, health_generate, flush_cache, tokenize /
+  detokenize round trip, update_weights_from_disk, the routes of other model kinds), and stop
+  strings on real text. Generation there is kept to a few tokens: the CI machine is small.
+- a tiny random Llama (one worker, one router with --api-key/--admin-api-key and
+  --preferred-sampling-params): greedy parity with the in-process Engine, batches, SSE format,
+  n > 1, logprob shapes, 64 concurrent streams, bad input answered 4xx while a stream in flight
+  finishes untouched, flush_cache while busy, abort_request, /metrics, /get_load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+import aiohttp
+import pytest
+import requests
+
+from tests.helpers.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+API_KEY, ADMIN_KEY = "test-key", "admin-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+TINY_FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
+PREFERRED = {"max_new_tokens": 5}
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+
+
+# ---------------------------------------------------------------------- stacks
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_model("llama", Path(tmp_path_factory.mktemp("tiny-llama"))))
+
+
+@pytest.fixture(scope="module")
+def tiny(worker_launcher, router_launcher, tiny_model) -> str:
+    worker = worker_launcher("--model-path", tiny_model, *TINY_FLAGS)
+    router = router_launcher(
+        "--worker-addr", worker.zmq_address, "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY,
+        "--policy", "round_robin", "--max-batch-size", "70", "--max-body-bytes", "200000",
+        "--preferred-sampling-params", json.dumps(PREFERRED),
+    )  # fmt: skip
+    return router.url
+
+
+@pytest.fixture(scope="module")
+def smol(worker_launcher, router_launcher) -> str:
+    worker = worker_launcher("--max-total-tokens", "2048", "--log-level", "warning")
+    return router_launcher("--worker-addr", worker.zmq_address).url
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model):
+    from pdserve.shared.args import EngineArgs
+    from pdserve.shared.engine.engine import Engine
+
+    return Engine(EngineArgs(model_path=tiny_model, device="cpu", dtype="float32", max_total_tokens=4096))
+
+
+def post(url: str, path: str, body, headers=AUTH, **kw) -> requests.Response:
+    return requests.post(url + path, json=body, headers=headers, timeout=120, **kw)
+
+
+def sse_chunks(resp: requests.Response) -> list:
+    """The JSON chunks of an SSE response, checking the framing; the last item is "[DONE]"."""
+    chunks = []
+    for block in resp.text.split("\n\n"):
+        if not block:
+            continue
+        assert block.startswith("data: "), block
+        payload = block[len("data: ") :]
+        chunks.append(payload if payload == "[DONE]" else json.loads(payload))
+    assert chunks[-1] == "[DONE]" and "[DONE]" not in chunks[:-1]
+    return chunks
+
+
+def assert_error(resp: requests.Response, status: int, *words: str) -> str:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["object"] == "error" and body["code"] == status, body
+    for word in words:
+        assert word in body["message"], body["message"]
+    return body["message"]
+
+
+# ---------------------------------------------------------------------- seed flows (SmolLM2)
+
+
+def test_seed_get_model_info(smol):
+    response_json = requests.get(f"{smol}/get_model_info").json()
+    assert response_json["model_path"] == SMOL
+    assert response_json["is_generation"] is True
+    assert response_json["tokenizer_path"] == SMOL
+    assert response_json["preferred_sampling_params"] is None
+    assert response_json.keys() == {
+        "model_path",
+        "is_generation",
+        "tokenizer_path",
+        "preferred_sampling_params",
+        "weight_version",
+        "has_image_understanding",
+        "has_audio_understanding",
+        "model_type",
+        "architectures",
+    }
+    assert response_json["model_type"] == "llama"
+    assert response_json["architectures"] == ["LlamaForCausalLM"]
+    assert response_json["has_image_understanding"] is False
+
+
+def test_seed_server_info(smol):
+    for path in ("/server_info", "/get_server_info"):
+        info = requests.get(smol + path).json()
+        assert info["model_path"] == SMOL and info["version"]
+        assert info["max_total_num_tokens"] == 2048
+        assert info["live_workers"]["mixed"] and not info["live_workers"]["prefill"]
+        (worker,) = info["workers"]
+        assert worker["args"]["model_path"] == SMOL and worker["args"]["max_total_tokens"] == 2048
+        assert info["memory_pool_sizes"][worker["worker_id"]]["max_total_num_tokens"] == 2048
+        assert info["policy"] == "cache_aware" and info["api_key"] is None
+
+
+def test_seed_generate_health_and_flush(smol):
+    # the seed's request, with a token limit: a full default-length answer takes long on this CPU
+    data = {"text": "What is the capital of France?", "sampling_params": {"max_new_tokens": 4}}
+    out = requests.post(f"{smol}/generate", json=data).json()
+    assert isinstance(out["text"], str) and len(out["output_ids"]) == out["meta_info"]["completion_tokens"]
+    meta = out["meta_info"]
+    assert meta["prompt_tokens"] == 7 and 1 <= meta["completion_tokens"] <= 4
+    assert {"id", "finish_reason", "cached_tokens", "e2e_latency"} <= meta.keys()
+
+    response = requests.get(f"{smol}/health_generate")
+    assert response.status_code == 200 and response.text == ""
+    response = requests.get(f"{smol}/health")
+    assert response.status_code == 200 and response.text == ""
+    response = requests.post(f"{smol}/flush_cache")
+    assert response.status_code == 200 and response.text.startswith("Cache flushed.")
+    response = requests.post(f"{smol}/flush_cache?timeout=30")
+    assert response.status_code == 200
+
+
+def test_seed_tokenize_detokenize_round_trip(smol):
+    input_text = "SGLang provides efficient tokenization endpoints."
+    tokenize_payload = {"model": SMOL, "prompt": input_text, "add_special_tokens": False}
+    tokenization_result = requests.post(f"{smol}/tokenize", json=tokenize_payload).json()
+    token_ids = tokenization_result.get("tokens")
+    assert token_ids and tokenization_result["count"] == len(token_ids)
+    assert tokenization_result["max_model_len"] == 8192
+    detokenize_payload = {"model": SMOL, "tokens": token_ids, "skip_special_tokens": True}
+    reconstructed = requests.post(f"{smol}/detokenize", json=detokenize_payload).json()["text"]
+    assert reconstructed == input_text
+    # the /v1 aliases and batches
+    batch = requests.post(f"{smol}/v1/tokenize", json={"prompt": ["a b", "c"]}).json()
+    assert batch["count"] == [len(t) for t in batch["tokens"]]
+    texts = requests.post(f"{smol}/v1/detokenize", json={"tokens": batch["tokens"]}).json()["text"]
+    assert texts == ["a b", "c"]
+    bad = requests.post(f"{smol}/detokenize", json={"tokens": [1, 10**9]})
+    assert_error(bad, 400, "tokens")
+
+
+def test_seed_update_weights_from_disk(smol):
+    before = requests.get(f"{smol}/get_model_info").json()["weight_version"]
+    response = requests.post(f"{smol}/update_weights_from_disk", json={"model_path": SMOL})
+    assert response.json()["success"] is True
+    assert response.json()["message"] == "Succeeded to update model weights."
+    after = requests.get(f"{smol}/get_model_info").json()["weight_version"]
+    assert after != before
+
+    data = {"model_path": f"{SMOL}-wrong"}
+    response = requests.post(f"{smol}/update_weights_from_disk", json=data)
+    response_json = response.json()
+    assert response.status_code == 400
+    assert response_json["success"] is False
+    assert response_json["message"] == (
+        f"Failed to get weights iterator: {SMOL}-wrong (repository not found)."
+    )
+    assert requests.get(f"{smol}/get_model_info").json()["weight_version"] == after
+    # generation still works on the (re)loaded weights
+    out = requests.post(f"{smol}/generate", json={"text": "Hi", "sampling_params": {"max_new_tokens": 2}})
+    assert out.status_code == 200 and out.json()["meta_info"]["weight_version"] == after
+
+
+def test_seed_routes_of_other_model_kinds_answer_400(smol):
+    bodies = {
+        "/encode": {"model": SMOL, "text": "Once upon a time"},
+        "/classify": {"model": SMOL, "text": ["a", "b"]},
+        "/v1/rerank": {"model": SMOL, "query": "what is panda?", "documents": ["hi"]},
+        "/v1/score": {"model": SMOL, "query": "q", "items": ["a"], "label_token_ids": [1, 2]},
+    }
+    needs = {"/encode": "embedding", "/classify": "reward", "/v1/rerank": "rerank", "/v1/score": "scoring"}
+    for path, body in bodies.items():
+        assert_error(requests.post(smol + path, json=body), 400, SMOL, needs[path])
+    for path in ("/start_expert_distribution_record", "/stop_expert_distribution_record"):
+        assert_error(requests.post(smol + path), 400, "mixture-of-experts")
+    assert_error(requests.post(smol + "/dump_expert_distribution_record"), 400, "LlamaForCausalLM")
+
+
+def test_stop_strings_on_real_text(smol):
+    base = {"text": "The capital of France is", "sampling_params": {"temperature": 0, "max_new_tokens": 6}}
+    full = requests.post(f"{smol}/generate", json=base).json()
+    assert full["text"].startswith(" Paris.")
+    stopped = requests.post(
+        f"{smol}/generate", json={**base, "sampling_params": {**base["sampling_params"], "stop": ["."]}}
+    ).json()
+    assert stopped["text"] == " Paris"
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": "."}
+    assert stopped["output_ids"] == full["output_ids"][:2]
+    kept = {**base["sampling_params"], "stop": ".", "no_stop_trim": True}
+    assert (
+        requests.post(f"{smol}/generate", json={**base, "sampling_params": kept}).json()["text"] == " Paris."
+    )
+    # streaming: no chunk ever shows (the start of) the stop string, or text after it
+    params = {**base["sampling_params"], "stop": ["\n\nThe"]}
+    chunks = sse_chunks(
+        requests.post(f"{smol}/generate", json={**base, "sampling_params": params, "stream": True})
+    )
+    texts = [c["text"] for c in chunks[:-1]]
+    assert texts[-1] == " Paris."
+    assert all("\n" not in t for t in texts)
+    assert chunks[-2]["meta_info"]["finish_reason"] == {"type": "stop", "matched": "\n\nThe"}
+    assert chunks[-2]["output_ids"] == full["output_ids"][:5]
+
+
+# ---------------------------------------------------------------------- generation (tiny model)
+
+
+def test_greedy_outputs_equal_engine_generate(tiny, engine, tiny_model):
+    prompts = [[5, 6, 7], list(range(40, 70)), [300]]
+    expected = engine.generate(prompts, GREEDY)
+    single = post(tiny, "/generate", {"input_ids": prompts[0], "sampling_params": GREEDY}).json()
+    assert single["output_ids"] == expected[0]["output_ids"]
+    assert single["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+    assert single["meta_info"]["completion_tokens"] == 12 and single["meta_info"]["prompt_tokens"] == 3
+    batch = post(tiny, "/generate", {"input_ids": prompts, "sampling_params": GREEDY}).json()
+    assert [b["output_ids"] for b in batch] == [e["output_ids"] for e in expected]
+    assert len({b["meta_info"]["id"] for b in batch}) == 3
+    # text prompts are tokenized by the router; text is the decode of the output ids
+    from pdserve.shared.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(tiny_model)
+    texts = ["hello", "tiny model"]
+    out = post(tiny, "/generate", {"text": texts, "sampling_params": GREEDY, "rid": ["r-a", "r-b"]}).json()
+    ref = engine.generate([tok.encode(t) for t in texts], GREEDY)
+    for o, r in zip(out, ref):
+        assert o["output_ids"] == r["output_ids"]
+        assert o["text"] == tok.decode(r["output_ids"], skip_special_tokens=True)
+    assert [o["meta_info"]["id"] for o in out] == ["r-a", "r-b"]
+    # --preferred-sampling-params are the defaults: max_new_tokens 5 unless the request says
+    default = post(tiny, "/generate", {"input_ids": [5, 6], "sampling_params": {"ignore_eos": True}}).json()
+    assert default["meta_info"]["completion_tokens"] == 5
+
+
+def test_streaming_sse_format(tiny):
+    body = {"input_ids": [9, 8, 7], "sampling_params": GREEDY, "stream": True}
+    resp = post(tiny, "/generate", body)
+    assert resp.headers["Content-Type"].startswith("text/event-stream")
+    chunks = sse_chunks(resp)
+    events = chunks[:-1]
+    assert len(events) == 12
+    for k, event in enumerate(events, start=1):
+        assert event["output_ids"][: k - 1] == events[k - 2]["output_ids"] if k > 1 else True
+        assert len(event["output_ids"]) == k == event["meta_info"]["completion_tokens"]
+        assert "index" not in event
+    assert all(e["meta_info"]["finish_reason"] is None for e in events[:-1])
+    assert "e2e_latency" in events[-1]["meta_info"]
+    final = post(tiny, "/generate", {**body, "stream": False}).json()
+    assert events[-1]["output_ids"] == final["output_ids"] and events[-1]["text"] == final["text"]
+    # a batch stream carries the index of each chunk's sample
+    batch = sse_chunks(post(tiny, "/generate", {**body, "input_ids": [[1, 2], [3, 4]]}))[:-1]
+    assert {c["index"] for c in batch} == {0, 1} and len(batch) == 24
+
+
+def test_n_samples(tiny):
+    params = {"temperature": 1.0, "max_new_tokens": 6, "n": 3, "sampling_seed": 7, "ignore_eos": True}
+    out = post(tiny, "/generate", {"input_ids": [10, 11, 12], "sampling_params": params, "rid": "nn"}).json()
+    assert isinstance(out, list) and len(out) == 3
+    assert [o["meta_info"]["id"] for o in out] == ["nn-0", "nn-1", "nn-2"]
+    assert all(len(o["output_ids"]) == 6 for o in out)
+    assert len({tuple(o["output_ids"]) for o in out}) > 1  # samples differ
+    again = post(tiny, "/generate", {"input_ids": [10, 11, 12], "sampling_params": params}).json()
+    assert [o["output_ids"] for o in again] == [o["output_ids"] for o in out]  # seeded
+    batch = post(tiny, "/generate", {"input_ids": [[1], [2]], "sampling_params": {**params, "n": 2}}).json()
+    assert len(batch) == 4 and batch[0]["meta_info"]["id"][:-2] == batch[1]["meta_info"]["id"][:-2]
+
+
+def test_logprob_shapes(tiny, engine):
+    body = {
+        "input_ids": [20, 21, 22, 23],
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": 5, "ignore_eos": True},
+        "return_logprob": True,
+        "top_logprobs_num": 3,
+        "logprob_start_len": 0,
+        "token_ids_logprob": [1, 2],
+        "return_text_in_logprobs": True,
+    }
+    meta = post(tiny, "/generate", body).json()["meta_info"]
+    assert len(meta["output_token_logprobs"]) == 5 and len(meta["input_token_logprobs"]) == 4
+    assert meta["input_token_logprobs"][0][0] is None and meta["input_token_logprobs"][0][1] == 20
+    for logprob, token_id, text in meta["output_token_logprobs"]:
+        assert logprob <= 0 and isinstance(token_id, int) and isinstance(text, str)
+    assert len(meta["output_top_logprobs"]) == 5 and all(len(t) == 3 for t in meta["output_top_logprobs"])
+    assert all(len(t) == 2 and [e[1] for e in t] == [1, 2] for t in meta["output_token_ids_logprobs"])
+    ref = engine.generate([[20, 21, 22, 23]], body["sampling_params"], return_logprob=True)[0]
+    ours = [e[0] for e in meta["output_token_logprobs"]]
+    theirs = [e[0] for e in ref["meta_info"]["output_token_logprobs"]]
+    assert ours == pytest.approx(theirs, abs=1e-4)
+    plain = post(tiny, "/generate", {**body, "return_text_in_logprobs": False}).json()["meta_info"]
+    assert all(e[2] is None for e in plain["output_token_logprobs"])
+    # streamed logprob lists are cumulative, like the text
+    chunks = sse_chunks(post(tiny, "/generate", {**body, "stream": True}))[:-1]
+    assert [len(c["meta_info"]["output_token_logprobs"]) for c in chunks] == [1, 2, 3, 4, 5]
+
+
+def test_64_concurrent_streams_complete_with_the_right_text(tiny, engine):
+    prompts = [[(7 * i + j) % 250 + 3 for j in range(3 + i % 9)] for i in range(64)]
+    params = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+    expected = [r["output_ids"] for r in engine.generate(prompts, params)]
+
+    async def one(session: aiohttp.ClientSession, ids: list[int]) -> list[int]:
+        body = {"input_ids": ids, "sampling_params": params, "stream": True}
+        last = None
+        async with session.post(f"{tiny}/generate", json=body, headers=AUTH) as resp:
+            assert resp.status == 200
+            async for line in resp.content:
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    last = json.loads(line[6:])
+        assert last is not None and last["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
+        return last["output_ids"]
+
+    async def run_all() -> list[list[int]]:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+            return await asyncio.gather(*(one(session, p) for p in prompts))
+
+    assert asyncio.run(run_all()) == expected
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def _stream_in_background(url: str, body: dict, result: dict) -> threading.Thread:
+    def run() -> None:
+        resp = requests.post(url + "/generate", json={**body, "stream": True}, headers=AUTH, timeout=120)
+        result["status"] = resp.status_code
+        result["chunks"] = sse_chunks(resp)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_bad_input_is_refused_while_a_stream_finishes_untouched(tiny, engine):
+    long_params = {"temperature": 0.0, "max_new_tokens": 600, "ignore_eos": True}  # outlasts the checks
+    # the engine's first 24 tokens are the reference (all 200 in-process would cost the CI seconds)
+    expected = engine.generate([[40, 41, 42]], {**long_params, "max_new_tokens": 24})[0]["output_ids"]
+    result: dict = {}
+    thread = _stream_in_background(tiny, {"input_ids": [40, 41, 42], "sampling_params": long_params}, result)
+
+    gen = tiny + "/generate"
+    bad = requests.post(gen, data=b'{"text": "unterminated', headers=AUTH)
+    assert_error(bad, 400, "Malformed JSON")
+    assert_error(requests.post(gen, data=b"", headers=AUTH), 400, "empty")
+    assert_error(post(tiny, "/generate", [1, 2]), 400, "JSON object")
+    assert_error(post(tiny, "/generate", {"text": 5}), 400, "text")
+    assert_error(post(tiny, "/generate", {"text": "a", "input_ids": [1]}), 400, "Either text or input_ids")
+    assert_error(post(tiny, "/generate", {"text": "a", "stream": "yes"}), 400, "stream")
+    assert_error(post(tiny, "/generate", {"input_ids": [1, "x"]}), 400, "input_ids")
+    assert_error(
+        post(tiny, "/generate", {"text": "a", "sampling_params": {"temperature": -1}}), 400, "temperature"
+    )
+    assert_error(post(tiny, "/generate", {"text": "a", "sampling_params": {"top_p": 2}}), 400, "top_p")
+    assert_error(post(tiny, "/generate", {"text": "a", "sampling_params": {"n": 0}}), 400, "n must be")
+    assert_error(
+        post(tiny, "/generate", {"text": "a", "sampling_params": {"temprature": 1}}), 400, "temprature"
+    )
+    assert_error(post(tiny, "/generate", {"text": "a", "sampling_params": "greedy"}), 400, "sampling_params")
+    assert_error(post(tiny, "/generate", {"text": "a", "image_data": "x.png"}), 400, "image")
+    assert_error(post(tiny, "/generate", {"text": ""}), 400, "input_ids")
+    assert_error(post(tiny, "/generate", {"input_ids": [600]}), 400, "[0, 512)")
+    assert_error(post(tiny, "/generate", {"input_ids": [1] * 1100}), 400, "1100 tokens", "1024 tokens")
+    long_ask = {"input_ids": [1] * 1000, "sampling_params": {"max_new_tokens": 100}}
+    assert_error(post(tiny, "/generate", long_ask), 400, "1024 tokens", "1000 tokens from the input")
+    assert_error(post(tiny, "/generate", {"input_ids": [[1]] * 71}), 400, "--max-batch-size 70")
+    assert_error(post(tiny, "/generate", {"text": "x" * 300_000}), 413, "--max-body-bytes")
+    assert_error(post(tiny, "/generate", {"text": "a"}, headers={}), 401, "no API key")
+    assert_error(
+        post(tiny, "/generate", {"text": "a"}, headers={"Authorization": "Bearer nope"}), 401, "wrong"
+    )
+    assert_error(post(tiny, "/flush_cache", None, headers=AUTH), 401, "admin API key")
+    assert_error(requests.get(tiny + "/nowhere", headers=AUTH), 404, "/nowhere")
+    assert_error(requests.get(gen, headers=AUTH), 405, "GET")
+    assert post(tiny, "/generate", {"input_ids": [1, 2]}, headers=ADMIN).status_code == 200  # admin key works
+    assert requests.get(tiny + "/health").status_code == 200  # open
+
+    thread.join(120)
+    assert result["status"] == 200
+    final = result["chunks"][-2]
+    assert final["output_ids"][:24] == expected and len(final["output_ids"]) == 600
+    assert final["meta_info"]["finish_reason"] == {"type": "length", "length": 600}
+    assert len(result["chunks"]) == 601  # one chunk per token, then [DONE]
+
+
+# ---------------------------------------------------------------------- admin and observability
+
+
+def test_flush_cache_waits_for_running_requests_with_timeout(tiny):
+    result: dict = {}
+    params = {"temperature": 0.0, "max_new_tokens": 500, "ignore_eos": True}
+    thread = _stream_in_background(tiny, {"input_ids": [1, 2, 3], "sampling_params": params}, result)
+    for _ in range(200):  # until the worker runs it
+        if requests.get(tiny + "/get_load", headers=AUTH).json()[0]["num_reqs"]:
+            break
+    refused = requests.post(tiny + "/flush_cache", headers=ADMIN)
+    assert_error(refused, 400, "Cache not flushed", "running", "?timeout=")
+    waited = requests.post(tiny + "/flush_cache?timeout=60", headers=ADMIN)
+    assert waited.status_code == 200, waited.text
+    thread.join(60)
+    assert result["status"] == 200 and result["chunks"][-2]["meta_info"]["completion_tokens"] == 500
+    assert_error(requests.post(tiny + "/flush_cache?timeout=-1", headers=ADMIN), 400, "timeout")
+
+
+def test_abort_request_ends_the_stream_and_frees_the_worker(tiny):
+    result: dict = {}
+    params = {"temperature": 0.0, "max_new_tokens": 900, "ignore_eos": True}
+    thread = _stream_in_background(
+        tiny, {"input_ids": [4, 5], "sampling_params": params, "rid": "stop-me"}, result
+    )
+    for _ in range(200):
+        if requests.get(tiny + "/get_load", headers=AUTH).json()[0]["num_running_reqs"]:
+            break
+    assert requests.post(tiny + "/abort_request", json={"rid": "stop-me"}, headers=ADMIN).status_code == 200
+    thread.join(60)
+    final = result["chunks"][-2]
+    assert final["meta_info"]["finish_reason"]["type"] == "abort"
+    assert final["meta_info"]["completion_tokens"] < 900
+    (load,) = requests.get(tiny + "/get_load", headers=AUTH).json()
+    assert (load["num_running_reqs"], load["num_waiting_reqs"], load["router_inflight"]) == (0, 0, 0)
+    assert load["num_free_pages"] + load["num_evictable_pages"] == load["num_total_pages"]
+    assert_error(post(tiny, "/abort_request", {}, headers=ADMIN), 400, "rid")
+    assert requests.post(tiny + "/abort_request", json={"abort_all": True}, headers=ADMIN).status_code == 200
+
+
+def test_metrics_count_requests_tokens_and_workers(tiny):
+    post(tiny, "/generate", {"input_ids": [1, 2, 3], "sampling_params": GREEDY})
+    post(tiny, "/generate", {"input_ids": []})
+    text = requests.get(tiny + "/metrics").text  # open without a key
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    assert samples['pdserve_router_requests_total{code="200",route="/generate"}'] >= 1
+    assert samples['pdserve_router_request_errors_total{code="400",route="/generate"}'] >= 1
+    assert samples["pdserve_router_time_to_first_token_seconds_count"] >= 1
+    assert samples["pdserve_router_inter_token_latency_seconds_count"] >= 11
+    assert samples["pdserve_router_generation_tokens_total"] >= 12
+    assert samples["pdserve_router_prompt_tokens_total"] >= 3
+    assert 0.0 <= samples["pdserve_router_cache_hit_rate"] <= 1.0
+    assert samples["pdserve_router_generation_requests_running"] == 0
+    assert any(k.startswith("pdserve_router_worker_up{") and v == 1 for k, v in samples.items())

@@ -1,0 +1,199 @@
+"""`serve` as a user runs it: one command, a real embedded Redis, worker and router, then SIGTERM.
+
+Checked (tiny random Llama on the CPU, free ports):
+1. it prints `pdserve serving <model> at http://127.0.0.1:<port>`, answers /generate and
+   /get_model_info through the router, and SIGTERM makes it exit 0 leaving no child process;
+2. a worker killed under it brings it down: exit 1, the message names the worker, no child left;
+   with `--redis-url` it starts no Redis and leaves that one running;
+3. a model that does not load: exit 1 naming the worker, with the end of its output;
+4. the plan: devices, workers per device, which flags reach the workers and the router.
+"""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import redis
+import requests
+
+from pdserve.shared.redis_server import free_port
+from tests.helpers.tiny_models import make_tiny_model
+
+READY_TIMEOUT_S = 90.0
+EXIT_TIMEOUT_S = 30.0
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(make_tiny_model("llama", Path(tmp_path_factory.mktemp("tiny-llama"))))
+
+
+class Serve:
+    """A `serve` process; stdout lines arrive in a queue, stderr goes to a log file."""
+
+    def __init__(self, log_path: Path, *flags: str):
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = open(log_path, "w")  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.shared.serve.cli", "--port", str(self.port), *flags],
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def first_line(self, timeout_s: float) -> str | None:
+        try:
+            return self.lines.get(timeout=timeout_s)
+        except queue.Empty:
+            return None
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.proc.pid).children(recursive=True)
+
+    def close(self) -> None:
+        """Leaves nothing behind, whatever the test did."""
+        leftovers = [p for p in self.descendants()] if self.proc.poll() is None else []
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for p in leftovers:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self._log.close()
+
+
+@pytest.fixture
+def launch(tmp_path):
+    started: list[Serve] = []
+
+    def start(*flags: str) -> Serve:
+        serve = Serve(tmp_path / f"serve-{len(started)}.log", *flags)
+        started.append(serve)
+        return serve
+
+    yield start
+    for serve in started:
+        serve.close()
+
+
+def _flags(model_dir: str) -> list[str]:
+    return [
+        "--model-path",
+        model_dir,
+        "--dtype",
+        "float32",
+        "--max-total-tokens",
+        "1024",
+        "--log-level",
+        "warning",
+    ]
+
+
+def _gone(processes: list[psutil.Process], timeout_s: float = 5.0) -> list[psutil.Process]:
+    """The processes still alive after timeout_s (reparented children are reaped by init)."""
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    return alive
+
+
+def test_serve_answers_generate_and_exits_zero_on_sigterm(launch, model_dir):
+    serve = launch(*_flags(model_dir))
+    line = serve.first_line(READY_TIMEOUT_S)
+    assert line == f"pdserve serving {model_dir} at http://127.0.0.1:{serve.port}", serve.log()[-3000:]
+    base = f"http://127.0.0.1:{serve.port}"
+
+    input_ids = [5, 6, 7, 8, 9]
+    params = {"max_new_tokens": 8, "temperature": 0.0, "ignore_eos": True}
+    resp = requests.post(
+        f"{base}/generate", json={"input_ids": input_ids, "sampling_params": params}, timeout=30
+    )
+    assert resp.status_code == 200, resp.text
+    meta = resp.json()["meta_info"]
+    assert (meta["prompt_tokens"], meta["completion_tokens"]) == (5, 8)
+    assert meta["finish_reason"] == {"type": "length", "length": 8}
+    info = requests.get(f"{base}/get_model_info", timeout=10).json()
+    assert info["model_path"] == model_dir and info["weight_version"] == "default"
+
+    children = serve.descendants()
+    names = sorted(" ".join(p.cmdline()) for p in children)
+    assert len(children) == 3, names  # redis-server, one worker, the router
+    assert any("redis-server" in n for n in names) and any("worker.cli" in n for n in names)
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(EXIT_TIMEOUT_S) == 0
+    assert _gone(children) == []
+    assert serve.first_line(1) is None  # nothing more on stdout
+
+
+def test_a_worker_dying_brings_serve_down_and_an_external_redis_stays(launch, model_dir, redis_url):
+    serve = launch(*_flags(model_dir), "--redis-url", redis_url)
+    assert serve.first_line(READY_TIMEOUT_S) is not None, serve.log()[-3000:]
+    children = serve.descendants()
+    assert not any("redis-server" in " ".join(p.cmdline()) for p in children)  # --redis-url: none started
+    worker = next(p for p in children if "worker.cli" in " ".join(p.cmdline()))
+    worker.kill()
+    assert serve.proc.wait(EXIT_TIMEOUT_S) == 1
+    assert "serve: mixed-0 exited unexpectedly with status -9" in serve.log()
+    assert _gone(children) == []
+    assert redis.Redis.from_url(redis_url).ping()  # not serve's to stop
+
+
+def test_a_model_that_does_not_load_fails_startup_naming_the_worker(launch, tmp_path):
+    serve = launch("--model-path", str(tmp_path / "no-such-model"), "--log-level", "warning")
+    start = time.monotonic()
+    assert serve.proc.wait(READY_TIMEOUT_S) == 1
+    assert time.monotonic() - start < READY_TIMEOUT_S
+    log = serve.log()
+    assert "serve: mixed-0 exited with status 1 while starting; its last output:" in log
+    assert "no-such-model (repository not found)" in log
+
+
+def test_plan_spreads_workers_over_devices_and_forwards_changed_flags():
+    from pdserve.shared.serve.cli import build_parser
+    from pdserve.shared.serve.plan import PlanError, engine_flags, parse_devices, plan_workers, router_command
+
+    assert parse_devices("cpu") == ["cpu"]
+    assert parse_devices("cuda", cuda_count=2) == ["cuda:0", "cuda:1"]
+    assert parse_devices("cuda:1, cuda:3") == ["cuda:1", "cuda:3"]
+    with pytest.raises(PlanError, match="no CUDA device"):
+        parse_devices("cuda", cuda_count=0)
+    with pytest.raises(PlanError, match="'tpu' is not"):
+        parse_devices("tpu")
+    assert [(s.name, s.device) for s in plan_workers(["cpu"], 3)] == [
+        ("mixed-0", "cpu"),
+        ("mixed-1", "cpu"),
+        ("mixed-2", "cpu"),
+    ]
+    assert [s.device for s in plan_workers(["cuda:0", "cuda:1"], None)] == ["cuda:0", "cuda:1"]
+    with pytest.raises(PlanError, match="one worker per GPU"):
+        plan_workers(["cuda:0"], 2)
+
+    ns = build_parser().parse_args(
+        ["--page-size", "32", "--disable-radix-cache", "--policy", "least_load", "--served-model-name", "m"]
+    )
+    assert engine_flags(ns) == [
+        "--model-path", "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "--served-model-name", "m", "--page-size", "32", "--disable-radix-cache",
+    ]  # fmt: skip
+    cmd = router_command(ns, "redis://h:1/0")
+    assert cmd[cmd.index("--policy") + 1] == "least_load" and "--api-key" not in cmd
+    assert cmd[cmd.index("--redis-url") + 1] == "redis://h:1/0" and cmd[cmd.index("--port") + 1] == "30000"

@@ -1,0 +1,502 @@
+"""The OpenAI layer's pure parts: request parsing -> GenerateInput, chat templates, response shapes."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pdserve.router.generation import GenerationError, SampleEvent
+from pdserve.router.openai.chat_template import chat_prompt_ids, normalize_messages, render_chat
+from pdserve.router.openai.logprobs import chat_logprobs_content, completion_logprobs
+from pdserve.router.openai.params import OpenAIRequestError
+from pdserve.router.openai.protocol import (
+    check_context,
+    make_generate_input,
+    parse_chat_request,
+    parse_completion_request,
+)
+from pdserve.router.openai.responses import (
+    ChoiceState,
+    aggregate_usage,
+    chat_choice,
+    chat_chunk,
+    completion_choice,
+    usage_chunk,
+)
+from pdserve.router.openai.streaming import abort_error, merge_streams
+from tests.helpers.tiny_models import _byte_tokenizer
+
+USER = [{"role": "user", "content": "hi"}]
+
+
+def _error(fn, body) -> OpenAIRequestError:
+    with pytest.raises(OpenAIRequestError) as info:
+        fn(body)
+    return info.value
+
+
+# ---------------------------------------------------------------- completions parsing
+
+
+def test_completion_prompt_forms():
+    assert parse_completion_request({"prompt": "a"}).prompts == ["a"]
+    assert parse_completion_request({"prompt": ["a", "b"]}).prompts == ["a", "b"]
+    assert parse_completion_request({"prompt": [1, 2, 3]}).prompts == [[1, 2, 3]]
+    assert parse_completion_request({"prompt": [[1, 2], [3]]}).prompts == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [None, "", [], [""], [[]], [1, "a"], [[1, -2]], [True, 1], 7, {"text": "a"}],
+)
+def test_completion_bad_prompts(prompt):
+    err = _error(parse_completion_request, {"prompt": prompt})
+    assert err.status == 400 and err.param == "prompt" and "prompt" in err.message
+
+
+def test_completion_defaults_and_mapping():
+    req = parse_completion_request({"prompt": "x", "model": "anything"})
+    assert req.max_tokens == 16 and req.n == 1 and req.logprobs is None and not req.echo
+    assert req.sampling == {"n": 1}
+    assert req.model == "anything" and not req.stream.stream
+
+    body = {
+        "prompt": "x",
+        "max_tokens": 7,
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 5,
+        "min_p": 0.1,
+        "presence_penalty": 0.3,
+        "frequency_penalty": -0.2,
+        "repetition_penalty": 1.1,
+        "min_tokens": 2,
+        "ignore_eos": True,
+        "stop_token_ids": [3],
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "seed": 42,
+        "n": 3,
+        "stop": "END",
+        "logit_bias": {"5": -100},
+        "user": "ignored",
+        "logprobs": 2,
+        "echo": True,
+    }
+    req = parse_completion_request(body)
+    assert req.max_tokens == 7 and req.n == 3 and req.logprobs == 2 and req.echo
+    assert req.sampling == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "top_k": 5,
+        "min_p": 0.1,
+        "presence_penalty": 0.3,
+        "frequency_penalty": -0.2,
+        "repetition_penalty": 1.1,
+        "min_new_tokens": 2,
+        "ignore_eos": True,
+        "stop_token_ids": [3],
+        "skip_special_tokens": False,
+        "no_stop_trim": True,
+        "sampling_seed": 42,
+        "n": 3,
+        "stop": ["END"],
+        "logit_bias": {"5": -100},
+    }
+
+
+def test_null_fields_take_defaults():
+    req = parse_completion_request({"prompt": "x", "max_tokens": None, "temperature": None, "stop": None})
+    assert req.max_tokens == 16 and "temperature" not in req.sampling and "stop" not in req.sampling
+
+
+def test_stop_list_drops_empty_strings():
+    assert parse_completion_request({"prompt": "x", "stop": ["a", "", "b"]}).sampling["stop"] == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"temperature": -1}, "temperature", "temperature must be in [0, inf)"),
+        ({"temperature": "hot"}, "temperature", "temperature must be a finite number"),
+        ({"top_p": 0}, "top_p", "top_p must be in (0, 1]"),
+        ({"top_k": 0}, "top_k", "top_k must be -1"),
+        ({"presence_penalty": 3}, "presence_penalty", "presence_penalty must be in [-2, 2]"),
+        ({"max_tokens": -1}, "max_tokens", "max_tokens must be >= 0"),
+        ({"max_tokens": 1.5}, "max_tokens", "max_tokens must be an integer"),
+        ({"n": 0}, "n", "n must be >= 1"),
+        ({"n": 1000}, "n", "n must be <= 128"),
+        ({"seed": "x"}, "seed", "seed must be an integer"),
+        ({"stop": [1]}, "stop", "stop must be a string or a list of strings"),
+        ({"min_tokens": 20, "max_tokens": 5}, "min_tokens", "min_tokens must be <= max_tokens"),
+        ({"logprobs": 21}, "logprobs", "logprobs must be <= 20"),
+        ({"logprobs": True}, "logprobs", "logprobs must be an integer"),
+        ({"echo": "yes"}, "echo", "echo must be a boolean"),
+        ({"stream": 1}, "stream", "stream must be a boolean"),
+        ({"suffix": "tail"}, "suffix", "suffix is not supported"),
+        ({"regex": "a+"}, "regex", "not supported yet"),
+        ({"json_schema": "{}"}, "json_schema", "not supported yet"),
+        ({"ebnf": "x"}, "ebnf", "not supported yet"),
+        ({"response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
+        ({"best_of": 3}, "best_of", "best_of"),
+        ({"model": 3}, "model", "model must be a string"),
+        ({"rid": ["a", "b"]}, "rid", "rid must be"),
+    ],
+)
+def test_completion_bad_values_name_the_param(extra, param, words):
+    err = _error(parse_completion_request, {"prompt": "x", **extra})
+    assert err.status == 400 and err.param == param and words in err.message, err.message
+
+
+def test_body_must_be_an_object():
+    assert "JSON object" in _error(parse_completion_request, ["prompt"]).message
+    assert "JSON object" in _error(parse_chat_request, "hi").message
+
+
+def test_stream_options():
+    req = parse_completion_request(
+        {
+            "prompt": "x",
+            "stream": True,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+        }
+    )
+    assert req.stream.stream and req.stream.include_usage and req.stream.continuous_usage_stats
+    req = parse_completion_request({"prompt": "x", "stream": True})
+    assert req.stream.stream and not req.stream.include_usage
+
+
+def test_response_format_text_is_accepted():
+    parse_chat_request({"messages": USER, "response_format": {"type": "text"}})
+
+
+# ---------------------------------------------------------------- chat parsing
+
+
+def test_chat_messages_normalised():
+    messages = [
+        {"role": "developer", "content": "be brief"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            "name": "x",
+        },
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "c"},
+    ]
+    assert normalize_messages(messages) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "a\nb"},
+        {"role": "assistant", "content": ""},
+        {"role": "user", "content": "c"},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("messages", "words"),
+    [
+        (None, "messages is required"),
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        (["hi"], "messages[0] must be an object"),
+        ([{"role": "tool", "content": "x"}], "role 'tool' is not supported"),
+        ([{"content": "x"}], "role None is not supported"),
+        ([{"role": "user", "content": 5}], "string or a list of content parts"),
+        ([{"role": "user", "content": None}], "string or a list of content parts"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "'image_url'"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "tool calls"),
+    ],
+)
+def test_chat_bad_messages(messages, words):
+    err = _error(parse_chat_request, {"messages": messages})
+    assert err.status == 400 and err.param == "messages" and words in err.message, err.message
+
+
+def test_chat_max_tokens_and_logprobs():
+    req = parse_chat_request({"messages": USER})
+    assert req.max_tokens is None and not req.logprobs and req.top_logprobs == 0 and req.add_generation_prompt
+    assert parse_chat_request({"messages": USER, "max_tokens": 9}).max_tokens == 9
+    assert parse_chat_request({"messages": USER, "max_tokens": 9, "max_completion_tokens": 4}).max_tokens == 4
+    req = parse_chat_request({"messages": USER, "logprobs": True, "top_logprobs": 3, "seed": 1})
+    assert req.logprobs and req.top_logprobs == 3 and req.sampling["sampling_seed"] == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "param", "words"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
+        ({"max_completion_tokens": -3}, "max_completion_tokens", ">= 0"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported yet"),
+        ({"tool_choice": "required"}, "tool_choice", "not supported yet"),
+        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "not supported"),
+        ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "must be an object"),
+        ({"continue_final_message": True}, "continue_final_message", "final assistant message"),
+    ],
+)
+def test_chat_bad_values(extra, param, words):
+    err = _error(parse_chat_request, {"messages": USER, **extra})
+    assert err.status == 400 and err.param == param and words in err.message, err.message
+
+
+# ---------------------------------------------------------------- GenerateInput
+
+
+def test_make_generate_input_fields():
+    inp = make_generate_input("r1", [1, 2, 3], {"stop": ["x"], "n": 2}, 5, 100)
+    assert inp.rid == "r1" and inp.input_ids == [1, 2, 3]
+    assert inp.sampling_params == {"stop": ["x"], "n": 2, "max_new_tokens": 5}
+    assert not inp.return_logprob and inp.top_logprobs_num == 0 and inp.logprob_start_len == -1
+
+    inp = make_generate_input("r", [1, 2], {}, 4, 100, top_logprobs=3)
+    assert inp.return_logprob and inp.top_logprobs_num == 3 and inp.logprob_start_len == -1
+    assert inp.return_text_in_logprobs
+    inp = make_generate_input("r", [1, 2], {}, 4, 100, top_logprobs=0, prompt_logprobs=True)
+    assert inp.return_logprob and inp.top_logprobs_num == 0 and inp.logprob_start_len == 0
+    # echo without logprobs asks for no prompt logprobs
+    assert make_generate_input("r", [1], {}, 4, 100, None, prompt_logprobs=True).logprob_start_len == -1
+
+
+def test_chat_budget_is_the_rest_of_the_context():
+    # like SGLang, prompt + max_new_tokens stays below the context length
+    assert make_generate_input("r", [1] * 30, {}, None, 100).sampling_params["max_new_tokens"] == 69
+    assert check_context(99, None, 100) == 0
+    assert check_context(90, 9, 100) == 9
+
+
+def test_context_overflow_states_both_numbers():
+    with pytest.raises(OpenAIRequestError) as info:
+        check_context(90, 10, 100)
+    msg = info.value.message
+    assert info.value.status == 400 and info.value.param == "max_tokens"
+    assert (
+        "context length of 100 tokens" in msg and "90 tokens from the input" in msg and "10 tokens for" in msg
+    )
+    with pytest.raises(OpenAIRequestError) as info:
+        check_context(100, None, 100)
+    assert (
+        info.value.message == "The input (100 tokens) is longer than the model's context length (100 tokens)."
+    )
+
+
+# ---------------------------------------------------------------- chat template
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return _byte_tokenizer()
+
+
+def test_render_with_the_tokenizer_template(tokenizer):
+    text = render_chat(tokenizer, [{"role": "system", "content": "s"}, *USER], None)
+    assert text == "<|im_start|>system\ns<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    ids = chat_prompt_ids(tokenizer, text)
+    assert ids[0] == 257 and ids[-1] == ord("\n") and ids.count(258) == 2  # <|im_start|>, ..., <|im_end|>
+    cont = render_chat(
+        tokenizer,
+        [*USER, {"role": "assistant", "content": "Hel"}],
+        None,
+        add_generation_prompt=False,
+        continue_final_message=True,
+    )
+    assert cont.endswith("<|im_start|>assistant\nHel")
+
+
+def test_render_with_a_given_template(tokenizer):
+    plain = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}>>"
+    assert render_chat(tokenizer, USER, plain) == "[user] hi\n>>"
+    kwargs = "{{ messages[0]['content'] }}{% if shout %}!{% endif %}"
+    assert render_chat(tokenizer, USER, kwargs, template_kwargs={"shout": True}) == "hi!"
+
+
+def test_template_errors_are_400(tokenizer):
+    failing = "{{ raise_exception('only user turns') }}"
+    with pytest.raises(OpenAIRequestError, match="could not render these messages: only user turns"):
+        render_chat(tokenizer, USER, failing)
+    with pytest.raises(OpenAIRequestError, match="could not render"):
+        render_chat(tokenizer, USER, None, template_kwargs={"messages": []})  # clashes with an argument
+
+
+def test_no_template_anywhere(tokenizer):
+    bare = _byte_tokenizer()
+    bare.chat_template = None
+    with pytest.raises(OpenAIRequestError, match="--chat-template"):
+        render_chat(bare, USER, None)
+
+
+# ---------------------------------------------------------------- logprobs shapes
+
+
+def _decode(token_id: int) -> str:
+    return f"<{token_id}>"
+
+
+def test_completion_logprobs_shape():
+    entries = [[None, 1, "Hel"], [-0.5, 2, "lo"], [-1.25, 3, None]]
+    tops = [None, [[-0.5, 2, "lo"], [-2.0, 9, "p"]], [[-1.25, 3, None]]]
+    out = completion_logprobs(entries, tops, _decode).to_dict()
+    assert out == {
+        "tokens": ["Hel", "lo", "<3>"],
+        "token_logprobs": [None, -0.5, -1.25],
+        "top_logprobs": [None, {"lo": -0.5, "p": -2.0}, {"<3>": -1.25}],
+        "text_offset": [0, 3, 5],
+    }
+    assert completion_logprobs(entries[1:], None, _decode, start_offset=10, with_top=False).to_dict() == {
+        "tokens": ["lo", "<3>"],
+        "token_logprobs": [-0.5, -1.25],
+        "top_logprobs": [],
+        "text_offset": [10, 12],
+    }
+    # top lists asked for but not sent for some tokens: None keeps the lists aligned
+    assert completion_logprobs(entries[:2], None, _decode).top_logprobs == [None, None]
+
+
+def test_chat_logprobs_shape():
+    content = chat_logprobs_content([[-0.5, 2, "é"]], [[[-0.5, 2, "é"], [-1.0, 7, "e"]]], _decode)
+    assert content == [
+        {
+            "token": "é",
+            "logprob": -0.5,
+            "bytes": [195, 169],
+            "top_logprobs": [
+                {"token": "é", "logprob": -0.5, "bytes": [195, 169]},
+                {"token": "e", "logprob": -1.0, "bytes": [101]},
+            ],
+        }
+    ]
+    assert chat_logprobs_content([[-0.1, 4, None]], None, _decode)[0]["top_logprobs"] == []
+
+
+# ---------------------------------------------------------------- responses
+
+
+def _event(index=0, text="", delta="", finished=False, reason=None, **kw) -> SampleEvent:
+    return SampleEvent(index=index, text=text, text_delta=delta, token_ids=[], output_ids=[], finished=finished,
+                       finish_reason=reason, **kw)  # fmt: skip
+
+
+def test_choice_state_accumulates():
+    c = ChoiceState(0)
+    c.add(
+        _event(
+            text="a", delta="a", prompt_tokens=5, completion_tokens=1, output_token_logprobs=[[-1.0, 4, "a"]]
+        )
+    )
+    c.add(
+        _event(
+            text="ab",
+            delta="b",
+            finished=True,
+            reason={"type": "stop", "matched": 2},
+            prompt_tokens=5,
+            completion_tokens=2,
+            cached_tokens=3,
+            output_token_logprobs=[[-2.0, 5, "b"]],
+        )
+    )
+    assert c.text == "ab" and c.finished and c.completion_tokens == 2 and c.cached_tokens == 3
+    assert c.token_logprobs == [[-1.0, 4, "a"], [-2.0, 5, "b"]] and c.top_logprobs == [None, None]
+
+
+def test_usage_counts_each_prompt_once():
+    n = 2
+    choices = [ChoiceState(i, prompt_tokens=p, completion_tokens=k, cached_tokens=c)
+               for i, (p, k, c) in enumerate([(5, 3, 4), (5, 4, 5), (7, 1, 0), (7, 2, 7)])]  # fmt: skip
+    assert aggregate_usage(choices, n, [5, 7]) == {
+        "prompt_tokens": 12,
+        "completion_tokens": 10,
+        "total_tokens": 22,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }
+    # a prompt whose choices saw no event yet counts from its token ids
+    assert aggregate_usage([ChoiceState(0)], 1, [9])["prompt_tokens"] == 9
+
+
+def test_choice_and_chunk_shapes():
+    assert completion_choice(1, "x", None, {"type": "length", "length": 4}) == {
+        "index": 1, "text": "x", "logprobs": None, "finish_reason": "length", "matched_stop": None,
+    }  # fmt: skip
+    assert chat_choice(0, "Paris", None, {"type": "stop", "matched": 2}) == {
+        "index": 0,
+        "message": {"role": "assistant", "content": "Paris", "reasoning_content": None, "tool_calls": None},
+        "logprobs": None,
+        "finish_reason": "stop",
+        "matched_stop": 2,
+    }
+    assert chat_choice(0, "", [], {"type": "stop", "matched": "END"})["logprobs"] == {"content": []}
+    assert chat_choice(0, "", [], {"type": "stop", "matched": "END"})["matched_stop"] == "END"
+    assert chat_chunk("id", 7, "m", 2, {"content": "P"}) == {
+        "id": "id",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "choices": [{"index": 2, "delta": {"content": "P"}, "logprobs": None, "finish_reason": None,
+                     "matched_stop": None}],
+        "usage": None,
+    }  # fmt: skip
+    assert usage_chunk("id", 7, "m", "text_completion", {"x": 1}) == {
+        "id": "id", "object": "text_completion", "created": 7, "model": "m", "choices": [], "usage": {"x": 1},
+    }  # fmt: skip
+
+
+def test_router_aborts_become_errors_client_aborts_do_not():
+    assert abort_error({"type": "stop", "matched": 1}) is None and abort_error(None) is None
+    err = abort_error({"type": "abort", "message": "worker lost", "status_code": 503})
+    assert err.status == 503 and err.message == "worker lost" and err.err_type == "ServiceUnavailableError"
+    assert abort_error({"type": "abort", "message": "timeout", "status_code": 504}).err_type == "TimeoutError"
+    assert abort_error({"type": "abort", "message": "Aborted by the client."}) is None
+
+
+# ---------------------------------------------------------------- merging prompt streams
+
+
+class ScriptedGenerator:
+    """Yields each rid's scripted events with a pause between them; records which streams were closed."""
+
+    def __init__(self, script: dict[str, list[SampleEvent | Exception]]):
+        self.script = script
+        self.closed: list[str] = []
+
+    async def stream(self, inp, buffered: bool = False):
+        try:
+            for item in self.script[inp.rid]:
+                await asyncio.sleep(0.001)
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self.closed.append(inp.rid)
+
+    async def abort(self, rid: str) -> None:
+        pass
+
+
+def _inputs(*rids):
+    return [make_generate_input(r, [1], {}, 1, 10) for r in rids]
+
+
+def test_merge_streams_interleaves_all_prompts():
+    gen = ScriptedGenerator({"a": [_event(delta="a1"), _event(delta="a2", finished=True)],
+                             "b": [_event(delta="b1", finished=True)]})  # fmt: skip
+
+    async def run():
+        return [(p, ev.text_delta) async for p, ev in merge_streams(gen, _inputs("a", "b"))]
+
+    got = asyncio.run(run())
+    assert sorted(got) == [(0, "a1"), (0, "a2"), (1, "b1")]
+    assert [d for p, d in got if p == 0] == ["a1", "a2"]
+    assert sorted(gen.closed) == ["a", "b"]
+
+
+def test_merge_streams_raises_and_closes_the_others():
+    gen = ScriptedGenerator({"a": [_event(delta="a1")] * 50, "b": [GenerationError(400, "bad prompt")]})
+
+    async def run():
+        async for _ in merge_streams(gen, _inputs("a", "b")):
+            pass
+
+    with pytest.raises(GenerationError, match="bad prompt"):
+        asyncio.run(run())
+    assert sorted(gen.closed) == ["a", "b"]  # "a" was cancelled before its 50 events
