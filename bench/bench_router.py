@@ -2,21 +2,24 @@
 streamed tokens/s one router process sustains.
 
     python -m pdserve.bench.bench_router                         # both phases, ~2 minutes
-    python -m pdserve.bench.bench_router --phase latency --streams 100 --output-file r.jsonl
+    python -m pdserve.bench.bench_router --phase latency --streams 1,100 --output-file r.jsonl
 
 Processes: one stand-in engine (bench/standin_engine.py), one real router (`router --worker-addr`),
-and this process as the only client (asyncio on uvloop; one aiohttp session, one DEALER socket).
-They share the machine's cores, so each phase reports the CPU share of all three (percent of one
-core): a client near 100% would mean the client, not the router, is measured.
+the HTTP floor (bench/http_floor.py: aiohttp streaming the same SSE with no routing), and this
+process as the only client (asyncio on uvloop; one aiohttp session, one DEALER socket). They share
+the machine's cores, so every measurement reports the CPU each used, and what the rest of the
+machine used meanwhile ("others"), in percent of one core: a client near 100% would mean the
+client, not the router, is measured; large "others" means the numbers are contended.
 
-Phase `latency` (issue goal: < 1 ms added at p50 with 100 concurrent streams): `--streams`
-closed-loop streams, `--output-len` tokens each at one step every `--step-ms`, sent first straight
-to the stand-in over ZMQ (prompt as token ids), then through the router over HTTP (the same prompt as
-text, so the router tokenizes, dispatches, detokenizes and streams SSE). The stand-in sends a
-request's first token as soon as the request arrives (`--first-token-now`), so TTFT is pure transit
-plus queueing, without the 0..step wait for the next step; later tokens follow the step clock.
-Added latency = router minus direct, at p50 and p99 of TTFT and of E2E (the p99 difference is of
-distributions, not of paired requests).
+Phase `latency` (issue goal: < 1 ms added at p50 with 100 concurrent streams): for each `--streams`
+count, closed-loop streams of `--output-len` tokens at one step every `--step-ms`, sent straight to
+the stand-in over ZMQ (prompt as token ids), through the router over HTTP (the same prompt as text,
+so the router tokenizes, dispatches, detokenizes and streams SSE), and to the HTTP floor; in turn,
+`--rounds` times, samples pooled. The stand-in sends a request's first token as soon as the
+request arrives (`--first-token-now`), so TTFT is transit plus queueing, without the 0..step wait
+for the next step; later tokens follow the step clock. Added latency = router minus direct at p50
+and p99 of TTFT and of E2E (the p99 difference is of distributions, not of paired requests);
+floor minus direct is what HTTP through aiohttp costs by itself.
 
 Phase `throughput` (goal: >= 20,000 streamed tokens/s per router process): for each `--tp-streams`
 value S, S closed-loop streams through the router with a fast step; offered load = S / step tokens/s.
@@ -71,24 +74,16 @@ def summarize(res: LoadResult) -> dict[str, Any]:
 
 async def latency_phase(
     ns: argparse.Namespace, prompt: str, prompt_ids: list[int], token_ids: list[int], logs: Path
-) -> dict[str, Any]:
-    """Direct, router and HTTP-floor paths, `--rounds` times in turn; samples pooled per path."""
+) -> list[dict[str, Any]]:
+    """For each `--streams` count: the direct, router and HTTP-floor paths, `--rounds` times in turn
+    (samples pooled per path). One stand-in, router and floor serve every count."""
     standin, addr = start_standin(
         ns.tokenizer_dir, ns.model, ns.step_ms, token_ids, first_now=True, logs=logs
     )
     router, url = start_router(addr, ns.router_arg, logs)
     floor, floor_url = start_http_floor(ns.step_ms, logs)
-    out: dict[str, Any] = {
-        "streams": ns.streams,
-        "step_ms": ns.step_ms,
-        "output_len": ns.output_len,
-        "prompt_tokens": len(prompt_ids),
-        "duration_s": ns.duration,
-        "rounds": ns.rounds,
-    }
+    results = []
     try:
-        think = ns.step_ms / 1000.0
-        stagger = ns.output_len * ns.step_ms / 1000.0
         meter = TokenMeter()
         direct = DirectClient(addr, meter)
         http = HttpClient(url, meter)
@@ -98,25 +93,43 @@ async def latency_phase(
             "router": (lambda: http.generate(prompt, ns.output_len), {"server": router, "standin": standin}),
             "floor": (lambda: http_floor.generate(prompt, ns.output_len), {"server": floor}),
         }
-        pooled = {name: LoadResult() for name in paths}
-        cpus: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
-        for name, (fn, _) in paths.items():
-            await run_streams(fn, 4, 1.0, 0.0, ns.output_len, think, 0.0)  # warm every path
-        for round_ in range(ns.rounds):
-            for name, (fn, procs) in paths.items():
-                with CpuWindow(procs) as cpu:
-                    res = await run_streams(
-                        fn, ns.streams, ns.duration, ns.warmup, ns.output_len, think, stagger, seed=round_
-                    )
-                pooled[name].merge(res)
-                cpus[name].append(cpu.cpu)
-        for name in paths:
-            out[name] = summarize(pooled[name]) | {"cpu_pct": mean_dicts(cpus[name])}
+        for fn, _ in paths.values():
+            await run_streams(fn, 4, 1.0, 0.0, ns.output_len, ns.step_ms / 1000.0, 0.0)  # warm every path
+        for streams in ns.streams:
+            out = await measure_paths(ns, paths, streams)
+            out["prompt_tokens"] = len(prompt_ids)
+            print(json.dumps(out), flush=True)
+            results.append(out)
         for client in (direct, http, http_floor):
             await client.close()
     finally:
         for proc in (floor, router, standin):
             proc.stop()
+    return results
+
+
+async def measure_paths(ns: argparse.Namespace, paths: dict[str, Any], streams: int) -> dict[str, Any]:
+    think = ns.step_ms / 1000.0
+    stagger = ns.output_len * ns.step_ms / 1000.0
+    pooled = {name: LoadResult() for name in paths}
+    cpus: dict[str, list[dict[str, float]]] = {name: [] for name in paths}
+    for round_ in range(ns.rounds):
+        for name, (fn, procs) in paths.items():
+            with CpuWindow(procs) as cpu:
+                res = await run_streams(
+                    fn, streams, ns.duration, ns.warmup, ns.output_len, think, stagger, seed=round_
+                )
+            pooled[name].merge(res)
+            cpus[name].append(cpu.cpu)
+    out: dict[str, Any] = {
+        "streams": streams,
+        "step_ms": ns.step_ms,
+        "output_len": ns.output_len,
+        "duration_s": ns.duration,
+        "rounds": ns.rounds,
+    }
+    for name in paths:
+        out[name] = summarize(pooled[name]) | {"cpu_pct": mean_dicts(cpus[name])}
     for key in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"):
         out[f"added_{key}"] = out["router"][key] - out["direct"][key]
         out[f"floor_added_{key}"] = out["floor"][key] - out["direct"][key]
@@ -222,6 +235,10 @@ async def throughput_phase(
     return out
 
 
+def int_list(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="The router's added latency and streamed tokens/s vs a stand-in engine."
@@ -230,13 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="HuggingFaceTB/SmolLM2-135M-Instruct", help="reported model")
     p.add_argument("--tokenizer-dir", default=None, help="default: the model's resolved directory")
     p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--streams", type=int, default=100)
+    p.add_argument("--streams", type=int_list, default=[1, 100], help="latency: stream counts, e.g. 1,100")
     p.add_argument("--step-ms", type=float, default=20.0)
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--duration", type=float, default=25.0, help="seconds of load per path")
     p.add_argument("--rounds", type=int, default=2, help="latency: each path this many times, in turn")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds of each path's load not sampled")
-    p.add_argument("--tp-streams", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 200, 300])
+    p.add_argument("--tp-streams", type=int_list, default=[100, 200, 300, 400])
     p.add_argument("--tp-step-ms", type=float, default=10.0)
     p.add_argument("--tp-output-len", type=int, default=64)
     p.add_argument("--tp-window", type=float, default=8.0)
@@ -276,7 +293,6 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     }
     if ns.phase in ("latency", "both"):
         result["latency"] = await latency_phase(ns, prompt, prompt_ids, token_ids, logs)
-        print(json.dumps(result["latency"]), flush=True)
     if ns.phase in ("throughput", "both"):
         result["throughput"] = await throughput_phase(ns, prompt, token_ids, logs)
     return result
@@ -291,11 +307,10 @@ def _failures(r: dict[str, Any]) -> str:
 
 
 def report(result: dict[str, Any]) -> str:
-    """A plain-text table of the results (cpu% is server/stand-in/client/others, % of one core; the server
-    is the router, or the floor's own process on the floor row)."""
+    """Plain-text tables of the results. cpu% is server/stand-in/client/others in % of one core (the
+    server is the router, or the floor's own process on the floor row)."""
     lines = []
-    lat = result.get("latency")
-    if lat:
+    for lat in result.get("latency", []):
         lines.append(
             f"latency: {lat['streams']} streams x {lat['output_len']} tokens, step {lat['step_ms']} ms"
         )
@@ -335,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(ns.output_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
     paths = ("direct", "router", "floor")
-    failed = sum(r.get("failed", 0) for r in (result.get("latency", {}).get(k, {}) for k in paths))
+    failed = sum(lat[k]["failed"] for lat in result.get("latency", []) for k in paths)
     failed += sum(p["failed"] for p in result.get("throughput", {}).get("points", []))
     return 1 if failed else 0
 

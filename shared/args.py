@@ -33,8 +33,6 @@ class EngineArgs:
     max_prefill_tokens: int = 16384
     max_running_requests: int = 256
     schedule_policy: str = "fcfs"  # fcfs | lpm
-    # Pages kept free for running requests when admitting new ones, per running request.
-    new_token_ratio_reserve: int = 1
 
     @property
     def effective_tokenizer_path(self) -> str:

@@ -29,7 +29,7 @@ def test_bench_router_smoke(tmp_path, capsys):
     assert bench_router_main(argv) == 0
     printed = capsys.readouterr().out
     result = json.loads(Path(out_file).read_text().splitlines()[-1])
-    lat = result["latency"]
+    (lat,) = result["latency"]
     for path in ("direct", "router", "floor"):
         assert lat[path]["failed"] == 0 and lat[path]["completed"] >= 8, (path, lat[path])
         assert 0 < lat[path]["ttft_p50_ms"] <= lat[path]["ttft_p99_ms"] < lat[path]["e2e_p50_ms"]
