@@ -19,9 +19,13 @@ would make the streamed text differ from the generated tokens; /detokenize follo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 REPLACEMENT_CHAR = "\ufffd"
+
+# (ids, skip_special_tokens) -> text
+Decoder = Callable[[list[int], bool], str]
 
 
 def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -29,11 +33,42 @@ def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool = True)
     return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
 
 
-class IncrementalDetokenizer:
-    """Detokenizes one output sequence. Not shared between samples or requests."""
+def fast_decoder(tokenizer: Any) -> Decoder:
+    """`decode_ids` for this tokenizer, through the Rust `tokenizers` backend when that gives the
+    same text: transformers' `decode` first walks the id list in Python (`to_py_obj`), several
+    times the cost of the Rust decode for the few ids of a streaming step.
 
-    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
-        self._tokenizer = tokenizer
+    The backend is used only when the tokenizer's class decodes the way transformers'
+    TokenizersBackend does (its `_decode` is the backend's decode, then an optional cleanup that
+    the router never asks for); other tokenizers keep `decode_ids`."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not _decodes_through_backend(type(tokenizer)):
+        return lambda ids, skip: decode_ids(tokenizer, ids, skip)
+    decode = backend.decode
+    return lambda ids, skip: decode(ids, skip_special_tokens=skip)
+
+
+def _decodes_through_backend(cls: type) -> bool:
+    try:
+        from transformers import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: keep the public decode
+        return False
+    return (
+        issubclass(cls, TokenizersBackend)
+        and cls._decode is TokenizersBackend._decode
+        and cls.decode is PreTrainedTokenizerBase.decode
+    )
+
+
+class IncrementalDetokenizer:
+    """Detokenizes one output sequence. Not shared between samples or requests.
+
+    `decoder` (from `fast_decoder(tokenizer)`) may be passed in, so that many detokenizers of one
+    tokenizer share it."""
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True, decoder: Decoder | None = None):
+        self._decoder = decoder or fast_decoder(tokenizer)
         self._skip = skip_special_tokens
         self.ids: list[int] = []
         self.text = ""  # all text released so far
@@ -41,7 +76,7 @@ class IncrementalDetokenizer:
         self._read = 0  # ids before this have been turned into released text
 
     def _decode(self, ids: list[int]) -> str:
-        return decode_ids(self._tokenizer, ids, self._skip)
+        return self._decoder(ids, self._skip)
 
     def add(self, new_ids: list[int]) -> str:
         """Appends ids; returns the text that became final (possibly "")."""

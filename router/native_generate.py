@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -31,67 +32,12 @@ from pdserve.router.errors import error_body
 from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
 from pdserve.router.limits import read_json_object
 from pdserve.router.native_parse import NativeGenerateRequest, parse_generate
-from pdserve.router.sample_tracker import LOGPROB_FIELDS
+from pdserve.router.native_view import SampleView
 from pdserve.router.sse import open_sse, send_done, send_event
 from pdserve.router.state import STATE_KEY, RouterState
+from pdserve.shared.protocol import GenerateRequest
 
 logger = logging.getLogger(__name__)
-
-# Logprob fields always present when return_logprob is set; the others only when asked for.
-_BASE_LOGPROB_FIELDS = ("input_token_logprobs", "output_token_logprobs")
-
-
-class SampleView:
-    """The cumulative state of one sample as the native API shows it."""
-
-    def __init__(self, inp: GenerateInput, index: int, num_samples: int, start: float, weight_version: str):
-        self.inp = inp
-        self.sample_id = inp.rid if num_samples == 1 else f"{inp.rid}-{index}"
-        self.start = start
-        self.weight_version = weight_version
-        self.text = ""
-        self.output_ids: list[int] = []
-        self.meta: dict[str, Any] = {}
-        self.logprobs: dict[str, list] = {}
-        if inp.return_logprob:
-            for name in _BASE_LOGPROB_FIELDS:
-                self.logprobs[name] = []
-            if inp.top_logprobs_num > 0:
-                self.logprobs["input_top_logprobs"] = []
-                self.logprobs["output_top_logprobs"] = []
-            if inp.token_ids_logprob is not None:
-                self.logprobs["input_token_ids_logprobs"] = []
-                self.logprobs["output_token_ids_logprobs"] = []
-        self.finished = False
-        self.finish_reason: dict[str, Any] | None = None
-
-    def update(self, event: SampleEvent) -> None:
-        self.text = event.text
-        self.output_ids = event.output_ids
-        self.finished = event.finished
-        self.finish_reason = event.finish_reason
-        self.meta = {
-            "prompt_tokens": event.prompt_tokens,
-            "completion_tokens": event.completion_tokens,
-            "cached_tokens": event.cached_tokens,
-        }
-        if self.inp.return_logprob:
-            for name in LOGPROB_FIELDS:
-                values = getattr(event, name)
-                if values is not None:
-                    self.logprobs.setdefault(name, []).extend(values)
-
-    def to_dict(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "id": self.sample_id,
-            "finish_reason": self.finish_reason,
-            **self.meta,
-            "weight_version": self.weight_version,
-        }
-        if self.finished:
-            meta["e2e_latency"] = round(time.perf_counter() - self.start, 6)
-        meta.update(self.logprobs)
-        return {"text": self.text, "output_ids": list(self.output_ids), "meta_info": meta}
 
 
 def _views(state: RouterState, req: NativeGenerateRequest, start: float) -> list[SampleView]:
@@ -105,17 +51,18 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     tokenizer = state.require_tokenizer()
     req = parse_generate(body, tokenizer, state.args.max_batch_size)
-    for inp in req.inputs:  # every prompt is checked before any is sent
-        state.generator.check(inp)
+    checked = [state.generator.check(inp) for inp in req.inputs]  # every prompt before any is sent
     views = _views(state, req, start)
     if req.stream:
-        return await _stream(request, state, req, views)
-    return await _collect(state, req, views)
+        return await _stream(request, state, req, views, checked)
+    return await _collect(state, req, views, checked)
 
 
-async def _collect(state: RouterState, req: NativeGenerateRequest, views: list[SampleView]) -> web.Response:
+async def _collect(
+    state: RouterState, req: NativeGenerateRequest, views: list[SampleView], checked: list[GenerateRequest]
+) -> web.Response:
     async def one(i: int, inp: GenerateInput) -> None:
-        async for event in state.generator.stream(inp, buffered=True):
+        async for event in state.generator.stream(inp, buffered=True, checked=checked[i]):
             views[i * req.num_samples + event.index].update(event)
 
     tasks = [asyncio.ensure_future(one(i, inp)) for i, inp in enumerate(req.inputs)]
@@ -134,66 +81,87 @@ async def _collect(state: RouterState, req: NativeGenerateRequest, views: list[S
 
 
 async def _stream(
-    request: web.Request, state: RouterState, req: NativeGenerateRequest, views: list[SampleView]
+    request: web.Request,
+    state: RouterState,
+    req: NativeGenerateRequest,
+    views: list[SampleView],
+    checked: list[GenerateRequest],
 ) -> web.StreamResponse:
+    resp: web.StreamResponse | None = None
+    try:
+        # leaving the block closes the streams (client gone, error): their workers abort the requests
+        async with contextlib.aclosing(_prompt_events(state, req, checked)) as events:
+            async for i, item in events:
+                if isinstance(item, GenerationError):
+                    if resp is None:
+                        raise item  # nothing sent yet: a plain HTTP error
+                    await send_event(resp, {"error": error_body(item.status, item.message, item.err_type)})
+                    continue
+                if resp is None:
+                    resp = await open_sse(request)
+                index = i * req.num_samples + item.index
+                view = views[index]
+                view.update(item)
+                await resp.write(view.sse_chunk(index if req.is_batch else None))
+        if resp is None:
+            resp = await open_sse(request)
+        await send_done(resp)
+        return resp
+    except ConnectionResetError:  # the client left mid-stream: stop
+        if resp is None:
+            raise
+        return resp
+
+
+async def _prompt_events(
+    state: RouterState, req: NativeGenerateRequest, checked: list[GenerateRequest]
+) -> AsyncIterator[tuple[int, SampleEvent | GenerationError]]:
+    """(prompt index, event) of every prompt in arrival order; a prompt's GenerationError (or a
+    router bug, as a 500) is yielded in its place and ends that prompt only."""
+    if len(req.inputs) == 1:  # the common case: the stream runs in the handler's task, no queue hop
+        async for item in _one_prompt(state, req.inputs[0], checked[0]):
+            yield 0, item
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done_marker = object()
 
-    async def pump(i: int, inp: GenerateInput) -> None:
+    async def pump(i: int) -> None:
         try:
-            async for event in state.generator.stream(inp):
-                queue.put_nowait((i, event))
-        except GenerationError as exc:
-            queue.put_nowait((i, exc))
-        except Exception as exc:  # a router bug: report it on the stream, keep the other prompts
-            logger.exception("streaming prompt %d of a /generate request failed", i)
-            queue.put_nowait(
-                (
-                    i,
-                    GenerationError(
-                        500, f"Internal error in the router: {type(exc).__name__}", "InternalServerError"
-                    ),
-                )
-            )
+            async for item in _one_prompt(state, req.inputs[i], checked[i], prompt_index=i):
+                queue.put_nowait((i, item))
         finally:
             queue.put_nowait((i, done_marker))
 
-    tasks = [asyncio.ensure_future(pump(i, inp)) for i, inp in enumerate(req.inputs)]
-    resp: web.StreamResponse | None = None
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(req.inputs))]
     try:
         running = len(tasks)
         while running:
             i, item = await queue.get()
             if item is done_marker:
                 running -= 1
-                continue
-            if isinstance(item, GenerationError):
-                if resp is None:
-                    raise item  # nothing sent yet: a plain HTTP error
-                await send_event(resp, {"error": error_body(item.status, item.message, item.err_type)})
-                continue
-            if resp is None:
-                resp = await open_sse(request)
-            index = i * req.num_samples + item.index
-            view = views[index]
-            view.update(item)
-            chunk = view.to_dict()
-            if req.is_batch:
-                chunk["index"] = index
-            await send_event(resp, chunk)
-        if resp is None:
-            resp = await open_sse(request)
-        await send_done(resp)
-        return resp
-    except ConnectionResetError:  # the client left mid-stream: stop (the finally aborts the rest)
-        if resp is None:
-            raise
-        return resp
+            else:
+                yield i, item
     finally:
         for task in tasks:  # client gone (write failed or handler cancelled): abort on the workers
             task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _one_prompt(
+    state: RouterState, inp: GenerateInput, checked: GenerateRequest, prompt_index: int = 0
+) -> AsyncIterator[SampleEvent | GenerationError]:
+    try:
+        async with contextlib.aclosing(state.generator.stream(inp, checked=checked)) as events:
+            async for event in events:
+                yield event
+    except GenerationError as exc:
+        yield exc
+    except Exception as exc:  # a router bug: report it on the stream, keep the other prompts
+        logger.exception("streaming prompt %d of a /generate request failed", prompt_index)
+        yield GenerationError(
+            500, f"Internal error in the router: {type(exc).__name__}", "InternalServerError"
+        )
 
 
 def _dumps(data: Any) -> str:

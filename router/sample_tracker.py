@@ -9,14 +9,17 @@ Rules:
 - logprob entries become `[logprob, token_id, text]`, text only with `return_text_in_logprobs`
   (each token decoded alone, special tokens kept, like SGLang);
 - the tracker also keeps everything cumulative, for `summary_event()` (buffered consumers) and
-  for the native API's cumulative stream chunks.
+  for the native API's cumulative stream chunks;
+- `absorb(out)` is `apply(out)` for buffered consumers, which only read `summary_event()`: no event
+  per output, and without stop strings no text until the sample finishes, when its ids are decoded
+  once (the same text: incremental detokenization equals the full decode).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pdserve.router.detokenizer import IncrementalDetokenizer, decode_ids
+from pdserve.router.detokenizer import Decoder, IncrementalDetokenizer, fast_decoder
 from pdserve.router.generation import SampleEvent
 from pdserve.router.stop_strings import StopStringMatcher
 from pdserve.shared.protocol import RequestOutput
@@ -38,15 +41,23 @@ def stop_list(stop: Any) -> list[str]:
 
 
 class SampleTracker:
-    def __init__(self, index: int, tokenizer: Any, sampling_params: dict[str, Any], text_in_logprobs: bool):
+    def __init__(
+        self,
+        index: int,
+        tokenizer: Any,
+        sampling_params: dict[str, Any],
+        text_in_logprobs: bool,
+        decoder: Decoder | None = None,
+        buffered: bool = False,
+    ):
         self.index = index
-        self._tokenizer = tokenizer
-        self._detok = IncrementalDetokenizer(
-            tokenizer, skip_special_tokens=bool(sampling_params.get("skip_special_tokens", True))
-        )
+        self._decoder = decoder or fast_decoder(tokenizer)
+        self._skip = bool(sampling_params.get("skip_special_tokens", True))
+        self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=self._skip, decoder=self._decoder)
         self._matcher = StopStringMatcher(
             stop_list(sampling_params.get("stop")), bool(sampling_params.get("no_stop_trim", False))
         )
+        self._text_at_end = buffered and not self._matcher  # see absorb()
         self._text_in_logprobs = text_in_logprobs
         self._checked = 0  # length of detokenized text already searched for stop strings
         self.text = ""  # visible text
@@ -61,16 +72,7 @@ class SampleTracker:
     # ------------------------------------------------------------------ per output
 
     def apply(self, out: RequestOutput) -> SampleEvent:
-        kept = self._take_ids(out.token_ids)
-        self.output_ids.extend(kept)
-        self.prompt_tokens = out.prompt_tokens
-        self.cached_tokens = out.cached_tokens
-        if not self.done and out.finished:
-            self._detok.finish()
-            self._check_stop()
-            if not self.done:
-                self.done = True
-                self.finish_reason = _public_finish_reason(out.finish_reason)
+        kept, new_logprobs = self._absorb(out)
         text = self._visible_text()
         delta = text[len(self.text) :]
         self.text = text
@@ -86,8 +88,44 @@ class SampleTracker:
             completion_tokens=len(self.output_ids),
             cached_tokens=self.cached_tokens,
         )
-        self._add_logprobs(out, event, len(kept))
+        for name, formatted in new_logprobs:
+            setattr(event, name, formatted)
         return event
+
+    def absorb(self, out: RequestOutput) -> None:
+        """`apply` without the event, for consumers that read only `summary_event()`."""
+        if self._text_at_end:
+            self._absorb_ids_only(out)
+        else:
+            self._absorb(out)
+            self.text = self._visible_text()
+
+    def _absorb(self, out: RequestOutput) -> tuple[list[int], list[tuple[str, list]]]:
+        """Takes one output in; returns the ids kept and the new logprob entries by field."""
+        kept = self._take_ids(out.token_ids)
+        self.output_ids.extend(kept)
+        self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = out.cached_tokens
+        if not self.done and out.finished:
+            self._detok.finish()
+            self._check_stop()
+            if not self.done:
+                self.done = True
+                self.finish_reason = _public_finish_reason(out.finish_reason)
+        return kept, self._add_logprobs(out, len(kept))
+
+    def _absorb_ids_only(self, out: RequestOutput) -> None:
+        """No stop strings and nobody reads the text before the end: ids now, one decode at the end."""
+        if self.done:
+            return
+        self.output_ids.extend(out.token_ids)
+        self.prompt_tokens = out.prompt_tokens
+        self.cached_tokens = out.cached_tokens
+        self._add_logprobs(out, len(out.token_ids))
+        if out.finished:
+            self.done = True
+            self.finish_reason = _public_finish_reason(out.finish_reason)
+            self.text = self._decoder(self.output_ids, self._skip)
 
     def _take_ids(self, ids: list[int]) -> list[int]:
         """Feeds ids to the detokenizer; with stop strings, stops at the id that completes one."""
@@ -127,13 +165,16 @@ class SampleTracker:
         if pair is None:
             return None
         logprob, token_id = pair[0], pair[1]
-        text = decode_ids(self._tokenizer, [token_id], False) if self._text_in_logprobs else None
+        text = self._decoder([token_id], False) if self._text_in_logprobs else None
         return [logprob, token_id, text]
 
     def _entries(self, pairs: list[Any] | None) -> list[Any] | None:
         return None if pairs is None else [self._entry(p) for p in pairs]
 
-    def _add_logprobs(self, out: RequestOutput, event: SampleEvent, num_kept: int) -> None:
+    def _add_logprobs(self, out: RequestOutput, num_kept: int) -> list[tuple[str, list]]:
+        """Formats the output's logprob fields (the output ones cut to the kept ids), adds them to
+        the cumulative lists and returns them."""
+        new: list[tuple[str, list]] = []
         for name in LOGPROB_FIELDS:
             raw = getattr(out, name)
             if raw is None:
@@ -144,8 +185,9 @@ class SampleTracker:
                 formatted = self._entries(raw)
             else:  # per position: a list of pairs, or None
                 formatted = [self._entries(pos) for pos in raw]
-            setattr(event, name, formatted)
+            new.append((name, formatted))
             self.logprobs.setdefault(name, []).extend(formatted)
+        return new
 
     # ------------------------------------------------------------------ whole sample
 

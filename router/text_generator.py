@@ -22,8 +22,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from pdserve.router.detokenizer import Decoder, fast_decoder
 from pdserve.router.dispatch import RESTART
 from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
 from pdserve.router.sample_tracker import SampleTracker
@@ -45,6 +46,8 @@ def context_overflow_message(prompt_len: int, max_new_tokens: int, context_lengt
 class RouterTextGenerator:
     def __init__(self, state: RouterState):
         self._state = state
+        self._decoder: Decoder | None = None
+        self._decoder_for: Any = None  # the tokenizer _decoder decodes for
 
     def check(self, inp: GenerateInput) -> GenerateRequest:
         """The worker message for inp, after the router-side checks (GenerationError 400/503)."""
@@ -88,29 +91,36 @@ class RouterTextGenerator:
     async def abort(self, rid: str) -> None:
         self._state.dispatcher.abort(rid)
 
-    async def stream(self, inp: GenerateInput, buffered: bool = False) -> AsyncIterator[SampleEvent]:
-        msg = self.check(inp)
+    async def stream(
+        self, inp: GenerateInput, buffered: bool = False, checked: GenerateRequest | None = None
+    ) -> AsyncIterator[SampleEvent]:
+        """`checked`: what `check(inp)` returned, when the caller checked inp already."""
+        msg = checked if checked is not None else self.check(inp)
         tokenizer = self._state.require_tokenizer()
         num_samples = int(msg.sampling_params.get("n", 1))
         metrics = self._state.metrics
+        decoder = self._decoder_of(tokenizer)
 
         def fresh() -> list[SampleTracker]:
             return [
-                SampleTracker(i, tokenizer, msg.sampling_params, inp.return_text_in_logprobs)
+                SampleTracker(
+                    i, tokenizer, msg.sampling_params, inp.return_text_in_logprobs, decoder, buffered
+                )
                 for i in range(num_samples)
             ]
 
         samples = fresh()
+        unfinished = num_samples
         start = time.perf_counter()
         last_output_at: float | None = None
         metrics.running.inc()
-        completed = False
         try:
             outputs = self._state.dispatcher.run(msg, num_samples, restartable=buffered)
             async with contextlib.aclosing(outputs):
                 async for item in outputs:
                     if item is RESTART:
                         samples = fresh()
+                        unfinished = num_samples
                         continue
                     if item.token_ids:
                         now = time.perf_counter()
@@ -122,21 +132,29 @@ class RouterTextGenerator:
                     tracker = samples[item.index]
                     if tracker.done:
                         continue  # a stop string ended it; the worker's later outputs are dropped
-                    event = tracker.apply(item)
-                    if not buffered:
-                        yield event
-                    if all(s.done for s in samples):
-                        break  # leaving aborts what the worker still runs (stop strings)
-            completed = all(s.done for s in samples)
+                    if buffered:
+                        tracker.absorb(item)
+                    else:
+                        yield tracker.apply(item)
+                    if tracker.done:
+                        unfinished -= 1
+                        if not unfinished:
+                            break  # leaving aborts what the worker still runs (stop strings)
             if buffered:
                 for tracker in samples:
                     yield tracker.summary_event()
         finally:
             metrics.running.dec()
-            if completed:
+            if not unfinished:
                 metrics.observe_request_done(
                     time.perf_counter() - start,
                     sum(s.prompt_tokens for s in samples[:1]),
                     sum(len(s.output_ids) for s in samples),
                     sum(s.cached_tokens for s in samples[:1]),
                 )
+
+    def _decoder_of(self, tokenizer: Any) -> Decoder:
+        """One fast decoder per tokenizer (the tokenizer is fixed once loaded)."""
+        if self._decoder_for is not tokenizer:
+            self._decoder, self._decoder_for = fast_decoder(tokenizer), tokenizer
+        return self._decoder

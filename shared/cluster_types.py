@@ -24,6 +24,7 @@ class WorkerInfo:
     role: str  # mixed | prefill | decode
     zmq_addr: str  # tcp://host:port of the worker's ROUTER socket
     http_addr: str = ""  # http://host:port for /health and /metrics ("" when off)
+    kv_addr: str = ""  # the KV transfer endpoint (KVManager.endpoint) of a prefill or decode worker
     model_path: str = ""
     served_model_name: str = ""
     max_total_num_tokens: int = 0

@@ -90,6 +90,33 @@ class FlushCacheRequest(Message):
     query_id: int = 0
 
 
+# ---------------------------------------------------------------- router -> prefill / decode worker
+# NOTE (router helper, 19:07): these three messages were RECONSTRUCTED from their uses in prefill/,
+# decode/, shared/worker/mixed.py and tests/helpers/pd_pair.py after an accidental revert of this
+# file wiped the kvtransfer helper's uncommitted edits. Field names follow those uses; tags,
+# docstrings and any unused fields of the original are guesses: check against your version.
+
+
+@dataclass
+class PrefillRequest(GenerateRequest):
+    """A GenerateRequest for a prefill worker: it prefills, then sends the KV pages (and the first
+    token) to the decode worker at `decode_kv_endpoint`; answered by exactly one PrefillDone."""
+
+    TAG: ClassVar[str] = "prefill"
+    decode_kv_endpoint: str = ""
+    decode_worker_id: str = ""
+
+
+@dataclass
+class DecodeRequest(GenerateRequest):
+    """A GenerateRequest for a decode worker whose KV comes from the prefill worker at
+    `prefill_kv_endpoint`; answered with RequestOutputs like a GenerateRequest."""
+
+    TAG: ClassVar[str] = "decode"
+    prefill_kv_endpoint: str = ""
+    prefill_worker_id: str = ""
+
+
 # ---------------------------------------------------------------- worker -> router
 
 
@@ -133,6 +160,18 @@ class OutputBatch(Message):
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> OutputBatch:
         return cls(outputs=[RequestOutput.from_wire(o) for o in data["outputs"]])
+
+
+@dataclass
+class PrefillDone(Message):
+    """The prefill worker's one answer to a PrefillRequest: the KV was delivered (ok) or not (reason)."""
+
+    TAG: ClassVar[str] = "prefill_done"
+    rid: str
+    ok: bool = True
+    reason: str = ""
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
 
 
 @dataclass

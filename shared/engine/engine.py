@@ -24,7 +24,8 @@ from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.output import build_output
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError, validate_request
-from pdserve.shared.engine.scheduler import BatchKind, Scheduler, SchedulerConfig
+from pdserve.shared.engine.sampling_params import SamplingParams
+from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, SchedulerConfig
 from pdserve.shared.engine.weights_update import (
     UPDATE_OK,
     CheckedWeights,
@@ -78,7 +79,7 @@ class Engine:
         self.kv = KVCacheManager(
             self.runner.pool.num_pages, args.page_size, enable_radix=not args.disable_radix_cache
         )
-        self.scheduler = Scheduler(
+        self.scheduler = self._make_scheduler(
             SchedulerConfig(
                 page_size=args.page_size,
                 max_running_requests=args.max_running_requests,
@@ -86,12 +87,15 @@ class Engine:
                 chunked_prefill_size=args.chunked_prefill_size,
                 schedule_policy=args.schedule_policy,
                 context_length=self.model_config.context_length,
-            ),
-            self.kv,
+            )
         )
         self.stats = EngineStats()
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
+
+    def _make_scheduler(self, config: SchedulerConfig) -> Scheduler:
+        """The scheduler over self.kv; the prefill and decode roles return their own subclass."""
+        return Scheduler(config, self.kv)
 
     # ------------------------------------------------------------------ facts
 
@@ -104,7 +108,13 @@ class Engine:
         return self.model_config.context_length
 
     def has_work(self) -> bool:
+        """Whether any request is live (computing, or waiting on a KV transfer in the roles)."""
         return self.scheduler.has_work()
+
+    def has_compute(self) -> bool:
+        """Whether a step may run a forward pass; False while live requests only wait on transfers
+        (a worker loop may then wait on its socket a little instead of spinning)."""
+        return self.scheduler.has_compute()
 
     def load(self, query_id: int = 0) -> LoadReport:
         kv = self.kv
@@ -125,6 +135,13 @@ class Engine:
 
     def add_request(self, msg: GenerateRequest) -> None:
         """Queues a request (n samples share the prompt's pages); raises RequestError if invalid."""
+        samples = self._new_samples(msg)
+        for req in samples:
+            self.scheduler.add(req)
+        self._track(msg.rid, samples)
+
+    def _new_samples(self, msg: GenerateRequest) -> list[Req]:
+        """Validates msg and builds its n sample requests (queued nowhere yet); raises RequestError."""
         if msg.rid in self._live:
             raise RequestError(f"Duplicate request id {msg.rid!r}: a request with this rid is still running.")
         params = validate_request(
@@ -146,10 +163,13 @@ class Engine:
                 token_ids_logprob=list(msg.token_ids_logprob) if msg.token_ids_logprob else None,
             )
             samples.append(req)
-            self.scheduler.add(req)
-        self._live[msg.rid] = samples
+        return samples
+
+    def _track(self, rid: str, samples: list[Req]) -> None:
+        """Counts an accepted request; it stays live until every sample has finished (`_retire`)."""
+        self._live[rid] = samples
         self.stats.num_requests += 1
-        self.stats.prompt_tokens += len(msg.input_ids) * params.n
+        self.stats.prompt_tokens += len(samples[0].input_ids) * len(samples)
 
     def abort(self, rid: str, message: str = "Aborted by the client.") -> list[RequestOutput]:
         """Aborts every sample of rid; returns their final outputs (empty if rid is unknown)."""
@@ -190,12 +210,30 @@ class Engine:
         if not req.reported:  # counted once, with the first output (cached_tokens is set at admission)
             self.stats.cached_tokens += req.cached_tokens
         if req.is_finished:
-            self.stats.num_finished += 1
-            samples = self._live.get(req.rid)
-            if samples is not None and all(s.is_finished for s in samples):
-                del self._live[req.rid]
+            self._retire(req)
         req.reported = True
         return out
+
+    def _retire(self, req: Req) -> None:
+        """Counts a finished sample; forgets its rid once every sample of it has finished."""
+        self.stats.num_finished += 1
+        samples = self._live.get(req.rid)
+        if samples is not None and all(s.is_finished for s in samples):
+            del self._live[req.rid]
+
+    def warm_up(self) -> None:
+        """One forward of one token outside the scheduler, so the first real request is fast; its page
+        goes straight back and nothing enters the cache or the counters (every role can run it, also
+        a prefill engine, which serves no GenerateRequest)."""
+        pages = self.kv.allocate(1)
+        if pages is None:
+            return
+        req = Req(rid="warm-up", input_ids=[0], params=SamplingParams(max_new_tokens=1, temperature=0.0))
+        req.pages = pages
+        try:
+            self.runner.run(ScheduledBatch(BatchKind.EXTEND, [req], [0], [1]))
+        finally:
+            self.kv.release([], pages, None, cache=False)
 
     def flush_cache(self, query_id: int = 0) -> FlushCacheResult:
         if self.scheduler.has_work():

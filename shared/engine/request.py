@@ -21,8 +21,9 @@ class ReqStatus(enum.IntEnum):
     WAITING = 1  # queued; nothing of it in the pool (new, or retracted)
     WAITING_FOR_KV = 2  # decode role: pages allocated, KV arriving from a prefill worker
     PREFILLING = 3  # part of the prompt computed (chunked prefill in progress)
-    RUNNING = 4  # in the decode batch
-    FINISHED = 5
+    TRANSFERRING = 4  # prefill role: prompt computed, first token sampled, KV pages on their way to decode
+    RUNNING = 5  # in the decode batch
+    FINISHED = 6
 
 
 @dataclass(eq=False)  # identity, not field-wise, equality: queues remove by identity

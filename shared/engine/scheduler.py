@@ -21,6 +21,11 @@ Page accounting rules:
   requests are retracted until the rest fit; their computed tokens stay in the radix cache, so
   recompute is mostly hits. Only a lone request that outgrows the whole pool is stopped (abort).
 - finished, aborted and retracted requests return every page through `KVCacheManager.release`.
+
+The disaggregated roles subclass this scheduler (prefill/scheduler.py, decode/scheduler.py) through
+a few hooks: `_on_prefill_complete` (where a request goes once its prompt is computed),
+`_admission_headroom` (pages a new prompt must leave free), `_unqueue`/`_finish` (their own queues),
+and the queue views `has_work`, `all_requests`, `num_running`, `num_waiting`.
 """
 
 from __future__ import annotations
@@ -96,6 +101,11 @@ class Scheduler:
         return len(self.running) + len(self.prefilling)
 
     def has_work(self) -> bool:
+        """Whether any request is live (roles add requests that wait on a transfer)."""
+        return self.has_compute()
+
+    def has_compute(self) -> bool:
+        """Whether a request may need a forward pass (a batch), as opposed to waiting on a transfer."""
         return bool(self.waiting or self.prefilling or self.running)
 
     def all_requests(self) -> list[Req]:
@@ -115,6 +125,11 @@ class Scheduler:
         if self.running:
             return self._schedule_decode()
         return None
+
+    def _admission_headroom(self) -> int:
+        """Pages a new prompt must leave free for requests already decoding: one per running request
+        (the page its next token may need). The decode role adds its output reserves."""
+        return len(self.running)
 
     def _prefix_limit(self, req: Req) -> int:
         """How many leading tokens may come from the cache: the last token must always be computed
@@ -136,7 +151,7 @@ class Scheduler:
         cfg = self.config
         budget = cfg.max_prefill_tokens
         chunk_cap = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else 1 << 62
-        headroom = len(self.running)
+        headroom = self._admission_headroom()
         reqs: list[Req] = []
         prefix_lens: list[int] = []
         extend_lens: list[int] = []
@@ -262,15 +277,9 @@ class Scheduler:
             if batch.kind == BatchKind.EXTEND:
                 self._after_chunk(req)
             token = next_tokens[i]
-            if req.status == ReqStatus.PREFILLING and req.num_computed == req.seq_len:
-                self.prefilling.remove(req)
-                req.status = ReqStatus.RUNNING
-                self.running.append(req)
-                if req.params.max_new_tokens == 0:  # prompt scoring only
-                    self._finish(req, {"type": "length", "length": 0})
-                    result.progressed.append(req)
-                    result.finished.append(req)
-                    continue
+            prefill_complete = req.status == ReqStatus.PREFILLING and req.num_computed == req.seq_len
+            if prefill_complete and not self._on_prefill_complete(req, result):
+                continue
             if token is None:
                 continue
             req.output_ids.append(token)
@@ -280,6 +289,19 @@ class Scheduler:
                 self._finish(req, reason)
                 result.finished.append(req)
         return result
+
+    def _on_prefill_complete(self, req: Req, result: StepResult) -> bool:
+        """req's fill_ids are all computed: it joins the decode batch. Returns whether the token it
+        sampled this step is still to be handled (False: req is done with this step). Roles override."""
+        self.prefilling.remove(req)
+        req.status = ReqStatus.RUNNING
+        self.running.append(req)
+        if req.params.max_new_tokens == 0:  # prompt scoring only
+            self._finish(req, {"type": "length", "length": 0})
+            result.progressed.append(req)
+            result.finished.append(req)
+            return False
+        return True
 
     def _after_chunk(self, req: Req) -> None:
         """Puts the request's computed whole pages into the radix cache so others can share them."""
@@ -297,14 +319,19 @@ class Scheduler:
             return {"type": "length", "length": len(req.output_ids)}
         return None
 
-    def _finish(self, req: Req, reason: dict) -> None:
-        """Ends a request and returns its pages; safe in any state but FINISHED."""
+    def _unqueue(self, req: Req) -> None:
+        """Takes req out of the queue its status names. Roles with queues of their own extend it."""
         if req.status == ReqStatus.WAITING:
             self.waiting.remove(req)
         elif req.status == ReqStatus.PREFILLING:
             self.prefilling.remove(req)
         elif req.status == ReqStatus.RUNNING:
             self.running.remove(req)
+
+    def _finish(self, req: Req, reason: dict) -> None:
+        """Ends a request and returns its pages (computed whole pages to the cache); safe in any
+        state but FINISHED."""
+        self._unqueue(req)
         if req.pages or req.prefix_node is not None:
             self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
         req.pages, req.prefix_node = [], None

@@ -1,24 +1,33 @@
-"""`worker`: one worker process. `--role mixed` serves prefill and decode in one engine.
+"""`worker`: one worker process. `--role mixed` serves prefill and decode in one engine;
+`--role prefill` and `--role decode` are the two halves of disaggregated serving.
 
     worker --role mixed --model-path HuggingFaceTB/SmolLM2-135M-Instruct --port 30001
+    worker --role prefill --port 30011 --kv-transfer-backend zmq     # prefill/engine.py, prefill/worker.py
+    worker --role decode --port 30021 --kv-transfer-backend zmq      # decode/engine.py, decode/worker.py
 
 Start-up order (so probes and clients see sensible states at every moment):
   1. SIGTERM/SIGINT handlers (a signal during loading ends the process cleanly after the load);
   2. the HTTP port (`/health` answers 503 while loading) and the ZMQ ROUTER socket (clients may
      connect and queue requests early);
-  3. the engine (model + KV pool), one warm-up forward of one token, then a cache flush;
+  3. the engine (model + KV pool; prefill/decode: and the KV transfer manager over that pool), one
+     warm-up forward of one token (mixed: through generate, then a cache flush);
   4. `/health` turns 200 and one line goes to stdout:
-     `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q`;
+     `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q` (prefill/decode add
+     `kv=<endpoint>`, the address peers' KV managers dial; it is also `kv_addr` in Redis);
      with `--redis-url`, the Redis heartbeat (shared/cluster.py) writes its first beat just before
      that line: routers see the worker only once it is ready, and a clean exit deletes its key;
-  5. the loop (mixed.py) until a signal; then intake stops, live requests are aborted (their clients
-     get abort outputs), sockets close, exit status 0. A second signal exits at once with status 1.
+  5. the loop (mixed.py, or the role's worker.py) until a signal; then intake stops, live requests
+     are aborted (their clients get abort outputs; their transfers are aborted), the KV manager and
+     the sockets close, exit status 0. A second signal exits at once with status 1.
 
 Ports: `--port` is the ZMQ port (0: a free one). `--http-port` defaults to port + 1 (a free one
 when `--port 0`); `--http-port 0` disables HTTP. The ready line prints the ports actually bound.
 Cluster: `--redis-url` registers the worker under `--worker-id` (default `<role>@<host>:<zmq port>`)
 with addresses on `--advertise-host` (default: `--host`, or this machine's address when binding a
 wildcard). Without `--redis-url` the worker serves whoever dials its ZMQ port, as before.
+KV transfer (prefill/decode): `--kv-transfer-backend zmq|nccl|fake` (kvtransfer/), transfers that
+do not finish within `--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt
+only with room for `--num-reserved-decode-tokens` output tokens besides (decode/scheduler.py).
 Logs go to stderr; stdout carries only the ready line. The worker starts no child processes.
 """
 
@@ -33,6 +42,7 @@ import time
 
 import zmq
 
+from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS
 from pdserve.shared.args import EngineArgs, add_engine_args, engine_args_from
 from pdserve.shared.cluster import WorkerRegistration, advertise_host, default_worker_id
 from pdserve.shared.cluster_types import WorkerInfo
@@ -44,6 +54,7 @@ from pdserve.shared.worker.zmq_io import RouterSocket, tcp_address
 logger = logging.getLogger("pdserve.worker")
 
 ROLES = ("mixed", "prefill", "decode")
+KV_TRANSFER_BACKENDS = ("zmq", "nccl", "fake")
 EXIT_USAGE = 2
 
 
@@ -70,6 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_DRAIN_TIMEOUT_S,
         help="seconds a weights update waits for running requests before aborting them",
+    )
+    parser.add_argument(
+        "--kv-transfer-backend",
+        choices=KV_TRANSFER_BACKENDS,
+        default="zmq",
+        help="how prefill workers push KV pages to decode workers (prefill/decode roles; default zmq)",
+    )
+    parser.add_argument(
+        "--kv-transfer-timeout",
+        type=float,
+        default=None,
+        help="seconds a KV transfer may take before it fails (default: the backend's, 60)",
+    )
+    parser.add_argument(
+        "--num-reserved-decode-tokens",
+        type=int,
+        default=DEFAULT_NUM_RESERVED_DECODE_TOKENS,
+        help="decode role: output tokens of room each request keeps beside its prompt when pre-allocating",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(parser)
@@ -100,7 +129,9 @@ def _port_of(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
-def worker_flags(ns: argparse.Namespace, zmq_port: int, http_port: int | None, worker_id: str) -> dict:
+def worker_flags(
+    ns: argparse.Namespace, zmq_port: int, http_port: int | None, worker_id: str, kv_addr: str = ""
+) -> dict:
     """The worker's own flags (not EngineArgs), as bound, for ServerInfo.args."""
     return {
         "role": ns.role,
@@ -111,10 +142,22 @@ def worker_flags(ns: argparse.Namespace, zmq_port: int, http_port: int | None, w
         "worker_id": worker_id,
         "advertise_host": ns.advertise_host,
         "update_weights_drain_timeout": ns.update_weights_drain_timeout,
+        **(
+            {
+                "kv_transfer_backend": ns.kv_transfer_backend,
+                "kv_transfer_timeout": ns.kv_transfer_timeout,
+                "kv_addr": kv_addr,
+            }
+            if ns.role != "mixed"
+            else {}
+        ),
+        **({"num_reserved_decode_tokens": ns.num_reserved_decode_tokens} if ns.role == "decode" else {}),
     }
 
 
-def registration_for(ns: argparse.Namespace, engine, worker_id: str, zmq_port: int, http_port: int | None):
+def registration_for(
+    ns: argparse.Namespace, engine, worker_id: str, zmq_port: int, http_port: int | None, kv_addr: str = ""
+):
     """The Redis heartbeat of this worker (not started yet)."""
     host = ns.advertise_host or advertise_host(ns.host)
     info = WorkerInfo(
@@ -122,6 +165,7 @@ def registration_for(ns: argparse.Namespace, engine, worker_id: str, zmq_port: i
         role=ns.role,
         zmq_addr=tcp_address(host, zmq_port),
         http_addr=f"http://{host}:{http_port}" if http_port else "",
+        kv_addr=kv_addr,
         model_path=engine.model_path,
         served_model_name=engine.served_model_name,
         max_total_num_tokens=engine.max_total_num_tokens,
@@ -141,13 +185,64 @@ def warm_up(engine) -> None:
     engine.flush_cache()
 
 
-def run_mixed(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
+class StartupError(RuntimeError):
+    """A start-up failure the operator can fix (an address the KV backend cannot bind): logged, exit 1."""
+
+
+def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str):
+    """The role's engine; prefill and decode engines get a KV manager over their own KV pool."""
+    if ns.role == "mixed":
+        from pdserve.shared.engine.engine import Engine  # torch import: after the ports answer
+
+        return Engine(engine_args)
+    from pdserve.kvtransfer import make_kv_manager
+    from pdserve.kvtransfer.base import KVTransferConfig, KVTransferError
+
+    config = KVTransferConfig()
+    if ns.kv_transfer_timeout is not None:
+        config = KVTransferConfig(transfer_timeout_s=ns.kv_transfer_timeout)
+    kv_host = ns.advertise_host or advertise_host(ns.host)
+
+    def make_kv(pool):
+        try:
+            return make_kv_manager(ns.kv_transfer_backend, pool, worker_id, kv_host, config)
+        except KVTransferError as exc:
+            raise StartupError(
+                f"cannot start the {ns.kv_transfer_backend} KV transfer backend: {exc}"
+            ) from exc
+
+    if ns.role == "prefill":
+        from pdserve.prefill.engine import PrefillEngine
+
+        return PrefillEngine(engine_args, make_kv)
+    from pdserve.decode.engine import DecodeEngine
+
+    return DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens)
+
+
+def worker_class(role: str):
+    """The loop of the role (they share mixed.py's)."""
+    if role == "prefill":
+        from pdserve.prefill.worker import PrefillWorker
+
+        return PrefillWorker
+    if role == "decode":
+        from pdserve.decode.worker import DecodeWorker
+
+        return DecodeWorker
+    from pdserve.shared.worker.mixed import MixedWorker
+
+    return MixedWorker
+
+
+def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     stop = threading.Event()
     _install_signal_handlers(stop)
     state = HealthState()
-    metrics = WorkerMetrics(role="mixed", model=engine_args.served_model_name or engine_args.model_path)
+    metrics = WorkerMetrics(role=ns.role, model=engine_args.served_model_name or engine_args.model_path)
     http = None
     registration: WorkerRegistration | None = None
+    engine = None
     http_port = _http_port(ns)
     ctx = zmq.Context()
     try:
@@ -161,36 +256,42 @@ def run_mixed(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     if http is not None:
         http.start()
     try:
-        from pdserve.shared.engine.engine import Engine  # torch import: after the ports answer
-        from pdserve.shared.worker.mixed import MixedWorker
-
-        try:
-            engine = Engine(engine_args)
-        except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
-            logger.error("cannot load the model: %s", exc)
-            return 1
         zmq_port = _port_of(sock.address)
         bound_http_port = _port_of(http.url) if http else None
         worker_id = ns.worker_id or default_worker_id(
             ns.role, ns.advertise_host or advertise_host(ns.host), zmq_port
         )
+        try:
+            engine = build_engine(ns, engine_args, worker_id)
+        except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
+            logger.error("cannot load the model: %s", exc)
+            return 1
+        except StartupError as exc:
+            logger.error("%s", exc)
+            return 1
+        kv_addr = engine.kv_manager.endpoint if ns.role != "mixed" else ""
         if not stop.is_set():  # a signal during loading: skip readiness, refuse what queued up, exit
-            warm_up(engine)
+            if ns.role == "mixed":
+                warm_up(engine)
+            else:
+                engine.warm_up()
             state.set_ready()
             if ns.redis_url:  # before the ready line: whoever waits for it finds the worker registered
-                registration = registration_for(ns, engine, worker_id, zmq_port, bound_http_port)
+                registration = registration_for(ns, engine, worker_id, zmq_port, bound_http_port, kv_addr)
                 registration.start()
+            kv_field = f" kv={kv_addr}" if kv_addr else ""
             print(
-                f"pdserve worker ready role=mixed zmq={sock.address} http={http.url if http else 'off'}",
+                f"pdserve worker ready role={ns.role} zmq={sock.address} http={http.url if http else 'off'}"
+                + kv_field,
                 flush=True,
             )
-        MixedWorker(
+        worker_class(ns.role)(
             engine,
             sock,
             metrics,
             stop,
             worker_id=worker_id,
-            worker_flags=worker_flags(ns, zmq_port, bound_http_port, worker_id),
+            worker_flags=worker_flags(ns, zmq_port, bound_http_port, worker_id, kv_addr),
             registration=registration,
             drain_timeout_s=ns.update_weights_drain_timeout,
         ).serve()
@@ -198,6 +299,8 @@ def run_mixed(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         if registration is not None:  # first: routers stop sending before the sockets close
             registration.close()
         state.set_stopping()
+        if engine is not None and ns.role != "mixed":
+            engine.kv_manager.close()
         sock.close()
         ctx.term()
         if http is not None:
@@ -213,18 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         level=ns.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if ns.role != "mixed":
-        print(
-            f"worker: --role {ns.role} arrives with the disaggregation issue; use --role mixed for now.",
-            file=sys.stderr,
-        )
+    if ns.num_reserved_decode_tokens < 0:
+        print("worker: --num-reserved-decode-tokens must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.kv_transfer_timeout is not None and ns.kv_transfer_timeout <= 0:
+        print("worker: --kv-transfer-timeout must be > 0 seconds", file=sys.stderr)
         return EXIT_USAGE
     try:
         engine_args = engine_args_from(ns)
     except ValueError as exc:  # EngineArgs.validate names the flag
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    return run_mixed(ns, engine_args)
+    return run_worker(ns, engine_args)
 
 
 if __name__ == "__main__":

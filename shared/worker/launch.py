@@ -1,8 +1,9 @@
 """Starting a `worker` process from Python and waiting until it serves (demo, tests, `serve`).
 
-Readiness is the worker's stdout line `pdserve worker ready role=... zmq=... http=...`, printed after
-the warm-up, then confirmed with `/health` 200. Reading that line (instead of choosing ports in
-advance) lets the worker bind free ports itself (`--port 0`), so parallel starts never race for one.
+Readiness is the worker's stdout line `pdserve worker ready role=... zmq=... http=...` (prefill and
+decode roles add `kv=<KV transfer endpoint>`), printed after the warm-up, then confirmed with
+`/health` 200. Reading that line (instead of choosing ports in advance) lets the worker bind free
+ports itself (`--port 0`), so parallel starts never race for one.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class WorkerProcess:
         threading.Thread(target=self._read_stdout, name="worker-stdout", daemon=True).start()
         self.zmq_address: str | None = None
         self.http_url: str | None = None
+        self.kv_address: str | None = None
 
     def _read_stdout(self) -> None:
         assert self.proc.stdout is not None
@@ -79,6 +81,7 @@ class WorkerProcess:
                 fields = parse_ready_line(line)
                 self.zmq_address = fields["zmq"]
                 self.http_url = None if fields.get("http", "off") == "off" else fields["http"]
+                self.kv_address = fields.get("kv")  # prefill and decode roles
         while self.http_url is not None and http_status(self.http_url + "/health") != 200:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"worker {self.pid}: /health not 200 after {timeout_s:.0f} s")

@@ -41,11 +41,13 @@ import msgpack
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.protocol import (
     AbortRequest,
+    DecodeRequest,
     FlushCacheRequest,
     GenerateRequest,
     LoadQuery,
     Message,
     OutputBatch,
+    PrefillRequest,
     RequestOutput,
     ServerInfoQuery,
     UpdateWeightsRequest,
@@ -58,6 +60,7 @@ from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_MESSAGE = "worker is shutting down"
+TRANSFER_POLL_MS = 1  # socket wait per turn while live requests only wait on KV transfers
 
 
 def error_output(rid: str, message: str) -> RequestOutput:
@@ -86,19 +89,27 @@ def held_abort_outputs(msg: GenerateRequest, message: str) -> list[RequestOutput
     ]
 
 
+_REQUEST_TAGS = (GenerateRequest.TAG, PrefillRequest.TAG, DecodeRequest.TAG)
+
+
 def salvage_generate_rid(frame: bytes) -> str | None:
-    """The rid of a GenerateRequest frame whose fields do not match the message, if it has one:
+    """The rid of a GenerateRequest (or Prefill/DecodeRequest) frame whose fields do not match the message, if it has one:
     the sender then gets an error output instead of waiting for a reply that never comes."""
     try:
         tag, data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
     except (ValueError, TypeError, msgpack.exceptions.UnpackException):  # garbage: no rid to answer
         return None
-    if tag == GenerateRequest.TAG and isinstance(data, dict) and isinstance(data.get("rid"), str):
+    if tag in _REQUEST_TAGS and isinstance(data, dict) and isinstance(data.get("rid"), str):
         return data["rid"]
     return None
 
 
 class MixedWorker:
+    """The mixed role's loop; the prefill and decode workers (prefill/worker.py, decode/worker.py)
+    reuse it with their own engine, ROLE, extra handlers and answers."""
+
+    ROLE = "mixed"
+
     def __init__(
         self,
         engine,
@@ -141,7 +152,7 @@ class MixedWorker:
         self._publish_metrics(force=True)
         busy = False
         while not self.stop.is_set():
-            if self.sock.poll(0 if busy else self.idle_poll_ms):
+            if self.sock.poll(self._poll_ms(busy)):
                 self._drain_socket()
             self.updates.advance()
             was_busy, busy = busy, self.engine.has_work()
@@ -161,7 +172,7 @@ class MixedWorker:
             logger.warning("dropping undecodable frame from %s: %s", env.identity.hex(), env.error)
             rid = salvage_generate_rid(env.frame)
             if rid is not None and rid not in self.owners:
-                self._send(env.identity, [error_output(rid, f"Malformed GenerateRequest: {env.error}")])
+                self._refuse(env.identity, rid, f"Malformed GenerateRequest: {env.error}")
             return
         handler = self._handlers.get(type(env.message))
         if handler is None:
@@ -175,7 +186,7 @@ class MixedWorker:
             logger.exception("handling %s from %s failed", type(env.message).__name__, env.identity.hex())
             msg = env.message
             if isinstance(msg, GenerateRequest) and isinstance(msg.rid, str) and msg.rid not in self.owners:
-                self._send(env.identity, [error_output(msg.rid, "Internal error handling the request.")])
+                self._refuse(env.identity, msg.rid, "Internal error handling the request.")
 
     def _step(self) -> None:
         try:
@@ -191,6 +202,21 @@ class MixedWorker:
 
     def _send(self, identity: bytes, outputs: list[RequestOutput]) -> None:
         self.sock.send(identity, OutputBatch(outputs=outputs))
+
+    def _refuse(self, identity: bytes, rid: str, message: str) -> None:
+        """Answers a request that never entered the engine (the prefill role answers differently)."""
+        self._send(identity, [error_output(rid, message)])
+
+    def _refuse_held(self, identity: bytes, msg: GenerateRequest, message: str) -> None:
+        """Answers a request aborted while held for a weights update."""
+        self._send(identity, held_abort_outputs(msg, message))
+
+    def _poll_ms(self, busy: bool) -> int:
+        """How long a turn waits on the socket: not at all while there is compute to do, a moment
+        while requests only wait on KV transfers (the roles), `idle_poll_ms` when idle."""
+        if not busy:
+            return self.idle_poll_ms
+        return 0 if self.engine.has_compute() else TRANSFER_POLL_MS
 
     def _publish_metrics(self, force: bool = False) -> None:
         """Snapshots the engine for /metrics; throttled because load() walks the cache's counters."""
@@ -210,7 +236,7 @@ class MixedWorker:
         self.accepting = False
         self._drain_socket()
         for identity, msg in self.updates.close(SHUTDOWN_MESSAGE):
-            self._send(identity, [error_output(msg.rid, SHUTDOWN_MESSAGE)])
+            self._refuse(identity, msg.rid, SHUTDOWN_MESSAGE)
         aborted = self.engine.abort_all(SHUTDOWN_MESSAGE)
         if aborted:
             logger.info("shutdown: aborted %d live request(s)", len(aborted))
@@ -221,13 +247,13 @@ class MixedWorker:
 
     def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
         if not isinstance(msg.rid, str) or not msg.rid:
-            self._send(identity, [error_output(str(msg.rid), "rid must be a non-empty string.")])
+            self._refuse(identity, str(msg.rid), "rid must be a non-empty string.")
             return
         if not self.accepting:
-            self._send(identity, [error_output(msg.rid, SHUTDOWN_MESSAGE)])
+            self._refuse(identity, msg.rid, SHUTDOWN_MESSAGE)
             return
         if not isinstance(msg.sampling_params, dict):
-            self._send(identity, [error_output(msg.rid, "sampling_params must be an object (a dict).")])
+            self._refuse(identity, msg.rid, "sampling_params must be an object (a dict).")
             return
         if self.updates.holding:  # the weights are being swapped: it waits, and enters after the swap
             self.updates.hold(identity, msg)
@@ -236,14 +262,14 @@ class MixedWorker:
             self.engine.add_request(msg)
         except RequestError as exc:
             logger.info("refused request %r: %s", msg.rid, exc)
-            self._send(identity, [error_output(msg.rid, str(exc))])
+            self._refuse(identity, msg.rid, str(exc))
             return
         self.owners.register(msg.rid, identity, int(msg.sampling_params.get("n", 1)))
 
     def _on_abort(self, identity: bytes, msg: AbortRequest) -> None:
         held = self.updates.take_held(msg.rid)
         if held is not None:
-            self._send(identity, held_abort_outputs(held, msg.message))
+            self._refuse_held(identity, held, msg.message)
             return
         self._deliver(self.engine.abort(msg.rid, msg.message))
 
@@ -258,7 +284,7 @@ class MixedWorker:
     def _on_server_info(self, identity: bytes, msg: ServerInfoQuery) -> None:
         info = self.engine.server_info(msg.query_id)
         info.worker_id = self.worker_id
-        info.role = "mixed"
+        info.role = self.ROLE
         info.args = {**info.args, **self.worker_flags}
         self.sock.send(identity, info)
 

@@ -42,6 +42,11 @@ class RequestOwners:
         owner = self._owners.get(rid)
         return None if owner is None else owner.identity
 
+    def pop(self, rid: str) -> bytes | None:
+        """Forgets rid and returns its client (a request answered by one final message), or None."""
+        owner = self._owners.pop(rid, None)
+        return None if owner is None else owner.identity
+
     def group(self, outputs: list[RequestOutput]) -> dict[bytes, list[RequestOutput]]:
         """Splits one step's outputs by client; forgets a rid once its last sample finished.
 

@@ -359,11 +359,19 @@ def test_requests_arriving_during_shutdown_are_refused(tiny_model):
         ctx.term()
 
 
-@pytest.mark.parametrize("role", ["prefill", "decode"])
-def test_disaggregated_roles_exit_2_for_now(role):
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--role", "prefill", "--kv-transfer-backend", "carrier-pigeon"], "--kv-transfer-backend"),
+        (["--role", "decode", "--num-reserved-decode-tokens", "-1"], "--num-reserved-decode-tokens"),
+        (["--role", "decode", "--kv-transfer-timeout", "0"], "--kv-transfer-timeout"),
+    ],
+)
+def test_disaggregated_role_flags_are_checked_before_loading(flags, message):
+    """(The roles themselves are tested in test_disagg_workers.py.)"""
     res = subprocess.run(
-        [sys.executable, "-m", "pdserve.shared.worker.cli", "--role", role],
+        [sys.executable, "-m", "pdserve.shared.worker.cli", *flags],
         check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2
-    assert "disaggregation issue" in res.stderr
+    assert message in res.stderr

@@ -1,0 +1,118 @@
+"""The decode role's engine: the shared Engine with pre-allocation and a KV receiver per remote request.
+
+Life of a DecodeRequest, queues in order:
+
+    add_request ──▶ prealloc ──▶ waiting_for_kv ──▶ running ──▶ finished
+                    (receiver    (pages allocated,  (first token reported at once, with the
+                     made)        receiver.init;     prefill side's logprobs; then one token per
+                                  polled each step)  step, as any request of a continuous batch)
+
+Each `step()` first advances the transfers, never blocking: receivers that reached a final state
+are settled (Success: the first token and logprobs from `first_output` go into the request, which
+joins the running batch and is reported; Failed: its pages are freed, uncached, and it finishes
+with finish_reason abort and "KV transfer failed: <why>"); then queued remote requests get pages
+while the pool allows (decode/scheduler.py) and their receivers learn where the KV goes. Then one
+batch runs, as in the mixed engine.
+
+A plain GenerateRequest is prefilled locally (the router does that for short prompts, n > 1, or
+when no prefill worker is alive). Abort at any stage aborts the receiver before the pages are
+freed. Outputs are RequestOutputs, exactly as a mixed engine's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pdserve.decode.receiving import Arrival, KVReceiveQueue
+from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS, DecodeScheduler
+from pdserve.kvtransfer.base import KVManager, KVTransferError
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.engine import Engine
+from pdserve.shared.engine.handoff import HandoffError, apply_first_output
+from pdserve.shared.engine.kv_pool import PagedKVPool
+from pdserve.shared.engine.request_validation import RequestError
+from pdserve.shared.engine.scheduler import SchedulerConfig
+from pdserve.shared.protocol import DecodeRequest, GenerateRequest, PrefillRequest, RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeEngine(Engine):
+    """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool."""
+
+    scheduler: DecodeScheduler
+
+    def __init__(
+        self,
+        args: EngineArgs,
+        make_kv_manager: Callable[[PagedKVPool], KVManager],
+        num_reserved_decode_tokens: int = DEFAULT_NUM_RESERVED_DECODE_TOKENS,
+    ):
+        self.num_reserved_decode_tokens = num_reserved_decode_tokens  # read by _make_scheduler
+        super().__init__(args)
+        self.kv_manager = make_kv_manager(self.runner.pool)
+        self.receives = KVReceiveQueue()
+
+    def _make_scheduler(self, config: SchedulerConfig) -> DecodeScheduler:
+        return DecodeScheduler(config, self.kv, self.num_reserved_decode_tokens)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, msg: GenerateRequest) -> None:
+        """DecodeRequest: KV comes from a prefill worker; GenerateRequest: prefilled here."""
+        if isinstance(msg, PrefillRequest):
+            raise RequestError("A decode worker does not serve PrefillRequest; send it to a prefill worker.")
+        if not isinstance(msg, DecodeRequest):
+            super().add_request(msg)
+            return
+        if not isinstance(msg.prefill_kv_endpoint, str) or not msg.prefill_kv_endpoint:
+            raise RequestError("prefill_kv_endpoint must name the prefill worker's KV endpoint.")
+        samples = self._new_samples(msg)
+        if len(samples) > 1:
+            raise RequestError("n > 1 is not served disaggregated; send a GenerateRequest (local prefill).")
+        try:
+            receiver = self.kv_manager.make_receiver(msg.rid, msg.prefill_kv_endpoint)
+        except KVTransferError as exc:
+            raise RequestError(f"KV transfer from {msg.prefill_kv_endpoint} cannot start: {exc}") from exc
+        req = samples[0]
+        self.scheduler.add_remote(req)
+        self.receives.add(req, receiver)
+        self._track(msg.rid, samples)
+
+    def step(self) -> list[RequestOutput]:
+        """Transfers first (arrivals are reported with their first token), then one batch."""
+        outputs = self._advance_transfers()
+        return outputs + super().step()
+
+    def _advance_transfers(self) -> list[RequestOutput]:
+        outputs = [self._settle(a) for a in self.receives.poll()]
+        for req in self.scheduler.preallocate():
+            refused = self.receives.init(req)
+            if refused is not None:
+                outputs.append(self._settle(refused))
+        return outputs
+
+    def _settle(self, arrival: Arrival) -> RequestOutput:
+        req, reason = arrival.req, arrival.reason
+        if arrival.ok:
+            try:
+                apply_first_output(req, arrival.first_output, self.model_config.vocab_size)
+            except HandoffError as exc:
+                reason = f"KV transfer failed: the prefill worker's first output is unusable: {exc}"
+            else:
+                self.scheduler.kv_received(req)
+                return self._emit(req)
+        logger.info("request %s: %s", req.rid, reason)
+        self.scheduler.kv_failed(req, reason)
+        self.stats.num_aborted += 1
+        return self._emit(req)
+
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[RequestOutput]:
+        self.receives.drop(rid, message)  # before the pages are freed
+        return super().abort(rid, message)
+
+    def abort_all(self, message: str) -> list[RequestOutput]:
+        for req in self.scheduler.all_requests():
+            self.receives.drop(req.rid, message)
+        return super().abort_all(message)

@@ -1,0 +1,75 @@
+"""How page bytes move between two managers; everything else is the control plane's (control.py).
+
+The control plane decides what to send and when (after the receiver's Ready, in order, cut into
+messages by layout.plan_messages), validates what arrives, counts cells and owns every state
+change. A data plane only copies:
+
+- `submit()` (sender, I/O thread): stage the message's pages and get the `Data` header plus bytes
+  to the peer. It reads the sender's pages only under `rec.state.lock` and only while the state is
+  not final, and must have finished reading when it lets go of the lock. It sends the header
+  through `core.send_data_header()` only for bytes it really sent, in submission order.
+- `receive()` (receiver): write the bytes into `dst_pages` under `rec.state.lock`, only while the
+  state is not final, finished (device work synchronized) before letting go, then call `done()` on
+  the I/O thread via `core.call_soon` (or directly when already on it), in arrival order.
+- `discard()`: bytes announced by a header whose transfer is unknown or failed validation: consume
+  them (NCCL must post the matching receive) and write nothing.
+
+Plane-specific control messages (NCCL's link set-up) are registered through `handlers()`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pdserve.kvtransfer.layout import MessageSpec
+from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
+from pdserve.kvtransfer.wire import Data
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.control import ControlPlaneManager
+
+
+class DataPlane(ABC):
+    def __init__(self, core: ControlPlaneManager):
+        self.core = core
+
+    def handlers(self) -> dict[type, Callable[[str, Any, list], None]]:
+        return {}
+
+    def payload_error(self, msg: Data, payload: list) -> str | None:
+        """Why the frames that came with `msg` are wrong for this plane, or None."""
+        return None
+
+    def on_bound(self, peer: str) -> None:
+        """A sender of this manager is bound to a receiver at `peer` (NCCL: open the link now)."""
+
+    @abstractmethod
+    def submit(
+        self, rec: OutboundTransfer, msg: Data, spec: MessageSpec, src_pages: list[int], ready_event: Any
+    ) -> bool:
+        """Takes one message; False (nothing taken) when out of staging room: asked again later."""
+
+    @abstractmethod
+    def receive(
+        self,
+        rec: InboundTransfer,
+        msg: Data,
+        spec: MessageSpec,
+        dst_pages: list[int],
+        payload: list,
+        done: Callable[[], None],
+    ) -> None: ...
+
+    @abstractmethod
+    def discard(self, peer: str, msg: Data, payload: list) -> None: ...
+
+    def on_peer_lost(self, peer: str) -> None:
+        """Every transfer with `peer` has failed (dead, restarted): drop what is held for it."""
+
+    def busy(self) -> bool:
+        """Work in flight that needs the I/O loop to come back soon (staging room to reclaim)."""
+        return False
+
+    def close(self) -> None: ...

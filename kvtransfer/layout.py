@@ -1,0 +1,111 @@
+"""What a transfer message holds: a rectangle of (request pages x layers), K and V, as raw bytes.
+
+A pool stores per layer one K and one V tensor `[num_pages, page_size, kv_heads, head_dim]`. A
+message carries pages `[first_page, first_page + num_pages)` of the request's page list for layers
+`[layer_begin, layer_end)`, laid out `[layers, 2 (K, V), pages, page_size, kv_heads, head_dim]`
+in the pool dtype. On the wire it is plain bytes: dtypes travel by name and tensors are viewed as
+uint8, so bfloat16 (which numpy lacks) never goes through numpy's dtype system.
+
+`plan_messages` cuts one `send()` into messages of at most `max_bytes`: whole layers of a block of
+pages when a block fits, else one layer at a time. Messages of one request arrive in order, so the
+receiver can count cells (page x layer) to know that nothing went missing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pdserve.shared.engine.kv_pool import PagedKVPool
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    dtype: torch.dtype
+    num_layers: int
+    page_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, pool: PagedKVPool) -> KVLayout:
+        s = pool.shape
+        return cls(pool.dtype, s.num_layers, s.page_size, s.num_kv_heads, s.head_dim)
+
+    @property
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    @property
+    def page_bytes(self) -> int:
+        """One page of K (or of V) in one layer."""
+        return self.page_size * self.num_kv_heads * self.head_dim * self.element_size
+
+    @property
+    def cell_bytes(self) -> int:
+        """K and V of one page in one layer: the unit a message is counted in."""
+        return 2 * self.page_bytes
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "dtype": dtype_name(self.dtype),
+            "layers": self.num_layers,
+            "page_size": self.page_size,
+            "heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+        }
+
+    def describe(self) -> str:
+        w = self.to_wire()
+        return f"{w['dtype']} layers={w['layers']} page_size={w['page_size']} heads={w['heads']} dim={w['head_dim']}"
+
+
+@dataclass(frozen=True)
+class MessageSpec:
+    """Pages [first_page, first_page + num_pages) of the request x layers [layer_begin, layer_end)."""
+
+    first_page: int
+    num_pages: int
+    layer_begin: int
+    layer_end: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_begin
+
+    @property
+    def cells(self) -> int:
+        return self.num_pages * self.num_layers
+
+    def nbytes(self, layout: KVLayout) -> int:
+        return self.cells * layout.cell_bytes
+
+    def shape(self, layout: KVLayout) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_pages, layout.page_size, layout.num_kv_heads, layout.head_dim)
+
+
+def plan_messages(first_page: int, num_pages: int, layout: KVLayout, max_bytes: int) -> list[MessageSpec]:
+    """Splits pages [first_page, first_page + num_pages) x all layers into messages of <= max_bytes
+    (a single cell larger than max_bytes still goes alone). Page blocks outer, layer groups inner."""
+    if num_pages <= 0:
+        return []
+    cell = layout.cell_bytes
+    pages_per_block = max(1, min(num_pages, max_bytes // cell))
+    specs = []
+    for p0 in range(0, num_pages, pages_per_block):
+        n = min(pages_per_block, num_pages - p0)
+        layers_per_msg = max(1, max_bytes // (n * cell))
+        for l0 in range(0, layout.num_layers, layers_per_msg):
+            specs.append(MessageSpec(first_page + p0, n, l0, min(l0 + layers_per_msg, layout.num_layers)))
+    return specs
+
+
+def typed_view(raw: torch.Tensor, layout: KVLayout, spec: MessageSpec) -> torch.Tensor:
+    """A uint8 buffer (at least spec.nbytes) seen as the message's [layers, 2, pages, ...] tensor."""
+    return raw[: spec.nbytes(layout)].view(layout.dtype).view(spec.shape(layout))

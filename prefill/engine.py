@@ -1,0 +1,115 @@
+"""The prefill role's engine: the shared Engine with a prefill-only scheduler and a KV sender per request.
+
+Life of a PrefillRequest, queues in order:
+
+    add_request ──▶ waiting ──▶ prefilling ──▶ transferring ──▶ PrefillDone(ok) out of step()
+                    (scheduler: admission with      (first token sampled; KVSendQueue sends the
+                     prefix match, chunked prefill;  rest and first_output; waits for Success)
+                     KVSendQueue sends each chunk's
+                     finished pages as it completes)
+
+Each `step()` runs one prefill batch (as the mixed engine: chunks of several requests), then
+advances the transfers: pages finished by the batch go out while later chunks still compute. A
+request whose sender is final (Success or Failed) gives its pages back, the prompt's whole pages
+into the radix cache (`release(..., cache=True)`), and yields one PrefillDone. Abort at any stage
+(queued, mid-prefill, mid-transfer) aborts the sender first, then frees, and yields PrefillDone
+with ok=False. The outputs of this engine are PrefillDone messages, never tokens: the decode
+worker streams the tokens.
+
+n > 1 is refused (the router sends such requests to a decode worker's local prefill, which
+serves n samples through its own cache).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from pdserve.kvtransfer.base import KVManager, KVTransferError
+from pdserve.prefill.scheduler import PrefillScheduler
+from pdserve.prefill.sending import KVSendQueue, TransferOutcome
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.engine import Engine
+from pdserve.shared.engine.handoff import first_output_of
+from pdserve.shared.engine.kv_pool import PagedKVPool
+from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.request_validation import RequestError
+from pdserve.shared.engine.scheduler import SchedulerConfig
+from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
+
+logger = logging.getLogger(__name__)
+
+
+class PrefillEngine(Engine):
+    """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool."""
+
+    scheduler: PrefillScheduler
+
+    def __init__(self, args: EngineArgs, make_kv_manager: Callable[[PagedKVPool], KVManager]):
+        super().__init__(args)
+        self.kv_manager = make_kv_manager(self.runner.pool)
+        self.sends = KVSendQueue(self.scheduler.pages_ready, first_output_of)
+
+    def _make_scheduler(self, config: SchedulerConfig) -> PrefillScheduler:
+        return PrefillScheduler(config, self.kv)
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, msg: GenerateRequest) -> None:
+        """Queues a PrefillRequest and makes its sender; raises RequestError when it is refused."""
+        if not isinstance(msg, PrefillRequest):
+            raise RequestError(
+                "A prefill worker serves PrefillRequest only; send generation to a decode or mixed worker."
+            )
+        if not isinstance(msg.decode_kv_endpoint, str) or not msg.decode_kv_endpoint:
+            raise RequestError("decode_kv_endpoint must name the decode worker's KV endpoint.")
+        samples = self._new_samples(msg)
+        if len(samples) > 1:
+            raise RequestError(
+                "n > 1 is not served by a prefill worker; use local prefill on a decode worker."
+            )
+        try:
+            sender = self.kv_manager.make_sender(msg.rid, msg.decode_kv_endpoint)
+        except KVTransferError as exc:
+            raise RequestError(f"KV transfer to {msg.decode_kv_endpoint} cannot start: {exc}") from exc
+        req = samples[0]
+        self.scheduler.add(req)
+        self.sends.add(req, sender)
+        self._track(msg.rid, samples)
+
+    def step(self) -> list[PrefillDone]:  # type: ignore[override]
+        """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""
+        super().step()  # its RequestOutputs are internal here: the first token travels to decode
+        return [self._conclude(o) for o in self.sends.advance()]
+
+    def _conclude(self, outcome: TransferOutcome) -> PrefillDone:
+        req = outcome.req
+        self.scheduler.finish_transfer(req, outcome.ok, outcome.reason)
+        if not outcome.ok:
+            logger.info("request %s: %s", req.rid, outcome.reason)
+            self.stats.num_aborted += 1
+        self._retire(req)
+        return _done(req, outcome.ok, outcome.reason)
+
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[PrefillDone]:  # type: ignore[override]
+        """Aborts rid at whatever stage it is: the sender first (its pages are then no longer read),
+        then the pages; one PrefillDone(ok=False) if rid was live, none otherwise."""
+        self.sends.drop(rid, message)
+        reqs = self.scheduler.abort(rid, message)
+        return [self._aborted(r, message) for r in reqs]
+
+    def abort_all(self, message: str) -> list[PrefillDone]:  # type: ignore[override]
+        for req in self.scheduler.all_requests():
+            self.sends.drop(req.rid, message)
+        return [self._aborted(r, message) for r in self.scheduler.abort_all(message)]
+
+    def _aborted(self, req: Req, message: str) -> PrefillDone:
+        self.stats.num_aborted += 1
+        self._retire(req)
+        return _done(req, False, message)
+
+
+def _done(req: Req, ok: bool, reason: str) -> PrefillDone:
+    return PrefillDone(
+        rid=req.rid, ok=ok, reason=reason, prompt_tokens=len(req.input_ids), cached_tokens=req.cached_tokens
+    )

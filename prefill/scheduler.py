@@ -1,0 +1,80 @@
+"""The prefill role's scheduling policy: chunked prefill with the radix cache, no decode batches.
+
+    waiting ──admit──▶ prefilling ──last chunk: first token sampled──▶ transferring ──▶ finished
+                       (a chunk per step; whole pages     (every page sent; waits until the
+                        go to the cache after each)        sender is Success or Failed)
+
+The shared Scheduler does admission, chunking and the prefix cache unchanged. What differs:
+- a request whose prompt is computed does not join a decode batch: it keeps its pages and moves to
+  `transferring` with the first token in `output_ids` (no stop check here: the decode side owns
+  the stop conditions, even when the very first token is EOS);
+- `finish_transfer` ends it once the engine saw its sender reach a final state (a failure may come
+  earlier, while it is still queued or prefilling): the computed whole pages go to the radix cache
+  (their KV is right whether or not the transfer worked) and the rest is freed, through the same
+  `_finish` as an abort, so each page is given back exactly once;
+- nothing ever runs, so nothing is retracted: a page a sender reads stays put until then.
+
+`pages_ready(req)` says which pages may be sent now: after `_after_chunk` (the chunk's whole pages
+are in the tree, duplicates already swapped for the tree's copies), the whole pages computed so far;
+after the last chunk, every page including a partly filled last one. Pure Python, no torch.
+"""
+
+from __future__ import annotations
+
+from pdserve.shared.engine.kv_cache_manager import KVCacheManager
+from pdserve.shared.engine.request import Req, ReqStatus
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig, StepResult
+
+
+class PrefillScheduler(Scheduler):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        super().__init__(config, kv)
+        self.transferring: list[Req] = []  # prompt computed; pages held until the sender is final
+
+    # ------------------------------------------------------------------ queue views
+
+    @property
+    def num_running(self) -> int:
+        # transferring requests hold pages and a slot: max_running_requests bounds them too
+        return len(self.prefilling) + len(self.transferring)
+
+    def has_work(self) -> bool:
+        return self.has_compute() or bool(self.transferring)
+
+    def all_requests(self) -> list[Req]:
+        return super().all_requests() + self.transferring
+
+    # ------------------------------------------------------------------ the role's steps
+
+    def pages_ready(self, req: Req) -> int:
+        """How many leading pages of req.pages hold final KV and may be sent now."""
+        if req.status == ReqStatus.TRANSFERRING:
+            return len(req.pages)
+        return req.num_computed // self.config.page_size
+
+    def finish_transfer(self, req: Req, ok: bool, reason: str = "") -> None:
+        """Ends a request once its sender is final and gives its pages back. Success (ok) comes only
+        after the last send, so req is transferring; a failure may come at any stage (the decode side
+        gave up while req was still queued or prefilling): req stops wherever it is."""
+        if ok and req.status != ReqStatus.TRANSFERRING:
+            raise ValueError(f"request {req.rid} is {req.status.name}: only a transferring request succeeds")
+        if req.is_finished:
+            raise ValueError(f"request {req.rid} already finished")
+        self._finish(req, {"type": "transferred"} if ok else {"type": "abort", "message": reason})
+
+    # ------------------------------------------------------------------ hooks
+
+    def _on_prefill_complete(self, req: Req, result: StepResult) -> bool:
+        self.prefilling.remove(req)
+        req.status = ReqStatus.TRANSFERRING
+        self.transferring.append(req)
+        return True  # the sampled first token (if any) still goes into output_ids
+
+    def _stop_reason(self, req: Req, token: int) -> dict | None:
+        return None  # the decode side decides when the request stops
+
+    def _unqueue(self, req: Req) -> None:
+        if req.status == ReqStatus.TRANSFERRING:
+            self.transferring.remove(req)
+        else:
+            super()._unqueue(req)
