@@ -67,8 +67,10 @@ def wait_final(handle: Any, timeout_s: float = 120.0) -> KVPoll:
 # ---------------------------------------------------------------------- receiver process
 
 
-def receiver_main(conn: Any, backend: str, device: str, max_tokens: int, options: dict[str, Any]) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+def receiver_main(
+    conn: Any, backend: str, device: str, max_tokens: int, options: dict[str, Any], threads: int
+) -> None:
+    torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     manager = make_kv_manager(backend, make_pool(max_tokens, device), "bench-D", **options)
@@ -158,7 +160,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     child = ctx.Process(
-        target=receiver_main, args=(child_conn, args.backend, peer_device, max_tokens, options)
+        target=receiver_main, args=(child_conn, args.backend, peer_device, max_tokens, options, args.threads)
     )
     child.start()
     dest, raw_endpoint = conn.recv()
@@ -231,9 +233,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--slab-mib", type=int, default=32, help="message size (zmq slab, nccl ring buffer)")
     parser.add_argument("--slabs", type=int, default=4, help="zmq: staging slabs in flight")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process for CPU gather/scatter (1: no oversubscription on a small box)",
+    )
     parser.add_argument("--output-file", help="also write the rows as JSON lines here")
     args = parser.parse_args()
-    print(f"# load average before: {os.getloadavg()}, cpus: {os.cpu_count()}, torch {torch.__version__}")
+    torch.set_num_threads(args.threads)
+    print(
+        f"# load average before: {os.getloadavg()}, cpus: {os.cpu_count()}, torch {torch.__version__}, "
+        f"threads/process: {args.threads}, message MiB: {args.slab_mib}"
+    )
     print(HEADER, flush=True)
     rows = run(args)
     print(f"# load average after: {os.getloadavg()}")

@@ -68,8 +68,4 @@ class DataPlane(ABC):
     def on_peer_lost(self, peer: str) -> None:
         """Every transfer with `peer` has failed (dead, restarted): drop what is held for it."""
 
-    def busy(self) -> bool:
-        """Work in flight that needs the I/O loop to come back soon (staging room to reclaim)."""
-        return False
-
     def close(self) -> None: ...

@@ -43,7 +43,7 @@ class ChannelSender(KVSender):
         self._next_page += len(page_ids)
         if self._rec.state.is_final:
             return
-        if not self._manager.call_soon(lambda: self._manager.queue_chunk(self._rec, chunk)):
+        if not self._manager.call_soon(lambda: self._manager.transfers.queue_chunk(self._rec, chunk)):
             self._rec.state.fail(CLOSED)
 
     def poll(self) -> KVPoll:
@@ -51,7 +51,7 @@ class ChannelSender(KVSender):
 
     def abort(self, reason: str = "aborted by the prefill worker") -> None:
         if self._rec.state.fail(reason):
-            self._manager.call_soon(lambda: self._manager.after_local_abort_out(self._rec))
+            self._manager.call_soon(lambda: self._manager.transfers.after_local_abort_out(self._rec))
 
 
 class ChannelReceiver(KVReceiver):
@@ -72,7 +72,7 @@ class ChannelReceiver(KVReceiver):
         page_ids = [int(p) for p in pages]
         if self._rec.state.is_final:
             return
-        if not self._manager.call_soon(lambda: self._manager.init_receiver(self._rec, page_ids)):
+        if not self._manager.call_soon(lambda: self._manager.transfers.init_receiver(self._rec, page_ids)):
             self._rec.state.fail(CLOSED)
 
     def poll(self) -> KVPoll:
@@ -84,4 +84,4 @@ class ChannelReceiver(KVReceiver):
 
     def abort(self, reason: str = "aborted by the decode worker") -> None:
         if self._rec.state.fail(reason):
-            self._manager.call_soon(lambda: self._manager.after_local_abort_in(self._rec))
+            self._manager.call_soon(lambda: self._manager.transfers.after_local_abort_in(self._rec))

@@ -116,6 +116,3 @@ class HostStagingPool:
         """The slab is free again once `tracker` (if any) is done."""
         slab.tracker = tracker if tracker not in (None, False) else None
         slab.in_use = False
-
-    def busy(self) -> bool:
-        return any(not s.is_free() for s in self._slabs)

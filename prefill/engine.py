@@ -32,6 +32,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.handoff import first_output_of
 from pdserve.shared.engine.kv_pool import PagedKVPool
+from pdserve.shared.engine.radix_cache import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.scheduler import SchedulerConfig
@@ -41,12 +42,18 @@ logger = logging.getLogger(__name__)
 
 
 class PrefillEngine(Engine):
-    """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool."""
+    """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool; `kv_listener`
+    hears the prefix cache's page changes (the worker's KV event publisher, shared/kv_events.py)."""
 
     scheduler: PrefillScheduler
 
-    def __init__(self, args: EngineArgs, make_kv_manager: Callable[[PagedKVPool], KVManager]):
-        super().__init__(args)
+    def __init__(
+        self,
+        args: EngineArgs,
+        make_kv_manager: Callable[[PagedKVPool], KVManager],
+        kv_listener: RadixListener | None = None,
+    ):
+        super().__init__(args, kv_listener)
         self.kv_manager = make_kv_manager(self.runner.pool)
         self.sends = KVSendQueue(self.scheduler.pages_ready, first_output_of)
 

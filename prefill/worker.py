@@ -11,6 +11,10 @@ more for it: after the transfer succeeded or failed, after an AbortRequest, or a
 refused. A plain GenerateRequest is refused with the usual finished RequestOutput (its sender waits
 for one). While requests only wait on their transfers, each turn waits on the socket a millisecond
 instead of spinning.
+
+In a cluster (`--redis-url`), the engine's radix cache reports the prompt pages it keeps after each
+transfer (and what it evicts) to a KV event publisher (shared/kv_events.py, made in cli.py): the
+routers' prefix index sends repeats of a prefix here.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 
 Start-up: the worker pool starts polling; static `--worker-addr` workers are dialled (each is
 asked for its ServerInfo until it answers); with `--redis-url` a ClusterView (router/cluster_view.py)
-feeds the pool from Redis membership; with `--tokenizer-path`/`--model-path` the tokenizer loads
+feeds the pool from Redis membership (and the prefill pool's prefix index, router/prefix_index.py
+where present, feeds `--prefill-policy cache_aware`); with `--tokenizer-path`/`--model-path` the tokenizer loads
 at once, else when the first worker reports its model. Clean-up stops the view, then closes every
 worker connection (requests still in flight end with an abort).
 
@@ -15,6 +16,8 @@ aborts its request on the worker instead of generating for no one.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
@@ -24,11 +27,13 @@ from pdserve.router.limits import MAX_BODY_KEY, body_limit_middleware
 from pdserve.router.middleware import METRICS_KEY, error_middleware, metrics_middleware
 from pdserve.router.native_api import add_native_routes
 from pdserve.router.openai.routes import add_openai_routes
+from pdserve.router.policies import CacheAwarePolicy
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
 
 logger = logging.getLogger(__name__)
 
 CLUSTER_VIEW_KEY = web.AppKey("pdserve_cluster_view", object)
+PREFIX_INDEX_KEY = web.AppKey("pdserve_prefix_index", object)
 
 
 def build_app(args: RouterArgs) -> web.Application:
@@ -63,10 +68,56 @@ async def _start(app: web.Application) -> None:
         view = ClusterView(args.redis_url, membership=state.pool)
         await view.start()
         app[CLUSTER_VIEW_KEY] = view
+        await _start_prefix_index(app, state)
+
+
+async def _start_prefix_index(app: web.Application, state: RouterState) -> None:
+    """The prefill pool's Redis prefix index feeds `--prefill-policy cache_aware`, where it exists;
+    without it (or until it runs) the policy uses its router-side tree. It starts once a prefill
+    worker told its page size (the index hashes prompts page by page)."""
+    if not isinstance(state.prefill_policy, CacheAwarePolicy):
+        return
+    try:
+        from pdserve.router.prefix_index import PrefixIndex
+    except ImportError:
+        return
+    app[PREFIX_INDEX_KEY] = asyncio.create_task(_run_prefix_index(state, PrefixIndex), name="prefix-index")
+
+
+async def _run_prefix_index(state: RouterState, index_class) -> None:
+    page_size = 0
+    while not page_size:
+        page_size = next(
+            (
+                h.server_info.page_size
+                for h in state.pool.workers.values()
+                if h.server_info is not None and h.role == "prefill"
+            ),
+            0,
+        )
+        if not page_size:
+            await asyncio.sleep(0.5)
+    index = index_class(state.args.redis_url, page_size)
+    try:
+        await index.start()
+    except Exception as exc:  # noqa: BLE001 (routing still works, by the router's own tree)
+        logger.warning("the prefix index did not start (%s): prefill choice by the router's own tree", exc)
+        return
+    state.prefill_policy.matcher = index.match_tokens
+    try:
+        await asyncio.Event().wait()  # until cancelled at clean-up
+    finally:
+        state.prefill_policy.matcher = None
+        await index.stop()
 
 
 async def _stop(app: web.Application) -> None:
     view = app.get(CLUSTER_VIEW_KEY)
     if view is not None:
         await view.stop()
+    index_task = app.get(PREFIX_INDEX_KEY)
+    if index_task is not None:
+        index_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await index_task
     await app[STATE_KEY].pool.close()

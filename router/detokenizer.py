@@ -19,46 +19,16 @@ would make the streamed text differ from the generated tokens; /detokenize follo
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-REPLACEMENT_CHAR = "\ufffd"
+from pdserve.router.tokenizer_fast import Decoder, fast_decoder
 
-# (ids, skip_special_tokens) -> text
-Decoder = Callable[[list[int], bool], str]
+REPLACEMENT_CHAR = "\ufffd"
 
 
 def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool = True) -> str:
     """The router's one way to turn ids into text (no cleanup, see the module docstring)."""
     return tokenizer.decode(ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False)
-
-
-def fast_decoder(tokenizer: Any) -> Decoder:
-    """`decode_ids` for this tokenizer, through the Rust `tokenizers` backend when that gives the
-    same text: transformers' `decode` first walks the id list in Python (`to_py_obj`), several
-    times the cost of the Rust decode for the few ids of a streaming step.
-
-    The backend is used only when the tokenizer's class decodes the way transformers'
-    TokenizersBackend does (its `_decode` is the backend's decode, then an optional cleanup that
-    the router never asks for); other tokenizers keep `decode_ids`."""
-    backend = getattr(tokenizer, "_tokenizer", None)
-    if backend is None or not _decodes_through_backend(type(tokenizer)):
-        return lambda ids, skip: decode_ids(tokenizer, ids, skip)
-    decode = backend.decode
-    return lambda ids, skip: decode(ids, skip_special_tokens=skip)
-
-
-def _decodes_through_backend(cls: type) -> bool:
-    try:
-        from transformers import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-    except ImportError:  # another transformers layout: keep the public decode
-        return False
-    return (
-        issubclass(cls, TokenizersBackend)
-        and cls._decode is TokenizersBackend._decode
-        and cls.decode is PreTrainedTokenizerBase.decode
-    )
 
 
 class IncrementalDetokenizer:

@@ -1,4 +1,5 @@
-"""Sending one request to a worker and following its outputs, with retries, timeouts and aborts.
+"""Sending one request to a worker (or a prefill/decode pair) and following its outputs, with
+retries, timeouts and aborts.
 
     async with contextlib.aclosing(dispatcher.run(req, num_samples=n)) as outputs:
         async for item in outputs:          # RequestOutput, or RESTART (restartable runs only)
@@ -20,7 +21,17 @@ Rules:
 - if the consumer stops early (client disconnect: CancelledError, or aclose: GeneratorExit) while
   samples are unfinished, the worker gets an AbortRequest, so its pages are freed;
 - a rid is unique among the requests in flight through this router (400 otherwise): outputs are
-  routed by rid.
+  routed by rid. A retry carries `<rid>~retryN` on the workers (a worker of an abandoned attempt
+  may still hold the rid); outputs are yielded with the request's own rid.
+
+Pairs (router/pairing.py chooses each attempt's route): the decode worker D gets a DecodeRequest
+and the prefill worker P a PrefillRequest, in that order, with the same rid; tokens stream from D,
+P answers one PrefillDone. Before D's first token, a pair fails when P answers PrefillDone(ok=False)
+or its connection drops, or D ends the request with "KV transfer failed: ..." (P is blamed: the
+retry takes another P, or local prefill at D when none is left) or D fails as above (D is blamed);
+the partner gets an AbortRequest at once, so neither side holds the request. After D's first
+token the KV is in D: P's end no longer matters. A client that leaves aborts the rid on D and, if
+P has not answered yet, on P.
 """
 
 from __future__ import annotations
@@ -28,19 +39,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from pdserve.router.generation import GenerationError
 from pdserve.router.metrics import RouterMetrics
+from pdserve.router.pairing import Pairing, Route, Tried
 from pdserve.router.worker_conn import StreamFailure, WorkerUnavailable
 from pdserve.router.worker_pool import NoWorkerAvailable, WorkerHandle, WorkerPool
-from pdserve.shared.protocol import GenerateRequest, RequestOutput
+from pdserve.shared.protocol import GenerateRequest, PrefillDone, RequestOutput
 
 logger = logging.getLogger(__name__)
 
 # The worker's words for server-side aborts (shared/worker/mixed.py, shared/engine/engine.py).
 WORKER_SHUTDOWN_MESSAGE = "worker is shutting down"
 INTERNAL_ERROR_PREFIX = "Internal error"
+TRANSFER_FAILED_PREFIX = "KV transfer failed"  # decode/engine.py: the prefill side's KV never came
 
 RESTART = object()  # yielded by restartable runs before the outputs of a new attempt
 _TIMEOUT = object()  # put into the request's queue by its deadline timer
@@ -56,6 +70,14 @@ def server_failure(out: RequestOutput) -> str | None:
     if message == WORKER_SHUTDOWN_MESSAGE or message.startswith(INTERNAL_ERROR_PREFIX):
         return message
     return None
+
+
+def transfer_failure(out: RequestOutput) -> str | None:
+    """Why a decode worker ended a paired request before its first token: its KV never came, or None."""
+    if not out.finished or not out.finish_reason or out.finish_reason.get("type") != "abort":
+        return None
+    message = str(out.finish_reason.get("message") or out.error or "")
+    return message if message.startswith(TRANSFER_FAILED_PREFIX) else None
 
 
 def abort_output(rid: str, index: int, message: str, status_code: int) -> RequestOutput:
@@ -75,12 +97,14 @@ class Dispatcher:
         max_attempts: int = 3,
         request_timeout_s: float | None = None,
         metrics: RouterMetrics | None = None,
+        pairing: Pairing | None = None,
     ):
         self.pool = pool
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
-        self._active: dict[str, WorkerHandle | None] = {}  # rid -> the worker running it now
+        self.pairing = pairing or Pairing(pool, pool.policy, pool.policy)
+        self._active: dict[str, _Attempt | None] = {}  # rid -> its attempt running now
 
     @property
     def num_active(self) -> int:
@@ -90,11 +114,12 @@ class Dispatcher:
         return list(self._active)
 
     def abort(self, rid: str, message: str = "Aborted by the client.") -> bool:
-        """Asks the worker running rid to abort it (its stream then ends with an abort output)."""
-        handle = self._active.get(rid)
-        if handle is None:
+        """Asks the workers running rid to abort it (its stream then ends with an abort output)."""
+        attempt = self._active.get(rid)
+        if attempt is None:
             return False
-        handle.conn.send_abort(rid, message)
+        attempt.aborted = True  # the prefill side's answer to it is no failure to retry
+        attempt.abort(message)
         return True
 
     async def run(
@@ -106,71 +131,94 @@ class Dispatcher:
             )
         self._active[req.rid] = None
         deadline = _Deadline(self.request_timeout_s)
-        tried: set[str] = set()
+        tried = Tried()
         yielded = False
         last_failure = ""
         try:
             while True:
                 if deadline.passed:
                     raise GenerationError(504, deadline.message, "TimeoutError")
-                handle = self._pick(req, tried, last_failure)
-                tried.add(handle.worker_id)
+                route = self._route(req, num_samples, tried, last_failure)
+                tried.attempts += 1
+                tried.workers.add(route.worker.worker_id)
+                # a retry gets its own rid on the workers: a worker of the last attempt may still hold it
+                wire_rid = req.rid if tried.attempts == 1 else f"{req.rid}~retry{tried.attempts - 1}"
                 queue = deadline.new_queue()  # per attempt: late outputs of an abandoned one stay out
-                handle.conn.subscribe(req.rid, queue)
+                attempt = _Attempt(route, wire_rid)
                 try:
-                    handle.conn.send_nowait(req)
-                except WorkerUnavailable as exc:
-                    handle.conn.unsubscribe(req.rid)
-                    self._record_failure(handle)
-                    last_failure = str(exc)
+                    attempt.send(req, queue)
+                except _SendFailed as exc:
+                    self._record_failure(exc.handle)
+                    self._exclude(tried, route, exc.handle)
+                    last_failure = exc.reason
                     continue
-                self._active[req.rid] = handle
-                handle.inflight += 1
-                self.pool.policy.on_dispatched(handle.worker_id, req.input_ids)
+                self._active[req.rid] = attempt
+                for handle in attempt.handles:
+                    handle.inflight += 1
+                self.pool.policy.on_dispatched(route.worker.worker_id, req.input_ids)
+                if route.prefill is not None:
+                    self.pairing.prefill_policy.on_dispatched(route.prefill.worker_id, req.input_ids)
                 unfinished = set(range(num_samples))
-                failure: str | None = None
+                failed: WorkerHandle | None = None
+                failure = ""
                 try:
                     while unfinished:
                         item = await queue.get()
                         if item is _TIMEOUT:
-                            handle.conn.send_abort(req.rid, "The request timed out.")
+                            attempt.abort("The request timed out.")
                             if not yielded or restartable:
                                 raise GenerationError(504, deadline.message, "TimeoutError")
                             for index in sorted(unfinished):
                                 yield abort_output(req.rid, index, deadline.message, 504)
                             return
+                        if isinstance(item, _FromPrefill):
+                            reason = attempt.prefill_event(item.item)
+                            if reason is None:
+                                continue
+                            failed, failure = route.prefill, reason
+                            break
                         if isinstance(item, StreamFailure):
-                            failure = item.reason
+                            failed, failure = route.worker, item.reason
                             break
                         out: RequestOutput = item
-                        failure = server_failure(out)
-                        if failure is not None:
+                        failure = server_failure(out) or ""
+                        if failure:
+                            failed = route.worker
                             break
+                        if route.prefill is not None and not attempt.first_output_seen:
+                            failure = transfer_failure(out) or ""
+                            if failure:  # the KV never came: the prefill side's fault, as a rule
+                                failed = route.prefill
+                                break
+                        attempt.first_output_seen = True
                         if out.error is not None and not yielded:
-                            handle.breaker.record_success()  # the worker is fine; the request was not
+                            route.worker.breaker.record_success()  # the worker is fine; the request was not
                             raise GenerationError(400, out.error)
                         if out.finished:
                             unfinished.discard(out.index)
                             if not unfinished:  # before the last yield: the consumer may stop there
-                                handle.breaker.record_success()
+                                route.worker.breaker.record_success()
                         yielded = True
+                        if out.rid != req.rid:
+                            out.rid = req.rid
                         yield out
                 except (asyncio.CancelledError, GeneratorExit):
                     if unfinished:
-                        handle.conn.send_abort(req.rid, CLIENT_ABORT_MESSAGE)
+                        attempt.abort(CLIENT_ABORT_MESSAGE)
                     raise
                 finally:
-                    handle.inflight -= 1
-                    handle.conn.unsubscribe(req.rid)
+                    attempt.close()
                     self._active[req.rid] = None
-                if failure is None:
+                if failed is None:
                     return
-                self._record_failure(handle)
-                handle.conn.send_abort(req.rid, "Moved to another worker.")  # in case it is alive after all
+                self._record_failure(failed)
+                self._exclude(tried, route, failed)
+                # cancels the partner, and the failed worker in case it is alive after all
+                attempt.abort("Moved to another worker.")
                 last_failure = failure
-                logger.warning("request %s failed on worker %s: %s", req.rid, handle.worker_id, failure)
+                logger.warning("request %s failed on worker %s: %s", req.rid, failed.worker_id, failure)
                 if yielded and not restartable:
-                    message = f"Worker {handle.worker_id} failed during the request: {failure}"
+                    message = f"Worker {failed.worker_id} failed during the request: {failure}"
                     for index in sorted(unfinished):
                         yield abort_output(req.rid, index, message, 503)
                     return
@@ -181,28 +229,123 @@ class Dispatcher:
             deadline.cancel()
             self._active.pop(req.rid, None)
 
+    @staticmethod
+    def _exclude(tried: Tried, route: Route, failed: WorkerHandle) -> None:
+        """A failed prefill partner is not tried again; the streaming worker is, with another partner."""
+        if failed is route.prefill:
+            tried.prefill.add(failed.worker_id)
+            tried.workers.discard(route.worker.worker_id)
+        else:
+            tried.workers.add(failed.worker_id)
+
     def _record_failure(self, handle: WorkerHandle) -> None:
         handle.breaker.record_failure()
         if self.metrics is not None:
             self.metrics.worker_failures.labels(handle.worker_id).inc()
 
-    def _pick(self, req: GenerateRequest, tried: set[str], last_failure: str) -> WorkerHandle:
-        """The next worker to try (after the first, a retry); GenerationError 503 when none is left."""
-        if len(tried) >= self.max_attempts:
+    def _route(self, req: GenerateRequest, num_samples: int, tried: Tried, last_failure: str) -> Route:
+        """The next attempt's route (after the first, a retry); GenerationError 503 when none is left."""
+        if tried.attempts >= self.max_attempts:
             raise GenerationError(
-                503, f"The request failed on {len(tried)} worker(s); last error: {last_failure}"
+                503, f"The request failed on {tried.attempts} attempt(s); last error: {last_failure}"
             )
         try:
-            handle = self.pool.pick(req.input_ids, exclude=tried)
+            route = self.pairing.route(req.input_ids, num_samples, tried)
         except NoWorkerAvailable as exc:
-            if tried:
+            if tried.attempts:
                 raise GenerationError(
-                    503, f"The request failed on {len(tried)} worker(s); last error: {last_failure}. {exc}"
+                    503,
+                    f"The request failed on {tried.attempts} attempt(s); last error: {last_failure}. {exc}",
                 ) from None
             raise GenerationError(503, str(exc)) from None
-        if tried and self.metrics is not None:
+        if tried.attempts and self.metrics is not None:
             self.metrics.retries.inc()
-        return handle
+        return route
+
+
+@dataclass(frozen=True)
+class _FromPrefill:
+    """What the prefill partner's connection delivered: its PrefillDone, or a StreamFailure."""
+
+    item: Any
+
+
+class _PrefillSide:
+    """The queue the prefill partner's connection fills: tags its items, then puts them in the attempt's."""
+
+    def __init__(self, queue: asyncio.Queue):
+        self._queue = queue
+
+    def put_nowait(self, item: Any) -> None:
+        self._queue.put_nowait(_FromPrefill(item))
+
+
+class _SendFailed(Exception):
+    def __init__(self, handle: WorkerHandle, reason: str):
+        super().__init__(reason)
+        self.handle, self.reason = handle, reason
+
+
+class _Attempt:
+    """One attempt of a request on its route: what was sent where, and what the prefill side said.
+
+    Rules: the streaming worker's message goes first, then the prefill partner's (both subscribed
+    before either is sent); `abort` reaches every worker of the route that may still hold the rid;
+    `close` unsubscribes and gives back the in-flight counts."""
+
+    def __init__(self, route: Route, wire_rid: str):
+        self.route = route
+        self.wire_rid = wire_rid
+        self.handles: list[WorkerHandle] = [route.worker] + ([route.prefill] if route.prefill else [])
+        self.first_output_seen = False  # the KV arrived (the decode worker reported a token)
+        self.prefill_pending = route.prefill is not None  # the partner may still hold the rid
+        self.aborted = False  # asked to abort (/abort_request): the end of the stream is D's to tell
+
+    def send(self, req: GenerateRequest, queue: asyncio.Queue) -> None:
+        """Sends to the route's workers; _SendFailed (naming the worker) when one cannot take it."""
+        to_worker, to_prefill = self.route.messages(req, self.wire_rid)
+        self.route.worker.conn.subscribe(self.wire_rid, queue)
+        try:
+            self.route.worker.conn.send_nowait(to_worker)
+        except WorkerUnavailable as exc:
+            self.route.worker.conn.unsubscribe(self.wire_rid)
+            raise _SendFailed(self.route.worker, str(exc)) from None
+        if self.route.prefill is None or to_prefill is None:
+            return
+        self.route.prefill.conn.subscribe(self.wire_rid, _PrefillSide(queue))  # type: ignore[arg-type]
+        try:
+            self.route.prefill.conn.send_nowait(to_prefill)
+        except WorkerUnavailable as exc:
+            self.route.prefill.conn.unsubscribe(self.wire_rid)
+            self.route.worker.conn.unsubscribe(self.wire_rid)
+            self.route.worker.conn.send_abort(self.wire_rid, "Its prefill partner is unavailable.")
+            raise _SendFailed(self.route.prefill, str(exc)) from None
+
+    def prefill_event(self, item: Any) -> str | None:
+        """Why the pair failed, given the prefill side's item, or None (the attempt goes on)."""
+        self.prefill_pending = False
+        prefill = self.route.prefill
+        assert prefill is not None
+        if isinstance(item, PrefillDone):
+            if item.ok:
+                prefill.breaker.record_success()
+                return None
+            reason = f"prefill worker {prefill.worker_id}: {item.reason}"
+        else:
+            reason = item.reason
+        # after the first token the KV had arrived: the prefill side's end no longer matters
+        return None if self.first_output_seen or self.aborted else reason
+
+    def abort(self, message: str) -> None:
+        self.route.worker.conn.send_abort(self.wire_rid, message)
+        if self.route.prefill is not None and self.prefill_pending:
+            self.route.prefill.conn.send_abort(self.wire_rid, message)
+
+    def close(self) -> None:
+        """After the attempt ran (it was counted in flight on each of its workers)."""
+        for handle in self.handles:
+            handle.conn.unsubscribe(self.wire_rid)
+            handle.inflight -= 1
 
 
 class _Deadline:

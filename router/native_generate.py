@@ -35,6 +35,7 @@ from pdserve.router.native_parse import NativeGenerateRequest, parse_generate
 from pdserve.router.native_view import SampleView
 from pdserve.router.sse import open_sse, send_done, send_event
 from pdserve.router.state import STATE_KEY, RouterState
+from pdserve.router.tokenizer_fast import fast_encoder
 from pdserve.shared.protocol import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -49,8 +50,8 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     start = time.perf_counter()
     body = await read_json_object(request)
-    tokenizer = state.require_tokenizer()
-    req = parse_generate(body, tokenizer, state.args.max_batch_size)
+    encode = fast_encoder(state.require_tokenizer())
+    req = parse_generate(body, encode, state.args.max_batch_size)
     checked = [state.generator.check(inp) for inp in req.inputs]  # every prompt before any is sent
     views = _views(state, req, start)
     if req.stream:
@@ -113,22 +114,30 @@ async def _stream(
         return resp
 
 
-async def _prompt_events(
+# (prompt index, a SampleEvent of it, or the GenerationError that ended it)
+PromptEvents = AsyncIterator[tuple[int, SampleEvent | GenerationError]]
+
+
+def _prompt_events(
     state: RouterState, req: NativeGenerateRequest, checked: list[GenerateRequest]
-) -> AsyncIterator[tuple[int, SampleEvent | GenerationError]]:
-    """(prompt index, event) of every prompt in arrival order; a prompt's GenerationError (or a
-    router bug, as a 500) is yielded in its place and ends that prompt only."""
+) -> PromptEvents:
+    """Every prompt's events in arrival order; a prompt's GenerationError (or a router bug, as a
+    500) is yielded in its place and ends that prompt only."""
     if len(req.inputs) == 1:  # the common case: the stream runs in the handler's task, no queue hop
-        async for item in _one_prompt(state, req.inputs[0], checked[0]):
-            yield 0, item
-        return
+        return _one_prompt(state, 0, req.inputs[0], checked[0])
+    return _merged_prompts(state, req, checked)
+
+
+async def _merged_prompts(
+    state: RouterState, req: NativeGenerateRequest, checked: list[GenerateRequest]
+) -> PromptEvents:
     queue: asyncio.Queue = asyncio.Queue()
     done_marker = object()
 
     async def pump(i: int) -> None:
         try:
-            async for item in _one_prompt(state, req.inputs[i], checked[i], prompt_index=i):
-                queue.put_nowait((i, item))
+            async for item in _one_prompt(state, i, req.inputs[i], checked[i]):
+                queue.put_nowait(item)
         finally:
             queue.put_nowait((i, done_marker))
 
@@ -136,11 +145,11 @@ async def _prompt_events(
     try:
         running = len(tasks)
         while running:
-            i, item = await queue.get()
-            if item is done_marker:
+            item = await queue.get()
+            if item[1] is done_marker:
                 running -= 1
             else:
-                yield i, item
+                yield item
     finally:
         for task in tasks:  # client gone (write failed or handler cancelled): abort on the workers
             task.cancel()
@@ -149,18 +158,21 @@ async def _prompt_events(
 
 
 async def _one_prompt(
-    state: RouterState, inp: GenerateInput, checked: GenerateRequest, prompt_index: int = 0
-) -> AsyncIterator[SampleEvent | GenerationError]:
+    state: RouterState, i: int, inp: GenerateInput, checked: GenerateRequest
+) -> PromptEvents:
     try:
         async with contextlib.aclosing(state.generator.stream(inp, checked=checked)) as events:
             async for event in events:
-                yield event
+                yield i, event
     except GenerationError as exc:
-        yield exc
+        yield i, exc
     except Exception as exc:  # a router bug: report it on the stream, keep the other prompts
-        logger.exception("streaming prompt %d of a /generate request failed", prompt_index)
-        yield GenerationError(
-            500, f"Internal error in the router: {type(exc).__name__}", "InternalServerError"
+        logger.exception("streaming prompt %d of a /generate request failed", i)
+        yield (
+            i,
+            GenerationError(
+                500, f"Internal error in the router: {type(exc).__name__}", "InternalServerError"
+            ),
         )
 
 

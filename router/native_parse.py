@@ -23,6 +23,7 @@ from typing import Any
 
 from pdserve.router.generation import GenerateInput
 from pdserve.router.limits import check_batch_size, http_error
+from pdserve.router.tokenizer_fast import Encoder
 
 # GenerateReqInput fields pdserve does not serve: set (not null, not empty) they are a 400.
 UNSUPPORTED_FIELDS = {
@@ -66,7 +67,8 @@ def _per_prompt(body: dict[str, Any], name: str, count: int, default: Any, is_si
     raise http_error(400, f"{name} has the wrong type or length for {count} prompt(s): {value!r:.200}")
 
 
-def parse_generate(body: dict[str, Any], tokenizer: Any, max_batch_size: int) -> NativeGenerateRequest:
+def parse_generate(body: dict[str, Any], encode: Encoder, max_batch_size: int) -> NativeGenerateRequest:
+    """`encode` turns a text prompt into ids (special tokens added, as `tokenizer.encode` does)."""
     for name, what in UNSUPPORTED_FIELDS.items():
         if body.get(name) not in (None, [], {}, False):
             raise http_error(400, f"pdserve does not support {what} (field {name}).")
@@ -81,7 +83,7 @@ def parse_generate(body: dict[str, Any], tokenizer: Any, max_batch_size: int) ->
         else:
             raise http_error(400, "text must be a string or a non-empty list of strings.")
         check_batch_size(len(texts), max_batch_size)
-        prompts = [tokenizer.encode(t) for t in texts]
+        prompts = [encode(t) for t in texts]
     elif _is_id_list(input_ids):
         is_batch, prompts = False, [input_ids]
     elif isinstance(input_ids, list) and input_ids and all(_is_id_list(p) for p in input_ids):

@@ -42,7 +42,7 @@ class SampleView:
         self.weight_version = weight_version
         self.text = ""
         self.output_ids: list[int] = []
-        self.meta: dict[str, Any] = {}
+        self.counts: tuple[int, int, int] | None = None  # prompt, completion, cached tokens
         self.logprobs: dict[str, list] = {}
         if inp.return_logprob:
             for name in _BASE_LOGPROB_FIELDS:
@@ -66,11 +66,7 @@ class SampleView:
         self.output_ids = event.output_ids
         self.finished = event.finished
         self.finish_reason = event.finish_reason
-        self.meta = {
-            "prompt_tokens": event.prompt_tokens,
-            "completion_tokens": event.completion_tokens,
-            "cached_tokens": event.cached_tokens,
-        }
+        self.counts = (event.prompt_tokens, event.completion_tokens, event.cached_tokens)
         if self.inp.return_logprob:
             for name in LOGPROB_FIELDS:
                 values = getattr(event, name)
@@ -81,12 +77,10 @@ class SampleView:
         return round(time.perf_counter() - self.start, 6)
 
     def to_dict(self) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "id": self.sample_id,
-            "finish_reason": self.finish_reason,
-            **self.meta,
-            "weight_version": self.weight_version,
-        }
+        meta: dict[str, Any] = {"id": self.sample_id, "finish_reason": self.finish_reason}
+        if self.counts is not None:
+            meta["prompt_tokens"], meta["completion_tokens"], meta["cached_tokens"] = self.counts
+        meta["weight_version"] = self.weight_version
         if self.finished:
             meta["e2e_latency"] = self._e2e_latency()
         meta.update(self.logprobs)
@@ -102,7 +96,7 @@ class SampleView:
         elif added < 0:  # cannot happen with in-order events; rebuild rather than trust the fragment
             self._ids_json = ",".join(map(str, ids))
         self._ids_count = len(ids)
-        meta = self.meta
+        prompt, completion, cached = self.counts  # type: ignore[misc]
         parts = [
             'data: {"text":',
             _encode(self.text),
@@ -112,11 +106,11 @@ class SampleView:
             self._meta_head,
             "null" if self.finish_reason is None else _encode(self.finish_reason),
             ',"prompt_tokens":',
-            _int_json(meta["prompt_tokens"]),
+            _int_json(prompt),
             ',"completion_tokens":',
-            _int_json(meta["completion_tokens"]),
+            _int_json(completion),
             ',"cached_tokens":',
-            _int_json(meta["cached_tokens"]),
+            _int_json(cached),
             self._meta_tail,
         ]
         if self.finished:

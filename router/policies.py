@@ -12,19 +12,30 @@ cache_aware: the worker whose (approximate, router-side) prefix tree holds the l
 the prompt, when that prefix is at least `min_match_tokens` long and covers at least
 `match_ratio` of the prompt, and that worker is not overloaded (its load is at most
 `balance_threshold` above the least loaded candidate). Otherwise: least load. Short prompts thus
-spread by load, and long shared prefixes go where their KV pages already are.
+spread by load, and long shared prefixes go where their KV pages already are. With a `matcher`
+(the prefill pool's Redis prefix index: cached tokens per worker, exact), the match comes from it
+instead of the router-side tree.
+
+Pairs (router/pairing.py) choose the prefill worker with `--prefill-policy` (make_policy) and the
+decode worker with `--decode-policy` (make_decode_policy), whose least_load means memory first:
+the candidate with the most free KV pages (in eighths of its pool, so small differences do not
+matter), then the fewest queued + running requests.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar
 
 from pdserve.router.prefix_tree import ApproxPrefixTree
 
+logger = logging.getLogger(__name__)
+
 POLICY_NAMES = ("round_robin", "random", "power_of_two", "least_load", "cache_aware")
+DECODE_POLICY_NAMES = ("least_load", "round_robin", "random", "power_of_two")
 
 
 class Candidate(Protocol):
@@ -110,8 +121,10 @@ class CacheAwarePolicy(Policy):
         match_ratio: float = 0.5,
         balance_threshold: int = 32,
         max_blocks_per_worker: int = 1 << 16,
+        matcher: Callable[[Sequence[int]], dict[str, int]] | None = None,
     ):
         self.tree = ApproxPrefixTree(block_size, max_blocks_per_worker)
+        self.matcher = matcher
         self.min_match_tokens = min_match_tokens
         self.match_ratio = match_ratio
         self.balance_threshold = balance_threshold
@@ -119,7 +132,7 @@ class CacheAwarePolicy(Policy):
 
     def choose(self, candidates: Sequence[W], input_ids: Sequence[int]) -> W:
         least = self._least_load.choose(candidates, input_ids)
-        matched = self.tree.match(input_ids)
+        matched = self._match(input_ids)
         best: W | None = None
         best_len = 0
         for c in candidates:
@@ -134,6 +147,14 @@ class CacheAwarePolicy(Policy):
         ):
             return least
         return best
+
+    def _match(self, input_ids: Sequence[int]) -> dict[str, int]:
+        if self.matcher is not None:
+            try:
+                return self.matcher(input_ids)
+            except Exception as exc:  # noqa: BLE001 (an index that fails falls back to the tree)
+                logger.debug("prefix index match failed: %s", exc)
+        return self.tree.match(input_ids)
 
     def on_dispatched(self, worker_id: str, input_ids: Sequence[int]) -> None:
         self.tree.insert(worker_id, input_ids)
@@ -155,3 +176,26 @@ def make_policy(name: str, block_size: int = 16, rng: random.Random | None = Non
     if name == "cache_aware":
         return CacheAwarePolicy(block_size=block_size, min_match_tokens=block_size)
     raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+
+
+class MemoryFirstPolicy(Policy):
+    """Decode choice: most free KV pages (in eighths of the pool), then least load; ties rotate."""
+
+    name = "least_load"
+
+    def __init__(self) -> None:
+        self._counter = itertools.count()
+
+    def choose(self, candidates: Sequence[W], input_ids: Sequence[int]) -> W:
+        start = next(self._counter) % len(candidates)
+        rotated = [*candidates[start:], *candidates[:start]]
+        return min(rotated, key=lambda c: (-int(getattr(c, "free_page_fraction", 1.0) * 8), c.load))
+
+
+def make_decode_policy(name: str, rng: random.Random | None = None) -> Policy:
+    """The decode-side policy called `name` (one of DECODE_POLICY_NAMES); ValueError otherwise."""
+    if name == "least_load":
+        return MemoryFirstPolicy()
+    if name not in DECODE_POLICY_NAMES:
+        raise ValueError(f"unknown decode policy {name!r}; choose one of {', '.join(DECODE_POLICY_NAMES)}")
+    return make_policy(name, rng=rng)

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdserve.router.detokenizer import Decoder, IncrementalDetokenizer, fast_decoder
+from pdserve.router.detokenizer import IncrementalDetokenizer
 from pdserve.router.generation import SampleEvent
 from pdserve.router.stop_strings import StopStringMatcher
+from pdserve.router.tokenizer_fast import Decoder, fast_decoder
 from pdserve.shared.protocol import RequestOutput
 
 LOGPROB_FIELDS = (

@@ -26,7 +26,8 @@ from aiohttp import web
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.generation import GenerationError
 from pdserve.router.metrics import RouterMetrics
-from pdserve.router.policies import make_policy
+from pdserve.router.pairing import DEFAULT_LOCAL_PREFILL_THRESHOLD, Pairing
+from pdserve.router.policies import make_decode_policy, make_policy
 from pdserve.router.text_generator import RouterTextGenerator
 from pdserve.router.worker_pool import PoolConfig, WorkerPool
 from pdserve.shared.protocol import ServerInfo
@@ -44,7 +45,10 @@ class RouterArgs:
     port: int = 30000
     redis_url: str | None = None
     worker_addrs: list[str] = field(default_factory=list)
-    policy: str = "cache_aware"
+    policy: str = "cache_aware"  # mixed workers
+    prefill_policy: str = "cache_aware"  # the prefill worker of a pair (router/pairing.py)
+    decode_policy: str = "least_load"  # the decode worker: free KV pages, then load
+    local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD  # shorter prompts: prefill at decode
     api_key: str | None = None
     admin_api_key: str | None = None
     request_timeout: float | None = None  # seconds; None: no limit
@@ -64,6 +68,10 @@ class RouterArgs:
 
     def validate(self) -> None:
         make_policy(self.policy)  # ValueError names the choices
+        make_policy(self.prefill_policy)
+        make_decode_policy(self.decode_policy)
+        if self.local_prefill_threshold < 0:
+            raise ValueError("--local-prefill-threshold must be >= 0")
         if self.preferred_sampling_params is not None:
             parse_preferred_sampling_params(self.preferred_sampling_params)
         if self.chat_template is not None:
@@ -145,7 +153,16 @@ class RouterState:
             ),
             on_server_info=self.learn,
         )
-        self.dispatcher = Dispatcher(self.pool, args.max_attempts, args.request_timeout, self.metrics)
+        self.prefill_policy = make_policy(args.prefill_policy)
+        self.pairing = Pairing(
+            self.pool,
+            self.prefill_policy,
+            make_decode_policy(args.decode_policy),
+            args.local_prefill_threshold,
+        )
+        self.dispatcher = Dispatcher(
+            self.pool, args.max_attempts, args.request_timeout, self.metrics, self.pairing
+        )
         self.preferred_sampling_params: dict[str, Any] | None = (
             parse_preferred_sampling_params(args.preferred_sampling_params)
             if args.preferred_sampling_params

@@ -22,12 +22,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from pdserve.router.detokenizer import Decoder, fast_decoder
 from pdserve.router.dispatch import RESTART
 from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
 from pdserve.router.sample_tracker import SampleTracker
+from pdserve.router.tokenizer_fast import fast_decoder
 from pdserve.shared.engine.request_validation import RequestError, validate_request
 from pdserve.shared.protocol import GenerateRequest
 
@@ -46,8 +46,6 @@ def context_overflow_message(prompt_len: int, max_new_tokens: int, context_lengt
 class RouterTextGenerator:
     def __init__(self, state: RouterState):
         self._state = state
-        self._decoder: Decoder | None = None
-        self._decoder_for: Any = None  # the tokenizer _decoder decodes for
 
     def check(self, inp: GenerateInput) -> GenerateRequest:
         """The worker message for inp, after the router-side checks (GenerationError 400/503)."""
@@ -99,7 +97,7 @@ class RouterTextGenerator:
         tokenizer = self._state.require_tokenizer()
         num_samples = int(msg.sampling_params.get("n", 1))
         metrics = self._state.metrics
-        decoder = self._decoder_of(tokenizer)
+        decoder = fast_decoder(tokenizer)  # shared by the samples' trackers
 
         def fresh() -> list[SampleTracker]:
             return [
@@ -152,9 +150,3 @@ class RouterTextGenerator:
                     sum(len(s.output_ids) for s in samples),
                     sum(s.cached_tokens for s in samples[:1]),
                 )
-
-    def _decoder_of(self, tokenizer: Any) -> Decoder:
-        """One fast decoder per tokenizer (the tokenizer is fixed once loaded)."""
-        if self._decoder_for is not tokenizer:
-            self._decoder, self._decoder_for = fast_decoder(tokenizer), tokenizer
-        return self._decoder

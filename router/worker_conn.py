@@ -10,19 +10,23 @@ Rules:
 - one event loop owns the connection; nothing here is thread-safe;
 - `send_nowait` never waits: it raises WorkerUnavailable when no connection to the worker is up
   (ZMQ_IMMEDIATE: messages are not queued for a peer that is not there) or the send queue is full;
-- the reader routes each RequestOutput of an OutputBatch to the queue subscribed for its rid
-  (outputs of unknown rids are dropped: an abandoned request) and each reply to the `query` that
-  waits for its (type, query_id);
+- the reader routes each RequestOutput of an OutputBatch, and each PrefillDone, to the queue
+  subscribed for its rid (those of unknown rids are dropped: an abandoned request) and each
+  reply to the `query` that waits for its (type, query_id);
+- outputs reach their queues at most DELIVER_SLICE per event-loop turn, a stream's first
+  outputs before all others (each stream's outputs stay in order): see DELIVER_SLICE;
 - `last_seen` is the monotonic time of the last frame received: the pool's liveness check;
 - when the TCP connection drops (the worker died or closed), every subscribed queue gets a
   StreamFailure at once and `connected` turns False; ZMQ reconnects by itself when the worker is
   back at the same address, and `connected` turns True again;
-- `close()` fails every subscribed queue and waiting query, then closes the sockets.
+- `close()` fails every subscribed queue and waiting query, then closes the sockets; outputs
+  received before a failure reach their queues before the StreamFailure does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
 import logging
@@ -35,7 +39,16 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from pdserve.shared.protocol import AbortRequest, Message, OutputBatch, ProtocolError, decode, encode
+from pdserve.shared.protocol import (
+    AbortRequest,
+    Message,
+    OutputBatch,
+    PrefillDone,
+    ProtocolError,
+    RequestOutput,
+    decode,
+    encode,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +56,14 @@ logger = logging.getLogger(__name__)
 SEND_HWM = 100_000
 
 R = TypeVar("R", bound=Message)
+
+# Outputs handed to their streams per event-loop turn. A step of a busy worker brings one output
+# per running request in one frame, and each output wakes a stream whose turn (detokenize, encode,
+# write to the client) costs tens of microseconds: handing all of them out in one turn would hold
+# the loop for milliseconds, while a new request or the first token of one waits behind the
+# whole step. In slices, those run between slices; first outputs also skip ahead of the slices
+# not yet handed out, since time to first token is what a stream's latency is judged by.
+DELIVER_SLICE = 16
 
 
 class WorkerUnavailable(Exception):
@@ -72,6 +93,10 @@ class WorkerConnection:
         )
         self._sock.connect(address)
         self._streams: dict[str, asyncio.Queue] = {}
+        self._fresh: set[str] = set()  # subscribed rids with no output received yet
+        # received outputs not yet in their queues, with the queue subscribed when they arrived
+        self._first: collections.deque[tuple[asyncio.Queue, RequestOutput]] = collections.deque()
+        self._rest: collections.deque[tuple[asyncio.Queue, RequestOutput]] = collections.deque()
         self._replies: dict[tuple[type[Message], int], asyncio.Future] = {}
         self._query_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
@@ -112,13 +137,17 @@ class WorkerConnection:
 
     def subscribe(self, rid: str, queue: asyncio.Queue) -> None:
         self._streams[rid] = queue
+        self._fresh.add(rid)
 
     def unsubscribe(self, rid: str) -> None:
         self._streams.pop(rid, None)
+        self._fresh.discard(rid)
 
     def fail_streams(self, reason: str) -> int:
         """Ends every subscribed stream with StreamFailure(reason); returns how many there were."""
+        self._deliver(None)  # what arrived before the failure goes first
         streams, self._streams = self._streams, {}
+        self._fresh.clear()
         for queue in streams.values():
             queue.put_nowait(StreamFailure(reason))
         for fut in self._replies.values():
@@ -163,30 +192,69 @@ class WorkerConnection:
 
     async def _read_loop(self) -> None:
         while True:
-            try:
-                frame = await self._sock.recv(copy=True)
-            except zmq.ZMQError as exc:
-                if self.closed:
-                    return
-                logger.warning("worker %s: receive failed: %s", self.name, exc)
-                await asyncio.sleep(0.1)
-                continue
+            if not (self._first or self._rest):
+                try:
+                    frame = await self._sock.recv(copy=True)
+                except zmq.ZMQError as exc:
+                    if self.closed:
+                        return
+                    logger.warning("worker %s: receive failed: %s", self.name, exc)
+                    await asyncio.sleep(0.1)
+                    continue
+                self.last_seen = time.monotonic()
+                self._on_frame(frame)
+            self._receive_ready()
+            self._deliver(DELIVER_SLICE)
+            if self._first or self._rest:
+                await asyncio.sleep(0)  # the streams just woken (and any new I/O) run first
+
+    def _receive_ready(self) -> None:
+        """Takes in the frames that are already here, without waiting (first tokens among them)."""
+        while not self.closed:
+            fut = self._sock.recv(flags=zmq.NOBLOCK, copy=True)  # done at once: a frame or Again
+            exc = fut.exception()
+            if exc is not None:
+                if not isinstance(exc, zmq.Again):
+                    logger.warning("worker %s: receive failed: %s", self.name, exc)
+                return
             self.last_seen = time.monotonic()
-            try:
-                msg = decode(frame)
-            except ProtocolError as exc:
-                logger.warning("worker %s sent an undecodable frame: %s", self.name, exc)
-                continue
-            if isinstance(msg, OutputBatch):
-                streams = self._streams
-                for out in msg.outputs:
-                    queue = streams.get(out.rid)
-                    if queue is not None:
-                        queue.put_nowait(out)
-                continue
-            fut = self._replies.pop((type(msg), getattr(msg, "query_id", 0)), None)
-            if fut is not None and not fut.done():
-                fut.set_result(msg)
+            self._on_frame(fut.result())
+
+    def _deliver(self, limit: int | None) -> None:
+        """Hands up to `limit` (None: all) received outputs to their streams' queues."""
+        streams = self._streams
+        delivered = 0
+        for pending in (self._first, self._rest):
+            while pending and (limit is None or delivered < limit):
+                queue, out = pending.popleft()
+                if streams.get(out.rid) is queue:  # else abandoned meanwhile
+                    queue.put_nowait(out)
+                    delivered += 1
+
+    def _on_frame(self, frame: bytes) -> None:
+        """Routes one received frame: outputs to their streams, replies to their queries."""
+        try:
+            msg = decode(frame)
+        except ProtocolError as exc:
+            logger.warning("worker %s sent an undecodable frame: %s", self.name, exc)
+            return
+        if isinstance(msg, OutputBatch):
+            streams, fresh = self._streams, self._fresh
+            first = [out.rid for out in msg.outputs if out.rid in fresh]
+            for out in msg.outputs:  # all outputs of a fresh rid in this frame go first, in order
+                queue = streams.get(out.rid)
+                if queue is not None:
+                    (self._first if out.rid in fresh else self._rest).append((queue, out))
+            fresh.difference_update(first)
+            return
+        if isinstance(msg, PrefillDone):  # a prefill worker's one answer: to the rid's stream too
+            queue = self._streams.get(msg.rid)
+            if queue is not None:
+                queue.put_nowait(msg)
+            return
+        fut = self._replies.pop((type(msg), getattr(msg, "query_id", 0)), None)
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
 
     async def _monitor_loop(self) -> None:
         while True:

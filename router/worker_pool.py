@@ -5,12 +5,15 @@
     pool.add_static("tcp://127.0.0.1:30001")          # --worker-addr
     await pool.add_worker(info)                       # or ClusterView (Redis) calls this
     handle = pool.pick(input_ids, exclude=set())      # NoWorkerAvailable when none can serve
+    handle = pool.pick(ids, exclude, role="prefill", policy=prefill_policy)   # one role, its policy
 
 Rules:
 - a worker becomes a candidate once its ServerInfo arrived (asked for right after connecting, and
   again every poll until it answers): the router needs the model facts it carries;
-- a candidate is: connected, not stalled, its role can generate, its circuit breaker allows it,
-  and not in `exclude` (workers already tried for this request);
+- a candidate is: connected, not stalled, its role can generate (mixed, or decode: a decode
+  worker prefills locally what comes without a prefill partner), its circuit breaker allows it,
+  and not in `exclude` (workers already tried for this request); `role="prefill"` asks for prefill
+  workers instead (they only ever serve half of a pair, router/pairing.py);
 - every `poll_interval_s` each worker gets a LoadQuery. A worker that has requests of this router
   in flight and has sent nothing at all (no outputs, no load replies) for `liveness_s` is stalled:
   its requests fail (and are retried elsewhere by dispatch), it takes no new ones until it answers
@@ -40,8 +43,9 @@ from pdserve.shared.protocol import LoadQuery, LoadReport, ServerInfo, ServerInf
 
 logger = logging.getLogger(__name__)
 
-# Roles that run a whole request. Prefill/decode pairs arrive with the disaggregation issue.
-GENERATE_ROLES = ("mixed",)
+# Roles that stream a request's tokens (a decode worker prefills locally when no prefill worker
+# is paired with it). Prefill workers are offered only through `pick(..., role="prefill")`.
+GENERATE_ROLES = ("mixed", "decode")
 
 
 class NoWorkerAvailable(Exception):
@@ -83,13 +87,32 @@ class WorkerHandle:
         return max(self.inflight, reported)
 
     @property
+    def kv_addr(self) -> str:
+        """The KV transfer endpoint of a prefill or decode worker (Redis, else its ServerInfo)."""
+        if self.info.kv_addr:
+            return self.info.kv_addr
+        args = self.server_info.args if self.server_info else {}
+        return str(args.get("kv_addr") or "")
+
+    @property
+    def free_page_fraction(self) -> float:
+        """Free + evictable KV pages over all pages, as last reported (1.0 before any report)."""
+        load = self.last_load
+        if load is None or load.num_total_pages <= 0:
+            return 1.0
+        return (load.num_free_pages + load.num_evictable_pages) / load.num_total_pages
+
+    @property
+    def live(self) -> bool:
+        return self.server_info is not None and self.conn.connected and not self.stalled
+
+    @property
     def can_serve(self) -> bool:
-        return (
-            self.server_info is not None
-            and self.conn.connected
-            and not self.stalled
-            and self.role in GENERATE_ROLES
-        )
+        return self.live and self.role in GENERATE_ROLES
+
+    def can_serve_as(self, role: str | None) -> bool:
+        """role None: can it stream a request (mixed or decode); else: is it a live worker of role."""
+        return self.can_serve if role is None else self.live and self.role == role
 
 
 class WorkerPool:
@@ -100,6 +123,7 @@ class WorkerPool:
         on_server_info: Callable[[ServerInfo], None] | None = None,
     ):
         self.policy = policy
+        self.role_policies: list[Policy] = []  # the pairing's prefill/decode policies: told of removals
         self.config = config or PoolConfig()
         self._on_server_info = on_server_info
         self._ctx = zmq.asyncio.Context()
@@ -177,28 +201,39 @@ class WorkerPool:
         if self.workers.get(handle.worker_id) is handle:
             del self.workers[handle.worker_id]
         lost = handle.conn.fail_streams(reason)
-        self.policy.on_removed(handle.worker_id)
+        for policy in (self.policy, *self.role_policies):
+            policy.on_removed(handle.worker_id)
         await handle.conn.close()
         logger.info("%s (%d request(s) in flight moved on)", reason, lost)
 
     # ------------------------------------------------------------------ choice
 
-    def candidates(self, exclude: set[str] | frozenset[str] = frozenset()) -> list[WorkerHandle]:
+    def candidates(
+        self, exclude: set[str] | frozenset[str] = frozenset(), role: str | None = None
+    ) -> list[WorkerHandle]:
         return [
             h
             for h in self.workers.values()
-            if h.worker_id not in exclude and h.can_serve and h.breaker.would_allow()
+            if h.worker_id not in exclude and h.can_serve_as(role) and h.breaker.would_allow()
         ]
 
     def pick(
-        self, input_ids: Sequence[int], exclude: set[str] | frozenset[str] = frozenset()
+        self,
+        input_ids: Sequence[int],
+        exclude: set[str] | frozenset[str] = frozenset(),
+        role: str | None = None,
+        policy: Policy | None = None,
     ) -> WorkerHandle:
-        """A worker for the request (its breaker has let it through); NoWorkerAvailable if none."""
+        """A worker for the request (its breaker has let it through); NoWorkerAvailable if none.
+
+        role None: a worker that streams whole requests, else a worker of that role; `policy`
+        defaults to the pool's."""
+        policy = policy or self.policy
         while True:
-            candidates = self.candidates(exclude)
+            candidates = self.candidates(exclude, role)
             if not candidates:
                 raise NoWorkerAvailable(self.why_none(exclude))
-            handle = self.policy.choose(candidates, input_ids)
+            handle = policy.choose(candidates, input_ids)
             if handle.breaker.allow():
                 return handle
             exclude = {*exclude, handle.worker_id}  # a half-open probe slot was just taken
@@ -217,7 +252,7 @@ class WorkerPool:
             elif h.stalled:
                 state = "not responding"
             elif h.role not in GENERATE_ROLES:
-                state = f"role {h.role} cannot run whole requests"
+                state = f"role {h.role} cannot run whole requests (it needs a decode partner)"
             elif h.breaker.state != BreakerState.CLOSED:
                 state = "circuit open after repeated failures"
             else:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from pdserve.router.generation import GenerationError, SampleEvent
 from pdserve.router.limits import read_json
-from pdserve.router.openai.chat_template import chat_prompt_ids, render_chat
+from pdserve.router.openai.chat_template import render_chat
 from pdserve.router.openai.common import openai_error, router_state, token_decoder
 from pdserve.router.openai.logprobs import chat_logprobs_content
 from pdserve.router.openai.params import OpenAIRequestError
@@ -29,6 +29,7 @@ from pdserve.router.openai.responses import (
 )
 from pdserve.router.openai.streaming import StreamSpec, collect_choices, stream_choices
 from pdserve.router.state import RouterState
+from pdserve.router.tokenizer_fast import fast_encoder
 
 
 def chat_prompt(state: RouterState, tokenizer: Any, req: ChatRequest) -> list[int]:
@@ -41,7 +42,7 @@ def chat_prompt(state: RouterState, tokenizer: Any, req: ChatRequest) -> list[in
         continue_final_message=req.continue_final_message,
         template_kwargs=req.chat_template_kwargs,
     )
-    return chat_prompt_ids(tokenizer, text)
+    return fast_encoder(tokenizer, add_special_tokens=False)(text)  # chat_prompt_ids(tokenizer, text)
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:

@@ -27,11 +27,12 @@ from pdserve.router.openai.responses import (
     new_id,
 )
 from pdserve.router.openai.streaming import StreamSpec, collect_choices, stream_choices
+from pdserve.router.tokenizer_fast import Encoder, fast_encoder
 
 
-def prompt_ids(tokenizer: Any, prompt: str | list[int]) -> list[int]:
+def prompt_ids(encode: Encoder, prompt: str | list[int]) -> list[int]:
     """Token ids of one prompt; text is tokenized like the native /generate (special tokens added)."""
-    return list(prompt) if isinstance(prompt, list) else tokenizer.encode(prompt)
+    return list(prompt) if isinstance(prompt, list) else encode(prompt)
 
 
 def prompt_text(tokenizer: Any, prompt: str | list[int]) -> str:
@@ -67,7 +68,8 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         check_batch_size(len(req.prompts), state.args.max_batch_size)
         facts = state.require_ready()  # 503 until a worker and the tokenizer are known
         tokenizer = state.require_tokenizer()
-        ids = [prompt_ids(tokenizer, p) for p in req.prompts]
+        encode = fast_encoder(tokenizer)
+        ids = [prompt_ids(encode, p) for p in req.prompts]
         rid = new_id("cmpl")
         inputs = build_inputs(req, ids, rid, facts.context_length)
     except (OpenAIRequestError, GenerationError) as exc:

@@ -22,6 +22,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.output import build_output
+from pdserve.shared.engine.radix_cache import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError, validate_request
 from pdserve.shared.engine.sampling_params import SamplingParams
@@ -60,7 +61,9 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, args: EngineArgs):
+    """`kv_listener` (optional) hears the prefix cache's page changes: a worker's KV event publisher."""
+
+    def __init__(self, args: EngineArgs, kv_listener: RadixListener | None = None):
         args.validate()
         self.args = args
         resolved = resolve_model(args.model_path)
@@ -77,7 +80,10 @@ class Engine:
         )
         self.runner = ModelRunner(args, self.model_config, resolved.local_dir)
         self.kv = KVCacheManager(
-            self.runner.pool.num_pages, args.page_size, enable_radix=not args.disable_radix_cache
+            self.runner.pool.num_pages,
+            args.page_size,
+            enable_radix=not args.disable_radix_cache,
+            listener=kv_listener,
         )
         self.scheduler = self._make_scheduler(
             SchedulerConfig(

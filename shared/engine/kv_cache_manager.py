@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from pdserve.shared.engine.page_allocator import PageAllocator
-from pdserve.shared.engine.radix_cache import PrefixHit, RadixCache, RadixNode
+from pdserve.shared.engine.radix_cache import PrefixHit, RadixCache, RadixListener, RadixNode
 
 
 class KVCacheManager:
@@ -27,13 +27,17 @@ class KVCacheManager:
 
     With enable_radix=False nothing is shared: hits are empty (node None), cache_request changes
     nothing and release frees every page of the request.
+    `listener` hears the prefix cache's stored, evicted and cleared pages (radix_cache.py): the
+    prefix index's source (shared/kv_events.py).
     """
 
-    def __init__(self, num_pages: int, page_size: int, enable_radix: bool = True) -> None:
+    def __init__(
+        self, num_pages: int, page_size: int, enable_radix: bool = True, listener: RadixListener | None = None
+    ) -> None:
         self.page_size = page_size
         self.enable_radix = enable_radix
         self._allocator = PageAllocator(num_pages)
-        self._radix = RadixCache(self._allocator, page_size, disable=not enable_radix)
+        self._radix = RadixCache(self._allocator, page_size, disable=not enable_radix, listener=listener)
 
     # ---- counters ----
 

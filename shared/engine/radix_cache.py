@@ -8,6 +8,14 @@ Children are keyed by the token tuple of their first page, so two children never
 Each node carries a lock count (how many running requests hold it or a descendant: a lock on a node
 counts on all its ancestors too, root excluded) and a last-access stamp from a counter bumped once
 per match or insert, so LRU eviction order is deterministic. Locked nodes are never evicted.
+
+Events: with a `listener` (RadixListener), every node also keeps the chain hash of each of its pages
+(shared/page_hash.py; computed at insert from the parent's last hash, split and trimmed with the
+pages), and the listener hears, on the thread that changes the tree:
+- on_stored(hashes): the pages an insert added, in prefix order (nothing for pages already there);
+- on_removed(hashes): the pages one evict call freed, in the order it freed them;
+- on_cleared(): reset emptied the tree.
+A split changes no page, so it reports nothing. Without a listener no hash is computed.
 """
 
 from __future__ import annotations
@@ -15,8 +23,21 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from pdserve.shared.engine.page_allocator import PageAllocator
+from pdserve.shared.page_hash import ROOT_HASH, page_hashes
+
+
+class RadixListener(Protocol):
+    """Told of the pages a RadixCache gains and loses (see the module docstring). Called inside the
+    engine loop: must return at once (queue the event, never touch the network)."""
+
+    def on_stored(self, hashes: list[int]) -> None: ...
+
+    def on_removed(self, hashes: list[int]) -> None: ...
+
+    def on_cleared(self) -> None: ...
 
 
 class RadixNode:
@@ -27,7 +48,7 @@ class RadixNode:
     the next `evict`; lock it (or use it at once) before anything can evict.
     """
 
-    __slots__ = ("children", "key", "last_access", "lock_ref", "node_id", "pages", "parent")
+    __slots__ = ("children", "hashes", "key", "last_access", "lock_ref", "node_id", "pages", "parent")
 
     def __init__(
         self, node_id: int, key: tuple[int, ...], pages: list[int], parent: RadixNode | None
@@ -35,6 +56,7 @@ class RadixNode:
         self.node_id = node_id  # creation order: breaks ties between equal stamps deterministically
         self.key = key
         self.pages = pages
+        self.hashes: list[int] = []  # chain hash per page; kept only when the cache has a listener
         self.parent = parent  # None for the root and for nodes that were evicted
         self.children: dict[tuple[int, ...], RadixNode] = {}
         self.lock_ref = 0
@@ -66,15 +88,22 @@ class RadixCache:
     Ownership: pages given to `insert` that end up in the tree belong to the tree, which returns
     them to the allocator on `evict` or `reset`. Everything else stays with the caller (see insert).
     With disable=True the cache stores nothing: matches are empty, inserts keep nothing (the caller
-    keeps all its pages), evict frees nothing.
+    keeps all its pages), evict frees nothing, and the listener hears nothing.
     """
 
-    def __init__(self, allocator: PageAllocator, page_size: int, disable: bool = False) -> None:
+    def __init__(
+        self,
+        allocator: PageAllocator,
+        page_size: int,
+        disable: bool = False,
+        listener: RadixListener | None = None,
+    ) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         self.allocator = allocator
         self.page_size = page_size
         self.disable = disable
+        self.listener = listener
         self._next_id = 0
         self._clock = 0
         # The root lives as long as the cache (reset keeps it), so "matched nothing" handles stay valid.
@@ -150,6 +179,9 @@ class RadixCache:
         if matched < len(key):
             leaf = self._new_node(key[matched:], list(pages[matched // ps : n]), node)
             leaf.last_access = self._clock
+            if self.listener is not None:
+                leaf.hashes = page_hashes(leaf.key, ps, node.hashes[-1] if node.hashes else ROOT_HASH)
+                self.listener.on_stored(list(leaf.hashes))
             node.children[leaf.key[:ps]] = leaf
             self._evictable_pages += len(leaf.pages)
             self._evictable_leaves.discard(node)
@@ -194,11 +226,13 @@ class RadixCache:
         parent = node.parent
         assert parent is not None and 0 < num_tokens < len(node.key) and num_tokens % ps == 0
         upper = self._new_node(node.key[:num_tokens], node.pages[: num_tokens // ps], parent)
+        upper.hashes = node.hashes[: num_tokens // ps]
         upper.lock_ref = node.lock_ref
         upper.last_access = node.last_access
         parent.children[upper.key[:ps]] = upper  # same first page: replaces node in parent
         node.key = node.key[num_tokens:]
         node.pages = node.pages[num_tokens // ps :]
+        node.hashes = node.hashes[num_tokens // ps :]
         node.parent = upper
         upper.children[node.key[:ps]] = node
         return upper
@@ -271,14 +305,18 @@ class RadixCache:
         heap = [(n.last_access, n.node_id, n) for n in self._evictable_leaves]
         heapq.heapify(heap)
         freed: list[int] = []
+        removed: list[int] = []  # the freed pages' hashes, same order
         while heap and len(freed) < num_pages:
             _, _, leaf = heapq.heappop(heap)
             take = min(len(leaf.pages), num_pages - len(freed))
-            freed.extend(reversed(leaf.pages[len(leaf.pages) - take :]))
+            keep = len(leaf.pages) - take
+            freed.extend(reversed(leaf.pages[keep:]))
+            removed.extend(reversed(leaf.hashes[keep:]))
             self._evictable_pages -= take
-            if take < len(leaf.pages):
-                leaf.pages = leaf.pages[: len(leaf.pages) - take]
-                leaf.key = leaf.key[: len(leaf.pages) * self.page_size]
+            if keep:
+                leaf.pages = leaf.pages[:keep]
+                leaf.hashes = leaf.hashes[:keep]
+                leaf.key = leaf.key[: keep * self.page_size]
                 continue
             parent = leaf.parent
             assert parent is not None
@@ -289,6 +327,8 @@ class RadixCache:
                 self._evictable_leaves.add(parent)
                 heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
         self.allocator.free(freed)
+        if self.listener is not None and removed:
+            self.listener.on_removed(removed)
         return len(freed)
 
     def reset(self) -> None:
@@ -304,6 +344,8 @@ class RadixCache:
             node.parent = None  # a stale handle must not reach the root again through a lock
         self.allocator.free(pages)
         self._init_tree()
+        if self.listener is not None and not self.disable:
+            self.listener.on_cleared()
 
     # ---- inspection (tests, debugging) ----
 
@@ -330,6 +372,8 @@ class RadixCache:
             if node is not self._root:
                 if not node.pages or len(node.key) != len(node.pages) * ps:
                     raise AssertionError(f"node is not a non-empty run of whole pages: {node}")
+                if self.listener is not None and len(node.hashes) != len(node.pages):
+                    raise AssertionError(f"{len(node.hashes)} hashes for {len(node.pages)} pages: {node}")
                 if node.lock_ref:
                     protected += len(node.pages)
                 else:

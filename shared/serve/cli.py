@@ -3,9 +3,11 @@
     serve                                   # SmolLM2-135M-Instruct on the CPU, http://127.0.0.1:30000
     serve --model-path Qwen/Qwen2.5-0.5B-Instruct --device cuda --port 8000
     serve --workers 2 --redis-url redis://redis:6379 --policy least_load
+    serve --prefill 1 --decode 1 --kv-transfer-backend zmq   # disaggregated: the router pairs them
 
 What it runs (launcher.py): an embedded Redis unless `--redis-url` is given, one mixed worker per
-device (or `--workers N`, spread over the devices), and the router on `--host`/`--port`. When the
+device (or `--workers N`, spread over the devices; or `--prefill N --decode M` prefill and
+decode workers, plan.py), and the router on `--host`/`--port`. When the
 router's /health is 200 and every worker is ready, one line goes to stdout:
 `pdserve serving <model> at http://<host>:<port>`. Children's output goes to stderr, each line
 prefixed with the child's name.
@@ -27,8 +29,11 @@ from pdserve.shared.args import add_engine_args, engine_args_from
 from pdserve.shared.redis_server import RedisServerError
 from pdserve.shared.serve.launcher import ChildExited, Cluster, StartupError
 from pdserve.shared.serve.plan import (
+    PlanError,
+    WorkerSpec,
     cpu_threads_env,
     parse_devices,
+    plan_disaggregated,
     plan_workers,
     router_command,
     worker_command,
@@ -46,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="the router's address (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=30000, help="the router's port")
     parser.add_argument("--workers", type=int, default=None, help="mixed workers (default: one per device)")
+    parser.add_argument("--prefill", type=int, default=None, help="prefill workers (disaggregated mode)")
+    parser.add_argument("--decode", type=int, default=None, help="decode workers (disaggregated mode)")
+    parser.add_argument(
+        "--kv-transfer-backend", choices=["zmq", "nccl", "fake"], default="zmq", help="prefill -> decode KV"
+    )
+    parser.add_argument(
+        "--kv-transfer-timeout", type=float, default=None, help="seconds a KV transfer may take"
+    )
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     parser.add_argument(
         "--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="seconds to become ready"
@@ -53,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     router = parser.add_argument_group("router")
     router.add_argument("--policy", default=None, help="worker choice (the router's default: cache_aware)")
+    router.add_argument("--prefill-policy", default=None, help="prefill worker of a pair (cache_aware)")
+    router.add_argument("--decode-policy", default=None, help="decode worker of a pair (least_load)")
+    router.add_argument(
+        "--local-prefill-threshold", type=int, default=None, help="shorter prompts prefill at decode (64)"
+    )
     router.add_argument("--api-key", default=None, help="Bearer key for every route but /health")
     router.add_argument("--admin-api-key", default=None, help="Bearer key for the admin routes")
     router.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
@@ -62,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     # --device: one device or a comma list (cpu | cuda | cuda:N), see plan.py
     add_engine_args(parser.add_argument_group("engine (passed to every worker)"))
     return parser
+
+
+def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
+    devices = parse_devices(ns.device)
+    if ns.prefill is None and ns.decode is None:
+        return plan_workers(devices, ns.workers)
+    if ns.workers is not None:
+        raise PlanError("--workers (mixed) and --prefill/--decode (disaggregated) exclude each other")
+    return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static)
 
 
 def _client_host(host: str) -> str:
@@ -85,7 +112,7 @@ def _install_signal_handlers(stop: threading.Event, cluster: Cluster) -> None:
 def run(ns: argparse.Namespace) -> int:
     try:
         engine_args_from(ns)  # bad engine flags fail here, not in N workers at once
-        specs = plan_workers(parse_devices(ns.device), ns.workers)
+        specs = _plan(ns)
     except ValueError as exc:  # PlanError included
         print(f"serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -97,6 +124,8 @@ def run(ns: argparse.Namespace) -> int:
         redis_url = ns.redis_url or cluster.start_redis()
         env = cpu_threads_env(specs)
         for spec in specs:
+            if spec.wait_for is not None:  # it shares a GPU: it sizes its pool after the one before
+                cluster.wait_worker_ready(spec.wait_for, ns.startup_timeout, stop)
             cluster.start_worker(
                 spec.name, worker_command(spec, ns, redis_url), env if spec.device == "cpu" else {}
             )

@@ -3,7 +3,8 @@
 Life cycle:
   1. Redis: an EmbeddedRedis unless a URL was given (then nothing is started for it);
   2. every worker of the plan and the router, all at once (workers load while the router starts;
-     the router learns the workers from Redis as they become ready);
+     the router learns the workers from Redis as they become ready), except that a worker sharing
+     a GPU with an earlier one starts once that one is ready (`wait_worker_ready`);
   3. ready when every worker printed its ready line and the router's /health answers 200, before
      the deadline; otherwise the failing child (the first to exit, or the slowest) is named with
      the tail of its output, everything is stopped, and `StartupError` is raised;
@@ -62,6 +63,18 @@ class Cluster:
 
     def start_worker(self, name: str, cmd: list[str], env: dict[str, str]) -> None:
         self.workers.append(self._start(name, cmd, env))
+
+    def wait_worker_ready(self, name: str, timeout_s: float, stop: threading.Event) -> None:
+        """Blocks until the started worker `name` printed its ready line; StartupError if it exits
+        or the deadline passes first (returns early when `stop` is set)."""
+        child = next(w for w in self.workers if w.name == name)
+        deadline = time.monotonic() + timeout_s
+        while not child.ready.wait(POLL_S) and not stop.is_set():
+            status = child.poll()
+            if status is not None:
+                raise StartupError(_failure(child, f"exited with status {status} while starting"))
+            if time.monotonic() > deadline:
+                raise StartupError(_failure(child, f"was not ready after {timeout_s:.0f} s"))
 
     def start_router(self, cmd: list[str]) -> None:
         self.router = self._start("router", cmd, {})

@@ -1,13 +1,20 @@
 """What `serve` starts: a list of worker specs and the command line of every child.
 
 Rules:
-- Workers are a list of `WorkerSpec` (role, device), so other layouts (prefill + decode pools)
-  only add specs; the launcher starts whatever the list holds.
+- Workers are a list of `WorkerSpec` (role, device); the launcher starts whatever the list holds.
+  `--workers N`: mixed workers (plan_workers). `--prefill N --decode M`: N prefill then M decode
+  workers (plan_disaggregated), each with the KV transfer flags (`--kv-transfer-backend`,
+  `--kv-transfer-timeout`); the router pairs them.
 - `--device` is one device or a comma list (`cpu`, `cuda`, `cuda:0,cuda:1`); a bare `cuda` means
   every visible GPU. Workers are spread over the listed devices round-robin. A CUDA device hosts
   one worker (each sizes its KV pool from the device's free memory, so two would fight over it);
   the CPU hosts any number, each with an equal share of the cores (OMP_NUM_THREADS) unless the
   environment already sets that.
+- Prefill/decode on GPUs: one worker per GPU while there are enough GPUs; with fewer, workers
+  share GPUs round-robin, and the k workers of one GPU split `--mem-fraction-static` between
+  them: the i-th (0-based) gets the cumulative target f*(i+1)/k (a worker sizes its KV pool as
+  target * device memory - memory already used, which counts the workers before it), so they
+  start one after another (`wait_for`: the worker that must be ready first).
 - Engine flags go to every worker when they differ from their defaults; router flags go to the
   router when given. Workers bind loopback with free ports: only the router faces clients, and
   it finds the workers through Redis.
@@ -33,7 +40,11 @@ ROUTER_FLAGS = (
     "served_model_name",
     "chat_template",
     "preferred_sampling_params",
+    "prefill_policy",
+    "decode_policy",
+    "local_prefill_threshold",
 )
+PD_ROLES = ("prefill", "decode")
 
 
 class PlanError(ValueError):
@@ -42,9 +53,11 @@ class PlanError(ValueError):
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    role: str  # mixed (prefill | decode later)
+    role: str  # mixed | prefill | decode
     device: str
     index: int  # position among all workers: names its log prefix
+    mem_fraction_static: float | None = None  # set on a shared GPU: this worker's cumulative target
+    wait_for: str | None = None  # the name of the worker that must be ready before this one starts
 
     @property
     def name(self) -> str:
@@ -89,6 +102,27 @@ def plan_workers(devices: list[str], num_workers: int | None, role: str = "mixed
     return specs
 
 
+def plan_disaggregated(
+    devices: list[str], num_prefill: int, num_decode: int, mem_fraction_static: float = 0.85
+) -> list[WorkerSpec]:
+    """num_prefill prefill then num_decode decode workers, devices round-robin (see the rules)."""
+    if num_prefill < 0 or num_decode < 1:
+        raise PlanError("--decode must be >= 1 and --prefill >= 0 (0: every request prefills at decode)")
+    roles = ["prefill"] * num_prefill + ["decode"] * num_decode
+    placed = [devices[i % len(devices)] for i in range(len(roles))]
+    specs: list[WorkerSpec] = []
+    for i, (role, device) in enumerate(zip(roles, placed)):
+        sharing = [j for j, d in enumerate(placed) if d == device]
+        if not device.startswith("cuda") or len(sharing) == 1:
+            specs.append(WorkerSpec(role, device, i))
+            continue
+        rank = sharing.index(i)
+        fraction = mem_fraction_static * (rank + 1) / len(sharing)
+        before = specs[sharing[rank - 1]].name if rank else None
+        specs.append(WorkerSpec(role, device, i, round(fraction, 4), before))
+    return specs
+
+
 def cpu_threads_env(specs: list[WorkerSpec]) -> dict[str, str]:
     """OMP_NUM_THREADS for CPU workers: the cores shared evenly, unless the environment sets it."""
     cpu_workers = sum(s.device == "cpu" for s in specs)
@@ -119,12 +153,22 @@ def engine_flags(ns: argparse.Namespace) -> list[str]:
 
 
 def worker_command(spec: WorkerSpec, ns: argparse.Namespace, redis_url: str) -> list[str]:
-    return [
+    cmd = [
         sys.executable, "-m", "pdserve.shared.worker.cli",
         "--role", spec.role, "--device", spec.device, "--host", "127.0.0.1", "--port", "0",
         "--redis-url", redis_url, "--log-level", ns.log_level,
         *engine_flags(ns),
     ]  # fmt: skip
+    if spec.role in PD_ROLES:
+        cmd += ["--kv-transfer-backend", getattr(ns, "kv_transfer_backend", None) or "zmq"]
+        if getattr(ns, "kv_transfer_timeout", None) is not None:
+            cmd += ["--kv-transfer-timeout", str(ns.kv_transfer_timeout)]
+    if spec.mem_fraction_static is not None:
+        if "--mem-fraction-static" in cmd:  # the split replaces the user's total
+            at = cmd.index("--mem-fraction-static")
+            del cmd[at : at + 2]
+        cmd += ["--mem-fraction-static", str(spec.mem_fraction_static)]
+    return cmd
 
 
 def router_command(ns: argparse.Namespace, redis_url: str) -> list[str]:

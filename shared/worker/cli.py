@@ -16,6 +16,8 @@ Start-up order (so probes and clients see sensible states at every moment):
      `kv=<endpoint>`, the address peers' KV managers dial; it is also `kv_addr` in Redis);
      with `--redis-url`, the Redis heartbeat (shared/cluster.py) writes its first beat just before
      that line: routers see the worker only once it is ready, and a clean exit deletes its key;
+     mixed and prefill workers also publish their radix cache's KV events (shared/kv_events.py)
+     for the routers' prefix index, started just before the heartbeat and withdrawn after it;
   5. the loop (mixed.py, or the role's worker.py) until a signal; then intake stops, live requests
      are aborted (their clients get abort outputs; their transfers are aborted), the KV manager and
      the sockets close, exit status 0. A second signal exits at once with status 1.
@@ -189,12 +191,23 @@ class StartupError(RuntimeError):
     """A start-up failure the operator can fix (an address the KV backend cannot bind): logged, exit 1."""
 
 
-def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str):
-    """The role's engine; prefill and decode engines get a KV manager over their own KV pool."""
+def kv_event_publisher(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str):
+    """The KV event publisher of a mixed or prefill worker in a cluster (not started), else None:
+    routers choose those roles by cached prefix."""
+    if not ns.redis_url or ns.role not in ("mixed", "prefill"):
+        return None
+    from pdserve.shared.kv_events import KVEventPublisher
+
+    return KVEventPublisher(ns.redis_url, worker_id, engine_args.page_size)
+
+
+def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str, kv_listener=None):
+    """The role's engine; prefill and decode engines get a KV manager over their own KV pool.
+    kv_listener (mixed, prefill): hears the radix cache's page changes."""
     if ns.role == "mixed":
         from pdserve.shared.engine.engine import Engine  # torch import: after the ports answer
 
-        return Engine(engine_args)
+        return Engine(engine_args, kv_listener)
     from pdserve.kvtransfer import make_kv_manager
     from pdserve.kvtransfer.base import KVTransferConfig, KVTransferError
 
@@ -214,7 +227,7 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
     if ns.role == "prefill":
         from pdserve.prefill.engine import PrefillEngine
 
-        return PrefillEngine(engine_args, make_kv)
+        return PrefillEngine(engine_args, make_kv, kv_listener)
     from pdserve.decode.engine import DecodeEngine
 
     return DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens)
@@ -242,6 +255,7 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     metrics = WorkerMetrics(role=ns.role, model=engine_args.served_model_name or engine_args.model_path)
     http = None
     registration: WorkerRegistration | None = None
+    kv_events = None
     engine = None
     http_port = _http_port(ns)
     ctx = zmq.Context()
@@ -261,8 +275,9 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         worker_id = ns.worker_id or default_worker_id(
             ns.role, ns.advertise_host or advertise_host(ns.host), zmq_port
         )
+        kv_events = kv_event_publisher(ns, engine_args, worker_id)
         try:
-            engine = build_engine(ns, engine_args, worker_id)
+            engine = build_engine(ns, engine_args, worker_id, kv_events)
         except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
             logger.error("cannot load the model: %s", exc)
             return 1
@@ -276,6 +291,8 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
             else:
                 engine.warm_up()
             state.set_ready()
+            if kv_events is not None:  # before membership: an index that sees the worker finds its snapshot
+                kv_events.start()
             if ns.redis_url:  # before the ready line: whoever waits for it finds the worker registered
                 registration = registration_for(ns, engine, worker_id, zmq_port, bound_http_port, kv_addr)
                 registration.start()
@@ -298,6 +315,8 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     finally:
         if registration is not None:  # first: routers stop sending before the sockets close
             registration.close()
+        if kv_events is not None and kv_events.started:
+            kv_events.close()
         state.set_stopping()
         if engine is not None and ns.role != "mixed":
             engine.kv_manager.close()
