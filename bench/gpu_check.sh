@@ -17,8 +17,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 status=${PIPESTATUS[0]}
+# KV transfer bandwidth: zmq from GPU pools (pinned staging); nccl needs two GPUs
+python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda --tokens 16,256,1024,4096 \
+  --output-file "$OUT/kv_zmq_cuda.jsonl" 2>&1 | tee "$OUT/kv_zmq_cuda.log" | tail -12
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  python3 -m pdserve.bench.bench_kv_transfer --backend nccl --tokens 16,256,1024,4096 \
+    --output-file "$OUT/kv_nccl.jsonl" 2>&1 | tee "$OUT/kv_nccl.log" | tail -12
+fi
 echo
 echo "| check | result |"
 echo "| --- | --- |"
 echo "| gpu tests | $(tail -1 "$OUT/gpu_tests.log") (exit $status) |"
+echo "| kv transfer zmq (cuda pools), 1024 tokens | $(grep -F '| 1024 |' "$OUT/kv_zmq_cuda.log" | head -1) |"
 exit "$status"

@@ -9,7 +9,8 @@ over one connection. A message is a ZMQ multipart message:
 
 `src` names the sending manager (peers key everything by it, never by ZMQ identities, which a
 restarted process could reuse); `inc` is random per manager instance, so a peer restarted on the
-same port is noticed and its old transfers failed.
+same port is noticed (and logged: its old transfers fail through the dropped connection, and its
+new ones must not).
 
 A request's transfer is named by (peer endpoint, rid) until the receiver's `Ready` gives it a
 `nonce` (random per receiver), which every later message carries: a retry that reuses the rid on

@@ -8,6 +8,7 @@ PrefillDone messages; `generate()` runs prompts to completion and returns the sa
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pdserve.decode.engine import DecodeEngine
@@ -66,12 +67,16 @@ class PDPair:
     def has_work(self) -> bool:
         return self.prefill.has_work() or self.decode.has_work()
 
-    def run(self, max_steps: int = 10_000) -> None:
-        for _ in range(max_steps):
-            if not self.has_work():
-                return
+    def run(self, timeout_s: float = 120.0) -> None:
+        """Steps both engines until idle. Bounded by time, not steps: a real backend (zmq) moves pages
+        on its own thread, so some steps only wait."""
+        deadline = time.monotonic() + timeout_s
+        while self.has_work():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the pair made no progress in {timeout_s} s")
             self.step()
-        raise AssertionError("the pair made no progress")
+            if not (self.prefill.has_compute() or self.decode.has_compute()):
+                time.sleep(0.0005)  # only transfers in flight: let the backend's thread run
 
     def finished(self, rid: str) -> RequestOutput | None:
         outs = self.outputs.get(rid, [])
