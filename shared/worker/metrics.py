@@ -11,56 +11,34 @@ counted. Throughput gauges are wall-clock rates over the last window of at least
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from pdserve.shared.engine.engine import EngineStats
+from pdserve.shared.protocol import LoadReport
+
 PREFIX = "pdserve_worker"
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineSnapshot:
-    """Everything /metrics shows, read from the engine in the loop thread."""
+    """Everything /metrics shows, read from the engine in the loop thread: its load report and a
+    copy of its monotonic counters (EngineStats)."""
 
-    num_waiting: int = 0
-    num_running: int = 0
-    num_used_tokens: int = 0
-    max_total_num_tokens: int = 0
-    num_free_pages: int = 0
-    num_evictable_pages: int = 0
-    # monotonic counters (EngineStats)
-    num_requests: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_tokens_computed: int = 0
-    decode_tokens_computed: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    num_retractions: int = 0
+    load: LoadReport
+    stats: EngineStats
 
     @classmethod
     def of(cls, engine) -> EngineSnapshot:
         """Reads the engine; call only from the thread that drives it."""
-        load = engine.load()
-        stats = engine.stats
-        counters = {f.name: getattr(stats, f.name) for f in fields(stats) if hasattr(cls, f.name)}
-        return cls(
-            num_waiting=load.num_waiting,
-            num_running=load.num_running,
-            num_used_tokens=load.num_used_tokens,
-            max_total_num_tokens=load.max_total_num_tokens,
-            num_free_pages=load.num_free_pages,
-            num_evictable_pages=load.num_evictable_pages,
-            **counters,
-        )
+        return cls(load=engine.load(), stats=dataclasses.replace(engine.stats))
 
 
-# snapshot field -> (counter name without prefix/_total, help)
+# EngineStats field -> (counter name without prefix/_total, help)
 _COUNTERS: dict[str, tuple[str, str]] = {
     "num_requests": ("requests", "Generate requests accepted by the engine."),
     "num_finished": ("finished_samples", "Samples that finished (any reason, aborts included)."),
@@ -112,31 +90,37 @@ class WorkerMetrics:
     def publish(self, snap: EngineSnapshot, now: float | None = None) -> None:
         """Sets gauges and advances counters; the first call only records the baseline."""
         now = time.monotonic() if now is None else now
-        self.num_waiting.set(snap.num_waiting)
-        self.num_running.set(snap.num_running)
-        self.used_tokens.set(snap.num_used_tokens)
-        self.total_tokens.set(snap.max_total_num_tokens)
+        self.num_waiting.set(snap.load.num_waiting)
+        self.num_running.set(snap.load.num_running)
+        self.used_tokens.set(snap.load.num_used_tokens)
+        self.total_tokens.set(snap.load.max_total_num_tokens)
         self.token_usage.set(
-            snap.num_used_tokens / snap.max_total_num_tokens if snap.max_total_num_tokens else 0.0
+            snap.load.num_used_tokens / snap.load.max_total_num_tokens
+            if snap.load.max_total_num_tokens
+            else 0.0
         )
-        self.free_pages.set(snap.num_free_pages)
-        self.evictable_pages.set(snap.num_evictable_pages)
+        self.free_pages.set(snap.load.num_free_pages)
+        self.evictable_pages.set(snap.load.num_evictable_pages)
         if self._last is None:
             self._baseline, self._last, self._window_start = snap, snap, (now, snap)
             return
         for key, counter in self.counters.items():
-            delta = getattr(snap, key) - getattr(self._last, key)
+            delta = getattr(snap.stats, key) - getattr(self._last.stats, key)
             if delta > 0:
                 counter.inc(delta)
         self._last = snap
-        prompt = snap.prompt_tokens - self._baseline.prompt_tokens
-        cached = snap.cached_tokens - self._baseline.cached_tokens
+        prompt = snap.stats.prompt_tokens - self._baseline.stats.prompt_tokens
+        cached = snap.stats.cached_tokens - self._baseline.stats.cached_tokens
         self.cache_hit_rate.set(cached / prompt if prompt else 0.0)
         start_t, start = self._window_start
         if now - start_t >= self.window_s:
             span = now - start_t
-            self.prefill_throughput.set((snap.prefill_tokens_computed - start.prefill_tokens_computed) / span)
-            self.decode_throughput.set((snap.decode_tokens_computed - start.decode_tokens_computed) / span)
+            self.prefill_throughput.set(
+                (snap.stats.prefill_tokens_computed - start.stats.prefill_tokens_computed) / span
+            )
+            self.decode_throughput.set(
+                (snap.stats.decode_tokens_computed - start.stats.decode_tokens_computed) / span
+            )
             self._window_start = (now, snap)
 
     def render(self) -> tuple[bytes, str]:

@@ -226,9 +226,9 @@ class MixedWorker:
             self.metrics.publish(snapshot, now)
             if self.registration is not None:
                 self.registration.publish_load(
-                    num_running=snapshot.num_running,
-                    num_waiting=snapshot.num_waiting + self.updates.num_held,
-                    num_free_pages=snapshot.num_free_pages + snapshot.num_evictable_pages,
+                    num_running=snapshot.load.num_running,
+                    num_waiting=snapshot.load.num_waiting + self.updates.num_held,
+                    num_free_pages=snapshot.load.num_free_pages + snapshot.load.num_evictable_pages,
                 )
             self._last_publish = now
 
