@@ -18,18 +18,15 @@ Rules:
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from pdserve.router.generation import GenerateInput, SampleEvent
 from pdserve.router.sample_tracker import LOGPROB_FIELDS
+from pdserve.router.sse import encode_json
 
 # Logprob fields always present when return_logprob is set; the others only when asked for.
 _BASE_LOGPROB_FIELDS = ("input_token_logprobs", "output_token_logprobs")
-
-# sse.encode_event's JSON settings, built once (json.dumps with arguments builds an encoder per call)
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 class SampleView:
@@ -58,8 +55,8 @@ class SampleView:
         # sse_chunk's fragments: the ids so far as JSON list items ("1,2,3") and how many they are
         self._ids_json = ""
         self._ids_count = 0
-        self._meta_head = '"meta_info":{"id":' + _encode(self.sample_id) + ',"finish_reason":'
-        self._meta_tail = ',"weight_version":' + _encode(weight_version)
+        self._meta_head = '"meta_info":{"id":' + encode_json(self.sample_id) + ',"finish_reason":'
+        self._meta_tail = ',"weight_version":' + encode_json(weight_version)
 
     def update(self, event: SampleEvent) -> None:
         self.text = event.text
@@ -96,27 +93,22 @@ class SampleView:
         elif added < 0:  # cannot happen with in-order events; rebuild rather than trust the fragment
             self._ids_json = ",".join(map(str, ids))
         self._ids_count = len(ids)
-        prompt, completion, cached = self.counts  # type: ignore[misc]
+        prompt, completion, cached = (_int_json(n) for n in self.counts)  # type: ignore[union-attr]
         parts = [
             'data: {"text":',
-            _encode(self.text),
+            encode_json(self.text),
             ',"output_ids":[',
             self._ids_json,
             "],",
             self._meta_head,
-            "null" if self.finish_reason is None else _encode(self.finish_reason),
-            ',"prompt_tokens":',
-            _int_json(prompt),
-            ',"completion_tokens":',
-            _int_json(completion),
-            ',"cached_tokens":',
-            _int_json(cached),
+            "null" if self.finish_reason is None else encode_json(self.finish_reason),
+            f',"prompt_tokens":{prompt},"completion_tokens":{completion},"cached_tokens":{cached}',
             self._meta_tail,
         ]
         if self.finished:
             parts += (',"e2e_latency":', repr(self._e2e_latency()))
         for name, values in self.logprobs.items():
-            parts += (',"', name, '":', _encode(values))
+            parts += (',"', name, '":', encode_json(values))
         parts.append("}")
         if index is not None:
             parts += (',"index":', _int_json(index))
@@ -127,4 +119,4 @@ class SampleView:
 def _int_json(value: Any) -> str:
     # int.__repr__ is what the JSON encoder writes for an int; anything else (a bool, say) goes
     # through the encoder so that the bytes stay equal to encode_event's
-    return int.__repr__(value) if type(value) is int else _encode(value)
+    return int.__repr__(value) if type(value) is int else encode_json(value)

@@ -18,9 +18,13 @@ from aiohttp import web
 
 DONE = b"data: [DONE]\n\n"
 
+# The events' JSON (compact, non-ASCII kept), built once: json.dumps with arguments other than the
+# defaults builds a new encoder at every call.
+encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
 
 def encode_event(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + encode_json(data).encode() + b"\n\n"
 
 
 async def open_sse(request: web.Request) -> web.StreamResponse:

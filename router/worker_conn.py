@@ -13,8 +13,8 @@ Rules:
 - the reader routes each RequestOutput of an OutputBatch, and each PrefillDone, to the queue
   subscribed for its rid (those of unknown rids are dropped: an abandoned request) and each
   reply to the `query` that waits for its (type, query_id);
-- outputs reach their queues at most DELIVER_SLICE per event-loop turn, a stream's first
-  outputs before all others (each stream's outputs stay in order): see DELIVER_SLICE;
+- outputs reach their queues in slices of DELIVER_SLICE streams per event-loop turn, first
+  outputs first (router/output_delivery.py says why); each stream's outputs stay in order;
 - `last_seen` is the monotonic time of the last frame received: the pool's liveness check;
 - when the TCP connection drops (the worker died or closed), every subscribed queue gets a
   StreamFailure at once and `connected` turns False; ZMQ reconnects by itself when the worker is
@@ -26,7 +26,6 @@ Rules:
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import itertools
 import logging
@@ -39,13 +38,13 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from pdserve.router.output_delivery import DELIVER_SLICE, PendingOutputs
 from pdserve.shared.protocol import (
     AbortRequest,
     Message,
     OutputBatch,
     PrefillDone,
     ProtocolError,
-    RequestOutput,
     decode,
     encode,
 )
@@ -56,14 +55,6 @@ logger = logging.getLogger(__name__)
 SEND_HWM = 100_000
 
 R = TypeVar("R", bound=Message)
-
-# Outputs handed to their streams per event-loop turn. A step of a busy worker brings one output
-# per running request in one frame, and each output wakes a stream whose turn (detokenize, encode,
-# write to the client) costs tens of microseconds: handing all of them out in one turn would hold
-# the loop for milliseconds, while a new request or the first token of one waits behind the
-# whole step. In slices, those run between slices; first outputs also skip ahead of the slices
-# not yet handed out, since time to first token is what a stream's latency is judged by.
-DELIVER_SLICE = 16
 
 
 class WorkerUnavailable(Exception):
@@ -94,9 +85,7 @@ class WorkerConnection:
         self._sock.connect(address)
         self._streams: dict[str, asyncio.Queue] = {}
         self._fresh: set[str] = set()  # subscribed rids with no output received yet
-        # received outputs not yet in their queues, with the queue subscribed when they arrived
-        self._first: collections.deque[tuple[asyncio.Queue, RequestOutput]] = collections.deque()
-        self._rest: collections.deque[tuple[asyncio.Queue, RequestOutput]] = collections.deque()
+        self._pending = PendingOutputs()  # received outputs not yet in their queues
         self._replies: dict[tuple[type[Message], int], asyncio.Future] = {}
         self._query_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
@@ -145,7 +134,7 @@ class WorkerConnection:
 
     def fail_streams(self, reason: str) -> int:
         """Ends every subscribed stream with StreamFailure(reason); returns how many there were."""
-        self._deliver(None)  # what arrived before the failure goes first
+        self._pending.hand_out(None, self._streams)  # what arrived before the failure goes first
         streams, self._streams = self._streams, {}
         self._fresh.clear()
         for queue in streams.values():
@@ -192,7 +181,9 @@ class WorkerConnection:
 
     async def _read_loop(self) -> None:
         while True:
-            if not (self._first or self._rest):
+            if self._pending:
+                self._receive_ready()  # frames that came during the last slice (first tokens among them)
+            else:
                 try:
                     frame = await self._sock.recv(copy=True)
                 except zmq.ZMQError as exc:
@@ -203,13 +194,12 @@ class WorkerConnection:
                     continue
                 self.last_seen = time.monotonic()
                 self._on_frame(frame)
-            self._receive_ready()
-            self._deliver(DELIVER_SLICE)
-            if self._first or self._rest:
+            self._pending.hand_out(DELIVER_SLICE, self._streams)
+            if self._pending:
                 await asyncio.sleep(0)  # the streams just woken (and any new I/O) run first
 
     def _receive_ready(self) -> None:
-        """Takes in the frames that are already here, without waiting (first tokens among them)."""
+        """Takes in the frames that are already here, without waiting."""
         while not self.closed:
             fut = self._sock.recv(flags=zmq.NOBLOCK, copy=True)  # done at once: a frame or Again
             exc = fut.exception()
@@ -220,17 +210,6 @@ class WorkerConnection:
             self.last_seen = time.monotonic()
             self._on_frame(fut.result())
 
-    def _deliver(self, limit: int | None) -> None:
-        """Hands up to `limit` (None: all) received outputs to their streams' queues."""
-        streams = self._streams
-        delivered = 0
-        for pending in (self._first, self._rest):
-            while pending and (limit is None or delivered < limit):
-                queue, out = pending.popleft()
-                if streams.get(out.rid) is queue:  # else abandoned meanwhile
-                    queue.put_nowait(out)
-                    delivered += 1
-
     def _on_frame(self, frame: bytes) -> None:
         """Routes one received frame: outputs to their streams, replies to their queries."""
         try:
@@ -240,12 +219,12 @@ class WorkerConnection:
             return
         if isinstance(msg, OutputBatch):
             streams, fresh = self._streams, self._fresh
-            first = [out.rid for out in msg.outputs if out.rid in fresh]
-            for out in msg.outputs:  # all outputs of a fresh rid in this frame go first, in order
+            for out in msg.outputs:
                 queue = streams.get(out.rid)
                 if queue is not None:
-                    (self._first if out.rid in fresh else self._rest).append((queue, out))
-            fresh.difference_update(first)
+                    self._pending.add(queue, out, first=out.rid in fresh)
+            if fresh:
+                fresh.difference_update([out.rid for out in msg.outputs])
             return
         if isinstance(msg, PrefillDone):  # a prefill worker's one answer: to the rid's stream too
             queue = self._streams.get(msg.rid)

@@ -17,7 +17,7 @@ Rules:
 - every `poll_interval_s` each worker gets a LoadQuery. A worker that has requests of this router
   in flight and has sent nothing at all (no outputs, no load replies) for `liveness_s` is stalled:
   its requests fail (and are retried elsewhere by dispatch), it takes no new ones until it answers
-  again;
+  again (any frame: it is a candidate again from the next choice on, not the next poll tick);
 - `remove_worker` fails the worker's in-flight requests at once (dispatch retries them) and
   closes its connection; `add_worker` of a known id with the same address and start time only
   refreshes its info, otherwise it replaces the old connection;
@@ -211,6 +211,9 @@ class WorkerPool:
     def candidates(
         self, exclude: set[str] | frozenset[str] = frozenset(), role: str | None = None
     ) -> list[WorkerHandle]:
+        for h in self.workers.values():
+            if h.stalled:  # one that answered since the last poll tick is a candidate again now
+                self._check_liveness(h)
         return [
             h
             for h in self.workers.values()

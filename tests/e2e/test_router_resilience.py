@@ -189,7 +189,9 @@ def test_requests_to_a_frozen_worker_move_on_after_the_liveness_window(router, w
 
 
 def test_sigkill_with_queued_requests_completes_them_on_the_other_worker(router, workers, engine):
-    params = {"temperature": 0.0, "max_new_tokens": 40, "ignore_eos": True}
+    # long enough that the victim's queue stays full for seconds: with 40 tokens a fast machine
+    # drained it between two load polls and the kill found nothing queued
+    params = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
     prompts = [[20 + i, 21, 22] for i in range(12)]
     expected = [r["output_ids"] for r in engine.generate(prompts, params)]
     victim = workers[1]

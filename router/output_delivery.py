@@ -1,0 +1,62 @@
+"""Outputs received from a worker and not yet handed to their streams, in the order to hand them out.
+
+    pending = PendingOutputs()
+    pending.add(queue, out, first=True)        # as frames arrive (the stream's first output)
+    pending.hand_out(DELIVER_SLICE, streams)   # then a slice of streams per event-loop turn
+
+Why slices: a step of a busy worker brings one output per running request in one frame, and each
+output wakes a stream whose turn (detokenize, encode, write to the client) costs tens of
+microseconds. Handing them all out in one event-loop turn holds the loop for milliseconds, and a
+new request, or the first token of one, waits behind the whole step. In slices, they run between
+slices; and first outputs are handed out before all others, since time to first token is what a
+stream's latency is judged by.
+
+Rules:
+- outputs are kept per stream (per queue), in arrival order, and a stream's pending outputs are
+  handed over together: a stream that fell behind catches up in one turn, not one turn per token;
+- streams with a first output pending come first, in arrival order; then the others, in the order
+  their oldest pending output arrived;
+- a stream unsubscribed since its outputs arrived (its rid no longer maps to that queue) gets
+  nothing: those outputs are dropped, like those of unknown rids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+
+from pdserve.shared.protocol import RequestOutput
+
+# Streams handed their outputs per event-loop turn (see the module docstring).
+DELIVER_SLICE = 16
+
+
+class PendingOutputs:
+    def __init__(self) -> None:
+        # queue -> its outputs, oldest first; OrderedDict: O(1) first-in-first-out pops
+        self._first: OrderedDict[asyncio.Queue, list[RequestOutput]] = OrderedDict()
+        self._rest: OrderedDict[asyncio.Queue, list[RequestOutput]] = OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._first or self._rest)
+
+    def add(self, queue: asyncio.Queue, out: RequestOutput, first: bool) -> None:
+        """Keeps `out` for `queue`'s stream; `first`: nothing was handed to that stream yet."""
+        outs = self._first.get(queue)
+        if outs is None:
+            outs = self._rest.get(queue)
+        if outs is None:
+            outs = (self._first if first else self._rest).setdefault(queue, [])
+        outs.append(out)
+
+    def hand_out(self, limit: int | None, streams: dict[str, asyncio.Queue]) -> None:
+        """Puts the outputs of up to `limit` streams (None: all) into their queues; `streams` is
+        the rid -> queue map of the streams subscribed now."""
+        served = 0
+        for pending in (self._first, self._rest):
+            while pending and (limit is None or served < limit):
+                queue, outs = pending.popitem(last=False)
+                if streams.get(outs[0].rid) is queue:
+                    for out in outs:
+                        queue.put_nowait(out)
+                    served += 1
