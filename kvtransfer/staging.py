@@ -1,10 +1,12 @@
 """Copying a message's pages out of a pool and into one, and the host buffers zmq sends from.
 
 `gather_pages` and `scatter_pages` move one message (layout.MessageSpec) between a pool and a
-contiguous `[layers, 2, pages, page_size, kv_heads, head_dim]` tensor, one index_select /
-index_copy_ per layer and K/V. On CUDA they run on the given side stream, wait for the caller's
-`ready_event` first (gather) and synchronize before returning: callers hold the transfer's lock
-around them, so when the lock is released no copy is still reading or writing the pages.
+contiguous `[layers, 2, pages, page_size, kv_heads, head_dim]` tensor. On CUDA that is one Triton
+launch for all the message's layers (kernels.page_copy over the pool's single `kv` tensor); on CPU
+one index_select / index_copy_ per layer and K/V. On CUDA they run on the given side stream, wait
+for the caller's `ready_event` first (gather) and synchronize before returning: callers hold the
+transfer's lock around them, so when the lock is released no copy is still reading or writing the
+pages.
 
 `HostStagingPool` keeps a few reusable host slabs (pinned when the pool is on CUDA, so device-to-
 host copies run at full speed and asynchronously). A slab handed to ZMQ zero-copy stays busy until
@@ -45,15 +47,17 @@ def gather_pages(
     if pool.device.type != "cuda":
         _gather_into(pool, _page_index(pool, pages), spec, out)
         return
+    from pdserve.kernels.page_copy import gather_kv_pages  # here: CPU-only processes never load Triton
+
     with torch.cuda.stream(stream):
         if ready_event is not None:
             stream.wait_event(ready_event)
         idx = _page_index(pool, pages)
         if out.device == pool.device:
-            _gather_into(pool, idx, spec, out)
+            gather_kv_pages(pool.kv, idx, spec.layer_begin, spec.layer_end, out)
         else:
             staged = torch.empty(out.shape, dtype=out.dtype, device=pool.device)
-            _gather_into(pool, idx, spec, staged)
+            gather_kv_pages(pool.kv, idx, spec.layer_begin, spec.layer_end, staged)
             out.copy_(staged, non_blocking=True)
     stream.synchronize()
 
@@ -63,12 +67,12 @@ def scatter_pages(
 ) -> None:
     """Writes `src` ([layers, 2, pages, ...], host or pool device) into `pages` for the spec's layers."""
     if pool.device.type == "cuda":
+        from pdserve.kernels.page_copy import scatter_kv_pages  # here: CPU-only processes never load Triton
+
         with torch.cuda.stream(stream):
             idx = _page_index(pool, pages)
-            src = src.to(pool.device, non_blocking=True)
-            for i, layer in enumerate(range(spec.layer_begin, spec.layer_end)):
-                pool.k_buffers[layer].index_copy_(0, idx, src[i, 0])
-                pool.v_buffers[layer].index_copy_(0, idx, src[i, 1])
+            src = src.to(pool.device, non_blocking=True).contiguous()
+            scatter_kv_pages(pool.kv, idx, spec.layer_begin, spec.layer_end, src)
         stream.synchronize()
         return
     idx = _page_index(pool, pages)

@@ -34,6 +34,12 @@ class EngineArgs:
     max_running_requests: int = 256
     schedule_policy: str = "fcfs"  # fcfs | lpm
 
+    # GPU fast path
+    attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
+    cuda_graph_max_bs: int = 160  # decode batches up to this size replay a captured CUDA graph
+    disable_cuda_graph: bool = False
+    enable_torch_compile: bool = False  # compile the decode forward before capturing its graphs
+
     @property
     def effective_tokenizer_path(self) -> str:
         return self.tokenizer_path or self.model_path
@@ -63,6 +69,12 @@ class EngineArgs:
             raise ValueError("--max-running-requests must be >= 1")
         if not 0.0 < self.mem_fraction_static < 1.0:
             raise ValueError("--mem-fraction-static must be in (0, 1)")
+        if self.attention_backend not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"--attention-backend must be auto, triton or torch, got {self.attention_backend!r}"
+            )
+        if self.cuda_graph_max_bs < 1:
+            raise ValueError("--cuda-graph-max-bs must be >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -75,6 +87,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "load_format": ["auto", "safetensors", "dummy"],
         "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
         "schedule_policy": ["fcfs", "lpm"],
+        "attention_backend": ["auto", "triton", "torch"],
     }
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")

@@ -15,6 +15,11 @@ import torch
 torch.set_num_threads(torch.get_num_threads())
 os.environ["OMP_NUM_THREADS"] = "1"
 
+# Without a GPU the Triton kernels run in Triton's interpreter (numpy underneath). It must be set
+# before any kernel module is imported: triton.jit picks interpreter or compiler at decoration.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,5 +1,10 @@
 """The paged KV pool: per layer one K and one V tensor shaped [num_pages, page_size, kv_heads, head_dim].
 
+All of them are views of one tensor `kv` [num_layers, 2 (K, V), num_pages, page_size, kv_heads,
+head_dim]: `k_buffers[l]` is `kv[l, 0]`, `v_buffers[l]` is `kv[l, 1]`, so one kernel launch can copy
+pages of every layer (kvtransfer.staging). On CUDA `store` is one Triton launch for K and V
+(kernels.kv_store); on CPU it is torch indexing.
+
 Page ids are the only currency: the radix cache, the allocator, the kernels and the transfer
 backends all speak them, so a page moves between workers as one contiguous block. Page 0 is never
 handed out by the allocator: padded page tables point at it and writes from padded rows land
@@ -45,9 +50,10 @@ class PagedKVPool:
         self.shape = shape
         self.dtype = dtype
         self.device = torch.device(device)
-        dims = (shape.num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
-        self.k_buffers = [torch.zeros(dims, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
-        self.v_buffers = [torch.zeros(dims, dtype=dtype, device=self.device) for _ in range(shape.num_layers)]
+        dims = (shape.num_layers, 2, shape.num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
+        self.kv = torch.zeros(dims, dtype=dtype, device=self.device)
+        self.k_buffers = [self.kv[layer, 0] for layer in range(shape.num_layers)]
+        self.v_buffers = [self.kv[layer, 1] for layer in range(shape.num_layers)]
 
     @property
     def page_size(self) -> int:
@@ -64,10 +70,16 @@ class PagedKVPool:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k_buffers + self.v_buffers)
+        return self.kv.numel() * self.kv.element_size()  # the buffers are views of kv
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Writes k/v [T, kv_heads, head_dim] at flat slots [T] (page * page_size + offset)."""
+        if self.device.type == "cuda":
+            # Imported here so that CPU-only processes never load Triton.
+            from pdserve.kernels.kv_store import store_kv
+
+            store_kv(self.k_buffers[layer_id], self.v_buffers[layer_id], slots, k, v)
+            return
         flat_k = self.k_buffers[layer_id].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
         flat_v = self.v_buffers[layer_id].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
         flat_k[slots] = k.to(self.dtype)

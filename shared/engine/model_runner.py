@@ -14,6 +14,7 @@ import torch
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
+from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
 from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
@@ -46,16 +47,39 @@ class ModelRunner:
         self.model = load_model(
             model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
         )
+        self.use_triton = args.attention_backend == "triton" or (
+            args.attention_backend == "auto" and self.device.type == "cuda"
+        )
+        if self.use_triton:
+            from pdserve.shared.engine.attention_triton import TritonAttention
+            from pdserve.shared.models.fast_path import use_triton_kernels
+
+            self.attn_backend = TritonAttention()
+            use_triton_kernels(self.model)
+        else:
+            self.attn_backend = TorchRefAttention()
         self.pool = PagedKVPool(self._pool_shape(), model_config.dtype, self.device)
-        self.attn_backend = TorchRefAttention()
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
         logger.info(
-            "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB)",
+            "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
             model_config.architectures,
             self.pool.num_pages,
             self.pool.page_size,
             self.pool.nbytes / 2**20,
+            type(self.attn_backend).__name__,
         )
+        self.graphs: DecodeGraphRunner | None = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph:
+            self.graphs = DecodeGraphRunner(
+                self.model,
+                self.pool,
+                self.attn_backend,
+                max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
+                max_pages_per_req=-(-model_config.context_length // args.page_size),
+                device=self.device,
+                compile_forward=args.enable_torch_compile,
+            )
+            self.graphs.capture()
 
     # ------------------------------------------------------------------ sizing
 
@@ -83,17 +107,30 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
+        if batch.kind == BatchKind.DECODE and self.graphs is not None and self.graphs.fits(len(batch.reqs)):
+            logits = self.graphs.replay(self._decode_inputs(batch))
+            sample_rows: list[int | None] = [i if batch.samples(i) else None for i in range(len(batch.reqs))]
+            return self._sample(batch, logits, sample_rows)
         fb, sample_rows, prompt_rows = self._build(batch)
         hidden = self.model.forward(fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices])
         for rows in prompt_rows:
             self._record_prompt_logprobs(rows, logits)
+        return self._sample(batch, logits, sample_rows)
+
+    def _sample(
+        self, batch: ScheduledBatch, logits: torch.Tensor, sample_rows: list[int | None]
+    ) -> list[int | None]:
+        """Samples the rows of `logits` that `sample_rows` names (None: request i samples nothing)."""
         next_tokens: list[int | None] = [None] * len(batch.reqs)
         sampled = [i for i in range(len(batch.reqs)) if sample_rows[i] is not None]
         if not sampled:
             return next_tokens
         reqs = [batch.reqs[i] for i in sampled]
-        out = self.sampler.sample(logits[[sample_rows[i] for i in sampled]], self._sampling_inputs(reqs))
+        rows = [sample_rows[i] for i in sampled]
+        # a decode step samples every row in order: no index tensor to build and copy to the device
+        picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits[rows]
+        out = self.sampler.sample(picked, self._sampling_inputs(reqs))
         for j, i in enumerate(sampled):
             req = batch.reqs[i]
             next_tokens[i] = out.next_token_ids[j]
@@ -104,6 +141,17 @@ class ModelRunner:
                 if req.token_ids_logprob:
                     req.output_token_ids_logprobs.append(out.token_ids_logprobs[j] or [])
         return next_tokens
+
+    def _decode_inputs(self, batch: ScheduledBatch) -> DecodeInputs:
+        """One token per request at position prefix_len (without building fill_ids: O(1) each)."""
+        ps = self.pool.page_size
+        ids, positions, slots = [], [], []
+        for req, pos in zip(batch.reqs, batch.prefix_lens):
+            prompt_len = len(req.input_ids)
+            ids.append(req.input_ids[pos] if pos < prompt_len else req.output_ids[pos - prompt_len])
+            positions.append(pos)
+            slots.append(req.pages[pos // ps] * ps + pos % ps)
+        return DecodeInputs(ids, positions, slots, [r.pages for r in batch.reqs])
 
     def _build(self, batch: ScheduledBatch) -> tuple[ForwardBatch, list[int | None], list[PromptLogprobRows]]:
         input_ids: list[int] = []

@@ -18,7 +18,7 @@ sequences must stay within the window for exact results.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,16 @@ from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.layers import GatedMLP, MergedLinear, RMSNorm
 from pdserve.shared.models.rope import RotaryEmbedding, apply_rotary
 from pdserve.shared.models.weights import load_checkpoint_weights
+
+
+class ApplyRotary(nn.Module):
+    """`apply_rotary` as a submodule, so that a pass can swap in a kernel (shared.models.fast_path).
+
+    `rope` is whatever `DecoderModel.rotary_emb` returned; a pass that swaps one swaps both.
+    """
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, rope: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return apply_rotary(q, k, rope)
 
 
 class Attention(nn.Module):
@@ -49,6 +59,7 @@ class Attention(nn.Module):
         # Qwen3: RMSNorm over each head's vector, before rope.
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
+        self.rotary = ApplyRotary()
 
     def forward(
         self, hidden: torch.Tensor, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]
@@ -60,7 +71,7 @@ class Attention(nn.Module):
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, cos_sin)
+        q, k = self.rotary(q, k, cos_sin)
         out = batch.attn_backend.attend(self.layer_id, q, k, v, batch, self.scale)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 

@@ -26,7 +26,13 @@ def test_prefill_decode_over_zmq_on_cuda_equals_mixed(tmp_path: Path, dtype: str
     model_dir = str(make_tiny_model("qwen3", tmp_path))
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (1, 9, 40, 150, 300)]
-    args = dict(model_path=model_dir, device="cuda", dtype=dtype, max_total_tokens=4096, chunked_prefill_size=32)
+    args = {
+        "model_path": model_dir,
+        "device": "cuda",
+        "dtype": dtype,
+        "max_total_tokens": 4096,
+        "chunked_prefill_size": 32,
+    }
     params = {"temperature": 0.0, "max_new_tokens": 16}
     mixed = Engine(EngineArgs(**args)).generate(prompts, params, return_logprob=True)
     prefill = PrefillEngine(EngineArgs(**args), lambda pool: make_kv_manager("zmq", pool, "prefill-0"))

@@ -1,0 +1,186 @@
+"""Decode steps replayed from CUDA graphs: one graph per batch-size bucket, all in one memory pool.
+
+    graphs = DecodeGraphRunner(model, pool, backend, max_bs=160, max_pages_per_req=..., device=...)
+    graphs.capture()                              # after the KV pool is allocated
+    if graphs.fits(bs): logits = graphs.replay(DecodeInputs(...))   # logits [bs, vocab] float32
+
+Why: at batch 1 a Llama-8B decode step launches several hundred kernels; launched one by one from
+Python, the launches take longer than the kernels. A graph replays them all in one call.
+
+Rules:
+- Every captured graph reads its inputs from the same static buffers (token ids, positions, KV
+  slots, sequence lengths, page table) and writes logits into its own output view. `replay`
+  copies a step's inputs into the first `bs` rows, pads up to the bucket and replays the bucket's
+  graph; nothing else may write these buffers between a replay and the use of its logits.
+- Padding rows have sequence length 0 and write their K/V into slot 0, which lies in page 0: the
+  page the allocator never hands out. The attention backend must treat a row of length 0 as
+  empty, and nothing the graph computes for it is read.
+- Buckets are 1, 2, 4, 8, then every 8 up to `max_bs`; captured largest first, so the largest
+  graph sizes the shared pool and the smaller ones reuse its memory.
+- The page-table buffer is [max_bs, max_pages_per_req]; a step writes only the columns its longest
+  request needs (the kernels read no further than each row's sequence length).
+- The attention backend keeps its own work buffers between calls (a graph replays the addresses
+  it saw at capture); TritonAttention does.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.shared.engine.forward_batch import AttentionBackend, ForwardBatch, ForwardMode
+from pdserve.shared.engine.kv_pool import PagedKVPool
+
+logger = logging.getLogger(__name__)
+
+
+def batch_size_buckets(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, ... up to and including max_bs."""
+    buckets = [b for b in (1, 2, 4) if b < max_bs]
+    buckets += list(range(8, max_bs, 8))
+    buckets.append(max_bs)
+    return sorted(set(buckets))
+
+
+@dataclass
+class DecodeInputs:
+    """One decode step, as plain host lists (one entry per request)."""
+
+    input_ids: list[int]  # the token whose K/V this step computes
+    positions: list[int]  # its position = tokens already in the pool
+    slots: list[int]  # flat KV slot of that token
+    page_rows: list[list[int]]  # each request's pages, covering positions[i] + 1 tokens
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.input_ids)
+
+
+class DecodeGraphRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        pool: PagedKVPool,
+        attn_backend: AttentionBackend,
+        max_bs: int,
+        max_pages_per_req: int,
+        device: torch.device,
+        compile_forward: bool = False,
+    ) -> None:
+        self.model = model
+        self.pool = pool
+        self.attn_backend = attn_backend
+        self.max_bs = max_bs
+        self.max_pages_per_req = max_pages_per_req
+        self.device = device
+        self.buckets = batch_size_buckets(max_bs)
+        # rows: input ids, positions, slots, seq_lens; one host->device copy per step
+        self._meta = torch.zeros((4, max_bs), dtype=torch.int64, device=device)
+        self._meta_host = torch.zeros((4, max_bs), dtype=torch.int64, pin_memory=True)
+        self._page_table = torch.zeros((max_bs, max_pages_per_req), dtype=torch.int32, device=device)
+        self._page_table_host = torch.zeros((max_bs, max_pages_per_req), dtype=torch.int32, pin_memory=True)
+        self._ones = torch.ones(max_bs, dtype=torch.int64, device=device)
+        self._arange = torch.arange(max_bs, dtype=torch.int64, device=device)
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self._mempool = None
+        # --enable-torch-compile: inductor fuses the small ops between the kernels; one compiled
+        # graph per bucket (static shapes), captured like the eager forward afterwards
+        self._step = self._forward
+        if compile_forward:
+            import torch._dynamo as dynamo  # `import torch._dynamo` would make torch a local here
+
+            dynamo.config.cache_size_limit = max(64, len(self.buckets) + 8)
+            self._step = torch.compile(self._forward, mode="max-autotune-no-cudagraphs", dynamic=False)
+
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.max_bs and bool(self._graphs)
+
+    def _batch(self, bs: int) -> ForwardBatch:
+        """The ForwardBatch of bucket bs over the static buffers (views, never copies)."""
+        meta = self._meta
+        seq_lens = meta[3, :bs]
+        return ForwardBatch(
+            mode=ForwardMode.DECODE,
+            input_ids=meta[0, :bs],
+            positions=meta[1, :bs],
+            out_cache_loc=meta[2, :bs],
+            prefix_lens=meta[1, :bs],
+            extend_lens=self._ones[:bs],
+            seq_lens=seq_lens,
+            extend_start_loc=self._arange[:bs],
+            page_table=self._page_table[:bs],
+            kv_pool=self.pool,
+            attn_backend=self.attn_backend,
+            logits_indices=self._arange[:bs],
+            prefix_lens_cpu=[0] * bs,  # only read by extend paths; a decode graph never takes them
+            extend_lens_cpu=[1] * bs,
+        )
+
+    def _forward(self, batch: ForwardBatch) -> torch.Tensor:
+        return self.model.compute_logits(self.model.forward(batch))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        # valid inputs for capture: every row one token at position 0 in page 0 (harmless writes)
+        self._meta.zero_()
+        self._meta[3].fill_(1)
+        self._page_table.zero_()
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        with torch.cuda.stream(stream):
+            for bs in reversed(self.buckets):
+                batch = self._batch(bs)
+                for _ in range(2):  # warm-up outside the graph: kernels compile, backends size buffers
+                    self._step(batch)
+                stream.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
+                    self._logits[bs] = self._step(batch)
+                if self._mempool is None:
+                    self._mempool = graph.pool()
+                self._graphs[bs] = graph
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        torch.cuda.synchronize(self.device)
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        logger.info(
+            "captured %d decode CUDA graphs (batch sizes %d..%d), %.0f MiB",
+            len(self._graphs),
+            self.buckets[0],
+            self.buckets[-1],
+            used / 2**20,
+        )
+
+    def bucket_for(self, batch_size: int) -> int:
+        for b in self.buckets:
+            if b >= batch_size:
+                return b
+        raise ValueError(f"batch size {batch_size} is over the largest captured graph ({self.max_bs})")
+
+    def replay(self, step: DecodeInputs) -> torch.Tensor:
+        """Logits [bs, vocab] (float32) of one decode step; valid until the next replay.
+
+        The host buffers are pinned and copied without blocking: the caller reads the logits (a
+        sync) before the next replay rewrites them, so a copy never sees its source change."""
+        bs = step.batch_size
+        bucket = self.bucket_for(bs)
+        host = self._meta_host
+        host[:, bs:bucket] = 0  # padding rows: token 0, position 0, slot 0, length 0
+        host[0, :bs] = torch.tensor(step.input_ids, dtype=torch.int64)
+        host[1, :bs] = torch.tensor(step.positions, dtype=torch.int64)
+        host[2, :bs] = torch.tensor(step.slots, dtype=torch.int64)
+        host[3, :bs] = host[1, :bs] + 1
+        self._meta[:, :bucket].copy_(host[:, :bucket], non_blocking=True)
+        width = max(len(r) for r in step.page_rows)
+        if width > self.max_pages_per_req:
+            raise ValueError(
+                f"a request holds {width} pages, the graphs' page table {self.max_pages_per_req}"
+            )
+        table = self._page_table_host[:bs, :width]
+        table.copy_(torch.tensor([r + [0] * (width - len(r)) for r in step.page_rows], dtype=torch.int32))
+        self._page_table[:bs, :width].copy_(table, non_blocking=True)
+        self._graphs[bucket].replay()
+        return self._logits[bucket][:bs]
