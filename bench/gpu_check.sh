@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Runs on a lent GPU machine (the device tool), from the repository root: installs the carried wheels,
-# runs the `gpu` tests, then the benchmarks that exist, and prints a short table last.
-#   device run: bash bench/gpu_check.sh      (carry: .whl)
+# Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
+# wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
+#   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
+# Stages (default: all, in this order): tests kernels one_batch hf serving kv
+# Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
+# time limit so that one hung stage cannot eat the whole lease.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
+STAGES=${*:-tests kernels one_batch hf serving kv}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -13,20 +18,71 @@ fi
 mkdir -p /tmp/pdns/pdserve
 for d in router prefill decode kvtransfer kernels shared bench; do ln -sfn "$PWD/$d" /tmp/pdns/pdserve/$d; done
 export PYTHONPATH=/tmp/pdns:$PWD:${PYTHONPATH:-}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
-status=${PIPESTATUS[0]}
-# KV transfer bandwidth: zmq from GPU pools (pinned staging); nccl needs two GPUs
-python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda --tokens 16,256,1024,4096 \
-  --output-file "$OUT/kv_zmq_cuda.jsonl" 2>&1 | tee "$OUT/kv_zmq_cuda.log" | tail -12
-if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
-  python3 -m pdserve.bench.bench_kv_transfer --backend nccl --tokens 16,256,1024,4096 \
-    --output-file "$OUT/kv_nccl.jsonl" 2>&1 | tee "$OUT/kv_nccl.log" | tail -12
-fi
+# importlib.metadata.version("pdserve") needs a dist-info: a minimal one beside the namespace
+mkdir -p /tmp/pdns/pdserve-0.1.0.dist-info
+printf 'Metadata-Version: 2.1\nName: pdserve\nVersion: 0.1.0\n' > /tmp/pdns/pdserve-0.1.0.dist-info/METADATA
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
+  git log -1 --format='commit %h %s' 2>/dev/null || true
+} 2>&1 | tee -a "$LOG"
+
+run() {  # run NAME SECONDS CMD...: logs, times out, records exit status for the table
+  local name=$1 secs=$2; shift 2
+  echo "=== $name: $*" | tee -a "$LOG"
+  local t0=$SECONDS
+  timeout --signal=INT --kill-after=20 "$secs" "$@" 2>&1 | tee -a "$LOG" | tail -25
+  local rc=${PIPESTATUS[0]}
+  echo "| $name | exit $rc | $((SECONDS - t0)) s |" >> "$SUMMARY"
+  return "$rc"
+}
+
+MODEL8B=/tmp/llama8b
+python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/llama-3.1-8b.json --out $MODEL8B >/dev/null
+
+for stage in $STAGES; do
+  case $stage in
+  tests)
+    run gpu-tests 300 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -x --timeout 240 ;;
+  kernels)
+    run bench-attention 150 python3 -m pdserve.bench.bench_attention --json-out "$OUT/attention.json" ;;
+  one_batch)
+    run one-batch 300 python3 -m pdserve.bench.bench_one_batch --batch-size 1 64 --input-len 1024 \
+      --output-len 256 --result-filename "$RES" --run-name in1024-out256
+    run one-batch-prefill 200 python3 -m pdserve.bench.bench_one_batch --batch-size 8 64 --input-len 1024 1280 \
+      --output-len 16 --result-filename "$RES" --run-name prefill-and-ctx1280 ;;
+  hf)
+    run hf-generate 240 python3 -m pdserve.bench.bench_hf_generate --batch-size 1 64 --input-len 1024 \
+      --output-len 256 --result-filename "$RES" ;;
+  serving)
+    python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
+      --port 30000 --log-level warning > "$OUT/serve.log" 2>&1 &
+    SERVE=$!
+    for _ in $(seq 240); do
+      python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
+      sleep 1
+    done
+    run serving-c64 240 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+      --num-prompts 500 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
+      --max-concurrency 64 --warmup-requests 4 --disable-tqdm --output-file "$RES"
+    run serving-c1 120 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+      --num-prompts 24 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
+      --max-concurrency 1 --warmup-requests 2 --disable-tqdm --output-file "$RES"
+    kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve.log" | tee -a "$LOG" ;;
+  kv)
+    run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
+      --tokens 16,256,1024,4096 --output-file "$RES"
+    if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+      run kv-nccl 150 python3 -m pdserve.bench.bench_kv_transfer --backend nccl --tokens 16,256,1024,4096 \
+        --output-file "$RES"
+    fi ;;
+  esac
+done
+
 echo
-echo "| check | result |"
-echo "| --- | --- |"
-echo "| gpu tests | $(tail -1 "$OUT/gpu_tests.log") (exit $status) |"
-echo "| kv transfer zmq (cuda pools), 1024 tokens | $(grep -F '| 1024 |' "$OUT/kv_zmq_cuda.log" | head -1) |"
-exit "$status"
+echo "| stage | result | time |"
+echo "| --- | --- | --- |"
+cat "$SUMMARY"
+echo
+grep -h '^|' "$LOG" | tail -60 || true
