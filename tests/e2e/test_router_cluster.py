@@ -33,7 +33,10 @@ def _worker_flags(model_dir: str, redis_url: str) -> list[str]:
 
 
 def _generate(url: str, text: str, max_new_tokens: int = 24) -> dict:
-    body = {"text": text, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True}}
+    body = {
+        "text": text,
+        "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, "ignore_eos": True},
+    }
     resp = requests.post(url + "/generate", json=body, timeout=120)
     assert resp.status_code == 200, resp.text
     return resp.json()
