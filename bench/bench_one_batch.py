@@ -19,6 +19,8 @@ import logging
 import random
 import statistics
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -37,8 +39,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_case(engine: Engine, batch_size: int, input_len: int, output_len: int, seed: int) -> dict:
-    """Prefills batch_size random prompts of input_len tokens, then decodes output_len - 1 steps."""
+def run_case(
+    engine: Engine,
+    batch_size: int,
+    input_len: int,
+    output_len: int,
+    seed: int,
+    around_decode: Callable[[], AbstractContextManager] = nullcontext,
+) -> dict:
+    """Prefills batch_size random prompts of input_len tokens, then decodes output_len - 1 steps
+    (inside `around_decode()`: a profiler, say)."""
     runner, kv, ps = engine.runner, engine.kv, engine.args.page_size
     rng = random.Random(seed)
     vocab = engine.model_config.vocab_size
@@ -67,15 +77,8 @@ def run_case(engine: Engine, batch_size: int, input_len: int, output_len: int, s
             req.output_ids.append(tok)
             req.num_computed = input_len
         step_s = []
-        for _ in range(output_len - 1):
-            t0 = time.perf_counter()
-            batch = ScheduledBatch(BatchKind.DECODE, reqs, [r.seq_len - 1 for r in reqs], [1] * batch_size)
-            tokens = runner.run(batch)
-            _sync(runner.device)
-            step_s.append(time.perf_counter() - t0)
-            for req, tok in zip(reqs, tokens):
-                req.output_ids.append(tok)
-                req.num_computed += 1
+        with around_decode():
+            _decode_steps(runner, reqs, output_len - 1, step_s)
     finally:
         for pages in held:
             kv.release([], pages, None, cache=False)
@@ -93,6 +96,19 @@ def run_case(engine: Engine, batch_size: int, input_len: int, output_len: int, s
         "total_latency_s": total_s,
         "overall_throughput_tok_s": batch_size * (input_len + output_len) / total_s,
     }
+
+
+def _decode_steps(runner, reqs: list[Req], steps: int, step_s: list[float]) -> None:
+    """`steps` decode steps of all reqs, each timed with a device sync into step_s."""
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = ScheduledBatch(BatchKind.DECODE, reqs, [r.seq_len - 1 for r in reqs], [1] * len(reqs))
+        tokens = runner.run(batch)
+        _sync(runner.device)
+        step_s.append(time.perf_counter() - t0)
+        for req, tok in zip(reqs, tokens):
+            req.output_ids.append(tok)
+            req.num_computed += 1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,14 +2,14 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch hf serving kv
+# Stages (default: all, in this order): tests kernels one_batch profile hf serving kv
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch hf serving kv}
+STAGES=${*:-tests kernels one_batch profile hf serving kv}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -52,6 +52,11 @@ for stage in $STAGES; do
       --output-len 256 --result-filename "$RES" --run-name in1024-out256
     run one-batch-prefill 200 python3 -m pdserve.bench.bench_one_batch --batch-size 8 64 --input-len 1024 1280 \
       --output-len 16 --result-filename "$RES" --run-name prefill-and-ctx1280 ;;
+  profile)
+    run profile-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
+      --json-out "$OUT/profile_bs1.json"
+    run profile-bs64 150 python3 -m pdserve.bench.profile_decode --batch-size 64 --input-len 1280 \
+      --json-out "$OUT/profile_bs64.json" ;;
   hf)
     run hf-generate 240 python3 -m pdserve.bench.bench_hf_generate --batch-size 1 64 --input-len 1024 \
       --output-len 256 --result-filename "$RES" ;;

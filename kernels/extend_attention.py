@@ -206,7 +206,8 @@ def check_pages(
     num_q_heads = q.shape[1]
     assert q.shape[2] == head_dim, f"q head dim {q.shape[2]} != pool head dim {head_dim}"
     assert num_q_heads % num_kv_heads == 0, f"Hq {num_q_heads} not a multiple of Hkv {num_kv_heads}"
-    assert 16 <= head_dim <= 256, f"head dim {head_dim} outside 16..256"
+    # below 16 the head dim is padded up to tl.dot's minimum tile (BLOCK_D) and masked
+    assert 1 <= head_dim <= 256, f"head dim {head_dim} outside 1..256"
     assert page_table.dim() == 2 and page_table.dtype == torch.int32, (
         "page_table must be int32 [B, max_pages]"
     )

@@ -107,7 +107,8 @@ def test_any_number_of_splits(num_kv_splits):
 
 
 @pytest.mark.parametrize(
-    "d,page_size,dtype", [(96, 16, torch.float16), (128, 64, torch.float32), (80, 1, torch.float16)]
+    "d,page_size,dtype",
+    [(96, 16, torch.float16), (128, 64, torch.float32), (80, 1, torch.float16), (8, 16, torch.float32)],
 )
 def test_default_tiles(d, page_size, dtype):
     case = make_case([70, 1, 0, 129], page_size, 4, 2, d, dtype, seed=d)

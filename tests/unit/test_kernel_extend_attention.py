@@ -121,7 +121,8 @@ def test_matches_reference_with_small_tiles(dtype, d, hq, hkv, page_size):
 
 
 @pytest.mark.parametrize(
-    "d,page_size,dtype", [(96, 16, torch.float16), (128, 64, torch.float32), (64, 16, torch.float16)]
+    "d,page_size,dtype",
+    [(96, 16, torch.float16), (128, 64, torch.float32), (64, 16, torch.float16), (8, 16, torch.float32)],
 )
 def test_matches_reference_with_default_tiles(d, page_size, dtype):
     case = make_case(REQUESTS, page_size, 4, 1, d, dtype, seed=d)
