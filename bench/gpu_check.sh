@@ -2,14 +2,15 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch profile hf serving kv
+# Stages (default: all, in this order): tests kernels one_batch profile hf serving serving_pd compile kv
+# (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
 set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch profile hf serving kv}
+STAGES=${*:-tests kernels one_batch profile hf serving serving_pd compile kv}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -25,7 +26,6 @@ printf 'Metadata-Version: 2.1\nName: pdserve\nVersion: 0.1.0\n' > /tmp/pdns/pdse
   date -u +%FT%TZ
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'
-  git log -1 --format='commit %h %s' 2>/dev/null || true
 } 2>&1 | tee -a "$LOG"
 
 run() {  # run NAME SECONDS CMD...: logs, times out, records exit status for the table
@@ -75,6 +75,22 @@ for stage in $STAGES; do
       --num-prompts 24 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
       --max-concurrency 1 --warmup-requests 2 --disable-tqdm --output-file "$RES"
     kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve.log" | tee -a "$LOG" ;;
+  serving_pd)
+    # disaggregated on one GPU: a prefill and a decode worker share it, KV pages over zmq
+    python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
+      --prefill 1 --decode 1 --kv-transfer-backend zmq --port 30000 --log-level warning > "$OUT/serve_pd.log" 2>&1 &
+    SERVE=$!
+    for _ in $(seq 300); do
+      python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
+      sleep 1
+    done
+    run serving-pd-c16 200 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+      --num-prompts 96 --random-input-len 1024 --random-output-len 128 --random-range-ratio 1 \
+      --max-concurrency 16 --warmup-requests 2 --disable-tqdm --output-file "$RES"
+    kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve_pd.log" | tee -a "$LOG" ;;
+  compile)
+    run one-batch-compile 300 python3 -m pdserve.bench.bench_one_batch --batch-size 1 --input-len 1024 \
+      --output-len 128 --cuda-graph-max-bs 1 --enable-torch-compile --result-filename "$RES" --run-name compile ;;
   kv)
     run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
       --tokens 16,256,1024,4096 --output-file "$RES"

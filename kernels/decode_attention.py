@@ -58,6 +58,9 @@ def _decode_split_kernel(
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    # torch.compile (inductor) passes Python floats as fp64 scalars: kept, they would promote the
+    # scores, and the loop-carried softmax state, to fp64
+    qk_scale = tl.cast(qk_scale, tl.float32)
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
     # Slices are whole BLOCK_N blocks, so only the sequence's last block is partial.
     blocks_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_kv_splits)

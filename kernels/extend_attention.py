@@ -114,6 +114,7 @@ def _extend_attention_kernel(
 ):
     head = tl.program_id(0)
     block_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    qk_scale = tl.cast(qk_scale, tl.float32)  # see decode_attention: float args may come as fp64
     req = tl.program_id(2)
     extend_len = tl.load(extend_lens_ptr + req).to(tl.int32)
     if block_m * BLOCK_M >= extend_len:

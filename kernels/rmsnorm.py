@@ -42,7 +42,7 @@ def _rmsnorm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x32 = tl.load(x + outer * x_stride0 + inner * x_stride1 + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + eps)
+    inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + tl.cast(eps, tl.float32))
     normed = (x32 * inv_rms).to(out.dtype.element_ty)
     w = tl.load(weight + cols, mask=mask)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(out.dtype.element_ty)
@@ -71,7 +71,7 @@ def _fused_add_rmsnorm_kernel(
     summed = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
     tl.store(r_row, summed, mask=mask)
     s32 = summed.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(s32 * s32, axis=0) / hidden + eps)
+    inv_rms = tl.rsqrt(tl.sum(s32 * s32, axis=0) / hidden + tl.cast(eps, tl.float32))
     normed = (s32 * inv_rms).to(x.dtype.element_ty)
     w = tl.load(weight + cols, mask=mask)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype.element_ty)

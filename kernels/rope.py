@@ -88,8 +88,9 @@ def _rope_kernel(
     freq = tl.load(inv_freq + dims, mask=dims < HALF, other=0.0)
     angle = tl.load(positions + token).to(tl.float32) * freq
     c, s = _cos_sin(angle)
-    c = c * attention_scaling
-    s = s * attention_scaling
+    scaling = tl.cast(attention_scaling, tl.float32)  # see decode_attention: float args may come as fp64
+    c = c * scaling
+    s = s * scaling
     q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     if block < q_blocks:
         _rotate_heads(
