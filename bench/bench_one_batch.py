@@ -125,7 +125,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--cuda-graph-max-bs", type=int, default=160)
     p.add_argument("--disable-cuda-graph", action="store_true")
-    p.add_argument("--enable-torch-compile", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--result-filename", default=None, help="append one JSON line per case")
@@ -148,7 +147,6 @@ def main(argv: list[str] | None = None) -> int:
         max_running_requests=max(ns.batch_size),
         cuda_graph_max_bs=ns.cuda_graph_max_bs,
         disable_cuda_graph=ns.disable_cuda_graph,
-        enable_torch_compile=ns.enable_torch_compile,
         attention_backend=ns.attention_backend,
         chunked_prefill_size=max(8192, max(b * i for b, i, _ in cases)),
         max_prefill_tokens=max(16384, max(b * i for b, i, _ in cases)),

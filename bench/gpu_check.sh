@@ -2,7 +2,7 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch profile hf serving serving_pd compile kv
+# Stages (default: all, in this order): tests kernels one_batch profile hf serving serving_pd kv
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -10,7 +10,7 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch profile hf serving serving_pd compile kv}
+STAGES=${*:-tests kernels one_batch profile hf serving serving_pd kv}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -88,9 +88,6 @@ for stage in $STAGES; do
       --num-prompts 96 --random-input-len 1024 --random-output-len 128 --random-range-ratio 1 \
       --max-concurrency 16 --warmup-requests 2 --disable-tqdm --output-file "$RES"
     kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve_pd.log" | tee -a "$LOG" ;;
-  compile)
-    run one-batch-compile 300 python3 -m pdserve.bench.bench_one_batch --batch-size 1 --input-len 1024 \
-      --output-len 128 --cuda-graph-max-bs 1 --enable-torch-compile --result-filename "$RES" --run-name compile ;;
   kv)
     run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
       --tokens 16,256,1024,4096 --output-file "$RES"

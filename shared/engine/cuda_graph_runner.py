@@ -67,7 +67,6 @@ class DecodeGraphRunner:
         max_bs: int,
         max_pages_per_req: int,
         device: torch.device,
-        compile_forward: bool = False,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -86,14 +85,6 @@ class DecodeGraphRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._mempool = None
-        # --enable-torch-compile: inductor fuses the small ops between the kernels; one compiled
-        # graph per bucket (static shapes), captured like the eager forward afterwards
-        self._step = self._forward
-        if compile_forward:
-            import torch._dynamo as dynamo  # `import torch._dynamo` would make torch a local here
-
-            dynamo.config.cache_size_limit = max(64, len(self.buckets) + 8)
-            self._step = torch.compile(self._forward, mode="max-autotune-no-cudagraphs", dynamic=False)
 
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs and bool(self._graphs)
@@ -135,11 +126,11 @@ class DecodeGraphRunner:
             for bs in reversed(self.buckets):
                 batch = self._batch(bs)
                 for _ in range(2):  # warm-up outside the graph: kernels compile, backends size buffers
-                    self._step(batch)
+                    self._forward(batch)
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
-                    self._logits[bs] = self._step(batch)
+                    self._logits[bs] = self._forward(batch)
                 if self._mempool is None:
                     self._mempool = graph.pool()
                 self._graphs[bs] = graph

@@ -77,7 +77,6 @@ class ModelRunner:
                 max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
                 max_pages_per_req=-(-model_config.context_length // args.page_size),
                 device=self.device,
-                compile_forward=args.enable_torch_compile,
             )
             self.graphs.capture()
 
