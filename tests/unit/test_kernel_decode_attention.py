@@ -21,6 +21,7 @@ from pdserve.kernels.decode_attention import (
     num_kv_splits_for,
 )
 from pdserve.shared.engine.attention_ref import dense_causal_attention
+from tests.helpers.paged_kv import random_paged_kv
 
 SEQ_LENS = [1, 15, 17, 0, 33, 36, 5]  # 36 = a 31-token prefix plus 5; 0 = a padding row
 
@@ -40,25 +41,9 @@ def make_case(
     seq_lens: list[int], page_size: int, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
-    pages_per_req = [-(-s // page_size) for s in seq_lens]
-    num_pages = 1 + sum(pages_per_req) + 3  # page 0 and three spare pages nobody owns
-    ids = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
-    k_pages = torch.full((num_pages, page_size, hkv, d), math.nan, dtype=dtype)
-    v_pages = torch.full_like(k_pages, math.nan)
-    table = torch.zeros((len(seq_lens), max(pages_per_req) + 1), dtype=torch.int32)
-    keys, values = [], []
-    for i, (seq_len, n) in enumerate(zip(seq_lens, pages_per_req)):
-        row, ids = ids[:n], ids[n:]
-        table[i, :n] = torch.tensor(row, dtype=torch.int32)
-        k = torch.randn(seq_len, hkv, d, generator=gen).to(dtype)
-        v = torch.randn(seq_len, hkv, d, generator=gen).to(dtype)
-        for j in range(seq_len):
-            k_pages[row[j // page_size], j % page_size] = k[j]
-            v_pages[row[j // page_size], j % page_size] = v[j]
-        keys.append(k)
-        values.append(v)
+    kv = random_paged_kv(seq_lens, page_size, hkv, d, dtype, gen)
     q = torch.randn(len(seq_lens), hq, d, generator=gen).to(dtype)
-    return Case(q, k_pages, v_pages, table, torch.tensor(seq_lens), keys, values)
+    return Case(q, kv.k_pages, kv.v_pages, kv.page_table, torch.tensor(seq_lens), kv.keys, kv.values)
 
 
 def run_kernel(case: Case, scale: float, num_kv_splits: int, **kwargs) -> torch.Tensor:

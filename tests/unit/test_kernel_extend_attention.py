@@ -16,6 +16,7 @@ import torch
 
 from pdserve.kernels.extend_attention import extend_attention, extend_attention_ref
 from pdserve.shared.engine.attention_ref import dense_causal_attention
+from tests.helpers.paged_kv import random_paged_kv
 
 # (extend_len, prefix_len): one-token prompt, chunks after prefixes not aligned to any block, an
 # idle request (extend 0), a chunk crossing two 16-key blocks after a 31-token prefix
@@ -48,36 +49,20 @@ def make_case(
 ) -> Case:
     gen = torch.Generator().manual_seed(seed)
     seq_lens = [e + p for e, p in requests]
-    pages_per_req = [-(-s // page_size) for s in seq_lens]
-    num_pages = 1 + sum(pages_per_req) + 3  # page 0 and three spare pages nobody owns
-    ids = (torch.randperm(num_pages - 1, generator=gen) + 1).tolist()
-    k_pages = torch.full((num_pages, page_size, hkv, d), math.nan, dtype=dtype)
-    v_pages = torch.full_like(k_pages, math.nan)
-    table = torch.zeros((len(requests), max(pages_per_req) + 1), dtype=torch.int32)  # + a padding column
-    keys, values = [], []
-    for i, (seq_len, n) in enumerate(zip(seq_lens, pages_per_req)):
-        row, ids = ids[:n], ids[n:]
-        table[i, :n] = torch.tensor(row, dtype=torch.int32)
-        k = torch.randn(seq_len, hkv, d, generator=gen).to(dtype)
-        v = torch.randn(seq_len, hkv, d, generator=gen).to(dtype)
-        for j in range(seq_len):
-            k_pages[row[j // page_size], j % page_size] = k[j]
-            v_pages[row[j // page_size], j % page_size] = v[j]
-        keys.append(k)
-        values.append(v)
+    kv = random_paged_kv(seq_lens, page_size, hkv, d, dtype, gen)
     extend_lens = [e for e, _ in requests]
     starts = [sum(extend_lens[:i]) for i in range(len(requests))]
     q = torch.randn(sum(extend_lens) + 1, hq, d, generator=gen).to(dtype)
     return Case(
         q,
-        k_pages,
-        v_pages,
-        table,
+        kv.k_pages,
+        kv.v_pages,
+        kv.page_table,
         torch.tensor(seq_lens),
         torch.tensor(extend_lens),
         torch.tensor(starts),
-        keys,
-        values,
+        kv.keys,
+        kv.values,
     )
 
 

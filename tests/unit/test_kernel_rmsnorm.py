@@ -11,20 +11,10 @@ import torch
 
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from pdserve.shared.models.layers import RMSNorm
+from tests.helpers.kernel_checks import assert_matches_ref
 
 SHAPES = [(1, 576), (7, 4096), (33, 896), (129, 100), (3, 1)]
 DTYPES = [torch.float32, torch.float16]
-
-
-def _assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    assert not got.isnan().any()
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        return
-    # One float16 ulp at most, and nearly always exact.
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
-    assert (got != want).float().mean().item() < 0.01
 
 
 def _module(hidden: int, eps: float, dtype: torch.dtype, gen: torch.Generator) -> RMSNorm:
@@ -43,10 +33,10 @@ def test_rmsnorm(tokens, hidden, dtype):
     x = (3 * torch.randn(tokens, hidden, generator=gen)).to(dtype)
     out = torch.full_like(x, float("nan"))
     assert rmsnorm(x, norm.weight, eps, out=out) is out
-    _assert_matches(out, rmsnorm_ref(x, norm.weight, eps))
+    assert_matches_ref(out, rmsnorm_ref(x, norm.weight, eps))
     with torch.no_grad():
-        _assert_matches(out, norm(x))
-        _assert_matches(rmsnorm(x, norm.weight, eps), norm(x))  # allocating form
+        assert_matches_ref(out, norm(x))
+        assert_matches_ref(rmsnorm(x, norm.weight, eps), norm(x))  # allocating form
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -62,8 +52,8 @@ def test_rmsnorm_of_strided_heads(dtype, head_dim):
     out = torch.full(q.shape, float("nan"), dtype=dtype)
     rmsnorm(q, norm.weight, 1e-6, out=out)
     with torch.no_grad():
-        _assert_matches(out, norm(q))
-    _assert_matches(out, rmsnorm_ref(q, norm.weight, 1e-6))
+        assert_matches_ref(out, norm(q))
+    assert_matches_ref(out, rmsnorm_ref(q, norm.weight, 1e-6))
 
 
 @pytest.mark.parametrize("tokens,hidden", SHAPES)
@@ -81,8 +71,8 @@ def test_fused_add_rmsnorm_in_place(tokens, hidden, dtype):
     # Documented in-place contract: norm(s) lands in x, s in residual.
     assert got_norm.data_ptr() == x_buf.data_ptr() and got_sum.data_ptr() == r_buf.data_ptr()
     assert torch.equal(got_sum, want_sum) and torch.equal(got_sum, module_sum)  # rounded like torch's add
-    _assert_matches(got_norm, want_norm)
-    _assert_matches(got_norm, module_norm)
+    assert_matches_ref(got_norm, want_norm)
+    assert_matches_ref(got_norm, module_norm)
 
 
 def test_fused_add_rmsnorm_with_row_strides():
@@ -93,7 +83,7 @@ def test_fused_add_rmsnorm_with_row_strides():
     x_before, r_before = x_wide.clone(), r_wide.clone()
     want_norm, want_sum = fused_add_rmsnorm_ref(x_wide[:, :96], r_wide[:, 32:128], norm.weight, 1e-6)
     fused_add_rmsnorm(x_wide[:, :96], r_wide[:, 32:128], norm.weight, 1e-6)
-    _assert_matches(x_wide[:, :96], want_norm)
+    assert_matches_ref(x_wide[:, :96], want_norm)
     assert torch.equal(r_wide[:, 32:128], want_sum)
     assert torch.equal(x_wide[:, 96:], x_before[:, 96:])
     assert torch.equal(r_wide[:, :32], r_before[:, :32]) and torch.equal(r_wide[:, 128:], r_before[:, 128:])
@@ -106,7 +96,7 @@ def test_thousands_of_rows():
     x = (torch.randn(1200, 24, generator=gen) * torch.linspace(0.1, 10, 1200)[:, None]).half()
     out = torch.full_like(x, float("nan"))
     rmsnorm(x, weight, 1e-6, out=out)
-    _assert_matches(out, rmsnorm_ref(x, weight, 1e-6))
+    assert_matches_ref(out, rmsnorm_ref(x, weight, 1e-6))
 
 
 def test_launcher_rejects_what_it_does_not_handle():

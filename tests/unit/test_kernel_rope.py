@@ -13,6 +13,7 @@ import torch
 from pdserve.kernels.rope import apply_rotary, apply_rotary_ref
 from pdserve.shared.models import rope as torch_rope
 from pdserve.shared.models.rope import RopeConfig, RotaryEmbedding
+from tests.helpers.kernel_checks import assert_matches_ref
 
 HEAD_DIMS = [64, 80, 96, 128]
 DTYPES = [torch.float32, torch.float16]
@@ -47,15 +48,6 @@ def _positions(tokens: int, gen: torch.Generator) -> torch.Tensor:
     return pos
 
 
-def _assert_matches(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert got.dtype == want.dtype and got.shape == want.shape
-    if got.dtype == torch.float32:
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-        return
-    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)  # at most a float16 ulp
-    assert (got != want).float().mean().item() < 0.01
-
-
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rope_type", ["default", "llama3", "linear"])
@@ -73,10 +65,10 @@ def test_rotary_matches_engine(head_dim, dtype, rope_type, heads, tokens):
     q_before, k_before = q.clone(), k.clone()
     got_q, got_k = apply_rotary(q, k, positions, emb.inv_freq, emb.attention_scaling)
     assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()  # in place
-    _assert_matches(got_q, want_q)
-    _assert_matches(got_k, want_k)
-    _assert_matches(got_q, ref_q)
-    _assert_matches(got_k, ref_k)
+    assert_matches_ref(got_q, want_q)
+    assert_matches_ref(got_k, want_k)
+    assert_matches_ref(got_q, ref_q)
+    assert_matches_ref(got_k, ref_k)
     assert torch.equal(qkv[:, (hq + hkv) * head_dim :], v_before)
     if tokens > 1:  # rows at position > 0 really changed (position 0 is the identity)
         assert not torch.equal(got_q[1:], q_before[1:]) and not torch.equal(got_k[1:], k_before[1:])
@@ -92,8 +84,8 @@ def test_attention_scaling_and_int32_positions(scaling):
     positions = _positions(6, gen)
     want_q, want_k = torch_rope.apply_rotary(q, k, emb(positions))
     got_q, got_k = apply_rotary(q.clone(), k.clone(), positions.to(torch.int32), emb.inv_freq, scaling)
-    _assert_matches(got_q, want_q)
-    _assert_matches(got_k, want_k)
+    assert_matches_ref(got_q, want_q)
+    assert_matches_ref(got_k, want_k)
 
 
 def test_large_angles_stay_accurate():
@@ -104,8 +96,8 @@ def test_large_angles_stay_accurate():
     positions = torch.tensor([1, 1000, 65535, 131071, 500000, 999999, 77777, 3])
     want_q, want_k = apply_rotary_ref(q, k, positions, inv_freq, 1.0)
     got_q, got_k = apply_rotary(q.clone(), k.clone(), positions, inv_freq, 1.0)
-    _assert_matches(got_q, want_q)
-    _assert_matches(got_k, want_k)
+    assert_matches_ref(got_q, want_q)
+    assert_matches_ref(got_k, want_k)
 
 
 def test_llama31_config_from_hf():
@@ -136,8 +128,8 @@ def test_llama31_config_from_hf():
         positions = _positions(5, gen)
         want_q, want_k = torch_rope.apply_rotary(q, k, emb(positions))
         got_q, got_k = apply_rotary(q, k, positions, emb.inv_freq, emb.attention_scaling)
-        _assert_matches(got_q, want_q)
-        _assert_matches(got_k, want_k)
+        assert_matches_ref(got_q, want_q)
+        assert_matches_ref(got_k, want_k)
 
 
 def test_launcher_rejects_what_it_does_not_handle():
