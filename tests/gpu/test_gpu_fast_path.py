@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from pdserve.shared.args import EngineArgs
-from pdserve.shared.engine.cuda_graph_runner import batch_size_buckets
 from pdserve.shared.engine.engine import Engine
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -41,13 +40,6 @@ def _run(model_dir: str, prompts, dtype: str, **overrides):
 
 def _logprobs(out) -> torch.Tensor:
     return torch.tensor([lp for lp, _ in out["meta_info"]["output_token_logprobs"]])
-
-
-def test_buckets_cover_every_batch_size():
-    for max_bs in (1, 3, 8, 64, 160):
-        buckets = batch_size_buckets(max_bs)
-        assert buckets[-1] == max_bs and buckets == sorted(set(buckets))
-        assert all(any(b >= n for b in buckets) for n in range(1, max_bs + 1))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3"])
