@@ -177,14 +177,18 @@ def test_kernels_replay_from_a_cuda_graph():
     weight = _randn(hidden, dtype=dtype, gen=gen)
     inv_freq, scaling = LLAMA31_ROPE.inv_freq_and_scaling()
     inv_freq = inv_freq.to(DEVICE)
-    static = {
-        "x": _randn(tokens, hidden, dtype=dtype, gen=gen),
-        "res": _randn(tokens, hidden, dtype=dtype, gen=gen),
-        "qkv": _randn(tokens, (hq + 2 * hkv) * dim, dtype=dtype, gen=gen),
-        "gate_up": _randn(tokens, 2 * inter, dtype=dtype, gen=gen),
-        "pos": torch.randint(0, 100000, (tokens,), generator=gen, device=DEVICE),
-        "slots": torch.randperm(32 * 16, generator=gen, device=DEVICE)[:tokens],
-    }
+
+    def random_inputs() -> dict[str, torch.Tensor]:
+        return {
+            "x": _randn(tokens, hidden, dtype=dtype, gen=gen),
+            "res": _randn(tokens, hidden, dtype=dtype, gen=gen),
+            "qkv": _randn(tokens, (hq + 2 * hkv) * dim, dtype=dtype, gen=gen),
+            "gate_up": _randn(tokens, 2 * inter, dtype=dtype, gen=gen),
+            "pos": torch.randint(0, 100000, (tokens,), generator=gen, device=DEVICE),
+            "slots": torch.randperm(32 * 16, generator=gen, device=DEVICE)[:tokens],
+        }
+
+    static = random_inputs()
     k_cache = torch.zeros(32, 16, hkv, dim, dtype=dtype, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
 
@@ -206,14 +210,7 @@ def test_kernels_replay_from_a_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = step(static)
-    fresh = {
-        "x": _randn(tokens, hidden, dtype=dtype, gen=gen),
-        "res": _randn(tokens, hidden, dtype=dtype, gen=gen),
-        "qkv": _randn(tokens, (hq + 2 * hkv) * dim, dtype=dtype, gen=gen),
-        "gate_up": _randn(tokens, 2 * inter, dtype=dtype, gen=gen),
-        "pos": torch.randint(0, 100000, (tokens,), generator=gen, device=DEVICE),
-        "slots": torch.randperm(32 * 16, generator=gen, device=DEVICE)[:tokens],
-    }
+    fresh = random_inputs()
     eager_inputs = {name: t.clone() for name, t in fresh.items()}
     for name, t in fresh.items():
         static[name].copy_(t)
