@@ -41,7 +41,7 @@ def build_app(args: RouterArgs) -> web.Application:
     state = RouterState(args)
     app = web.Application(
         client_max_size=args.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, body_limit_middleware, auth_middleware],
+        middlewares=[metrics_middleware, error_middleware, auth_middleware, body_limit_middleware],
     )
     app[STATE_KEY] = state
     app[METRICS_KEY] = state.metrics

@@ -1,11 +1,13 @@
-"""API keys: `--api-key` guards every route but the open ones; `--admin-api-key` guards admin routes.
+"""API keys: `--api-key` guards every route but `/health`; `--admin-api-key` guards admin routes.
 
 Rules (a request carries its key as `Authorization: Bearer <key>`):
-- open routes need no key: `/health` (probes) and `/metrics` (scrapers; it shows counts, never
-  request content — put it behind a network rule if that matters);
+- the one open route is `/health` (probes); `/metrics` needs the API key like any other route
+  (a scraper sends it as a bearer token), as issue 3 says;
 - admin routes (`ADMIN_PATHS`) need the admin key when one is set, else the API key when set;
 - every other route needs the API key when one is set; the admin key works there too;
-- a missing or wrong key is 401 in the OpenAI error shape; keys are compared in constant time.
+- a missing or wrong key is 401 in the OpenAI error shape; keys are compared in constant time;
+- the key is checked before anything else looks at the request: an unauthenticated request is a
+  401 whatever its body (router/app.py puts this middleware outside the body-size limit).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from aiohttp import web
 
 from pdserve.router.limits import http_error
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health"})
 ADMIN_PATHS = frozenset(
     {
         "/flush_cache",
         "/update_weights_from_disk",
+        "/update_weights",  # SGLang's older name of the same route
         "/abort_request",
         "/start_expert_distribution_record",
         "/stop_expert_distribution_record",

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="prompts shorter than this many tokens prefill at the decode worker, without a transfer",
     )
     p.add_argument(
-        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (not on /health, /metrics)"
+        "--api-key", default=None, help="require 'Authorization: Bearer KEY' (on every route but /health)"
     )
     p.add_argument("--admin-api-key", default=None, help="key for admin routes (flush, weights, abort)")
     p.add_argument(

@@ -1,8 +1,9 @@
 """HTTP middlewares other than auth and limits: metrics per route and code, errors in one shape.
 
-Order on the app (outermost first): metrics, errors, body limit, auth. So every answer is counted,
-including refusals; every refusal is in the OpenAI error shape (router/errors.py); aiohttp's own
-404/405 become that shape too; an unexpected exception is logged and answered 500 without a
+Order on the app (outermost first): metrics, errors, auth, body limit. So every answer is counted,
+including refusals; a request without the key is 401 before its size is looked at (a 413 would
+answer an unauthenticated client); every refusal is in the OpenAI error shape (router/errors.py);
+aiohttp's own 404/405 become that shape too; an unexpected exception is logged and answered 500 without a
 traceback; a client that disconnected (handler cancelled) is counted as 499 like nginx does.
 """
 

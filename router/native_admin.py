@@ -4,11 +4,12 @@
   radix cache. A worker with requests running or queued refuses; the router retries until all
   flushed or the timeout passed, then answers 400 naming the workers that refused and why.
   Success is 200 with SGLang's text "Cache flushed.".
-- `/update_weights_from_disk` (POST {"model_path", "load_format"?, "weight_version"?}): every
-  connected worker reloads; `success` iff all succeeded. The message is the workers' own
-  ("Succeeded to update model weights." / "Failed to get weights iterator: <path> (repository not
-  found)."), failures first, de-duplicated. 200 on success, 400 on failure, like SGLang. On success
-  the router takes the new weight_version and model path and refreshes the workers' ServerInfo.
+- `/update_weights_from_disk` (POST {"model_path", "load_format"?, "weight_version"?}; also served
+  as `/update_weights`, the seeds' name, same handler and admin key): every connected worker
+  reloads; `success` iff all succeeded. The message is the workers' own ("Succeeded to update
+  model weights." / "Failed to get weights iterator: <path> (repository not found)."), failures
+  first, de-duplicated. 200 on success, 400 on failure, like SGLang. On success the router takes
+  the new weight_version and model path and refreshes the workers' ServerInfo.
 - `/abort_request` (POST {"rid"} or {"abort_all": true}): the worker running each such request
   aborts it; its client gets finish_reason {"type": "abort", ...}. 200 with an empty body, also for
   an unknown rid (it may have just finished), as SGLang does.

@@ -32,6 +32,7 @@ def add_native_routes(app: web.Application) -> None:
     r.add_route("GET", "/flush_cache", handle_flush_cache)
     r.add_route("POST", "/flush_cache", handle_flush_cache)
     r.add_post("/update_weights_from_disk", handle_update_weights)
+    r.add_post("/update_weights", handle_update_weights)  # the seeds' older name, same handler
     r.add_post("/abort_request", handle_abort_request)
     for prefix in ("", "/v1"):
         r.add_post(f"{prefix}/tokenize", handle_tokenize)

@@ -3,18 +3,24 @@
 Two stacks, one module each process:
 - SmolLM2-135M-Instruct (one worker, one router, no keys): the seed's flows with the seed's own
   assertions (get_model_info, server_info, health, health_generate, flush_cache, tokenize /
-  detokenize round trip, update_weights_from_disk, the routes of other model kinds), and stop
-  strings on real text. Generation there is kept to a few tokens: the CI machine is small.
+  detokenize round trip, update_weights_from_disk, the routes of other model kinds), the special
+  token flags of tokenize / detokenize, and stop strings on real text. Generation there is kept to
+  a few tokens: the CI machine is small.
 - a tiny random Llama (one worker, one router with --api-key/--admin-api-key and
   --preferred-sampling-params): greedy parity with the in-process Engine, batches, SSE format,
   n > 1, logprob shapes, 64 concurrent streams, bad input answered 4xx while a stream in flight
-  finishes untouched, flush_cache while busy, abort_request, /metrics, /get_load.
+  finishes untouched, flush_cache while busy, abort_request (its finish_reason message, the
+  per-worker gauges while it runs), /metrics deltas, /get_load, PUT /generate, get_model_info's
+  preferred_sampling_params, the API key on /metrics and before the body-size check, the
+  `/update_weights` alias's admin key; a second router on the same worker with a --tokenizer-path
+  that adds a BOS, where add_special_tokens changes what /tokenize answers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -33,6 +39,7 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 TINY_FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
 PREFERRED = {"max_new_tokens": 5}
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+IM_START, IM_END = 257, 258  # the tiny tokenizer's special tokens (tests/helpers/tiny_models.py)
 
 
 # ---------------------------------------------------------------------- stacks
@@ -44,14 +51,35 @@ def tiny_model(tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny(worker_launcher, router_launcher, tiny_model) -> str:
-    worker = worker_launcher("--model-path", tiny_model, *TINY_FLAGS)
+def tiny_worker(worker_launcher, tiny_model) -> str:
+    return worker_launcher("--model-path", tiny_model, *TINY_FLAGS).zmq_address
+
+
+@pytest.fixture(scope="module")
+def tiny(router_launcher, tiny_worker) -> str:
     router = router_launcher(
-        "--worker-addr", worker.zmq_address, "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY,
+        "--worker-addr", tiny_worker, "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY,
         "--policy", "round_robin", "--max-batch-size", "70", "--max-body-bytes", "200000",
         "--preferred-sampling-params", json.dumps(PREFERRED),
     )  # fmt: skip
     return router.url
+
+
+@pytest.fixture(scope="module")
+def bos_router(router_launcher, tiny_worker, tiny_model, tmp_path_factory) -> str:
+    """A router on the tiny worker whose --tokenizer-path adds a BOS (<|im_start|>) to every text,
+    as Llama's tokenizers do: there add_special_tokens changes what /tokenize answers."""
+    from tokenizers import Tokenizer, processors
+
+    bos_dir = tmp_path_factory.mktemp("bos-tokenizer")
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(Path(tiny_model) / name, bos_dir / name)
+    backend = Tokenizer.from_file(str(bos_dir / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", pair="<|im_start|> $A $B", special_tokens=[("<|im_start|>", IM_START)]
+    )
+    backend.save(str(bos_dir / "tokenizer.json"))
+    return router_launcher("--worker-addr", tiny_worker, "--tokenizer-path", str(bos_dir)).url
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +197,26 @@ def test_seed_tokenize_detokenize_round_trip(smol):
     assert_error(bad, 400, "tokens")
 
 
+def test_tokenize_and_detokenize_special_token_flags_on_smollm2(smol):
+    # SmolLM2 adds no BOS/EOS to a text (its post-processor is empty), so add_special_tokens changes
+    # nothing there, as in SGLang (tokenizer.encode); a special token written in the text is parsed
+    # as that token either way. skip_special_tokens drops <|im_start|> (1) and <|im_end|> (2) or keeps them.
+    ids = {}
+    for flag in (True, False):
+        for text in ("hello world", "<|im_start|>user"):
+            out = requests.post(f"{smol}/tokenize", json={"prompt": text, "add_special_tokens": flag}).json()
+            ids[(text, flag)] = out["tokens"]
+    assert ids[("hello world", True)] == ids[("hello world", False)] == [28120, 905]
+    assert ids[("<|im_start|>user", True)] == ids[("<|im_start|>user", False)] == [1, 4093]
+    wrapped = [1, 28120, 905, 2]
+    for skip, expected in ((True, "hello world"), (False, "<|im_start|>hello world<|im_end|>")):
+        body = {"tokens": wrapped, "skip_special_tokens": skip}
+        assert requests.post(f"{smol}/detokenize", json=body).json()["text"] == expected
+        batch = requests.post(f"{smol}/detokenize", json={**body, "tokens": [wrapped, [2]]}).json()["text"]
+        assert batch == [expected, "" if skip else "<|im_end|>"]
+    assert requests.post(f"{smol}/detokenize", json={"tokens": wrapped}).json()["text"] == "hello world"
+
+
 def test_seed_update_weights_from_disk(smol):
     before = requests.get(f"{smol}/get_model_info").json()["weight_version"]
     response = requests.post(f"{smol}/update_weights_from_disk", json={"model_path": SMOL})
@@ -259,6 +307,27 @@ def test_greedy_outputs_equal_engine_generate(tiny, engine, tiny_model):
     # --preferred-sampling-params are the defaults: max_new_tokens 5 unless the request says
     default = post(tiny, "/generate", {"input_ids": [5, 6], "sampling_params": {"ignore_eos": True}}).json()
     assert default["meta_info"]["completion_tokens"] == 5
+
+
+def test_add_special_tokens_with_a_bos_tokenizer(bos_router):
+    # byte-level ids: "hi" is [104, 105]; this tokenizer prepends <|im_start|> (257) unless told not to
+    def tokenize(body: dict) -> dict:
+        return requests.post(bos_router + "/tokenize", json=body).json()
+
+    assert tokenize({"prompt": "hi"}) == {"tokens": [IM_START, 104, 105], "count": 3, "max_model_len": 1024}
+    assert tokenize({"prompt": "hi", "add_special_tokens": True})["tokens"] == [IM_START, 104, 105]
+    assert tokenize({"prompt": "hi", "add_special_tokens": False})["tokens"] == [104, 105]
+    batch = tokenize({"prompt": ["hi", "a"], "add_special_tokens": False})
+    assert batch["tokens"] == [[104, 105], [97]] and batch["count"] == [2, 1]
+    assert tokenize({"prompt": ["hi", "a"]})["tokens"] == [[IM_START, 104, 105], [IM_START, 97]]
+    for skip, expected in ((True, "hi"), (False, "<|im_start|>hi<|im_end|>")):
+        body = {"tokens": [IM_START, 104, 105, IM_END], "skip_special_tokens": skip}
+        assert requests.post(bos_router + "/v1/detokenize", json=body).json()["text"] == expected
+    # /generate encodes a text prompt with special tokens, as SGLang does: the BOS is a prompt token
+    out = requests.post(
+        bos_router + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": 1}}, timeout=60
+    ).json()
+    assert out["meta_info"]["prompt_tokens"] == 3
 
 
 def test_streaming_sse_format(tiny):
@@ -430,7 +499,24 @@ def test_flush_cache_waits_for_running_requests_with_timeout(tiny):
     assert_error(requests.post(tiny + "/flush_cache?timeout=-1", headers=ADMIN), 400, "timeout")
 
 
-def test_abort_request_ends_the_stream_and_frees_the_worker(tiny):
+def scrape(url: str, headers=AUTH) -> dict[str, float]:
+    """The router's /metrics as {sample name with labels: value}."""
+    resp = requests.get(url + "/metrics", headers=headers, timeout=10)
+    assert resp.status_code == 200, resp.text
+    samples = {}
+    for line in resp.text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_abort_request_ends_the_stream_and_frees_the_worker(tiny, tiny_worker):
+    load_gauge = f'pdserve_router_worker_load{{worker="{tiny_worker}"}}'
+    inflight_gauge = f'pdserve_router_worker_inflight{{worker="{tiny_worker}"}}'
+    requests.get(tiny + "/get_load", headers=AUTH)  # a fresh load report: the last test's request ended
+    idle = scrape(tiny)
+    assert (idle[load_gauge], idle[inflight_gauge]) == (0, 0)
     result: dict = {}
     params = {"temperature": 0.0, "max_new_tokens": 900, "ignore_eos": True}
     thread = _stream_in_background(
@@ -439,27 +525,28 @@ def test_abort_request_ends_the_stream_and_frees_the_worker(tiny):
     for _ in range(200):
         if requests.get(tiny + "/get_load", headers=AUTH).json()[0]["num_running_reqs"]:
             break
+    running = scrape(tiny)  # the per-worker gauges see the request while it runs
+    assert (running[load_gauge], running[inflight_gauge]) == (1, 1)
+    assert running["pdserve_router_generation_requests_running"] == 1
     assert requests.post(tiny + "/abort_request", json={"rid": "stop-me"}, headers=ADMIN).status_code == 200
     thread.join(60)
     final = result["chunks"][-2]
-    assert final["meta_info"]["finish_reason"]["type"] == "abort"
+    assert final["meta_info"]["finish_reason"] == {"type": "abort", "message": "Aborted by the client."}
     assert final["meta_info"]["completion_tokens"] < 900
     (load,) = requests.get(tiny + "/get_load", headers=AUTH).json()
     assert (load["num_running_reqs"], load["num_waiting_reqs"], load["router_inflight"]) == (0, 0, 0)
     assert load["num_free_pages"] + load["num_evictable_pages"] == load["num_total_pages"]
+    after = scrape(tiny)  # /get_load just refreshed the worker's load: the gauges are back to 0
+    assert (after[load_gauge], after[inflight_gauge]) == (0, 0)
     assert_error(post(tiny, "/abort_request", {}, headers=ADMIN), 400, "rid")
     assert requests.post(tiny + "/abort_request", json={"abort_all": True}, headers=ADMIN).status_code == 200
 
 
 def test_metrics_count_requests_tokens_and_workers(tiny):
+    before = scrape(tiny)
     post(tiny, "/generate", {"input_ids": [1, 2, 3], "sampling_params": GREEDY})
     post(tiny, "/generate", {"input_ids": []})
-    text = requests.get(tiny + "/metrics").text  # open without a key
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
+    samples = scrape(tiny)
     assert samples['pdserve_router_requests_total{code="200",route="/generate"}'] >= 1
     assert samples['pdserve_router_request_errors_total{code="400",route="/generate"}'] >= 1
     assert samples["pdserve_router_time_to_first_token_seconds_count"] >= 1
@@ -469,3 +556,81 @@ def test_metrics_count_requests_tokens_and_workers(tiny):
     assert 0.0 <= samples["pdserve_router_cache_hit_rate"] <= 1.0
     assert samples["pdserve_router_generation_requests_running"] == 0
     assert any(k.startswith("pdserve_router_worker_up{") and v == 1 for k, v in samples.items())
+
+    def moved(name: str) -> float:
+        return samples[name] - before.get(name, 0.0)
+
+    # exactly the one request that generated moved the histograms and counters (the refused one did not)
+    e2e = "pdserve_router_e2e_request_latency_seconds"
+    assert moved(e2e + "_count") == 1 and moved(e2e + '_bucket{le="+Inf"}') == 1
+    assert 0 < moved(e2e + "_sum") < 60
+    assert moved("pdserve_router_time_to_first_token_seconds_count") == 1
+    assert moved("pdserve_router_generation_tokens_total") == 12
+    assert moved("pdserve_router_prompt_tokens_total") == 3
+    assert moved('pdserve_router_requests_total{code="200",route="/generate"}') == 1
+    assert moved('pdserve_router_request_errors_total{code="400",route="/generate"}') == 1
+    # one scrape was counted between the two
+    assert moved('pdserve_router_requests_total{code="200",route="/metrics"}') == 1
+
+
+# ---------------------------------------------------------------------- routes and keys
+
+
+def test_put_generate_works_like_post(tiny):
+    body = {"input_ids": [5, 6, 7], "sampling_params": GREEDY}
+    posted = post(tiny, "/generate", body).json()
+    put = requests.put(tiny + "/generate", json=body, headers=AUTH, timeout=60)
+    assert put.status_code == 200, put.text
+    got = put.json()
+    assert (got["output_ids"], got["text"]) == (posted["output_ids"], posted["text"])
+    assert got["meta_info"]["finish_reason"] == {"type": "length", "length": 12}
+    assert got["meta_info"]["prompt_tokens"] == 3
+    streamed = sse_chunks(requests.put(tiny + "/generate", json={**body, "stream": True}, headers=AUTH))
+    assert len(streamed) == 13 and streamed[-2]["output_ids"] == posted["output_ids"]
+    assert_error(requests.put(tiny + "/generate", json=body), 401, "no API key")
+
+
+def test_model_info_echoes_preferred_sampling_params(tiny, tiny_model):
+    info = requests.get(tiny + "/get_model_info", headers=AUTH).json()
+    assert info["preferred_sampling_params"] == PREFERRED == {"max_new_tokens": 5}
+    assert info["model_path"] == tiny_model
+
+
+def test_api_key_guards_metrics_and_comes_before_the_body_size(tiny):
+    assert_error(requests.get(tiny + "/metrics"), 401, "/metrics", "no API key")
+    assert_error(requests.get(tiny + "/metrics", headers={"Authorization": "Bearer nope"}), 401, "wrong")
+    assert "pdserve_router_requests_total" in requests.get(tiny + "/metrics", headers=AUTH).text
+    assert requests.get(tiny + "/metrics", headers=ADMIN).status_code == 200  # the admin key works too
+    assert requests.get(tiny + "/health").status_code == 200  # the one open route
+
+    big = {"text": "x" * 300_000}  # over --max-body-bytes 200000
+    assert_error(requests.post(tiny + "/generate", json=big), 401, "no API key")
+    assert_error(post(tiny, "/generate", big, headers={"Authorization": "Bearer nope"}), 401, "wrong")
+    assert_error(post(tiny, "/generate", big), 413, "--max-body-bytes")  # with the key: the size check
+
+    def chunked():  # no Content-Length: the size is only known while reading
+        yield b'{"text": "'
+        yield b"x" * 300_000
+        yield b'"}'
+
+    json_type = {"Content-Type": "application/json"}
+    assert_error(requests.post(tiny + "/generate", data=chunked(), headers=json_type), 401, "no API key")
+    assert_error(
+        requests.post(tiny + "/generate", data=chunked(), headers={**json_type, **AUTH}),
+        413,
+        "--max-body-bytes",
+    )
+
+
+def test_update_weights_alias_takes_the_admin_key(tiny, tiny_model):
+    body = {"model_path": tiny_model + "-wrong"}
+    assert_error(requests.post(tiny + "/update_weights", json=body), 401, "admin API key", "no API key")
+    assert_error(post(tiny, "/update_weights", body, headers=AUTH), 401, "admin API key", "wrong")
+    resp = post(tiny, "/update_weights", body, headers=ADMIN)
+    assert resp.status_code == 400
+    assert resp.json() == {
+        "success": False,
+        "message": f"Failed to get weights iterator: {tiny_model}-wrong (repository not found).",
+        "num_paused_requests": 0,
+    }
+    assert_error(requests.get(tiny + "/update_weights", headers=ADMIN), 405, "GET")
