@@ -8,8 +8,10 @@
   as `/update_weights`, the seeds' name, same handler and admin key): every connected worker
   reloads; `success` iff all succeeded. The message is the workers' own ("Succeeded to update
   model weights." / "Failed to get weights iterator: <path> (repository not found)."), failures
-  first, de-duplicated. 200 on success, 400 on failure, like SGLang. On success the router takes
-  the new weight_version and model path and refreshes the workers' ServerInfo.
+  first, de-duplicated. 200 on success, 400 on failure, like SGLang. When any worker updated (a
+  partial update too) the router asks the workers for their ServerInfo again, so /get_server_info
+  shows each worker's version; the router's own weight_version and model path change only on
+  success.
 - `/abort_request` (POST {"rid"} or {"abort_all": true}): the worker running each such request
   aborts it; its client gets finish_reason {"type": "abort", ...}. 200 with an empty body, also for
   an unknown rid (it may have just finished), as SGLang does.
@@ -118,11 +120,15 @@ async def handle_update_weights(request: web.Request) -> web.Response:
     if failures and 0 < updated < len(handles):  # a partial update says so; a uniform failure is verbatim
         failures.append(f"({updated} of {len(handles)} workers updated)")
     message = " ".join(failures) if failures else " ".join(successes)
-    if success:
-        if state.facts is not None:
+    router_version = state.weight_version
+    if updated:  # also after a partial update: each worker's entry in /get_server_info tells the truth
+        await state.pool.refresh_server_info()
+    if state.facts is not None:
+        if success:
             state.facts.weight_version = results[0].weight_version
             state.facts.model_path = model_path
-        await state.pool.refresh_server_info()
+        else:  # the refresh may have taught it one worker's new version: the router's stays as it was
+            state.facts.weight_version = router_version
     return web.json_response(
         {"success": success, "message": message, "num_paused_requests": 0}, status=200 if success else 400
     )
