@@ -7,10 +7,14 @@ router (round robin, 1.5 s liveness window). In order:
 2. `--request-timeout` (a second router on the same workers) answers 504 and aborts on the worker;
 3. a worker frozen with SIGSTOP misses its liveness window: its requests complete on the other
    worker, and it serves again after SIGCONT;
-4. a worker killed with SIGKILL while requests are queued on it: every non-streaming request and
+4. the circuit breaker in the live path (a third router, threshold 2, cooldown 5 s): requests a
+   worker refuses as the client's fault (a rid it runs for the other router) never open its
+   circuit; requests that fail on a frozen worker do: once it answers again the router still sends
+   it nothing until the cooldown, then one probe request closes the circuit;
+5. a worker killed with SIGKILL while requests are queued on it: every non-streaming request and
    every stream that had not shown a token completes on the other worker with the greedy output;
    a stream that had shown tokens ends with finish_reason abort (status_code 503).
-The circuit breaker's transitions are unit-tested (tests/unit/test_policies.py).
+The circuit breaker's transitions are also unit-tested (tests/unit/test_policies.py).
 """
 
 from __future__ import annotations
@@ -185,7 +189,144 @@ def test_requests_to_a_frozen_worker_move_on_after_the_liveness_window(router, w
     wait_until(lambda: all_idle(router), timeout_s=10)
 
 
-# ---------------------------------------------------------------------- 4. a killed worker
+# ---------------------------------------------------------------------- 4. the circuit breaker
+
+BREAKER_COOLDOWN_S = 5.0
+
+
+@pytest.fixture(scope="module")
+def breaker_router(router_launcher, workers) -> str:
+    addrs = [flag for w in workers for flag in ("--worker-addr", w.zmq_address)]
+    url = router_launcher(
+        *addrs, "--policy", "round_robin", "--worker-liveness-timeout", "1.0", "--load-poll-interval", "0.2",
+        "--breaker-failure-threshold", "2", "--breaker-cooldown", str(BREAKER_COOLDOWN_S),
+    ).url  # fmt: skip
+    wait_until(lambda: len(requests.get(url + "/server_info").json()["live_workers"]["mixed"]) == 2)
+    return url
+
+
+def circuits(url: str) -> dict[str, str]:
+    return {w["worker_id"]: w["circuit"] for w in requests.get(url + "/get_server_info").json()["workers"]}
+
+
+def engine_requests(worker) -> float:
+    """Generate requests the worker's engine accepted, from the worker's own /metrics (published
+    every 0.25 s or so: a count may lag its requests by that much)."""
+    for line in requests.get(worker.http_url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("pdserve_worker_requests_total "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("no pdserve_worker_requests_total on the worker")
+
+
+def settled_engine_requests(workers) -> list[float]:
+    """engine_requests of each idle worker, once two reads 0.5 s apart agree."""
+    counts = [engine_requests(w) for w in workers]
+    while True:
+        time.sleep(0.5)
+        again = [engine_requests(w) for w in workers]
+        if again == counts:
+            return counts
+        counts = again
+
+
+def test_requests_a_worker_refuses_do_not_open_its_circuit(router, breaker_router, workers):
+    # a rid the worker runs for the other router: the worker refuses it again (the client reused a
+    # rid), which reaches dispatch as the worker's 400, not as a failure of the worker
+    result: dict = {}
+
+    def hold_the_rid() -> None:
+        body = {"input_ids": [3, 4], "sampling_params": LONG, "rid": "taken"}
+        result["resp"] = requests.post(router + "/generate", json=body, timeout=60)
+
+    thread = threading.Thread(target=hold_the_rid)
+    thread.start()
+    wait_until(lambda: any(r["num_running_reqs"] for r in loads(router).values()), timeout_s=10)
+    statuses = []
+    for _ in range(6):  # round robin: three to each worker, three refusals in a row on the busy one
+        body = {"input_ids": [5], "sampling_params": {"max_new_tokens": 1}, "rid": "taken"}
+        resp = requests.post(breaker_router + "/generate", json=body, timeout=30)
+        statuses.append(resp.status_code)
+        if resp.status_code == 400:
+            assert resp.json()["message"] == (
+                "Duplicate request id 'taken': a request with this rid is still running."
+            )  # the worker's words (the router's own check says "is running.")
+    assert sorted(statuses) == [200] * 3 + [400] * 3, statuses
+    assert circuits(breaker_router) == {w.zmq_address: "closed" for w in workers}
+    assert metric(breaker_router, "pdserve_router_worker_failures_total") == 0
+    assert requests.post(router + "/abort_request", json={"rid": "taken"}).status_code == 200
+    thread.join(30)
+    assert result["resp"].json()["meta_info"]["finish_reason"]["type"] == "abort"
+    wait_until(lambda: all_idle(router), timeout_s=10)
+
+
+def test_a_failing_worker_is_skipped_until_the_cooldown_then_probed_back(breaker_router, workers, engine):
+    params = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
+    prompts = [[30, i, 31] for i in range(6)]
+    expected = [r["output_ids"] for r in engine.generate(prompts, params)]
+    healthy, failing = workers
+    failures = f'pdserve_router_worker_failures_total{{worker="{failing.zmq_address}"}}'
+    failures_before = metric(breaker_router, failures)
+    healthy_before, accepted_before = settled_engine_requests([healthy, failing])
+
+    def generate(i: int) -> list[int]:
+        resp = requests.post(
+            breaker_router + "/generate",
+            json={"input_ids": prompts[i], "sampling_params": params},
+            timeout=60,
+        )
+        assert resp.status_code == 200, resp.text
+        return resp.json()["output_ids"]
+
+    # six requests at once while the worker is frozen: those sent to it fail when its liveness
+    # window passes (two or more failures: the threshold) and complete on the other worker
+    started = time.monotonic()  # the circuit opens after this, so it stays open until started + cooldown
+    failing.proc.send_signal(signal.SIGSTOP)
+    try:
+        results: list = [None] * len(prompts)
+        threads = [
+            threading.Thread(target=lambda i=i: results.__setitem__(i, generate(i)))
+            for i in range(len(prompts))
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert results == expected
+        failed = metric(breaker_router, failures) - failures_before
+        assert failed >= 2
+        assert circuits(breaker_router)[failing.zmq_address] == "open"
+        assert (
+            metric(breaker_router, f'pdserve_router_worker_circuit_state{{worker="{failing.zmq_address}"}}')
+            == 0
+        )
+    finally:
+        failing.proc.send_signal(signal.SIGCONT)
+    # it answers again (and takes in the requests it was sent while frozen, which were aborted)
+    wait_until(lambda: loads(breaker_router)[failing.zmq_address]["responding"], timeout_s=10)
+    wait_until(lambda: engine_requests(failing) == accepted_before + failed, timeout_s=10)
+
+    # open: every request goes to the other worker until the cooldown has passed (it ran all six
+    # above, its own and the retried ones)
+    assert [generate(i) for i in range(4)] == expected[:4]
+    assert circuits(breaker_router)[failing.zmq_address] == "open"
+    assert time.monotonic() - started < BREAKER_COOLDOWN_S, "too slow to see the open circuit"
+    wait_until(lambda: engine_requests(healthy) == healthy_before + 6 + 4, timeout_s=10)
+    assert engine_requests(failing) == accepted_before + failed
+
+    # after the cooldown one probe goes to it (round robin: one of the next two), and succeeds
+    wait_until(
+        lambda: circuits(breaker_router)[failing.zmq_address] == "half_open", timeout_s=BREAKER_COOLDOWN_S + 5
+    )
+    assert [generate(4), generate(5)] == expected[4:]
+    wait_until(lambda: engine_requests(failing) == accepted_before + failed + 1, timeout_s=10)
+    assert circuits(breaker_router) == {w.zmq_address: "closed" for w in workers}
+    assert (
+        metric(breaker_router, f'pdserve_router_worker_circuit_state{{worker="{failing.zmq_address}"}}') == 2
+    )
+    wait_until(lambda: all_idle(breaker_router), timeout_s=10)
+
+
+# ---------------------------------------------------------------------- 5. a killed worker
 
 
 def test_sigkill_with_queued_requests_completes_them_on_the_other_worker(router, workers, engine):
