@@ -4,9 +4,10 @@ One `worker --role mixed` (tiny random Llama, CPU, float32) behind one `router -
 The native `/generate` of the same router is the oracle: greedy outputs, token counts and logprobs
 of an OpenAI request must equal those of the native request for the same token ids (the chat
 prompt is the tokenizer's chat template, rendered here independently). Checked: models,
-completions (every prompt form, n, echo, stop, logprobs), chat (sync, async, streaming, n, seed,
-stop, logprobs, usage), errors as `openai` exceptions with the router's message, and a client that
-disconnects mid-stream freeing its worker request.
+completions (every prompt form, n, echo, stop, logprobs, frequency/presence penalties, top_k,
+min_p), chat (sync, async, streaming, n, seed, stop, logprobs, usage; a second router with
+--chat-template renders that template), errors as `openai` exceptions with the router's message,
+and a client that disconnects mid-stream freeing its worker request.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ MESSAGES = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name three colours."},
 ]
+PLAIN_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +46,32 @@ def server(tmp_path_factory, worker_launcher, router_launcher) -> dict:
         "--max-total-tokens", "4096", "--log-level", "warning",
     )  # fmt: skip
     router = router_launcher("--worker-addr", worker.zmq_address, "--served-model-name", MODEL_NAME)
-    return {"url": router.url, "tokenizer": AutoTokenizer.from_pretrained(model_dir)}
+    return {
+        "url": router.url,
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+        "worker_addr": worker.zmq_address,
+    }
 
 
 @pytest.fixture(scope="module")
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server["url"] + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def templated_client(server, router_launcher, tmp_path_factory) -> openai.OpenAI:
+    """A second router on the same worker, started with --chat-template <file>."""
+    path = tmp_path_factory.mktemp("chat-template") / "plain.jinja"
+    path.write_text(PLAIN_TEMPLATE)
+    url = router_launcher(
+        "--worker-addr",
+        server["worker_addr"],
+        "--chat-template",
+        str(path),
+        "--served-model-name",
+        MODEL_NAME,
+    ).url
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
 def native(server: dict, input_ids: list[int], sampling: dict, **extra) -> dict:
@@ -104,6 +129,24 @@ def test_chat_greedy_equals_native_generate(server, client):
         model=MODEL_NAME, messages=MESSAGES, max_tokens=12, max_completion_tokens=3, **GREEDY
     )
     assert short.usage.completion_tokens <= 3 and ref["text"].startswith(short.choices[0].message.content)
+
+
+def test_chat_template_flag_renders_the_prompt(server, client, templated_client):
+    rendered = "[system] You are terse.\n[user] Name three colours.\n[assistant] "
+    ids = server["tokenizer"].encode(rendered, add_special_tokens=False)
+    assert len(ids) == len(rendered) and ids != chat_ids(server)  # one token per byte, no ChatML
+    ref = native(server, ids, {**GREEDY, "max_new_tokens": 6}, return_logprob=True)
+    resp = templated_client.chat.completions.create(
+        model=MODEL_NAME, messages=MESSAGES, max_tokens=6, logprobs=True, **GREEDY
+    )
+    assert resp.usage.prompt_tokens == len(ids) == ref["meta_info"]["prompt_tokens"]
+    assert resp.choices[0].message.content == ref["text"]
+    assert [c.logprob for c in resp.choices[0].logprobs.content] == pytest.approx(
+        [e[0] for e in ref["meta_info"]["output_token_logprobs"]], abs=1e-5
+    )  # the same tokens, generated from the template's prompt
+    # the router without the flag renders the tokenizer's own (ChatML) template
+    plain = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=1, **GREEDY)
+    assert plain.usage.prompt_tokens == len(chat_ids(server)) != len(ids)
 
 
 def _collect_chat_stream(chunks) -> tuple[dict[int, str], dict[int, str], object, list]:
@@ -252,6 +295,55 @@ def test_completion_prompt_forms_and_n(server, client):
     # max_tokens defaults to 16, like OpenAI
     default = client.completions.create(model=MODEL_NAME, prompt=prompts[0], extra_body={"ignore_eos": True})
     assert default.usage.completion_tokens == 16 and default.choices[0].finish_reason == "length"
+
+
+def test_completion_penalties_top_k_and_min_p_reach_the_sampler(server, client):
+    ids = server["tokenizer"].encode("Once upon a time")
+    n = 16
+
+    def run_native(params: dict) -> dict:
+        return native(server, ids, {"max_new_tokens": n, "ignore_eos": True, **params}, return_logprob=True)
+
+    def native_logprobs(out: dict) -> list[float]:
+        return [e[0] for e in out["meta_info"]["output_token_logprobs"]]
+
+    def completion(**kwargs) -> tuple[list[float], str]:
+        extra = {"ignore_eos": True, **kwargs.pop("extra_body", {})}
+        resp = client.completions.create(
+            model=MODEL_NAME, prompt=ids, max_tokens=n, logprobs=0, extra_body=extra, **kwargs
+        )
+        assert resp.usage.completion_tokens == n
+        return resp.choices[0].logprobs.token_logprobs, resp.choices[0].text
+
+    # the logprobs of the chosen tokens (of the raw logits) tell two token sequences apart
+    greedy = run_native({"temperature": 0.0})
+    # penalties act on greedy rows too: each changes this repetitive output, and differently
+    penalized = {}
+    for name in ("frequency_penalty", "presence_penalty"):
+        ref = run_native({"temperature": 0.0, name: 0.2})
+        logprobs, text = completion(temperature=0.0, **{name: 0.2})
+        assert logprobs == pytest.approx(native_logprobs(ref), abs=1e-5) and text == ref["text"]
+        penalized[name] = ref["output_ids"]
+    assert greedy["output_ids"] != penalized["frequency_penalty"] != penalized["presence_penalty"]
+    assert penalized["presence_penalty"] != greedy["output_ids"]
+
+    # hot sampling with a seed (OpenAI's seed is SGLang's sampling_seed) strays from greedy ...
+    hot = {"temperature": 2.0, "seed": 3}
+    free, _ = completion(**hot)
+    assert free == pytest.approx(
+        native_logprobs(run_native({"temperature": 2.0, "sampling_seed": 3})), abs=1e-5
+    )
+    assert free != pytest.approx(native_logprobs(greedy), abs=1e-5)
+    # ... unless only the top token survives: top_k=1, or min_p=1 (only the max probability passes)
+    for only_top in ({"top_k": 1}, {"min_p": 1.0}):
+        kept, _ = completion(extra_body=only_top, **hot)
+        assert kept == pytest.approx(native_logprobs(greedy), abs=1e-5), only_top
+    # and partial filters match the native route's, and differ from unfiltered sampling
+    for partial in ({"top_k": 2}, {"min_p": 0.3}):
+        ref = run_native({"temperature": 2.0, "sampling_seed": 3, **partial})
+        got, _ = completion(extra_body=partial, **hot)
+        assert got == pytest.approx(native_logprobs(ref), abs=1e-5), partial
+        assert got != pytest.approx(free, abs=1e-5), partial
 
 
 def test_completion_streaming_batch(server, client):
