@@ -13,7 +13,9 @@ Rules:
   all its outputs of the step. A request that arrives while idle is stepped at once; one that
   arrives while busy waits for the next tick, as in a real engine's continuous batch. With
   `--first-token-now` a request's first token is sent as soon as it arrives (its own batch), and
-  later tokens follow the step clock: benchmarks then see transit time without the step wait.
+  later tokens follow the step clock: benchmarks then see transit time without the step wait. An
+  idle engine then starts its clock one step after that first token (its second token comes a
+  step later, as after a real prefill, never in a second frame right behind the first).
 - Tokens cycle through `--token-ids` (default 97..122: "a".."z" in a byte-level vocabulary). A
   request ends after `max_new_tokens` (SGLang's default 128 when absent; None means up to the
   context length) with finish_reason {"type": "length", "length": N}; no EOS is ever produced.
@@ -164,8 +166,8 @@ class StandinEngine:
             if self.sock.poll(math.ceil(wait_ms) if wait_ms > 0 else 0, zmq.POLLIN):
                 was_idle = not self.running
                 self.drain()
-                if was_idle and self.running:
-                    next_tick = time.monotonic()
+                if was_idle and self.running:  # with first_token_now the first token went out already
+                    next_tick = time.monotonic() + (step_s if self.cfg.first_token_now else 0.0)
             now = time.monotonic()
             if self.running and now >= next_tick:
                 self.step()

@@ -172,3 +172,16 @@ def test_first_token_now_answers_on_arrival(standin):
         ("q", [97], True)
     ]
     assert list(engine.running) == [("busy", 0)]
+
+
+def test_first_token_now_on_an_idle_engine_steps_a_step_later(standin):
+    engine, dealer = standin
+    engine.cfg.step_ms = 200.0
+    engine.cfg.first_token_now = True
+    engine.start()
+    dealer.send(GenerateRequest(rid="q", input_ids=[1, 2], sampling_params={"max_new_tokens": 2}))
+    frames = _frames_until_finished(dealer, samples=1)
+    assert [[o.token_ids for o in f.outputs] for _, f in frames] == [[[97]], [[98]]]
+    # the second token follows the step clock, not the first token's frame at once (lower bound only:
+    # a busy machine can only make it later)
+    assert frames[1][0] - frames[0][0] >= 0.5 * engine.cfg.step_ms / 1000
