@@ -17,7 +17,9 @@ Rules:
 - streams with a first output pending come first, in arrival order; then the others, in the order
   their oldest pending output arrived;
 - a stream unsubscribed since its outputs arrived (its rid no longer maps to that queue) gets
-  nothing: those outputs are dropped, like those of unknown rids.
+  nothing: those outputs are dropped, like those of unknown rids;
+- `hand_out` says whether it handed a stream its first output: the reader then lets that stream
+  run (write its first event) before it takes in more frames, which may hold a whole step's outputs.
 """
 
 from __future__ import annotations
@@ -49,10 +51,11 @@ class PendingOutputs:
             outs = (self._first if first else self._rest).setdefault(queue, [])
         outs.append(out)
 
-    def hand_out(self, limit: int | None, streams: dict[str, asyncio.Queue]) -> None:
+    def hand_out(self, limit: int | None, streams: dict[str, asyncio.Queue]) -> bool:
         """Puts the outputs of up to `limit` streams (None: all) into their queues; `streams` is
-        the rid -> queue map of the streams subscribed now."""
+        the rid -> queue map of the streams subscribed now. True when a stream got its first output."""
         served = 0
+        firsts = False
         for pending in (self._first, self._rest):
             while pending and (limit is None or served < limit):
                 queue, outs = pending.popitem(last=False)
@@ -60,3 +63,5 @@ class PendingOutputs:
                     for out in outs:
                         queue.put_nowait(out)
                     served += 1
+                    firsts = firsts or pending is self._first
+        return firsts

@@ -14,7 +14,8 @@ Rules:
   subscribed for its rid (those of unknown rids are dropped: an abandoned request) and each
   reply to the `query` that waits for its (type, query_id);
 - outputs reach their queues in slices of DELIVER_SLICE streams per event-loop turn, first
-  outputs first (router/output_delivery.py says why); each stream's outputs stay in order;
+  outputs first (router/output_delivery.py says why); each stream's outputs stay in order; a
+  stream handed its first output runs before the reader takes in the next frame;
 - `last_seen` is the monotonic time of the last frame received: the pool's liveness check;
 - when the TCP connection drops (the worker died or closed), every subscribed queue gets a
   StreamFailure at once and `connected` turns False; ZMQ reconnects by itself when the worker is
@@ -194,8 +195,8 @@ class WorkerConnection:
                     continue
                 self.last_seen = time.monotonic()
                 self._on_frame(frame)
-            self._pending.hand_out(DELIVER_SLICE, self._streams)
-            if self._pending:
+            firsts = self._pending.hand_out(DELIVER_SLICE, self._streams)
+            if self._pending or firsts:
                 await asyncio.sleep(0)  # the streams just woken (and any new I/O) run first
 
     def _receive_ready(self) -> None:

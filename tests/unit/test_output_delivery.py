@@ -26,10 +26,10 @@ def test_slices_serve_first_outputs_first_and_a_stream_s_outputs_together():
         pending.add(queues[rid], _out(rid, 1), first=False)
     pending.add(queues["a"], _out("a", 2), first=False)  # a fell behind: its next output is here too
     pending.add(queues["d"], _out("d", 1), first=True)  # d's first token arrives last
-    pending.hand_out(2, queues)
+    assert pending.hand_out(2, queues)  # True: a stream got its first output
     assert [_drain(queues[r]) for r in "abcd"] == [[1, 2], [], [], [1]]  # d first, then a (both)
     assert pending
-    pending.hand_out(None, queues)
+    assert not pending.hand_out(None, queues)
     assert [_drain(queues[r]) for r in "abcd"] == [[], [1], [1], []]
     assert not pending
 
