@@ -35,7 +35,6 @@ from pdserve.router.native_parse import NativeGenerateRequest, parse_generate
 from pdserve.router.native_view import SampleView
 from pdserve.router.sse import open_sse, send_done, send_event
 from pdserve.router.state import STATE_KEY, RouterState
-from pdserve.router.tokenizer_fast import fast_encoder
 from pdserve.shared.protocol import GenerateRequest
 
 logger = logging.getLogger(__name__)
@@ -50,8 +49,7 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE_KEY]
     start = time.perf_counter()
     body = await read_json_object(request)
-    encode = fast_encoder(state.require_tokenizer())
-    req = parse_generate(body, encode, state.args.max_batch_size)
+    req = parse_generate(body, state.encoder(), state.args.max_batch_size)
     checked = [state.generator.check(inp) for inp in req.inputs]  # every prompt before any is sent
     views = _views(state, req, start)
     if req.stream:

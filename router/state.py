@@ -29,6 +29,7 @@ from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import DEFAULT_LOCAL_PREFILL_THRESHOLD, Pairing
 from pdserve.router.policies import make_decode_policy, make_policy
 from pdserve.router.text_generator import RouterTextGenerator
+from pdserve.router.tokenizer_fast import Encoder, fast_encoder
 from pdserve.router.worker_pool import PoolConfig, WorkerPool
 from pdserve.shared.protocol import ServerInfo
 
@@ -173,6 +174,7 @@ class RouterState:
         self.tokenizer: Any = None
         self._tokenizer_task: asyncio.Task | None = None
         self._tokenizer_error: str | None = None
+        self._encoders: tuple[Any, dict[bool, Encoder]] = (None, {})  # (tokenizer, made for it)
         self.generator = RouterTextGenerator(self)
 
     # ------------------------------------------------------------------ model facts
@@ -266,6 +268,17 @@ class RouterState:
                 "No worker has registered yet: the router learns the model (and its tokenizer) from its first worker.",
             )
         raise GenerationError(503, f"The router is still loading the tokenizer of {self.tokenizer_path}.")
+
+    def encoder(self, add_special_tokens: bool = True) -> Encoder:
+        """`tokenizer.encode(text, add_special_tokens=...)` for one text (router/tokenizer_fast.py),
+        made once per tokenizer; GenerationError 503 while there is no tokenizer."""
+        tokenizer = self.require_tokenizer()
+        if self._encoders[0] is not tokenizer:
+            self._encoders = (tokenizer, {})
+        made = self._encoders[1]
+        if add_special_tokens not in made:
+            made[add_special_tokens] = fast_encoder(tokenizer, add_special_tokens)
+        return made[add_special_tokens]
 
     def require_ready(self) -> ModelFacts:
         """The model facts, once a worker and the tokenizer are known; GenerationError 503 before."""

@@ -4,6 +4,7 @@
                                          # (cheap to make: one per request is fine)
     encode = fast_encoder(tokenizer)     # encode(text) == tokenizer.encode(text)
     encode = fast_encoder(tokenizer, add_special_tokens=False)
+                                         # (not cheap to make: one per tokenizer, RouterState.encoder)
 
 Why: the router encodes every text prompt and decodes a few ids per streamed token. transformers'
 wrappers cost more than the Rust work for those small calls: `decode` walks the id list in Python
@@ -17,6 +18,8 @@ Rules:
 - `fast_encoder` checks at each call that the backend would encode as `tokenizer.encode` does now:
   no truncation or padding configured on it, special-token splitting as the tokenizer says;
   otherwise that call goes through `tokenizer.encode`;
+- ASCII text, for byte-level BPE tokenizers (GPT-2's scheme), skips the backend's pre-tokenizer,
+  most of the cost of an encode (router/ascii_bpe.py: same ids); other text goes to the backend;
 - decoding never cleans up tokenization spaces (router/detokenizer.py says why).
 """
 
@@ -25,6 +28,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from typing import Any
+
+from pdserve.router.ascii_bpe import AsciiByteLevelBPE
 
 # (ids, skip_special_tokens) -> text
 Decoder = Callable[[list[int], bool], str]
@@ -52,6 +57,7 @@ def fast_encoder(tokenizer: Any, add_special_tokens: bool = True) -> Encoder:
         or not _is_plain_backend(type(tokenizer), "_encode_plus", "encode")
     ):
         return lambda text: tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    ascii_bpe = AsciiByteLevelBPE.of(backend, add_special_tokens)
 
     def encode(text: str) -> list[int]:
         if (
@@ -60,6 +66,13 @@ def fast_encoder(tokenizer: Any, add_special_tokens: bool = True) -> Encoder:
             or backend.encode_special_tokens != bool(tokenizer.split_special_tokens)
         ):  # transformers resets these per call: let it
             return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        if (
+            ascii_bpe is not None
+            and text.isascii()
+            and not backend.encode_special_tokens
+            and ascii_bpe.matches(backend)
+        ):
+            return ascii_bpe.encode(text)
         return backend.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
 
     return encode

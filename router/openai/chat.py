@@ -29,7 +29,6 @@ from pdserve.router.openai.responses import (
 )
 from pdserve.router.openai.streaming import StreamSpec, collect_choices, stream_choices
 from pdserve.router.state import RouterState
-from pdserve.router.tokenizer_fast import fast_encoder
 
 
 def chat_prompt(state: RouterState, tokenizer: Any, req: ChatRequest) -> list[int]:
@@ -42,7 +41,7 @@ def chat_prompt(state: RouterState, tokenizer: Any, req: ChatRequest) -> list[in
         continue_final_message=req.continue_final_message,
         template_kwargs=req.chat_template_kwargs,
     )
-    return fast_encoder(tokenizer, add_special_tokens=False)(text)  # chat_prompt_ids(tokenizer, text)
+    return state.encoder(add_special_tokens=False)(text)  # chat_prompt_ids(tokenizer, text)
 
 
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:

@@ -27,7 +27,7 @@ from pdserve.router.openai.responses import (
     new_id,
 )
 from pdserve.router.openai.streaming import StreamSpec, collect_choices, stream_choices
-from pdserve.router.tokenizer_fast import Encoder, fast_encoder
+from pdserve.router.tokenizer_fast import Encoder
 
 
 def prompt_ids(encode: Encoder, prompt: str | list[int]) -> list[int]:
@@ -68,7 +68,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         check_batch_size(len(req.prompts), state.args.max_batch_size)
         facts = state.require_ready()  # 503 until a worker and the tokenizer are known
         tokenizer = state.require_tokenizer()
-        encode = fast_encoder(tokenizer)
+        encode = state.encoder()
         ids = [prompt_ids(encode, p) for p in req.prompts]
         rid = new_id("cmpl")
         inputs = build_inputs(req, ids, rid, facts.context_length)

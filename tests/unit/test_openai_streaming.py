@@ -20,6 +20,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from pdserve.router.generation import GenerationError, SampleEvent
 from pdserve.router.openai.routes import add_openai_routes
 from pdserve.router.state import STATE_KEY
+from pdserve.router.tokenizer_fast import fast_encoder
 from tests.helpers.tiny_models import _byte_tokenizer
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
@@ -64,6 +65,9 @@ class FakeState:
 
     def require_tokenizer(self):
         return self.tokenizer
+
+    def encoder(self, add_special_tokens: bool = True):
+        return fast_encoder(self.tokenizer, add_special_tokens)
 
 
 def _post(script, path: str, body: dict) -> tuple[int, str]:
