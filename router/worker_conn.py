@@ -16,6 +16,11 @@ Rules:
 - outputs reach their queues in slices of DELIVER_SLICE streams per event-loop turn, first
   outputs first (router/output_delivery.py says why); each stream's outputs stay in order; a
   stream handed its first output runs before the reader takes in the next frame;
+- frames are read by a callback on the socket's file descriptor, not by a task awaiting pyzmq's
+  futures: an output reaches its stream one event-loop turn after the descriptor turns readable
+  (a task would add a turn, and pyzmq's future machinery some 20 us, per frame). ZMQ's descriptor
+  signals edges, so every read takes all frames waiting, and every send (which may consume the
+  edge of frames that arrived meanwhile) checks whether frames wait;
 - `last_seen` is the monotonic time of the last frame received: the pool's liveness check;
 - when the TCP connection drops (the worker died or closed), every subscribed queue gets a
   StreamFailure at once and `connected` turns False; ZMQ reconnects by itself when the worker is
@@ -54,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 # Requests can outnumber ZMQ's default high-water mark of 1000 queued messages in a burst.
 SEND_HWM = 100_000
+# plain ints: pyzmq's enum flags make each `&` a slow Python-level enum operation
+_NOBLOCK = int(zmq.NOBLOCK)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
 
 R = TypeVar("R", bound=Message)
 
@@ -73,7 +82,7 @@ class WorkerConnection:
     def __init__(self, ctx: zmq.asyncio.Context, address: str, name: str = ""):
         self.address = address
         self.name = name or address
-        self._sock = ctx.socket(zmq.DEALER)
+        self._sock = zmq.Socket(ctx, zmq.DEALER)  # a plain socket: read from the loop's fd callback
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
@@ -90,6 +99,9 @@ class WorkerConnection:
         self._replies: dict[tuple[type[Message], int], asyncio.Future] = {}
         self._query_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = self._sock.getsockopt(zmq.FD)
+        self._turn: asyncio.Handle | None = None  # the next delivery turn, when one is scheduled
         self.connected = False
         self.closed = False
         self.last_seen = time.monotonic()
@@ -98,10 +110,10 @@ class WorkerConnection:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
-        self._tasks = [
-            asyncio.create_task(self._read_loop(), name=f"worker-read-{self.name}"),
-            asyncio.create_task(self._monitor_loop(), name=f"worker-monitor-{self.name}"),
-        ]
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._on_readable)
+        self._tasks = [asyncio.create_task(self._monitor_loop(), name=f"worker-monitor-{self.name}")]
+        self._schedule_turn()  # frames may be waiting already (the descriptor's edge came before)
 
     async def close(self) -> None:
         if self.closed:
@@ -109,6 +121,11 @@ class WorkerConnection:
         self.closed = True
         self.connected = False
         self.fail_streams(f"the connection to worker {self.name} was closed")
+        if self._loop is not None:
+            self._loop.remove_reader(self._fd)
+        if self._turn is not None:
+            self._turn.cancel()
+            self._turn = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -151,12 +168,15 @@ class WorkerConnection:
     def send_nowait(self, msg: Message) -> None:
         if self.closed or not self.connected:
             raise WorkerUnavailable(f"worker {self.name} is not connected")
-        fut = self._sock.send(encode(msg), flags=zmq.NOBLOCK, copy=False)
-        exc = fut.exception() if fut.done() else None
-        if isinstance(exc, zmq.Again):
-            raise WorkerUnavailable(f"worker {self.name} cannot take messages now (not connected)")
-        if exc is not None:
-            raise WorkerUnavailable(f"sending to worker {self.name} failed: {exc}")
+        try:
+            self._sock.send(encode(msg), _NOBLOCK)
+        except zmq.Again:
+            raise WorkerUnavailable(f"worker {self.name} cannot take messages now (not connected)") from None
+        except zmq.ZMQError as exc:
+            raise WorkerUnavailable(f"sending to worker {self.name} failed: {exc}") from None
+        finally:
+            with contextlib.suppress(zmq.ZMQError):
+                self._check_readable()
 
     def send_abort(self, rid: str, message: str) -> None:
         """Best effort: a worker that is gone has nothing to abort."""
@@ -180,36 +200,45 @@ class WorkerConnection:
 
     # ------------------------------------------------------------------ background tasks
 
-    async def _read_loop(self) -> None:
-        while True:
-            if self._pending:
-                self._receive_ready()  # frames that came during the last slice (first tokens among them)
-            else:
-                try:
-                    frame = await self._sock.recv(copy=True)
-                except zmq.ZMQError as exc:
-                    if self.closed:
-                        return
-                    logger.warning("worker %s: receive failed: %s", self.name, exc)
-                    await asyncio.sleep(0.1)
-                    continue
-                self.last_seen = time.monotonic()
-                self._on_frame(frame)
-            firsts = self._pending.hand_out(DELIVER_SLICE, self._streams)
-            if self._pending or firsts:
-                await asyncio.sleep(0)  # the streams just woken (and any new I/O) run first
+    def _on_readable(self) -> None:
+        """The descriptor turned readable: take the frames in; hand out a slice unless a turn is due."""
+        self._receive_ready()
+        if self._turn is None:
+            self._deliver()
+
+    def _on_turn(self) -> None:
+        self._turn = None
+        self._receive_ready()  # frames that came during the last slice (first tokens among them)
+        self._deliver()
+
+    def _deliver(self) -> None:
+        firsts = self._pending.hand_out(DELIVER_SLICE, self._streams)
+        if self._pending or firsts:
+            self._schedule_turn()  # the streams just woken (and any new I/O) run first
+
+    def _schedule_turn(self) -> None:
+        if self._turn is None and not self.closed and self._loop is not None:
+            self._turn = self._loop.call_soon(self._on_turn)
+
+    def _check_readable(self) -> None:
+        """After a send: frames whose readable edge the send consumed get a turn."""
+        if self._turn is None and not self.closed and self._sock.getsockopt(_EVENTS) & _POLLIN:
+            self._schedule_turn()
 
     def _receive_ready(self) -> None:
-        """Takes in the frames that are already here, without waiting."""
+        """Takes in every frame already here, without waiting (until EAGAIN: the descriptor's edge
+        comes again only after that)."""
+        sock = self._sock
         while not self.closed:
-            fut = self._sock.recv(flags=zmq.NOBLOCK, copy=True)  # done at once: a frame or Again
-            exc = fut.exception()
-            if exc is not None:
-                if not isinstance(exc, zmq.Again):
-                    logger.warning("worker %s: receive failed: %s", self.name, exc)
+            try:
+                frame = sock.recv(_NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:
+                logger.warning("worker %s: receive failed: %s", self.name, exc)
                 return
             self.last_seen = time.monotonic()
-            self._on_frame(fut.result())
+            self._on_frame(frame)
 
     def _on_frame(self, frame: bytes) -> None:
         """Routes one received frame: outputs to their streams, replies to their queries."""
