@@ -32,9 +32,10 @@ from pdserve.shared.protocol import RequestOutput
 # Streams handed their outputs per event-loop turn (see the module docstring). A new request's
 # handler runs two turns after its bytes arrive (aiohttp: a task wakes, then the handler's task
 # starts), so a request that comes during a step's burst waits about two slices before it is even
-# parsed: 4 streams (about 0.3 ms on the dev box) rather than 16 (about 1.2 ms) cut the TTFT p90 at
-# 100 streams from 6.8 to 4.8 ms; the extra turns cost about 1 us per token.
-DELIVER_SLICE = 4
+# parsed. In alternating A/B runs at 100 streams on the dev box: 16 -> 4 cut the TTFT p90 from 6.8
+# to 4.8 ms, 4 -> 2 the p50 from 2.35 to 2.06 ms at the same router CPU and streamed tokens/s;
+# 1 cut a little more but cost about 10% of the tokens/s one router process streams.
+DELIVER_SLICE = 2
 
 
 class PendingOutputs:

@@ -45,6 +45,8 @@ class Route:
 
     def messages(self, req: GenerateRequest, wire_rid: str) -> tuple[GenerateRequest, PrefillRequest | None]:
         """The message for `worker` and, for a pair, the one for `prefill`; both with rid `wire_rid`."""
+        if self.prefill is None and wire_rid == req.rid and type(req) is GenerateRequest:
+            return req, None  # the first attempt on one worker: the request as it is (no copy)
         base = {f.name: getattr(req, f.name) for f in dataclasses.fields(GenerateRequest)}
         base["rid"] = wire_rid
         if self.prefill is None:
