@@ -47,10 +47,10 @@ class ModelRunner:
         self.model = load_model(
             model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
         )
-        self.use_triton = args.attention_backend == "triton" or (
+        use_triton = args.attention_backend == "triton" or (
             args.attention_backend == "auto" and self.device.type == "cuda"
         )
-        if self.use_triton:
+        if use_triton:
             from pdserve.shared.engine.attention_triton import TritonAttention
             from pdserve.shared.models.fast_path import use_triton_kernels
 
