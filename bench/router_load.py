@@ -26,11 +26,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
-import msgpack
 import zmq
 import zmq.asyncio
 
-from pdserve.shared.protocol import GenerateRequest, OutputBatch, encode
+from pdserve.shared.protocol import GenerateRequest, OutputBatch, decode, encode
 
 _COUNT = re.compile(rb'"completion_tokens":\s*(\d+)')
 
@@ -114,23 +113,23 @@ class DirectClient:
 
     async def _read(self) -> None:
         while True:
-            tag, data = msgpack.unpackb(await self._sock.recv(), raw=False)
-            if tag != OutputBatch.TAG:
+            msg = decode(await self._sock.recv())
+            if not isinstance(msg, OutputBatch):
                 continue
             now = time.perf_counter()
-            for out in data["outputs"]:
-                state = self._pending.get(out["rid"])
+            for out in msg.outputs:
+                state = self._pending.get(out.rid)
                 if state is None:
                     continue
-                n = len(out["token_ids"])
+                n = len(out.token_ids)
                 self._meter.tokens += n
                 if n and state[1] is None:
                     state[1] = now - state[0]
                 state[2] += n
-                if out["finished"]:
-                    del self._pending[out["rid"]]
-                    if out.get("error") or (out["finish_reason"] or {}).get("type") == "abort":
-                        state[3].set_result(f"aborted: {out['finish_reason']}")
+                if out.finished:
+                    del self._pending[out.rid]
+                    if out.error or (out.finish_reason or {}).get("type") == "abort":
+                        state[3].set_result(f"aborted: {out.finish_reason}")
                     else:
                         state[3].set_result((state[1] or 0.0, now - state[0], state[2]))
 

@@ -65,14 +65,29 @@ from pdserve.shared.protocol import (
     UpdateWeightsResult,
     decode,
     encode,
+    field_names,
 )
 from pdserve.shared.worker.launch import READY_PREFIX
 
 DEFAULT_MAX_NEW_TOKENS = 128
 SHUTDOWN_MESSAGE = "worker is shutting down"
-# Every field of a RequestOutput with its default: one step's outputs are built as plain dicts from it
-# (cheaper than dataclass to_wire per token) and decode to exactly the worker's RequestOutput.
-_OUTPUT_TEMPLATE = RequestOutput(rid="", token_ids=[]).to_wire()
+# Every field of a RequestOutput with its default, as the row OutputBatch sends: one step's outputs
+# are built as plain lists from it (cheaper than a dataclass per token) and decode to exactly the
+# worker's RequestOutput.
+_OUTPUT_TEMPLATE = RequestOutput(rid="", token_ids=[]).to_row()
+_AT = {name: i for i, name in enumerate(field_names(RequestOutput))}
+_RID, _INDEX, _TOKENS, _FINISHED, _REASON, _PROMPT, _COMPLETION = (
+    _AT[name]
+    for name in (
+        "rid",
+        "index",
+        "token_ids",
+        "finished",
+        "finish_reason",
+        "prompt_tokens",
+        "completion_tokens",
+    )
+)
 
 
 def output_wire(
@@ -82,20 +97,20 @@ def output_wire(
     prompt_tokens: int,
     completion_tokens: int,
     finish_reason: dict[str, Any] | None,
-) -> dict[str, Any]:
-    """The wire dict of one RequestOutput (finished when finish_reason is given)."""
-    out = dict(_OUTPUT_TEMPLATE)
-    out["rid"] = rid
-    out["index"] = index
-    out["token_ids"] = token_ids
-    out["finished"] = finish_reason is not None
-    out["finish_reason"] = finish_reason
-    out["prompt_tokens"] = prompt_tokens
-    out["completion_tokens"] = completion_tokens
+) -> list[Any]:
+    """The wire row of one RequestOutput (finished when finish_reason is given)."""
+    out = list(_OUTPUT_TEMPLATE)
+    out[_RID] = rid
+    out[_INDEX] = index
+    out[_TOKENS] = token_ids
+    out[_FINISHED] = finish_reason is not None
+    out[_REASON] = finish_reason
+    out[_PROMPT] = prompt_tokens
+    out[_COMPLETION] = completion_tokens
     return out
 
 
-def batch_frame(outputs: list[dict[str, Any]]) -> bytes:
+def batch_frame(outputs: list[list[Any]]) -> bytes:
     """An OutputBatch frame, byte for byte what `encode(OutputBatch(...))` gives."""
     return msgpack.packb([OutputBatch.TAG, {"outputs": outputs}], use_bin_type=True)
 

@@ -131,6 +131,8 @@ class CacheAwarePolicy(Policy):
         self._least_load = LeastLoadPolicy()
 
     def choose(self, candidates: Sequence[W], input_ids: Sequence[int]) -> W:
+        if len(candidates) == 1:  # no choice to make: skip the prefix match on the request's path
+            return candidates[0]
         least = self._least_load.choose(candidates, input_ids)
         matched = self._match(input_ids)
         best: W | None = None

@@ -19,6 +19,7 @@ Rules (beyond generation.py's):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -107,7 +108,11 @@ class RouterTextGenerator:
                 for i in range(num_samples)
             ]
 
-        samples = fresh()
+        # The trackers are built while the worker computes: this callback runs once the handler
+        # waits for the first output, after the request was sent (the handler does not yield to
+        # the loop before that). The first output builds them if it somehow came first.
+        samples: list[SampleTracker] = []
+        asyncio.get_running_loop().call_soon(lambda: samples or samples.extend(fresh()))
         unfinished = num_samples
         start = time.perf_counter()
         last_output_at: float | None = None
@@ -117,9 +122,11 @@ class RouterTextGenerator:
             async with contextlib.aclosing(outputs):
                 async for item in outputs:
                     if item is RESTART:
-                        samples = fresh()
+                        samples[:] = fresh()
                         unfinished = num_samples
                         continue
+                    if not samples:
+                        samples.extend(fresh())
                     if item.token_ids:
                         now = time.perf_counter()
                         if last_output_at is None:

@@ -33,11 +33,26 @@ class Message:
             _REGISTRY[cls.TAG] = cls
 
     def to_wire(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        attrs = self.__dict__
+        names = field_names(type(self))
+        if len(attrs) == len(names):  # the fields and nothing else (as always): one C-level copy
+            return attrs.copy()
+        return {name: attrs[name] for name in names}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> Message:
         return cls(**data)
+
+
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def field_names(cls: type) -> tuple[str, ...]:
+    """The dataclass fields of cls, in declaration order (cached: `dataclasses.fields` is slow)."""
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
 
 
 def encode(msg: Message) -> bytes:
@@ -146,6 +161,13 @@ class RequestOutput(Message):
     input_token_ids_logprobs: list[Any] | None = None
     error: str | None = None  # a request the worker refused (bad params): finished with this message
 
+    def to_row(self) -> list[Any]:
+        """The field values in declaration order: how OutputBatch sends it (see there)."""
+        attrs = self.__dict__
+        if len(attrs) == len(field_names(RequestOutput)):
+            return list(attrs.values())  # __init__ set them in declaration order
+        return [attrs[name] for name in field_names(RequestOutput)]
+
 
 @dataclass
 class OutputBatch(Message):
@@ -154,12 +176,21 @@ class OutputBatch(Message):
     TAG: ClassVar[str] = "outs"
     outputs: list[RequestOutput] = field(default_factory=list)
 
+    # Outputs travel as rows (RequestOutput.to_row), not maps: a step's frame holds one output per
+    # running request, and msgpack decodes 100 rows in 1/8 the time of 100 maps, which make a str
+    # per key per output (the router decodes every token). A row shorter than the fields (an older
+    # sender) takes the defaults of the fields it lacks; a map is still understood.
     def to_wire(self) -> dict[str, Any]:
-        return {"outputs": [o.to_wire() for o in self.outputs]}
+        return {"outputs": [o.to_row() for o in self.outputs]}
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> OutputBatch:
-        return cls(outputs=[RequestOutput.from_wire(o) for o in data["outputs"]])
+        return cls(
+            outputs=[
+                RequestOutput(*row) if type(row) is list else RequestOutput.from_wire(row)
+                for row in data["outputs"]
+            ]
+        )
 
 
 @dataclass

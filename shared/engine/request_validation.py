@@ -17,13 +17,19 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _are_token_ids(ids: list, vocab_size: int) -> bool:
+    """Every element an int (not a bool) in [0, vocab_size). Three C-level passes instead of a Python
+    loop per id: the router runs this on every prompt on its way to the worker."""
+    return set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab_size
+
+
 def validate_request(
     msg: GenerateRequest, vocab_size: int, context_length: int, pool_tokens: int
 ) -> SamplingParams:
     ids = msg.input_ids
     if not isinstance(ids, list) or not ids:
         raise RequestError("input_ids must be a non-empty list of token ids.")
-    if not all(_is_int(t) and 0 <= t < vocab_size for t in ids):
+    if not _are_token_ids(ids, vocab_size):
         raise RequestError(f"input_ids must hold token ids in [0, {vocab_size}).")
     if len(ids) >= context_length:
         raise RequestError(

@@ -53,8 +53,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, raw: dict[str, Any] | None) -> SamplingParams:
         raw = dict(raw or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(raw.keys() - _FIELD_NAMES)
         if unknown:
             raise SamplingParamsError(f"Unknown sampling parameter(s): {', '.join(unknown)}.")
         if isinstance(raw.get("stop"), str):
@@ -144,3 +143,6 @@ def _check_float(
     below = value <= lo if lo_open else value < lo
     if below or (hi is not None and value > hi):
         raise SamplingParamsError(f"{name} must be in {rng}, got {value}.")
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(SamplingParams))  # fields() is slow per call
