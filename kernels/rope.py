@@ -1,4 +1,6 @@
-"""Rotary position embedding of q and k in place, cos/sin computed in the kernel (shared.models.rope).
+"""Rotary position embedding of q and k in place, cos/sin computed in the kernel (shared.models.rope),
+alone (`apply_rotary`) or fused with the store of the rotated k and v into the paged KV pool
+(`rotary_store_kv`).
 
 Rules:
 - Rotate-half ("neox") layout: for i < D/2, with angle = positions.float() * inv_freq[i] in float32,
@@ -14,7 +16,14 @@ Rules:
 - q `[T, Hq, D]`, k `[T, Hkv, D]`: any strides with a contiguous last dim (views of a fused qkv
   output are fine), same dtype. They are rotated IN PLACE and returned. `positions` `[T]` int,
   `inv_freq` `[D/2]` float32 contiguous, all on one device.
-- One program per (token, block of heads); a grid from shapes only: CUDA-graph safe.
+- `rotary_store_kv` also writes, as kernels.kv_store does, the rotated k (rounded to k's dtype
+  first, exactly as rope then store) and v `[T, Hkv, D]` (strided like k) into `k_cache`/`v_cache`
+  `[num_pages, page_size, Hkv, D]` (contiguous, one dtype) at flat `slots` `[T]`, cast to the
+  cache dtype. Slot values are not checked (padded rows point into page 0); slots must be
+  distinct. Why fused: rope and the store are two latency-bound launches per layer of a decode
+  step (bench/RESULTS.md); fused, each token's k is read once and written to both places.
+- One program per (token, block of q heads or of kv heads; a kv program also stores its heads of
+  k and v); a grid from shapes only: CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pdserve.kernels.kv_store import store_kv_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -42,65 +53,113 @@ def _cos_sin(angle):
 
 
 @triton.jit
-def _rotate_heads(
-    base,
-    head_stride,
-    head0,
-    num_heads,
-    c,
-    s,
-    HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_HALF: tl.constexpr,
+def _rope_cos_sin(
+    positions, inv_freq, attention_scaling, token, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr
 ):
-    heads = head0 + tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    freq = tl.load(inv_freq + dims, mask=dims < HALF, other=0.0)
+    angle = tl.load(positions + token).to(tl.float32) * freq
+    c, s = _cos_sin(angle)
+    scaling = tl.cast(attention_scaling, tl.float32)  # see decode_attention: float args may come as fp64
+    return c * scaling, s * scaling
+
+
+@triton.jit
+def _rotate_heads(base, head_stride, heads, num_heads, c, s, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Rotates heads `heads` of one token's vectors at `base` in place; returns the two rotated
+    halves (in base's dtype) and their mask."""
     dims = tl.arange(0, BLOCK_HALF)
     mask = (heads[:, None] < num_heads) & (dims[None, :] < HALF)
     first = base + heads[:, None] * head_stride + dims[None, :]
     x1 = tl.load(first, mask=mask).to(tl.float32)
     x2 = tl.load(first + HALF, mask=mask).to(tl.float32)
-    o1 = x1 * c[None, :] - x2 * s[None, :]
-    o2 = x2 * c[None, :] + x1 * s[None, :]
-    tl.store(first, o1.to(base.dtype.element_ty), mask=mask)
-    tl.store(first + HALF, o2.to(base.dtype.element_ty), mask=mask)
+    o1 = (x1 * c[None, :] - x2 * s[None, :]).to(base.dtype.element_ty)
+    o2 = (x2 * c[None, :] + x1 * s[None, :]).to(base.dtype.element_ty)
+    tl.store(first, o1, mask=mask)
+    tl.store(first + HALF, o2, mask=mask)
+    return o1, o2, mask
 
 
 @triton.jit
 def _rope_kernel(
     q,
     k,
+    v,
+    k_cache,
+    v_cache,
     positions,
+    slots,
     inv_freq,
     attention_scaling,
     q_stride_t,
     q_stride_h,
     k_stride_t,
     k_stride_h,
+    v_stride_t,
+    v_stride_h,
     num_q_heads,
     num_kv_heads,
     HALF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    STORE_KV: tl.constexpr,  # False: v, the caches and slots are placeholders, never read
 ):
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
-    dims = tl.arange(0, BLOCK_HALF)
-    freq = tl.load(inv_freq + dims, mask=dims < HALF, other=0.0)
-    angle = tl.load(positions + token).to(tl.float32) * freq
-    c, s = _cos_sin(angle)
-    scaling = tl.cast(attention_scaling, tl.float32)  # see decode_attention: float args may come as fp64
-    c = c * scaling
-    s = s * scaling
+    c, s = _rope_cos_sin(positions, inv_freq, attention_scaling, token, HALF, BLOCK_HALF)
     q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
     if block < q_blocks:
-        _rotate_heads(
-            q + token * q_stride_t, q_stride_h, block * BLOCK_H, num_q_heads, c, s, HALF, BLOCK_H, BLOCK_HALF
-        )
+        heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
+        _rotate_heads(q + token * q_stride_t, q_stride_h, heads, num_q_heads, c, s, HALF, BLOCK_HALF)
     else:
-        k_head0 = (block - q_blocks) * BLOCK_H
-        _rotate_heads(
-            k + token * k_stride_t, k_stride_h, k_head0, num_kv_heads, c, s, HALF, BLOCK_H, BLOCK_HALF
+        heads = (block - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        k1, k2, mask = _rotate_heads(
+            k + token * k_stride_t, k_stride_h, heads, num_kv_heads, c, s, HALF, BLOCK_HALF
         )
+        if STORE_KV:
+            dims = tl.arange(0, BLOCK_HALF)
+            # int64 before multiplying: a large pool has more than 2**31 elements per layer.
+            slot = tl.load(slots + token).to(tl.int64)
+            dst = slot * num_kv_heads * (2 * HALF) + heads[:, None] * (2 * HALF) + dims[None, :]
+            tl.store(k_cache + dst, k1.to(k_cache.dtype.element_ty), mask=mask)
+            tl.store(k_cache + dst + HALF, k2.to(k_cache.dtype.element_ty), mask=mask)
+            v_first = v + token * v_stride_t + heads[:, None] * v_stride_h + dims[None, :]
+            v1 = tl.load(v_first, mask=mask)
+            v2 = tl.load(v_first + HALF, mask=mask)
+            tl.store(v_cache + dst, v1.to(v_cache.dtype.element_ty), mask=mask)
+            tl.store(v_cache + dst + HALF, v2.to(v_cache.dtype.element_ty), mask=mask)
+
+
+def _check_rotary_args(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor
+) -> tuple[int, int, int, int]:
+    """Checks q, k, positions and inv_freq (see the rules); returns (T, Hq, Hkv, D)."""
+    assert q.ndim == 3 and k.ndim == 3, (q.shape, k.shape)
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    assert k.shape == (tokens, num_kv_heads, head_dim), (q.shape, k.shape)
+    assert head_dim % 2 == 0, f"head_dim {head_dim} must be even"
+    assert q.dtype == k.dtype and q.dtype in _DTYPES, (q.dtype, k.dtype)
+    assert q.stride(-1) == 1 and k.stride(-1) == 1, "q and k need a contiguous last dim"
+    assert positions.shape == (tokens,) and positions.dtype in (torch.int64, torch.int32), positions.shape
+    assert positions.stride(0) == 1 or tokens <= 1, "positions must be contiguous"
+    assert inv_freq.shape == (head_dim // 2,) and inv_freq.dtype == torch.float32 and inv_freq.is_contiguous()
+    assert q.device == k.device == positions.device == inv_freq.device, "tensors on different devices"
+    return tokens, num_q_heads, num_kv_heads, head_dim
+
+
+def _launch(q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, store_kv: bool) -> None:
+    tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    block_half = triton.next_power_of_2(head_dim // 2)
+    block_h = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, 2048 // block_half))
+    grid = (tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
+    _rope_kernel[grid](
+        q, k, v, k_cache, v_cache, positions, slots, inv_freq, float(attention_scaling),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        num_q_heads, num_kv_heads,
+        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, STORE_KV=store_kv,
+    )  # fmt: skip
 
 
 def apply_rotary(
@@ -111,40 +170,37 @@ def apply_rotary(
     attention_scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotates q `[T, Hq, D]` and k `[T, Hkv, D]` in place by the rope angles of `positions`; returns (q, k)."""
-    assert q.ndim == 3 and k.ndim == 3, (q.shape, k.shape)
-    tokens, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    assert k.shape == (tokens, num_kv_heads, head_dim), (q.shape, k.shape)
-    assert head_dim % 2 == 0, f"head_dim {head_dim} must be even"
-    assert q.dtype == k.dtype and q.dtype in _DTYPES, (q.dtype, k.dtype)
-    assert q.stride(-1) == 1 and k.stride(-1) == 1, "q and k need a contiguous last dim"
-    assert positions.shape == (tokens,) and positions.dtype in (torch.int64, torch.int32), positions.shape
-    assert positions.stride(0) == 1 or tokens <= 1, "positions must be contiguous"
-    half = head_dim // 2
-    assert inv_freq.shape == (half,) and inv_freq.dtype == torch.float32 and inv_freq.is_contiguous()
-    assert q.device == k.device == positions.device == inv_freq.device, "tensors on different devices"
-    if tokens == 0:
-        return q, k
-    block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, 2048 // block_half))
-    grid = (tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
-    _rope_kernel[grid](
-        q,
-        k,
-        positions,
-        inv_freq,
-        float(attention_scaling),
-        q.stride(0),
-        q.stride(1),
-        k.stride(0),
-        k.stride(1),
-        num_q_heads,
-        num_kv_heads,
-        HALF=half,
-        BLOCK_H=block_h,
-        BLOCK_HALF=block_half,
-    )
+    tokens = _check_rotary_args(q, k, positions, inv_freq)[0]
+    if tokens > 0:
+        _launch(q, k, k, k, k, positions, positions, inv_freq, attention_scaling, store_kv=False)
     return q, k
+
+
+def rotary_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Rotates q and k in place and writes the rotated k and v into the caches at `slots` (see the rules)."""
+    tokens, _, num_kv_heads, head_dim = _check_rotary_args(q, k, positions, inv_freq)
+    assert v.shape == k.shape and v.dtype in _DTYPES and v.stride(-1) == 1, (v.shape, v.dtype, v.stride())
+    assert k_cache.ndim == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, k.shape)
+    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
+    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _DTYPES, (k_cache.dtype, v_cache.dtype)
+    assert slots.shape == (tokens,) and slots.dtype in (torch.int64, torch.int32), (slots.shape, slots.dtype)
+    assert slots.stride(0) == 1 or tokens <= 1, "slots must be contiguous"
+    assert v.device == k_cache.device == v_cache.device == slots.device == q.device, (
+        "tensors on different devices"
+    )
+    if tokens > 0:
+        _launch(q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, store_kv=True)
 
 
 def apply_rotary_ref(
@@ -166,3 +222,21 @@ def apply_rotary_ref(
         return (x32 * cos + rotated * sin).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+def rotary_store_kv_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """The oracle of rotary_store_kv: the rope oracle written back into q and k, then the store's."""
+    q_rot, k_rot = apply_rotary_ref(q, k, positions, inv_freq, attention_scaling)
+    q.copy_(q_rot)
+    k.copy_(k_rot)
+    store_kv_ref(k_cache, v_cache, slots, k, v)
