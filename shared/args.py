@@ -38,7 +38,7 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
     cuda_graph_max_bs: int = 160  # decode batches up to this size replay a captured CUDA graph
     disable_cuda_graph: bool = False
-    enable_torch_compile: bool = False  # accepted as SGLang spells it, refused by validate (see there)
+    enable_torch_compile: bool = False  # compiled decode graphs (small batches) on CUDA, every pass on CPU
 
     @property
     def effective_tokenizer_path(self) -> str:
@@ -75,13 +75,14 @@ class EngineArgs:
             )
         if self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
-        if self.enable_torch_compile:
-            # Measured on an H200 (bench/RESULTS.md): inductor functionalizes the Triton kernels that
-            # write the KV pool and copies the pool around them (a 22.6 GiB buffer for an 8B model).
-            # Refused until the kernels are registered as custom ops that declare their mutations.
+        if self.enable_torch_compile and self.attention_backend == "torch" and self.device.startswith("cuda"):
+            # The torch backend stores K/V with a plain Triton launch and torch indexing, which
+            # torch.compile functionalizes: it copies the whole KV pool around them (a 22.6 GiB
+            # buffer for an 8B model on an H200, bench/RESULTS.md). The Triton backend's kernels are
+            # custom ops that declare their in-place writes (kernels.custom_ops).
             raise ValueError(
-                "--enable-torch-compile is not supported yet: torch.compile copies the KV pool around "
-                "pdserve's Triton kernels; serve without it (decode runs from CUDA graphs)"
+                "--enable-torch-compile needs the triton attention backend on CUDA: with "
+                "--attention-backend torch, torch.compile copies the whole KV pool"
             )
 
     def to_dict(self) -> dict[str, Any]:

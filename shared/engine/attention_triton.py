@@ -1,8 +1,12 @@
 """The Triton attention backend: same rules and results as TorchRefAttention (attention_ref.py).
 
-- `attend` first stores the new tokens' K/V through `kv_pool.store`, then runs one kernel pass:
+- `attend` first stores the new tokens' K/V into the pool, then runs one kernel pass:
   decode_attention for ForwardMode.DECODE (q is [B, Hq, D], one token per request), otherwise
-  extend_attention over all requests' new tokens at once.
+  extend_attention over all requests' new tokens at once. `attend_rotary` takes q and k before
+  rope and rotates them in the launch that stores K/V (kernels.rope.rotary_store_kv): the fast
+  path's attention layers call it (shared.models.fast_path.RopeFusedAttention).
+- Every kernel goes through its torch custom op (kernels.custom_ops), given the pool's single `kv`
+  tensor and the layer: under torch.compile the pool is then written in place, never copied.
 - Decode under CUDA graphs: the backend owns the split-KV workspace. A captured graph replays the
   addresses it saw, so the workspace is allocated outside capture (the graph runner's warm-up
   calls size it) and reused by every later call that fits. When a larger batch needs more, a new
@@ -13,11 +17,21 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from pdserve.kernels.decode_attention import decode_attention, decode_workspace_numel, num_kv_splits_for
-from pdserve.kernels.extend_attention import extend_attention
+from pdserve.kernels.custom_ops import (
+    decode_attention_op,
+    extend_attention_op,
+    rotary_store_kv_op,
+    store_kv_op,
+)
+from pdserve.kernels.decode_attention import decode_workspace_numel, num_kv_splits_for
 from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
+
+if TYPE_CHECKING:
+    from pdserve.shared.models.fast_path import RopeInputs
 
 _CPU_SMS = 8  # the interpreter has no SMs; any fixed value keeps the split choice shape-only
 
@@ -62,29 +76,43 @@ class TritonAttention:
         batch: ForwardBatch,
         scale: float,
     ) -> torch.Tensor:
-        pool = batch.kv_pool
-        pool.store(layer_id, batch.out_cache_loc, k, v)
-        k_pages = pool.k_buffers[layer_id]
-        if q.dtype != k_pages.dtype:  # the kernels read q and the pool in one dtype
-            return self.attend_stored(layer_id, q.to(k_pages.dtype), batch, scale).to(q.dtype)
+        store_kv_op(batch.kv_pool.kv, layer_id, batch.out_cache_loc, k, v)
+        return self.attend_stored(layer_id, q, batch, scale)
+
+    def attend_rotary(
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        rope: RopeInputs,
+        batch: ForwardBatch,
+        scale: float,
+    ) -> torch.Tensor:
+        """`attend` of q and k BEFORE rope: rotates them in place and stores K/V in one launch."""
+        rotary_store_kv_op(
+            q, k, v, rope.positions, rope.inv_freq, rope.attention_scaling,
+            batch.kv_pool.kv, layer_id, batch.out_cache_loc,
+        )  # fmt: skip
         return self.attend_stored(layer_id, q, batch, scale)
 
     def attend_stored(
         self, layer_id: int, q: torch.Tensor, batch: ForwardBatch, scale: float
     ) -> torch.Tensor:
-        """Attention over K/V already in the pool (q in the pool's dtype)."""
-        k_pages, v_pages = batch.kv_pool.k_buffers[layer_id], batch.kv_pool.v_buffers[layer_id]
+        """Attention over K/V already in the pool; the output in q's dtype."""
+        kv = batch.kv_pool.kv
+        if q.dtype != kv.dtype:  # the kernels read q and the pool in one dtype
+            return self.attend_stored(layer_id, q.to(kv.dtype), batch, scale).to(q.dtype)
         if batch.mode == ForwardMode.DECODE:
             num_reqs, num_q_heads, head_dim = q.shape
-            splits = self.decode_splits(num_reqs, k_pages.shape[2], q.device)
+            splits = self.decode_splits(num_reqs, kv.shape[4], q.device)
             workspace = self.workspace(
                 decode_workspace_numel(num_reqs, num_q_heads, head_dim, splits), q.device
             )
-            return decode_attention(
-                q, k_pages, v_pages, batch.page_table, batch.seq_lens, scale,
-                num_kv_splits=splits, workspace=workspace,
-            )  # fmt: skip
-        return extend_attention(
-            q, k_pages, v_pages, batch.page_table, batch.seq_lens, batch.extend_lens, batch.extend_start_loc,
+            return decode_attention_op(
+                q, kv, layer_id, batch.page_table, batch.seq_lens, scale, splits, workspace
+            )
+        return extend_attention_op(
+            q, kv, layer_id, batch.page_table, batch.seq_lens, batch.extend_lens, batch.extend_start_loc,
             max(batch.extend_lens_cpu, default=0), scale,
         )  # fmt: skip

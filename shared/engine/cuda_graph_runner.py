@@ -21,12 +21,17 @@ Rules:
   request needs (the kernels read no further than each row's sequence length).
 - The attention backend keeps its own work buffers between calls (a graph replays the addresses
   it saw at capture); TritonAttention does.
+- With `compile_forward` (--enable-torch-compile) the buckets up to TORCH_COMPILE_MAX_BS capture
+  a torch.compile'd forward, as SGLang does: compiled (and autotuned) during the warm-up, outside
+  the capture. The kernels are custom ops (kernels.custom_ops), so the compiled forward writes the
+  KV pool in place. Larger buckets capture the eager forward.
 """
 
 from __future__ import annotations
 
 import logging
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import chain, repeat
 
@@ -36,6 +41,12 @@ from pdserve.shared.engine.forward_batch import AttentionBackend, ForwardBatch, 
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
 logger = logging.getLogger(__name__)
+
+# SGLang's defaults (--torch-compile-max-bs 32, max-autotune without inductor's own CUDA graphs):
+# every compiled bucket costs compile and GEMM-autotune time at start-up, and buckets up to 32 are
+# 7 variants, under dynamo's limit of 8 recompiles of one function.
+TORCH_COMPILE_MAX_BS = 32
+TORCH_COMPILE_MODE = "max-autotune-no-cudagraphs"
 
 
 def batch_size_buckets(max_bs: int) -> list[int]:
@@ -88,6 +99,7 @@ class DecodeGraphRunner:
         max_bs: int,
         max_pages_per_req: int,
         device: torch.device,
+        compile_forward: bool = False,
     ) -> None:
         self.model = model
         self.pool = pool
@@ -106,6 +118,9 @@ class DecodeGraphRunner:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._mempool = None
+        self._compiled_forward = (
+            torch.compile(self._forward, mode=TORCH_COMPILE_MODE, dynamic=False) if compile_forward else None
+        )
 
     def fits(self, batch_size: int) -> bool:
         return batch_size <= self.max_bs and bool(self._graphs)
@@ -134,6 +149,12 @@ class DecodeGraphRunner:
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model.compute_logits(self.model.forward(batch))
 
+    def _captured_forward(self, bs: int) -> Callable[[ForwardBatch], torch.Tensor]:
+        """What the graph of bucket bs replays: the compiled forward where it applies."""
+        if self._compiled_forward is not None and bs <= TORCH_COMPILE_MAX_BS:
+            return self._compiled_forward
+        return self._forward
+
     @torch.inference_mode()
     def capture(self) -> None:
         # valid inputs for capture: every row one token at position 0 in page 0 (harmless writes)
@@ -146,12 +167,15 @@ class DecodeGraphRunner:
         with torch.cuda.stream(stream):
             for bs in reversed(self.buckets):
                 batch = self._batch(bs)
-                for _ in range(2):  # warm-up outside the graph: kernels compile, backends size buffers
-                    self._forward(batch)
+                forward = self._captured_forward(bs)
+                # Warm-up outside the graph: eager first (Triton kernels compile, backends size their
+                # buffers, so a compiled forward never allocates them), then what the graph captures.
+                self._forward(batch)
+                forward(batch)
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
-                    self._logits[bs] = self._forward(batch)
+                    self._logits[bs] = forward(batch)
                 if self._mempool is None:
                     self._mempool = graph.pool()
                 self._graphs[bs] = graph

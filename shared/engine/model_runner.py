@@ -77,8 +77,13 @@ class ModelRunner:
                 max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
                 max_pages_per_req=-(-model_config.context_length // args.page_size),
                 device=self.device,
+                compile_forward=args.enable_torch_compile,
             )
             self.graphs.capture()
+        elif args.enable_torch_compile:
+            # Without decode graphs (CPU, --disable-cuda-graph) every forward pass runs compiled;
+            # with them, the graphs of the small decode batches capture a compiled forward.
+            self.model.forward = torch.compile(self.model.forward)
 
     # ------------------------------------------------------------------ sizing
 

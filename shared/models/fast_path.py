@@ -4,9 +4,12 @@
 - every RMSNorm (the decoder layers' two norms, the final norm, Qwen3's per-head q/k norms) by a
   `TritonRMSNorm` (both forms: plain, and residual-add + norm);
 - every GatedMLP by a `TritonGatedMLP`: the same two projections, `silu_and_mul` between them;
-- in every DecoderModel, `rotary_emb` by a `TritonRotaryEmbedding` and each layer's
-  `self_attn.rotary` by a `TritonApplyRotary`. The two are swapped together: the new embedding
-  hands over positions and inv_freq instead of cos/sin, and the rope kernel computes cos/sin.
+- in every DecoderModel, `rotary_emb` by a `TritonRotaryEmbedding` and each layer's `self_attn`
+  by a `RopeFusedAttention` (same projections and norms, its `rotary` a `TritonApplyRotary`). They
+  are swapped together: the new embedding hands over positions and inv_freq instead of cos/sin,
+  and the kernels compute cos/sin. A backend with `attend_rotary` (TritonAttention) rotates q and
+  k in the launch that stores K/V; with any other backend the layer rotates them first, then
+  calls `attend`. Models whose rope or attention is of another type keep rope + store unfused.
 
 Rules:
 - Replacements hold the original Parameters and buffers under the same names: nothing is copied,
@@ -14,7 +17,8 @@ Rules:
 - Only modules of exactly these torch types are swapped, so a second pass changes nothing and
   unknown subclasses are left alone. The return value counts the modules replaced.
 - Inference only: the kernels have no backward, and they write in place where their docstrings
-  say so (fused_add_rmsnorm into its x and residual, rope into q and k).
+  say so (fused_add_rmsnorm into its x and residual, rope into q and k). They are called through
+  their torch custom ops (kernels.custom_ops), so torch.compile keeps them as opaque calls.
 - The model runner applies it on CUDA; on CPU the kernels run under TRITON_INTERPRET=1 (tests).
 """
 
@@ -25,11 +29,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pdserve.kernels.activation import silu_and_mul
-from pdserve.kernels.rmsnorm import fused_add_rmsnorm, rmsnorm
-from pdserve.kernels.rope import apply_rotary
+from pdserve.kernels.custom_ops import fused_add_rmsnorm_op, rmsnorm_op, rotary_op, silu_and_mul_op
+from pdserve.shared.engine.forward_batch import ForwardBatch
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
-from pdserve.shared.models.llama import ApplyRotary, DecoderModel
+from pdserve.shared.models.llama import ApplyRotary, Attention, DecoderModel
 from pdserve.shared.models.rope import RotaryEmbedding
 
 
@@ -45,8 +48,9 @@ class TritonRMSNorm(RMSNorm):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return rmsnorm(x, self.weight, self.eps)
-        return fused_add_rmsnorm(x, residual, self.weight, self.eps)
+            return rmsnorm_op(x, self.weight, self.eps)
+        fused_add_rmsnorm_op(x, residual, self.weight, self.eps)
+        return x, residual
 
 
 class TritonGatedMLP(GatedMLP):
@@ -60,7 +64,7 @@ class TritonGatedMLP(GatedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        act = silu_and_mul(gate_up.reshape(-1, gate_up.shape[-1]))
+        act = silu_and_mul_op(gate_up.reshape(-1, gate_up.shape[-1]))
         return self.down_proj(act.reshape(*x.shape[:-1], self.intermediate_size))
 
 
@@ -95,12 +99,37 @@ class TritonApplyRotary(nn.Module):
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, rope: RopeInputs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, k, rope.positions, rope.inv_freq, rope.attention_scaling)
+        rotary_op(q, k, rope.positions, rope.inv_freq, rope.attention_scaling)
+        return q, k
+
+
+class RopeFusedAttention(Attention):
+    """Stands in for llama.Attention: q and k go to the backend before rope where it can rotate them
+    while storing K/V (`attend_rotary`), one launch instead of two; elsewhere rope, then `attend`."""
+
+    def __init__(self, attn: Attention):
+        nn.Module.__init__(self)  # not Attention.__init__: it would allocate the projections
+        for name in ("layer_id", "num_heads", "num_kv_heads", "head_dim", "scale", "split_sizes"):
+            setattr(self, name, getattr(attn, name))
+        self.qkv_proj, self.o_proj = attn.qkv_proj, attn.o_proj
+        self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
+        self.rotary = TritonApplyRotary()
+
+    def forward(self, hidden: torch.Tensor, batch: ForwardBatch, rope: RopeInputs) -> torch.Tensor:
+        q, k, v = self.project_qkv(hidden)
+        attend_rotary = getattr(batch.attn_backend, "attend_rotary", None)
+        if attend_rotary is not None:
+            out = attend_rotary(self.layer_id, q, k, v, rope, batch, self.scale)
+        else:
+            q, k = self.rotary(q, k, rope)
+            out = batch.attn_backend.attend(self.layer_id, q, k, v, batch, self.scale)
+        return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
 
 
 def _rope_swappable(decoder: DecoderModel) -> bool:
     return type(decoder.rotary_emb) is RotaryEmbedding and all(
-        type(layer.self_attn.rotary) is ApplyRotary for layer in decoder.layers
+        type(layer.self_attn) is Attention and type(layer.self_attn.rotary) is ApplyRotary
+        for layer in decoder.layers
     )
 
 
@@ -111,15 +140,25 @@ def use_triton_kernels(model: nn.Module) -> int:
     """
     swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for module in model.modules():
-        if isinstance(module, DecoderModel) and _rope_swappable(module):
-            swaps.append((module, "rotary_emb", TritonRotaryEmbedding(module.rotary_emb)))
-            swaps.extend((layer.self_attn, "rotary", TritonApplyRotary()) for layer in module.layers)
         for name, child in module.named_children():
             if type(child) is RMSNorm:
                 swaps.append((module, name, TritonRMSNorm(child)))
             elif type(child) is GatedMLP:
                 swaps.append((module, name, TritonGatedMLP(child)))
     # Collected first, applied after: replacing children while walking modules() would revisit them.
+    _apply(swaps)
+    # Rope second, so that each RopeFusedAttention takes over q/k norms already swapped.
+    rope_swaps: list[tuple[nn.Module, str, nn.Module]] = []
+    for module in model.modules():
+        if isinstance(module, DecoderModel) and _rope_swappable(module):
+            rope_swaps.append((module, "rotary_emb", TritonRotaryEmbedding(module.rotary_emb)))
+            rope_swaps.extend(
+                (layer, "self_attn", RopeFusedAttention(layer.self_attn)) for layer in module.layers
+            )
+    _apply(rope_swaps)
+    return len(swaps) + len(rope_swaps)
+
+
+def _apply(swaps: list[tuple[nn.Module, str, nn.Module]]) -> None:
     for parent, name, replacement in swaps:
         setattr(parent, name, replacement)
-    return len(swaps)

@@ -61,9 +61,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype) if qk_norm else None
         self.rotary = ApplyRotary()
 
-    def forward(
-        self, hidden: torch.Tensor, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]
-    ) -> torch.Tensor:
+    def project_qkv(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D] before rope (views of one projection output)."""
         tokens = hidden.shape[0]
         q, k, v = self.qkv_proj(hidden).split(self.split_sizes, dim=-1)
         q = q.reshape(tokens, self.num_heads, self.head_dim)
@@ -71,9 +70,15 @@ class Attention(nn.Module):
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(
+        self, hidden: torch.Tensor, batch: ForwardBatch, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        q, k, v = self.project_qkv(hidden)
         q, k = self.rotary(q, k, cos_sin)
         out = batch.attn_backend.attend(self.layer_id, q, k, v, batch, self.scale)
-        return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nn.Module):

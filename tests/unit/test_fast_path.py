@@ -2,15 +2,18 @@
 
 A model with the Triton kernels swapped in gives the hidden states and logits of the plain model
 within 1e-5, through a batched prefill over scattered pages, a chunk on top of a cached prefix and
-a decode step. Llama covers llama3 rope scaling; Qwen3 its per-head q/k norms.
+a decode step. Llama covers llama3 rope scaling; Qwen3 its per-head q/k norms. With the Triton
+attention backend, each layer rotates q/k and stores K/V in one launch (kernels.rope.rotary_store_kv).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from pdserve.shared.engine.attention_ref import TorchRefAttention
+from pdserve.shared.engine.attention_triton import TritonAttention
 from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
@@ -57,14 +60,30 @@ def _steps():
 
 
 @torch.no_grad()
-def _run(model, config: ModelConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    pool = _pool(config)
+def _run(
+    model, config: ModelConfig, backend=TorchRefAttention, pool=None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    pool = _pool(config) if pool is None else pool
     outs = []
     for mode, ids, prefix, extend, pages in _steps():
-        batch = ForwardBatch.build(mode, ids, prefix, extend, pages, PAGE_SIZE, pool, TorchRefAttention())
+        batch = ForwardBatch.build(mode, ids, prefix, extend, pages, PAGE_SIZE, pool, backend())
         hidden = model(batch)
         outs.append((hidden.clone(), model.compute_logits(hidden[batch.logits_indices])))
     return outs
+
+
+class _OpCounts(TorchDispatchMode):
+    """Counts the pdserve custom ops called (each is one kernel launch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        if name.startswith("pdserve."):
+            self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
 
 
 def _expected_swaps(model) -> int:
@@ -113,3 +132,21 @@ def test_weights_and_buffers_reload_after_the_pass(tiny):
     )
     want, got = _run(plain, config)[0], _run(fast, config)[0]
     torch.testing.assert_close(got[1], want[1], rtol=0, atol=ATOL)
+
+
+def test_triton_backend_fuses_rope_and_kv_store(tiny):
+    config, model_dir = tiny
+    plain = load_model(config, model_dir)
+    fast = load_model(config, model_dir)
+    use_triton_kernels(fast)
+    plain_pool, fast_pool = _pool(config), _pool(config)
+    want = _run(plain, config, TorchRefAttention, plain_pool)
+    with _OpCounts() as ops:
+        got = _run(fast, config, TritonAttention, fast_pool)
+    for (want_hidden, want_logits), (got_hidden, got_logits) in zip(want, got):
+        torch.testing.assert_close(got_hidden, want_hidden, rtol=0, atol=ATOL)
+        torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=ATOL)
+    torch.testing.assert_close(fast_pool.kv, plain_pool.kv, rtol=0, atol=ATOL)
+    launches = len(_steps()) * config.num_layers
+    assert ops.counts["pdserve.rotary_store_kv_"] == launches
+    assert "pdserve.rotary_" not in ops.counts and "pdserve.store_kv_" not in ops.counts

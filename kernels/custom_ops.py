@@ -1,0 +1,141 @@
+"""The model-forward kernels as torch custom ops (`torch.ops.pdserve.*`), opaque to torch.compile.
+
+Why: traced as plain Triton launches, inductor functionalized the kernels that write the KV pool
+and allocated a copy of the whole pool around them (22.6 GiB for an 8B model, bench/RESULTS.md).
+A custom op whose schema names what it writes (`Tensor(a!)`) stays one in-place call in the graph.
+
+Rules:
+- Ops that touch the KV pool take the pool's single tensor `kv` [layers, 2, pages, page_size,
+  kv_heads, head_dim] and a layer index, never the per-layer views: views of one base handed in
+  as separate graph inputs make torch.compile build a "synthetic base" and copy it.
+- An op returns either nothing (it writes its `!` arguments) or new tensors: a custom op may not
+  return its inputs. The `*_` names write in place; wrappers that return the written tensors stay
+  with the callers (shared.models.fast_path).
+- Every op has a fake implementation that allocates its outputs with the shapes, dtypes and
+  strides of the real one (inductor checks strides).
+- Registered through `torch.library.Library` rather than `torch.library.custom_op`: the latter's
+  Python wrapper costs ~20 us per call on a slow host against ~2 us here, and the eager fast path
+  (prefill, decode batches above the captured sizes) calls these ~7 times per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from pdserve.kernels.activation import silu_and_mul as _silu_and_mul
+from pdserve.kernels.decode_attention import decode_attention as _decode_attention
+from pdserve.kernels.extend_attention import extend_attention as _extend_attention
+from pdserve.kernels.kv_store import store_kv as _store_kv
+from pdserve.kernels.rmsnorm import fused_add_rmsnorm as _fused_add_rmsnorm
+from pdserve.kernels.rmsnorm import rmsnorm as _rmsnorm
+from pdserve.kernels.rope import apply_rotary as _apply_rotary
+from pdserve.kernels.rope import rotary_store_kv as _rotary_store_kv
+
+_LIB = torch.library.Library("pdserve", "FRAGMENT")
+
+
+def _register(fn: Callable, mutates_args: tuple[str, ...], fake: Callable) -> torch._ops.OpOverload:
+    """Defines `pdserve::<fn name>` from fn's type hints; returns the op to call."""
+    name = fn.__name__
+    _LIB.define(name + torch.library.infer_schema(fn, mutates_args=mutates_args))
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")  # one Python impl for CPU and CUDA
+    _LIB._register_fake(name, fake)
+    return getattr(torch.ops.pdserve, name).default
+
+
+def _no_output(*args, **kwargs) -> None:
+    return None
+
+
+def _new_like(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    return q.new_empty(q.shape)  # contiguous, as the real ops allocate their outputs
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rmsnorm(x, weight, eps)
+
+
+def fused_add_rmsnorm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
+    _fused_add_rmsnorm(x, residual, weight, eps)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _silu_and_mul(x)
+
+
+def rotary_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+) -> None:
+    _apply_rotary(q, k, positions, inv_freq, attention_scaling)
+
+
+def store_kv_(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    _store_kv(kv[layer, 0], kv[layer, 1], slots, k, v)
+
+
+def rotary_store_kv_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    attention_scaling: float,
+    kv: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+) -> None:
+    _rotary_store_kv(q, k, v, positions, inv_freq, attention_scaling, kv[layer, 0], kv[layer, 1], slots)
+
+
+def decode_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_kv_splits: int,
+    workspace: torch.Tensor,
+) -> torch.Tensor:
+    out = q.new_empty(q.shape)
+    return _decode_attention(
+        q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, scale, out, num_kv_splits, workspace
+    )
+
+
+def extend_attention(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    layer: int,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    extend_lens: torch.Tensor,
+    extend_start_loc: torch.Tensor,
+    max_extend_len: int,
+    scale: float,
+) -> torch.Tensor:
+    out = q.new_empty(q.shape)
+    return _extend_attention(
+        q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, extend_lens, extend_start_loc,
+        max_extend_len, scale, out,
+    )  # fmt: skip
+
+
+def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], x.shape[1] // 2))
+
+
+rmsnorm_op = _register(rmsnorm, (), _new_like)
+fused_add_rmsnorm_op = _register(fused_add_rmsnorm_, ("x", "residual"), _no_output)
+silu_and_mul_op = _register(silu_and_mul, (), _silu_and_mul_fake)
+rotary_op = _register(rotary_, ("q", "k"), _no_output)
+store_kv_op = _register(store_kv_, ("kv",), _no_output)
+rotary_store_kv_op = _register(rotary_store_kv_, ("q", "k", "kv"), _no_output)
+decode_attention_op = _register(decode_attention, ("workspace",), _new_like)
+extend_attention_op = _register(extend_attention, (), _new_like)
