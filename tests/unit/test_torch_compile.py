@@ -98,7 +98,8 @@ def test_compiled_fast_path_decodes_like_eager_and_writes_the_pool_in_place(llam
     assert got_tokens == want_tokens
     torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=1e-4)
     assert pool.kv.untyped_storage().data_ptr() == storage
-    written = _slots([0, 0], [len(p) for p in PROMPTS]) + _slots([len(p) for p in PROMPTS], [DECODE_STEPS] * 2)
+    prompt_lens = [len(p) for p in PROMPTS]
+    written = _slots([0, 0], prompt_lens) + _slots(prompt_lens, [DECODE_STEPS] * 2)
     flat = pool.kv.view(pool.shape.num_layers, 2, -1, pool.shape.num_kv_heads, pool.shape.head_dim)
     unwritten = torch.ones(flat.shape[2], dtype=torch.bool)
     unwritten[written] = False
