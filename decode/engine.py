@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 class DecodeEngine(Engine):
-    """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool."""
+    """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool;
+    `overlap_schedule` as in Engine."""
 
     scheduler: DecodeScheduler
 
@@ -48,9 +49,10 @@ class DecodeEngine(Engine):
         args: EngineArgs,
         make_kv_manager: Callable[[PagedKVPool], KVManager],
         num_reserved_decode_tokens: int = DEFAULT_NUM_RESERVED_DECODE_TOKENS,
+        overlap_schedule: bool | None = None,
     ):
         self.num_reserved_decode_tokens = num_reserved_decode_tokens  # read by _make_scheduler
-        super().__init__(args)
+        super().__init__(args, overlap_schedule=overlap_schedule)
         self.kv_manager = make_kv_manager(self.runner.pool)
         self.receives = KVReceiveQueue()
 

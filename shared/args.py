@@ -38,6 +38,8 @@ class EngineArgs:
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch
     cuda_graph_max_bs: int = 160  # decode batches up to this size replay a captured CUDA graph
     disable_cuda_graph: bool = False
+    # Overlap scheduling (shared/engine/batch_pipeline.py): on by default on CUDA, off on the CPU.
+    disable_overlap_schedule: bool = False
     enable_torch_compile: bool = False  # compiled decode graphs (small batches) on CUDA, every pass on CPU
 
     @property

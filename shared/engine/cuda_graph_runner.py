@@ -115,6 +115,7 @@ class DecodeGraphRunner:
         self._page_table_host = torch.zeros((max_bs, max_pages_per_req), dtype=torch.int32, pin_memory=True)
         self._ones = torch.ones(max_bs, dtype=torch.int64, device=device)
         self._arange = torch.arange(max_bs, dtype=torch.int64, device=device)
+        self._staging_read = torch.cuda.Event()  # recorded after the copies out of the pinned buffers
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._logits: dict[int, torch.Tensor] = {}
         self._mempool = None
@@ -196,11 +197,15 @@ class DecodeGraphRunner:
                 return b
         raise ValueError(f"batch size {batch_size} is over the largest captured graph ({self.max_bs})")
 
-    def replay(self, step: DecodeInputs) -> torch.Tensor:
+    def replay(
+        self, step: DecodeInputs, resolve_input_ids: Callable[[torch.Tensor], None] | None = None
+    ) -> torch.Tensor:
         """Logits [bs, vocab] (float32) of one decode step; valid until the next replay.
 
-        The host buffers are pinned and copied without blocking: the caller reads the logits (a
-        sync) before the next replay rewrites them, so a copy never sees its source change."""
+        The host buffers are pinned and copied without blocking; they are rewritten only once the
+        previous replay's copies are done (an event), since with overlap scheduling the caller
+        launches the next step without waiting for this one. `resolve_input_ids` edits the step's
+        input ids on the device after the copy, before the graph reads them (in_flight.py)."""
         bs = step.batch_size
         bucket = self.bucket_for(bs)
         width = max(len(r) for r in step.page_rows)
@@ -209,9 +214,13 @@ class DecodeGraphRunner:
                 f"a request holds {width} pages, the graphs' page table {self.max_pages_per_req}"
             )
         meta, table = pack_decode_inputs(step, bucket, width)
+        self._staging_read.synchronize()  # the last replay's copies have read the pinned buffers
         self._meta_host[:, :bucket].copy_(meta)
         self._meta[:, :bucket].copy_(self._meta_host[:, :bucket], non_blocking=True)
         self._page_table_host[:bs, :width].copy_(table)
         self._page_table[:bs, :width].copy_(self._page_table_host[:bs, :width], non_blocking=True)
+        self._staging_read.record()
+        if resolve_input_ids is not None:
+            resolve_input_ids(self._meta[0, :bs])
         self._graphs[bucket].replay()
         return self._logits[bucket][:bs]

@@ -8,6 +8,10 @@
 
 Workers drive `step()` from their loop; tests and benchmarks use `generate()`. Everything that a
 client can get wrong raises `RequestError` from `add_request` with a message naming the field.
+
+With overlap scheduling (on by default on CUDA; batch_pipeline.py) a step returns the outputs of the
+decode step launched in the previous call while its own decode step runs on the device, and a
+request that finishes on a stop token costs one extra (discarded) decode row.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.batch_pipeline import BatchPipeline
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.output import build_output
@@ -60,10 +65,22 @@ class EngineStats:
     num_retractions: int = 0
 
 
-class Engine:
-    """`kv_listener` (optional) hears the prefix cache's page changes: a worker's KV event publisher."""
+def overlap_schedule_default(args: EngineArgs) -> bool:
+    """Overlap scheduling is on unless --disable-overlap-schedule, where it pays: on CUDA, whose
+    kernels run asynchronously. On the CPU the forward blocks the host, so there is nothing to hide."""
+    return not args.disable_overlap_schedule and args.device.startswith("cuda")
 
-    def __init__(self, args: EngineArgs, kv_listener: RadixListener | None = None):
+
+class Engine:
+    """`kv_listener` (optional) hears the prefix cache's page changes: a worker's KV event publisher.
+    `overlap_schedule` overrides `overlap_schedule_default(args)` (tests force it on the CPU)."""
+
+    def __init__(
+        self,
+        args: EngineArgs,
+        kv_listener: RadixListener | None = None,
+        overlap_schedule: bool | None = None,
+    ):
         args.validate()
         self.args = args
         resolved = resolve_model(args.model_path)
@@ -96,6 +113,9 @@ class Engine:
             )
         )
         self.stats = EngineStats()
+        if overlap_schedule is None:
+            overlap_schedule = overlap_schedule_default(args)
+        self.pipeline = BatchPipeline(self.scheduler, self.runner, self.stats, overlap_schedule)
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
 
@@ -114,13 +134,14 @@ class Engine:
         return self.model_config.context_length
 
     def has_work(self) -> bool:
-        """Whether any request is live (computing, or waiting on a KV transfer in the roles)."""
-        return self.scheduler.has_work()
+        """Whether any request is live (computing, or waiting on a KV transfer in the roles), or a
+        decode step is in flight."""
+        return self.scheduler.has_work() or self.pipeline.in_flight is not None
 
     def has_compute(self) -> bool:
-        """Whether a step may run a forward pass; False while live requests only wait on transfers
-        (a worker loop may then wait on its socket a little instead of spinning)."""
-        return self.scheduler.has_compute()
+        """Whether a step may run a forward pass (or read one in flight); False while live requests
+        only wait on transfers (a worker loop may then wait on its socket a little instead of spinning)."""
+        return self.scheduler.has_compute() or self.pipeline.in_flight is not None
 
     def load(self, query_id: int = 0) -> LoadReport:
         kv = self.kv
@@ -184,31 +205,17 @@ class Engine:
         return [self._emit(r) for r in reqs]
 
     def abort_all(self, message: str) -> list[RequestOutput]:
+        """Aborts every live request (also after a failed step); a decode step in flight is dropped
+        unread, since every request in it is finished now."""
         reqs = self.scheduler.abort_all(message)
+        self.pipeline.forget()
         self.stats.num_aborted += len(reqs)
         return [self._emit(r) for r in reqs]
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that gained tokens or finished."""
-        batch = self.scheduler.schedule()
-        # requests the scheduler stopped itself (a lone request that outgrew the pool) are in no batch
-        stopped = self.scheduler.take_stopped()
-        if batch is None:
-            return [self._emit(r) for r in stopped]
-        t0 = time.perf_counter()
-        next_tokens = self.runner.run(batch)
-        elapsed = time.perf_counter() - t0
-        computed = sum(batch.extend_lens)
-        if batch.kind == BatchKind.EXTEND:
-            self.stats.prefill_tokens_computed += computed
-            self.stats.prefill_seconds += elapsed
-        else:
-            self.stats.decode_tokens_computed += computed
-            self.stats.decode_seconds += elapsed
-        result = self.scheduler.on_batch_done(batch, next_tokens)
-        self.stats.num_retractions = self.scheduler.num_retractions
-        progressed = list(dict.fromkeys(stopped + result.progressed))
-        return [self._emit(r) for r in progressed]
+        """Runs one batch; returns an output for every request that gained tokens or finished (with
+        overlap: those of the decode step launched in the previous call; batch_pipeline.py)."""
+        return [self._emit(r) for r in self.pipeline.step()]
 
     def _emit(self, req: Req) -> RequestOutput:
         out = build_output(req)
@@ -242,7 +249,7 @@ class Engine:
             self.kv.release([], pages, None, cache=False)
 
     def flush_cache(self, query_id: int = 0) -> FlushCacheResult:
-        if self.scheduler.has_work():
+        if self.has_work():
             return FlushCacheResult(
                 query_id, False, "Cache not flushed: there are running or queued requests."
             )

@@ -2,7 +2,9 @@
 
 The runner owns the torch side of the engine: the model, the paged KV pool, the attention backend
 and the sampler. It writes logprobs into the requests (they are the client's data) and returns one
-sampled token per request that reached the end of its fill_ids, None for the others.
+sampled token per request that reached the end of its fill_ids, None for the others. A decode step
+can also be launched and collected in two calls (`launch`, `collect`), so the engine may plan and
+launch the next step before reading this one's tokens (overlap scheduling, in_flight.py).
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
 from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
+from pdserve.shared.engine.in_flight import FutureTokenIds, LaunchedDecode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
-from pdserve.shared.engine.sampler import Sampler, SamplingInputs, token_logprobs
+from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
@@ -111,16 +114,57 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int | None]:
-        if batch.kind == BatchKind.DECODE and self.graphs is not None and self.graphs.fits(len(batch.reqs)):
-            logits = self.graphs.replay(self._decode_inputs(batch))
-            sample_rows: list[int | None] = [i if batch.samples(i) else None for i in range(len(batch.reqs))]
-            return self._sample(batch, logits, sample_rows)
+        """Runs a batch to completion: the sampled token per request (None where it samples none),
+        logprobs written into the requests."""
+        if batch.kind == BatchKind.DECODE:
+            return list(self.collect(self.launch(batch)))
         fb, sample_rows, prompt_rows = self._build(batch)
         hidden = self.model.forward(fb)
         logits = self.model.compute_logits(hidden[fb.logits_indices])
         for rows in prompt_rows:
             self._record_prompt_logprobs(rows, logits)
         return self._sample(batch, logits, sample_rows)
+
+    @torch.inference_mode()
+    def launch(self, batch: ScheduledBatch, futures: FutureTokenIds | None = None) -> LaunchedDecode:
+        """Launches a decode step (every request samples) and returns without waiting for it.
+
+        `futures`: the ids of the launched step before this one, for requests whose input token is
+        still in flight (overlap scheduling); they are resolved on the device."""
+        step = self._decode_inputs(batch, futures)
+        resolve = futures.resolve if futures is not None else None
+        if self.graphs is not None and self.graphs.fits(step.batch_size):
+            logits = self.graphs.replay(step, resolve_input_ids=resolve)
+        else:
+            fb = ForwardBatch.build(
+                ForwardMode.DECODE,
+                step.input_ids,
+                batch.prefix_lens,
+                [1] * step.batch_size,
+                step.page_rows,
+                self.pool.page_size,
+                self.pool,
+                self.attn_backend,
+                device=self.device,
+            )
+            if resolve is not None:
+                resolve(fb.input_ids)
+            logits = self.model.compute_logits(self.model.forward(fb)[fb.logits_indices])
+        inputs = self._sampling_inputs(batch.reqs)
+        return LaunchedDecode.of(batch, logits, inputs, self.sampler.sample_on_device(logits, inputs))
+
+    @torch.inference_mode()
+    def collect(self, launched: LaunchedDecode) -> list[int]:
+        """A launched decode step's tokens on the host (waits for that step only). Logprobs go into
+        the requests that are still live (a finished one drops this step's token); a step with
+        logprobs must be collected before the next launch (its logits are overwritten then)."""
+        if not launched.wants_logprobs:
+            return launched.token_ids()
+        out = self.sampler.read(launched.logits, launched.next_ids, launched.inputs)
+        for j, req in enumerate(launched.batch.reqs):
+            if req.return_logprob and not req.is_finished:
+                self._record_output_logprobs(req, out, j)
+        return out.next_token_ids
 
     def _sample(
         self, batch: ScheduledBatch, logits: torch.Tensor, sample_rows: list[int | None]
@@ -139,20 +183,33 @@ class ModelRunner:
             req = batch.reqs[i]
             next_tokens[i] = out.next_token_ids[j]
             if req.return_logprob:
-                req.output_token_logprobs.append((out.logprobs[j], out.next_token_ids[j]))
-                if req.top_logprobs_num > 0:
-                    req.output_top_logprobs.append(out.top_logprobs[j] or [])
-                if req.token_ids_logprob:
-                    req.output_token_ids_logprobs.append(out.token_ids_logprobs[j] or [])
+                self._record_output_logprobs(req, out, j)
         return next_tokens
 
-    def _decode_inputs(self, batch: ScheduledBatch) -> DecodeInputs:
-        """One token per request at position prefix_len (without building fill_ids: O(1) each)."""
+    @staticmethod
+    def _record_output_logprobs(req: Req, out: SampleOutput, j: int) -> None:
+        """Appends row j of a sample's logprobs to req (which asked for logprobs)."""
+        req.output_token_logprobs.append((out.logprobs[j], out.next_token_ids[j]))
+        if req.top_logprobs_num > 0:
+            req.output_top_logprobs.append(out.top_logprobs[j] or [])
+        if req.token_ids_logprob:
+            req.output_token_ids_logprobs.append(out.token_ids_logprobs[j] or [])
+
+    def _decode_inputs(self, batch: ScheduledBatch, futures: FutureTokenIds | None = None) -> DecodeInputs:
+        """One token per request at position prefix_len (without building fill_ids: O(1) each); a
+        token still in flight (position == seq_len) is the placeholder `futures` gives for it."""
         ps = self.pool.page_size
         ids, positions, slots = [], [], []
         for req, pos in zip(batch.reqs, batch.prefix_lens):
-            prompt_len = len(req.input_ids)
-            ids.append(req.input_ids[pos] if pos < prompt_len else req.output_ids[pos - prompt_len])
+            prompt_len, seq_len = len(req.input_ids), req.seq_len
+            if pos < prompt_len:
+                ids.append(req.input_ids[pos])
+            elif pos < seq_len:
+                ids.append(req.output_ids[pos - prompt_len])
+            elif futures is not None:
+                ids.append(futures.placeholder(req))
+            else:
+                raise ValueError(f"request {req.rid}: token {pos} is in flight and no launched step holds it")
             positions.append(pos)
             slots.append(req.pages[pos // ps] * ps + pos % ps)
         return DecodeInputs(ids, positions, slots, [r.pages for r in batch.reqs])
@@ -232,4 +289,5 @@ class ModelRunner:
             top_logprobs_num=[r.top_logprobs_num if r.return_logprob else 0 for r in reqs],
             token_ids_logprob=[r.token_ids_logprob if r.return_logprob else None for r in reqs],
             return_logprob=[r.return_logprob for r in reqs],
+            num_generated=[len(r.output_ids) + r.tokens_in_flight for r in reqs],
         )

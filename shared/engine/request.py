@@ -3,8 +3,11 @@
 Invariant: the KV of `fill_ids[:num_computed]` is in the pool, in `pages` (page j holds tokens
 j*page_size .. j*page_size+page_size-1). A forward step computes `fill_ids[num_computed:...]`; a step
 that reaches the end of `fill_ids` samples one token, appended to `output_ids`. Decode is the case
-where exactly one token (the last sampled one) is missing from the pool. Retraction frees the pages
-and sets `num_computed` to 0: the next prefill recomputes prompt and outputs together.
+where exactly one token (the last sampled one) is missing from the pool. With overlap scheduling
+a decode step is planned while the previous one still runs: `num_computed` then counts the KV that
+step is writing, and `tokens_in_flight` the tokens it sampled that are not in `output_ids` yet.
+Retraction frees the pages and sets `num_computed` to 0: the next prefill recomputes prompt and
+outputs together.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ class Req:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     num_computed: int = 0
+    # Overlap scheduling: tokens sampled by a decode step still running on the device, not yet in
+    # output_ids (the host reads them one step later). Counted so the next step can be planned.
+    tokens_in_flight: int = 0
     cached_tokens: int = 0  # prompt tokens served from the radix cache (first admission)
     prefix_node: Any = None  # radix handle locked while this request holds cached pages
     finish_reason: dict[str, Any] | None = None
@@ -68,6 +74,11 @@ class Req:
     @property
     def seq_len(self) -> int:
         return len(self.input_ids) + len(self.output_ids)
+
+    @property
+    def seq_len_with_in_flight(self) -> int:
+        """seq_len plus the tokens sampled on the device that the host has not read yet."""
+        return self.seq_len + self.tokens_in_flight
 
     @property
     def remaining_fill(self) -> int:

@@ -50,7 +50,7 @@ from pdserve.shared.engine.sampling.penalties import (
 )
 from pdserve.shared.engine.sampling_params import SamplingParams
 
-__all__ = ["SampleOutput", "Sampler", "SamplingInputs", "TokenLogprobs", "token_logprobs"]
+__all__ = ["SampleOutput", "Sampler", "SamplingInputs", "TokenLogprobs", "reads_output_ids", "token_logprobs"]
 
 
 @dataclass
@@ -64,9 +64,18 @@ class SamplingInputs:
     top_logprobs_num: list[int]  # 0 = none
     token_ids_logprob: list[list[int] | None]
     return_logprob: list[bool]
+    # Tokens generated so far per row, counting those still in flight on the device (overlap
+    # scheduling; their ids are unknown, so such a row must not ask for penalties). None: len(output_ids).
+    num_generated: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
+
+    def generated_counts(self) -> list[int]:
+        """Per row, the step min_new_tokens and seeded noise go by."""
+        if self.num_generated is not None:
+            return self.num_generated
+        return [len(o) for o in self.output_ids]
 
 
 @dataclass
@@ -93,6 +102,12 @@ def _is_plain_greedy(p: SamplingParams, num_output: int) -> bool:
     )
 
 
+def reads_output_ids(p: SamplingParams) -> bool:
+    """Whether sampling a row reads the ids of its generated tokens (penalties), not only their
+    count: such a row cannot be sampled while one of its tokens is still on the device."""
+    return p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+
+
 class Sampler:
     """Stateless per batch apart from its generators; one instance per model runner."""
 
@@ -103,19 +118,27 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, inputs: SamplingInputs) -> SampleOutput:
         """Next token per row of logits [B, V >= vocab_size] (any float dtype; not modified)."""
+        return self.read(logits, self.sample_on_device(logits, inputs), inputs)
+
+    def sample_on_device(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+        """The next ids [B] (int64), left on the logits' device. A batch of plain greedy rows costs
+        no host sync, so a caller can launch the next step before reading them (overlap scheduling);
+        other rows build small index tensors on the host, whose copies wait for the device."""
         batch = logits.shape[0]
         if len(inputs) != batch:
             raise ValueError(f"{len(inputs)} sampling rows for {batch} rows of logits")
         if logits.shape[1] < self.vocab_size:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab_size is {self.vocab_size}")
         logits = logits[:, : self.vocab_size]
-        params, outputs = inputs.params, inputs.output_ids
+        counts = inputs.generated_counts()
+        if all(_is_plain_greedy(p, n) for p, n in zip(inputs.params, counts)):
+            return logits.argmax(dim=-1)  # exact on the raw dtype: widening to float32 keeps order
+        return self._sample_processed(logits, inputs)
 
-        if all(_is_plain_greedy(p, len(o)) for p, o in zip(params, outputs)):
-            next_ids = logits.argmax(dim=-1)  # exact on the raw dtype: widening to float32 keeps order
-        else:
-            next_ids = self._sample_processed(logits, inputs)
-        return self._with_logprobs(logits, next_ids, inputs)
+    def read(self, logits: torch.Tensor, next_ids: torch.Tensor, inputs: SamplingInputs) -> SampleOutput:
+        """The ids of `sample_on_device` on the host, with the logprobs the rows ask for (a host
+        sync); `logits` must still hold what sample_on_device was given."""
+        return self._with_logprobs(logits[:, : self.vocab_size], next_ids, inputs)
 
     def prompt_logprobs(
         self,
@@ -128,7 +151,7 @@ class Sampler:
         return token_logprobs(logits[:, : self.vocab_size], next_ids, top_n, token_ids)
 
     def _sample_processed(self, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
-        params, outputs = inputs.params, inputs.output_ids
+        params, outputs, counts = inputs.params, inputs.output_ids, inputs.generated_counts()
         x = logits.to(torch.float32, copy=True)
         apply_logit_bias(x, [p.logit_bias for p in params])
         apply_repetition_penalty(x, [p.repetition_penalty for p in params], inputs.prompt_ids, outputs)
@@ -138,8 +161,8 @@ class Sampler:
         mask_tokens(
             x,
             [
-                (eos | frozenset(p.stop_token_ids)) if len(out) < p.min_new_tokens else None
-                for p, eos, out in zip(params, inputs.eos_token_ids, outputs)
+                (eos | frozenset(p.stop_token_ids)) if n < p.min_new_tokens else None
+                for p, eos, n in zip(params, inputs.eos_token_ids, counts)
             ],
         )
 
@@ -147,11 +170,11 @@ class Sampler:
         if not sampled:
             return x.argmax(dim=-1)
         if len(sampled) == len(params):
-            return self._sample_rows(x, params, [len(o) for o in outputs])
+            return self._sample_rows(x, params, counts)
         next_ids = x.argmax(dim=-1)  # greedy rows; sampled rows overwritten below
         idx = torch.tensor(sampled, dtype=torch.long, device=x.device)
         drawn = self._sample_rows(
-            x.index_select(0, idx), [params[i] for i in sampled], [len(outputs[i]) for i in sampled]
+            x.index_select(0, idx), [params[i] for i in sampled], [counts[i] for i in sampled]
         )
         return next_ids.index_copy_(0, idx, drawn)
 

@@ -22,6 +22,16 @@ Page accounting rules:
   recompute is mostly hits. Only a lone request that outgrows the whole pool is stopped (abort).
 - finished, aborted and retracted requests return every page through `KVCacheManager.release`.
 
+Overlap scheduling (the engine's batch_pipeline.py): a decode step is recorded in two halves,
+`on_decode_launched` (KV counters move on; each request has one token in flight) and
+`on_decode_done` (the tokens reach output_ids, stop checks run), and the next decode step may be
+planned between the two. Such a plan reads no token: a request whose in-flight token will end it
+whatever its value (max_new_tokens, context length) sits the step out, and `can_schedule_ahead`
+refuses whenever planning would have to retract or stop a request: the engine then reads the
+tokens first, so those decisions are taken on the same facts as without overlap. A request that
+finishes on its in-flight token (a stop token) was planned into one step too many: that step's
+token for it is dropped by `on_decode_done`, and its KV slot went back with its pages.
+
 The disaggregated roles subclass this scheduler (prefill/scheduler.py, decode/scheduler.py) through
 a few hooks: `_on_prefill_complete` (where a request goes once its prompt is computed),
 `_admission_headroom` (pages a new prompt must leave free), `_unqueue`/`_finish` (their own queues),
@@ -64,7 +74,8 @@ class ScheduledBatch:
     def samples(self, i: int) -> bool:
         """Whether request i reaches the end of its fill_ids this step (and so samples a token)."""
         req = self.reqs[i]
-        return self.prefix_lens[i] + self.extend_lens[i] == req.seq_len and req.params.max_new_tokens > 0
+        reaches_end = self.prefix_lens[i] + self.extend_lens[i] == req.seq_len_with_in_flight
+        return reaches_end and req.params.max_new_tokens > 0
 
 
 @dataclass
@@ -218,18 +229,44 @@ class Scheduler:
         req.pages, req.prefix_node, req.num_computed = [], None, 0
         return False
 
+    def _decode_members(self) -> list[Req]:
+        """The running requests that compute a token in the next decode step: all but those whose
+        token in flight is their last whatever its value (computing one more would be thrown away)."""
+        return [r for r in self.running if not self._last_token_in_flight(r)]
+
+    def _last_token_in_flight(self, req: Req) -> bool:
+        if req.tokens_in_flight == 0:
+            return False
+        num_output = len(req.output_ids) + req.tokens_in_flight
+        return (
+            num_output >= req.params.max_new_tokens
+            or req.seq_len_with_in_flight >= self.config.context_length
+        )
+
+    def _decode_pages_short(self) -> int:
+        """Pages the next decode step must allocate: one per member whose next token starts a page."""
+        ps = self.config.page_size
+        return sum(1 for r in self._decode_members() if r.num_computed + 1 > len(r.pages) * ps)
+
+    def can_schedule_ahead(self) -> bool:
+        """Whether the next batch may be planned while a decode step's tokens are still in flight:
+        not when a decode step would have to retract or stop a request for want of pages (that choice
+        must see which requests the in-flight tokens finish). An extend batch may be planned: it
+        only takes pages and slots that are free already, whatever the tokens turn out to be."""
+        return self._decode_pages_short() <= self.kv.available_pages
+
     def _schedule_decode(self) -> ScheduledBatch | None:
-        """One token for every running request; retracts while pages run short."""
+        """One token for every running request (but those whose last token is in flight); retracts
+        while pages run short."""
         ps = self.config.page_size
         while True:
-            need = sum(1 for r in self.running if r.num_computed + 1 > len(r.pages) * ps)
-            if need <= self.kv.available_pages:
+            if self._decode_pages_short() <= self.kv.available_pages:
                 break
             victim = self._retraction_victim()
             if victim is None:
                 break
             self._retract(victim)
-        for req in list(self.running):
+        for req in self._decode_members():
             if req.num_computed + 1 > len(req.pages) * ps:
                 pages = self.kv.allocate(1)
                 if pages is None:
@@ -238,7 +275,7 @@ class Scheduler:
                     self.stopped.append(req)
                     continue
                 req.pages.extend(pages)
-        reqs = list(self.running)
+        reqs = self._decode_members()
         if not reqs:
             return None
         return ScheduledBatch(BatchKind.DECODE, reqs, [r.num_computed for r in reqs], [1] * len(reqs))
@@ -269,6 +306,9 @@ class Scheduler:
 
     def on_batch_done(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> StepResult:
         """Advances counters after the forward pass; next_tokens[i] is set where batch.samples(i)."""
+        if batch.kind == BatchKind.DECODE:
+            self.on_decode_launched(batch)
+            return self.on_decode_done(batch, [t for t in next_tokens if t is not None])
         result = StepResult()
         for i, req in enumerate(batch.reqs):
             if req.is_finished:  # aborted while the batch ran
@@ -281,6 +321,33 @@ class Scheduler:
             if prefill_complete and not self._on_prefill_complete(req, result):
                 continue
             if token is None:
+                continue
+            req.output_ids.append(token)
+            result.progressed.append(req)
+            reason = self._stop_reason(req, token)
+            if reason is not None:
+                self._finish(req, reason)
+                result.finished.append(req)
+        return result
+
+    def on_decode_launched(self, batch: ScheduledBatch) -> None:
+        """A decode step was launched: each request's KV will hold one token more, and each has one
+        sampled token in flight until `on_decode_done`."""
+        for req, prefix in zip(batch.reqs, batch.prefix_lens):
+            req.tokens_in_flight += 1
+            if not req.is_finished:
+                req.num_computed = prefix + 1
+
+    def on_decode_done(self, batch: ScheduledBatch, next_tokens: list[int]) -> StepResult:
+        """The launched decode step's tokens (one per request) reached the host: appends them and
+        runs the stop checks. A request that finished meanwhile (aborted, or stopped by the token of
+        the step before, read after this one was launched) drops its token."""
+        if len(next_tokens) != len(batch.reqs):
+            raise ValueError(f"{len(next_tokens)} tokens for a decode step of {len(batch.reqs)} requests")
+        result = StepResult()
+        for req, token in zip(batch.reqs, next_tokens):
+            req.tokens_in_flight -= 1
+            if req.is_finished:
                 continue
             req.output_ids.append(token)
             result.progressed.append(req)

@@ -1,0 +1,115 @@
+"""Runs the scheduler's batches on the model runner: one at a time, or with decode steps overlapped.
+
+In order (`--disable-overlap-schedule`; the default on the CPU, where nothing runs asynchronously):
+schedule, run, read the tokens, update the scheduler, report. On a GPU the device idles while the
+host plans the step, packs its inputs, reads the tokens and builds and sends the outputs.
+
+Overlapped (the default on CUDA), after SGLang's overlap scheduler: a decode step is launched and
+left running; the host then reads the previous step's tokens, runs their stop checks and returns
+their requests (the engine builds the outputs, the worker sends them), and in the next call plans and
+packs the next step, whose input ids for continuing requests come from the running step's sampled
+ids on the device (in_flight.py). The device runs step N while the host finishes N-1 and prepares N+1:
+
+    host:    plan N, launch N │ read N-1, report N-1, send │ plan N+1, launch N+1 │ read N, ...
+    device:  ... N-1 ........ │ N ............................................. │ N+1 ...
+
+A request finished by its in-flight token (a stop token) was planned into one step too many: that
+step's token for it is dropped when read, its KV slot having gone back with its pages (the device
+writes it before any later step can reuse the page: one stream, in launch order). A request whose
+in-flight token is its last whatever the value (max_new_tokens) is left out of the next step.
+
+Not overlapped: each of these first reads the step in flight, then runs as in order:
+- extend (prefill) batches, which also sync when their inputs are built;
+- a decode step that would retract or stop a request for want of pages (so the choice sees which
+  requests the in-flight tokens finish, as without overlap);
+- a decode step with a request that asks for logprobs (its logits are overwritten by the next
+  launch) or samples with penalties (the next step would need this step's token ids on the host):
+  it is read right after it is launched.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from pdserve.shared.engine.in_flight import LaunchedDecode
+from pdserve.shared.engine.model_runner import ModelRunner
+from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.sampler import reads_output_ids
+from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler
+
+if TYPE_CHECKING:
+    from pdserve.shared.engine.engine import EngineStats
+
+
+class BatchPipeline:
+    """Owns the decode step in flight (at most one); `overlap` False runs every batch in order."""
+
+    def __init__(self, scheduler: Scheduler, runner: ModelRunner, stats: EngineStats, overlap: bool):
+        self.scheduler = scheduler
+        self.runner = runner
+        self.stats = stats
+        self.overlap = overlap
+        self.in_flight: LaunchedDecode | None = None
+        self.num_overlapped_steps = 0  # decode steps left running while the host went on
+
+    def step(self) -> list[Req]:
+        """Schedules and runs one batch; returns the requests that gained tokens or finished."""
+        progressed: list[Req] = []
+        if self.in_flight is not None and not self.scheduler.can_schedule_ahead():
+            progressed += self.drain()
+        batch = self.scheduler.schedule()
+        # requests the scheduler stopped itself (a lone request that outgrew the pool) are in no batch
+        stopped = self.scheduler.take_stopped()
+        if batch is None:
+            progressed += self.drain()
+        elif batch.kind == BatchKind.EXTEND:
+            progressed += self.drain()
+            progressed += self._run_extend(batch)
+        else:
+            progressed += self._run_decode(batch)
+        self.stats.num_retractions = self.scheduler.num_retractions
+        return list(dict.fromkeys(stopped + progressed))
+
+    def drain(self) -> list[Req]:
+        """Reads the decode step in flight, if any; returns the requests it progressed."""
+        launched, self.in_flight = self.in_flight, None
+        return self._collect(launched) if launched is not None else []
+
+    def forget(self) -> None:
+        """Drops the step in flight unread (every request in it was aborted)."""
+        self.in_flight = None
+
+    def _run_extend(self, batch: ScheduledBatch) -> list[Req]:
+        t0 = time.perf_counter()
+        next_tokens = self.runner.run(batch)
+        self.stats.prefill_tokens_computed += sum(batch.extend_lens)
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        return self.scheduler.on_batch_done(batch, next_tokens).progressed
+
+    def _run_decode(self, batch: ScheduledBatch) -> list[Req]:
+        futures = self.in_flight.future_ids() if self.in_flight is not None else None
+        t0 = time.perf_counter()
+        launched = self.runner.launch(batch, futures)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        self.stats.decode_tokens_computed += len(batch.reqs)
+        self.scheduler.on_decode_launched(batch)
+        previous, self.in_flight = self.in_flight, launched
+        progressed = self._collect(previous) if previous is not None else []
+        if self.overlap and _may_stay_in_flight(launched):
+            self.num_overlapped_steps += 1
+        else:
+            progressed += self.drain()
+        return progressed
+
+    def _collect(self, launched: LaunchedDecode) -> list[Req]:
+        t0 = time.perf_counter()
+        tokens = self.runner.collect(launched)
+        self.stats.decode_seconds += time.perf_counter() - t0  # launching plus waiting for the device
+        return self.scheduler.on_decode_done(launched.batch, tokens).progressed
+
+
+def _may_stay_in_flight(launched: LaunchedDecode) -> bool:
+    """Whether a launched step may stay unread while the next one is planned and launched."""
+    reqs = launched.batch.reqs
+    return not launched.wants_logprobs and not any(reads_output_ids(r.params) for r in reqs)

@@ -1,0 +1,140 @@
+"""On a CUDA GPU with decode CUDA graphs: overlap scheduling (the CUDA default) gives token for token
+the output of `--disable-overlap-schedule`, and launching a graph decode step never waits for the
+device (which is what lets the host prepare step N+1 while step N runs)."""
+
+from __future__ import annotations
+
+import gc
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.engine import Engine
+from pdserve.shared.protocol import GenerateRequest, RequestOutput
+from tests.helpers.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.gpu
+
+MAX_BS = 16  # graphs up to 16 requests; the 20-request workload also takes the eager decode path
+
+
+def _prompts(n: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.choice((1, 9, 40, 130)))] for _ in range(n)]
+
+
+def _engine(model_dir: str, overlap: bool, **overrides) -> Engine:
+    args = EngineArgs(
+        model_path=model_dir,
+        device="cuda",
+        dtype="float32",
+        cuda_graph_max_bs=MAX_BS,
+        disable_overlap_schedule=not overlap,
+        **{"max_total_tokens": 16384, **overrides},
+    )
+    return Engine(args)
+
+
+def _run(model_dir: str, overlap: bool, msgs: list[GenerateRequest], **overrides):
+    engine = _engine(model_dir, overlap, **overrides)
+    try:
+        assert engine.runner.graphs is not None
+        assert engine.pipeline.overlap == overlap  # on by default on CUDA
+        for m in msgs:
+            engine.add_request(m)
+        outs: list[RequestOutput] = []
+        while engine.has_work():
+            outs.extend(engine.step())
+        load = engine.load()
+        assert load.num_free_pages + load.num_evictable_pages == load.num_total_pages
+        engine.kv.check_invariants()
+        merged: dict[str, list] = {}
+        for o in outs:
+            entry = merged.setdefault(o.rid, [[], None, []])
+            entry[0].extend(o.token_ids)
+            entry[2].extend(o.output_token_logprobs or [])
+            if o.finished:
+                entry[1] = o.finish_reason
+        return merged, engine.pipeline.num_overlapped_steps, engine.stats.num_retractions
+    finally:
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _msgs(prompts, params, logprob_rids=()) -> list[GenerateRequest]:
+    return [
+        GenerateRequest(rid=f"r{i}", input_ids=p, sampling_params=sp, return_logprob=f"r{i}" in logprob_rids)
+        for i, (p, sp) in enumerate(zip(prompts, params))
+    ]
+
+
+def _greedy(n: int, **extra) -> dict:
+    return {"temperature": 0.0, "max_new_tokens": n, **extra}
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3"])
+@pytest.mark.parametrize("num_requests", [1, 3, 11, 20])
+def test_overlap_equals_in_order_with_cuda_graphs(kind: str, num_requests: int, tmp_path: Path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = str(make_tiny_model(kind, tmp_path))
+    prompts = _prompts(num_requests, seed=num_requests)
+    # lengths 1..40 so requests leave the batch at different steps (buckets shrink, rows drop)
+    params = [_greedy(random.Random(i).choice((1, 2, 7, 24, 40))) for i in range(num_requests)]
+    msgs = lambda: _msgs(prompts, params)
+    ref, ref_overlapped, _ = _run(model_dir, False, msgs())
+    got, overlapped, _ = _run(model_dir, True, msgs())
+    assert ref_overlapped == 0 and overlapped > 0
+    assert got == ref
+
+
+def test_stop_token_logprobs_penalties_and_retraction(tmp_path: Path):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = str(make_tiny_model("llama", tmp_path))
+    prompts = _prompts(8, seed=5)
+    plain, _, _ = _run(model_dir, False, _msgs(prompts, [_greedy(30)] * 8))
+    stop = plain["r1"][0][6]  # r1 stops at (or before) its 7th token while the others go on
+    params = [_greedy(30)] * 8
+    params[1] = _greedy(30, stop_token_ids=[stop])
+    params[2] = _greedy(12, repetition_penalty=1.2)
+    params[3] = _greedy(30, min_new_tokens=4, stop_token_ids=[plain["r3"][0][1]])
+    for overrides in ({}, {"max_total_tokens": 512}):
+        msgs = lambda: _msgs(prompts, params, logprob_rids=("r4",))
+        ref, _, ref_retractions = _run(model_dir, False, msgs(), **overrides)
+        got, overlapped, retractions = _run(model_dir, True, msgs(), **overrides)
+        assert overlapped > 0
+        if overrides:
+            assert ref_retractions > 0 and retractions > 0, "the pool was meant to force retraction"
+        assert got == ref, overrides
+        assert got["r1"][1]["type"] == "stop"
+
+
+def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path):
+    """Every launch of a plain greedy graph step runs under torch's sync debug mode 'error': a
+    blocking copy, .item() or stream sync inside it would raise."""
+    model_dir = str(make_tiny_model("llama", tmp_path))
+    engine = _engine(model_dir, True)
+    runner = engine.runner
+    launch = runner.launch
+    checked = []
+
+    def launch_without_sync(batch, futures=None):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return launch(batch, futures)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            checked.append(futures is not None)
+
+    runner.launch = launch_without_sync  # type: ignore[method-assign]
+    try:
+        out = engine.generate(_prompts(6, seed=9), _greedy(20, ignore_eos=True))
+    finally:
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
+    assert all(len(o["output_ids"]) == 20 for o in out)
+    assert sum(checked) > 10  # launches whose inputs came from the step still in flight
