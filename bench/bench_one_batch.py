@@ -125,6 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-total-tokens", type=int, default=None)
     p.add_argument("--cuda-graph-max-bs", type=int, default=160)
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument(
+        "--enable-torch-compile", action="store_true", help="decode graphs of a torch.compile'd forward"
+    )
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--result-filename", default=None, help="append one JSON line per case")
@@ -147,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         max_running_requests=max(ns.batch_size),
         cuda_graph_max_bs=ns.cuda_graph_max_bs,
         disable_cuda_graph=ns.disable_cuda_graph,
+        enable_torch_compile=ns.enable_torch_compile,
         attention_backend=ns.attention_backend,
         chunked_prefill_size=max(8192, max(b * i for b, i, _ in cases)),
         max_prefill_tokens=max(16384, max(b * i for b, i, _ in cases)),
@@ -156,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"model {ns.model_path} ({engine.model_config.dtype}), device {ns.device}, "
         f"KV pool {engine.max_total_num_tokens} tokens, attention {type(engine.runner.attn_backend).__name__}, "
-        f"cuda graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets[-1]}"
+        f"cuda graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets[-1]}, "
+        f"torch.compile {'on' if ns.enable_torch_compile else 'off'}"
     )
     run_case(engine, min(ns.batch_size), min(ns.input_len), 4, ns.seed)  # warm-up
     rows = []

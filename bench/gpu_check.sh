@@ -2,7 +2,7 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch profile hf serving serving_pd kv
+# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -10,7 +10,7 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch profile hf serving serving_pd kv}
+STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -52,6 +52,10 @@ for stage in $STAGES; do
       --output-len 256 --result-filename "$RES" --run-name in1024-out256
     run one-batch-prefill 200 python3 -m pdserve.bench.bench_one_batch --batch-size 8 64 --input-len 1024 1280 \
       --output-len 16 --result-filename "$RES" --run-name prefill-and-ctx1280 ;;
+  compile)
+    run one-batch-compile 420 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 --input-len 1024 \
+      --output-len 128 --cuda-graph-max-bs 8 --enable-torch-compile --result-filename "$RES" \
+      --run-name torch-compile ;;
   profile)
     run profile-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
       --json-out "$OUT/profile_bs1.json"
