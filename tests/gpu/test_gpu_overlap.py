@@ -101,6 +101,9 @@ def test_stop_token_logprobs_penalties_and_retraction(tmp_path: Path):
     params[1] = _greedy(30, stop_token_ids=[stop])
     params[2] = _greedy(12, repetition_penalty=1.2)
     params[3] = _greedy(30, min_new_tokens=4, stop_token_ids=[plain["r3"][0][1]])
+    # a step holding a logprob or penalty request is read at once (not overlapped): those two end
+    # early, so the steps after them overlap
+    params[4] = _greedy(10)
     for overrides in ({}, {"max_total_tokens": 512}):
         msgs = lambda: _msgs(prompts, params, logprob_rids=("r4",))
         ref, _, ref_retractions = _run(model_dir, False, msgs(), **overrides)
