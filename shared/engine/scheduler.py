@@ -135,6 +135,14 @@ class Scheduler:
             return batch
         if self.running:
             return self._schedule_decode()
+        # Chunked prefills can hold every free page between them with none able to take its next
+        # chunk, and with nothing decoding no page would ever come back: give the newest one's
+        # pages back (it starts over later) until the others can go on.
+        while len(self.prefilling) > 1:
+            self._retract(max(self.prefilling, key=lambda r: r.arrival_time))
+            batch = self._schedule_extend()
+            if batch is not None:
+                return batch
         return None
 
     def _admission_headroom(self) -> int:

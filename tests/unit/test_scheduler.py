@@ -268,3 +268,16 @@ def test_a_half_prefilled_request_is_retracted_before_a_running_one_starves():
     assert hog.finish_reason == {"type": "length", "length": 2}
     assert hog.num_retractions > 0 and runner.num_retractions == 0
     assert all_pages_back(s)
+
+
+def test_chunked_prefills_that_fill_the_pool_between_them_do_not_stall():
+    # 8 usable pages: two 20-token prompts in 4-token chunks hold 4 pages each after 4 steps, and
+    # neither can take its next chunk; nothing decodes, so no page would come back by itself
+    s = make(num_pages=9, page_size=4, chunk=4)
+    a, b = req("a", range(1, 21), max_new=3), req("b", range(30, 50), max_new=3)
+    s.add(a)
+    s.add(b)
+    drain(s, limit=100)
+    assert a.finish_reason == b.finish_reason == {"type": "length", "length": 3}
+    assert b.num_retractions > 0 and a.num_retractions == 0  # the newer one gave its pages back
+    assert all_pages_back(s)
