@@ -48,6 +48,7 @@ from pdserve.shared.engine.sampling.penalties import (
     apply_repetition_penalty,
     mask_tokens,
 )
+from pdserve.shared.engine.sampling.transfer import to_device
 from pdserve.shared.engine.sampling_params import SamplingParams
 
 __all__ = ["SampleOutput", "Sampler", "SamplingInputs", "TokenLogprobs", "reads_output_ids", "token_logprobs"]
@@ -172,7 +173,7 @@ class Sampler:
         if len(sampled) == len(params):
             return self._sample_rows(x, params, counts)
         next_ids = x.argmax(dim=-1)  # greedy rows; sampled rows overwritten below
-        idx = torch.tensor(sampled, dtype=torch.long, device=x.device)
+        idx = to_device(sampled, torch.long, x.device)
         drawn = self._sample_rows(
             x.index_select(0, idx), [params[i] for i in sampled], [counts[i] for i in sampled]
         )
@@ -185,28 +186,28 @@ class Sampler:
         device, vocab = x.device, x.shape[1]
         # A floor, because a tiny temperature would overflow logits / T to inf and softmax to nan.
         temps = [max(p.temperature, _MIN_TEMPERATURE) for p in params]
-        x.div_(torch.tensor(temps, dtype=torch.float32, device=device)[:, None])
+        x.div_(to_device(temps, torch.float32, device)[:, None])
 
         k_rows = [i for i, p in enumerate(params) if p.top_k < vocab]
         if k_rows:
-            idx = torch.tensor(k_rows, dtype=torch.long, device=device)
+            idx = to_device(k_rows, torch.long, device)
             sub = x.index_select(0, idx)
             ks = [params[i].top_k for i in k_rows]
-            keep = top_k_mask(sub, torch.tensor(ks, dtype=torch.long, device=device), k_max=max(ks))
+            keep = top_k_mask(sub, to_device(ks, torch.long, device), k_max=max(ks))
             x.index_copy_(0, idx, sub.masked_fill_(~keep, float("-inf")))
 
         probs = torch.softmax(x, dim=-1)
         p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
         if p_rows:
-            idx = torch.tensor(p_rows, dtype=torch.long, device=device)
+            idx = to_device(p_rows, torch.long, device)
             sub = probs.index_select(0, idx)
-            top_p = torch.tensor([params[i].top_p for i in p_rows], dtype=torch.float32, device=device)
+            top_p = to_device([params[i].top_p for i in p_rows], torch.float32, device)
             # When every such row also has a top_k, its nucleus lies within its k best: sort only those.
             support = max(params[i].top_k for i in p_rows)
             keep = top_p_mask(sub, top_p, support=support if support < vocab else None)
             probs.index_copy_(0, idx, sub.masked_fill_(~keep, 0.0))
         if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+            min_p = to_device([p.min_p for p in params], torch.float32, device)
             probs.masked_fill_(~min_p_mask(probs, min_p), 0.0)
 
         noise = self._noise.draw([p.sampling_seed for p in params], steps, vocab)

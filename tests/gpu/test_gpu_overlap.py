@@ -119,9 +119,26 @@ def test_stop_token_logprobs_penalties_and_retraction(tmp_path: Path):
             assert got["r1"][1]["type"] == "stop"
 
 
-def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path):
-    """Every launch of a plain greedy graph step runs under torch's sync debug mode 'error': a
-    blocking copy, .item() or stream sync inside it would raise."""
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"temperature": 0.0},
+        # what most clients send, and what uploads per-row parameters at every step: temperature,
+        # top-k/p, min-p, a logit bias, min_new_tokens (a stop mask), a seed on some rows
+        {
+            "temperature": 0.8,
+            "top_k": 20,
+            "top_p": 0.9,
+            "min_p": 0.05,
+            "min_new_tokens": 3,
+            "logit_bias": {"7": -1.5},
+        },
+    ],
+    ids=["greedy", "sampled"],
+)
+def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: dict):
+    """Every launch of a graph decode step runs under torch's sync debug mode 'error': a blocking
+    copy, .item() or stream sync inside it would raise."""
     model_dir = str(make_tiny_model("llama", tmp_path))
     engine = _engine(model_dir, True)
     runner = engine.runner
@@ -137,11 +154,19 @@ def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path):
             checked.append(futures is not None)
 
     runner.launch = launch_without_sync  # type: ignore[method-assign]
+    rows = [{**params, "max_new_tokens": 20, "ignore_eos": True}] * 6
+    if params["temperature"] > 0:
+        rows[1] = {**rows[1], "sampling_seed": 11}
     try:
-        out = engine.generate(_prompts(6, seed=9), _greedy(20, ignore_eos=True))
+        for i, (prompt, row) in enumerate(zip(_prompts(6, seed=9), rows)):
+            engine.add_request(GenerateRequest(rid=f"r{i}", input_ids=prompt, sampling_params=row))
+        counts: dict[str, int] = {}
+        while engine.has_work():
+            for o in engine.step():
+                counts[o.rid] = counts.get(o.rid, 0) + len(o.token_ids)
     finally:
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-    assert all(len(o["output_ids"]) == 20 for o in out)
+    assert counts == {f"r{i}": 20 for i in range(6)}
     assert sum(checked) > 10  # launches whose inputs came from the step still in flight

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from pdserve.shared.engine.sampling.transfer import to_device
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -52,7 +54,7 @@ class ExponentialNoise:
         elif unseeded:
             shared = torch.empty(len(unseeded), vocab, dtype=torch.float32, device=self.device)
             shared.exponential_(generator=self._shared)
-            noise.index_copy_(0, torch.tensor(unseeded, dtype=torch.long, device=self.device), shared)
+            noise.index_copy_(0, to_device(unseeded, torch.long, self.device), shared)
         for i, seed in enumerate(seeds):
             if seed is not None:
                 self._per_row.manual_seed(row_seed(seed, steps[i]))

@@ -23,21 +23,24 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from pdserve.shared.engine.sampling.transfer import to_device
+
 
 def _flat_index(
     rows: Sequence[int], lists: Sequence[Sequence[int]], device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(row index per element, token id per element, length per row) for `lists[k]` of row `rows[k]`.
 
-    Built with numpy: torch.tensor(list) and CPU repeat_interleave cost ~10x more on long prompts.
+    Built with numpy: torch.tensor(list) and CPU repeat_interleave cost ~10x more on long prompts;
+    copied through pinned memory (sampling/transfer.py).
     """
     lengths = np.fromiter((len(ids) for ids in lists), dtype=np.int64, count=len(lists))
     tokens = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=int(lengths.sum()))
     row_idx = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
     return (
-        torch.from_numpy(row_idx).to(device),
-        torch.from_numpy(tokens).to(device),
-        torch.from_numpy(lengths).to(device),
+        to_device(row_idx, torch.long, device),
+        to_device(tokens, torch.long, device),
+        to_device(lengths, torch.long, device),
     )
 
 
@@ -48,7 +51,7 @@ def apply_logit_bias(logits: torch.Tensor, biases: Sequence[dict[str, float] | N
         return
     items = [[(int(tok), float(val)) for tok, val in biases[i].items()] for i in rows]
     row_idx, tokens, _ = _flat_index(rows, [[t for t, _ in it] for it in items], logits.device)
-    values = torch.tensor([v for it in items for _, v in it], dtype=logits.dtype, device=logits.device)
+    values = to_device([v for it in items for _, v in it], logits.dtype, logits.device)
     logits.index_put_((row_idx, tokens), values, accumulate=True)
 
 
@@ -70,8 +73,8 @@ def apply_repetition_penalty(
     row_idx, tokens, lengths = _flat_index(rows, lists, logits.device)
     if tokens.numel() == 0:
         return
-    per_row = torch.tensor([penalties[i] for i in rows], dtype=logits.dtype, device=logits.device)
-    pen = torch.repeat_interleave(per_row, lengths)
+    per_row = to_device([penalties[i] for i in rows], logits.dtype, logits.device)
+    pen = torch.repeat_interleave(per_row, lengths, output_size=tokens.numel())  # a size known here: no sync
     vals = logits[row_idx, tokens]
     logits[row_idx, tokens] = torch.where(vals > 0, vals / pen, vals * pen)
 
@@ -94,10 +97,10 @@ def apply_frequency_presence(
     row_idx, tokens, _ = _flat_index(local, [output_ids[i] for i in rows], logits.device)
     counts = torch.zeros(len(rows), logits.shape[1], dtype=logits.dtype, device=logits.device)
     counts.index_put_((row_idx, tokens), torch.ones_like(tokens, dtype=logits.dtype), accumulate=True)
-    freq = torch.tensor([frequency[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
-    pres = torch.tensor([presence[i] for i in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    freq = to_device([frequency[i] for i in rows], logits.dtype, logits.device)[:, None]
+    pres = to_device([presence[i] for i in rows], logits.dtype, logits.device)[:, None]
     penalty = freq * counts + pres * (counts > 0).to(logits.dtype)
-    rows_t = torch.tensor(rows, dtype=torch.long, device=logits.device)
+    rows_t = to_device(rows, torch.long, logits.device)
     logits.index_copy_(0, rows_t, logits.index_select(0, rows_t) - penalty)
 
 
