@@ -143,10 +143,23 @@ def start_http_floor(step_ms: float, logs: Path) -> tuple[Proc, str]:
     from pdserve.bench.http_floor import READY_PREFIX as FLOOR_READY
 
     cmd = [sys.executable, "-m", "pdserve.bench.http_floor", "--port", "0", "--step-ms", str(step_ms)]
-    proc = Proc(cmd, logs / f"http-floor-{step_ms}.log")
+    return _start_url_server(cmd, FLOOR_READY, logs / f"http-floor-{step_ms}.log")
+
+
+def start_zmq_relay(worker_addr: str, logs: Path) -> tuple[Proc, str]:
+    """Starts the relay floor (bench/zmq_relay.py) before `worker_addr`; returns it and its URL."""
+    from pdserve.bench.zmq_relay import READY_PREFIX as RELAY_READY
+
+    cmd = [sys.executable, "-m", "pdserve.bench.zmq_relay", "--port", "0", "--worker-addr", worker_addr]
+    return _start_url_server(cmd, RELAY_READY, logs / "zmq-relay.log")
+
+
+def _start_url_server(cmd: list[str], ready_prefix: str, log_path: Path) -> tuple[Proc, str]:
+    """Runs cmd, waits for its `<ready_prefix> url=...` line; returns the process and the URL."""
+    proc = Proc(cmd, log_path)
     assert proc.popen.stdout is not None
     line = proc.popen.stdout.readline()
-    if not line.startswith(FLOOR_READY):
+    if not line.startswith(ready_prefix):
         proc.stop()
-        raise RuntimeError(f"http floor did not start:\n{proc.log_tail()}")
+        raise RuntimeError(f"{cmd[2]} did not start:\n{proc.log_tail()}")
     return proc, line.strip().split("url=", 1)[1]

@@ -5,7 +5,8 @@ streamed tokens/s one router process sustains.
     python -m pdserve.bench.bench_router --phase latency --streams 1,100 --output-file r.jsonl
 
 Processes: one stand-in engine (bench/standin_engine.py), one real router (`router --worker-addr`),
-the HTTP floor (bench/http_floor.py: aiohttp streaming the same SSE with no routing), and this
+the HTTP floor (bench/http_floor.py: aiohttp streaming the same SSE with no routing), the relay
+floor (bench/zmq_relay.py: HTTP in, the router's ZMQ connection to the stand-in, SSE out), and this
 process as the only client (asyncio on uvloop; one aiohttp session, one DEALER socket). They share
 the machine's cores, so every measurement reports the CPU each used, and what the rest of the
 machine used meanwhile ("others"), in percent of one core: a client near 100% would mean the
@@ -14,12 +15,14 @@ client, not the router, is measured; large "others" means the numbers are conten
 Phase `latency` (issue goal: < 1 ms added at p50 with 100 concurrent streams): for each `--streams`
 count, closed-loop streams of `--output-len` tokens at one step every `--step-ms`, sent straight to
 the stand-in over ZMQ (prompt as token ids), through the router over HTTP (the same prompt as text,
-so the router tokenizes, dispatches, detokenizes and streams SSE), and to the HTTP floor; in turn,
-`--rounds` times, samples pooled. The stand-in sends a request's first token as soon as the
+so the router tokenizes, dispatches, detokenizes and streams SSE), to the HTTP floor and through
+the relay floor (prompt as ids); in turn, `--rounds` times, samples pooled. The stand-in sends a request's first token as soon as the
 request arrives (`--first-token-now`), so TTFT is transit plus queueing, without the 0..step wait
 for the next step; later tokens follow the step clock. Added latency = router minus direct at p50
 and p99 of TTFT and of E2E (the p99 difference is of distributions, not of paired requests);
-floor minus direct is what HTTP through aiohttp costs by itself.
+floor minus direct is what HTTP through aiohttp costs by itself; relay minus direct is the least
+any router of this design (one more process, reached over ZMQ) adds, so router minus relay is the
+router's own work.
 
 Phase `throughput` (goal: >= 20,000 streamed tokens/s per router process): for each `--tp-streams`
 value S, S closed-loop streams through the router with a fast step; offered load = S / step tokens/s.
@@ -46,7 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from pdserve.bench.bench_procs import CpuWindow, start_http_floor, start_router, start_standin
+from pdserve.bench.bench_procs import (
+    CpuWindow,
+    start_http_floor,
+    start_router,
+    start_standin,
+    start_zmq_relay,
+)
 from pdserve.bench.router_load import DirectClient, HttpClient, LoadResult, TokenMeter, run_streams
 
 PROMPT_SEED_TEXT = (
@@ -75,23 +84,29 @@ def summarize(res: LoadResult) -> dict[str, Any]:
 async def latency_phase(
     ns: argparse.Namespace, prompt: str, prompt_ids: list[int], token_ids: list[int], logs: Path
 ) -> list[dict[str, Any]]:
-    """For each `--streams` count: the direct, router and HTTP-floor paths, `--rounds` times in turn
-    (samples pooled per path). One stand-in, router and floor serve every count."""
+    """For each `--streams` count: the direct, router, HTTP-floor and relay paths, `--rounds` times in
+    turn (samples pooled per path). One stand-in, router, floor and relay serve every count."""
     standin, addr = start_standin(
         ns.tokenizer_dir, ns.model, ns.step_ms, token_ids, first_now=True, logs=logs
     )
     router, url = start_router(addr, ns.router_arg, logs)
     floor, floor_url = start_http_floor(ns.step_ms, logs)
+    relay, relay_url = start_zmq_relay(addr, logs)
     results = []
     try:
         meter = TokenMeter()
         direct = DirectClient(addr, meter)
         http = HttpClient(url, meter)
         http_floor = HttpClient(floor_url, meter)
+        http_relay = HttpClient(relay_url, meter)
         paths = {
             "direct": (lambda: direct.generate(prompt_ids, ns.output_len), {"standin": standin}),
             "router": (lambda: http.generate(prompt, ns.output_len), {"server": router, "standin": standin}),
             "floor": (lambda: http_floor.generate(prompt, ns.output_len), {"server": floor}),
+            "relay": (
+                lambda: http_relay.generate(prompt_ids, ns.output_len),
+                {"server": relay, "standin": standin},
+            ),
         }
         for fn, _ in paths.values():
             await run_streams(fn, 4, 1.0, 0.0, ns.output_len, ns.step_ms / 1000.0, 0.0)  # warm every path
@@ -100,10 +115,10 @@ async def latency_phase(
             out["prompt_tokens"] = len(prompt_ids)
             print(json.dumps(out), flush=True)
             results.append(out)
-        for client in (direct, http, http_floor):
+        for client in (direct, http, http_floor, http_relay):
             await client.close()
     finally:
-        for proc in (floor, router, standin):
+        for proc in (relay, floor, router, standin):
             proc.stop()
     return results
 
@@ -133,6 +148,7 @@ async def measure_paths(ns: argparse.Namespace, paths: dict[str, Any], streams: 
     for key in ("ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms"):
         out[f"added_{key}"] = out["router"][key] - out["direct"][key]
         out[f"floor_added_{key}"] = out["floor"][key] - out["direct"][key]
+        out[f"relay_added_{key}"] = out["relay"][key] - out["direct"][key]
     return out
 
 
@@ -316,7 +332,7 @@ def report(result: dict[str, Any]) -> str:
         )
         head = ("", "TTFT p50", "TTFT p99", "E2E p50", "E2E p99", "n", "cpu%")
         lines.append("{:11} {:>9} {:>9} {:>9} {:>9} {:>6}  {}".format(*head))
-        for name in ("direct", "router", "floor", "added", "floor_added"):
+        for name in ("direct", "router", "floor", "relay", "added", "floor_added", "relay_added"):
             if name.endswith("added"):
                 r = {k[len(name) + 1 :]: v for k, v in lat.items() if k.startswith(name + "_")}
             else:
@@ -349,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.output_file:
         with open(ns.output_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
-    paths = ("direct", "router", "floor")
+    paths = ("direct", "router", "floor", "relay")
     failed = sum(lat[k]["failed"] for lat in result.get("latency", []) for k in paths)
     failed += sum(p["failed"] for p in result.get("throughput", {}).get("points", []))
     return 1 if failed else 0

@@ -57,28 +57,38 @@ async def serve(host: str, port: int, step_ms: float) -> None:
     app["step_s"] = step_ms / 1000.0
     app["ids"] = itertools.count()
     app.router.add_post("/generate", generate)
+    await serve_forever(app, host, port, READY_PREFIX)
+
+
+async def serve_forever(app: web.Application, host: str, port: int, ready_prefix: str) -> None:
+    """Serves app on host:port (0: a free port), prints `<ready_prefix> url=...`, runs until killed."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = site._server.sockets[0].getsockname()[1]
-    print(f"{READY_PREFIX} url=http://{host}:{bound}", flush=True)
+    print(f"{ready_prefix} url=http://{host}:{bound}", flush=True)
     await asyncio.Event().wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_until_interrupted(main_coro) -> int:
+    """uvloop.run(main_coro); Ctrl-C (or SIGINT from the benchmark) ends it quietly."""
     import uvloop
 
+    try:
+        uvloop.run(main_coro)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="An aiohttp SSE server with no routing: the HTTP floor.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--step-ms", type=float, default=20.0)
     ns = p.parse_args(argv)
-    try:
-        uvloop.run(serve(ns.host, ns.port, ns.step_ms))
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return run_until_interrupted(serve(ns.host, ns.port, ns.step_ms))
 
 
 if __name__ == "__main__":

@@ -156,9 +156,14 @@ class HttpClient:
         self._url = base_url.rstrip("/") + "/generate"
         self._meter = meter
 
-    async def generate(self, prompt: str, max_new_tokens: int) -> tuple[float, float, int] | str:
+    async def generate(self, prompt: str | list[int], max_new_tokens: int) -> tuple[float, float, int] | str:
+        """`prompt` as text, or as token ids (sent as `input_ids`)."""
         params = {"max_new_tokens": max_new_tokens, "ignore_eos": True, "temperature": 0.0}
-        body = {"text": prompt, "sampling_params": params, "stream": True}
+        body = {
+            "text" if isinstance(prompt, str) else "input_ids": prompt,
+            "sampling_params": params,
+            "stream": True,
+        }
         start = time.perf_counter()
         ttft = None
         tokens = 0

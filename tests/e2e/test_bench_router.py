@@ -1,5 +1,5 @@
-"""`bench_router` end to end at a tiny scale: the stand-in engine, a real router and the HTTP floor
-as processes; every request of every path completes with the asked number of tokens and the
+"""`bench_router` end to end at a tiny scale: the stand-in engine, a real router, the HTTP floor and
+the relay floor as processes; every request of every path completes with the asked number of tokens and the
 results line holds the latency and throughput numbers. (A smoke run: the numbers are not checked
 for speed here; bench/RESULTS.md holds the measured ones.)
 """
@@ -30,7 +30,7 @@ def test_bench_router_smoke(tmp_path, capsys):
     printed = capsys.readouterr().out
     result = json.loads(Path(out_file).read_text().splitlines()[-1])
     (lat,) = result["latency"]
-    for path in ("direct", "router", "floor"):
+    for path in ("direct", "router", "floor", "relay"):
         assert lat[path]["failed"] == 0 and lat[path]["completed"] >= 8, (path, lat[path])
         assert 0 < lat[path]["ttft_p50_ms"] <= lat[path]["ttft_p99_ms"] < lat[path]["e2e_p50_ms"]
         # 8 tokens: the first at once, 7 more on a 20 ms step clock
@@ -42,4 +42,8 @@ def test_bench_router_smoke(tmp_path, capsys):
     assert point["failed"] == 0 and point["completed"] > 0
     assert point["offered_tok_s"] == 2000.0 and 0 < point["delivered_tok_s"] < 1.2 * point["offered_tok_s"]
     assert point["cpu_pct"]["server"] > 0 and point["cpu_pct"]["client"] > 0
+    assert lat["relay_added_ttft_p50_ms"] == pytest.approx(
+        lat["relay"]["ttft_p50_ms"] - lat["direct"]["ttft_p50_ms"]
+    )
     assert "latency: 8 streams x 8 tokens, step 20.0 ms" in printed and "floor_added" in printed
+    assert "relay_added" in printed
