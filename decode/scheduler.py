@@ -63,6 +63,10 @@ class DecodeScheduler(Scheduler):
     def all_requests(self) -> list[Req]:
         return list(self.prealloc) + self.waiting_for_kv + super().all_requests()
 
+    def _may_retract_stuck_prefills(self) -> bool:
+        # requests waiting for their KV become running and free their pages by themselves
+        return not self.waiting_for_kv
+
     # ------------------------------------------------------------------ remote requests
 
     def add_remote(self, req: Req) -> None:

@@ -46,6 +46,11 @@ class PrefillScheduler(Scheduler):
 
     # ------------------------------------------------------------------ the role's steps
 
+    def _may_retract_stuck_prefills(self) -> bool:
+        # never: senders read a prefilling request's whole pages chunk by chunk, so its pages must
+        # stay put until its sender is final (and transferring requests free theirs by themselves)
+        return False
+
     def pages_ready(self, req: Req) -> int:
         """How many leading pages of req.pages hold final KV and may be sent now."""
         if req.status == ReqStatus.TRANSFERRING:

@@ -162,3 +162,18 @@ def test_a_transfer_that_fails_mid_prefill_stops_the_request_where_it_is():
     assert s.kv.num_cached_pages == 2  # the first chunk's whole pages stay cached
     with pytest.raises(ValueError, match="already finished"):
         s.finish_transfer(r, ok=False)
+
+
+def test_prefilling_requests_that_fill_the_pool_keep_their_pages():
+    # the shared scheduler would retract the newest of two stuck chunked prefills; here senders read
+    # their whole pages chunk by chunk, so both keep every page until a sender is final
+    s = make(num_pages=9, page_size=4, chunk=4)
+    a, b = req("a", range(1, 21)), req("b", range(30, 50))
+    s.add(a)
+    s.add(b)
+    for _ in range(4):
+        assert step(s) is not None
+    pages = (list(a.pages), list(b.pages))
+    assert s.schedule() is None
+    assert (a.pages, b.pages) == pages and s.num_retractions == 0
+    assert a.status == b.status == ReqStatus.PREFILLING
