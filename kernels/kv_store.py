@@ -54,10 +54,10 @@ def _store_kv_kernel(
     tl.store(v_cache + dst, v_val.to(v_cache.dtype.element_ty), mask=mask)
 
 
-def store_kv(
+def check_store_args(
     k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-) -> None:
-    """Writes k/v `[T, kv_heads, head_dim]` into `k_cache`/`v_cache` at flat `slots` `[T]` (see the rules)."""
+) -> tuple[int, int, int]:
+    """The launcher checks of a store of k/v into the caches at slots (see the rules); returns (T, Hkv, D)."""
     assert k_cache.ndim == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
     assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
     assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _DTYPES, (k_cache.dtype, v_cache.dtype)
@@ -70,6 +70,14 @@ def store_kv(
     assert slots.stride(0) == 1 or tokens <= 1, "slots must be contiguous"
     device = k_cache.device
     assert v_cache.device == slots.device == k.device == v.device == device, "tensors on different devices"
+    return tokens, num_heads, head_dim
+
+
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """Writes k/v `[T, kv_heads, head_dim]` into `k_cache`/`v_cache` at flat `slots` `[T]` (see the rules)."""
+    tokens, num_heads, head_dim = check_store_args(k_cache, v_cache, slots, k, v)
     if tokens == 0:
         return
     block_d = triton.next_power_of_2(head_dim)

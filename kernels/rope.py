@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.kv_store import store_kv_ref
+from pdserve.kernels.kv_store import check_store_args, store_kv_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -188,17 +188,8 @@ def rotary_store_kv(
     slots: torch.Tensor,
 ) -> None:
     """Rotates q and k in place and writes the rotated k and v into the caches at `slots` (see the rules)."""
-    tokens, _, num_kv_heads, head_dim = _check_rotary_args(q, k, positions, inv_freq)
-    assert v.shape == k.shape and v.dtype in _DTYPES and v.stride(-1) == 1, (v.shape, v.dtype, v.stride())
-    assert k_cache.ndim == 4 and k_cache.shape == v_cache.shape, (k_cache.shape, v_cache.shape)
-    assert k_cache.shape[2:] == (num_kv_heads, head_dim), (k_cache.shape, k.shape)
-    assert k_cache.is_contiguous() and v_cache.is_contiguous(), "caches must be contiguous"
-    assert k_cache.dtype == v_cache.dtype and k_cache.dtype in _DTYPES, (k_cache.dtype, v_cache.dtype)
-    assert slots.shape == (tokens,) and slots.dtype in (torch.int64, torch.int32), (slots.shape, slots.dtype)
-    assert slots.stride(0) == 1 or tokens <= 1, "slots must be contiguous"
-    assert v.device == k_cache.device == v_cache.device == slots.device == q.device, (
-        "tensors on different devices"
-    )
+    tokens = _check_rotary_args(q, k, positions, inv_freq)[0]
+    check_store_args(k_cache, v_cache, slots, k, v)  # k, v and slots agree with the caches, on q's device
     if tokens > 0:
         _launch(q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, store_kv=True)
 
