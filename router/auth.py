@@ -2,10 +2,11 @@
 
 Rules (a request carries its key as `Authorization: Bearer <key>`):
 - the one open route is `/health` (probes); `/metrics` needs the API key like any other route
-  (a scraper sends it as a bearer token), as issue 3 says;
+  (a scraper sends it as a bearer token);
 - admin routes (`ADMIN_PATHS`) need the admin key when one is set, else the API key when set;
 - every other route needs the API key when one is set; the admin key works there too;
 - a missing or wrong key is 401 in the OpenAI error shape; keys are compared in constant time;
+  a header of any bytes is only a wrong key (aiohttp hands undecodable bytes over as surrogates);
 - the key is checked before anything else looks at the request: an unauthenticated request is a
   401 whatever its body (router/app.py puts this middleware outside the body-size limit).
 """
@@ -43,8 +44,13 @@ def bearer_token(request: web.Request) -> str | None:
     return token.strip()
 
 
+def _key_bytes(text: str) -> bytes:
+    # surrogatepass: a header's undecodable bytes arrive as lone surrogates, which plain UTF-8 refuses
+    return text.encode("utf-8", "surrogatepass")
+
+
 def _matches(token: str | None, key: str | None) -> bool:
-    return token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode())
+    return token is not None and key is not None and hmac.compare_digest(_key_bytes(token), _key_bytes(key))
 
 
 def required_keys(path: str, api_key: str | None, admin_key: str | None) -> list[str]:

@@ -11,7 +11,8 @@ Rules, as SGLang has them:
 - fields of GenerateReqInput that pdserve does not serve (images, audio, LoRA, embeddings as
   input, ...) are refused with 400 when set; other unknown top-level fields are ignored, as
   SGLang's request model ignores them;
-- types are checked here (400 naming the field); values against the model are checked by the
+- types are checked here (400 naming the field), and the sizes of `sampling_params.stop` and
+  `stop_token_ids` (router/stop_strings.py's limits); values against the model are checked by the
   text generator.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 
 from pdserve.router.generation import GenerateInput
 from pdserve.router.limits import check_batch_size, http_error
+from pdserve.router.stop_strings import StopLimitError, check_stop_limits
 from pdserve.router.tokenizer_fast import Encoder
 
 # GenerateReqInput fields pdserve does not serve: set (not null, not empty) they are a 400.
@@ -94,6 +96,11 @@ def parse_generate(body: dict[str, Any], encode: Encoder, max_batch_size: int) -
     count = len(prompts)
 
     params_list = _per_prompt(body, "sampling_params", count, {}, lambda v: isinstance(v, dict))
+    for params in {id(p): p for p in params_list}.values():  # one shared dict is checked once
+        try:
+            check_stop_limits(params.get("stop"), params.get("stop_token_ids"))
+        except StopLimitError as exc:
+            raise http_error(400, f"sampling_params.{exc.message}") from None
     rids = _per_prompt(body, "rid", count, None, lambda v: isinstance(v, str))
     if body.get("rid") is not None and len(set(rids)) != count:
         raise http_error(400, "rid must be a list of distinct strings for a batch.")

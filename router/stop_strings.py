@@ -7,12 +7,67 @@ Rules (SGLang's behaviour):
 - the visible text ends where the stop string begins (`no_stop_trim` keeps the stop string);
 - while the sample runs, a tail of the text that is a prefix of some stop string is held back
   (`visible_text`), so a client never sees text past a stop, not even part of one;
-- empty stop strings are ignored.
+- empty stop strings are ignored;
+- a request may ask for at most MAX_STOP_STRINGS stop strings of at most MAX_STOP_STRING_CHARS
+  characters each (MAX_STOP_CHARS_TOTAL in all) and at most MAX_STOP_TOKEN_IDS stop token ids
+  (`check_stop_limits`; the HTTP layers answer 400 naming the limit).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
+
+# OpenAI allows 4 stop sequences; SGLang and vLLM set no bound, and SGLang users pass dozens (one
+# per role tag, per language). The bounds are far above any real use and keep the router's work per
+# streamed token small: every stop string is searched on each new token, and the hold-back of
+# `visible_len` may try each place of a repetitive stop string, so its cost follows the total length
+# (adversarial strings: ~30 ms per token at 256 x 1024 characters, ~1.5 ms at 16,384 in all;
+# 100,000 stop strings cost seconds per token).
+MAX_STOP_STRINGS = 256
+MAX_STOP_STRING_CHARS = 1024
+MAX_STOP_CHARS_TOTAL = 16384
+# Stop token ids are a set lookup per token, but travel to the worker and are checked one by one
+# on every request; 1024 is more than the special tokens of any tokenizer.
+MAX_STOP_TOKEN_IDS = 1024
+
+
+class StopLimitError(ValueError):
+    """A stop list over its limit; `param` is the request field (`stop` or `stop_token_ids`)."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def check_stop_limits(stop: Any, stop_token_ids: Any) -> None:
+    """Raises StopLimitError when `stop` (a string or a list) or `stop_token_ids` is over a limit.
+
+    Only sizes are checked here, before anything walks the lists; types are checked by the caller."""
+    stops = [stop] if isinstance(stop, str) else stop
+    if isinstance(stops, list):
+        if len(stops) > MAX_STOP_STRINGS:
+            raise StopLimitError(
+                f"stop has {len(stops)} stop strings, more than the limit of {MAX_STOP_STRINGS}.", "stop"
+            )
+        longest = max((len(s) for s in stops if isinstance(s, str)), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise StopLimitError(
+                f"stop has a stop string of {longest} characters, more than the limit of "
+                f"{MAX_STOP_STRING_CHARS}.",
+                "stop",
+            )
+        total = sum(len(s) for s in stops if isinstance(s, str))
+        if total > MAX_STOP_CHARS_TOTAL:
+            raise StopLimitError(
+                f"stop has {total} characters in all, more than the limit of {MAX_STOP_CHARS_TOTAL}.", "stop"
+            )
+    if isinstance(stop_token_ids, list) and len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise StopLimitError(
+            f"stop_token_ids has {len(stop_token_ids)} ids, more than the limit of {MAX_STOP_TOKEN_IDS}.",
+            "stop_token_ids",
+        )
 
 
 @dataclass(frozen=True)
@@ -57,10 +112,47 @@ class StopStringMatcher:
     def visible_len(self, text: str) -> int:
         """How much of a running sample's text may be shown: all but a tail that is a proper prefix
         of some stop string (it may still grow into one)."""
-        if not self.stops or not text:
-            return len(text)
-        for held in range(min(self._longest - 1, len(text)), 0, -1):
-            tail = text[-held:]
-            if any(s.startswith(tail) for s in self.stops):
-                return len(text) - held
-        return len(text)
+        held = 0
+        for stop in self.stops:
+            held = _longest_held(stop, text, held)
+        return len(text) - held
+
+
+PROBE_CHARS = 8  # characters matched at C speed (str.find/count) to pick the tails worth trying
+
+
+def _longest_held(stop: str, text: str, held: int) -> int:
+    """The longest k > held such that text ends with stop[:k] (k < len(stop)), else held.
+
+    Only tails that can match are tried, longest first, found by C-speed searches: one of k >= m
+    characters begins with stop[:m] and ends with text[-m:] (the sparser of the two lists of
+    places is walked); a shorter one begins with stop[0]. Without this, every length would be
+    tried against every stop string on every new token."""
+    n = len(text)
+    hi = min(len(stop) - 1, n)
+    if hi <= held:
+        return held
+    m = min(hi, PROBE_CHARS)
+    lo = max(held + 1, m)  # tails of lo..hi characters, by the probes
+    if lo <= hi:
+        head, tail = stop[:m], text[-m:]
+        end = n - lo + m  # a head at i (tail length n - i >= lo) lies within text[n - hi : end]
+        if text.count(head, n - hi, end) <= stop.count(tail, lo - m, hi):
+            i = text.find(head, n - hi, end)
+            while i >= 0:
+                if stop.startswith(text[i:]):
+                    return n - i
+                i = text.find(head, i + 1, end)
+        else:
+            j = stop.rfind(tail, lo - m, hi)
+            while j >= 0:
+                if text.endswith(stop[: j + m]):
+                    return j + m
+                j = stop.rfind(tail, lo - m, j + m - 1)
+    top = min(m - 1, hi)  # shorter tails: where text has stop[0]
+    i = text.find(stop[0], n - top, n - held)
+    while i >= 0:
+        if stop.startswith(text[i:]):
+            return n - i
+        i = text.find(stop[0], i + 1, n - held)
+    return held

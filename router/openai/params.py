@@ -4,6 +4,7 @@ Rules:
 - A field that is absent or JSON `null` takes its default (OpenAI clients send `null` freely).
 - A value of the wrong type or out of range raises `OpenAIRequestError` (HTTP 400) whose message
   names the OpenAI field and `param` is that field, so the official client shows which one failed.
+- `stop` and `stop_token_ids` longer than router/stop_strings.py's limits are a 400 naming the limit.
 - Only the fields a request sets are passed on (plus `n`), so `--preferred-sampling-params` (the
   router's defaults) apply to the rest.
 - `sampling_from_body` maps OpenAI names to SGLang's `SamplingParams` names (`seed` -> `sampling_seed`,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pdserve.router.stop_strings import StopLimitError, check_stop_limits
 from pdserve.shared.engine.sampling_params import SamplingParams, SamplingParamsError
 
 MAX_N = 128  # samples per prompt: more is a client bug, not a workload
@@ -103,12 +105,21 @@ def get_dict(body: dict, name: str) -> dict | None:
     return value
 
 
+def check_stop_sizes(stop: Any, stop_token_ids: Any) -> None:
+    """OpenAIRequestError (400, param `stop` or `stop_token_ids`) for lists over the router's limits."""
+    try:
+        check_stop_limits(stop, stop_token_ids)
+    except StopLimitError as exc:
+        raise OpenAIRequestError(exc.message, exc.param) from None
+
+
 def parse_stop(value: Any) -> list[str]:
     """`stop` as a string or a list of strings; empty strings are dropped (they would match at once)."""
     if value is None:
         return []
     if isinstance(value, str):
         value = [value]
+    check_stop_sizes(value, None)  # before the list is walked
     if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
         raise OpenAIRequestError("stop must be a string or a list of strings.", "stop")
     return [s for s in value if s]
@@ -146,6 +157,7 @@ def sampling_from_body(body: dict, max_tokens: int | None) -> dict[str, Any]:
     `max_tokens` (already read by the caller, None when the caller fills it in later) only takes part
     in the `min_tokens <= max_tokens` check.
     """
+    check_stop_sizes(None, body.get("stop_token_ids"))
     sampling: dict[str, Any] = {}
     for openai_name, name in SAMPLING_FIELDS.items():
         if body.get(openai_name) is not None:
