@@ -10,6 +10,12 @@ worker (router/pairing.py, `--prefill-policy`, `--decode-policy`), or prefilled 
 worker when it is shorter than `--local-prefill-threshold` tokens (default 64: below that a KV
 transfer costs more than it saves), has n > 1, or no prefill worker is alive.
 
+Liveness is apart from progress: a worker is alive while its connection answers ZMTP heartbeats,
+which its ZMQ I/O thread answers even during a long step, so a busy worker is never taken for a
+dead one; a dead, frozen or vanished worker is seen within `--worker-liveness-timeout` and its
+requests are retried, or moved with the tokens they streamed (`--disable-migration`). A slow
+request ends by its own deadline (`--request-timeout`). router/worker_pool.py has the rules.
+
 Once the port listens, one line goes to stdout: `pdserve router ready url=http://HOST:PORT` (with
 `--port 0`, the port actually bound). Logs go to stderr. SIGTERM or SIGINT stops it cleanly:
 connections to workers close, requests in flight end, exit status 0. `/health` turns 200 once a
@@ -77,6 +83,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--request-timeout", type=float, default=None, help="seconds a request may take (504 after)"
     )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
+        help="requests waiting at the router for a running slot of the workers, 429 beyond "
+        "(default: no bound, and no router queue without priority scheduling)",
+    )
+    p.add_argument(
+        "--enable-priority-scheduling",
+        action="store_true",
+        help="order the router's queue by the requests' priority; a full queue evicts lower priorities",
+    )
+    p.add_argument(
+        "--schedule-low-priority-values-first",
+        action="store_true",
+        help="with priority scheduling, smaller priority values go first (default: larger ones)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
     p.add_argument(
         "--max-batch-size", type=int, default=d.max_batch_size, help="most prompts in one /generate"
@@ -91,10 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="workers tried per request")
     p.add_argument(
+        "--disable-migration",
+        action="store_true",
+        help="a stream whose worker dies after its first token ends with an error event, instead of "
+        "moving (prompt + tokens so far) to another worker",
+    )
+    p.add_argument(
         "--worker-liveness-timeout",
         type=float,
         default=d.worker_liveness_timeout,
-        help="seconds of worker silence (no outputs, no load replies) before its requests move on",
+        help="seconds without an answer to the connection's heartbeats before a worker counts as gone "
+        "(a busy worker still answers them; a slow request ends by --request-timeout)",
     )
     p.add_argument(
         "--load-poll-interval", type=float, default=d.load_poll_interval, help="seconds between load queries"

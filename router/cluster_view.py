@@ -12,11 +12,14 @@ Rules:
 - The watch rescans every `HEARTBEAT_S`, and at once when a join or leave arrives on
   `EVENTS_CHANNEL`. Each scan reconciles: an unknown id → `add_worker`; a known id whose address or
   start time changed (a restarted worker) → `add_worker` again (it replaces); a known id →
-  `update_load`; a known id whose key is gone (clean leave, or TTL expiry after missed beats) →
-  `remove_worker`. So a new worker joins within one beat and a killed one leaves within about
-  `TTL_S` + one beat.
+  `update_load`; a known id whose key is gone (TTL expiry after missed beats, or a Redis that
+  restarted empty) → `remove_worker(id, expired=True)`. A "leave" event (a worker that drains and
+  exits) → `remove_worker(id)` at once. So a new worker joins within one beat; the membership
+  decides what an expiry means (the router's pool keeps a worker whose connection answers
+  heartbeats: it registers again by itself once Redis is back).
 - Redis unreachable during the watch: logged once per outage, the last view is kept (workers stay
-  routable; dispatch notices dead ones on its own), and the scan is retried every beat.
+  routable; the pool's connections notice dead ones on their own), and the scan is retried every
+  beat.
 - The view only reads Redis: any number of routers can watch one Redis.
 - An `add_worker` that raises is logged and retried on the next scan (the id is not marked known).
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 import redis.asyncio as aioredis
@@ -119,8 +123,8 @@ class ClusterView:
     async def _reconcile(self, live: dict[str, WorkerInfo]) -> None:
         for worker_id in [w for w in self.workers if w not in live]:
             del self.workers[worker_id]
-            logger.info("worker %s left", worker_id)
-            await self.membership.remove_worker(worker_id)
+            logger.info("worker %s: membership key gone", worker_id)
+            await self.membership.remove_worker(worker_id, expired=True)
         for worker_id, info in live.items():
             known = self.workers.get(worker_id)
             if known is not None and (known.zmq_addr, known.started_at) == (info.zmq_addr, info.started_at):
@@ -147,6 +151,19 @@ class ClusterView:
 
     # ------------------------------------------------------------------ events
 
+    async def _on_event(self, data: object) -> None:
+        """A "leave" removes the worker at once (it drains: no new requests go there)."""
+        try:
+            event = json.loads(data)  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return
+        if not isinstance(event, dict) or event.get("event") != "leave":
+            return
+        worker_id = event.get("worker_id")
+        if isinstance(worker_id, str) and self.workers.pop(worker_id, None) is not None:
+            logger.info("worker %s left", worker_id)
+            await self.membership.remove_worker(worker_id)
+
     async def _listen(self) -> None:
         """Wakes the scan on every join/leave event; reconnects after an outage."""
         while True:
@@ -156,6 +173,7 @@ class ClusterView:
                 while True:
                     msg = await pubsub.get_message(timeout=self.interval_s)
                     if msg is not None:
+                        await self._on_event(msg.get("data"))
                         self._wake.set()
             except (RedisError, OSError) as exc:
                 logger.debug("event subscription to %s lost: %s", self.redis_url, exc)

@@ -14,8 +14,13 @@ Rules:
   as long as nothing of it was yielded yet; with `restartable=True` (the consumer shows nothing
   before the end) also after outputs were yielded: RESTART is yielded first and the consumer
   starts over;
-- once outputs were yielded (and not restartable), a failure ends the unfinished samples with
-  finish_reason {"type": "abort", "message": ..., "status_code": 503};
+- once outputs were yielded (and not restartable), a failed request with one sample moves
+  (migration, unless `migrate=False`): another worker not yet tried gets the prompt plus the tokens
+  generated so far (`GenerateRequest.generated_ids`; it prefills them locally, the prefix cache
+  making that cheap, counts them as its own output for max/min_new_tokens, penalties and seeds, and
+  streams only what comes after), so the stream goes on without a gap and greedy output equals an
+  undisturbed run; moves count as attempts. Requests with n > 1, or with migration off, end the
+  unfinished samples with finish_reason {"type": "abort", "message": ..., "status_code": 503};
 - `request_timeout_s` bounds the whole request: the worker gets an AbortRequest and the caller a
   GenerationError 504 (nothing yielded yet) or abort finish reasons with status_code 504;
 - if the consumer stops early (client disconnect: CancelledError, or aclose: GeneratorExit) while
@@ -37,6 +42,7 @@ P has not answered yet, on P.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -98,8 +104,10 @@ class Dispatcher:
         request_timeout_s: float | None = None,
         metrics: RouterMetrics | None = None,
         pairing: Pairing | None = None,
+        migrate: bool = True,
     ):
         self.pool = pool
+        self.migrate = migrate
         self.metrics = metrics
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
@@ -134,11 +142,22 @@ class Dispatcher:
         tried = Tried()
         yielded = False
         last_failure = ""
+        sent = req  # what the attempts send: req, or req with the tokens generated so far (a move)
+        generated: list[int] = []  # sample 0's tokens yielded so far (what a move carries)
+        unfinished = set(range(num_samples))
         try:
             while True:
                 if deadline.passed:
                     raise GenerationError(504, deadline.message, "TimeoutError")
-                route = self._route(req, num_samples, tried, last_failure)
+                try:
+                    route = self._route(sent, num_samples, tried, last_failure)
+                except GenerationError as exc:
+                    if not yielded:
+                        raise
+                    message = f"The request could not move to another worker: {exc.message}"
+                    for index in sorted(unfinished):
+                        yield abort_output(req.rid, index, message, exc.status)
+                    return
                 tried.attempts += 1
                 tried.workers.add(route.worker.worker_id)
                 # a retry gets its own rid on the workers: a worker of the last attempt may still hold it
@@ -146,7 +165,7 @@ class Dispatcher:
                 queue = deadline.new_queue()  # per attempt: late outputs of an abandoned one stay out
                 attempt = _Attempt(route, wire_rid)
                 try:
-                    attempt.send(req, queue)
+                    attempt.send(sent, queue)
                 except _SendFailed as exc:
                     self._record_failure(exc.handle)
                     self._exclude(tried, route, exc.handle)
@@ -158,7 +177,8 @@ class Dispatcher:
                 self.pool.policy.on_dispatched(route.worker.worker_id, req.input_ids)
                 if route.prefill is not None:
                     self.pairing.prefill_policy.on_dispatched(route.prefill.worker_id, req.input_ids)
-                unfinished = set(range(num_samples))
+                if not yielded:
+                    unfinished = set(range(num_samples))
                 failed: WorkerHandle | None = None
                 failure = ""
                 try:
@@ -201,6 +221,11 @@ class Dispatcher:
                         yielded = True
                         if out.rid != req.rid:
                             out.rid = req.rid
+                        if sent is not req:  # a moved request: its prompt logprobs went out before
+                            out.input_token_logprobs = out.input_top_logprobs = None
+                            out.input_token_ids_logprobs = None
+                        if num_samples == 1:
+                            generated += out.token_ids
                         yield out
                 except (asyncio.CancelledError, GeneratorExit):
                     if unfinished:
@@ -218,6 +243,12 @@ class Dispatcher:
                 last_failure = failure
                 logger.warning("request %s failed on worker %s: %s", req.rid, failed.worker_id, failure)
                 if yielded and not restartable:
+                    if self.migrate and num_samples == 1:
+                        sent = dataclasses.replace(req, generated_ids=list(generated))
+                        if self.metrics is not None:
+                            self.metrics.migrations.inc()
+                        logger.info("request %s moves on with %d generated token(s)", req.rid, len(generated))
+                        continue
                     message = f"Worker {failed.worker_id} failed during the request: {failure}"
                     for index in sorted(unfinished):
                         yield abort_output(req.rid, index, message, 503)
@@ -250,7 +281,8 @@ class Dispatcher:
                 503, f"The request failed on {tried.attempts} attempt(s); last error: {last_failure}"
             )
         try:
-            route = self.pairing.route(req.input_ids, num_samples, tried)
+            # a moved request prefills its tokens where it streams from: no transfer of its KV
+            route = self.pairing.route(req.input_ids, num_samples, tried, local=bool(req.generated_ids))
         except NoWorkerAvailable as exc:
             if tried.attempts:
                 raise GenerationError(

@@ -26,13 +26,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pdserve.router.errors import error_type
+
 
 class GenerationError(Exception):
-    def __init__(self, status: int, message: str, err_type: str | None = None):
+    def __init__(
+        self, status: int, message: str, err_type: str | None = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.err_type = err_type or ("BadRequestError" if status == 400 else "ServiceUnavailableError")
+        self.err_type = err_type or error_type(status)
+        self.headers = headers or {}  # of the error response (Retry-After of a 429)
 
 
 @dataclass
@@ -47,6 +52,7 @@ class GenerateInput:
     logprob_start_len: int = -1
     token_ids_logprob: list[int] | None = None
     return_text_in_logprobs: bool = False
+    priority: int | None = None  # the router's admission queue order (router/admission.py)
 
 
 @dataclass

@@ -8,7 +8,11 @@ Names (prefix `pdserve_router_`):
   histograms over generation requests (native and OpenAI alike);
 - `prompt_tokens_total`, `generation_tokens_total`, `cached_tokens_total`, and the gauge
   `cache_hit_rate` (cached / prompt tokens since start);
-- `generation_requests_running`: requests in flight through this router;
+- `generation_requests_running`: requests in flight through this router (admitted: running on
+  workers); `generation_requests_queued`: requests waiting in the router's admission queue
+  (router/admission.py), `queue_time_seconds`: how long each admitted request waited there, and
+  `queue_rejections_total{reason}`: prompts answered 429 by it (`queue_full`, or `evicted` by a
+  request of higher priority);
 - `worker_failures_total{worker}` (server-side failures seen by dispatch) and `retries_total`
   (requests moved to another worker);
 - per worker: `worker_load{worker}` (queued + running, as last seen), `worker_inflight{worker}`
@@ -60,10 +64,30 @@ class RouterMetrics:
             f"{PREFIX}_cache_hit_rate", "Cached / prompt tokens since start", registry=r
         )
         self.running = Gauge(f"{PREFIX}_generation_requests_running", "Requests in flight", registry=r)
+        self.queued = Gauge(
+            f"{PREFIX}_generation_requests_queued", "Requests in the router's admission queue", registry=r
+        )
+        self.queue_time = Histogram(
+            f"{PREFIX}_queue_time_seconds",
+            "Time waited in the router's admission queue",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_rejections = Counter(
+            f"{PREFIX}_queue_rejections",
+            "Prompts answered 429 by the admission queue",
+            ["reason"],
+            registry=r,
+        )
         self.worker_failures = Counter(
             f"{PREFIX}_worker_failures", "Server-side worker failures", ["worker"], registry=r
         )
         self.retries = Counter(f"{PREFIX}_retries", "Requests moved to another worker", registry=r)
+        self.migrations = Counter(
+            f"{PREFIX}_migrations",
+            "Streams moved to another worker after tokens reached the client (a subset of retries)",
+            registry=r,
+        )
         self.worker_load = Gauge(f"{PREFIX}_worker_load", "Queued + running requests", ["worker"], registry=r)
         self.worker_inflight = Gauge(
             f"{PREFIX}_worker_inflight", "This router's requests on the worker", ["worker"], registry=r

@@ -54,7 +54,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except GenerationError as exc:
-        return error_response(exc.status, exc.message, exc.err_type)
+        return error_response(exc.status, exc.message, exc.err_type, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

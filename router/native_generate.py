@@ -28,6 +28,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.router.admission_gate import parse_priority
 from pdserve.router.errors import error_body
 from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
 from pdserve.router.limits import read_json_object
@@ -50,6 +51,9 @@ async def handle_generate(request: web.Request) -> web.StreamResponse:
     start = time.perf_counter()
     body = await read_json_object(request)
     req = parse_generate(body, state.encoder(), state.args.max_batch_size)
+    priority = parse_priority(body.get("priority"))  # one for every prompt (admission order)
+    for inp in req.inputs:
+        inp.priority = priority
     checked = [state.generator.check(inp) for inp in req.inputs]  # every prompt before any is sent
     views = _views(state, req, start)
     if req.stream:

@@ -60,7 +60,7 @@ def _worker_entry(h: WorkerHandle) -> dict[str, Any]:
         "zmq_addr": h.info.zmq_addr,
         "http_addr": h.info.http_addr,
         "connected": h.conn.connected,
-        "responding": not h.stalled,
+        "leaving": h.leaving,
         "circuit": h.breaker.state.name.lower(),
         "router_inflight": h.inflight,
         "num_running_reqs": load.num_running if load else None,
@@ -167,6 +167,8 @@ async def handle_get_load(request: web.Request) -> web.Response:
                 "num_evictable_pages": load.num_evictable_pages if load else None,
                 "num_total_pages": load.num_total_pages if load else None,
                 "router_inflight": h.inflight,
+                "num_steps": load.num_steps if load else None,
+                "generated_tokens": load.generated_tokens if load else None,
             }
         )
     return web.json_response(rows)

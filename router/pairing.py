@@ -75,15 +75,16 @@ class Pairing:
         self.local_prefill_threshold = local_prefill_threshold
         pool.role_policies += [prefill_policy, decode_policy]
 
-    def route(self, input_ids: Sequence[int], num_samples: int, tried: Tried) -> Route:
-        """The next attempt's route (breakers have let its workers through); NoWorkerAvailable if none."""
+    def route(self, input_ids: Sequence[int], num_samples: int, tried: Tried, local: bool = False) -> Route:
+        """The next attempt's route (breakers have let its workers through); NoWorkerAvailable if none.
+        `local`: no prefill partner (a moved request prefills where it streams from)."""
         decoders = [h for h in self.pool.candidates(tried.workers, "decode") if h.kv_addr]
         if not decoders:
             return Route(self.pool.pick(input_ids, tried.workers | self._decode_ids()))
         worker = self.pool.pick(
             input_ids, tried.workers | self._ids_not_in(decoders), "decode", self.decode_policy
         )
-        if num_samples > 1 or len(input_ids) < self.local_prefill_threshold:
+        if local or num_samples > 1 or len(input_ids) < self.local_prefill_threshold:
             return Route(worker)
         prefillers = [h for h in self.pool.candidates(tried.prefill, "prefill") if h.kv_addr]
         if not prefillers:

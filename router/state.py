@@ -3,6 +3,7 @@
     state = request.app[STATE_KEY]
     state.generator.stream(GenerateInput(...))     # router/generation.py's TextGenerator
     state.tokenizer, state.model_name, state.context_length, state.chat_template, state.pool
+    state.admission                                # the queue for running slots (router/admission_gate.py)
 
 Model facts (model_path, tokenizer_path, context_length, vocab size, model_type, architectures,
 weight_version) come from the first worker's ServerInfo; `--model-path`/`--tokenizer-path` take
@@ -23,6 +24,8 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.router.admission import AdmissionConfig, AdmissionQueue
+from pdserve.router.admission_gate import AdmissionGate
 from pdserve.router.dispatch import Dispatcher
 from pdserve.router.generation import GenerationError
 from pdserve.router.metrics import RouterMetrics
@@ -30,7 +33,9 @@ from pdserve.router.pairing import DEFAULT_LOCAL_PREFILL_THRESHOLD, Pairing
 from pdserve.router.policies import make_decode_policy, make_policy
 from pdserve.router.text_generator import RouterTextGenerator
 from pdserve.router.tokenizer_fast import Encoder, fast_encoder
+from pdserve.router.worker_conn import Heartbeat
 from pdserve.router.worker_pool import PoolConfig, WorkerPool
+from pdserve.shared.args import EngineArgs
 from pdserve.shared.protocol import ServerInfo
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,9 @@ class RouterArgs:
     api_key: str | None = None
     admin_api_key: str | None = None
     request_timeout: float | None = None  # seconds; None: no limit
+    max_queued_requests: int | None = None  # router/admission.py's queue bound; None: none
+    enable_priority_scheduling: bool = False  # order that queue by the requests' `priority`
+    schedule_low_priority_values_first: bool = False  # smaller priority values first (SGLang's flag)
     max_body_bytes: int = 32 * 1024 * 1024
     max_batch_size: int = 256
     model_path: str | None = None
@@ -61,8 +69,9 @@ class RouterArgs:
     chat_template: str | None = None  # a file path (or an inline Jinja template)
     preferred_sampling_params: str | None = None  # JSON object
     log_level: str = "info"
-    max_attempts: int = 3  # workers tried per request before giving up
-    worker_liveness_timeout: float = 5.0
+    max_attempts: int = 3  # workers tried per request before giving up (a move counts as one)
+    disable_migration: bool = False  # a stream whose worker dies ends with an error instead of moving
+    worker_liveness_timeout: float = 3.0  # seconds without a heartbeat answer: the worker is gone
     load_poll_interval: float = 0.5
     breaker_failure_threshold: int = 3
     breaker_cooldown: float = 10.0
@@ -80,6 +89,10 @@ class RouterArgs:
         for name in ("max_body_bytes", "max_batch_size", "max_attempts", "breaker_failure_threshold"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.worker_liveness_timeout <= 0:
+            raise ValueError("--worker-liveness-timeout must be > 0")
+        if self.max_queued_requests is not None and self.max_queued_requests < 0:
+            raise ValueError("--max-queued-requests must be >= 0")
         if self.request_timeout is not None and self.request_timeout <= 0:
             raise ValueError("--request-timeout must be > 0")
 
@@ -148,7 +161,7 @@ class RouterState:
             make_policy(args.policy),
             PoolConfig(
                 poll_interval_s=args.load_poll_interval,
-                liveness_s=args.worker_liveness_timeout,
+                heartbeat=Heartbeat(timeout_s=args.worker_liveness_timeout),
                 breaker_failure_threshold=args.breaker_failure_threshold,
                 breaker_cooldown_s=args.breaker_cooldown,
             ),
@@ -162,7 +175,27 @@ class RouterState:
             args.local_prefill_threshold,
         )
         self.dispatcher = Dispatcher(
-            self.pool, args.max_attempts, args.request_timeout, self.metrics, self.pairing
+            self.pool,
+            args.max_attempts,
+            args.request_timeout,
+            self.metrics,
+            self.pairing,
+            migrate=not args.disable_migration,
+        )
+        # Without a bound or priorities the router has no use for a queue: requests go to the
+        # workers at once and wait in theirs (as SGLang's scheduler queues them).
+        queueing = args.max_queued_requests is not None or args.enable_priority_scheduling
+        self.admission = AdmissionGate(
+            AdmissionQueue(
+                AdmissionConfig(
+                    args.max_queued_requests,
+                    args.enable_priority_scheduling,
+                    args.schedule_low_priority_values_first,
+                ),
+                self.cluster_slots if queueing else lambda: None,
+            ),
+            self.metrics,
+            args.request_timeout,
         )
         self.preferred_sampling_params: dict[str, Any] | None = (
             parse_preferred_sampling_params(args.preferred_sampling_params)
@@ -217,6 +250,16 @@ class RouterState:
         """The smallest KV pool of the workers that can serve (a prompt must fit any of them)."""
         sizes = [h.server_info.max_total_num_tokens for h in self.pool.workers.values() if h.server_info]
         return min(sizes) if sizes else 0
+
+    def cluster_slots(self) -> int | None:
+        """Requests the workers that stream them can run at once (the sum of their
+        `max_running_requests`): the admission queue's capacity; None while there is none."""
+        slots = [
+            int(h.server_info.args.get("max_running_requests", EngineArgs.max_running_requests))
+            for h in self.pool.workers.values()
+            if h.can_serve and h.server_info is not None
+        ]
+        return sum(slots) if slots else None
 
     def learn(self, info: ServerInfo) -> None:
         """Called by the pool for each ServerInfo; the first one sets the model facts."""

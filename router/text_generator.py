@@ -13,6 +13,9 @@ Rules (beyond generation.py's):
   request is retried on another worker from scratch (nothing was shown yet);
 - when stop strings have ended every sample while the worker still runs some of them, the worker
   gets an AbortRequest (through dispatch's close) and the stream ends;
+- each prompt takes a slot of the admission queue (router/admission.py) before it is sent and gives
+  it back when its stream closes (finished, failed, aborted, cancelled); while it waits for one it
+  is queued: 429 when the queue is full, 504 past `--request-timeout`;
 - metrics: time to first token (first output with tokens), gaps between outputs, end-to-end
   latency and token counts of each request that completes.
 """
@@ -108,52 +111,58 @@ class RouterTextGenerator:
                 for i in range(num_samples)
             ]
 
-        # The trackers are built while the worker computes: this callback runs once the handler
-        # waits for the first output, after the request was sent (the handler does not yield to
-        # the loop before that). The first output builds them if it somehow came first.
-        samples: list[SampleTracker] = []
-        asyncio.get_running_loop().call_soon(lambda: samples or samples.extend(fresh()))
-        unfinished = num_samples
-        start = time.perf_counter()
-        last_output_at: float | None = None
-        metrics.running.inc()
+        start = time.perf_counter()  # latencies include the time waited in the router's queue
+        # a slot of the cluster's running requests (router/admission_gate.py): 429 when the queue is
+        # full, 504 past --request-timeout; admitted at once, this does not yield to the loop
+        ticket = await self._state.admission.acquire(inp.priority)
         try:
-            outputs = self._state.dispatcher.run(msg, num_samples, restartable=buffered)
-            async with contextlib.aclosing(outputs):
-                async for item in outputs:
-                    if item is RESTART:
-                        samples[:] = fresh()
-                        unfinished = num_samples
-                        continue
-                    if not samples:
-                        samples.extend(fresh())
-                    if item.token_ids:
-                        now = time.perf_counter()
-                        if last_output_at is None:
-                            metrics.ttft.observe(now - start)
+            # The trackers are built while the worker computes: this callback runs once the handler
+            # waits for the first output, after the request was sent (the handler does not yield to
+            # the loop before that). The first output builds them if it somehow came first.
+            samples: list[SampleTracker] = []
+            asyncio.get_running_loop().call_soon(lambda: samples or samples.extend(fresh()))
+            unfinished = num_samples
+            last_output_at: float | None = None
+            metrics.running.inc()
+            try:
+                outputs = self._state.dispatcher.run(msg, num_samples, restartable=buffered)
+                async with contextlib.aclosing(outputs):
+                    async for item in outputs:
+                        if item is RESTART:
+                            samples[:] = fresh()
+                            unfinished = num_samples
+                            continue
+                        if not samples:
+                            samples.extend(fresh())
+                        if item.token_ids:
+                            now = time.perf_counter()
+                            if last_output_at is None:
+                                metrics.ttft.observe(now - start)
+                            else:
+                                metrics.itl.observe(now - last_output_at)
+                            last_output_at = now
+                        tracker = samples[item.index]
+                        if tracker.done:
+                            continue  # a stop string ended it; the worker's later outputs are dropped
+                        if buffered:
+                            tracker.absorb(item)
                         else:
-                            metrics.itl.observe(now - last_output_at)
-                        last_output_at = now
-                    tracker = samples[item.index]
-                    if tracker.done:
-                        continue  # a stop string ended it; the worker's later outputs are dropped
-                    if buffered:
-                        tracker.absorb(item)
-                    else:
-                        yield tracker.apply(item)
-                    if tracker.done:
-                        unfinished -= 1
-                        if not unfinished:
-                            break  # leaving aborts what the worker still runs (stop strings)
-            if buffered:
-                for tracker in samples:
-                    yield tracker.summary_event()
+                            yield tracker.apply(item)
+                        if tracker.done:
+                            unfinished -= 1
+                            if not unfinished:
+                                break  # leaving aborts what the worker still runs (stop strings)
+                if buffered:
+                    for tracker in samples:
+                        yield tracker.summary_event()
+            finally:
+                metrics.running.dec()
+                if not unfinished:
+                    metrics.observe_request_done(
+                        time.perf_counter() - start,
+                        sum(s.prompt_tokens for s in samples[:1]),
+                        sum(len(s.output_ids) for s in samples),
+                        sum(s.cached_tokens for s in samples[:1]),
+                    )
         finally:
-            metrics.running.dec()
-            if not unfinished:
-                metrics.observe_request_done(
-                    time.perf_counter() - start,
-                    sum(s.prompt_tokens for s in samples[:1]),
-                    sum(len(s.output_ids) for s in samples),
-                    sum(s.cached_tokens for s in samples[:1]),
-                )
+            self._state.admission.release(ticket)  # admits the next queued request

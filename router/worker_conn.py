@@ -21,10 +21,17 @@ Rules:
   (a task would add a turn, and pyzmq's future machinery some 20 us, per frame). ZMQ's descriptor
   signals edges, so every read takes all frames waiting, and every send (which may consume the
   edge of frames that arrived meanwhile) checks whether frames wait;
-- `last_seen` is the monotonic time of the last frame received: the pool's liveness check;
-- when the TCP connection drops (the worker died or closed), every subscribed queue gets a
-  StreamFailure at once and `connected` turns False; ZMQ reconnects by itself when the worker is
-  back at the same address, and `connected` turns True again;
+- liveness is the connection's, apart from the worker's progress: ZMTP heartbeats (`Heartbeat`)
+  are sent and answered by libzmq's I/O threads, on both sides, so a worker whose loop is busy in
+  a long step (a long prefill, a weights update, a graph capture) still answers them, while a
+  frozen process (SIGSTOP), a vanished host or a cut network misses them and the connection is
+  closed after `Heartbeat.timeout_s`. A killed process's kernel closes the TCP connection at once;
+- when the connection drops (either way), every subscribed queue gets a StreamFailure at once and
+  `connected` turns False; ZMQ reconnects by itself when the worker is back at the same address
+  (or thaws), and `connected` turns True again once the handshake completes;
+- the rids whose streams a dropped connection failed get an AbortRequest once the connection is
+  back (a frozen worker that thaws would otherwise run requests that moved on, for nobody);
+- `last_seen` is the monotonic time of the last frame received (progress, for /get_load);
 - `close()` fails every subscribed queue and waiting query, then closes the sockets; outputs
   received before a failure reach their queues before the StreamFailure does.
 """
@@ -67,6 +74,22 @@ _EVENTS = int(zmq.EVENTS)
 R = TypeVar("R", bound=Message)
 
 
+@dataclass(frozen=True)
+class Heartbeat:
+    """ZMTP heartbeats of a connection: a PING every `interval_s`; no traffic for `timeout_s` closes it.
+
+    The worker is told the same timeout (ZMTP's TTL), so it drops a frozen router's connection too."""
+
+    interval_s: float = 0.5
+    timeout_s: float = 3.0
+
+    def apply(self, sock: zmq.Socket) -> None:
+        sock.setsockopt(zmq.HEARTBEAT_IVL, max(1, round(self.interval_s * 1000)))
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(1, round(self.timeout_s * 1000)))
+        # the TTL travels in deciseconds (at most 6553.5 s)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, min(655_300, max(100, round(self.timeout_s * 1000))))
+
+
 class WorkerUnavailable(Exception):
     """The worker cannot take a message now (not connected, or its send queue is full)."""
 
@@ -79,10 +102,14 @@ class StreamFailure:
 
 
 class WorkerConnection:
-    def __init__(self, ctx: zmq.asyncio.Context, address: str, name: str = ""):
+    def __init__(
+        self, ctx: zmq.asyncio.Context, address: str, name: str = "", heartbeat: Heartbeat | None = None
+    ):
         self.address = address
         self.name = name or address
+        self.heartbeat = heartbeat or Heartbeat()
         self._sock = zmq.Socket(ctx, zmq.DEALER)  # a plain socket: read from the loop's fd callback
+        self.heartbeat.apply(self._sock)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
         self._sock.setsockopt(zmq.SNDHWM, SEND_HWM)
@@ -97,6 +124,7 @@ class WorkerConnection:
         self._fresh: set[str] = set()  # subscribed rids with no output received yet
         self._pending = PendingOutputs()  # received outputs not yet in their queues
         self._replies: dict[tuple[type[Message], int], asyncio.Future] = {}
+        self._orphans: set[str] = set()  # rids failed by a dropped connection: aborted when it is back
         self._query_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -276,10 +304,19 @@ class WorkerConnection:
                 self.connected = True
                 self.last_seen = time.monotonic()
                 logger.info("connected to worker %s at %s", self.name, self.address)
+                orphans, self._orphans = self._orphans, set()
+                for rid in orphans:
+                    self.send_abort(
+                        rid, "The router lost its connection to this worker; the request moved on."
+                    )
             elif kind in (zmq.EVENT_DISCONNECTED, zmq.EVENT_CLOSED) and self.connected:
                 self.connected = False
                 self.times_disconnected += 1
-                lost = self.fail_streams(f"lost the connection to worker {self.name}")
+                self._orphans.update(self._streams)
+                lost = self.fail_streams(
+                    f"lost the connection to worker {self.name} (it exited, or answered no heartbeat "
+                    f"for {self.heartbeat.timeout_s:g} s)"
+                )
                 logger.warning("worker %s disconnected (%d request(s) in flight)", self.name, lost)
             elif kind == zmq.EVENT_MONITOR_STOPPED:
                 return

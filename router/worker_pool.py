@@ -10,17 +10,25 @@
 Rules:
 - a worker becomes a candidate once its ServerInfo arrived (asked for right after connecting, and
   again every poll until it answers): the router needs the model facts it carries;
-- a candidate is: connected, not stalled, its role can generate (mixed, or decode: a decode
+- a candidate is: connected, not leaving, its role can generate (mixed, or decode: a decode
   worker prefills locally what comes without a prefill partner), its circuit breaker allows it,
   and not in `exclude` (workers already tried for this request); `role="prefill"` asks for prefill
   workers instead (they only ever serve half of a pair, router/pairing.py);
-- every `poll_interval_s` each worker gets a LoadQuery. A worker that has requests of this router
-  in flight and has sent nothing at all (no outputs, no load replies) for `liveness_s` is stalled:
-  its requests fail (and are retried elsewhere by dispatch), it takes no new ones until it answers
-  again (any frame: it is a candidate again from the next choice on, not the next poll tick);
-- `remove_worker` fails the worker's in-flight requests at once (dispatch retries them) and
-  closes its connection; `add_worker` of a known id with the same address and start time only
-  refreshes its info, otherwise it replaces the old connection;
+- alive and busy are different facts. Alive is the connection's (router/worker_conn.py): ZMTP
+  heartbeats answered by the worker's ZMQ I/O thread, which a long step cannot silence; a worker
+  that dies, freezes or vanishes loses its connection within `Heartbeat.timeout_s`, and its
+  requests fail at once (dispatch retries or moves them). Busy is progress: a worker that is
+  alive but slow is never failed for it; a request that waits too long ends by its own deadline
+  (`--request-timeout`, dispatch.py);
+- every `poll_interval_s` each connected worker gets a LoadQuery (one at a time: a worker in a
+  long step answers late, and its last report stands meanwhile);
+- `remove_worker(id)`: the worker left (drains): it takes no new requests, keeps the streams it
+  runs until they end, and is dropped then (or when its connection drops, which fails them);
+  `remove_worker(id, expired=True)`: its membership key expired. A worker whose connection is
+  still up (heartbeats answered) is kept: Redis restarted or is unreachable from the worker, and
+  the worker registers again by itself; otherwise it is dropped and its requests fail at once;
+- `add_worker` of a known id with the same address and start time only refreshes its info (and
+  takes back a leave), otherwise it replaces the old connection;
 - static workers (`add_static`) are keyed by their address until their ServerInfo names them.
 """
 
@@ -37,7 +45,7 @@ import zmq.asyncio
 
 from pdserve.router.circuit_breaker import BreakerState, CircuitBreaker
 from pdserve.router.policies import Policy
-from pdserve.router.worker_conn import WorkerConnection, WorkerUnavailable
+from pdserve.router.worker_conn import Heartbeat, WorkerConnection, WorkerUnavailable
 from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.protocol import LoadQuery, LoadReport, ServerInfo, ServerInfoQuery
 
@@ -55,7 +63,7 @@ class NoWorkerAvailable(Exception):
 @dataclass
 class PoolConfig:
     poll_interval_s: float = 0.5
-    liveness_s: float = 5.0
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
     query_timeout_s: float = 5.0
     breaker_failure_threshold: int = 3
     breaker_cooldown_s: float = 10.0
@@ -69,7 +77,8 @@ class WorkerHandle:
     server_info: ServerInfo | None = None
     last_load: LoadReport | None = None
     inflight: int = 0  # requests of this router on the worker now
-    stalled: bool = False
+    leaving: bool = False  # it left the cluster (drains): no new requests
+    load_query_pending: bool = False
     added_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -104,7 +113,7 @@ class WorkerHandle:
 
     @property
     def live(self) -> bool:
-        return self.server_info is not None and self.conn.connected and not self.stalled
+        return self.server_info is not None and self.conn.connected and not self.leaving
 
     @property
     def can_serve(self) -> bool:
@@ -159,10 +168,13 @@ class WorkerPool:
         old = self.workers.get(info.worker_id)
         if old is not None and old.info.zmq_addr == info.zmq_addr and old.info.started_at == info.started_at:
             old.info = info
+            old.leaving = False
             return
         if old is not None:
             await self._drop(old, f"worker {info.worker_id} was replaced (restarted)")
-        conn = WorkerConnection(self._ctx, info.zmq_addr, name=info.worker_id)
+        conn = WorkerConnection(
+            self._ctx, info.zmq_addr, name=info.worker_id, heartbeat=self.config.heartbeat
+        )
         breaker = CircuitBreaker(self.config.breaker_failure_threshold, self.config.breaker_cooldown_s)
         handle = WorkerHandle(info=info, conn=conn, breaker=breaker)
         self.workers[info.worker_id] = handle
@@ -170,9 +182,24 @@ class WorkerPool:
         logger.info("worker %s (%s) added at %s", info.worker_id, info.role, info.zmq_addr)
         self._spawn(self._fetch_server_info(handle), f"server-info-{info.worker_id}")
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def remove_worker(self, worker_id: str, expired: bool = False) -> None:
         handle = self.workers.get(worker_id)
-        if handle is not None:
+        if handle is None:
+            return
+        if expired:
+            if handle.conn.connected:
+                logger.warning(
+                    "worker %s: its membership key expired but it answers heartbeats; kept", worker_id
+                )
+                return
+            await self._drop(handle, f"worker {worker_id} is gone (membership expired, not connected)")
+            return
+        if not handle.leaving:
+            logger.info(
+                "worker %s left the cluster (%d stream(s) finish there)", worker_id, handle.conn.num_streams
+            )
+        handle.leaving = True
+        if handle.conn.num_streams == 0:
             await self._drop(handle, f"worker {worker_id} left the cluster")
 
     def update_load(self, info: WorkerInfo) -> None:
@@ -211,9 +238,6 @@ class WorkerPool:
     def candidates(
         self, exclude: set[str] | frozenset[str] = frozenset(), role: str | None = None
     ) -> list[WorkerHandle]:
-        for h in self.workers.values():
-            if h.stalled:  # one that answered since the last poll tick is a candidate again now
-                self._check_liveness(h)
         return [
             h
             for h in self.workers.values()
@@ -252,8 +276,8 @@ class WorkerPool:
                 state = "not answering yet"
             elif not h.conn.connected:
                 state = "not connected"
-            elif h.stalled:
-                state = "not responding"
+            elif h.leaving:
+                state = "leaving the cluster"
             elif h.role not in GENERATE_ROLES:
                 state = f"role {h.role} cannot run whole requests (it needs a decode partner)"
             elif h.breaker.state != BreakerState.CLOSED:
@@ -270,7 +294,7 @@ class WorkerPool:
         """Live (connected, answering) workers by role."""
         roles: dict[str, list[str]] = {"mixed": [], "prefill": [], "decode": []}
         for h in self.workers.values():
-            if h.server_info is not None and h.conn.connected and not h.stalled:
+            if h.live:
                 roles.setdefault(h.role, []).append(h.worker_id)
         return roles
 
@@ -314,28 +338,16 @@ class WorkerPool:
         while True:
             await asyncio.sleep(self.config.poll_interval_s)
             for handle in list(self.workers.values()):
-                self._check_liveness(handle)
-                if handle.conn.connected:
+                if handle.leaving and handle.conn.num_streams == 0:
+                    await self._drop(handle, f"worker {handle.worker_id} left the cluster")
+                elif handle.conn.connected and not handle.load_query_pending:
                     self._spawn(self._poll_load(handle), f"load-{handle.worker_id}")
 
     async def _poll_load(self, handle: WorkerHandle) -> None:
-        with contextlib.suppress(WorkerUnavailable, TimeoutError, asyncio.TimeoutError):
-            handle.last_load = await handle.conn.query(
-                LoadQuery(), LoadReport, max(self.config.poll_interval_s * 4, 1.0)
-            )
-
-    def _check_liveness(self, handle: WorkerHandle) -> None:
-        silent_for = time.monotonic() - handle.conn.last_seen
-        if silent_for < self.config.liveness_s:
-            if handle.stalled:
-                logger.info("worker %s answers again", handle.worker_id)
-            handle.stalled = False
-            return
-        if handle.stalled or not handle.conn.connected:
-            return
-        handle.stalled = True
-        lost = handle.conn.fail_streams(
-            f"worker {handle.worker_id} sent nothing for {silent_for:.1f} s (liveness window "
-            f"{self.config.liveness_s:g} s)"
-        )
-        logger.warning("worker %s is not responding; %d request(s) moved on", handle.worker_id, lost)
+        handle.load_query_pending = True
+        try:
+            handle.last_load = await handle.conn.query(LoadQuery(), LoadReport, self.config.query_timeout_s)
+        except (WorkerUnavailable, TimeoutError, asyncio.TimeoutError):
+            pass  # busy in a long step, or gone: the last report stands
+        finally:
+            handle.load_query_pending = False

@@ -94,7 +94,10 @@ class WorkerRegistration:
         self._thread.start()
 
     def close(self, timeout_s: float = 2.0) -> None:
-        """Stops beating, deletes the key and announces the leave (best effort when Redis is down)."""
+        """Stops beating, deletes the key and announces the leave (best effort when Redis is down).
+        Only the first call does anything (a draining worker leaves before its sockets close)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout_s)

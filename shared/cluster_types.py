@@ -59,11 +59,13 @@ class Membership(Protocol):
     """The router's side of membership: whatever watches the cluster (Redis, a static list) calls these.
 
     add_worker is idempotent (a known worker_id with a new zmq_addr is replaced); remove_worker of an
-    unknown id is a no-op; update_load refreshes the load fields of a known worker.
+    unknown id is a no-op: `expired=False` means the worker said it leaves, `expired=True` that its
+    key is gone without a word (missed beats, or Redis lost it: the membership decides from its own
+    evidence, e.g. a live connection); update_load refreshes the load fields of a known worker.
     """
 
     async def add_worker(self, info: WorkerInfo) -> None: ...
 
-    async def remove_worker(self, worker_id: str) -> None: ...
+    async def remove_worker(self, worker_id: str, expired: bool = False) -> None: ...
 
     def update_load(self, info: WorkerInfo) -> None: ...

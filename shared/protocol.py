@@ -84,6 +84,11 @@ class GenerateRequest(Message):
     logprob_start_len: int = -1
     token_ids_logprob: list[int] | None = None
     stream: bool = True
+    # Tokens this request already generated on a worker that died (the router moves a request that
+    # streamed tokens to another worker): the engine holds them as its own output (their KV is
+    # computed with the prompt's; they count against max/min_new_tokens, penalties and seeds) and
+    # reports only the tokens after them. n must be 1.
+    generated_ids: list[int] | None = None
 
 
 @dataclass
@@ -106,10 +111,6 @@ class FlushCacheRequest(Message):
 
 
 # ---------------------------------------------------------------- router -> prefill / decode worker
-# NOTE (router helper, 19:07): these three messages were RECONSTRUCTED from their uses in prefill/,
-# decode/, shared/worker/mixed.py and tests/helpers/pd_pair.py after an accidental revert of this
-# file wiped the kvtransfer helper's uncommitted edits. Field names follow those uses; tags,
-# docstrings and any unused fields of the original are guesses: check against your version.
 
 
 @dataclass
@@ -217,6 +218,9 @@ class LoadReport(Message):
     page_size: int = 0
     num_used_tokens: int = 0
     max_total_num_tokens: int = 0
+    # progress, apart from liveness (which the connection's heartbeats prove): counters that grow
+    num_steps: int = 0
+    generated_tokens: int = 0
 
 
 @dataclass

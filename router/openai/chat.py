@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.router.admission_gate import parse_priority
 from pdserve.router.generation import GenerationError, SampleEvent
 from pdserve.router.limits import read_json
 from pdserve.router.openai.chat_template import render_chat
@@ -47,7 +48,9 @@ def chat_prompt(state: RouterState, tokenizer: Any, req: ChatRequest) -> list[in
 async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
     state = router_state(request)
     try:
-        req = parse_chat_request(await read_json(request))
+        body = await read_json(request)
+        req = parse_chat_request(body)
+        priority = parse_priority(body.get("priority"))  # SGLang's extra field (admission order)
         facts = state.require_ready()  # 503 until a worker and the tokenizer are known
         tokenizer = state.require_tokenizer()
         ids = chat_prompt(state, tokenizer, req)
@@ -56,6 +59,7 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
         inp = make_generate_input(
             req.rid or rid, ids, req.sampling, req.max_tokens, facts.context_length, top
         )
+        inp.priority = priority
     except (OpenAIRequestError, GenerationError) as exc:
         return openai_error(exc)
     created, model = int(time.time()), req.model or state.model_name

@@ -19,7 +19,7 @@ def router_state(request: web.Request) -> RouterState:
 def openai_error(exc: OpenAIRequestError | GenerationError) -> web.Response:
     if isinstance(exc, OpenAIRequestError):
         return error_response(exc.status, exc.message, param=exc.param)
-    return error_response(exc.status, exc.message, exc.err_type)
+    return error_response(exc.status, exc.message, exc.err_type, headers=exc.headers)
 
 
 def token_decoder(tokenizer: Any):

@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pdserve.router.admission_gate import parse_priority
 from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
 from pdserve.router.limits import check_batch_size, read_json
 from pdserve.router.openai.common import openai_error, router_state, token_decoder
@@ -64,7 +65,9 @@ def choice_logprobs(choice: ChoiceState, echo_text: str | None, decode, with_top
 async def handle_completions(request: web.Request) -> web.StreamResponse:
     state = router_state(request)
     try:
-        req = parse_completion_request(await read_json(request))
+        body = await read_json(request)
+        req = parse_completion_request(body)
+        priority = parse_priority(body.get("priority"))  # SGLang's extra field (admission order)
         check_batch_size(len(req.prompts), state.args.max_batch_size)
         facts = state.require_ready()  # 503 until a worker and the tokenizer are known
         tokenizer = state.require_tokenizer()
@@ -72,6 +75,8 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         ids = [prompt_ids(encode, p) for p in req.prompts]
         rid = new_id("cmpl")
         inputs = build_inputs(req, ids, rid, facts.context_length)
+        for inp in inputs:
+            inp.priority = priority
     except (OpenAIRequestError, GenerationError) as exc:
         return openai_error(exc)
     created, model = int(time.time()), req.model or state.model_name

@@ -188,7 +188,7 @@ async def stream_choices(
             await sse.send(usage_chunk(spec.rid, spec.created, spec.model, spec.obj, usage))
     except GenerationError as exc:
         if not sse.started:
-            return error_response(exc.status, exc.message, exc.err_type)
+            return error_response(exc.status, exc.message, exc.err_type, headers=exc.headers)
         try:
             await sse.send(error_event(exc.status, exc.message, exc.err_type))
         except ClientGone:

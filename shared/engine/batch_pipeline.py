@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from pdserve.shared.engine.fault_injection import SlowStep
 from pdserve.shared.engine.in_flight import LaunchedDecode
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.request import Req
@@ -46,6 +47,7 @@ class BatchPipeline:
     """Owns the decode step in flight (at most one); `overlap` False runs every batch in order."""
 
     def __init__(self, scheduler: Scheduler, runner: ModelRunner, stats: EngineStats, overlap: bool):
+        self.slow_step = SlowStep.from_env()  # a test-only fault, off unless the environment sets it
         self.scheduler = scheduler
         self.runner = runner
         self.stats = stats
@@ -61,6 +63,8 @@ class BatchPipeline:
         batch = self.scheduler.schedule()
         # requests the scheduler stopped itself (a lone request that outgrew the pool) are in no batch
         stopped = self.scheduler.take_stopped()
+        if batch is not None and self.slow_step is not None:
+            self.slow_step.before_forward(batch.reqs)
         if batch is None:
             progressed += self.drain()
         elif batch.kind == BatchKind.EXTEND:

@@ -28,7 +28,7 @@ from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.output import build_output
 from pdserve.shared.engine.radix_cache import RadixListener
-from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.request import Req, resume
 from pdserve.shared.engine.request_validation import RequestError, validate_request
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, SchedulerConfig
@@ -63,6 +63,7 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     num_retractions: int = 0
+    num_steps: int = 0
 
 
 def overlap_schedule_default(args: EngineArgs) -> bool:
@@ -156,6 +157,8 @@ class Engine:
             page_size=self.args.page_size,
             num_used_tokens=used_pages * self.args.page_size,
             max_total_num_tokens=self.max_total_num_tokens,
+            num_steps=self.stats.num_steps,
+            generated_tokens=self.stats.generated_tokens,
         )
 
     # ------------------------------------------------------------------ requests
@@ -189,6 +192,8 @@ class Engine:
                 logprob_start_len=msg.logprob_start_len,
                 token_ids_logprob=list(msg.token_ids_logprob) if msg.token_ids_logprob else None,
             )
+            if msg.generated_ids:
+                resume(req, msg.generated_ids)
             samples.append(req)
         return samples
 
@@ -215,6 +220,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that gained tokens or finished (with
         overlap: those of the decode step launched in the previous call; batch_pipeline.py)."""
+        self.stats.num_steps += 1
         return [self._emit(r) for r in self.pipeline.step()]
 
     def _emit(self, req: Req) -> RequestOutput:

@@ -105,3 +105,17 @@ class Req:
     def finish(self, reason: dict[str, Any]) -> None:
         self.finish_reason = reason
         self.status = ReqStatus.FINISHED
+
+
+def resume(req: Req, generated_ids: list[int]) -> None:
+    """Makes a new request continue one that generated `generated_ids` elsewhere (a moved request):
+    they become its output, already reported, with no KV yet (like a retracted request, the first
+    prefill computes prompt and outputs together). Their logprobs went out with the old request:
+    placeholders keep the lists aligned with output_ids."""
+    k = len(generated_ids)
+    req.output_ids = list(generated_ids)
+    req.num_sent = k
+    req.output_token_logprobs = [(None, t) for t in generated_ids]  # type: ignore[misc]
+    req.output_top_logprobs = [[] for _ in range(k)]
+    req.output_token_ids_logprobs = [[] for _ in range(k)]
+    req.input_logprobs_done = True

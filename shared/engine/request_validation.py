@@ -64,4 +64,19 @@ def validate_request(
         or not all(_is_int(t) and 0 <= t < vocab_size for t in msg.token_ids_logprob)
     ):
         raise RequestError(f"token_ids_logprob must be a list of token ids in [0, {vocab_size}).")
+    _check_generated_ids(msg.generated_ids, params, vocab_size)
     return params
+
+
+def _check_generated_ids(generated: list | None, params: SamplingParams, vocab_size: int) -> None:
+    """Tokens a moved request generated before (protocol.GenerateRequest.generated_ids)."""
+    if generated is None:
+        return
+    if not isinstance(generated, list) or (generated and not _are_token_ids(generated, vocab_size)):
+        raise RequestError(f"generated_ids must be a list of token ids in [0, {vocab_size}).")
+    if params.n != 1:
+        raise RequestError("generated_ids needs n = 1 (each sample moves on its own).")
+    if len(generated) >= params.max_new_tokens:
+        raise RequestError(
+            f"generated_ids holds {len(generated)} tokens: max_new_tokens ({params.max_new_tokens}) leaves none to generate."
+        )

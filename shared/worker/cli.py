@@ -18,7 +18,8 @@ Start-up order (so probes and clients see sensible states at every moment):
      that line: routers see the worker only once it is ready, and a clean exit deletes its key;
      mixed and prefill workers also publish their radix cache's KV events (shared/kv_events.py)
      for the routers' prefix index, started just before the heartbeat and withdrawn after it;
-  5. the loop (mixed.py, or the role's worker.py) until a signal; then intake stops, live requests
+  5. the loop (mixed.py, or the role's worker.py) until a signal; then it drains: it leaves the
+     cluster, intake stops, and live requests get `--drain-timeout` seconds to finish; those left
      are aborted (their clients get abort outputs; their transfers are aborted), the KV manager and
      the sockets close, exit status 0. A second signal exits at once with status 1.
 
@@ -50,6 +51,7 @@ from pdserve.shared.cluster import WorkerRegistration, advertise_host, default_w
 from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.worker.http_server import HealthMetricsServer, HealthState
 from pdserve.shared.worker.metrics import WorkerMetrics
+from pdserve.shared.worker.mixed import DEFAULT_SHUTDOWN_DRAIN_S
 from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S
 from pdserve.shared.worker.zmq_io import RouterSocket, tcp_address
 
@@ -83,6 +85,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=DEFAULT_DRAIN_TIMEOUT_S,
         help="seconds a weights update waits for running requests before aborting them",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=DEFAULT_SHUTDOWN_DRAIN_S,
+        help="on SIGTERM: seconds running requests get to finish (after leaving the cluster) before "
+        "they are aborted (a router moves them to another worker)",
     )
     parser.add_argument(
         "--kv-transfer-backend",
@@ -144,6 +153,7 @@ def worker_flags(
         "worker_id": worker_id,
         "advertise_host": ns.advertise_host,
         "update_weights_drain_timeout": ns.update_weights_drain_timeout,
+        "drain_timeout": ns.drain_timeout,
         **(
             {
                 "kv_transfer_backend": ns.kv_transfer_backend,
@@ -311,6 +321,7 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
             worker_flags=worker_flags(ns, zmq_port, bound_http_port, worker_id, kv_addr),
             registration=registration,
             drain_timeout_s=ns.update_weights_drain_timeout,
+            shutdown_drain_s=ns.drain_timeout,
         ).serve()
     finally:
         if registration is not None:  # first: routers stop sending before the sockets close
@@ -337,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if ns.num_reserved_decode_tokens < 0:
         print("worker: --num-reserved-decode-tokens must be >= 0", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.drain_timeout < 0:
+        print("worker: --drain-timeout must be >= 0 seconds", file=sys.stderr)
         return EXIT_USAGE
     if ns.kv_transfer_timeout is not None and ns.kv_transfer_timeout <= 0:
         print("worker: --kv-transfer-timeout must be > 0 seconds", file=sys.stderr)

@@ -19,9 +19,14 @@ Each turn of the loop:
   5. publishes a metrics snapshot (every `metrics_interval_s`, and at once when the engine goes idle),
      and the load numbers to the Redis heartbeat when the worker is registered.
 
-Shutdown (`stop` set by SIGTERM/SIGINT): frames still queued are handled with intake closed (new
-GenerateRequests get "worker is shutting down"), a pending weights update fails, held and live
-requests are aborted and their clients get the abort outputs, then `serve` returns; the caller closes the socket (with linger, so they leave).
+Shutdown (`stop` set by SIGTERM/SIGINT) drains first: the worker leaves the cluster (its Redis key
+is deleted and "leave" announced, so routers send it nothing new), intake closes (new
+GenerateRequests get "worker is shutting down", which routers retry elsewhere), and the loop goes
+on stepping what it runs, answering aborts and queries, until nothing is left or `shutdown_drain_s`
+passes. Then frames still queued are handled with intake closed, a pending weights update fails,
+held and live requests are aborted and their clients get the abort outputs (a router moves such a
+stream to another worker), and `serve` returns; the caller closes the socket (with linger, so
+they leave). A second signal exits at once (shared/worker/cli.py).
 
 No client can kill the loop: a handler's exception is logged and answered where the message says
 who to answer. An exception inside `engine.step()` aborts all live requests with an internal-error
@@ -60,6 +65,7 @@ from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_MESSAGE = "worker is shutting down"
+DEFAULT_SHUTDOWN_DRAIN_S = 30.0  # what a SIGTERM leaves running requests to finish before aborting them
 TRANSFER_POLL_MS = 1  # socket wait per turn while live requests only wait on KV transfers
 
 
@@ -122,6 +128,7 @@ class MixedWorker:
         worker_flags: dict[str, Any] | None = None,
         registration=None,  # a shared.cluster.WorkerRegistration, when the worker is in a cluster
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
+        shutdown_drain_s: float = DEFAULT_SHUTDOWN_DRAIN_S,
     ):
         self.engine = engine
         self.sock = sock
@@ -131,6 +138,7 @@ class MixedWorker:
         self.worker_flags = dict(worker_flags or {})
         self.registration = registration
         self.updates = WeightUpdates(engine, sock.send, self._deliver, self._on_generate, drain_timeout_s)
+        self.shutdown_drain_s = shutdown_drain_s
         self.idle_poll_ms = idle_poll_ms
         self.metrics_interval_s = metrics_interval_s
         self.owners = RequestOwners()
@@ -161,7 +169,24 @@ class MixedWorker:
                 busy = self.engine.has_work()
             # going idle publishes at once: a scrape after the last output sees the final counts
             self._publish_metrics(force=was_busy and not busy)
+        self._drain()
         self._shutdown()
+
+    def _drain(self) -> None:
+        """Leaves the cluster, closes intake, and finishes what runs within shutdown_drain_s."""
+        self.accepting = False
+        if self.registration is not None:
+            self.registration.close()
+        deadline = time.monotonic() + self.shutdown_drain_s
+        if self.engine.has_work():
+            logger.info("draining: %d request(s) left to finish", len(self.owners))
+        while self.engine.has_work() and time.monotonic() < deadline:
+            if self.sock.poll(self._poll_ms(True)):
+                self._drain_socket()
+            self._step()
+            self._publish_metrics()
+        if self.engine.has_work():
+            logger.warning("drain timeout (%g s): aborting what still runs", self.shutdown_drain_s)
 
     def _drain_socket(self) -> None:
         while (env := self.sock.recv_nowait()) is not None:

@@ -46,6 +46,9 @@ class RouterSocket:
     def __init__(self, ctx: zmq.Context, address: str):
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, DEFAULT_LINGER_MS)
+        # a router whose connection dropped (missed heartbeats) comes back with the same identity:
+        # the new connection takes it over instead of being refused while the old one lingers
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self._sock.bind(address)
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 

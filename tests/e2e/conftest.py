@@ -1,6 +1,6 @@
 """Process fixtures for end-to-end tests: real `worker` processes on loopback, free ports.
 
-`worker_launcher(*flags)` starts `worker --port 0 <flags>` (the worker binds free ports and reports
+`worker_launcher(*flags, env=None)` starts `worker --port 0 <flags>` (with `env` added to the environment) (the worker binds free ports and reports
 them on its ready line), waits for /health 200, and returns the WorkerProcess. Its stderr goes to a
 log file whose tail is shown when start-up fails. Every process started is stopped (SIGTERM, then
 SIGKILL) when the module's tests are done.
@@ -35,10 +35,12 @@ def worker_launcher(tmp_path_factory) -> Iterator[Callable[..., WorkerProcess]]:
     logs_dir = tmp_path_factory.mktemp("worker-logs")
     started: list[tuple[WorkerProcess, object]] = []
 
-    def launch(*flags: str, timeout_s: float = STARTUP_TIMEOUT_S) -> WorkerProcess:
+    def launch(
+        *flags: str, timeout_s: float = STARTUP_TIMEOUT_S, env: dict[str, str] | None = None
+    ) -> WorkerProcess:
         log_path = logs_dir / f"worker-{len(started)}.log"
         log = open(log_path, "w")  # noqa: SIM115 (closed at teardown, after the process exits)
-        worker = WorkerProcess(["--port", "0", *flags], stderr=log)
+        worker = WorkerProcess(["--port", "0", *flags], stderr=log, env=env)
         started.append((worker, log))
         try:
             worker.wait_ready(timeout_s)
@@ -51,6 +53,14 @@ def worker_launcher(tmp_path_factory) -> Iterator[Callable[..., WorkerProcess]]:
     for worker, log in started:
         worker.__exit__(None, None, None)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny random Llama checkpoint (tests/helpers/tiny_models.py), one per module."""
+    from tests.helpers.tiny_models import make_tiny_model
+
+    return str(make_tiny_model("llama", tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")

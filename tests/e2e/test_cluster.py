@@ -52,7 +52,7 @@ class Recorder:
             self.workers[info.worker_id] = info
             self.added_at[info.worker_id] = time.monotonic()
 
-    async def remove_worker(self, worker_id: str) -> None:
+    async def remove_worker(self, worker_id: str, expired: bool = False) -> None:
         with self._lock:
             self.workers.pop(worker_id, None)
             self.removed_at[worker_id] = time.monotonic()

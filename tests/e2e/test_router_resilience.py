@@ -1,19 +1,19 @@
 """Faults on the way from the router to its workers: real processes, real signals.
 
 Two tiny-Llama workers (`--max-running-requests 1`, so requests queue inside them) behind one
-router (round robin, 1.5 s liveness window). In order:
+router (round robin, 1.5 s heartbeat timeout). In order:
 0. a router whose only worker address has no worker answers 503s that say why;
 1. a client that disconnects, streaming or not, aborts its request on the worker (load back to idle);
 2. `--request-timeout` (a second router on the same workers) answers 504 and aborts on the worker;
-3. a worker frozen with SIGSTOP misses its liveness window: its requests complete on the other
+3. a worker frozen with SIGSTOP misses its heartbeats: its requests complete on the other
    worker, and it serves again after SIGCONT;
 4. the circuit breaker in the live path (a third router, threshold 2, cooldown 5 s): requests a
    worker refuses as the client's fault (a rid it runs for the other router) never open its
    circuit; requests that fail on a frozen worker do: once it answers again the router still sends
    it nothing until the cooldown, then one probe request closes the circuit;
-5. a worker killed with SIGKILL while requests are queued on it: every non-streaming request and
-   every stream that had not shown a token completes on the other worker with the greedy output;
-   a stream that had shown tokens ends with finish_reason abort (status_code 503).
+5. a worker killed with SIGKILL while requests are queued on it: every request completes on the
+   other worker with the greedy output, also a stream that had shown tokens (it moves, with the
+   tokens it had, and goes on).
 The circuit breaker's transitions are also unit-tested (tests/unit/test_policies.py).
 """
 
@@ -160,7 +160,7 @@ def test_request_timeout_answers_504_and_aborts_on_the_worker(router_launcher, w
 # ---------------------------------------------------------------------- 3. a frozen worker
 
 
-def test_requests_to_a_frozen_worker_move_on_after_the_liveness_window(router, workers, engine):
+def test_requests_to_a_frozen_worker_move_on_after_missed_heartbeats(router, workers, engine):
     params = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
     prompts = [[11, i, 12] for i in range(4)]
     expected = [r["output_ids"] for r in engine.generate(prompts, params)]
@@ -277,8 +277,8 @@ def test_a_failing_worker_is_skipped_until_the_cooldown_then_probed_back(breaker
         assert resp.status_code == 200, resp.text
         return resp.json()["output_ids"]
 
-    # six requests at once while the worker is frozen: those sent to it fail when its liveness
-    # window passes (two or more failures: the threshold) and complete on the other worker
+    # six requests at once while the worker is frozen: those sent to it fail when its heartbeats
+    # go unanswered (two or more failures: the threshold) and complete on the other worker
     started = time.monotonic()  # the circuit opens after this, so it stays open until started + cooldown
     failing.proc.send_signal(signal.SIGSTOP)
     try:
@@ -361,17 +361,10 @@ def test_sigkill_with_queued_requests_completes_them_on_the_other_worker(router,
     for t in threads:
         t.join(120)
 
-    aborted = 0
     for i, (status, out) in enumerate(results):
         assert status == 200, (i, out)
-        reason = out["meta_info"]["finish_reason"]
-        if reason["type"] == "abort":  # a stream that had shown tokens when its worker died
-            assert i % 3 == 0 and reason["status_code"] == 503 and victim.zmq_address in reason["message"]
-            assert out["output_ids"] == expected[i][: len(out["output_ids"])]
-            aborted += 1
-        else:
-            assert out["output_ids"] == expected[i], i
-    assert aborted <= 1  # one request runs at a time on the victim
+        assert out["meta_info"]["finish_reason"]["type"] == "length", (i, out)
+        assert out["output_ids"] == expected[i], i
     assert metric(router, "pdserve_router_retries_total") - retries_before >= 2  # queued ones moved
     assert requests.get(router + "/health").status_code == 200
     info = requests.get(router + "/server_info").json()

@@ -10,7 +10,8 @@ through real DEALER sockets on loopback; the SIGTERM test starts its own. Checke
 3. refused requests (bad temperature, empty input_ids, token id >= vocab, unknown parameter,
    malformed frame) each get one finished error output naming the field; the worker keeps serving;
 4. /metrics shows the expected names with values that match the traffic sent;
-5. SIGTERM mid-request: the client gets an abort output, exit status 0 within seconds, no children.
+5. SIGTERM mid-request with `--drain-timeout 0`: the client gets an abort output, exit status 0
+   within seconds, no children.
 Plus: the one-shot client CLI and the demo (the README's run line) work end to end, an in-process
 worker loop refuses requests that arrive during shutdown, and the disaggregated roles exit 2 for now.
 """
@@ -279,7 +280,8 @@ def _ppid(pid: int) -> int | None:
 @pytest.mark.slow
 def test_sigterm_aborts_live_request_and_exits_zero(worker_launcher, tiny_model):
     model_dir, vocab = tiny_model
-    proc = worker_launcher(*_worker_flags(model_dir))
+    # no drain: what runs is aborted at once (test_drain.py covers the drain)
+    proc = worker_launcher(*_worker_flags(model_dir), "--drain-timeout", "0")
     assert _children(proc.pid) == []
     with WorkerClient(proc.zmq_address) as client:
         client.submit(

@@ -54,7 +54,12 @@ class LoopInThread:
         self._address.put(server.address)
         try:
             MixedWorker(
-                self.engine, server, WorkerMetrics("mixed", model_dir), self.stop, idle_poll_ms=5
+                self.engine,
+                server,
+                WorkerMetrics("mixed", model_dir),
+                self.stop,
+                idle_poll_ms=5,
+                shutdown_drain_s=0,  # a stop aborts what runs (the step in flight included)
             ).serve()
         finally:
             server.close()

@@ -12,13 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pdserve.router.circuit_breaker import CircuitBreaker
-from pdserve.router.dispatch import Dispatcher
-from pdserve.router.pairing import Pairing
-from pdserve.router.policies import make_decode_policy, make_policy
 from pdserve.router.worker_conn import StreamFailure
-from pdserve.router.worker_pool import WorkerHandle, WorkerPool
-from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.protocol import (
     AbortRequest,
     DecodeRequest,
@@ -26,79 +20,27 @@ from pdserve.shared.protocol import (
     PrefillDone,
     PrefillRequest,
     RequestOutput,
-    ServerInfo,
 )
-
-
-class FakeConn:
-    connected = True
-
-    def __init__(self) -> None:
-        self.sent: list = []
-        self.streams: dict[str, object] = {}
-
-    def subscribe(self, rid: str, queue) -> None:
-        self.streams[rid] = queue
-
-    def unsubscribe(self, rid: str) -> None:
-        self.streams.pop(rid, None)
-
-    def send_nowait(self, msg) -> None:
-        self.sent.append(msg)
-
-    def send_abort(self, rid: str, message: str) -> None:
-        self.sent.append(AbortRequest(rid=rid, message=message))
-
-    def deliver(self, item, rid: str | None = None) -> None:
-        self.streams[rid or item.rid].put_nowait(item)
-
-
-def _dispatcher(*workers: tuple[str, str]) -> tuple[Dispatcher, dict[str, FakeConn]]:
-    pool = WorkerPool(make_policy("round_robin"))
-    conns: dict[str, FakeConn] = {}
-    for i, (worker_id, role) in enumerate(workers):
-        conns[worker_id] = FakeConn()
-        pool.workers[worker_id] = WorkerHandle(
-            info=WorkerInfo(worker_id=worker_id, role=role, zmq_addr="tcp://x:1", kv_addr=f"tcp://kv:{i}"),
-            conn=conns[worker_id],  # type: ignore[arg-type]
-            breaker=CircuitBreaker(3, 10.0),
-            server_info=ServerInfo(worker_id=worker_id, role=role),
-        )
-    pairing = Pairing(pool, make_policy("round_robin"), make_decode_policy("least_load"), 4)
-    return Dispatcher(pool, max_attempts=3, pairing=pairing), conns
-
-
-def _out(rid: str, tokens: list[int], finished: bool = False, reason: dict | None = None) -> RequestOutput:
-    return RequestOutput(rid=rid, token_ids=tokens, finished=finished, finish_reason=reason)
-
-
-async def _next(outputs) -> object:
-    return await asyncio.wait_for(outputs.__anext__(), 2.0)
-
-
-async def _settle() -> None:
-    for _ in range(5):
-        await asyncio.sleep(0)
-
+from tests.helpers.fake_dispatch import make_dispatcher, next_item, settle, worker_output
 
 REQ = GenerateRequest(rid="r", input_ids=list(range(10)), sampling_params={"max_new_tokens": 2})
 
 
 def test_a_failed_prefill_cancels_decode_and_the_retry_prefills_locally():
     async def main() -> None:
-        dispatcher, conns = _dispatcher(("p", "prefill"), ("d", "decode"))
+        dispatcher, conns = make_dispatcher(("p", "prefill"), ("d", "decode"))
         outputs = dispatcher.run(REQ)
-        first = asyncio.ensure_future(_next(outputs))
-        await _settle()
+        first = asyncio.ensure_future(next_item(outputs))
+        await settle()
         assert [type(m) for m in conns["d"].sent] == [DecodeRequest]
         assert [type(m) for m in conns["p"].sent] == [PrefillRequest]
         conns["p"].deliver(PrefillDone(rid="r", ok=False, reason="KV transfer failed: peer gone"))
-        await _settle()
+        await settle()
         assert conns["d"].sent[1] == AbortRequest(rid="r", message="Moved to another worker.")
         retry = conns["d"].sent[2]
         assert type(retry) is GenerateRequest and retry.rid == "r~retry1"  # local prefill: no P left
         assert len(conns["p"].sent) == 1  # P answered: nothing more to tell it
-        conns["d"].deliver(_out("r~retry1", [5, 6], True, {"type": "length", "length": 2}))
+        conns["d"].deliver(worker_output("r~retry1", [5, 6], True, {"type": "length", "length": 2}))
         out = await first
         assert out.rid == "r" and out.token_ids == [5, 6] and out.finished
         await outputs.aclose()
@@ -108,19 +50,19 @@ def test_a_failed_prefill_cancels_decode_and_the_retry_prefills_locally():
 
 def test_a_transfer_failure_at_decode_cancels_prefill_and_retries_on_another_prefill_worker():
     async def main() -> None:
-        dispatcher, conns = _dispatcher(("p1", "prefill"), ("p2", "prefill"), ("d", "decode"))
+        dispatcher, conns = make_dispatcher(("p1", "prefill"), ("p2", "prefill"), ("d", "decode"))
         outputs = dispatcher.run(REQ)
-        first = asyncio.ensure_future(_next(outputs))
-        await _settle()
+        first = asyncio.ensure_future(next_item(outputs))
+        await settle()
         used, other = ("p1", "p2") if conns["p1"].sent else ("p2", "p1")
         failed = {"type": "abort", "message": "KV transfer failed: no heartbeat from the prefill worker"}
-        conns["d"].deliver(_out("r", [], True, failed))
-        await _settle()
+        conns["d"].deliver(worker_output("r", [], True, failed))
+        await settle()
         assert conns[used].sent[-1] == AbortRequest(rid="r", message="Moved to another worker.")
         (retry,) = conns[other].sent
         assert type(retry) is PrefillRequest and retry.rid == "r~retry1"
         assert type(conns["d"].sent[-1]) is DecodeRequest and conns["d"].sent[-1].rid == "r~retry1"
-        conns["d"].deliver(_out("r~retry1", [7], True, {"type": "length", "length": 1}))
+        conns["d"].deliver(worker_output("r~retry1", [7], True, {"type": "length", "length": 1}))
         assert (await first).token_ids == [7]
         await outputs.aclose()
 
@@ -129,17 +71,21 @@ def test_a_transfer_failure_at_decode_cancels_prefill_and_retries_on_another_pre
 
 def test_after_the_first_token_the_prefill_side_no_longer_matters_and_leaving_aborts_both():
     async def main() -> None:
-        dispatcher, conns = _dispatcher(("p", "prefill"), ("d", "decode"))
+        dispatcher, conns = make_dispatcher(("p", "prefill"), ("d", "decode"))
         outputs = dispatcher.run(REQ)
-        assert (await _next_after(outputs, lambda: conns["d"].deliver(_out("r", [1])))).token_ids == [1]
+        assert (
+            await _next_after(outputs, lambda: conns["d"].deliver(worker_output("r", [1])))
+        ).token_ids == [1]
         conns["p"].deliver(StreamFailure("lost the connection to worker p"), rid="r")
-        assert (await _next_after(outputs, lambda: conns["d"].deliver(_out("r", [2])))).token_ids == [2]
+        assert (
+            await _next_after(outputs, lambda: conns["d"].deliver(worker_output("r", [2])))
+        ).token_ids == [2]
         await outputs.aclose()  # the client left with the request unfinished
         assert conns["d"].sent[-1].rid == "r" and type(conns["d"].sent[-1]) is AbortRequest
         assert not any(type(m) is AbortRequest for m in conns["p"].sent)  # P had ended: nothing to abort
         second = dispatcher.run(GenerateRequest(rid="s", input_ids=list(range(10))))
-        task = asyncio.ensure_future(_next(second))
-        await _settle()
+        task = asyncio.ensure_future(next_item(second))
+        await settle()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -153,7 +99,7 @@ def test_after_the_first_token_the_prefill_side_no_longer_matters_and_leaving_ab
 
 
 async def _next_after(outputs, deliver) -> RequestOutput:
-    task = asyncio.ensure_future(_next(outputs))
-    await _settle()
+    task = asyncio.ensure_future(next_item(outputs))
+    await settle()
     deliver()
     return await task
