@@ -12,6 +12,9 @@ Rules:
   the port in between; the server then exits at once and start-up retries on a new port.
 - The constructor returns once the server answers (and is this child, not another server already
   on the port); `stop()` sends SIGTERM, then SIGKILL after a grace period, and is idempotent.
+- `poll()` is the server's exit status once it exited on its own (None while it runs, or after
+  `stop()`); `restart()` starts it again on the same port, so every URL handed out stays valid
+  (the data is gone: workers rewrite their membership on their next beat).
 - The server runs in its own session, so a Ctrl-C meant for the parent does not stop it before the
   parent has stopped what depends on it.
 """
@@ -150,6 +153,23 @@ class EmbeddedRedis:
             except OSError:
                 pass
         return text[-max_chars:]
+
+    def poll(self) -> int | None:
+        """The exit status when the server exited on its own; None while it runs or once stopped."""
+        return self._proc.poll() if self._proc is not None else None
+
+    def restart(self, start_timeout_s: float = START_TIMEOUT_S) -> None:
+        """Starts the server again on the same port after it exited; RedisServerError when it does
+        not answer (then `poll()` is its exit status, so the caller may try again later)."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise RuntimeError(f"redis-server is still running (pid {self._proc.pid})")
+        try:
+            self._start(start_timeout_s)
+        except RedisServerError:
+            if self._proc is not None and self._proc.poll() is None:  # up, but not answering
+                self._proc.kill()
+                self._proc.wait()
+            raise
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

@@ -5,7 +5,11 @@ Rules:
   then stops the children in order (router, workers, Redis) instead of all at once.
 - stdout and stderr are merged into one pipe, read by one daemon thread: each line is echoed to
   `echo` as `[name] line`, kept in a bounded tail (for error messages), and checked for the
-  worker's ready line (`pdserve worker ready ...`, see shared/worker/launch.py).
+  child's ready line (`ready_prefix`: the worker's `pdserve worker ready ...`, see
+  shared/worker/launch.py, or the router's `pdserve router ready ...`).
+- `restart()` runs the same command again once the process exited: a new pid, a new `ready` event
+  (the old one stays set for whoever still holds it), the tail carried on. The reader thread of
+  each run only ever touches that run's pipe and event.
 - `stop()` sends SIGTERM, waits `grace_s`, then SIGKILLs; it is idempotent and returns the status.
 """
 
@@ -19,9 +23,14 @@ import sys
 import threading
 from typing import TextIO
 
-from pdserve.shared.worker.launch import READY_PREFIX, parse_ready_line
+from pdserve.shared.worker.launch import READY_PREFIX
 
 TAIL_LINES = 40
+
+
+def parse_ready_fields(line: str, prefix: str) -> dict[str, str]:
+    """`<prefix> role=mixed zmq=tcp://h:p` -> {"role": "mixed", "zmq": "tcp://h:p"}."""
+    return dict(f.split("=", 1) for f in line[len(prefix) :].split() if "=" in f)
 
 
 class ChildProcess:
@@ -31,27 +40,42 @@ class ChildProcess:
         cmd: list[str],
         env: dict[str, str] | None = None,
         echo: TextIO | None = sys.stderr,
+        ready_prefix: str = READY_PREFIX,
     ):
         self.name = name
         self.cmd = cmd
+        self._env = {**os.environ, **(env or {})}
+        self._ready_prefix = ready_prefix
         self._echo = echo
         self._echo_lock = threading.Lock()
         self._tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.ready = threading.Event()  # set when a worker's ready line arrives
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self.ready = threading.Event()  # set when this run's ready line arrives
         self.ready_fields: dict[str, str] = {}
         self.proc = subprocess.Popen(
-            cmd,
+            self.cmd,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             errors="replace",
             bufsize=1,
-            env={**os.environ, **(env or {})},
+            env=self._env,
             start_new_session=True,
         )
-        self._reader = threading.Thread(target=self._read, name=f"{name}-output", daemon=True)
+        self._reader = threading.Thread(
+            target=self._read, args=(self.proc, self.ready), name=f"{self.name}-output", daemon=True
+        )
         self._reader.start()
+
+    def restart(self) -> None:
+        """Runs the command again; the previous run must have exited."""
+        if self.proc.poll() is None:
+            raise RuntimeError(f"{self.name} is still running (pid {self.proc.pid})")
+        self._reader.join(1.0)  # its last lines go to the tail before the new run's
+        self._spawn()
 
     @property
     def pid(self) -> int:
@@ -60,20 +84,23 @@ class ChildProcess:
     def poll(self) -> int | None:
         return self.proc.poll()
 
+    def is_ready(self) -> bool:
+        return self.ready.is_set()
+
     def tail(self) -> str:
         """The last lines the child printed (waits briefly for the reader to catch up after an exit)."""
         if self.proc.poll() is not None:
             self._reader.join(1.0)
         return "\n".join(self._tail)
 
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
+    def _read(self, proc: subprocess.Popen, ready: threading.Event) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
             line = line.rstrip("\n")
             self._tail.append(line)
-            if line.startswith(READY_PREFIX):
-                self.ready_fields = parse_ready_line(line)
-                self.ready.set()
+            if line.startswith(self._ready_prefix) and not ready.is_set():
+                self.ready_fields = parse_ready_fields(line, self._ready_prefix)
+                ready.set()
             if self._echo is not None:
                 with self._echo_lock:
                     try:

@@ -7,14 +7,22 @@
 
 What it runs (launcher.py): an embedded Redis unless `--redis-url` is given, one mixed worker per
 device (or `--workers N`, spread over the devices; or `--prefill N --decode M` prefill and
-decode workers, plan.py), and the router on `--host`/`--port`. When the
-router's /health is 200 and every worker is ready, one line goes to stdout:
+decode workers, plan.py), and the router on `--host`/`--port`. Every router and worker flag that
+`serve` does not set itself is accepted and passed on (passthrough.py). When the router's /health
+is 200 and it lists every worker as live, one line goes to stdout:
 `pdserve serving <model> at http://<host>:<port>`. Children's output goes to stderr, each line
 prefixed with the child's name.
 
-Exit status: 0 after Ctrl-C or SIGTERM (router stopped first, then workers, then Redis; a second
-signal kills what is left at once); 1 when a child fails to start or exits on its own (the message
-names it and shows the end of its output; everything else is stopped); 2 for bad flags.
+While serving, a child that exits on its own (a worker, the router, the embedded Redis) is started
+again with the same command, after 1 s, 2 s, 4 s ... up to 30 s (back to 1 s once it stayed up a
+minute); the others keep serving meanwhile (supervisor.py, restart_policy.py).
+
+Exit status: 0 after Ctrl-C or SIGTERM (everything drains: the router stops listening and lets its
+streams end while the workers finish what they run within --drain-timeout; then Redis stops; a
+second signal kills what is left at once); 1 when a child fails to start, or when its restarts keep
+failing (`--max-failed-restarts` exits before ready in a row, or more than 10 restarts in 10
+minutes; the message names it and shows the end of its output; everything else is stopped);
+2 for bad flags.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import threading
 
 from pdserve.shared.args import add_engine_args, engine_args_from
 from pdserve.shared.redis_server import RedisServerError
-from pdserve.shared.serve.launcher import ChildExited, Cluster, StartupError
+from pdserve.shared.serve import passthrough
+from pdserve.shared.serve.launcher import Cluster, StartupError
 from pdserve.shared.serve.plan import (
     PlanError,
     WorkerSpec,
@@ -38,6 +47,8 @@ from pdserve.shared.serve.plan import (
     router_command,
     worker_command,
 )
+from pdserve.shared.serve.restart_policy import RestartRules
+from pdserve.shared.serve.supervisor import ChildGaveUp
 
 logger = logging.getLogger("pdserve.serve")
 
@@ -46,36 +57,36 @@ EXIT_USAGE = 2
 DEFAULT_STARTUP_TIMEOUT_S = 600.0  # the first run converts SmolLM2 from its GGUF; GPUs load big models
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(flags: passthrough.PassThrough | None = None) -> argparse.ArgumentParser:
+    """serve's own flags, then the router's and the workers' (flags: derived when None)."""
+    flags = flags or passthrough.derive()
     parser = argparse.ArgumentParser(prog="serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="the router's address (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=30000, help="the router's port")
     parser.add_argument("--workers", type=int, default=None, help="mixed workers (default: one per device)")
     parser.add_argument("--prefill", type=int, default=None, help="prefill workers (disaggregated mode)")
     parser.add_argument("--decode", type=int, default=None, help="decode workers (disaggregated mode)")
-    parser.add_argument(
-        "--kv-transfer-backend", choices=["zmq", "nccl", "fake"], default="zmq", help="prefill -> decode KV"
-    )
-    parser.add_argument(
-        "--kv-transfer-timeout", type=float, default=None, help="seconds a KV transfer may take"
-    )
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
     parser.add_argument(
-        "--startup-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S, help="seconds to become ready"
+        "--startup-timeout",
+        type=float,
+        default=DEFAULT_STARTUP_TIMEOUT_S,
+        help="seconds to become ready (the cluster, and each restarted child)",
+    )
+    parser.add_argument(
+        "--max-failed-restarts",
+        type=int,
+        default=RestartRules.max_failed_starts,
+        help="restarts of one child in a row that exit before it is ready, before serve gives up",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    router = parser.add_argument_group("router")
-    router.add_argument("--policy", default=None, help="worker choice (the router's default: cache_aware)")
-    router.add_argument("--prefill-policy", default=None, help="prefill worker of a pair (cache_aware)")
-    router.add_argument("--decode-policy", default=None, help="decode worker of a pair (least_load)")
-    router.add_argument(
-        "--local-prefill-threshold", type=int, default=None, help="shorter prompts prefill at decode (64)"
+    passthrough.add_to_parser(
+        parser.add_argument_group("router (passed to the router when not its default)"), flags.router_actions
     )
-    router.add_argument("--api-key", default=None, help="Bearer key for every route but /health")
-    router.add_argument("--admin-api-key", default=None, help="Bearer key for the admin routes")
-    router.add_argument("--request-timeout", type=float, default=None, help="seconds per request")
-    router.add_argument("--chat-template", default=None, help="a Jinja template file (or inline)")
-    router.add_argument("--preferred-sampling-params", default=None, help="JSON, shown by /get_model_info")
+    passthrough.add_to_parser(
+        parser.add_argument_group("worker (passed to every worker when not its default)"),
+        flags.worker_actions,
+    )
     # --model-path, --tokenizer-path, --served-model-name: engine flags that the router gets too;
     # --device: one device or a comma list (cpu | cuda | cuda:N), see plan.py
     add_engine_args(parser.add_argument_group("engine (passed to every worker)"))
@@ -109,10 +120,12 @@ def _install_signal_handlers(stop: threading.Event, cluster: Cluster) -> None:
     signal.signal(signal.SIGINT, on_signal)
 
 
-def run(ns: argparse.Namespace) -> int:
+def run(ns: argparse.Namespace, flags: passthrough.PassThrough) -> int:
     try:
         engine_args_from(ns)  # bad engine flags fail here, not in N workers at once
         specs = _plan(ns)
+        rules = RestartRules(max_failed_starts=ns.max_failed_restarts)
+        rules.validate()
     except ValueError as exc:  # PlanError included
         print(f"serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -127,33 +140,37 @@ def run(ns: argparse.Namespace) -> int:
             if spec.wait_for is not None:  # it shares a GPU: it sizes its pool after the one before
                 cluster.wait_worker_ready(spec.wait_for, ns.startup_timeout, stop)
             cluster.start_worker(
-                spec.name, worker_command(spec, ns, redis_url), env if spec.device == "cpu" else {}
+                spec.name,
+                worker_command(spec, ns, redis_url, flags),
+                env if spec.device == "cpu" else {},
+                after=spec.wait_for,
             )
-        cluster.start_router(router_command(ns, redis_url))
+        cluster.start_router(router_command(ns, redis_url, flags))
         url = f"http://{_client_host(ns.host)}:{ns.port}"
-        if cluster.wait_ready(url + "/health", ns.startup_timeout, stop):
+        if cluster.wait_ready(url, ns.startup_timeout, stop, ns.api_key):
             print(f"pdserve serving {ns.served_model_name or ns.model_path} at {url}", flush=True)
-            cluster.watch(stop)
-    except (StartupError, ChildExited) as exc:
+            cluster.watch(stop, rules, ns.startup_timeout)
+    except (StartupError, ChildGaveUp) as exc:
         print(f"serve: {exc}", file=sys.stderr, flush=True)
         status = EXIT_FAILURE
     except (RedisServerError, OSError) as exc:  # no redis-server, a binary that does not run
         print(f"serve: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         status = EXIT_FAILURE
     finally:
-        cluster.stop_all()
+        cluster.stop_all(ns.drain_timeout)
     logger.info("stopped")
     return status
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    flags = passthrough.derive()
+    ns = build_parser(flags).parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
         level=ns.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return run(ns)
+    return run(ns, flags)
 
 
 if __name__ == "__main__":

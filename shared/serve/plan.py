@@ -3,8 +3,7 @@
 Rules:
 - Workers are a list of `WorkerSpec` (role, device); the launcher starts whatever the list holds.
   `--workers N`: mixed workers (plan_workers). `--prefill N --decode M`: N prefill then M decode
-  workers (plan_disaggregated), each with the KV transfer flags (`--kv-transfer-backend`,
-  `--kv-transfer-timeout`); the router pairs them.
+  workers (plan_disaggregated); the router pairs them.
 - `--device` is one device or a comma list (`cpu`, `cuda`, `cuda:0,cuda:1`); a bare `cuda` means
   every visible GPU. Workers are spread over the listed devices round-robin. A CUDA device hosts
   one worker (each sizes its KV pool from the device's free memory, so two would fight over it);
@@ -15,9 +14,10 @@ Rules:
   them: the i-th (0-based) gets the cumulative target f*(i+1)/k (a worker sizes its KV pool as
   target * device memory - memory already used, which counts the workers before it), so they
   start one after another (`wait_for`: the worker that must be ready first).
-- Engine flags go to every worker when they differ from their defaults; router flags go to the
-  router when given. Workers bind loopback with free ports: only the router faces clients, and
-  it finds the workers through Redis.
+- Engine flags go to every worker when they differ from their defaults; the other router and
+  worker flags go to their child when they differ from its default (passthrough.py says which).
+  Workers bind loopback with free ports: only the router faces clients, and it finds the workers
+  through Redis.
 """
 
 from __future__ import annotations
@@ -29,21 +29,8 @@ import sys
 from dataclasses import dataclass
 
 from pdserve.shared.args import EngineArgs
+from pdserve.shared.serve.passthrough import PassThrough, derive
 
-ROUTER_FLAGS = (
-    "policy",
-    "api_key",
-    "admin_api_key",
-    "request_timeout",
-    "model_path",
-    "tokenizer_path",
-    "served_model_name",
-    "chat_template",
-    "preferred_sampling_params",
-    "prefill_policy",
-    "decode_policy",
-    "local_prefill_threshold",
-)
 PD_ROLES = ("prefill", "decode")
 
 
@@ -152,17 +139,19 @@ def engine_flags(ns: argparse.Namespace) -> list[str]:
     return out
 
 
-def worker_command(spec: WorkerSpec, ns: argparse.Namespace, redis_url: str) -> list[str]:
+def worker_command(
+    spec: WorkerSpec, ns: argparse.Namespace, redis_url: str, passthrough: PassThrough | None = None
+) -> list[str]:
+    """The worker's command line (passthrough: derived from the parsers when None)."""
+    passthrough = passthrough or derive()
     cmd = [
         sys.executable, "-m", "pdserve.shared.worker.cli",
         "--role", spec.role, "--device", spec.device, "--host", "127.0.0.1", "--port", "0",
         "--redis-url", redis_url, "--log-level", ns.log_level,
-        *engine_flags(ns),
+        *engine_flags(ns), *passthrough.worker_args(ns),
     ]  # fmt: skip
-    if spec.role in PD_ROLES:
-        cmd += ["--kv-transfer-backend", getattr(ns, "kv_transfer_backend", None) or "zmq"]
-        if getattr(ns, "kv_transfer_timeout", None) is not None:
-            cmd += ["--kv-transfer-timeout", str(ns.kv_transfer_timeout)]
+    if spec.role in PD_ROLES and "--kv-transfer-backend" not in cmd:  # both halves name it, even the default
+        cmd += ["--kv-transfer-backend", ns.kv_transfer_backend]
     if spec.mem_fraction_static is not None:
         if "--mem-fraction-static" in cmd:  # the split replaces the user's total
             at = cmd.index("--mem-fraction-static")
@@ -171,13 +160,12 @@ def worker_command(spec: WorkerSpec, ns: argparse.Namespace, redis_url: str) -> 
     return cmd
 
 
-def router_command(ns: argparse.Namespace, redis_url: str) -> list[str]:
-    cmd = [
+def router_command(
+    ns: argparse.Namespace, redis_url: str, passthrough: PassThrough | None = None
+) -> list[str]:
+    passthrough = passthrough or derive()
+    return [
         sys.executable, "-m", "pdserve.router.cli",
         "--host", ns.host, "--port", str(ns.port), "--redis-url", redis_url, "--log-level", ns.log_level,
+        *passthrough.router_args(ns),
     ]  # fmt: skip
-    for name in ROUTER_FLAGS:
-        value = getattr(ns, name)
-        if value is not None:
-            cmd += [_flag(name), str(value)]
-    return cmd

@@ -4,20 +4,29 @@ Checked (tiny random Llama on the CPU, free ports):
 1. it prints `pdserve serving <model> at http://127.0.0.1:<port>`, answers /generate and
    /get_model_info through the router, and SIGTERM makes it exit 0 leaving no child process;
    bare `serve` (no --model-path, as the README runs it) does the same with SmolLM2-135M-Instruct;
-2. a worker killed under it brings it down: exit 1, the message names the worker, no child left;
-   with `--redis-url` it starts no Redis and leaves that one running;
-3. a model that does not load: exit 1 naming the worker, with the end of its output;
+2. supervision (slow): with `--workers 2` under 16 streams, a SIGKILLed worker is restarted (a new
+   pid, the router lists 2 live workers again) while every stream completes (those on the killed
+   worker move) and new requests keep succeeding, and SIGTERM
+   still exits 0; a killed router and a killed embedded Redis come back too; with `--redis-url`
+   it starts no Redis and leaves that one running;
+3. giving up: a router whose restarts cannot bind its port (a squatter took it) makes serve exit 1
+   naming the router; a model that does not load fails the start at once: exit 1 naming the
+   worker, with the end of its output;
 4. the plan: devices, workers per device, which flags reach the workers and the router.
 """
 
 from __future__ import annotations
 
+import json
 import queue
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -26,11 +35,13 @@ import redis
 import requests
 
 from pdserve.shared.redis_server import free_port
+from pdserve.shared.worker.launch import http_status
 from tests.helpers.tiny_models import make_tiny_model
 
 READY_TIMEOUT_S = 90.0
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 EXIT_TIMEOUT_S = 30.0
+RECOVERY_TIMEOUT_S = 60.0  # restart delay 1 s + a worker's start on a busy 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -170,15 +181,133 @@ def test_bare_serve_serves_smollm2_and_exits_zero_on_sigterm(launch):
     assert _gone(children) == []
 
 
-def test_a_worker_dying_brings_serve_down_and_an_external_redis_stays(launch, model_dir, redis_url):
-    serve = launch(*_flags(model_dir), "--redis-url", redis_url)
+def _children(serve: Serve, name: str) -> list[psutil.Process]:
+    """serve's running children whose command line holds name (a killed one not yet reaped is skipped)."""
+    found = []
+    for p in serve.descendants():
+        try:
+            if name in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # a zombie, or gone since the listing
+            pass
+    return found
+
+
+def _live_workers(base: str) -> list[str]:
+    try:
+        info = requests.get(f"{base}/get_server_info", timeout=5).json()
+    except (requests.RequestException, ValueError):
+        return []
+    return [wid for ids in info["live_workers"].values() for wid in ids]
+
+
+def _wait_for(check, timeout_s: float = RECOVERY_TIMEOUT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _generate(base: str, tokens: int = 4) -> int:
+    params = {"max_new_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
+    body = {"input_ids": [5, 6, 7, 8, 9], "sampling_params": params}
+    return requests.post(f"{base}/generate", json=body, timeout=60).status_code
+
+
+def _stream(base: str) -> dict:
+    """Streams 48 tokens; the last event's meta_info (a stream must neither hang nor be cut)."""
+    params = {"max_new_tokens": 48, "temperature": 0.0, "ignore_eos": True}
+    body = {"input_ids": [3, 4, 5, 6], "sampling_params": params, "stream": True}
+    last: dict = {}
+    with requests.post(f"{base}/generate", json=body, stream=True, timeout=120) as resp:
+        for line in resp.iter_lines():
+            if line.startswith(b"data: {"):
+                last = json.loads(line[6:])["meta_info"]
+    return last
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(launch, model_dir):
+    serve = launch(*_flags(model_dir), "--workers", "2")
+    assert serve.first_line(READY_TIMEOUT_S) is not None, serve.log()[-3000:]
+    base = f"http://127.0.0.1:{serve.port}"
+    assert len(_live_workers(base)) == 2  # ready means every worker is listed, at once
+    workers = _children(serve, "worker.cli")
+    assert len(workers) == 2
+    victim, survivor = workers
+
+    with ThreadPoolExecutor(16) as pool:
+        streams = [pool.submit(_stream, base) for _ in range(16)]
+        time.sleep(1.0)  # the streams are running on both workers
+        victim.kill()
+        during = [_generate(base) for _ in range(8)]
+        ends = [f.result(timeout=180) for f in streams]
+    # every stream completes: those on the killed worker moved to the other one with their tokens
+    assert [(e["finish_reason"]["type"], e["completion_tokens"]) for e in ends] == [("length", 48)] * 16
+    assert during == [200] * 8
+    assert serve.proc.poll() is None, serve.log()[-3000:]
+    assert "mixed-0 (pid" in serve.log() or "mixed-1 (pid" in serve.log()
+    assert "exited with signal SIGKILL; restarting it in 1 s" in serve.log()
+
+    def restarted() -> bool:
+        pids = {p.pid for p in _children(serve, "worker.cli")}
+        return len(pids) == 2 and victim.pid not in pids and survivor.pid in pids
+
+    assert _wait_for(restarted), serve.log()[-3000:]
+    assert _wait_for(lambda: len(_live_workers(base)) == 2), serve.log()[-3000:]
+    assert [_generate(base) for _ in range(4)] == [200] * 4
+    children = serve.descendants()
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(EXIT_TIMEOUT_S) == 0
+    assert _gone(children) == []
+
+
+@pytest.mark.slow
+def test_a_killed_router_and_a_killed_redis_come_back(launch, model_dir):
+    serve = launch(*_flags(model_dir))
+    assert serve.first_line(READY_TIMEOUT_S) is not None, serve.log()[-3000:]
+    base = f"http://127.0.0.1:{serve.port}"
+    (redis_server,) = _children(serve, "redis-server")
+    redis_port = next(c.laddr.port for c in redis_server.net_connections() if c.status == "LISTEN")
+    redis_server.kill()
+    assert _wait_for(lambda: len(_children(serve, "redis-server")) == 1), serve.log()[-3000:]
+    assert redis.Redis(port=redis_port).ping()  # the same port: every child's URL stays valid
+    (router,) = _children(serve, "router.cli")
+    router.kill()
+    assert _wait_for(lambda: [p.pid for p in _children(serve, "router.cli")] not in ([], [router.pid]))
+    assert _wait_for(lambda: len(_live_workers(base)) == 1), serve.log()[-3000:]
+    assert _wait_for(lambda: http_status(f"{base}/health") == 200)  # the new router loaded its tokenizer
+    assert _generate(base) == 200
+    assert "router (pid" in serve.log() and "redis (pid" in serve.log()
+    serve.proc.send_signal(signal.SIGTERM)
+    assert serve.proc.wait(EXIT_TIMEOUT_S) == 0
+
+
+@pytest.mark.slow
+def test_serve_gives_up_when_the_router_cannot_come_back(launch, model_dir, redis_url):
+    # --startup-timeout bounds each restart too: a router that hangs instead of exiting is killed
+    flags = ("--redis-url", redis_url, "--max-failed-restarts", "2", "--startup-timeout", "45")
+    serve = launch(*_flags(model_dir), *flags)
     assert serve.first_line(READY_TIMEOUT_S) is not None, serve.log()[-3000:]
     children = serve.descendants()
     assert not any("redis-server" in " ".join(p.cmdline()) for p in children)  # --redis-url: none started
-    worker = next(p for p in children if "worker.cli" in " ".join(p.cmdline()))
-    worker.kill()
-    assert serve.proc.wait(EXIT_TIMEOUT_S) == 1
-    assert "serve: mixed-0 exited unexpectedly with status -9" in serve.log()
+    (router,) = _children(serve, "router.cli")
+    router.kill()
+    router.wait(5)
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        squatter.bind(("127.0.0.1", serve.port))  # before serve's restart, 1 s after the kill
+        squatter.listen()
+        assert serve.proc.wait(120) == 1  # two router starts, 1 s and 2 s apart
+    finally:
+        squatter.close()
+    log = serve.log()
+    assert "router (pid" in log and "exited with signal SIGKILL; restarting it in 1 s" in log
+    # status 1 ("cannot listen"), or SIGKILL when a router hung on its way out past --startup-timeout
+    assert re.search(r"serve: router exited with .* and exited before becoming ready 2 times in a row", log)
     assert _gone(children) == []
     assert redis.Redis.from_url(redis_url).ping()  # not serve's to stop
 
