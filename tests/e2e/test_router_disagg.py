@@ -41,6 +41,7 @@ PREFILL_FLAGS = ["--role", "prefill", "--kv-transfer-backend", "zmq", "--chunked
 DECODE_FLAGS = ["--role", "decode", "--kv-transfer-backend", "zmq", "--kv-transfer-timeout", "10"]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
 LONG_OUTPUT = {"temperature": 0.0, "max_new_tokens": 400, "ignore_eos": True}
+MOVED_OUTPUT = {"temperature": 0.0, "max_new_tokens": 160, "ignore_eos": True}  # 16 streams at once
 
 
 def _prompt(n: int, seed: int) -> list[int]:
@@ -254,7 +255,7 @@ def _stream_in_thread(url: str, prompt: list[int], results: dict, key: int) -> t
     """Streams /generate; results[key]: the last event, or the exception."""
 
     def run() -> None:
-        body = {"input_ids": prompt, "sampling_params": LONG_OUTPUT, "stream": True}
+        body = {"input_ids": prompt, "sampling_params": MOVED_OUTPUT, "stream": True}
         try:
             with requests.post(url + "/generate", json=body, stream=True, timeout=120) as resp:
                 events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith(b"data: {")]
@@ -269,12 +270,15 @@ def _stream_in_thread(url: str, prompt: list[int], results: dict, key: int) -> t
 
 def test_sigkill_of_a_decode_worker_mid_stream_moves_its_streams(r2, pair, second_pair, reference):
     prompts = [_prompt(120, seed=40 + i) for i in range(16)]
-    want = reference(prompts, LONG_OUTPUT)
+    want = reference(prompts, MOVED_OUTPUT)
     results: dict[int, object] = {}
-    threads = [_stream_in_thread(r2, p, results, i) for i, p in enumerate(prompts)]
     decoders = {_id_of(r2, "decode", d): d for d in (pair[1], second_pair[1])}
+    before = {r["worker_id"]: r["generated_tokens"] for r in loads(r2) if r["worker_id"] in decoders}
+    threads = [_stream_in_thread(r2, p, results, i) for i, p in enumerate(prompts)]
     wait_until(
-        lambda: all((r["generated_tokens"] or 0) > 40 for r in loads(r2) if r["worker_id"] in decoders),
+        lambda: all(
+            r["generated_tokens"] - before[r["worker_id"]] > 24 for r in loads(r2) if r["worker_id"] in before
+        ),
         60.0,
         "both decode workers streaming",
     )
