@@ -30,6 +30,14 @@ def process_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live children of pid (Linux /proc; empty once it is gone)."""
+    try:
+        return [int(x) for x in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -45,7 +53,9 @@ class Proc:
         self.popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
 
     def cpu_s(self) -> float:
-        return process_cpu_s(self.popen.pid)
+        """Its CPU and that of its live children (`router --processes N` works in its children)."""
+        pid = self.popen.pid
+        return process_cpu_s(pid) + sum(process_cpu_s(child) for child in child_pids(pid))
 
     def stop(self) -> None:
         if self.popen.poll() is None:
@@ -101,7 +111,8 @@ def start_router(worker_addr: str, extra_args: list[str], logs: Path) -> tuple[P
     proc = Proc(cmd, logs / f"router-{port}.log")
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while http_status(url + "/health") != 200:
+    # each check is a fresh connection, which may reach any of `--processes N`: all must be healthy
+    while not all(http_status(url + "/health") == 200 for _ in range(8)):
         if proc.popen.poll() is not None or time.monotonic() > deadline:
             proc.stop()
             raise RuntimeError(f"router did not become healthy:\n{proc.log_tail()}")

@@ -24,6 +24,9 @@ floor minus direct is what HTTP through aiohttp costs by itself; relay minus dir
 any router of this design (one more process, reached over ZMQ) adds, so router minus relay is the
 router's own work.
 
+`--router-processes N` runs `router --processes N` (N processes on one port, router/supervisor.py);
+the router's CPU is then the sum over its processes, in % of one core (so up to N x 100).
+
 Phase `throughput` (goal: >= 20,000 streamed tokens/s per router process): for each `--tp-streams`
 value S, S closed-loop streams through the router with a fast step; offered load = S / step tokens/s.
 Delivered tokens/s are counted at the client over the measuring window; where delivered falls
@@ -156,7 +159,9 @@ def mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
     return {k: sum(d.get(k, 0.0) for d in dicts) / len(dicts) for k in dicts[0]} if dicts else {}
 
 
-def start_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen | None:
+def start_profile(
+    pid: int, seconds: float, path: Path, subprocesses: bool = False
+) -> subprocess.Popen | None:
     exe = shutil.which("py-spy")
     if exe is None:
         print("py-spy is not installed: no profile (pip install py-spy)", file=sys.stderr)
@@ -175,6 +180,7 @@ def start_profile(pid: int, seconds: float, path: Path) -> subprocess.Popen | No
         "--output",
         str(path),
         "--nonblocking",
+        *(["--subprocesses"] if subprocesses else []),  # `--processes N`: the parent only supervises
     ]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -211,7 +217,7 @@ async def throughput_phase(
             if ns.profile and i == len(ns.tp_streams) - 1:
                 Path(ns.profile).mkdir(parents=True, exist_ok=True)
                 raw = Path(ns.profile) / f"router-{streams}-streams.txt"
-                profile = start_profile(router.popen.pid, ns.tp_window, raw)
+                profile = start_profile(router.popen.pid, ns.tp_window, raw, ns.router_processes > 1)
             task = asyncio.ensure_future(
                 run_streams(
                     lambda: http.generate(prompt, ns.tp_output_len),
@@ -280,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="router flag (repeatable; default --log-level warning)",
     )
+    p.add_argument(
+        "--router-processes",
+        type=int,
+        default=1,
+        help="run the router with --processes N (N > 1: its CPU is the sum over its processes)",
+    )
     p.add_argument("--output-file", default=None, help="append the results as one JSON line")
     p.add_argument("--logs", default="/tmp/pdserve-bench-router", help="directory for process logs")
     return p
@@ -296,6 +308,8 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
     from pdserve.shared.tokenizer import get_tokenizer
 
     ns.router_arg = ["--log-level=warning"] if ns.router_arg is None else ns.router_arg
+    if ns.router_processes > 1:
+        ns.router_arg = [*ns.router_arg, f"--processes={ns.router_processes}"]
     ns.tokenizer_dir = ns.tokenizer_dir or str(resolve_model(ns.model).local_dir)
     tokenizer = get_tokenizer(ns.tokenizer_dir)
     prompt, prompt_ids = _prompt(tokenizer, ns.prompt_tokens)
@@ -306,6 +320,7 @@ async def run(ns: argparse.Namespace) -> dict[str, Any]:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
         "cpus": os.cpu_count(),
+        "router_processes": ns.router_processes,
     }
     if ns.phase in ("latency", "both"):
         result["latency"] = await latency_phase(ns, prompt, prompt_ids, token_ids, logs)

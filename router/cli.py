@@ -20,6 +20,12 @@ Once the port listens, one line goes to stdout: `pdserve router ready url=http:/
 `--port 0`, the port actually bound). Logs go to stderr. SIGTERM or SIGINT stops it cleanly:
 connections to workers close, requests in flight end, exit status 0. `/health` turns 200 once a
 worker answered and the tokenizer is loaded.
+
+`--processes N` (N > 1): N such routers serve the one port (SO_REUSEPORT: the kernel spreads the
+connections), each with its own event loop and its own connections to every worker, under a parent
+that restarts one that exits and prints the ready line once all are ready (router/supervisor.py).
+Metrics are summed over them, `/abort_request` reaches the process running the rid, and each admits
+its share of the workers' running slots (router/processes.py).
 """
 
 from __future__ import annotations
@@ -28,18 +34,23 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 
 from aiohttp import web
 
+from pdserve.router.native_info import PROCESS_ROLE_KEY, refresh_worker_gauges
 from pdserve.router.policies import DECODE_POLICY_NAMES, POLICY_NAMES
+from pdserve.router.processes import ProcessRole
+from pdserve.router.sibling_abort import SIBLINGS_KEY, SiblingAborts, start_control
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
 
 logger = logging.getLogger("pdserve.router")
 
 READY_PREFIX = "pdserve router ready"
 EXIT_USAGE = 2
+GAUGE_REFRESH_S = 1.0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.breaker_cooldown,
         help="seconds before an open circuit is probed",
     )
+    p.add_argument(
+        "--processes",
+        type=int,
+        default=d.processes,
+        help="router processes serving the one port (SO_REUSEPORT), each with its own connections "
+        "to every worker; for more streamed tokens/s than one process (one core) gives",
+    )
     return p
 
 
@@ -150,27 +168,50 @@ def args_from(ns: argparse.Namespace) -> RouterArgs:
     return args
 
 
-async def serve(args: RouterArgs) -> None:
+async def serve(args: RouterArgs, role: ProcessRole | None = None) -> None:
     from pdserve.router.app import build_app
 
+    role = role or ProcessRole()
     app = build_app(args)
+    app[PROCESS_ROLE_KEY] = role
+    siblings = SiblingAborts(role.sibling_sockets()) if role.is_child else None
+    if siblings is not None:
+        app[SIBLINGS_KEY] = siblings
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    site = web.TCPSite(runner, args.host, args.port, reuse_port=role.is_child or None)
     await site.start()
+    state = app[STATE_KEY]
+    control = await start_control(state, role.control_socket(role.index)) if role.is_child else None
     port = runner.addresses[0][1] if runner.addresses else args.port
     print(f"{READY_PREFIX} url=http://{args.host}:{port}", flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    freeze = loop.create_task(_freeze_gc_once_loaded(app[STATE_KEY]))
+    background = [loop.create_task(_freeze_gc_once_loaded(state))]
+    if role.is_child:
+        background.append(loop.create_task(_refresh_worker_gauges_every(state, GAUGE_REFRESH_S)))
     try:
         await stop.wait()
         logger.info("stopping")
     finally:
-        freeze.cancel()
+        for task in background:
+            task.cancel()
+        if control is not None:
+            await control.cleanup()
+        if siblings is not None:
+            await siblings.close()
         await runner.cleanup()
+
+
+async def _refresh_worker_gauges_every(state: RouterState, interval_s: float) -> None:
+    """With several processes a scrape refreshes only the process it reached: each keeps its own
+    worker gauges fresh in the shared files instead."""
+    refresh = refresh_worker_gauges(state)
+    while True:
+        refresh(state.metrics)
+        await asyncio.sleep(interval_s)
 
 
 async def _freeze_gc_once_loaded(state: RouterState) -> None:
@@ -188,6 +229,7 @@ async def _freeze_gc_once_loaded(state: RouterState) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ns = build_parser().parse_args(argv)
     logging.basicConfig(
         stream=sys.stderr,
@@ -199,10 +241,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"router: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    role = ProcessRole.from_env(os.environ)
     try:
         import uvloop
 
-        uvloop.run(serve(args))
+        if args.processes > 1 and not role.is_child:
+            from pdserve.router.supervisor import supervise
+
+            return uvloop.run(supervise(argv, args.host, args.port, args.processes, READY_PREFIX))
+        uvloop.run(serve(args, role))
     except ValueError as exc:  # --chat-template that is neither a file nor a template
         print(f"router: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -18,14 +18,26 @@ Names (prefix `pdserve_router_`):
 - per worker: `worker_load{worker}` (queued + running, as last seen), `worker_inflight{worker}`
   (this router's requests on it), `worker_up{worker}` (1 when it can take requests),
   `worker_circuit_state{worker}` (0 open, 1 half-open, 2 closed) — refreshed at each scrape.
+
+With `router --processes N` (router/processes.py) a scrape reaches one process, so every process
+keeps its values in prometheus_client's files under PROMETHEUS_MULTIPROC_DIR and the scrape sums
+them: counters and histograms over all processes; gauges by their `multiprocess_mode` (requests
+running, queued and on a worker summed over live processes; a worker's load and up the highest any
+process saw, its circuit the most open); `cache_hit_rate` computed from the summed token counters
+(a ratio does not sum). Each process refreshes its worker gauges every second (router/cli.py), as
+the scrape refreshes only its own. A worker gone keeps its last gauges there while the processes
+live (the files are never rewritten). No `_created` samples in that mode (prometheus_client's rule).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 
 PREFIX = "pdserve_router"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -36,6 +48,8 @@ _ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0
 
 class RouterMetrics:
     def __init__(self) -> None:
+        # prometheus_client itself chose file-backed values at import when this is set: follow it.
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "HTTP requests", ["route", "code"], registry=r)
@@ -61,11 +75,22 @@ class RouterMetrics:
         self.generation_tokens = Counter(f"{PREFIX}_generation_tokens", "Generated tokens", registry=r)
         self.cached_tokens = Counter(f"{PREFIX}_cached_tokens", "Prompt tokens served from cache", registry=r)
         self.cache_hit_rate = Gauge(
-            f"{PREFIX}_cache_hit_rate", "Cached / prompt tokens since start", registry=r
+            f"{PREFIX}_cache_hit_rate",
+            "Cached / prompt tokens since start",
+            registry=r,
+            multiprocess_mode="livemax",  # replaced at the scrape (_SummedOverProcesses)
         )
-        self.running = Gauge(f"{PREFIX}_generation_requests_running", "Requests in flight", registry=r)
+        self.running = Gauge(
+            f"{PREFIX}_generation_requests_running",
+            "Requests in flight",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.queued = Gauge(
-            f"{PREFIX}_generation_requests_queued", "Requests in the router's admission queue", registry=r
+            f"{PREFIX}_generation_requests_queued",
+            "Requests in the router's admission queue",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_time = Histogram(
             f"{PREFIX}_queue_time_seconds",
@@ -88,15 +113,33 @@ class RouterMetrics:
             "Streams moved to another worker after tokens reached the client (a subset of retries)",
             registry=r,
         )
-        self.worker_load = Gauge(f"{PREFIX}_worker_load", "Queued + running requests", ["worker"], registry=r)
+        self.worker_load = Gauge(
+            f"{PREFIX}_worker_load",
+            "Queued + running requests",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.worker_inflight = Gauge(
-            f"{PREFIX}_worker_inflight", "This router's requests on the worker", ["worker"], registry=r
+            f"{PREFIX}_worker_inflight",
+            "This router's requests on the worker",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.worker_up = Gauge(
-            f"{PREFIX}_worker_up", "1 when the worker can take requests", ["worker"], registry=r
+            f"{PREFIX}_worker_up",
+            "1 when the worker can take requests",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="livemax",
         )
         self.worker_circuit = Gauge(
-            f"{PREFIX}_worker_circuit_state", "0 open, 1 half-open, 2 closed", ["worker"], registry=r
+            f"{PREFIX}_worker_circuit_state",
+            "0 open, 1 half-open, 2 closed",
+            ["worker"],
+            registry=r,
+            multiprocess_mode="livemin",
         )
         self._prompt_total = 0
         self._cached_total = 0
@@ -128,7 +171,11 @@ class RouterMetrics:
     def render(self, refresh_workers: Callable[[RouterMetrics], None] | None = None) -> bytes:
         if refresh_workers is not None:
             refresh_workers(self)
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        summed = CollectorRegistry()
+        summed.register(_SummedOverProcesses(self.multiprocess_dir))
+        return generate_latest(summed)
 
     def set_workers(self, rows: list[tuple[str, int, int, bool, int]]) -> None:
         """rows: (worker_id, load, inflight, up, circuit_state); workers gone since are dropped."""
@@ -143,3 +190,24 @@ class RouterMetrics:
             for gauge in (self.worker_load, self.worker_inflight, self.worker_up, self.worker_circuit):
                 gauge.remove(gone)
         self._known_workers = seen
+
+
+class _SummedOverProcesses:
+    """Every process's values from the files (prometheus_client's MultiProcessCollector), with
+    `cache_hit_rate` recomputed from the summed prompt and cached token counters."""
+
+    def __init__(self, path: str):
+        self._files = MultiProcessCollector(None, path)  # None: registered by the caller, not globally
+
+    def collect(self) -> Iterator[Metric]:
+        families = list(self._files.collect())
+        totals = {f.name: sum(s.value for s in f.samples if s.name.endswith("_total")) for f in families}
+        for family in families:
+            if family.name == f"{PREFIX}_cache_hit_rate":
+                prompt = totals.get(f"{PREFIX}_prompt_tokens", 0.0)
+                cached = totals.get(f"{PREFIX}_cached_tokens", 0.0)
+                yield GaugeMetricFamily(
+                    family.name, family.documentation, value=cached / prompt if prompt else 0.0
+                )
+            else:
+                yield family

@@ -14,7 +14,9 @@
   success.
 - `/abort_request` (POST {"rid"} or {"abort_all": true}): the worker running each such request
   aborts it; its client gets finish_reason {"type": "abort", ...}. 200 with an empty body, also for
-  an unknown rid (it may have just finished), as SGLang does.
+  an unknown rid (it may have just finished), as SGLang does. With `--processes N` a rid this
+  process does not run (and abort_all) is passed on to its siblings before the answer
+  (router/sibling_abort.py).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from aiohttp import web
 
 from pdserve.router.limits import http_error, read_json_object
+from pdserve.router.sibling_abort import SIBLINGS_KEY, abort_here
 from pdserve.router.state import STATE_KEY, RouterState
 from pdserve.router.worker_conn import WorkerUnavailable
 from pdserve.router.worker_pool import WorkerHandle
@@ -140,11 +143,10 @@ async def handle_abort_request(request: web.Request) -> web.Response:
     rid, abort_all = body.get("rid"), body.get("abort_all", False)
     if not isinstance(abort_all, bool):
         raise http_error(400, "abort_all must be a boolean.")
-    if abort_all:
-        for active in state.dispatcher.active_rids():
-            state.dispatcher.abort(active)
-    elif isinstance(rid, str) and rid:
-        state.dispatcher.abort(rid)
-    else:
+    if not abort_all and not (isinstance(rid, str) and rid):
         raise http_error(400, "Give rid (a non-empty string) or abort_all: true.")
+    known = abort_here(state, None if abort_all else rid, abort_all)
+    siblings = request.app.get(SIBLINGS_KEY)
+    if siblings is not None and (abort_all or not known):  # with --processes N: rid may run in another
+        await siblings.abort(None if abort_all else rid, abort_all)
     return web.Response(status=200)

@@ -5,12 +5,14 @@
   has_audio_understanding, model_type, architectures);
 - `/get_server_info` and `/server_info`: the router's arguments (keys masked), the model facts,
   version, `max_total_num_tokens` (summed over serving workers), memory pool sizes and arguments of
-  every worker (from its ServerInfo), live workers by role;
+  every worker (from its ServerInfo), live workers by role, `router_processes` and this process's
+  `router_process_index` (`--processes N`: each process answers for itself, and sees every worker);
 - `/health`: 200 with an empty body when the router knows the model, has its tokenizer and at least
   one worker can take a request; 503 otherwise, saying why;
 - `/health_generate`: generates one token through a real worker (200, empty body) or 503;
 - `/get_load`: a fresh LoadQuery to every connected worker, one entry per worker;
-- `/metrics`: the router's own registry, worker gauges refreshed at each scrape.
+- `/metrics`: the router's own registry, worker gauges refreshed at each scrape (with `--processes N`,
+  summed over the processes: router/metrics.py).
 """
 
 from __future__ import annotations
@@ -18,18 +20,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
 from pdserve.router.generation import GenerateInput, GenerationError
 from pdserve.router.metrics import CONTENT_TYPE, RouterMetrics
+from pdserve.router.processes import ProcessRole
 from pdserve.router.state import STATE_KEY, VERSION, RouterState
 from pdserve.router.worker_conn import WorkerUnavailable
 from pdserve.router.worker_pool import WorkerHandle
 from pdserve.shared.protocol import LoadQuery, LoadReport
 
 HEALTH_GENERATE_TIMEOUT_S = 30.0
+PROCESS_ROLE_KEY = web.AppKey("pdserve_process_role", ProcessRole)
 LOAD_QUERY_TIMEOUT_S = 5.0
 
 
@@ -75,7 +80,7 @@ def _worker_entry(h: WorkerHandle) -> dict[str, Any]:
     }
 
 
-def server_info(state: RouterState) -> dict[str, Any]:
+def server_info(state: RouterState, role: ProcessRole | None = None) -> dict[str, Any]:
     facts = state.facts
     serving = state.pool.serving_workers()
     workers = [_worker_entry(h) for h in state.pool.workers.values()]
@@ -100,11 +105,14 @@ def server_info(state: RouterState) -> dict[str, Any]:
         },
         "live_workers": state.pool.by_role(),
         "workers": workers,
+        "router_processes": role.count if role else 1,
+        "router_process_index": role.index if role else 0,
     }
 
 
 async def handle_server_info(request: web.Request) -> web.Response:
-    return web.json_response(server_info(request.app[STATE_KEY]), dumps=_dumps)
+    role = request.app.get(PROCESS_ROLE_KEY)
+    return web.json_response(server_info(request.app[STATE_KEY], role), dumps=_dumps)
 
 
 def _dumps(data: Any) -> str:
@@ -174,7 +182,7 @@ async def handle_get_load(request: web.Request) -> web.Response:
     return web.json_response(rows)
 
 
-def _refresh_worker_gauges(state: RouterState):
+def refresh_worker_gauges(state: RouterState) -> Callable[[RouterMetrics], None]:
     def refresh(metrics: RouterMetrics) -> None:
         metrics.set_workers(
             [
@@ -188,5 +196,5 @@ def _refresh_worker_gauges(state: RouterState):
 
 async def handle_metrics(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    body = state.metrics.render(_refresh_worker_gauges(state))
+    body = state.metrics.render(refresh_worker_gauges(state))
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -31,6 +31,7 @@ from pdserve.router.generation import GenerationError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import DEFAULT_LOCAL_PREFILL_THRESHOLD, Pairing
 from pdserve.router.policies import make_decode_policy, make_policy
+from pdserve.router.processes import capacity_share
 from pdserve.router.text_generator import RouterTextGenerator
 from pdserve.router.tokenizer_fast import Encoder, fast_encoder
 from pdserve.router.worker_conn import Heartbeat
@@ -75,6 +76,7 @@ class RouterArgs:
     load_poll_interval: float = 0.5
     breaker_failure_threshold: int = 3
     breaker_cooldown: float = 10.0
+    processes: int = 1  # router processes on one port (router/processes.py); each admits its share
 
     def validate(self) -> None:
         make_policy(self.policy)  # ValueError names the choices
@@ -86,7 +88,8 @@ class RouterArgs:
             parse_preferred_sampling_params(self.preferred_sampling_params)
         if self.chat_template is not None:
             load_chat_template(self.chat_template)
-        for name in ("max_body_bytes", "max_batch_size", "max_attempts", "breaker_failure_threshold"):
+        names = ("max_body_bytes", "max_batch_size", "max_attempts", "breaker_failure_threshold", "processes")
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.worker_liveness_timeout <= 0:
@@ -253,13 +256,14 @@ class RouterState:
 
     def cluster_slots(self) -> int | None:
         """Requests the workers that stream them can run at once (the sum of their
-        `max_running_requests`): the admission queue's capacity; None while there is none."""
+        `max_running_requests`), this process's share of it with `--processes N`: the admission
+        queue's capacity; None while there is none."""
         slots = [
             int(h.server_info.args.get("max_running_requests", EngineArgs.max_running_requests))
             for h in self.pool.workers.values()
             if h.can_serve and h.server_info is not None
         ]
-        return sum(slots) if slots else None
+        return capacity_share(sum(slots), self.args.processes) if slots else None
 
     def learn(self, info: ServerInfo) -> None:
         """Called by the pool for each ServerInfo; the first one sets the model facts."""
