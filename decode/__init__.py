@@ -1,1 +1,1 @@
-"""pdserve.decode: the decode role of a disaggregated cluster. Arrives with issue 4."""
+"""pdserve.decode: the decode role of a disaggregated cluster."""

@@ -1,1 +1,1 @@
-"""pdserve.prefill: the prefill role of a disaggregated cluster. Arrives with issue 4."""
+"""pdserve.prefill: the prefill role of a disaggregated cluster."""

@@ -45,15 +45,15 @@ import asyncio
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
+from pdserve.router.attempt import TIMEOUT, Attempt, Deadline, FromPrefill, SendFailed
 from pdserve.router.generation import GenerationError
 from pdserve.router.metrics import RouterMetrics
 from pdserve.router.pairing import Pairing, Route, Tried
-from pdserve.router.worker_conn import StreamFailure, WorkerUnavailable
+from pdserve.router.worker_conn import StreamFailure
 from pdserve.router.worker_pool import NoWorkerAvailable, WorkerHandle, WorkerPool
-from pdserve.shared.protocol import GenerateRequest, PrefillDone, RequestOutput
+from pdserve.shared.protocol import GenerateRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,6 @@ INTERNAL_ERROR_PREFIX = "Internal error"
 TRANSFER_FAILED_PREFIX = "KV transfer failed"  # decode/engine.py: the prefill side's KV never came
 
 RESTART = object()  # yielded by restartable runs before the outputs of a new attempt
-_TIMEOUT = object()  # put into the request's queue by its deadline timer
 
 CLIENT_ABORT_MESSAGE = "The router stopped the request (its client left, or stop strings ended it)."
 
@@ -112,7 +111,7 @@ class Dispatcher:
         self.max_attempts = max_attempts
         self.request_timeout_s = request_timeout_s
         self.pairing = pairing or Pairing(pool, pool.policy, pool.policy)
-        self._active: dict[str, _Attempt | None] = {}  # rid -> its attempt running now
+        self._active: dict[str, Attempt | None] = {}  # rid -> its attempt running now
 
     @property
     def num_active(self) -> int:
@@ -138,7 +137,7 @@ class Dispatcher:
                 400, f"Duplicate request id {req.rid!r}: a request with this rid is running."
             )
         self._active[req.rid] = None
-        deadline = _Deadline(self.request_timeout_s)
+        deadline = Deadline(self.request_timeout_s)
         tried = Tried()
         yielded = False
         last_failure = ""
@@ -163,10 +162,10 @@ class Dispatcher:
                 # a retry gets its own rid on the workers: a worker of the last attempt may still hold it
                 wire_rid = req.rid if tried.attempts == 1 else f"{req.rid}~retry{tried.attempts - 1}"
                 queue = deadline.new_queue()  # per attempt: late outputs of an abandoned one stay out
-                attempt = _Attempt(route, wire_rid)
+                attempt = Attempt(route, wire_rid)
                 try:
                     attempt.send(sent, queue)
-                except _SendFailed as exc:
+                except SendFailed as exc:
                     self._record_failure(exc.handle)
                     self._exclude(tried, route, exc.handle)
                     last_failure = exc.reason
@@ -184,14 +183,14 @@ class Dispatcher:
                 try:
                     while unfinished:
                         item = await queue.get()
-                        if item is _TIMEOUT:
+                        if item is TIMEOUT:
                             attempt.abort("The request timed out.")
                             if not yielded or restartable:
                                 raise GenerationError(504, deadline.message, "TimeoutError")
                             for index in sorted(unfinished):
                                 yield abort_output(req.rid, index, deadline.message, 504)
                             return
-                        if isinstance(item, _FromPrefill):
+                        if isinstance(item, FromPrefill):
                             reason = attempt.prefill_event(item.item)
                             if reason is None:
                                 continue
@@ -293,115 +292,3 @@ class Dispatcher:
         if tried.attempts and self.metrics is not None:
             self.metrics.retries.inc()
         return route
-
-
-@dataclass(frozen=True)
-class _FromPrefill:
-    """What the prefill partner's connection delivered: its PrefillDone, or a StreamFailure."""
-
-    item: Any
-
-
-class _PrefillSide:
-    """The queue the prefill partner's connection fills: tags its items, then puts them in the attempt's."""
-
-    def __init__(self, queue: asyncio.Queue):
-        self._queue = queue
-
-    def put_nowait(self, item: Any) -> None:
-        self._queue.put_nowait(_FromPrefill(item))
-
-
-class _SendFailed(Exception):
-    def __init__(self, handle: WorkerHandle, reason: str):
-        super().__init__(reason)
-        self.handle, self.reason = handle, reason
-
-
-class _Attempt:
-    """One attempt of a request on its route: what was sent where, and what the prefill side said.
-
-    Rules: the streaming worker's message goes first, then the prefill partner's (both subscribed
-    before either is sent); `abort` reaches every worker of the route that may still hold the rid;
-    `close` unsubscribes and gives back the in-flight counts."""
-
-    def __init__(self, route: Route, wire_rid: str):
-        self.route = route
-        self.wire_rid = wire_rid
-        self.handles: list[WorkerHandle] = [route.worker] + ([route.prefill] if route.prefill else [])
-        self.first_output_seen = False  # the KV arrived (the decode worker reported a token)
-        self.prefill_pending = route.prefill is not None  # the partner may still hold the rid
-        self.aborted = False  # asked to abort (/abort_request): the end of the stream is D's to tell
-
-    def send(self, req: GenerateRequest, queue: asyncio.Queue) -> None:
-        """Sends to the route's workers; _SendFailed (naming the worker) when one cannot take it."""
-        to_worker, to_prefill = self.route.messages(req, self.wire_rid)
-        self.route.worker.conn.subscribe(self.wire_rid, queue)
-        try:
-            self.route.worker.conn.send_nowait(to_worker)
-        except WorkerUnavailable as exc:
-            self.route.worker.conn.unsubscribe(self.wire_rid)
-            raise _SendFailed(self.route.worker, str(exc)) from None
-        if self.route.prefill is None or to_prefill is None:
-            return
-        self.route.prefill.conn.subscribe(self.wire_rid, _PrefillSide(queue))  # type: ignore[arg-type]
-        try:
-            self.route.prefill.conn.send_nowait(to_prefill)
-        except WorkerUnavailable as exc:
-            self.route.prefill.conn.unsubscribe(self.wire_rid)
-            self.route.worker.conn.unsubscribe(self.wire_rid)
-            self.route.worker.conn.send_abort(self.wire_rid, "Its prefill partner is unavailable.")
-            raise _SendFailed(self.route.prefill, str(exc)) from None
-
-    def prefill_event(self, item: Any) -> str | None:
-        """Why the pair failed, given the prefill side's item, or None (the attempt goes on)."""
-        self.prefill_pending = False
-        prefill = self.route.prefill
-        assert prefill is not None
-        if isinstance(item, PrefillDone):
-            if item.ok:
-                prefill.breaker.record_success()
-                return None
-            reason = f"prefill worker {prefill.worker_id}: {item.reason}"
-        else:
-            reason = item.reason
-        # after the first token the KV had arrived: the prefill side's end no longer matters
-        return None if self.first_output_seen or self.aborted else reason
-
-    def abort(self, message: str) -> None:
-        self.route.worker.conn.send_abort(self.wire_rid, message)
-        if self.route.prefill is not None and self.prefill_pending:
-            self.route.prefill.conn.send_abort(self.wire_rid, message)
-
-    def close(self) -> None:
-        """After the attempt ran (it was counted in flight on each of its workers)."""
-        for handle in self.handles:
-            handle.conn.unsubscribe(self.wire_rid)
-            handle.inflight -= 1
-
-
-class _Deadline:
-    """The request's timer: when it fires, _TIMEOUT goes into the queue of the current attempt."""
-
-    def __init__(self, timeout_s: float | None):
-        self.timeout_s = timeout_s
-        self.passed = False
-        self._queue: asyncio.Queue | None = None
-        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._fire) if timeout_s else None
-
-    @property
-    def message(self) -> str:
-        return f"The request timed out after {self.timeout_s:g} s (--request-timeout)."
-
-    def new_queue(self) -> asyncio.Queue:
-        self._queue = asyncio.Queue()
-        return self._queue
-
-    def _fire(self) -> None:
-        self.passed = True
-        if self._queue is not None:
-            self._queue.put_nowait(_TIMEOUT)
-
-    def cancel(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
