@@ -15,7 +15,8 @@ Each turn of the loop:
      UpdateWeightsRequest → UpdateWeightsResult once done; undecodable frames are logged and dropped;
   3. moves a weights update on (weight_updates.py: while it drains, new GenerateRequests are held,
      not refused, and enter the engine after the swap);
-  4. runs one engine step and sends each client ONE OutputBatch holding all its outputs of the step;
+  4. runs one engine step and sends each client ONE OutputBatch holding all its outputs of the step
+     (a client whose connection is gone gets nothing: what it had running is aborted);
   5. publishes a metrics snapshot (every `metrics_interval_s`, and at once when the engine goes idle),
      and the load numbers to the Redis heartbeat when the worker is registered.
 
@@ -65,6 +66,7 @@ from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_MESSAGE = "worker is shutting down"
+CLIENT_GONE_MESSAGE = "the client that sent the request is gone"
 DEFAULT_SHUTDOWN_DRAIN_S = 30.0  # what a SIGTERM leaves running requests to finish before aborting them
 TRANSFER_POLL_MS = 1  # socket wait per turn while live requests only wait on KV transfers
 
@@ -226,7 +228,19 @@ class MixedWorker:
             self._send(identity, outs)
 
     def _send(self, identity: bytes, outputs: list[RequestOutput]) -> None:
-        self.sock.send(identity, OutputBatch(outputs=outputs))
+        if not self.sock.send(identity, OutputBatch(outputs=outputs)):
+            self._client_gone(identity)
+
+    def _client_gone(self, identity: bytes) -> None:
+        """Its connection dropped (the router died, or its heartbeats went unanswered; a router
+        that is still alive has moved these requests on): what it had running is aborted, pages freed."""
+        rids = self.owners.rids_of(identity)
+        if not rids:
+            return
+        logger.warning("client %s is gone: aborting its %d request(s)", identity.hex(), len(rids))
+        for rid in rids:
+            self.engine.abort(rid, CLIENT_GONE_MESSAGE)  # its final outputs have nobody to go to
+            self.owners.pop(rid)
 
     def _refuse(self, identity: bytes, rid: str, message: str) -> None:
         """Answers a request that never entered the engine (the prefill role answers differently)."""

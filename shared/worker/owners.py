@@ -42,6 +42,10 @@ class RequestOwners:
         owner = self._owners.get(rid)
         return None if owner is None else owner.identity
 
+    def rids_of(self, identity: bytes) -> list[str]:
+        """The rids the client `identity` has running."""
+        return [rid for rid, owner in self._owners.items() if owner.identity == identity]
+
     def pop(self, rid: str) -> bytes | None:
         """Forgets rid and returns its client (a request answered by one final message), or None."""
         owner = self._owners.pop(rid, None)

@@ -5,8 +5,10 @@ Wire rules:
   `[identity, frame]` and answers with `[identity, frame]`, which the DEALER receives as one frame;
 - a frame that does not decode (or arrives in a different envelope) is reported as an `Envelope`
   with `message=None` and `error` set: the receiver logs and drops it, it never raises;
-- the ROUTER drops replies to identities that have gone away (ZMQ's default), so a vanished client
-  cannot block or crash the worker.
+- a reply to an identity that has gone away (its connection dropped: the client died, or missed
+  the heartbeats its connection carries) is not sent: `send` returns False (ZMQ_ROUTER_MANDATORY),
+  so the worker can drop what that client had running; a reply to a client whose queue is full is
+  dropped (never blocks), so a vanished or stuck client cannot block or crash the worker.
 
 The sockets are not thread-safe: each belongs to the thread that created it (ZMQ's own rule).
 """
@@ -49,6 +51,7 @@ class RouterSocket:
         # a router whose connection dropped (missed heartbeats) comes back with the same identity:
         # the new connection takes it over instead of being refused while the old one lingers
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a gone identity is an error, not a silent drop
         self._sock.bind(address)
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -70,9 +73,18 @@ class RouterSocket:
         except ProtocolError as exc:
             return Envelope(identity, parts[1], None, str(exc))
 
-    def send(self, identity: bytes, msg: Message) -> None:
-        """Queues msg for the client `identity`; dropped silently if that client is gone."""
-        self._sock.send_multipart([identity, encode(msg)], copy=False)
+    def send(self, identity: bytes, msg: Message) -> bool:
+        """Queues msg for the client `identity`; False when that client is gone (no connection with
+        that identity). A client whose queue is full (it reads too slowly) misses msg."""
+        try:
+            self._sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            logger.warning("client %s reads too slowly: a %s was dropped", identity.hex(), type(msg).__name__)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            return False
+        return True
 
     def close(self, linger_ms: int = DEFAULT_LINGER_MS) -> None:
         self._sock.close(linger=linger_ms)
