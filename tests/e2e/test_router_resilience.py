@@ -301,9 +301,12 @@ def test_a_failing_worker_is_skipped_until_the_cooldown_then_probed_back(breaker
         )
     finally:
         failing.proc.send_signal(signal.SIGCONT)
-    # it answers again (and takes in the requests it was sent while frozen, which were aborted)
+    # it answers again; of the requests it was sent while frozen it takes in those that reached it
+    # before its connection was closed (they are aborted: they moved on), the others were lost with
+    # the connection
     wait_until(lambda: loads(breaker_router)[failing.zmq_address]["responding"], timeout_s=10)
-    wait_until(lambda: engine_requests(failing) == accepted_before + failed, timeout_s=10)
+    (taken_in,) = settled_engine_requests([failing])
+    assert accepted_before <= taken_in <= accepted_before + failed
 
     # open: every request goes to the other worker until the cooldown has passed (it ran all six
     # above, its own and the retried ones)
@@ -311,14 +314,14 @@ def test_a_failing_worker_is_skipped_until_the_cooldown_then_probed_back(breaker
     assert circuits(breaker_router)[failing.zmq_address] == "open"
     assert time.monotonic() - started < BREAKER_COOLDOWN_S, "too slow to see the open circuit"
     wait_until(lambda: engine_requests(healthy) == healthy_before + 6 + 4, timeout_s=10)
-    assert engine_requests(failing) == accepted_before + failed
+    assert engine_requests(failing) == taken_in
 
     # after the cooldown one probe goes to it (round robin: one of the next two), and succeeds
     wait_until(
         lambda: circuits(breaker_router)[failing.zmq_address] == "half_open", timeout_s=BREAKER_COOLDOWN_S + 5
     )
     assert [generate(4), generate(5)] == expected[4:]
-    wait_until(lambda: engine_requests(failing) == accepted_before + failed + 1, timeout_s=10)
+    wait_until(lambda: engine_requests(failing) == taken_in + 1, timeout_s=10)
     assert circuits(breaker_router) == {w.zmq_address: "closed" for w in workers}
     assert (
         metric(breaker_router, f'pdserve_router_worker_circuit_state{{worker="{failing.zmq_address}"}}') == 2
