@@ -143,6 +143,7 @@ class Dispatcher:
         last_failure = ""
         sent = req  # what the attempts send: req, or req with the tokens generated so far (a move)
         generated: list[int] = []  # sample 0's tokens yielded so far (what a move carries)
+        may_move = self.migrate and num_samples == 1
         unfinished = set(range(num_samples))
         try:
             while True:
@@ -223,7 +224,7 @@ class Dispatcher:
                         if sent is not req:  # a moved request: its prompt logprobs went out before
                             out.input_token_logprobs = out.input_top_logprobs = None
                             out.input_token_ids_logprobs = None
-                        if num_samples == 1:
+                        if may_move:
                             generated += out.token_ids
                         yield out
                 except (asyncio.CancelledError, GeneratorExit):
@@ -242,7 +243,7 @@ class Dispatcher:
                 last_failure = failure
                 logger.warning("request %s failed on worker %s: %s", req.rid, failed.worker_id, failure)
                 if yielded and not restartable:
-                    if self.migrate and num_samples == 1:
+                    if may_move:
                         sent = dataclasses.replace(req, generated_ids=list(generated))
                         if self.metrics is not None:
                             self.metrics.migrations.inc()

@@ -24,7 +24,7 @@ import time
 import pytest
 import requests
 
-from tests.helpers.cluster_waits import all_pages_back, live_workers, router_metric, wait_until
+from tests.helpers.cluster_waits import all_pages_back, live_workers, router_metric, run_in_thread, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -71,17 +71,14 @@ def routers(router_launcher, workers) -> tuple[str, str]:
 
 
 def _post(url: str, body: dict, results: dict, key) -> threading.Thread:
-    def run() -> None:
-        started = time.monotonic()
-        try:
-            resp = requests.post(url + "/generate", json=body, timeout=120)
-            results[key] = (resp.status_code, resp.json(), time.monotonic() - started)
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
-            results[key] = exc
+    """POSTs /generate in a thread; results[key]: (status, body, seconds taken), or the exception."""
 
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+    def call() -> tuple[int, dict, float]:
+        started = time.monotonic()
+        resp = requests.post(url + "/generate", json=body, timeout=120)
+        return resp.status_code, resp.json(), time.monotonic() - started
+
+    return run_in_thread(call, results, key)
 
 
 def test_a_worker_asleep_in_a_step_is_busy_not_dead(routers, workers, engine):

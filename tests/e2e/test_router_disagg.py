@@ -33,6 +33,7 @@ import pytest
 import requests
 import torch
 
+from tests.helpers.cluster_waits import run_in_thread
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -216,24 +217,12 @@ def _id_of(url: str, role: str, worker) -> str:
     return next(w for w in live(url)[role] if w.endswith(":" + port))
 
 
-def _generate_in_thread(url: str, prompt: list[int], results: dict, key: int) -> threading.Thread:
-    def run() -> None:
-        try:
-            results[key] = _generate(url, prompt, GREEDY)
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
-            results[key] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
-
-
 def test_sigkill_of_a_prefill_worker_mid_transfer_still_answers_right(r2, pair, reference):
     p1 = pair[0]
     prompts = [_prompt(700, seed=30 + i) for i in range(16)]
     want = reference(prompts, GREEDY)
     results: dict[int, object] = {}
-    threads = [_generate_in_thread(r2, p, results, i) for i, p in enumerate(prompts)]
+    threads = [run_in_thread(lambda p=p: _generate(r2, p, GREEDY), results, i) for i, p in enumerate(prompts)]
     p1_id = _id_of(r2, "prefill", p1)
     wait_until(
         lambda: any(r["worker_id"] == p1_id and (r["num_reqs"] or 0) > 0 for r in loads(r2)),
@@ -254,21 +243,11 @@ def test_sigkill_of_a_prefill_worker_mid_transfer_still_answers_right(r2, pair, 
     wait_until(lambda: all_idle(r2), 20.0, "the other workers idle with every page free or cached")
 
 
-def _stream_in_thread(url: str, prompt: list[int], results: dict, key: int) -> threading.Thread:
-    """Streams /generate; results[key]: the last event, or the exception."""
-
-    def run() -> None:
-        body = {"input_ids": prompt, "sampling_params": MOVED_OUTPUT, "stream": True}
-        try:
-            with requests.post(url + "/generate", json=body, stream=True, timeout=120) as resp:
-                events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith(b"data: {")]
-            results[key] = events[-1]
-        except BaseException as exc:  # noqa: BLE001 (reported by the test)
-            results[key] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+def _last_event(url: str, prompt: list[int]) -> dict:
+    """Streams /generate; its last event."""
+    body = {"input_ids": prompt, "sampling_params": MOVED_OUTPUT, "stream": True}
+    with requests.post(url + "/generate", json=body, stream=True, timeout=120) as resp:
+        return [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith(b"data: {")][-1]
 
 
 def test_sigkill_of_a_decode_worker_mid_stream_moves_its_streams(r2, pair, second_pair, reference):
@@ -277,7 +256,7 @@ def test_sigkill_of_a_decode_worker_mid_stream_moves_its_streams(r2, pair, secon
     results: dict[int, object] = {}
     decoders = {_id_of(r2, "decode", d): d for d in (pair[1], second_pair[1])}
     before = {r["worker_id"]: r["generated_tokens"] for r in loads(r2) if r["worker_id"] in decoders}
-    threads = [_stream_in_thread(r2, p, results, i) for i, p in enumerate(prompts)]
+    threads = [run_in_thread(lambda p=p: _last_event(r2, p), results, i) for i, p in enumerate(prompts)]
     wait_until(
         lambda: all(
             r["generated_tokens"] - before[r["worker_id"]] > 24 for r in loads(r2) if r["worker_id"] in before

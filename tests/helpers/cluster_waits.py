@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import requests
 
@@ -35,3 +37,17 @@ def router_metric(url: str, name: str) -> float:
     """The sum of a metric's samples in the router's /metrics (all label sets)."""
     lines = requests.get(url + "/metrics", timeout=10).text.splitlines()
     return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith((name + " ", name + "{")))
+
+
+def run_in_thread(call: Callable[[], Any], results: dict, key: Any) -> threading.Thread:
+    """Starts call() in a daemon thread; results[key] gets what it returned, or what it raised."""
+
+    def run() -> None:
+        try:
+            results[key] = call()
+        except BaseException as exc:  # noqa: BLE001 (the test reports it)
+            results[key] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
