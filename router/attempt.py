@@ -14,6 +14,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+from pdserve.router.inbox import Inbox
 from pdserve.router.pairing import Route
 from pdserve.router.worker_conn import WorkerUnavailable
 from pdserve.router.worker_pool import WorkerHandle
@@ -32,7 +33,7 @@ class FromPrefill:
 class PrefillSide:
     """The queue the prefill partner's connection fills: tags its items, then puts them in the attempt's."""
 
-    def __init__(self, queue: asyncio.Queue):
+    def __init__(self, queue: Inbox):
         self._queue = queue
 
     def put_nowait(self, item: Any) -> None:
@@ -60,7 +61,7 @@ class Attempt:
         self.prefill_pending = route.prefill is not None  # the partner may still hold the rid
         self.aborted = False  # asked to abort (/abort_request): the end of the stream is D's to tell
 
-    def send(self, req: GenerateRequest, queue: asyncio.Queue) -> None:
+    def send(self, req: GenerateRequest, queue: Inbox) -> None:
         """Sends to the route's workers; SendFailed (naming the worker) when one cannot take it."""
         to_worker, to_prefill = self.route.messages(req, self.wire_rid)
         self.route.worker.conn.subscribe(self.wire_rid, queue)
@@ -113,15 +114,15 @@ class Deadline:
     def __init__(self, timeout_s: float | None):
         self.timeout_s = timeout_s
         self.passed = False
-        self._queue: asyncio.Queue | None = None
+        self._queue: Inbox | None = None
         self._timer = asyncio.get_running_loop().call_later(timeout_s, self._fire) if timeout_s else None
 
     @property
     def message(self) -> str:
         return f"The request timed out after {self.timeout_s:g} s (--request-timeout)."
 
-    def new_queue(self) -> asyncio.Queue:
-        self._queue = asyncio.Queue()
+    def new_queue(self) -> Inbox:
+        self._queue = Inbox()
         return self._queue
 
     def _fire(self) -> None:

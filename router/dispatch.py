@@ -25,6 +25,8 @@ Rules:
   GenerationError 504 (nothing yielded yet) or abort finish reasons with status_code 504;
 - if the consumer stops early (client disconnect: CancelledError, or aclose: GeneratorExit) while
   samples are unfinished, the worker gets an AbortRequest, so its pages are freed;
+- with `inline`, the unfinished outputs of a stream that has begun go to the consumer where they
+  arrive (router/inbox.py), with the same bookkeeping as yielded ones; everything else is yielded;
 - a rid is unique among the requests in flight through this router (400 otherwise): outputs are
   routed by rid. A retry carries `<rid>~retryN` on the workers (a worker of an abandoned attempt
   may still hold the rid); outputs are yielded with the request's own rid.
@@ -41,10 +43,9 @@ P has not answered yet, on P.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pdserve.router.attempt import TIMEOUT, Attempt, Deadline, FromPrefill, SendFailed
@@ -130,8 +131,14 @@ class Dispatcher:
         return True
 
     async def run(
-        self, req: GenerateRequest, num_samples: int = 1, restartable: bool = False
+        self,
+        req: GenerateRequest,
+        num_samples: int = 1,
+        restartable: bool = False,
+        inline: Callable[[RequestOutput], bool] | None = None,
     ) -> AsyncIterator[Any]:
+        """`inline(out)`: the consumer takes an ordinary output at once, where it arrives (True),
+        or declines with no side effect (False: it is yielded); router/inbox.py says why."""
         if req.rid in self._active:
             raise GenerationError(
                 400, f"Duplicate request id {req.rid!r}: a request with this rid is running."
@@ -145,6 +152,27 @@ class Dispatcher:
         generated: list[int] = []  # sample 0's tokens yielded so far (what a move carries)
         may_move = self.migrate and num_samples == 1
         unfinished = set(range(num_samples))
+
+        def as_yielded(out: RequestOutput) -> RequestOutput:
+            """`out` as the consumer sees it: the request's own rid, no prompt logprobs twice."""
+            if out.rid != req.rid:
+                out.rid = req.rid
+            if sent is not req:  # a moved request: its prompt logprobs went out before
+                out.input_token_logprobs = out.input_top_logprobs = None
+                out.input_token_ids_logprobs = None
+            return out
+
+        def take_inline(item: Any) -> bool:
+            # only what the loop below would yield with no other effect: an unfinished output of a
+            # stream that has begun (its first output, finishes, errors and failures go the loop's way)
+            if type(item) is not RequestOutput or item.finished or item.error is not None or not yielded:
+                return False
+            if not attempt.first_output_seen or inline is None or not inline(as_yielded(item)):
+                return False
+            if may_move:
+                generated.extend(item.token_ids)
+            return True
+
         try:
             while True:
                 if deadline.passed:
@@ -164,6 +192,8 @@ class Dispatcher:
                 wire_rid = req.rid if tried.attempts == 1 else f"{req.rid}~retry{tried.attempts - 1}"
                 queue = deadline.new_queue()  # per attempt: late outputs of an abandoned one stay out
                 attempt = Attempt(route, wire_rid)
+                if inline is not None:
+                    queue.inline = take_inline
                 try:
                     attempt.send(sent, queue)
                 except SendFailed as exc:
@@ -219,19 +249,16 @@ class Dispatcher:
                             if not unfinished:  # before the last yield: the consumer may stop there
                                 route.worker.breaker.record_success()
                         yielded = True
-                        if out.rid != req.rid:
-                            out.rid = req.rid
-                        if sent is not req:  # a moved request: its prompt logprobs went out before
-                            out.input_token_logprobs = out.input_top_logprobs = None
-                            out.input_token_ids_logprobs = None
                         if may_move:
                             generated += out.token_ids
-                        yield out
-                except (asyncio.CancelledError, GeneratorExit):
-                    if unfinished:
+                        yield as_yielded(out)
+                except BaseException as exc:
+                    # the client left (cancelled, closed), or the consumer failed on an inline output
+                    if unfinished and not isinstance(exc, GenerationError):  # (those ended it already)
                         attempt.abort(CLIENT_ABORT_MESSAGE)
                     raise
                 finally:
+                    queue.inline = None
                     attempt.close()
                     self._active[req.rid] = None
                 if failed is None:

@@ -18,6 +18,9 @@ Rules:
   caused (status 400) or that leave no worker able to serve (503); after the first event a failure
   ends the affected samples with finish_reason {"type": "abort", "message": ...} instead.
 - Cancelling the consumer (client disconnect) aborts the request on the worker.
+- A consumer may also pass an `EventSink`: ordinary events mid-stream then go to it at once,
+  synchronously, instead of through the iterator (first and last events, errors and anything the
+  sink is not ready for still come through the iterator, in order).
 """
 
 from __future__ import annotations
@@ -75,7 +78,20 @@ class SampleEvent:
     input_token_ids_logprobs: list[list[list[Any]] | None] | None = None
 
 
+class EventSink(Protocol):
+    """A consumer that can take a stream's events synchronously, where its tokens arrive (the
+    handler's writer; router/inbox.py says why). Events it takes are not yielded by `stream()`."""
+
+    def ready(self) -> bool:
+        """Whether `deliver` can take an event now (for a writer: headers sent, socket not full)."""
+        ...
+
+    def deliver(self, event: SampleEvent) -> None: ...
+
+
 class TextGenerator(Protocol):
-    async def stream(self, inp: GenerateInput) -> AsyncIterator[SampleEvent]: ...
+    async def stream(
+        self, inp: GenerateInput, sink: EventSink | None = None
+    ) -> AsyncIterator[SampleEvent]: ...
 
     async def abort(self, rid: str) -> None: ...

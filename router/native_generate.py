@@ -34,7 +34,7 @@ from pdserve.router.generation import GenerateInput, GenerationError, SampleEven
 from pdserve.router.limits import read_json_object
 from pdserve.router.native_parse import NativeGenerateRequest, parse_generate
 from pdserve.router.native_view import SampleView
-from pdserve.router.sse import open_sse, send_done, send_event
+from pdserve.router.sse import EventStream, encode_event
 from pdserve.router.state import STATE_KEY, RouterState
 from pdserve.shared.protocol import GenerateRequest
 
@@ -90,30 +90,44 @@ async def _stream(
     views: list[SampleView],
     checked: list[GenerateRequest],
 ) -> web.StreamResponse:
-    resp: web.StreamResponse | None = None
+    out = EventStream(request)
+    sink = _ViewSink(out, views) if len(req.inputs) == 1 and not req.is_batch else None
     try:
         # leaving the block closes the streams (client gone, error): their workers abort the requests
-        async with contextlib.aclosing(_prompt_events(state, req, checked)) as events:
+        async with contextlib.aclosing(_prompt_events(state, req, checked, sink)) as events:
             async for i, item in events:
                 if isinstance(item, GenerationError):
-                    if resp is None:
+                    if not out.started:
                         raise item  # nothing sent yet: a plain HTTP error
-                    await send_event(resp, {"error": error_body(item.status, item.message, item.err_type)})
+                    await out.write(
+                        encode_event({"error": error_body(item.status, item.message, item.err_type)})
+                    )
                     continue
-                if resp is None:
-                    resp = await open_sse(request)
                 index = i * req.num_samples + item.index
                 view = views[index]
                 view.update(item)
-                await resp.write(view.sse_chunk(index if req.is_batch else None))
-        if resp is None:
-            resp = await open_sse(request)
-        await send_done(resp)
-        return resp
+                await out.write(view.sse_chunk(index if req.is_batch else None))
+        return await out.finish()
     except ConnectionResetError:  # the client left mid-stream: stop
-        if resp is None:
+        if out.response is None:
             raise
-        return resp
+        return out.response
+
+
+class _ViewSink:
+    """Events of a single-prompt stream written at once (generation.py's EventSink)."""
+
+    def __init__(self, out: EventStream, views: list[SampleView]):
+        self._out = out
+        self._views = views
+
+    def ready(self) -> bool:
+        return self._out.ready()
+
+    def deliver(self, event: SampleEvent) -> None:
+        view = self._views[event.index]
+        view.update(event)
+        self._out.write_now(view.sse_chunk())
 
 
 # (prompt index, a SampleEvent of it, or the GenerationError that ended it)
@@ -121,12 +135,13 @@ PromptEvents = AsyncIterator[tuple[int, SampleEvent | GenerationError]]
 
 
 def _prompt_events(
-    state: RouterState, req: NativeGenerateRequest, checked: list[GenerateRequest]
+    state: RouterState, req: NativeGenerateRequest, checked: list[GenerateRequest], sink: _ViewSink | None
 ) -> PromptEvents:
-    """Every prompt's events in arrival order; a prompt's GenerationError (or a router bug, as a
-    500) is yielded in its place and ends that prompt only."""
+    """Every prompt's events in arrival order (of one prompt, those `sink` did not take); a
+    prompt's GenerationError (or a router bug, as a 500) is yielded in its place and ends that
+    prompt only."""
     if len(req.inputs) == 1:  # the common case: the stream runs in the handler's task, no queue hop
-        return _one_prompt(state, 0, req.inputs[0], checked[0])
+        return _one_prompt(state, 0, req.inputs[0], checked[0], sink)
     return _merged_prompts(state, req, checked)
 
 
@@ -160,10 +175,10 @@ async def _merged_prompts(
 
 
 async def _one_prompt(
-    state: RouterState, i: int, inp: GenerateInput, checked: GenerateRequest
+    state: RouterState, i: int, inp: GenerateInput, checked: GenerateRequest, sink: _ViewSink | None = None
 ) -> PromptEvents:
     try:
-        async with contextlib.aclosing(state.generator.stream(inp, checked=checked)) as events:
+        async with contextlib.aclosing(state.generator.stream(inp, checked=checked, sink=sink)) as events:
             async for event in events:
                 yield i, event
     except GenerationError as exc:

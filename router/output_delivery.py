@@ -5,8 +5,8 @@
     pending.hand_out(DELIVER_SLICE, streams)   # then a slice of streams per event-loop turn
 
 Why slices: a step of a busy worker brings one output per running request in one frame, and each
-output wakes a stream whose turn (detokenize, encode, write to the client) costs tens of
-microseconds. Handing them all out in one event-loop turn holds the loop for milliseconds, and a
+output costs its stream tens of microseconds (detokenize, encode, write to the client), whether
+the stream takes it inline, right here (router/inbox.py), or its task wakes for it. Handing them all out in one event-loop turn holds the loop for milliseconds, and a
 new request, or the first token of one, waits behind the whole step. In slices, they run between
 slices; and first outputs are handed out before all others, since time to first token is what a
 stream's latency is judged by.
@@ -24,8 +24,8 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
 from collections import OrderedDict
+from typing import Any, Protocol
 
 from pdserve.shared.protocol import RequestOutput
 
@@ -38,16 +38,22 @@ from pdserve.shared.protocol import RequestOutput
 DELIVER_SLICE = 2
 
 
+class StreamQueue(Protocol):
+    """Where a stream's items go: an asyncio.Queue, or router/inbox.py's Inbox."""
+
+    def put_nowait(self, item: Any) -> None: ...
+
+
 class PendingOutputs:
     def __init__(self) -> None:
         # queue -> its outputs, oldest first; OrderedDict: O(1) first-in-first-out pops
-        self._first: OrderedDict[asyncio.Queue, list[RequestOutput]] = OrderedDict()
-        self._rest: OrderedDict[asyncio.Queue, list[RequestOutput]] = OrderedDict()
+        self._first: OrderedDict[StreamQueue, list[RequestOutput]] = OrderedDict()
+        self._rest: OrderedDict[StreamQueue, list[RequestOutput]] = OrderedDict()
 
     def __bool__(self) -> bool:
         return bool(self._first or self._rest)
 
-    def add(self, queue: asyncio.Queue, out: RequestOutput, first: bool) -> None:
+    def add(self, queue: StreamQueue, out: RequestOutput, first: bool) -> None:
         """Keeps `out` for `queue`'s stream; `first`: nothing was handed to that stream yet."""
         outs = self._first.get(queue)
         if outs is None:
@@ -56,7 +62,7 @@ class PendingOutputs:
             outs = (self._first if first else self._rest).setdefault(queue, [])
         outs.append(out)
 
-    def hand_out(self, limit: int | None, streams: dict[str, asyncio.Queue]) -> bool:
+    def hand_out(self, limit: int | None, streams: dict[str, StreamQueue]) -> bool:
         """Puts the outputs of up to `limit` streams (None: all) into their queues; `streams` is
         the rid -> queue map of the streams subscribed now. True when a stream got its first output."""
         served = 0

@@ -70,6 +70,11 @@ class SampleTracker:
         self.cached_tokens = 0
         self.logprobs: dict[str, list] = {}  # cumulative lists, only the fields the worker sent
 
+    @property
+    def has_stop_strings(self) -> bool:
+        """Whether a stop string may end the sample at any token (not only at the worker's end)."""
+        return bool(self._matcher)
+
     # ------------------------------------------------------------------ per output
 
     def apply(self, out: RequestOutput) -> SampleEvent:

@@ -29,11 +29,11 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 from pdserve.router.dispatch import RESTART
-from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
+from pdserve.router.generation import EventSink, GenerateInput, GenerationError, SampleEvent
 from pdserve.router.sample_tracker import SampleTracker
 from pdserve.router.tokenizer_fast import fast_decoder
 from pdserve.shared.engine.request_validation import RequestError, validate_request
-from pdserve.shared.protocol import GenerateRequest
+from pdserve.shared.protocol import GenerateRequest, RequestOutput
 
 if TYPE_CHECKING:
     from pdserve.router.state import RouterState
@@ -94,9 +94,14 @@ class RouterTextGenerator:
         self._state.dispatcher.abort(rid)
 
     async def stream(
-        self, inp: GenerateInput, buffered: bool = False, checked: GenerateRequest | None = None
+        self,
+        inp: GenerateInput,
+        buffered: bool = False,
+        checked: GenerateRequest | None = None,
+        sink: EventSink | None = None,
     ) -> AsyncIterator[SampleEvent]:
-        """`checked`: what `check(inp)` returned, when the caller checked inp already."""
+        """`checked`: what `check(inp)` returned, when the caller checked inp already; `sink`:
+        where ordinary events go at once (generation.py's EventSink; not with `buffered`)."""
         msg = checked if checked is not None else self.check(inp)
         tokenizer = self._state.require_tokenizer()
         num_samples = int(msg.sampling_params.get("n", 1))
@@ -123,9 +128,37 @@ class RouterTextGenerator:
             asyncio.get_running_loop().call_soon(lambda: samples or samples.extend(fresh()))
             unfinished = num_samples
             last_output_at: float | None = None
+
+            def observe_gap() -> None:
+                nonlocal last_output_at
+                now = time.perf_counter()
+                if last_output_at is None:
+                    metrics.ttft.observe(now - start)
+                else:
+                    metrics.itl.observe(now - last_output_at)
+                last_output_at = now
+
+            def take_inline(out: RequestOutput) -> bool:
+                # an output the loop below would turn into one event of a sample that goes on
+                # (a sample with stop strings may end at any token: the loop's way)
+                if not samples or sink is None or not sink.ready():
+                    return False
+                tracker = samples[out.index]
+                if tracker.done or tracker.has_stop_strings:
+                    return False
+                if out.token_ids:
+                    observe_gap()
+                sink.deliver(tracker.apply(out))
+                return True
+
             metrics.running.inc()
             try:
-                outputs = self._state.dispatcher.run(msg, num_samples, restartable=buffered)
+                outputs = self._state.dispatcher.run(
+                    msg,
+                    num_samples,
+                    restartable=buffered,
+                    inline=take_inline if sink and not buffered else None,
+                )
                 async with contextlib.aclosing(outputs):
                     async for item in outputs:
                         if item is RESTART:
@@ -135,12 +168,7 @@ class RouterTextGenerator:
                         if not samples:
                             samples.extend(fresh())
                         if item.token_ids:
-                            now = time.perf_counter()
-                            if last_output_at is None:
-                                metrics.ttft.observe(now - start)
-                            else:
-                                metrics.itl.observe(now - last_output_at)
-                            last_output_at = now
+                            observe_gap()
                         tracker = samples[item.index]
                         if tracker.done:
                             continue  # a stop string ended it; the worker's later outputs are dropped

@@ -51,7 +51,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from pdserve.router.output_delivery import DELIVER_SLICE, PendingOutputs
+from pdserve.router.output_delivery import DELIVER_SLICE, PendingOutputs, StreamQueue
 from pdserve.shared.protocol import (
     AbortRequest,
     Message,
@@ -120,7 +120,7 @@ class WorkerConnection:
             zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
         )
         self._sock.connect(address)
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, StreamQueue] = {}
         self._fresh: set[str] = set()  # subscribed rids with no output received yet
         self._pending = PendingOutputs()  # received outputs not yet in their queues
         self._replies: dict[tuple[type[Message], int], asyncio.Future] = {}
@@ -170,7 +170,7 @@ class WorkerConnection:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    def subscribe(self, rid: str, queue: asyncio.Queue) -> None:
+    def subscribe(self, rid: str, queue: StreamQueue) -> None:
         self._streams[rid] = queue
         self._fresh.add(rid)
 

@@ -25,24 +25,33 @@ from typing import Any
 from aiohttp import web
 
 from pdserve.router.errors import STATUS_TYPES, error_response
-from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent, TextGenerator
+from pdserve.router.generation import EventSink, GenerateInput, GenerationError, SampleEvent, TextGenerator
 from pdserve.router.openai.responses import ChoiceState, aggregate_usage, error_event, usage_chunk
-from pdserve.router.sse import DONE, encode_event, open_sse
+from pdserve.router.sse import EventStream, encode_event
 
 _END = object()
 
 
-def _stream(generator: TextGenerator, inp: GenerateInput, buffered: bool) -> AsyncIterator[SampleEvent]:
+def _stream(
+    generator: TextGenerator, inp: GenerateInput, buffered: bool, sink: EventSink | None = None
+) -> AsyncIterator[SampleEvent]:
     # `buffered` (RouterTextGenerator): one finished event per sample, retried from scratch on a
-    # worker failure; only asked for, so that TextGenerators without it still serve streams.
-    return generator.stream(inp, buffered=True) if buffered else generator.stream(inp)  # type: ignore[call-arg]
+    # worker failure; `sink`: where ordinary events go at once. Each only asked for, so that
+    # TextGenerators without them still serve streams.
+    if buffered:
+        return generator.stream(inp, buffered=True)  # type: ignore[call-arg]
+    return generator.stream(inp, sink=sink) if sink is not None else generator.stream(inp)  # type: ignore[call-arg]
 
 
 async def merge_streams(
-    generator: TextGenerator, inputs: list[GenerateInput], buffered: bool = False
+    generator: TextGenerator,
+    inputs: list[GenerateInput],
+    buffered: bool = False,
+    sink: EventSink | None = None,
 ) -> AsyncIterator[tuple[int, SampleEvent]]:
+    """`sink` (one prompt only) takes that prompt's ordinary events at once; they are not yielded."""
     if len(inputs) == 1:  # the common case: no tasks, the stream runs in the handler's task
-        async for ev in _stream(generator, inputs[0], buffered):
+        async for ev in _stream(generator, inputs[0], buffered, sink):
             yield 0, ev
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -78,34 +87,37 @@ class ClientGone(Exception):
 
 
 class SSEWriter:
-    """Server-sent events (router/sse.py's framing), headers sent with the first event."""
+    """Server-sent events (router/sse.py's EventStream), headers sent with the first event."""
 
     def __init__(self, request: web.Request):
-        self.request = request
-        self.response: web.StreamResponse | None = None
+        self.events = EventStream(request)
 
     @property
     def started(self) -> bool:
-        return self.response is not None
+        return self.events.started
 
-    async def _write(self, data: bytes) -> None:
+    @property
+    def response(self) -> web.StreamResponse | None:
+        return self.events.response
+
+    async def send(self, payload: dict[str, Any]) -> None:
         try:
-            if self.response is None:
-                self.response = await open_sse(self.request)
-            await self.response.write(data)
+            await self.events.write(encode_event(payload))
         except (ConnectionError, RuntimeError) as exc:  # aiohttp: reset / "cannot write to closing transport"
             raise ClientGone() from exc
 
-    async def send(self, payload: dict[str, Any]) -> None:
-        await self._write(encode_event(payload))
+    def ready(self) -> bool:
+        return self.events.ready()
+
+    def send_now(self, payload: dict[str, Any]) -> None:
+        """After `ready()`: the event goes on the socket now."""
+        self.events.write_now(encode_event(payload))
 
     async def finish(self) -> web.StreamResponse:
         """`data: [DONE]` and the end of the body; a client already gone is not an error here."""
         try:
-            await self._write(DONE)
-            assert self.response is not None
-            await self.response.write_eof()
-        except (ClientGone, ConnectionError, RuntimeError):
+            await self.events.finish()
+        except (ConnectionError, RuntimeError):
             pass
         assert self.response is not None
         return self.response
@@ -166,22 +178,25 @@ async def stream_choices(
     """Streams every choice as SSE chunks; an error before the first chunk is a plain error response."""
     choices = [ChoiceState(i) for i in range(len(inputs) * spec.n)]
     sse = SSEWriter(request)
+
+    def chunks_for(p: int, ev: SampleEvent) -> list[dict[str, Any]]:
+        choice = choices[p * spec.n + ev.index]
+        choice.add(ev)
+        err = abort_error(choice.finish_reason)
+        if err is not None:
+            raise err
+        usage = aggregate_usage(choices, spec.n, spec.prompt_lens) if spec.continuous_usage_stats else None
+        chunks = make_chunks(p, choice, ev)
+        if usage is not None:
+            for chunk in chunks:
+                chunk["usage"] = usage
+        return chunks
+
+    sink = _ChunkSink(sse, chunks_for) if len(inputs) == 1 else None
     try:
-        async with aclosing(merge_streams(generator, inputs)) as events:
+        async with aclosing(merge_streams(generator, inputs, sink=sink)) as events:
             async for p, ev in events:
-                choice = choices[p * spec.n + ev.index]
-                choice.add(ev)
-                err = abort_error(choice.finish_reason)
-                if err is not None:
-                    raise err
-                usage = (
-                    aggregate_usage(choices, spec.n, spec.prompt_lens)
-                    if spec.continuous_usage_stats
-                    else None
-                )
-                for chunk in make_chunks(p, choice, ev):
-                    if usage is not None:
-                        chunk["usage"] = usage
+                for chunk in chunks_for(p, ev):
                     await sse.send(chunk)
         if spec.include_usage:
             usage = aggregate_usage(choices, spec.n, spec.prompt_lens)
@@ -196,3 +211,18 @@ async def stream_choices(
     except ClientGone:  # leaving the `async with` closed the streams: the workers abort the request
         return sse.response  # type: ignore[return-value]
     return await sse.finish()
+
+
+class _ChunkSink:
+    """A single prompt's ordinary events, written at once as their chunks (generation.py's EventSink)."""
+
+    def __init__(self, sse: SSEWriter, chunks_for: Callable[[int, SampleEvent], list[dict[str, Any]]]):
+        self._sse = sse
+        self._chunks_for = chunks_for
+
+    def ready(self) -> bool:
+        return self._sse.ready()
+
+    def deliver(self, event: SampleEvent) -> None:
+        for chunk in self._chunks_for(0, event):
+            self._sse.send_now(chunk)

@@ -37,7 +37,7 @@ class ScriptedGenerator:
     script: list[SampleEvent | Exception]
     seen: list = field(default_factory=list)
 
-    async def stream(self, inp, buffered: bool = False):
+    async def stream(self, inp, buffered: bool = False, sink=None):  # yields every event: sink is optional
         self.seen.append((inp, buffered))
         for item in self.script:
             await asyncio.sleep(0)
