@@ -7,6 +7,9 @@
   version, `max_total_num_tokens` (summed over serving workers), memory pool sizes and arguments of
   every worker (from its ServerInfo), live workers by role, `router_processes` and this process's
   `router_process_index` (`--processes N`: each process answers for itself, and sees every worker);
+  and what SGLang's tools read there: `internal_states`, one entry per worker that serves
+  generation (its arguments, `last_gen_throughput` from its load reports, `memory_usage`), and
+  with prefill/decode workers the `prefill` and `decode` lists of those workers' own server info;
 - `/health`: 200 with an empty body when the router knows the model, has its tokenizer and at least
   one worker can take a request; 503 otherwise, saying why;
 - `/health_generate`: generates one token through a real worker (200, empty body) or 503;
@@ -80,10 +83,47 @@ def _worker_entry(h: WorkerHandle) -> dict[str, Any]:
     }
 
 
+def _gib(nbytes: int) -> float:
+    return round(nbytes / (1 << 30), 2)
+
+
+def internal_state(h: WorkerHandle) -> dict[str, Any]:
+    """One worker's entry of `internal_states`, as an SGLang scheduler reports its own: its
+    arguments, `last_gen_throughput` (tokens/s) and `memory_usage` (GB, token capacity)."""
+    info = h.server_info
+    entry: dict[str, Any] = dict(info.args) if info else {}
+    entry["last_gen_throughput"] = round(h.gen_throughput, 2)
+    entry["memory_usage"] = {
+        "weight": _gib(info.weight_bytes) if info else 0.0,
+        "kvcache": _gib(info.kv_pool_bytes) if info else 0.0,
+        "token_capacity": info.max_total_num_tokens if info else 0,
+        "graph": 0.0,  # CUDA graphs share the KV pool and activations: no memory of their own
+    }
+    return entry
+
+
+def _role_server_info(h: WorkerHandle) -> dict[str, Any]:
+    """A P/D worker as SGLang's P/D router lists it: the worker's own server info."""
+    info = h.server_info
+    return {
+        **(info.args if info else {}),
+        "worker_id": h.worker_id,
+        "internal_states": [internal_state(h)],
+        "version": info.version if info else None,
+    }
+
+
 def server_info(state: RouterState, role: ProcessRole | None = None) -> dict[str, Any]:
     facts = state.facts
     serving = state.pool.serving_workers()
     workers = [_worker_entry(h) for h in state.pool.workers.values()]
+    by_role: dict[str, list[WorkerHandle]] = {}
+    for h in state.pool.workers.values():
+        by_role.setdefault(h.role, []).append(h)
+    # P/D: what SGLang's P/D router answers (tools read `decode[0]` first when it is there)
+    disaggregated = {
+        r: [_role_server_info(h) for h in by_role[r]] for r in ("prefill", "decode") if r in by_role
+    }
     return {
         **state.args.to_public_dict(),
         "model_path": state.model_path,
@@ -107,6 +147,8 @@ def server_info(state: RouterState, role: ProcessRole | None = None) -> dict[str
         "workers": workers,
         "router_processes": role.count if role else 1,
         "router_process_index": role.index if role else 0,
+        "internal_states": [internal_state(h) for h in serving],
+        **disaggregated,
     }
 
 
@@ -150,10 +192,9 @@ async def handle_health_generate(request: web.Request) -> web.Response:
 
 async def _fresh_load(h: WorkerHandle) -> LoadReport | None:
     try:
-        h.last_load = await h.conn.query(LoadQuery(), LoadReport, LOAD_QUERY_TIMEOUT_S)
+        return h.record_load(await h.conn.query(LoadQuery(), LoadReport, LOAD_QUERY_TIMEOUT_S))
     except (WorkerUnavailable, TimeoutError, asyncio.TimeoutError):
         return None
-    return h.last_load
 
 
 async def handle_get_load(request: web.Request) -> web.Response:

@@ -80,10 +80,24 @@ class WorkerHandle:
     leaving: bool = False  # it left the cluster (drains): no new requests
     load_query_pending: bool = False
     added_at: float = field(default_factory=time.monotonic)
+    # tokens/s generated between the last two of the worker's own load reports (SGLang's
+    # last_gen_throughput), and the (time, generated_tokens) of the last report
+    gen_throughput: float = 0.0
+    _gen_mark: tuple[float, int] | None = None
 
     @property
     def worker_id(self) -> str:
         return self.info.worker_id
+
+    def record_load(self, report: LoadReport) -> LoadReport:
+        """Keeps the worker's own load report (and what it says about its generation rate)."""
+        now = time.monotonic()
+        mark = self._gen_mark
+        if mark is not None and now > mark[0] and report.generated_tokens >= mark[1]:
+            self.gen_throughput = (report.generated_tokens - mark[1]) / (now - mark[0])
+        self._gen_mark = (now, report.generated_tokens)
+        self.last_load = report
+        return report
 
     @property
     def role(self) -> str:
@@ -346,7 +360,7 @@ class WorkerPool:
     async def _poll_load(self, handle: WorkerHandle) -> None:
         handle.load_query_pending = True
         try:
-            handle.last_load = await handle.conn.query(LoadQuery(), LoadReport, self.config.query_timeout_s)
+            handle.record_load(await handle.conn.query(LoadQuery(), LoadReport, self.config.query_timeout_s))
         except (WorkerUnavailable, TimeoutError, asyncio.TimeoutError):
             pass  # busy in a long step, or gone: the last report stands
         finally:

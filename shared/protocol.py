@@ -261,6 +261,7 @@ class ServerInfo(Message):
     kv_pool_bytes: int = 0
     weight_version: str = "default"
     version: str = ""
+    weight_bytes: int = 0  # parameters and buffers of the loaded model
 
 
 @dataclass

@@ -284,6 +284,7 @@ class Engine:
             kv_pool_bytes=self.runner.pool.nbytes,
             weight_version=self.weight_version,
             version=importlib.metadata.version("pdserve"),
+            weight_bytes=self.runner.weight_bytes,
         )
 
     def check_weights(self, model_path: str, load_format: str | None = None) -> CheckedWeights:

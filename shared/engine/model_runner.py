@@ -72,6 +72,9 @@ class ModelRunner:
             type(self.attn_backend).__name__,
         )
         self.graphs: DecodeGraphRunner | None = None
+        self.weight_bytes = sum(
+            t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
+        )
         if self.device.type == "cuda" and not args.disable_cuda_graph:
             self.graphs = DecodeGraphRunner(
                 self.model,
