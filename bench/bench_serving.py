@@ -8,12 +8,14 @@ OpenAI-compatible server (pdserve's router first).
 A run: find the model (`--model`, else /v1/models, else /get_model_info) and the tokenizer
 (`--tokenizer`, else the server's tokenizer_path, else the model), build the dataset
 (serving_datasets), send `--warmup-requests` copies of the first prompt (their output capped at 32
-tokens; the run stops if all fail), flush the server's cache (sglang backends), then send every row
+tokens; the run stops if all fail), flush the server's cache (`--flush-cache`), then send every row
 with Poisson arrivals at `--request-rate` (inf: all at once) under at most `--max-concurrency` in
 flight, with a tqdm bar; print the result block and append one JSON line to `--output-file`.
 Exit status: 0 when every request succeeded (or some did and `--allow-failures`), 1 otherwise.
-Differences from SGLang's client: nothing is downloaded (sharegpt needs `--dataset-path`; the
-default dataset is `random`), and the output file is written only when asked for.
+Datasets and flags mean what they mean in SGLang's client (random-ids sends text unless
+`--tokenize-prompt`; random samples ShareGPT prompts' ids). Differences: nothing is downloaded
+(sharegpt, and random's ShareGPT ids, need `--dataset-path`; without it random uses random ids),
+and the output file is written only when asked for.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="default: the server's (/v1/models, /get_model_info)")
     p.add_argument("--tokenizer", default=None, help="default: the server's tokenizer path, else the model")
     p.add_argument("--dataset-name", choices=ds.DATASET_NAMES, default="random")
-    p.add_argument("--dataset-path", default="", help="a local ShareGPT JSON file (sharegpt)")
+    p.add_argument("--dataset-path", default="", help="a local ShareGPT JSON file (sharegpt, random)")
     p.add_argument("--num-prompts", type=int, default=1000)
     p.add_argument("--sharegpt-output-len", type=int, default=None, help="fixed output length for sharegpt")
     p.add_argument("--sharegpt-context-len", type=int, default=None, help="skip longer conversations")
@@ -74,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--extra-request-body", default=None, help="JSON merged into each request, e.g. '{\"top_k\": 1}'"
     )
     p.add_argument("--apply-chat-template", action="store_true")
+    p.add_argument(
+        "--tokenize-prompt", action="store_true", help="random datasets: send token ids, not their text"
+    )
+    p.add_argument(
+        "--flush-cache", action="store_true", help="flush the server's prefix cache after the warm-up"
+    )
     p.add_argument("--allow-failures", action="store_true", help="exit 0 even if some requests failed")
     return p
 
@@ -119,10 +127,18 @@ def discover_model(base_url: str, model: str | None, tokenizer: str | None) -> t
 def build_dataset(ns: argparse.Namespace, tokenizer) -> list[ds.DatasetRow]:
     rng = np.random.default_rng(ns.seed)
     name = ns.dataset_name
-    if name in ("random", "random-ids"):
+    if name == "random" and ns.dataset_path:
+        rows = ds.sharegpt_token_rows(
+            tokenizer, ns.dataset_path, ns.num_prompts, ns.random_input_len, ns.random_output_len,
+            ns.random_range_ratio, rng, as_ids=ns.tokenize_prompt,
+        )  # fmt: skip
+    elif name in ("random", "random-ids"):
+        if name == "random":
+            print("note: --dataset-name random takes its ids from ShareGPT prompts (--dataset-path); "
+                  "without a file they are random ids, as with random-ids")  # fmt: skip
         rows = ds.random_rows(
             tokenizer, ns.num_prompts, ns.random_input_len, ns.random_output_len,
-            ns.random_range_ratio, rng, as_ids=name == "random-ids",
+            ns.random_range_ratio, rng, as_ids=ns.tokenize_prompt,
         )  # fmt: skip
     elif name == "generated-shared-prefix":
         rows = ds.generated_shared_prefix_rows(
@@ -137,13 +153,11 @@ def build_dataset(ns: argparse.Namespace, tokenizer) -> list[ds.DatasetRow]:
         )
         if len(rows) < ns.num_prompts:
             print(f"note: {ns.dataset_path} gave {len(rows)} usable prompts of {ns.num_prompts} asked")
-    if name == "random-ids" and ns.backend == "sglang-oai-chat":
-        raise SystemExit(
-            "--dataset-name random-ids sends token ids: use --backend sglang, sglang-oai or vllm"
-        )
+    if ns.tokenize_prompt and ns.backend == "sglang-oai-chat":
+        raise SystemExit("--tokenize-prompt sends token ids: use --backend sglang, sglang-oai or vllm")
     if ns.apply_chat_template:
-        if name == "random-ids":
-            raise SystemExit("--apply-chat-template needs text prompts: not with --dataset-name random-ids")
+        if ns.tokenize_prompt:
+            raise SystemExit("--apply-chat-template needs text prompts: not with --tokenize-prompt")
         rows = ds.apply_chat_template(rows, tokenizer, send_templated=ns.backend != "sglang-oai-chat")
     return rows
 
@@ -288,7 +302,7 @@ async def run_benchmark(ns: argparse.Namespace) -> tuple[dict[str, Any], dict[st
     print(f"#Output tokens: {sum(r.output_len for r in rows)}")
     async with Runner(ns, base_url, model) as runner:
         await runner.warmup(rows[0], ns.warmup_requests)
-        if ns.backend.startswith("sglang"):
+        if ns.flush_cache:
             flush_cache(base_url)
         results, duration = await runner.run(rows, offsets, ns.max_concurrency, ns.disable_tqdm)
     metrics = compute_metrics(results, duration, tokenizer)

@@ -72,10 +72,10 @@ for stage in $STAGES; do
       python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
       sleep 1
     done
-    run serving-c64 240 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+    run serving-c64 240 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
       --num-prompts 500 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
       --max-concurrency 64 --warmup-requests 4 --disable-tqdm --output-file "$RES"
-    run serving-c1 120 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+    run serving-c1 120 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
       --num-prompts 24 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
       --max-concurrency 1 --warmup-requests 2 --disable-tqdm --output-file "$RES"
     kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve.log" | tee -a "$LOG" ;;
@@ -88,7 +88,7 @@ for stage in $STAGES; do
       python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
       sleep 1
     done
-    run serving-pd-c16 200 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+    run serving-pd-c16 200 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
       --num-prompts 96 --random-input-len 1024 --random-output-len 128 --random-range-ratio 1 \
       --max-concurrency 16 --warmup-requests 2 --disable-tqdm --output-file "$RES"
     kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve_pd.log" | tee -a "$LOG" ;;

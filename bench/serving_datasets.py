@@ -1,14 +1,16 @@
 """Prompts for `bench_serving`: the datasets of SGLang's bench_serving, built locally (no downloads).
 
 Every dataset is a list of `DatasetRow(prompt, prompt_len, output_len)`; `prompt` is text, or token
-ids for `random-ids`. Rules:
-- random: per row an input length drawn uniformly from [max(int(L * ratio), 1), L] (L =
+ids with `--tokenize-prompt`. Rules:
+- random-ids: per row an input length drawn uniformly from [max(int(L * ratio), 1), L] (L =
   `--random-input-len`, ratio = `--random-range-ratio`) and an output length the same way; the prompt
   is that many random token ids (special tokens excluded) decoded to text, as SGLang does. Decoding
   and re-encoding does not keep the count exactly, so `prompt_len` is the re-encoded length: what
-  the server will see.
-- random-ids: the same ids, sent as ids (`input_ids` to /generate, a token list as an OpenAI
-  `prompt`), so `prompt_len` is exactly the drawn length.
+  the server will see. With `--tokenize-prompt` the ids are sent as ids (`input_ids` to /generate,
+  a token list as an OpenAI `prompt`), and `prompt_len` is exactly the drawn length.
+- random: as SGLang, the ids come from ShareGPT prompts (`--dataset-path`), each prompt's ids
+  repeated or cut to the drawn length; bench_serving downloads nothing, so without a file the ids
+  are random as in random-ids (a note says so).
 - generated-shared-prefix (gsp): `num_groups` random system prompts of `system_prompt_len` tokens,
   each followed by `prompts_per_group` random questions of `question_len` tokens; every row asks
   `output_len` tokens. Rows are shuffled; `--num-prompts` is ignored (groups x prompts per group).
@@ -88,6 +90,39 @@ def random_rows(
     return rows
 
 
+def sharegpt_token_rows(
+    tokenizer,
+    path: str | Path,
+    num_prompts: int,
+    input_len: int,
+    output_len: int,
+    range_ratio: float,
+    rng: np.random.Generator,
+    as_ids: bool,
+) -> list[DatasetRow]:
+    """The random dataset from ShareGPT prompts: each row's ids are a prompt's ids, repeated or cut
+    to the drawn input length (prompts that encode to nothing are skipped)."""
+    pairs = [p for p in (_first_two_turns(r) for r in _load_records(Path(path))) if p is not None]
+    order = rng.permutation(len(pairs))
+    input_lens = sample_lengths(rng, input_len, range_ratio, num_prompts)
+    output_lens = sample_lengths(rng, output_len, range_ratio, num_prompts)
+    rows: list[DatasetRow] = []
+    for k in order:
+        if len(rows) == num_prompts:
+            break
+        ids = tokenizer.encode(pairs[k][0], add_special_tokens=False)
+        if not ids:
+            continue
+        n_in, n_out = input_lens[len(rows)], output_lens[len(rows)]
+        ids = (ids * (n_in // len(ids) + 1))[:n_in]
+        if as_ids:
+            rows.append(DatasetRow(ids, n_in, n_out))
+        else:
+            text = tokenizer.decode(ids)
+            rows.append(DatasetRow(text, encoded_len(tokenizer, text), n_out))
+    return rows
+
+
 def generated_shared_prefix_rows(
     tokenizer,
     num_groups: int,
@@ -122,6 +157,17 @@ def _first_two_turns(record: dict[str, Any]) -> tuple[str, str] | None:
     return (texts[0], texts[1]) if len(texts) == 2 else None
 
 
+def _load_records(path: Path) -> list[dict[str, Any]]:
+    """The conversations of a local ShareGPT file (records that are not objects are left out)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"--dataset-path {path}: no such file (bench_serving downloads nothing)")
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise TypeError(f"{path}: a ShareGPT file is a JSON list of conversations")
+    return [r for r in records if isinstance(r, dict)]
+
+
 def sharegpt_rows(
     tokenizer,
     path: str | Path,
@@ -131,14 +177,7 @@ def sharegpt_rows(
     context_len: int | None = None,
 ) -> list[DatasetRow]:
     """Up to num_prompts rows from a local ShareGPT file (see the module docstring for the filters)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--dataset-path {path}: no such file (bench_serving downloads nothing)")
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise TypeError(f"{path}: a ShareGPT file is a JSON list of conversations")
-    pairs = [p for r in records if isinstance(r, dict) and (p := _first_two_turns(r)) is not None]
+    pairs = [p for p in (_first_two_turns(r) for r in _load_records(Path(path))) if p is not None]
     rows: list[DatasetRow] = []
     for i in rng.permutation(len(pairs)):
         if len(rows) == num_prompts:

@@ -12,7 +12,7 @@ for _ in $(seq 240); do
   python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
   sleep 1
 done
-timeout 240 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids \
+timeout 240 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
   --num-prompts 500 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
   --max-concurrency 64 --warmup-requests 4 --disable-tqdm --output-file "$OUT/results.jsonl" 2>&1 | tail -30
 kill -INT $SERVE; wait $SERVE

@@ -84,22 +84,24 @@ def _asked_output_lens(model_dir: str, dataset: str) -> list[int]:
         OUTPUT_LEN,
         0.0,
         np.random.default_rng(SEED),
-        as_ids=dataset == "random-ids",
+        as_ids=False,  # the output lengths are drawn before the ids: the same either way
     )
     return [r.output_len for r in rows]
 
 
 @pytest.mark.parametrize(
-    ("backend", "dataset"),
+    ("backend", "dataset", "flags"),
     [
-        ("sglang", "random"),
-        ("sglang", "random-ids"),
-        ("sglang-oai", "random-ids"),
-        ("sglang-oai-chat", "random"),
+        ("sglang", "random-ids", ["--tokenize-prompt", "--flush-cache"]),  # ids as input_ids
+        ("sglang-oai", "random-ids", ["--tokenize-prompt"]),  # ids as an OpenAI token-list prompt
+        ("sglang-oai-chat", "random-ids", []),  # text, as SGLang's client sends it
+        ("vllm", "random", []),
     ],
 )
-def test_every_request_succeeds_with_exact_lengths(server, model_dir, tmp_path, capsys, backend, dataset):
-    rc, line, _ = _run(server, tmp_path, "--backend", backend, "--dataset-name", dataset)
+def test_every_request_succeeds_with_exact_lengths(
+    server, model_dir, tmp_path, capsys, backend, dataset, flags
+):
+    rc, line, _ = _run(server, tmp_path, "--backend", backend, "--dataset-name", dataset, *flags)
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "============ Serving Benchmark Result ============" in printed

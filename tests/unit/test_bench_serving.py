@@ -365,3 +365,37 @@ def test_send_request_parses_each_backend():
     assert not error.success and error.error == "worker died"
     assert not http_error.success and http_error.error.startswith("HTTP 400:") and "bad" in http_error.error
     assert not empty.success and empty.error == "the stream ended without output tokens"
+
+
+def _dataset(tok, *flags: str) -> list[ds.DatasetRow]:
+    from pdserve.bench.bench_serving import build_dataset
+
+    ns = build_parser().parse_args(
+        ["--num-prompts", "5", "--random-input-len", "12", "--random-output-len", "4", *flags]
+    )
+    return build_dataset(ns, tok)
+
+
+def test_random_ids_send_text_unless_tokenize_prompt_as_sglangs_client(tok):
+    text_rows = _dataset(tok, "--dataset-name", "random-ids")
+    id_rows = _dataset(tok, "--dataset-name", "random-ids", "--tokenize-prompt")
+    assert all(isinstance(r.prompt, str) for r in text_rows)
+    assert all(isinstance(r.prompt, list) and len(r.prompt) == r.prompt_len for r in id_rows)
+    assert [tok.decode(r.prompt) for r in id_rows] == [r.prompt for r in text_rows]  # the same draws
+    assert all(
+        isinstance(r.prompt, str)
+        for r in _dataset(tok, "--dataset-name", "random-ids", "--backend", "sglang-oai-chat")
+    )
+    with pytest.raises(SystemExit, match="--tokenize-prompt"):
+        _dataset(tok, "--dataset-name", "random-ids", "--tokenize-prompt", "--backend", "sglang-oai-chat")
+
+
+def test_random_takes_its_ids_from_sharegpt_prompts(tok):
+    rows = _dataset(tok, "--dataset-name", "random", "--dataset-path", str(SHAREGPT), "--tokenize-prompt")
+    turns = [ds._first_two_turns(r) for r in json.loads(SHAREGPT.read_text()) if isinstance(r, dict)]
+    prompts = [tok.encode(t[0], add_special_tokens=False) for t in turns if t is not None]
+    assert len(rows) == 5
+    for row in rows:
+        assert len(row.prompt) == row.prompt_len and 1 <= row.prompt_len <= 12
+        # each row is one prompt's ids, repeated or cut to the drawn length
+        assert any(row.prompt == (p * (row.prompt_len // len(p) + 1))[: row.prompt_len] for p in prompts if p)
