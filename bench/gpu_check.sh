@@ -94,11 +94,17 @@ for stage in $STAGES; do
     kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve_pd.log" | tee -a "$LOG" ;;
   kv)
     run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
-      --tokens 16,256,1024,4096 --output-file "$RES"
+      --tokens 16,256,1024,4096 --output-file "$OUT/kv_zmq.jsonl"
+    # two processes on one GPU: the receiver's pool mapped through CUDA IPC, pages written in place
+    run kv-cuda-ipc 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc \
+      --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc.jsonl"
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
       run kv-nccl 150 python3 -m pdserve.bench.bench_kv_transfer --backend nccl --tokens 16,256,1024,4096 \
-        --output-file "$RES"
-    fi ;;
+        --output-file "$OUT/kv_nccl.jsonl"
+      run kv-cuda-ipc-2gpu 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc \
+        --peer-device cuda:1 --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc_2gpu.jsonl"
+    fi
+    cat "$OUT"/kv_*.jsonl >> "$RES" ;;
   esac
 done
 

@@ -1,4 +1,4 @@
-"""The control plane of the zmq and nccl backends: one ROUTER socket, one I/O thread per manager.
+"""The control plane of the zmq, nccl, cuda_ipc and auto backends: one ROUTER socket, one I/O thread each.
 
 A request's transfer on the wire (messages in wire.py; the data plane moves the bytes):
 
@@ -133,12 +133,14 @@ class ControlPlaneManager(KVManager):
             self._thread.join(timeout=10)
 
     def stats(self) -> dict[str, int]:
-        """What this manager holds, for leak checks: transfers, early messages, retained peers."""
+        """What this manager holds, for leak checks: transfers, early messages, retained peers, and
+        what its data plane holds (cuda_ipc: mapped peer pools, open write-gate slots)."""
         snapshot: dict[str, int] = {}
         taken = threading.Event()
 
         def take() -> None:
             snapshot.update(self.transfers.stats())
+            snapshot.update(self.plane.stats())
             taken.set()
 
         if self.call_soon(take):
@@ -263,7 +265,8 @@ class ControlPlaneManager(KVManager):
                 f"(heartbeat_timeout_s={self.config.heartbeat_timeout_s:g})",
             )
         self.transfers.expire(now)
-        self.peers.close_idle(now, self.IDLE_PEER_CLOSE_S)
+        for endpoint in self.peers.close_idle(now, self.IDLE_PEER_CLOSE_S):
+            self.plane.on_peer_idle(endpoint)
 
     # ------------------------------------------------------------------ for the data planes
 

@@ -14,6 +14,12 @@ change. A data plane only copies:
 - `discard()`: bytes announced by a header whose transfer is unknown or failed validation: consume
   them (NCCL must post the matching receive) and write nothing.
 
+A plane whose sender writes straight into the receiver's pages (cuda_ipc) hands the receiver's
+page ids and whatever else the sender needs to the sender through `offer()` (carried by Ready);
+the sender finds it in `rec.offer` when `on_bound(rec)` is called. Such a plane keeps the
+receiver's rule (nothing written after a final state) with a closer on the receiver's state
+(state.py), since the writing happens in the other process.
+
 Plane-specific control messages (NCCL's link set-up) are registered through `handlers()`.
 """
 
@@ -42,8 +48,18 @@ class DataPlane(ABC):
         """Why the frames that came with `msg` are wrong for this plane, or None."""
         return None
 
-    def on_bound(self, peer: str) -> None:
-        """A sender of this manager is bound to a receiver at `peer` (NCCL: open the link now)."""
+    def offer(self, rec: InboundTransfer) -> dict[str, Any] | None:
+        """Receiver, I/O thread, from init(): what goes to the sender in Ready.plane (None: nothing).
+        May fail `rec` (through the core) instead."""
+        return None
+
+    def on_bound(self, rec: OutboundTransfer) -> None:
+        """A sender of this manager is bound to its receiver (`rec.peer`, `rec.offer`); NCCL opens
+        its link now. May fail `rec` (through the core)."""
+
+    def message_bytes(self, rec: OutboundTransfer) -> int:
+        """The most bytes one message of `rec` may carry (send() chunks are cut to it)."""
+        return self.core.max_message_bytes
 
     @abstractmethod
     def submit(
@@ -67,5 +83,13 @@ class DataPlane(ABC):
 
     def on_peer_lost(self, peer: str) -> None:
         """Every transfer with `peer` has failed (dead, restarted): drop what is held for it."""
+
+    def on_peer_idle(self, peer: str) -> None:
+        """`peer` has had no transfer for a while and its connection is closed: a plane may drop
+        what it keeps for it (nothing would tell it of the peer's death any more)."""
+
+    def stats(self) -> dict[str, int]:
+        """What the plane holds, for leak checks (merged into the manager's stats())."""
+        return {}
 
     def close(self) -> None: ...

@@ -1,4 +1,4 @@
-"""The worker-facing handles of the zmq and nccl backends: thin, thread-safe, never blocking on I/O.
+"""The worker-facing handles of the control-plane backends: thin, thread-safe, never blocking on I/O.
 
 A handle checks its caller's arguments (misuse raises at once, in the caller's thread), changes
 its transfer's state under the state's lock (abort) and hands the rest to the manager's I/O thread

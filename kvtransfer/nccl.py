@@ -58,7 +58,8 @@ class NcclDataPlane(DataPlane):
 
     # ------------------------------------------------------------------ links
 
-    def on_bound(self, peer: str) -> None:
+    def on_bound(self, rec: OutboundTransfer) -> None:
+        peer = rec.peer
         link = self._out_links.get(peer)
         if link is not None and link.failed is None:
             return

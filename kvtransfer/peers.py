@@ -182,11 +182,12 @@ class PeerTable:
             peer.dealer.close(linger=linger_ms)
         peer.dealer = peer.monitor = None
 
-    def close_idle(self, now: float, idle_s: float) -> None:
-        for endpoint in [
-            e for e, p in self._peers.items() if p.active == 0 and now - p.last_activity > idle_s
-        ]:
+    def close_idle(self, now: float, idle_s: float) -> list[str]:
+        """Closes peers without transfers for idle_s; returns their endpoints."""
+        idle = [e for e, p in self._peers.items() if p.active == 0 and now - p.last_activity > idle_s]
+        for endpoint in idle:
             self.drop(endpoint)
+        return idle
 
     def close_all(self, linger_ms: int) -> None:
         for peer in self._peers.values():

@@ -41,6 +41,8 @@ class OutboundTransfer:
     pages_queued: int = 0  # pages of all chunks queued so far (the request's page count once last)
     last_submitted: bool = False  # the is_last message went to the data plane
     dropped: bool = False
+    offer: dict[str, Any] | None = None  # the receiver's Ready.plane
+    via: str = ""  # the data plane chosen for this transfer, where a manager has several (auto)
 
     @property
     def key(self) -> tuple[str, str]:

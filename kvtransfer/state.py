@@ -7,23 +7,30 @@ Rules:
   `is_final` first. `fail()` takes the same lock, so once it returns no backend thread touches the
   request's pages any more: that is how base.py's "nothing is written after abort() returns" holds.
 - The lock is re-entrant so a backend holding it (mid-copy) may itself move the state.
+- `closer` (optional, set through `set_closer`) runs under the lock just before the state becomes
+  final, whoever makes it final: a data plane whose pages are written by another process (cuda_ipc)
+  uses it to shut that writer out before the caller can see the final state and free the pages.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 
 from pdserve.kvtransfer.base import KVPoll
 
+logger = logging.getLogger(__name__)
+
 FINAL_STATES = (KVPoll.Failed, KVPoll.Success)
 
 
 class TransferState:
-    __slots__ = ("deadline", "lock", "reason", "status", "timeout_s")
+    __slots__ = ("closer", "deadline", "lock", "reason", "status", "timeout_s")
 
     def __init__(self, timeout_s: float):
         self.status = KVPoll.Bootstrapping
@@ -31,6 +38,7 @@ class TransferState:
         self.lock = threading.RLock()
         self.timeout_s = timeout_s
         self.deadline = time.monotonic() + timeout_s
+        self.closer: Callable[[], None] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -42,6 +50,8 @@ class TransferState:
         with self.lock:
             if self.is_final or to <= self.status:
                 return False
+            if to in FINAL_STATES:
+                self._close()
             self.status = to
             return True
 
@@ -50,9 +60,26 @@ class TransferState:
         with self.lock:
             if self.is_final:
                 return False
+            self._close()
             self.reason = reason
             self.status = KVPoll.Failed
             return True
+
+    def set_closer(self, closer: Callable[[], None]) -> bool:
+        """Installs `closer` (see the rules); False, and nothing installed, when already final."""
+        with self.lock:
+            if self.is_final:
+                return False
+            self.closer = closer
+            return True
+
+    def _close(self) -> None:
+        closer, self.closer = self.closer, None
+        if closer is not None:
+            try:
+                closer()
+            except Exception:  # the state must still become final
+                logger.exception("closing a transfer's writers failed")
 
     def expired(self, now: float) -> bool:
         return not self.is_final and now > self.deadline

@@ -1,4 +1,4 @@
-"""The transfer tables of one manager of the zmq and nccl backends, and every rule about them.
+"""The transfer tables of one manager of the control-plane backends, and every rule about them.
 
 Runs on the manager's I/O thread only (control.py): registration of handles, binding a sender to
 its receiver's Ready, cutting send() chunks into messages for the data plane, accounting for what
@@ -137,7 +137,10 @@ class Transfers:
         if rec.dropped or rec.state.is_final:
             return
         rec.pages = pages
-        self.peers.send(rec.peer, wire.Ready(rec.rid, rec.nonce, len(pages), self.layout.to_wire()))
+        offer = self.manager.plane.offer(rec)
+        if rec.dropped or rec.state.is_final:
+            return  # the plane failed it (or the worker aborted meanwhile: its command tells the peer)
+        self.peers.send(rec.peer, wire.Ready(rec.rid, rec.nonce, len(pages), self.layout.to_wire(), offer))
 
     def after_local_abort_out(self, rec: OutboundTransfer) -> None:
         if not rec.dropped:
@@ -161,6 +164,7 @@ class Transfers:
             return  # aborted by the worker: its queued command tells the receiver, with this nonce
         self._out_by_nonce[rec.nonce] = rec
         rec.dest_num_pages = ready.num_pages
+        rec.offer = ready.plane
         self.peers.send(rec.peer, wire.Bound(rec.nonce))
         if ready.layout != self.layout.to_wire():
             self.fail_outbound(
@@ -170,8 +174,8 @@ class Transfers:
         if not self._check_page_count(rec):
             return
         rec.state.advance(KVPoll.Transferring if rec.chunks else KVPoll.WaitingForInput)
-        self.manager.plane.on_bound(rec.peer)
-        if rec.chunks:
+        self.manager.plane.on_bound(rec)
+        if rec.chunks and not rec.dropped:
             self._sending[rec] = None
 
     def _check_page_count(self, rec: OutboundTransfer) -> bool:
@@ -203,7 +207,7 @@ class Transfers:
         chunk = rec.chunks[0]
         if chunk.specs is None:
             chunk.specs = plan_messages(
-                chunk.first_page, len(chunk.pages), self.layout, self.manager.max_message_bytes
+                chunk.first_page, len(chunk.pages), self.layout, self.manager.plane.message_bytes(rec)
             )
             if not chunk.specs:  # is_last with no pages left: the header carries first_output
                 chunk.specs = [MessageSpec(chunk.first_page, 0, 0, 0)]

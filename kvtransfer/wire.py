@@ -46,13 +46,17 @@ class Pong:
 
 @dataclass
 class Ready:
-    """Receiver -> sender, from init(): where the pages go is local; the sender learns how many."""
+    """Receiver -> sender, from init(): where the pages go is local; the sender learns how many.
+
+    `plane`: what the receiver's data plane offers this transfer (cuda_ipc: its shared pool, a
+    write-gate slot and the destination page ids), None when it offers nothing beyond the usual."""
 
     TAG: ClassVar[str] = "ready"
     rid: str
     nonce: bytes
     num_pages: int
     layout: dict[str, Any]
+    plane: dict[str, Any] | None = None
 
 
 @dataclass
@@ -67,8 +71,9 @@ class Bound:
 class Data:
     """Sender -> receiver: pages [first_page, +num_pages) x layers [layer_begin, layer_end).
 
-    The bytes follow as frame 1 (zmq) or over the pair's NCCL link `link` (nccl). The last message
-    of a transfer has is_last, the request's total page count and the first_output."""
+    The bytes follow as frame 1 (zmq) or over the pair's NCCL link `link` (nccl), or are already in
+    the receiver's pages when `via` is "cuda_ipc" (the sender wrote them before sending this). The
+    last message of a transfer has is_last, the request's total page count and the first_output."""
 
     TAG: ClassVar[str] = "data"
     rid: str
@@ -83,6 +88,7 @@ class Data:
     total_pages: int = -1
     first_output: dict[str, Any] | None = None
     link: int = 0
+    via: str = ""
 
 
 @dataclass

@@ -1,5 +1,7 @@
 """On one CUDA GPU: a prefill engine and a decode engine with their own KV pools, pages moved by the
-zmq backend (GPU pools staged through pinned host memory), give the mixed engine's greedy tokens."""
+zmq backend (GPU pools staged through pinned host memory) or the cuda_ipc backend (the page-move
+kernel writing into the decode pool; in one process the pool is found in the process's own table
+of exports, since CUDA does not open its own IPC handles), give the mixed engine's greedy tokens."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from tests.helpers.tiny_models import make_tiny_model
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("backend", ["zmq", "cuda_ipc"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prefill_decode_over_zmq_on_cuda_equals_mixed(tmp_path: Path, dtype: str):
+def test_prefill_decode_on_cuda_equals_mixed(tmp_path: Path, dtype: str, backend: str):
     torch.backends.cuda.matmul.allow_tf32 = False
     model_dir = str(make_tiny_model("qwen3", tmp_path))
     rng = random.Random(3)
@@ -35,8 +38,8 @@ def test_prefill_decode_over_zmq_on_cuda_equals_mixed(tmp_path: Path, dtype: str
     }
     params = {"temperature": 0.0, "max_new_tokens": 16}
     mixed = Engine(EngineArgs(**args)).generate(prompts, params, return_logprob=True)
-    prefill = PrefillEngine(EngineArgs(**args), lambda pool: make_kv_manager("zmq", pool, "prefill-0"))
-    decode = DecodeEngine(EngineArgs(**args), lambda pool: make_kv_manager("zmq", pool, "decode-0"))
+    prefill = PrefillEngine(EngineArgs(**args), lambda pool: make_kv_manager(backend, pool, "prefill-0"))
+    decode = DecodeEngine(EngineArgs(**args), lambda pool: make_kv_manager(backend, pool, "decode-0"))
     try:
         pair = PDPair(prefill, decode)
         outs = pair.generate(prompts, params, return_logprob=True)

@@ -105,7 +105,7 @@ def test_serve_plans_prefill_and_decode_workers():
         ["--prefill", "1", "--decode", "1", "--kv-transfer-timeout", "5", "--local-prefill-threshold", "32"]
     )
     cmd = worker_command(shared[1], ns, "redis://h:1/0")
-    assert cmd[cmd.index("--role") + 1] == "decode" and cmd[cmd.index("--kv-transfer-backend") + 1] == "zmq"
+    assert cmd[cmd.index("--role") + 1] == "decode" and cmd[cmd.index("--kv-transfer-backend") + 1] == "auto"
     assert cmd[cmd.index("--kv-transfer-timeout") + 1] == "5.0"
     assert cmd[cmd.index("--mem-fraction-static") + 1] == "0.8" and cmd.count("--mem-fraction-static") == 1
     router = router_command(ns, "redis://h:1/0")

@@ -99,7 +99,7 @@ def test_defaults_are_not_passed(parsers):
     mixed = worker_command(WorkerSpec("mixed", "cpu", 0), ns, REDIS, flags)
     assert "--kv-transfer-backend" not in mixed and "--num-reserved-decode-tokens" not in mixed
     decode = worker_command(WorkerSpec("decode", "cpu", 1), ns, REDIS, flags)
-    assert decode[decode.index("--kv-transfer-backend") + 1] == "zmq"  # both halves name it
+    assert decode[decode.index("--kv-transfer-backend") + 1] == "auto"  # both halves name it (the default)
 
 
 def test_router_flags_reach_the_router_only(parsers):
