@@ -26,6 +26,11 @@ from pdserve.router.auth import KEYS_KEY, auth_middleware
 from pdserve.router.limits import MAX_BODY_KEY, body_limit_middleware
 from pdserve.router.middleware import METRICS_KEY, error_middleware, metrics_middleware
 from pdserve.router.native_api import add_native_routes
+from pdserve.router.native_pause import add_pause_routes
+from pdserve.router.native_profile import add_profile_routes
+from pdserve.router.native_runtime import add_runtime_routes
+from pdserve.router.native_sagemaker import add_sagemaker_routes
+from pdserve.router.native_weights import add_weight_routes
 from pdserve.router.openai.routes import add_openai_routes
 from pdserve.router.policies import CacheAwarePolicy
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
@@ -48,7 +53,11 @@ def build_app(args: RouterArgs) -> web.Application:
     app[MAX_BODY_KEY] = args.max_body_bytes
     app[KEYS_KEY] = (args.api_key, args.admin_api_key)
     add_native_routes(app)
+    # SGLang's control routes (weights for RL loops, pause, profiler, run-time switches)
+    for add_routes in (add_weight_routes, add_pause_routes, add_profile_routes, add_runtime_routes):
+        add_routes(app)
     add_openai_routes(app)
+    add_sagemaker_routes(app)
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app

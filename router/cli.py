@@ -16,10 +16,16 @@ dead one; a dead, frozen or vanished worker is seen within `--worker-liveness-ti
 requests are retried, or moved with the tokens they streamed (`--disable-migration`). A slow
 request ends by its own deadline (`--request-timeout`). router/worker_pool.py has the rules.
 
-Once the port listens, one line goes to stdout: `pdserve router ready url=http://HOST:PORT` (with
-`--port 0`, the port actually bound). Logs go to stderr. SIGTERM or SIGINT stops it cleanly:
-connections to workers close, requests in flight end, exit status 0. `/health` turns 200 once a
-worker answered and the tokenizer is loaded.
+One line goes to stdout: `pdserve router ready url=http://HOST:PORT` (with `--port 0`, the port
+actually bound), once the port listens, or with `--ready-when-serving` only once the router can
+serve a request (`serve` starts it so). Logs go to stderr: until it can serve, what it waits for
+(a worker, the tokenizer), then SGLang's "The server is fired up and ready to roll!". SIGTERM or
+SIGINT stops it cleanly: connections to workers close, requests in flight end, exit status 0.
+`/health` turns 200 once a worker answered and the tokenizer is loaded.
+
+Metrics (`/metrics`): pdserve's `pdserve_router_*` series and SGLang's `sglang:*` ones
+(router/metrics.py). `--log-requests` logs one `Finish:` line per request with its token counts
+and latency (router/request_metrics.py).
 
 `--processes N` (N > 1): N such routers serve the one port (SO_REUSEPORT: the kernel spreads the
 connections), each with its own event loop and its own connections to every worker, under a parent
@@ -37,12 +43,16 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from aiohttp import web
 
+from pdserve.router.generation import GenerationError
+from pdserve.router.metrics import ClusterOfState
 from pdserve.router.native_info import PROCESS_ROLE_KEY, refresh_worker_gauges
 from pdserve.router.policies import DECODE_POLICY_NAMES, POLICY_NAMES
 from pdserve.router.processes import ProcessRole
+from pdserve.router.request_metrics import RequestLog
 from pdserve.router.sibling_abort import SIBLINGS_KEY, SiblingAborts, start_control
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
 
@@ -51,6 +61,8 @@ logger = logging.getLogger("pdserve.router")
 READY_PREFIX = "pdserve router ready"
 EXIT_USAGE = 2
 GAUGE_REFRESH_S = 1.0
+SERVING_POLL_S = 0.1
+WAITING_LOG_S = 10.0  # how often the router repeats what it waits for before it can serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="router processes serving the one port (SO_REUSEPORT), each with its own connections "
         "to every worker; for more streamed tokens/s than one process (one core) gives",
     )
+    p.add_argument(
+        "--log-requests",
+        action="store_true",
+        help="log one line per request when it ends: rid, prompt/completion/cached tokens, latency",
+    )
+    p.add_argument(
+        "--ready-when-serving",
+        action="store_true",
+        help="print the ready line once a request can be served (a worker and the tokenizer are "
+        "there), not as soon as the port listens",
+    )
     return p
 
 
@@ -168,11 +191,20 @@ def args_from(ns: argparse.Namespace) -> RouterArgs:
     return args
 
 
-async def serve(args: RouterArgs, role: ProcessRole | None = None) -> None:
+async def serve(
+    args: RouterArgs,
+    role: ProcessRole | None = None,
+    log_requests: bool = False,
+    ready_when_serving: bool = False,
+) -> None:
     from pdserve.router.app import build_app
 
     role = role or ProcessRole()
     app = build_app(args)
+    state = app[STATE_KEY]
+    state.metrics.attach(ClusterOfState(state))  # the sglang:* series: the served model, the workers
+    if log_requests:
+        state.generator = RequestLog(state.generator)
     app[PROCESS_ROLE_KEY] = role
     siblings = SiblingAborts(role.sibling_sockets()) if role.is_child else None
     if siblings is not None:
@@ -181,15 +213,20 @@ async def serve(args: RouterArgs, role: ProcessRole | None = None) -> None:
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, reuse_port=role.is_child or None)
     await site.start()
-    state = app[STATE_KEY]
     control = await start_control(state, role.control_socket(role.index)) if role.is_child else None
     port = runner.addresses[0][1] if runner.addresses else args.port
-    print(f"{READY_PREFIX} url=http://{args.host}:{port}", flush=True)
+    url = f"http://{args.host}:{port}"
+    ready_line = f"{READY_PREFIX} url={url}"
+    if not ready_when_serving:
+        print(ready_line, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    background = [loop.create_task(_freeze_gc_once_loaded(state))]
+    background = [
+        loop.create_task(_freeze_gc_once_loaded(state)),
+        loop.create_task(_announce_serving(state, url, ready_line if ready_when_serving else None)),
+    ]
     if role.is_child:
         background.append(loop.create_task(_refresh_worker_gauges_every(state, GAUGE_REFRESH_S)))
     try:
@@ -203,6 +240,30 @@ async def serve(args: RouterArgs, role: ProcessRole | None = None) -> None:
         if siblings is not None:
             await siblings.close()
         await runner.cleanup()
+
+
+def serving_problem(state: RouterState) -> str | None:
+    """Why a request cannot be served yet (what /health answers with its 503), None once it can."""
+    try:
+        state.require_ready()
+    except GenerationError as exc:
+        return exc.message
+    return None if state.pool.serving_workers() else state.pool.why_none()
+
+
+async def _announce_serving(state: RouterState, url: str, ready_line: str | None) -> None:
+    """Logs what the router waits for until it can serve (again when that changes, and every
+    WAITING_LOG_S), then that it serves; prints `ready_line` then, when given."""
+    said, said_at = None, 0.0
+    while (problem := serving_problem(state)) is not None:
+        now = time.monotonic()
+        if problem != said or now - said_at >= WAITING_LOG_S:
+            logger.info("listening on %s, not serving yet: %s", url, problem)
+            said, said_at = problem, now
+        await asyncio.sleep(SERVING_POLL_S)
+    logger.info("The server is fired up and ready to roll! Serving %s at %s", state.model_name, url)
+    if ready_line is not None:
+        print(ready_line, flush=True)
 
 
 async def _refresh_worker_gauges_every(state: RouterState, interval_s: float) -> None:
@@ -249,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             from pdserve.router.supervisor import supervise
 
             return uvloop.run(supervise(argv, args.host, args.port, args.processes, READY_PREFIX))
-        uvloop.run(serve(args, role))
+        uvloop.run(serve(args, role, ns.log_requests, ns.ready_when_serving))
     except ValueError as exc:  # --chat-template that is neither a file nor a template
         print(f"router: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -22,11 +22,13 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 
 from aiohttp import web
 
 from pdserve.router.limits import http_error, read_json_object
+from pdserve.router.native_fanout import connected_workers
 from pdserve.router.sibling_abort import SIBLINGS_KEY, abort_here
 from pdserve.router.state import STATE_KEY, RouterState
 from pdserve.router.worker_conn import WorkerUnavailable
@@ -34,6 +36,7 @@ from pdserve.router.worker_pool import WorkerHandle
 from pdserve.shared.protocol import (
     FlushCacheRequest,
     FlushCacheResult,
+    Message,
     UpdateWeightsRequest,
     UpdateWeightsResult,
 )
@@ -42,13 +45,6 @@ FLUSH_QUERY_TIMEOUT_S = 10.0
 FLUSH_RETRY_S = 0.1
 # A worker drains running requests before swapping weights (120 s by default): wait longer.
 UPDATE_WEIGHTS_TIMEOUT_S = 600.0
-
-
-def _connected(state: RouterState) -> list[WorkerHandle]:
-    handles = [h for h in state.pool.workers.values() if h.conn.connected]
-    if not handles:
-        raise http_error(503, state.pool.why_none())
-    return handles
 
 
 async def _flush_one(h: WorkerHandle) -> str | None:
@@ -70,7 +66,7 @@ async def handle_flush_cache(request: web.Request) -> web.Response:
     if not timeout_s >= 0:  # also refuses NaN
         raise http_error(400, f"timeout must be >= 0 seconds, got {raw!r}.")
     deadline = time.monotonic() + timeout_s
-    pending = _connected(state)
+    pending = connected_workers(state)
     while True:
         reasons = await asyncio.gather(*(_flush_one(h) for h in pending))
         failed = [(h, r) for h, r in zip(pending, reasons) if r is not None]
@@ -85,7 +81,7 @@ async def handle_flush_cache(request: web.Request) -> web.Response:
         await asyncio.sleep(min(FLUSH_RETRY_S, max(deadline - time.monotonic(), 0)))
 
 
-async def _update_one(h: WorkerHandle, msg: UpdateWeightsRequest) -> UpdateWeightsResult:
+async def _update_one(h: WorkerHandle, msg: Message) -> UpdateWeightsResult:
     try:
         return await h.conn.query(msg, UpdateWeightsResult, UPDATE_WEIGHTS_TIMEOUT_S)
     except (WorkerUnavailable, TimeoutError, asyncio.TimeoutError) as exc:
@@ -104,18 +100,23 @@ async def handle_update_weights(request: web.Request) -> web.Response:
     for name, value in (("load_format", load_format), ("weight_version", weight_version)):
         if value is not None and not isinstance(value, str):
             raise http_error(400, f"{name} must be a string.")
-    handles = _connected(state)
-    results = await asyncio.gather(
-        *(
-            _update_one(
-                h,
-                UpdateWeightsRequest(
-                    model_path=model_path, load_format=load_format, weight_version=weight_version
-                ),
-            )
-            for h in handles
-        )
+    handles = connected_workers(state)
+    msg = UpdateWeightsRequest(model_path=model_path, load_format=load_format, weight_version=weight_version)
+    success, message = await update_weights_everywhere(state, handles, msg, model_path)
+    return web.json_response(
+        {"success": success, "message": message, "num_paused_requests": 0}, status=200 if success else 400
     )
+
+
+async def update_weights_everywhere(
+    state: RouterState, handles: list[WorkerHandle], msg: Message, model_path: str | None = None
+) -> tuple[bool, str]:
+    """Sends a weights update (from disk, or from tensors) to every worker; (success, message).
+
+    `success` iff all succeeded; the message is the workers' own, failures first, de-duplicated.
+    When any worker updated (a partial update too) the router asks the workers for their ServerInfo
+    again; the router's own weight_version (and model path, when given) change only on success."""
+    results = await asyncio.gather(*(_update_one(h, copy.copy(msg)) for h in handles))
     success = all(r.success for r in results)
     failures = list(dict.fromkeys(r.message for r in results if not r.success))
     successes = list(dict.fromkeys(r.message for r in results if r.success))
@@ -129,12 +130,11 @@ async def handle_update_weights(request: web.Request) -> web.Response:
     if state.facts is not None:
         if success:
             state.facts.weight_version = results[0].weight_version
-            state.facts.model_path = model_path
+            if model_path is not None:
+                state.facts.model_path = model_path
         else:  # the refresh may have taught it one worker's new version: the router's stays as it was
             state.facts.weight_version = router_version
-    return web.json_response(
-        {"success": success, "message": message, "num_paused_requests": 0}, status=200 if success else 400
-    )
+    return success, message
 
 
 async def handle_abort_request(request: web.Request) -> web.Response:

@@ -2,9 +2,10 @@
 
 Rules:
 - `apply(out)` turns one RequestOutput of the sample into one SampleEvent (router/generation.py);
-- with stop strings, ids are taken one at a time, so a stop string ends the sample at the token
-  that completed it: later ids of the same output are dropped, and so are their logprobs;
-  finish_reason becomes {"type": "stop", "matched": <stop string>};
+- with stop strings or stop regexes (`stop_regex`), ids are taken one at a time, so a stop ends the
+  sample at the token that completed it: later ids of the same output are dropped, and so are
+  their logprobs; finish_reason becomes {"type": "stop", "matched": <stop string or pattern>};
+  a stop regex whose search runs too long ends the sample with finish_reason abort and the reason;
 - visible text never shrinks and never shows (part of) a stop string, nor half a character;
 - logprob entries become `[logprob, token_id, text]`, text only with `return_text_in_logprobs`
   (each token decoded alone, special tokens kept, like SGLang);
@@ -21,7 +22,7 @@ from typing import Any
 
 from pdserve.router.detokenizer import IncrementalDetokenizer
 from pdserve.router.generation import SampleEvent
-from pdserve.router.stop_strings import StopStringMatcher
+from pdserve.router.stop_strings import StopRegexTimeout, StopStringMatcher
 from pdserve.router.tokenizer_fast import Decoder, fast_decoder
 from pdserve.shared.protocol import RequestOutput
 
@@ -56,7 +57,9 @@ class SampleTracker:
         self._skip = bool(sampling_params.get("skip_special_tokens", True))
         self._detok = IncrementalDetokenizer(tokenizer, skip_special_tokens=self._skip, decoder=self._decoder)
         self._matcher = StopStringMatcher(
-            stop_list(sampling_params.get("stop")), bool(sampling_params.get("no_stop_trim", False))
+            stop_list(sampling_params.get("stop")),
+            bool(sampling_params.get("no_stop_trim", False)),
+            stop_list(sampling_params.get("stop_regex")),
         )
         self._text_at_end = buffered and not self._matcher  # see absorb()
         self._text_in_logprobs = text_in_logprobs
@@ -148,7 +151,10 @@ class SampleTracker:
 
     def _check_stop(self) -> bool:
         text = self._detok.text
-        match = self._matcher.find(text, self._checked) if self._matcher else None
+        try:
+            match = self._matcher.find(text, self._checked) if self._matcher else None
+        except StopRegexTimeout as exc:
+            return self._end_on_regex_timeout(str(exc))
         self._checked = len(text)
         if match is None:
             return False
@@ -157,13 +163,26 @@ class SampleTracker:
         self._stop_text = self._matcher.final_text(text, match)
         return True
 
+    def _end_on_regex_timeout(self, message: str) -> bool:
+        """Ends the sample (a client's pattern, so a 400): the text shown so far is what it ends with."""
+        self.done = True
+        self.finish_reason = {"type": "abort", "message": message, "status_code": 400}
+        self._stop_text = self.text
+        return True
+
     def _visible_text(self) -> str:
         if self._stop_text is not None:
             return self._stop_text
         if self.done:
             return self._detok.text
         text = self._detok.text
-        return text[: self._matcher.visible_len(text)] if self._matcher else text
+        if not self._matcher:
+            return text
+        try:
+            return text[: self._matcher.visible_len(text)]
+        except StopRegexTimeout as exc:
+            self._end_on_regex_timeout(str(exc))
+            return self.text
 
     # ------------------------------------------------------------------ logprobs
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from pdserve.shared.engine.batch_log import BatchLog
 from pdserve.shared.engine.fault_injection import SlowStep
 from pdserve.shared.engine.in_flight import LaunchedDecode
 from pdserve.shared.engine.model_runner import ModelRunner
@@ -44,14 +45,23 @@ if TYPE_CHECKING:
 
 
 class BatchPipeline:
-    """Owns the decode step in flight (at most one); `overlap` False runs every batch in order."""
+    """Owns the decode step in flight (at most one); `overlap` False runs every batch in order.
+    `batch_log` hears every batch as it starts (SGLang's batch lines, batch_log.py)."""
 
-    def __init__(self, scheduler: Scheduler, runner: ModelRunner, stats: EngineStats, overlap: bool):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        runner: ModelRunner,
+        stats: EngineStats,
+        overlap: bool,
+        batch_log: BatchLog | None = None,
+    ):
         self.slow_step = SlowStep.from_env()  # a test-only fault, off unless the environment sets it
         self.scheduler = scheduler
         self.runner = runner
         self.stats = stats
         self.overlap = overlap
+        self.batch_log = batch_log or BatchLog()
         self.in_flight: LaunchedDecode | None = None
         self.num_overlapped_steps = 0  # decode steps left running while the host went on
 
@@ -85,6 +95,7 @@ class BatchPipeline:
         self.in_flight = None
 
     def _run_extend(self, batch: ScheduledBatch) -> list[Req]:
+        self.batch_log.prefill(batch, self.scheduler)
         t0 = time.perf_counter()
         next_tokens = self.runner.run(batch)
         self.stats.prefill_tokens_computed += sum(batch.extend_lens)
@@ -93,6 +104,7 @@ class BatchPipeline:
 
     def _run_decode(self, batch: ScheduledBatch) -> list[Req]:
         futures = self.in_flight.future_ids() if self.in_flight is not None else None
+        self.batch_log.decode(batch, self.scheduler, self._uses_graph)
         t0 = time.perf_counter()
         launched = self.runner.launch(batch, futures)
         self.stats.decode_seconds += time.perf_counter() - t0
@@ -105,6 +117,9 @@ class BatchPipeline:
         else:
             progressed += self.drain()
         return progressed
+
+    def _uses_graph(self, batch_size: int) -> bool:
+        return self.runner.decode_uses_graph(batch_size)
 
     def _collect(self, launched: LaunchedDecode) -> list[Req]:
         t0 = time.perf_counter()

@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.batch_log import BatchLog
 from pdserve.shared.engine.batch_pipeline import BatchPipeline
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
+from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.output import build_output
 from pdserve.shared.engine.radix_cache import RadixListener
@@ -32,6 +34,7 @@ from pdserve.shared.engine.request import Req, resume
 from pdserve.shared.engine.request_validation import RequestError, validate_request
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, SchedulerConfig
+from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.engine.weights_update import (
     UPDATE_OK,
     CheckedWeights,
@@ -84,7 +87,8 @@ class Engine:
     ):
         args.validate()
         self.args = args
-        resolved = resolve_model(args.model_path)
+        with slow_step(f"resolving {args.model_path}"):  # a first run may convert or download it
+            resolved = resolve_model(args.model_path)
         self.model_path = resolved.reported_path  # changes with update_weights_from_disk
         self.local_dir = resolved.local_dir
         self.tokenizer_path = args.effective_tokenizer_path  # fixed at launch, like SGLang's
@@ -114,9 +118,13 @@ class Engine:
             )
         )
         self.stats = EngineStats()
+        self.latency = RequestLatencies()  # for /metrics, like stats
+        self.batch_log = BatchLog()  # SGLang's batch lines; a worker sets its decode_log_interval
         if overlap_schedule is None:
             overlap_schedule = overlap_schedule_default(args)
-        self.pipeline = BatchPipeline(self.scheduler, self.runner, self.stats, overlap_schedule)
+        self.pipeline = BatchPipeline(
+            self.scheduler, self.runner, self.stats, overlap_schedule, self.batch_log
+        )
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
 
@@ -219,13 +227,25 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that gained tokens or finished (with
-        overlap: those of the decode step launched in the previous call; batch_pipeline.py)."""
+        overlap: those of the decode step launched in the previous call; batch_pipeline.py), except
+        a request whose `stream_interval` says its new tokens wait for more (`_due`)."""
         self.stats.num_steps += 1
-        return [self._emit(r) for r in self.pipeline.step()]
+        return [self._emit(r) for r in self.pipeline.step() if _due(r)]
+
+    def finish_in_flight(self) -> list[RequestOutput]:
+        """Reads the decode step in flight, if any, so nothing runs on the device unread (a worker
+        that pauses generation calls it); returns the outputs that step made due."""
+        return [self._emit(r) for r in self.pipeline.drain() if _due(r)]
 
     def _emit(self, req: Req) -> RequestOutput:
         out = build_output(req)
         self.stats.generated_tokens += len(out.token_ids)
+        if out.token_ids or req.is_finished:
+            now = time.monotonic()
+            if out.token_ids:
+                self.latency.on_output(req, len(out.token_ids), now)
+            if req.is_finished:
+                self.latency.on_finish(req, now)
         if not req.reported:  # counted once, with the first output (cached_tokens is set at admission)
             self.stats.cached_tokens += req.cached_tokens
         if req.is_finished:
@@ -321,6 +341,15 @@ class Engine:
         logger.info("weights updated from %s (version %s)", checked.local_dir, self.weight_version)
         return True, UPDATE_OK
 
+    def note_new_weights(self, weight_version: str | None = None, flush_cache: bool = True) -> None:
+        """After new values were copied into the idle engine's parameters (a tensor update): the
+        cached pages hold K/V of the old values (flushed unless `flush_cache` is False, SGLang's
+        choice to offer) and the version moves on, as after a reload from disk."""
+        if flush_cache:
+            self.kv.flush()
+        self.weight_version = next_weight_version(self.weight_version, weight_version)
+        logger.info("weights updated from tensors (version %s)", self.weight_version)
+
     def _reload_current_weights(self) -> None:
         """Restores the weights served before a failed copy (same source, same seed)."""
         model = self.runner.model
@@ -370,6 +399,15 @@ class Engine:
             for index in range(int(p.get("n", 1))):
                 results.append(_merge_outputs(collected.get((rid, index), [])))
         return results
+
+
+def _due(req: Req) -> bool:
+    """Whether a request that progressed reports now: when finished, with its first tokens, or once
+    `stream_interval` new tokens wait (SGLang's rule: the first token at once, then every N)."""
+    interval = req.params.stream_interval
+    if not interval or interval == 1 or req.is_finished or not req.reported:
+        return True
+    return len(req.output_ids) - req.num_sent >= interval
 
 
 def _derive_sample_params(params, index: int):

@@ -23,6 +23,7 @@ from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch
+from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
 
@@ -47,9 +48,10 @@ class ModelRunner:
         self.config = model_config
         self.device = torch.device(args.device)
         self.local_dir = local_dir
-        self.model = load_model(
-            model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
-        )
+        with slow_step(f"loading the weights ({args.load_format}) onto {self.device}"):
+            self.model = load_model(
+                model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
+            )
         use_triton = args.attention_backend == "triton" or (
             args.attention_backend == "auto" and self.device.type == "cuda"
         )
@@ -85,7 +87,8 @@ class ModelRunner:
                 device=self.device,
                 compile_forward=args.enable_torch_compile,
             )
-            self.graphs.capture()
+            with slow_step(f"capturing CUDA graphs (batch sizes up to {self.graphs.max_bs})"):
+                self.graphs.capture()
         elif args.enable_torch_compile:
             # Without decode graphs (CPU, --disable-cuda-graph) every forward pass runs compiled;
             # with them, the graphs of the small decode batches capture a compiled forward.
@@ -112,6 +115,10 @@ class ModelRunner:
         if num_pages < 2:
             raise ValueError(f"KV pool too small: {tokens} tokens with page size {ps}")
         return KVPoolShape(cfg.num_layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim)
+
+    def decode_uses_graph(self, batch_size: int) -> bool:
+        """Whether a decode step of batch_size requests replays a captured CUDA graph."""
+        return self.graphs is not None and self.graphs.fits(batch_size)
 
     # ------------------------------------------------------------------ one step
 

@@ -57,6 +57,7 @@ class Req:
     num_retractions: int = 0
     num_sent: int = 0  # output tokens already reported to the client
     reported: bool = False  # at least one output went out (prompt logprobs travel with the first)
+    last_output_at: float = 0.0  # monotonic time of its last output with tokens (latency_stats.py)
 
     # logprobs accumulated for the client; (logprob, token_id) pairs, top lists as [(lp, id), ...]
     input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)

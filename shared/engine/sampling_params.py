@@ -11,8 +11,14 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import regex
+
 # SGLang's "top_k disabled" sentinel is 1 << 30; -1 is accepted too and normalised to it.
 TOP_K_ALL = 1 << 30
+# The router searches every stop regex in the whole output on each new token (a match may span any
+# number of tokens), so their number and size are bounded like stop strings' (router/stop_strings.py).
+MAX_STOP_REGEX = 16
+MAX_STOP_REGEX_CHARS = 1024
 
 
 class SamplingParamsError(ValueError):
@@ -31,12 +37,14 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)  # applied by the router on text
+    stop_regex: list[str] = field(default_factory=list)  # applied by the router on text, like stop
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
     n: int = 1
+    stream_interval: int | None = None  # report tokens every N (None: every step)
     sampling_seed: int | None = None
     logit_bias: dict[str, float] | None = None
     # Constrained decoding: accepted as fields so the error says "not supported", not "unknown".
@@ -56,9 +64,10 @@ class SamplingParams:
         unknown = sorted(raw.keys() - _FIELD_NAMES)
         if unknown:
             raise SamplingParamsError(f"Unknown sampling parameter(s): {', '.join(unknown)}.")
-        if isinstance(raw.get("stop"), str):
-            raw["stop"] = [raw["stop"]]
-        for key in ("stop", "stop_token_ids"):
+        for key in ("stop", "stop_regex"):
+            if isinstance(raw.get(key), str):
+                raw[key] = [raw[key]]
+        for key in ("stop", "stop_regex", "stop_token_ids"):
             if raw.get(key) is None and key in raw:
                 raw[key] = []
         params = cls(**raw)
@@ -91,6 +100,9 @@ class SamplingParams:
             _check_int(self, "sampling_seed", lo=None)
         if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
             raise SamplingParamsError("stop must be a string or a list of strings.")
+        _check_stop_regex(self.stop_regex)
+        if self.stream_interval is not None:
+            _check_int(self, "stream_interval", lo=1)
         if not isinstance(self.stop_token_ids, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
         ):
@@ -122,6 +134,29 @@ class SamplingParams:
                 raise SamplingParamsError(
                     f"logit_bias key {tok} is outside the vocabulary [0, {vocab_size})."
                 )
+
+
+def _check_stop_regex(patterns: Any) -> None:
+    if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+        raise SamplingParamsError("stop_regex must be a string or a list of strings.")
+    if len(patterns) > MAX_STOP_REGEX:
+        raise SamplingParamsError(
+            f"stop_regex has {len(patterns)} patterns, more than the limit of {MAX_STOP_REGEX}."
+        )
+    for pattern in patterns:
+        if len(pattern) > MAX_STOP_REGEX_CHARS:
+            raise SamplingParamsError(
+                f"stop_regex has a pattern of {len(pattern)} characters, more than the limit of "
+                f"{MAX_STOP_REGEX_CHARS}."
+            )
+        if not pattern:
+            raise SamplingParamsError("stop_regex patterns must not be empty (one would match at once).")
+        try:
+            regex.compile(pattern)
+        except regex.error as exc:
+            raise SamplingParamsError(
+                f"stop_regex {pattern!r} is not a valid regular expression: {exc}."
+            ) from None
 
 
 def _check_int(p: SamplingParams, name: str, lo: int | None) -> None:

@@ -70,6 +70,7 @@ class ScheduledBatch:
     reqs: list[Req]
     prefix_lens: list[int]  # num_computed of each request before this step
     extend_lens: list[int]  # tokens computed for each request this step
+    cached_tokens: int = 0  # prompt tokens the requests admitted by this batch found in the cache
 
     def samples(self, i: int) -> bool:
         """Whether request i reaches the end of its fill_ids this step (and so samples a token)."""
@@ -181,6 +182,7 @@ class Scheduler:
         prefix_lens: list[int] = []
         extend_lens: list[int] = []
         admitted = 0
+        cached_tokens = 0
 
         def take(req: Req) -> bool:
             """Plans this step's chunk of req; False when not a single token fits."""
@@ -218,6 +220,7 @@ class Scheduler:
                 if not self._admit(req, take):
                     break
                 admitted += 1
+                cached_tokens += req.num_computed  # what the admission matched in the cache
         if not reqs:
             return None
         for req in reqs:
@@ -225,7 +228,7 @@ class Scheduler:
                 self.waiting.remove(req)
                 self.prefilling.append(req)
                 req.status = ReqStatus.PREFILLING
-        return ScheduledBatch(BatchKind.EXTEND, reqs, prefix_lens, extend_lens)
+        return ScheduledBatch(BatchKind.EXTEND, reqs, prefix_lens, extend_lens, cached_tokens)
 
     def _admit(self, req: Req, take) -> bool:
         """Matches req's prefix in the cache, locks it, and plans its first chunk."""

@@ -86,7 +86,9 @@ class Cluster:
                 raise StartupError(_failure(child, f"was not ready after {timeout_s:.0f} s"))
 
     def start_router(self, cmd: list[str]) -> None:
-        self.router = self._start("router", cmd, {}, ROUTER_READY_PREFIX)
+        """Starts the router; it prints its ready line once it can serve (`--ready-when-serving`),
+        so the line echoed among the children's output is not a promise made too early."""
+        self.router = self._start("router", [*cmd, "--ready-when-serving"], {}, ROUTER_READY_PREFIX)
 
     def _start(
         self, name: str, cmd: list[str], env: dict[str, str], ready_prefix: str = WORKER_READY_PREFIX

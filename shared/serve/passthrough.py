@@ -30,6 +30,7 @@ ROUTER_SET_BY_SERVE = {
     "redis_url": "the embedded Redis, or serve's --redis-url",
     "worker_addrs": "the router learns the workers from Redis",
     "log_level": "serve's --log-level",
+    "ready_when_serving": "always: the router's ready line then means it serves (launcher.py)",
     "help": "argparse's own",
 }
 WORKER_SET_BY_SERVE = {

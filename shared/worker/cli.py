@@ -28,10 +28,17 @@ when `--port 0`); `--http-port 0` disables HTTP. The ready line prints the ports
 Cluster: `--redis-url` registers the worker under `--worker-id` (default `<role>@<host>:<zmq port>`)
 with addresses on `--advertise-host` (default: `--host`, or this machine's address when binding a
 wildcard). Without `--redis-url` the worker serves whoever dials its ZMQ port, as before.
-KV transfer (prefill/decode): `--kv-transfer-backend zmq|nccl|fake` (kvtransfer/), transfers that
-do not finish within `--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt
-only with room for `--num-reserved-decode-tokens` output tokens besides (decode/scheduler.py).
+KV transfer (prefill/decode): `--kv-transfer-backend auto|cuda_ipc|zmq|nccl|fake` (kvtransfer/);
+`auto` (the default) is cuda_ipc for peers on this host that can reach each other's GPU and zmq for
+the others, chosen per pair; CPU workers run zmq. Transfers that do not finish within
+`--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt only with room for
+`--num-reserved-decode-tokens` output tokens besides (decode/scheduler.py).
 Logs go to stderr; stdout carries only the ready line. The worker starts no child processes.
+Start-up steps that take more than a second (importing torch, resolving or converting the model,
+loading weights, capturing CUDA graphs, starting the KV backend, the warm-up) each log a line as
+they run and one when done (shared/engine/startup_log.py). While serving, the engine logs SGLang's
+batch lines: one per prefill batch, one every `--decode-log-interval` decode steps (default 40;
+0: none; shared/engine/batch_log.py).
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS
 from pdserve.shared.args import EngineArgs, add_engine_args, engine_args_from
 from pdserve.shared.cluster import WorkerRegistration, advertise_host, default_worker_id
 from pdserve.shared.cluster_types import WorkerInfo
+from pdserve.shared.engine.batch_log import DEFAULT_DECODE_LOG_INTERVAL
+from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.worker.http_server import HealthMetricsServer, HealthState
 from pdserve.shared.worker.metrics import WorkerMetrics
 from pdserve.shared.worker.mixed import DEFAULT_SHUTDOWN_DRAIN_S
@@ -58,7 +67,7 @@ from pdserve.shared.worker.zmq_io import RouterSocket, tcp_address
 logger = logging.getLogger("pdserve.worker")
 
 ROLES = ("mixed", "prefill", "decode")
-KV_TRANSFER_BACKENDS = ("zmq", "nccl", "fake")
+KV_TRANSFER_BACKENDS = ("auto", "cuda_ipc", "zmq", "nccl", "fake")
 EXIT_USAGE = 2
 
 
@@ -96,8 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--kv-transfer-backend",
         choices=KV_TRANSFER_BACKENDS,
-        default="zmq",
-        help="how prefill workers push KV pages to decode workers (prefill/decode roles; default zmq)",
+        default="auto",
+        help="how prefill workers push KV pages to decode workers (prefill/decode roles). auto: "
+        "cuda_ipc between workers of this host that reach each other's GPU, else zmq, per pair; "
+        "zmq on CPU",
     )
     parser.add_argument(
         "--kv-transfer-timeout",
@@ -110,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_NUM_RESERVED_DECODE_TOKENS,
         help="decode role: output tokens of room each request keeps beside its prompt when pre-allocating",
+    )
+    parser.add_argument(
+        "--decode-log-interval",
+        type=int,
+        default=DEFAULT_DECODE_LOG_INTERVAL,
+        help="log a 'Decode batch.' line every this many decode steps (0: never); every prefill "
+        "batch logs a 'Prefill batch.' line",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_engine_args(parser)
@@ -154,6 +172,7 @@ def worker_flags(
         "advertise_host": ns.advertise_host,
         "update_weights_drain_timeout": ns.update_weights_drain_timeout,
         "drain_timeout": ns.drain_timeout,
+        "decode_log_interval": ns.decode_log_interval,
         **(
             {
                 "kv_transfer_backend": ns.kv_transfer_backend,
@@ -228,7 +247,8 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
 
     def make_kv(pool):
         try:
-            return make_kv_manager(ns.kv_transfer_backend, pool, worker_id, kv_host, config)
+            with slow_step(f"starting the {ns.kv_transfer_backend} KV transfer backend"):
+                return make_kv_manager(ns.kv_transfer_backend, pool, worker_id, kv_host, config)
         except KVTransferError as exc:
             raise StartupError(
                 f"cannot start the {ns.kv_transfer_backend} KV transfer backend: {exc}"
@@ -286,6 +306,8 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
             ns.role, ns.advertise_host or advertise_host(ns.host), zmq_port
         )
         kv_events = kv_event_publisher(ns, engine_args, worker_id)
+        with slow_step("importing torch"):
+            import torch  # noqa: F401 (the slowest import of the engine; nothing when already loaded)
         try:
             engine = build_engine(ns, engine_args, worker_id, kv_events)
         except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
@@ -294,12 +316,14 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         except StartupError as exc:
             logger.error("%s", exc)
             return 1
+        engine.batch_log.decode_log_interval = ns.decode_log_interval
         kv_addr = engine.kv_manager.endpoint if ns.role != "mixed" else ""
         if not stop.is_set():  # a signal during loading: skip readiness, refuse what queued up, exit
-            if ns.role == "mixed":
-                warm_up(engine)
-            else:
-                engine.warm_up()
+            with slow_step("warming up"):
+                if ns.role == "mixed":
+                    warm_up(engine)
+                else:
+                    engine.warm_up()
             state.set_ready()
             if kv_events is not None:  # before membership: an index that sees the worker finds its snapshot
                 kv_events.start()
@@ -354,6 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if ns.kv_transfer_timeout is not None and ns.kv_transfer_timeout <= 0:
         print("worker: --kv-transfer-timeout must be > 0 seconds", file=sys.stderr)
+        return EXIT_USAGE
+    if ns.decode_log_interval < 0:
+        print("worker: --decode-log-interval must be >= 0", file=sys.stderr)
         return EXIT_USAGE
     try:
         engine_args = engine_args_from(ns)

@@ -6,36 +6,49 @@ objects guard their values with their own locks. So the HTTP thread never touche
 
 Counters mirror the engine's monotonic `EngineStats` by adding the difference since the previous
 snapshot; the first snapshot (taken after the warm-up) is the baseline, so warm-up traffic is not
-counted. Throughput gauges are wall-clock rates over the last window of at least `window_s`.
+counted (nor in the latency histograms). Throughput gauges are wall-clock rates over the last
+window of at least `window_s`.
+
+Beside the `pdserve_worker_*` series, the same snapshot feeds SGLang's (`sglang:*` with a
+`model_name` label: sglang_metrics.py), so an SGLang dashboard reads a worker unchanged.
+
+This module imports no torch (the engine's types only for annotations): whoever imports it for
+the registry (the HTTP server, `serve` reading the worker's flags) need not wait for torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from pdserve.shared.engine.engine import EngineStats
+from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.protocol import LoadReport
+from pdserve.shared.worker.sglang_metrics import SglangWorkerSeries
+
+if TYPE_CHECKING:
+    from pdserve.shared.engine.engine import EngineStats
 
 PREFIX = "pdserve_worker"
 
 
 @dataclass(frozen=True)
 class EngineSnapshot:
-    """Everything /metrics shows, read from the engine in the loop thread: its load report and a
-    copy of its monotonic counters (EngineStats)."""
+    """Everything /metrics shows, read from the engine in the loop thread: its load report and
+    copies of its monotonic counters (EngineStats) and latency histograms (RequestLatencies)."""
 
     load: LoadReport
     stats: EngineStats
+    latency: RequestLatencies = field(default_factory=RequestLatencies)
 
     @classmethod
     def of(cls, engine) -> EngineSnapshot:
         """Reads the engine; call only from the thread that drives it."""
-        return cls(load=engine.load(), stats=dataclasses.replace(engine.stats))
+        return cls(load=engine.load(), stats=dataclasses.replace(engine.stats), latency=engine.latency.copy())
 
 
 # EngineStats field -> (counter name without prefix/_total, help)
@@ -83,6 +96,7 @@ class WorkerMetrics:
         self.counters = {
             key: Counter(f"{PREFIX}_{name}", text, registry=r) for key, (name, text) in _COUNTERS.items()
         }
+        self.sglang = SglangWorkerSeries(r, model_name=model, role=role)
         self._baseline: EngineSnapshot | None = None
         self._last: EngineSnapshot | None = None
         self._window_start: tuple[float, EngineSnapshot] | None = None
@@ -103,25 +117,33 @@ class WorkerMetrics:
         self.evictable_pages.set(snap.load.num_evictable_pages)
         if self._last is None:
             self._baseline, self._last, self._window_start = snap, snap, (now, snap)
+            self.sglang.set_load(snap.load, None, 0.0)
             return
+        increases = {
+            f.name: getattr(snap.stats, f.name) - getattr(self._last.stats, f.name)
+            for f in dataclasses.fields(snap.stats)
+        }
         for key, counter in self.counters.items():
-            delta = getattr(snap.stats, key) - getattr(self._last.stats, key)
-            if delta > 0:
-                counter.inc(delta)
+            if increases[key] > 0:
+                counter.inc(increases[key])
+        self.sglang.count(increases)
         self._last = snap
         prompt = snap.stats.prompt_tokens - self._baseline.stats.prompt_tokens
         cached = snap.stats.cached_tokens - self._baseline.stats.cached_tokens
-        self.cache_hit_rate.set(cached / prompt if prompt else 0.0)
+        hit_rate = cached / prompt if prompt else 0.0
+        self.cache_hit_rate.set(hit_rate)
         start_t, start = self._window_start
+        gen_throughput = None
         if now - start_t >= self.window_s:
             span = now - start_t
             self.prefill_throughput.set(
                 (snap.stats.prefill_tokens_computed - start.stats.prefill_tokens_computed) / span
             )
-            self.decode_throughput.set(
-                (snap.stats.decode_tokens_computed - start.stats.decode_tokens_computed) / span
-            )
+            gen_throughput = (snap.stats.decode_tokens_computed - start.stats.decode_tokens_computed) / span
+            self.decode_throughput.set(gen_throughput)
             self._window_start = (now, snap)
+        self.sglang.set_load(snap.load, gen_throughput, hit_rate)
+        self.sglang.set_latency(snap.latency.minus(self._baseline.latency))
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type; safe from any thread."""

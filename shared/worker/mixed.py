@@ -12,13 +12,24 @@ Each turn of the loop:
   2. handles every queued frame: GenerateRequest (refused → an immediate finished output with
      `error` and finish_reason abort), AbortRequest (outputs go to the rid's owner), LoadQuery →
      LoadReport, FlushCacheRequest → FlushCacheResult, ServerInfoQuery → ServerInfo,
-     UpdateWeightsRequest → UpdateWeightsResult once done; undecodable frames are logged and dropped;
+     UpdateWeightsRequest / UpdateWeightsFromTensor → UpdateWeightsResult once done,
+     PauseGeneration / ContinueGeneration → AdminReply, and the control messages of control.py
+     (weight version, profiler, gc, parameter read-out); undecodable frames are logged and dropped;
   3. moves a weights update on (weight_updates.py: while it drains, new GenerateRequests are held,
      not refused, and enter the engine after the swap);
-  4. runs one engine step and sends each client ONE OutputBatch holding all its outputs of the step
-     (a client whose connection is gone gets nothing: what it had running is aborted);
+  4. unless generation is paused, runs one engine step and sends each client ONE OutputBatch
+     holding all its outputs of the step (a client whose connection is gone gets nothing: what it
+     had running is aborted);
   5. publishes a metrics snapshot (every `metrics_interval_s`, and at once when the engine goes idle),
      and the load numbers to the Redis heartbeat when the worker is registered.
+
+Pausing (PauseGeneration): no engine step runs until ContinueGeneration; GenerateRequests that
+arrive meanwhile are held in arrival order (the weights update's queue) and enter the engine on
+continue. Mode "abort" first aborts every live request (their clients get the abort outputs, as
+SGLang's pause does); mode "in_place" first reads the decode step in flight, then leaves the live
+requests where they are, pages and all. Aborts, queries and weight updates are served while
+paused; a weights update fails at once while requests are paused in place (they cannot drain).
+In P/D, a request paused while its KV transfer runs may fail it (`--kv-transfer-timeout`).
 
 Shutdown (`stop` set by SIGTERM/SIGINT) drains first: the worker leaves the cluster (its Redis key
 is deleted and "leave" announced, so routers send it nothing new), intake closes (new
@@ -47,17 +58,22 @@ import msgpack
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.protocol import (
     AbortRequest,
+    AdminReply,
+    ContinueGeneration,
     DecodeRequest,
     FlushCacheRequest,
     GenerateRequest,
     LoadQuery,
     Message,
     OutputBatch,
+    PauseGeneration,
     PrefillRequest,
     RequestOutput,
     ServerInfoQuery,
+    UpdateWeightsFromTensor,
     UpdateWeightsRequest,
 )
+from pdserve.shared.worker.control import WorkerControl
 from pdserve.shared.worker.metrics import EngineSnapshot, WorkerMetrics
 from pdserve.shared.worker.owners import RequestOwners
 from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S, WeightUpdates, num_samples
@@ -66,6 +82,8 @@ from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_MESSAGE = "worker is shutting down"
+PAUSE_ABORT_MESSAGE = "Aborted: generation was paused (/pause_generation)."
+PAUSE_MODES = ("abort", "in_place")
 CLIENT_GONE_MESSAGE = "the client that sent the request is gone"
 DEFAULT_SHUTDOWN_DRAIN_S = 30.0  # what a SIGTERM leaves running requests to finish before aborting them
 TRANSFER_POLL_MS = 1  # socket wait per turn while live requests only wait on KV transfers
@@ -139,7 +157,11 @@ class MixedWorker:
         self.worker_id = worker_id
         self.worker_flags = dict(worker_flags or {})
         self.registration = registration
-        self.updates = WeightUpdates(engine, sock.send, self._deliver, self._on_generate, drain_timeout_s)
+        self.paused = False
+        self.updates = WeightUpdates(
+            engine, sock.send, self._deliver, self._on_generate, drain_timeout_s, lambda: self.paused
+        )
+        self.control = WorkerControl(engine, sock.send, worker_id)
         self.shutdown_drain_s = shutdown_drain_s
         self.idle_poll_ms = idle_poll_ms
         self.metrics_interval_s = metrics_interval_s
@@ -153,6 +175,10 @@ class MixedWorker:
             FlushCacheRequest: self._on_flush,
             ServerInfoQuery: self._on_server_info,
             UpdateWeightsRequest: self._on_update_weights,
+            UpdateWeightsFromTensor: self._on_update_weights,
+            PauseGeneration: self._on_pause,
+            ContinueGeneration: self._on_continue,
+            **self.control.handlers(),
         }
 
     # ------------------------------------------------------------------ loop
@@ -165,10 +191,10 @@ class MixedWorker:
             if self.sock.poll(self._poll_ms(busy)):
                 self._drain_socket()
             self.updates.advance()
-            was_busy, busy = busy, self.engine.has_work()
+            was_busy, busy = busy, self._runnable()
             if busy:
                 self._step()
-                busy = self.engine.has_work()
+                busy = self._runnable()
             # going idle publishes at once: a scrape after the last output sees the final counts
             self._publish_metrics(force=was_busy and not busy)
         self._drain()
@@ -215,6 +241,10 @@ class MixedWorker:
             if isinstance(msg, GenerateRequest) and isinstance(msg.rid, str) and msg.rid not in self.owners:
                 self._refuse(env.identity, msg.rid, "Internal error handling the request.")
 
+    def _runnable(self) -> bool:
+        """Whether a step has anything to do now (nothing runs while generation is paused)."""
+        return not self.paused and self.engine.has_work()
+
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
@@ -222,6 +252,7 @@ class MixedWorker:
             logger.exception("engine step failed; aborting every live request")
             outputs = self.engine.abort_all(f"Internal error in the worker: {type(exc).__name__}: {exc}")
         self._deliver(outputs)
+        self.control.profiler.after_step()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for identity, outs in self.owners.group(outputs).items():
@@ -253,7 +284,7 @@ class MixedWorker:
     def _poll_ms(self, busy: bool) -> int:
         """How long a turn waits on the socket: not at all while there is compute to do, a moment
         while requests only wait on KV transfers (the roles), `idle_poll_ms` when idle."""
-        if not busy:
+        if not busy:  # also while paused: nothing to compute until a message comes
             return self.idle_poll_ms
         return 0 if self.engine.has_compute() else TRANSFER_POLL_MS
 
@@ -280,6 +311,8 @@ class MixedWorker:
         if aborted:
             logger.info("shutdown: aborted %d live request(s)", len(aborted))
         self._deliver(aborted)
+        if self.control.profiler.running:  # a trace nobody stopped is still written
+            self.control.profiler.stop()
         self._publish_metrics(force=True)
 
     # ------------------------------------------------------------------ handlers
@@ -294,7 +327,7 @@ class MixedWorker:
         if not isinstance(msg.sampling_params, dict):
             self._refuse(identity, msg.rid, "sampling_params must be an object (a dict).")
             return
-        if self.updates.holding:  # the weights are being swapped: it waits, and enters after the swap
+        if self.updates.holding or self.paused:  # it waits, and enters after the swap / on continue
             self.updates.hold(identity, msg)
             return
         try:
@@ -327,5 +360,29 @@ class MixedWorker:
         info.args = {**info.args, **self.worker_flags}
         self.sock.send(identity, info)
 
-    def _on_update_weights(self, identity: bytes, msg: UpdateWeightsRequest) -> None:
+    def _on_update_weights(
+        self, identity: bytes, msg: UpdateWeightsRequest | UpdateWeightsFromTensor
+    ) -> None:
         self.updates.submit(identity, msg)
+
+    def _on_pause(self, identity: bytes, msg: PauseGeneration) -> None:
+        if msg.mode not in PAUSE_MODES:
+            reply = AdminReply(
+                msg.query_id, False, f"mode must be one of {list(PAUSE_MODES)}, got {msg.mode!r}."
+            )
+            self.sock.send(identity, reply)
+            return
+        if msg.mode == "abort":
+            self._deliver(self.engine.abort_all(PAUSE_ABORT_MESSAGE))
+        else:
+            self._deliver(self.engine.finish_in_flight())
+        self.paused = True
+        logger.info("generation paused (%s)", msg.mode)
+        self.sock.send(identity, AdminReply(msg.query_id, True, "Generation paused successfully."))
+
+    def _on_continue(self, identity: bytes, msg: ContinueGeneration) -> None:
+        was_paused, self.paused = self.paused, False
+        if was_paused:
+            logger.info("generation continues")
+        self.updates.release_held()
+        self.sock.send(identity, AdminReply(msg.query_id, True, "Generation continued successfully."))

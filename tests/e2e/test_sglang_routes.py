@@ -1,0 +1,439 @@
+"""SGLang's control routes through the router, checked on the workers' real behaviour.
+
+Two real tiny-Llama workers behind one router (round robin, an admin key), in order:
+1. weight version: `/update_weight_version` reaches `/get_weight_version`, `/get_model_info` and
+   the next response's meta_info; bad bodies are 400s;
+2. `/get_weights_by_name` returns SGLang's truncated parameter; `/update_weights_from_tensor`
+   (a ForkingPickler payload of shared CPU tensors, as SGLang's clients send) changes it on both
+   workers, moves the version and changes greedy output; misfits, fd-shared tensors and a pickle
+   that names anything but tensors are 400s that change nothing;
+3. `/pause_generation` (abort, SGLang's default): the running request ends with finish_reason
+   abort, a new one waits while paused and finishes after `/continue_generation`; a tensor update
+   while paused runs at once;
+4. `/pause_generation` in place: a running stream gets no token while paused, then finishes with
+   exactly the tokens of an undisturbed run; a weights update meanwhile is refused, saying why;
+5. `/start_profile` / `/stop_profile` write a Chrome trace per worker into `output_dir`
+   (and `num_steps` stops by itself); `/freeze_gc` reports frozen objects per process;
+6. `/configure_logging` switches the router's request log (its `Finish:` lines) on and off;
+7. refused routes answer 400 in the OpenAI shape with a reason, PUT where SGLang takes it, and the
+   control routes need the admin key; SageMaker's `/ping` and `/invocations` serve.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import gzip
+import io
+import json
+import pickle
+import time
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import torch.multiprocessing
+
+from tests.helpers.cluster_waits import run_in_thread, wait_until
+from tests.helpers.router_http import assert_error
+from tests.helpers.tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+ADMIN_KEY = "sglang-routes-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
+PROMPT = [(5 * i + 11) % 250 + 3 for i in range(12)]
+GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
+NORM = "model.norm.weight"  # 64 floats in the tiny Llama
+K_PROJ = "model.layers.0.self_attn.k_proj.weight"  # [32, 64]: rows of the merged qkv_proj
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return str(make_tiny_model("llama", Path(tmp_path_factory.mktemp("sglang-routes"))))
+
+
+@pytest.fixture(scope="module")
+def workers(worker_launcher, model_dir) -> list[str]:
+    return [worker_launcher("--model-path", model_dir, *FLAGS).zmq_address for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def router(router_launcher, workers) -> str:
+    flags = ["--policy", "round_robin", "--admin-api-key", ADMIN_KEY]
+    return router_launcher(*[f for w in workers for f in ("--worker-addr", w)], *flags).url
+
+
+def admin(url: str, path: str, body=None, method: str = "POST") -> requests.Response:
+    return requests.request(method, url + path, json=body, headers=ADMIN, timeout=120)
+
+
+def generate(url: str, params: dict = GREEDY, prompt: list[int] = PROMPT, **kw) -> dict:
+    resp = requests.post(
+        url + "/generate", json={"input_ids": prompt, "sampling_params": params, **kw}, timeout=300
+    )
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+def on_both(url: str) -> list[list[int]]:
+    """The prompt's greedy output once on each worker (round robin over two)."""
+    return [generate(url)["output_ids"] for _ in range(2)]
+
+
+@contextlib.contextmanager
+def paused(url: str, mode: str | None = None):
+    resp = admin(url, "/pause_generation", {"mode": mode} if mode else None)
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"message": "Generation paused successfully.", "status": "ok"}
+    try:
+        yield
+    finally:
+        resp = admin(url, "/continue_generation")
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"message": "Generation continued successfully.", "status": "ok"}
+
+
+def serialize(named: list[tuple[str, torch.Tensor]], strategy: str = "file_system") -> str:
+    """SGLang's MultiprocessingSerializer.serialize(named, output_str=True), with CPU tensors shared
+    through named shared memory (the strategy another process tree can open)."""
+    before = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy(strategy)
+    try:
+        buf = io.BytesIO()
+        ForkingPickler(buf).dump(named)
+    finally:
+        torch.multiprocessing.set_sharing_strategy(before)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def assert_values(values: list, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(torch.tensor(values), expected.float(), rtol=0, atol=0)
+
+
+def get_weights(url: str, name: str, truncate_size: int | None = None) -> list:
+    body = {"name": name} if truncate_size is None else {"name": name, "truncate_size": truncate_size}
+    resp = admin(url, "/get_weights_by_name", body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()
+
+
+# ---------------------------------------------------------------------- 1. weight version
+
+
+def test_weight_version_update_is_seen_everywhere(router):
+    assert requests.get(router + "/get_weight_version", timeout=10).json() == {"weight_version": "default"}
+    resp = admin(router, "/update_weight_version", {"new_version": "rl-step-3"})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {
+        "success": True,
+        "message": "Weight version updated to rl-step-3",
+        "new_version": "rl-step-3",
+    }
+    assert requests.get(router + "/get_weight_version", timeout=10).json() == {"weight_version": "rl-step-3"}
+    assert requests.get(router + "/get_model_info", timeout=10).json()["weight_version"] == "rl-step-3"
+    assert {generate(router)["meta_info"]["weight_version"] for _ in range(2)} == {"rl-step-3"}
+
+    assert_error(admin(router, "/update_weight_version", {}), 400, "new_version must be a non-empty string")
+    assert_error(admin(router, "/update_weight_version", {"new_version": ""}), 400, "non-empty")
+    assert_error(
+        admin(router, "/update_weight_version", {"new_version": "x", "abort_all_requests": "yes"}),
+        400,
+        "abort_all_requests must be a boolean",
+    )
+
+
+# ---------------------------------------------------------------------- 2. tensors in, parameters out
+
+
+def test_get_weights_by_name_returns_the_truncated_parameter(router, model_dir):
+    from safetensors.torch import load_file
+
+    checkpoint = load_file(str(Path(model_dir) / "model.safetensors"))
+    assert_values(get_weights(router, NORM), checkpoint[NORM])  # 64 elements: fewer than 100
+    rows = get_weights(router, K_PROJ, truncate_size=3)  # a part of the merged qkv_proj, by its own name
+    assert_values(rows, checkpoint[K_PROJ][:3])
+    own_name = get_weights(router, "model.layers.0.self_attn.qkv_proj.weight", truncate_size=1)
+    assert_values(own_name, checkpoint["model.layers.0.self_attn.q_proj.weight"][:1])
+
+    assert_error(admin(router, "/get_weights_by_name", {"name": "model.nope"}), 400, "model.nope")
+    assert_error(admin(router, "/get_weights_by_name", {}), 400, "name must be")
+    assert_error(
+        admin(router, "/get_weights_by_name", {"name": NORM, "truncate_size": 0}), 400, "truncate_size"
+    )
+
+
+def test_update_weights_from_tensor_changes_parameters_on_every_worker(router):
+    before = on_both(router)
+    assert before[0] == before[1]
+    version = requests.get(router + "/get_weight_version", timeout=10).json()["weight_version"]
+    new_norm = torch.linspace(-1.0, 1.0, 64)
+    new_k = torch.full((32, 64), 0.25)
+    payload = serialize([(NORM, new_norm), (K_PROJ, new_k)])
+    resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": [payload]})
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {"success": True, "message": "Success"}
+
+    assert_values(get_weights(router, NORM), new_norm)
+    assert_values(get_weights(router, K_PROJ, truncate_size=2), new_k[:2])
+    after = on_both(router)
+    assert after[0] == after[1] != before[0]  # both workers serve the new weights
+    new_version = requests.get(router + "/get_weight_version", timeout=10).json()["weight_version"]
+    assert new_version != version
+
+    resp = admin(
+        router,
+        "/update_weights_from_tensor",
+        {"serialized_named_tensors": [serialize([(NORM, new_norm * 2)])], "weight_version": "tensor-v2"},
+    )
+    assert resp.json() == {"success": True, "message": "Success Weight version updated to tensor-v2."}
+    assert generate(router)["meta_info"]["weight_version"] == "tensor-v2"
+    del payload  # the workers copied the values: the shared segments may go now
+
+
+def test_bad_tensor_updates_are_400s_that_change_nothing(router):
+    norm = get_weights(router, NORM)
+
+    def refused(body: dict, *words: str) -> None:
+        assert_error(admin(router, "/update_weights_from_tensor", body), 400, *words)
+
+    def update(named, **kw) -> requests.Response:
+        return admin(
+            router, "/update_weights_from_tensor", {"serialized_named_tensors": [serialize(named)], **kw}
+        )
+
+    resp = update([(NORM, torch.zeros(64)), ("model.layers.0.nope.weight", torch.zeros(3))])
+    assert resp.status_code == 400 and "no parameter model.layers.0.nope.weight" in resp.json()["message"]
+    resp = update([(NORM, torch.zeros(65))])
+    assert resp.status_code == 400 and "has shape [65]" in resp.json()["message"]
+    resp = update([(NORM, torch.zeros(64))], load_format="flattened_bucket")
+    assert resp.status_code == 400 and "flattened_bucket" in resp.json()["message"]
+
+    fd_shared = serialize([(NORM, torch.zeros(64))], strategy="file_descriptor")
+    resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": [fd_shared]})
+    assert resp.status_code == 400 and "file_system" in resp.json()["message"]
+
+    class Evil:  # a pickle that would run a command if the worker unpickled it blindly
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    evil = base64.b64encode(pickle.dumps([(NORM, Evil())])).decode()
+    resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": [evil]})
+    assert resp.status_code == 400 and "builtins.print" in resp.json()["message"]
+
+    refused({}, "serialized_named_tensors")
+    refused({"serialized_named_tensors": ["a", "b"]}, "one rank each")
+    resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": ["not base64!"]})
+    assert resp.status_code == 400 and "not base64" in resp.json()["message"]  # SGLang's {success, message}
+    refused({"serialized_named_tensors": [fd_shared], "flush_cache": "no"}, "flush_cache must be a boolean")
+    assert get_weights(router, NORM) == norm  # nothing changed on any worker
+
+
+# ---------------------------------------------------------------------- 3-4. pause and continue
+
+
+def test_pause_aborts_what_runs_holds_what_comes_and_continue_releases_it(router):
+    results: dict = {}
+    arrivals: list = []
+    long_params = {"temperature": 0.0, "max_new_tokens": 900, "ignore_eos": True}
+    running = run_in_thread(lambda: _stream(router, long_params, arrivals), results, "running")
+    wait_until(lambda: bool(arrivals), what="the stream to start")
+    with paused(router):
+        running.join(30)
+        reason = results["running"]["meta_info"]["finish_reason"]
+        assert reason["type"] == "abort" and "paused" in reason["message"], reason
+        waiting = run_in_thread(lambda: generate(router), results, "waiting")
+        time.sleep(1.5)
+        assert waiting.is_alive() and "waiting" not in results  # held on the worker, not refused
+        # no requests in the engines: a tensor update needs no drain and runs while paused
+        payload = serialize([(NORM, torch.ones(64))])
+        resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": [payload]})
+        assert resp.status_code == 200, resp.text
+    waiting.join(60)
+    assert results["waiting"]["meta_info"]["completion_tokens"] == GREEDY["max_new_tokens"]
+
+
+def _stream(url: str, params: dict, arrivals: list) -> list:
+    with requests.post(
+        url + "/generate",
+        json={"input_ids": PROMPT, "sampling_params": params, "stream": True},
+        stream=True,
+        timeout=300,
+    ) as resp:
+        assert resp.status_code == 200, resp.text
+        for line in resp.iter_lines():
+            if line.startswith(b"data: {"):
+                chunk = json.loads(line[len(b"data: ") :])
+                arrivals.append((time.monotonic(), len(chunk["output_ids"])))
+                last = chunk
+    return last
+
+
+def test_pause_in_place_holds_a_stream_and_continue_finishes_it_unchanged(router):
+    params = {"temperature": 0.0, "max_new_tokens": 700, "ignore_eos": True}
+    reference = generate(router, params)["output_ids"]
+    arrivals: list = []
+    results: dict = {}
+    stream = run_in_thread(lambda: _stream(router, params, arrivals), results, "stream")
+    wait_until(lambda: arrivals and arrivals[-1][1] >= 20, what="the stream to start")
+    with paused(router, "in_place"):
+        paused_at = time.monotonic()
+        time.sleep(1.5)
+        quiet = [n for t, n in arrivals if t > paused_at + 0.3]  # outputs already sent may still land
+        assert not quiet, f"tokens arrived while paused: {quiet}"
+        held_at = arrivals[-1][1]
+        assert held_at < params["max_new_tokens"]
+        resp = admin(
+            router,
+            "/update_weights_from_tensor",
+            {"serialized_named_tensors": [serialize([(NORM, torch.ones(64))])]},
+        )
+        assert resp.status_code == 400 and "paused with requests held in place" in resp.json()["message"]
+    stream.join(120)
+    last = results["stream"]
+    assert last["meta_info"]["finish_reason"]["type"] == "length"
+    assert last["output_ids"] == reference  # resumed where it was, its KV untouched
+    assert any(n > held_at for _, n in arrivals)
+
+
+def test_pause_modes_and_admin_key(router):
+    assert_error(admin(router, "/pause_generation", {"mode": "retract"}), 400, "retract", "in_place")
+    assert_error(admin(router, "/pause_generation", {"mode": "sleep"}), 400, "mode must be one of")
+    assert_error(admin(router, "/pause_generation", [1]), 400, "JSON object")
+    for path in (
+        "/pause_generation",
+        "/continue_generation",
+        "/update_weights_from_tensor",
+        "/start_profile",
+    ):
+        assert_error(requests.post(router + path, json={}, timeout=10), 401, "admin API key")
+    assert generate(router)["meta_info"]["finish_reason"]["type"] == "length"  # nothing was paused
+
+
+# ---------------------------------------------------------------------- 5. profiler, gc
+
+
+def _trace_events(path: Path) -> list:
+    with gzip.open(path, "rt") as f:
+        return json.load(f)["traceEvents"]
+
+
+def test_start_and_stop_profile_write_a_trace_per_worker(router, tmp_path):
+    out = tmp_path / "traces"
+    resp = admin(router, "/start_profile", {"output_dir": str(out), "with_stack": False})
+    assert (resp.status_code, resp.text) == (200, "Start profiling.\n")
+    assert_error(admin(router, "/start_profile", {"output_dir": str(out)}), 400, "already in progress")
+    on_both(router)
+    resp = admin(router, "/stop_profile", method="GET")
+    assert resp.status_code == 200, resp.text
+    lines = resp.text.splitlines()
+    assert lines[0] == "Stop profiling. Traces saved to:"
+    files = sorted(out.glob("*.trace.json.gz"))
+    assert sorted(lines[1:]) == [str(f) for f in files] and len(files) == 2
+    for f in files:
+        names = {e.get("name", "") for e in _trace_events(f)}
+        assert any(n.startswith("aten::") for n in names), sorted(names)[:20]  # the model's ops
+    assert_error(admin(router, "/stop_profile"), 400, "not in progress")
+
+
+def test_profile_num_steps_stops_by_itself(router, tmp_path):
+    resp = admin(router, "/start_profile", {"output_dir": str(tmp_path), "num_steps": 2, "with_stack": False})
+    assert resp.status_code == 200, resp.text
+    on_both(router)  # 8 steps on each worker
+    wait_until(lambda: len(list(tmp_path.glob("*.trace.json.gz"))) == 2, what="both traces")
+    assert_error(admin(router, "/stop_profile"), 400, "not in progress")
+    assert_error(admin(router, "/start_profile", {"start_step": 3}), 400, "start_step")
+    assert_error(admin(router, "/start_profile", {"activities": ["MEM"]}), 400, "MEM")
+
+
+def test_freeze_gc_freezes_every_process(router, workers):
+    resp = admin(router, "/freeze_gc")
+    assert resp.status_code == 200, resp.text
+    first, *counts = resp.text.splitlines()
+    assert first == "Garbage collection frozen."
+    frozen = dict(line.rsplit(": ", 1) for line in counts)
+    assert set(frozen) == {"router", *workers}
+    assert all(int(v.split()[0]) > 1000 for v in frozen.values()), frozen  # torch alone is thousands
+
+
+# ---------------------------------------------------------------------- 6-7. logging, refused routes, PUT, SageMaker
+
+
+REFUSED = [
+    ("POST", "/release_memory_occupation", {}, ["cpu", "GPU memory"]),
+    ("GET", "/resume_memory_occupation", None, ["cpu"]),
+    ("POST", "/open_session", {"capacity_of_str_len": 100}, ["sessions are not supported"]),
+    ("POST", "/close_session", {"session_id": "s"}, ["sessions are not supported"]),
+    (
+        "POST",
+        "/separate_reasoning",
+        {"text": "x", "reasoning_parser": "deepseek-r1"},
+        ["no reasoning parser"],
+    ),
+    ("POST", "/parse_function_call", {"text": "x", "tools": []}, ["no function-call parser"]),
+    ("POST", "/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"}, ["no LoRA support"]),
+    ("POST", "/unload_lora_adapter", {"lora_name": "a"}, ["no LoRA support"]),
+    ("POST", "/configure_logging", {"log_requests_level": 2}, ["one level"]),
+    ("GET", "/configure_logging", {"dump_requests_folder": "/tmp/d"}, ["no request dumps"]),
+    ("POST", "/set_internal_state", {"server_args": {"max_micro_batch_size": 8}}, ["pipeline parallelism"]),
+    ("PUT", "/set_internal_state", {"server_args": {"max_running_requests": 8}}, ["max_running_requests"]),
+    ("POST", "/update_weights_from_distributed", {}, ["torch.distributed"]),
+    ("POST", "/init_weights_update_group", {}, ["torch.distributed"]),
+    ("GET", "/slow_down", None, ["not supported"]),
+    ("GET", "/clear_hicache_storage_backend", None, ["hierarchical cache"]),
+    ("POST", "/v1/embeddings", {"input": "hi", "model": "m"}, ["generation model", "embedding model"]),
+    ("POST", "/v1/responses", {"input": "hi", "model": "m"}, ["Responses API"]),
+    ("GET", "/v1/responses/resp_1", None, ["Responses API"]),
+    ("PUT", "/classify", {"text": "x"}, ["reward"]),
+    ("PUT", "/v1/rerank", {"query": "q", "documents": ["d"]}, ["rerank"]),
+    ("PUT", "/encode", {"text": "x"}, ["embedding model"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "words"), REFUSED, ids=[f"{m} {p}" for m, p, _, _ in REFUSED]
+)
+def test_refused_routes_answer_400_with_the_reason(router, method, path, body, words):
+    resp = requests.request(method, router + path, json=body, headers=ADMIN, timeout=30)
+    assert_error(resp, 400, path if not path.startswith("/v1/responses/") else "/v1/responses", *words)
+
+
+def test_configure_logging_switches_the_request_log(router, tmp_path_factory):
+    logs = sorted(tmp_path_factory.getbasetemp().glob("router-logs*/router-*.log"))
+
+    def logged(rid: str) -> bool:
+        return any(f"Finish: rid={rid}," in path.read_text() for path in logs)
+
+    resp = admin(router, "/configure_logging", {"log_requests": True, "log_requests_level": 0})
+    assert (resp.status_code, resp.text) == (200, "")
+    generate(router, rid="logged-request")
+    wait_until(lambda: logged("logged-request"), what="the Finish line")
+    assert admin(router, "/configure_logging", {"log_requests": False}).status_code == 200
+    generate(router, rid="quiet-request")
+    generate(router, rid="after-quiet")  # the quiet one has ended well before this one's answer
+    assert not logged("quiet-request")
+
+
+def test_set_internal_state_with_nothing_to_change_answers_the_arguments(router):
+    resp = admin(router, "/set_internal_state", {"server_args": {}}, method="PUT")
+    assert resp.status_code == 200 and resp.json()["updated"] is True
+    assert resp.json()["server_args"]["admin_api_key"] == "<set>"
+
+
+def test_put_generate_and_sagemaker_routes(router):
+    resp = requests.put(
+        router + "/generate", json={"input_ids": PROMPT, "sampling_params": GREEDY}, timeout=60
+    )
+    assert resp.status_code == 200 and len(resp.json()["output_ids"]) == GREEDY["max_new_tokens"]
+    assert requests.get(router + "/ping", timeout=10).status_code == 200
+    resp = requests.post(
+        router + "/invocations",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "ignore_eos": True},
+        timeout=60,
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] == 4
