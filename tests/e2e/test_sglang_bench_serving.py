@@ -62,7 +62,9 @@ def _runs(base_url: str, model_dir: str, out_file: Path, backends: tuple[str, ..
 # P/D: the native backend (the one that reads `decode[0]`) and the chat one; the OpenAI routes are
 # the same code in both modes (the suite's time is spent where the modes differ)
 @pytest.mark.parametrize(
-    ("mode", "backends"), [("mixed", BACKENDS), ("prefill-decode", ("sglang", "sglang-oai-chat"))]
+    ("mode", "backends"),
+    [("mixed", BACKENDS), ("prefill-decode", ("sglang", "sglang-oai-chat"))],
+    ids=["mixed", "prefill-decode"],
 )
 def test_sglang_bench_serving_completes_with_every_backend(tmp_path, model_dir, script, mode, backends):
     flags = ["--prefill", "1", "--decode", "1", "--local-prefill-threshold", "8"] if mode != "mixed" else []
