@@ -32,6 +32,7 @@ from pdserve.router.native_runtime import add_runtime_routes
 from pdserve.router.native_sagemaker import add_sagemaker_routes
 from pdserve.router.native_weights import add_weight_routes
 from pdserve.router.openai.routes import add_openai_routes
+from pdserve.router.openapi import add_openapi_routes
 from pdserve.router.policies import CacheAwarePolicy
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
 
@@ -58,6 +59,7 @@ def build_app(args: RouterArgs) -> web.Application:
         add_routes(app)
     add_openai_routes(app)
     add_sagemaker_routes(app)
+    add_openapi_routes(app)  # its document lists every route registered above
     app.on_startup.append(_start)
     app.on_cleanup.append(_stop)
     return app

@@ -1,7 +1,8 @@
-"""API keys: `--api-key` guards every route but `/health`; `--admin-api-key` guards admin routes.
+"""API keys: `--api-key` guards every route but the open ones; `--admin-api-key` guards admin routes.
 
 Rules (a request carries its key as `Authorization: Bearer <key>`):
-- the one open route is `/health` (probes); `/metrics` needs the API key like any other route
+- the open routes are `/health` (probes) and `/openapi.json`, `/docs` (the API's description,
+  nothing about the served model or its workers); `/metrics` needs the API key like any other route
   (a scraper sends it as a bearer token);
 - admin routes (`ADMIN_PATHS`) need the admin key when one is set, else the API key when set;
 - every other route needs the API key when one is set; the admin key works there too;
@@ -20,7 +21,7 @@ from aiohttp import web
 
 from pdserve.router.limits import http_error
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
 ADMIN_PATHS = frozenset(
     {
         "/flush_cache",

@@ -52,7 +52,7 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
         if not isinstance(msg, dict):
             raise OpenAIRequestError(f"messages[{i}] must be an object.", "messages")
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:  # an object or a list is not hashable
             raise OpenAIRequestError(
                 f"messages[{i}].role {role!r} is not supported; use system, user or assistant.", "messages"
             )

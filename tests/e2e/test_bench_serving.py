@@ -125,3 +125,14 @@ def test_refused_requests_fail_the_run(server, tmp_path, capsys):
     assert (line["completed"], line["failed"]) == (0, NUM_PROMPTS)
     assert line["first_error"].startswith("HTTP 400") and "temperature" in line["first_error"]
     assert "request(s) failed; first error: HTTP 400" in printed
+
+
+def test_sglangs_own_bench_serving_completes_with_every_backend(server, model_dir, tmp_path):
+    """SGLang 0.5.3's bench_serving.py, unmodified (tests/e2e/test_sglang_bench_serving.py says
+    what it checks), against this module's `serve` with each of its backends."""
+    from tests.e2e.test_sglang_bench_serving import BACKENDS, check_results, runs
+    from tests.helpers.sglang_bench import bench_serving_script, run_bench_serving
+
+    out_file = tmp_path / "sglang-results.jsonl"
+    printed = run_bench_serving(bench_serving_script(), runs(server, model_dir, out_file, BACKENDS), tmp_path)
+    check_results(printed, out_file, BACKENDS)

@@ -1,6 +1,6 @@
 """SGLang's own `bench_serving.py` (sglang 0.5.3, from the wheel on the package registry, unmodified)
-against `serve` on random ids: mixed with each of its backends, prefill/decode with the native and
-the chat one.
+against `serve` on random ids, prefill/decode with the native and the chat backends (the mixed run,
+with each of its backends, shares test_bench_serving.py's server).
 
 Checked: the script runs to its end (it reads `/get_server_info`'s `internal_states`, and in P/D
 mode `decode[0]` first, after the requests: a server without them crashes it) and every request
@@ -49,7 +49,7 @@ def _serve(tmp_path: Path, model_dir: str, *flags: str) -> Serve:
     return serve
 
 
-def _runs(base_url: str, model_dir: str, out_file: Path, backends: tuple[str, ...]) -> list[list[str]]:
+def runs(base_url: str, model_dir: str, out_file: Path, backends: tuple[str, ...]) -> list[list[str]]:
     common = [
         "--base-url", base_url, "--model", model_dir, "--tokenizer", model_dir, "--dataset-name", "random-ids",
         "--num-prompts", str(NUM_PROMPTS), "--random-input-len", str(INPUT_LEN),
@@ -59,22 +59,7 @@ def _runs(base_url: str, model_dir: str, out_file: Path, backends: tuple[str, ..
     return [["--backend", backend, *common] for backend in backends]
 
 
-# P/D: the native backend (the one that reads `decode[0]`) and the chat one; the OpenAI routes are
-# the same code in both modes (the suite's time is spent where the modes differ)
-@pytest.mark.parametrize(
-    ("mode", "backends"),
-    [("mixed", BACKENDS), ("prefill-decode", ("sglang", "sglang-oai-chat"))],
-    ids=["mixed", "prefill-decode"],
-)
-def test_sglang_bench_serving_completes_with_every_backend(tmp_path, model_dir, script, mode, backends):
-    flags = ["--prefill", "1", "--decode", "1", "--local-prefill-threshold", "8"] if mode != "mixed" else []
-    serve = _serve(tmp_path, model_dir, *flags)
-    try:
-        out_file = tmp_path / "results.jsonl"
-        runs = _runs(f"http://127.0.0.1:{serve.port}", model_dir, out_file, backends)
-        printed = run_bench_serving(script, runs, tmp_path)
-    finally:
-        serve.close()
+def check_results(printed: str, out_file: Path, backends: tuple[str, ...]) -> None:
     assert printed.count("Serving Benchmark Result") == len(backends), printed[-4000:]
     results = [json.loads(line) for line in out_file.read_text().splitlines()]
     assert [r["backend"] for r in results] == list(backends)
@@ -84,3 +69,18 @@ def test_sglang_bench_serving_completes_with_every_backend(tmp_path, model_dir, 
         assert r["total_output_tokens"] > 0, r["backend"]
         if r["backend"] == "sglang":  # the native backend sends ignore_eos: exact lengths
             assert r["total_output_tokens"] == NUM_PROMPTS * OUTPUT_LEN
+
+
+def test_sglang_bench_serving_completes_in_prefill_decode_mode(tmp_path, model_dir, script):
+    # the native backend (the one that reads `decode[0]`) and the chat one; the OpenAI routes are
+    # the same code in both modes. The mixed run, with every backend, is in test_bench_serving.py.
+    backends = ("sglang", "sglang-oai-chat")
+    serve = _serve(tmp_path, model_dir, "--prefill", "1", "--decode", "1", "--local-prefill-threshold", "8")
+    try:
+        out_file = tmp_path / "results.jsonl"
+        printed = run_bench_serving(
+            script, runs(f"http://127.0.0.1:{serve.port}", model_dir, out_file, backends), tmp_path
+        )
+    finally:
+        serve.close()
+    check_results(printed, out_file, backends)
