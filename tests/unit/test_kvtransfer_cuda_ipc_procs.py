@@ -17,11 +17,14 @@ import time
 
 import pytest
 
+from tests.helpers import ipc_transfers as ipc
+from tests.helpers.ipc_transfers import IDLE, peer_processes
+from tests.helpers.ipc_transfers import manager_stats as stats
+from tests.helpers.ipc_transfers import transfer_request as request
 from tests.helpers.kv_peer_process import PeerProcess
 
 SHAPE = [3, 96, 4, 2, 16]  # layers, pages, page_size, heads, head_dim
 SEED_A, SEED_B, SEED_D = 301, 302, 303
-IDLE = {"senders": 0, "receivers": 0, "early": 0, "sending": 0, "peer_refs": 0, "gate_slots": 0}
 
 
 def open_manager(peer: PeerProcess, seed: int) -> str:
@@ -29,41 +32,13 @@ def open_manager(peer: PeerProcess, seed: int) -> str:
     return peer.call("open", seed=seed, **cmd)["endpoint"]
 
 
-def request(rid: str, src: str, dst: str, chunks: list[list[int]], dst_pages: list[int], seed: int, **hold):
-    src_pages = [p for c in chunks for p in c]
-    send = {"rid": rid, "dest": dst, "chunks": chunks, "first_output": {"token": 7, "rid": rid}, **hold}
-    recv = {"rid": rid, "src": src, "pages": dst_pages, "expect": {"seed": seed, "src_pages": src_pages}}
-    return send, recv
-
-
-def stats(peer: PeerProcess) -> dict[str, int]:
-    return peer.call("stats", manager="m")["stats"]
-
-
 @pytest.fixture
 def procs():
-    started: list[PeerProcess] = []
-
-    def start() -> PeerProcess:
-        started.append(PeerProcess())
-        return started[-1]
-
-    yield start
-    for peer in started:
-        peer.close()
+    yield from peer_processes()
 
 
 def random_requests(src: str, dst: str, seed: int, rng: random.Random, dst_free: list[int], prefix: str):
-    src_free = list(range(1, SHAPE[1]))
-    rng.shuffle(src_free)
-    out = []
-    for i, n in enumerate((1, 3, 7, 11)):
-        src_pages = [src_free.pop() for _ in range(n)]
-        cuts = sorted(rng.sample(range(1, n), min(n - 1, rng.randint(0, 2)))) if n > 1 else []
-        chunks = [src_pages[a:b] for a, b in zip([0, *cuts], [*cuts, n], strict=True)]
-        dst_pages = [dst_free.pop() for _ in range(n + rng.randint(0, 2))]
-        out.append(request(f"{prefix}{i}", src, dst, chunks, dst_pages, seed))
-    return out
+    return ipc.random_requests(src, dst, seed, rng, dst_free, prefix, SHAPE[1], (1, 3, 7, 11))
 
 
 def test_bit_exact_between_processes(procs):
