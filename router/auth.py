@@ -31,6 +31,17 @@ ADMIN_PATHS = frozenset(
         "/start_expert_distribution_record",
         "/stop_expert_distribution_record",
         "/dump_expert_distribution_record",
+        # control routes: they change what every client gets (weights, pauses, profiling, logging)
+        "/update_weight_version",
+        "/update_weights_from_tensor",
+        "/get_weights_by_name",
+        "/pause_generation",
+        "/continue_generation",
+        "/start_profile",
+        "/stop_profile",
+        "/freeze_gc",
+        "/set_internal_state",
+        "/configure_logging",
     }
 )
 

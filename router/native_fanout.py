@@ -1,33 +1,27 @@
 """What the router's control routes share: asking every worker the same thing, optional bodies,
-typed fields, and the admin key.
+typed fields (their admin key is router/auth.py's: they are in its ADMIN_PATHS).
 
     handles = connected_workers(state)                         # 503 when none is connected
     answers = await ask_each(handles, lambda: FreezeGC(), AdminReply, timeout_s=10)
     failed = failures(answers)                                 # [(worker_id, why)], empty when all succeeded
     body = await read_optional_object(request)                 # {} for an empty body or null
-    admin_only(request)                                        # 401 unless the admin key (when one is set)
 
 Rules:
 - a worker that does not answer within the timeout, or whose connection drops, is a failure
   named by its worker id, like a worker that answers `success: false`;
 - `make` builds a fresh message per worker (`query` stamps each with its own query id);
 - bodies are optional where SGLang's are (GET routes, `pause_generation`): no body, an empty one
-  and JSON `null` are all `{}`; anything else must be a JSON object (400);
-- `admin_only`: the control routes change what every client gets (weights, pauses, profiling),
-  so with `--admin-api-key` set they need that key, as the routes in router/auth.py's
-  ADMIN_PATHS do (the auth middleware already asked for the API key, when one is set).
+  and JSON `null` are all `{}`; anything else must be a JSON object (400).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
-from pdserve.router.auth import ADMIN_PATHS, KEYS_KEY, bearer_token
 from pdserve.router.limits import MAX_BODY_KEY, http_error, read_json, too_large
 from pdserve.router.state import RouterState
 from pdserve.router.worker_conn import WorkerUnavailable
@@ -104,20 +98,3 @@ def field(body: dict[str, Any], name: str, kind: type | tuple[type, ...], defaul
 
 
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer", list: "a list", dict: "an object"}
-
-
-def _key_bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogatepass")  # as router/auth.py compares keys
-
-
-def admin_only(request: web.Request) -> None:
-    _, admin_key = request.app[KEYS_KEY]
-    if not admin_key or request.path in ADMIN_PATHS:  # no admin key, or the middleware checked it
-        return
-    token = bearer_token(request)
-    if token is None or not hmac.compare_digest(_key_bytes(token), _key_bytes(admin_key)):
-        reason = "no API key was given" if token is None else "the API key is wrong"
-        raise http_error(
-            401,
-            f"Unauthorized: {request.path} needs an admin API key (Authorization: Bearer <key>); {reason}.",
-        )

@@ -26,7 +26,6 @@ from aiohttp import web
 
 from pdserve.router.limits import http_error
 from pdserve.router.native_fanout import (
-    admin_only,
     ask_each,
     connected_workers,
     describe,
@@ -42,7 +41,6 @@ CONTROL_TIMEOUT_S = 30.0
 
 
 async def handle_pause_generation(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     body = await read_optional_object(request)
     mode = field(body, "mode", str, "abort")
@@ -64,7 +62,6 @@ async def handle_pause_generation(request: web.Request) -> web.Response:
 
 
 async def handle_continue_generation(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     await read_optional_object(request)  # SGLang takes no body; a malformed one is still a 400
     answers = await ask_each(connected_workers(state), ContinueGeneration, AdminReply, CONTROL_TIMEOUT_S)

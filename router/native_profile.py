@@ -27,7 +27,6 @@ from aiohttp import web
 
 from pdserve.router.limits import http_error
 from pdserve.router.native_fanout import (
-    admin_only,
     ask_each,
     connected_workers,
     describe,
@@ -71,7 +70,6 @@ def _start_message(body: dict) -> StartProfile:
 
 
 async def handle_start_profile(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     template = _start_message(await read_optional_object(request))
     handles = connected_workers(state)
@@ -85,7 +83,6 @@ async def handle_start_profile(request: web.Request) -> web.Response:
 
 
 async def handle_stop_profile(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     await read_optional_object(request)
     answers = await ask_each(connected_workers(state), StopProfile, AdminReply, STOP_TIMEOUT_S)

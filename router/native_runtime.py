@@ -32,7 +32,6 @@ from aiohttp import web
 
 from pdserve.router.limits import http_error, read_json_object
 from pdserve.router.native_fanout import (
-    admin_only,
     ask_each,
     connected_workers,
     describe,
@@ -54,7 +53,6 @@ SGLANG_INTERNAL_STATE = {
 
 
 async def handle_freeze_gc(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     await read_optional_object(request)
     answers = await ask_each(connected_workers(state), FreezeGC, AdminReply, GC_TIMEOUT_S)
@@ -69,7 +67,6 @@ async def handle_freeze_gc(request: web.Request) -> web.Response:
 
 
 async def handle_set_internal_state(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     body = await read_json_object(request)
     server_args = body.get("server_args")
@@ -89,7 +86,6 @@ async def handle_set_internal_state(request: web.Request) -> web.Response:
 
 
 async def handle_configure_logging(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     body = await read_optional_object(request)
     for name in ("dump_requests_folder", "dump_requests_threshold", "crash_dump_folder"):

