@@ -24,11 +24,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import gzip
-import io
 import json
 import pickle
 import time
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
@@ -38,6 +36,8 @@ import torch.multiprocessing
 
 from tests.helpers.cluster_waits import run_in_thread, wait_until
 from tests.helpers.router_http import assert_error
+from tests.helpers.sglang_control import serialize_named_tensors as serialize
+from tests.helpers.sglang_control import stream_with_arrivals
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -95,19 +95,6 @@ def paused(url: str, mode: str | None = None):
         resp = admin(url, "/continue_generation")
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"message": "Generation continued successfully.", "status": "ok"}
-
-
-def serialize(named: list[tuple[str, torch.Tensor]], strategy: str = "file_system") -> str:
-    """SGLang's MultiprocessingSerializer.serialize(named, output_str=True), with CPU tensors shared
-    through named shared memory (the strategy another process tree can open)."""
-    before = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy(strategy)
-    try:
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(named)
-    finally:
-        torch.multiprocessing.set_sharing_strategy(before)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def assert_values(values: list, expected: torch.Tensor) -> None:
@@ -239,7 +226,9 @@ def test_pause_aborts_what_runs_holds_what_comes_and_continue_releases_it(router
     results: dict = {}
     arrivals: list = []
     long_params = {"temperature": 0.0, "max_new_tokens": 900, "ignore_eos": True}
-    running = run_in_thread(lambda: _stream(router, long_params, arrivals), results, "running")
+    running = run_in_thread(
+        lambda: stream_with_arrivals(router, PROMPT, long_params, arrivals), results, "running"
+    )
     wait_until(lambda: bool(arrivals), what="the stream to start")
     with paused(router):
         running.join(30)
@@ -256,28 +245,12 @@ def test_pause_aborts_what_runs_holds_what_comes_and_continue_releases_it(router
     assert results["waiting"]["meta_info"]["completion_tokens"] == GREEDY["max_new_tokens"]
 
 
-def _stream(url: str, params: dict, arrivals: list) -> list:
-    with requests.post(
-        url + "/generate",
-        json={"input_ids": PROMPT, "sampling_params": params, "stream": True},
-        stream=True,
-        timeout=300,
-    ) as resp:
-        assert resp.status_code == 200, resp.text
-        for line in resp.iter_lines():
-            if line.startswith(b"data: {"):
-                chunk = json.loads(line[len(b"data: ") :])
-                arrivals.append((time.monotonic(), len(chunk["output_ids"])))
-                last = chunk
-    return last
-
-
 def test_pause_in_place_holds_a_stream_and_continue_finishes_it_unchanged(router):
     params = {"temperature": 0.0, "max_new_tokens": 700, "ignore_eos": True}
     reference = generate(router, params)["output_ids"]
     arrivals: list = []
     results: dict = {}
-    stream = run_in_thread(lambda: _stream(router, params, arrivals), results, "stream")
+    stream = run_in_thread(lambda: stream_with_arrivals(router, PROMPT, params, arrivals), results, "stream")
     wait_until(lambda: arrivals and arrivals[-1][1] >= 20, what="the stream to start")
     with paused(router, "in_place"):
         paused_at = time.monotonic()

@@ -12,11 +12,7 @@ prefills everything at D (`--local-prefill-threshold` above any prompt). In orde
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import time
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,8 @@ import torch.multiprocessing
 
 from tests.helpers.cluster_waits import run_in_thread, wait_until
 from tests.helpers.router_http import sse_chunks
+from tests.helpers.sglang_control import serialize_named_tensors as serialize
+from tests.helpers.sglang_control import stream_with_arrivals
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -61,17 +59,6 @@ def post(url: str, path: str, body=None) -> requests.Response:
     return requests.post(url + path, json=body, timeout=120)
 
 
-def serialize(named: list[tuple[str, torch.Tensor]]) -> str:
-    before = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy("file_system")
-    try:
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(named)
-    finally:
-        torch.multiprocessing.set_sharing_strategy(before)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
 def test_tensor_update_reaches_the_prefill_and_the_decode_worker(cluster):
     via_p, at_d = generate(cluster["r"])["output_ids"], generate(cluster["local"])["output_ids"]
     assert via_p == at_d
@@ -82,28 +69,15 @@ def test_tensor_update_reaches_the_prefill_and_the_decode_worker(cluster):
     assert new_via_p == new_at_d != via_p  # P's KV and D's decode both use the new weights
 
 
-def _stream(url: str, params: dict, arrivals: list) -> dict:
-    with requests.post(
-        url + "/generate",
-        json={"input_ids": LONG_PROMPT, "sampling_params": params, "stream": True},
-        stream=True,
-        timeout=300,
-    ) as resp:
-        assert resp.status_code == 200, resp.text
-        for line in resp.iter_lines():
-            if line.startswith(b"data: {"):
-                last = json.loads(line[len(b"data: ") :])
-                arrivals.append((time.monotonic(), len(last["output_ids"])))
-    return last
-
-
 def test_pause_in_place_and_abort_on_both_roles(cluster):
     url = cluster["r"]
     params = {"temperature": 0.0, "max_new_tokens": 600, "ignore_eos": True}
     reference = generate(url, params)["output_ids"]
     arrivals: list = []
     results: dict = {}
-    stream = run_in_thread(lambda: _stream(url, params, arrivals), results, "stream")
+    stream = run_in_thread(
+        lambda: stream_with_arrivals(url, LONG_PROMPT, params, arrivals), results, "stream"
+    )
     wait_until(lambda: arrivals and arrivals[-1][1] >= 10, what="the stream to start")
     assert post(url, "/pause_generation", {"mode": "in_place"}).status_code == 200
     paused_at = time.monotonic()

@@ -6,10 +6,8 @@ by name on a tiny Llama and a tiny tied Qwen2 (shared/worker/tensor_weights.py).
 from __future__ import annotations
 
 import base64
-import io
 import os
 import pickle
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 
 import pytest
@@ -22,18 +20,8 @@ from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.worker.tensor_payload import TensorPayloadError, decode_named_tensors
 from pdserve.shared.worker.tensor_weights import apply_named_tensors, check_named_tensors, weights_by_name
+from tests.helpers.sglang_control import serialize_named_tensors as serialize
 from tests.helpers.tiny_models import make_tiny_model
-
-
-def serialize(obj, strategy: str = "file_system") -> str:
-    before = torch.multiprocessing.get_sharing_strategy()
-    torch.multiprocessing.set_sharing_strategy(strategy)
-    try:
-        buf = io.BytesIO()
-        ForkingPickler(buf).dump(obj)
-    finally:
-        torch.multiprocessing.set_sharing_strategy(before)
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def tiny(kind: str, tmp_path: Path):
