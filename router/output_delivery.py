@@ -13,7 +13,9 @@ stream's latency is judged by.
 
 Rules:
 - outputs are kept per stream (per queue), in arrival order, and a stream's pending outputs are
-  handed over together: a stream that fell behind catches up in one turn, not one turn per token;
+  handed over together, folded into one output per sample where they can be
+  (router/output_merge.py): a stream that fell behind catches up in one turn and one event, not
+  one of each per token;
 - streams with a first output pending come first, in arrival order; then the others, in the order
   their oldest pending output arrived;
 - a stream unsubscribed since its outputs arrived (its rid no longer maps to that queue) gets
@@ -27,6 +29,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Protocol
 
+from pdserve.router.output_merge import merge_outputs
 from pdserve.shared.protocol import RequestOutput
 
 # Streams handed their outputs per event-loop turn (see the module docstring). A new request's
@@ -71,7 +74,7 @@ class PendingOutputs:
             while pending and (limit is None or served < limit):
                 queue, outs = pending.popitem(last=False)
                 if streams.get(outs[0].rid) is queue:
-                    for out in outs:
+                    for out in merge_outputs(outs):
                         queue.put_nowait(out)
                     served += 1
                     firsts = firsts or pending is self._first

@@ -35,3 +35,18 @@ def assert_error(resp: requests.Response, status: int, *words: str) -> str:
     for word in words:
         assert word in body["message"], body["message"]
     return body["message"]
+
+
+def assert_native_stream_grows(events: list, num_tokens: int) -> None:
+    """A native stream's events (without [DONE]): each one's output_ids extend the one before (one
+    token per event, or several when the router caught up with a backlog, as SGLang streams do),
+    completion_tokens counts them, and the last holds all `num_tokens`."""
+    assert 1 <= len(events) <= num_tokens
+    final = events[-1]["output_ids"]
+    assert len(final) == num_tokens
+    seen = 0
+    for event in events:
+        ids = event["output_ids"]
+        assert len(ids) > seen and ids == final[: len(ids)], (seen, ids)
+        assert event["meta_info"]["completion_tokens"] == len(ids)
+        seen = len(ids)

@@ -12,10 +12,11 @@ def _out(rid: str, token: int) -> RequestOutput:
     return RequestOutput(rid=rid, token_ids=[token])
 
 
-def _drain(queue: asyncio.Queue) -> list[int]:
+def _drain(queue: asyncio.Queue) -> list[list[int]]:
+    """The token ids of each output the queue got, in order."""
     got = []
     while not queue.empty():
-        got.append(queue.get_nowait().token_ids[0])
+        got.append(queue.get_nowait().token_ids)
     return got
 
 
@@ -27,10 +28,11 @@ def test_slices_serve_first_outputs_first_and_a_stream_s_outputs_together():
     pending.add(queues["a"], _out("a", 2), first=False)  # a fell behind: its next output is here too
     pending.add(queues["d"], _out("d", 1), first=True)  # d's first token arrives last
     assert pending.hand_out(2, queues)  # True: a stream got its first output
-    assert [_drain(queues[r]) for r in "abcd"] == [[1, 2], [], [], [1]]  # d first, then a (both)
+    # d first, then a: both its outputs, folded into one
+    assert [_drain(queues[r]) for r in "abcd"] == [[[1, 2]], [], [], [[1]]]
     assert pending
     assert not pending.hand_out(None, queues)
-    assert [_drain(queues[r]) for r in "abcd"] == [[], [1], [1], []]
+    assert [_drain(queues[r]) for r in "abcd"] == [[], [[1]], [[1]], []]
     assert not pending
 
 
@@ -43,5 +45,5 @@ def test_later_outputs_of_a_first_stream_join_it_and_unsubscribed_streams_get_no
     old_b = queues["b"]
     queues["b"] = asyncio.Queue()  # b's stream was replaced (same rid, new subscription)
     pending.hand_out(None, queues)
-    assert _drain(queues["a"]) == [1, 2]
+    assert _drain(queues["a"]) == [[1, 2]]
     assert old_b.empty() and queues["b"].empty()
