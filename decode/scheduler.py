@@ -63,9 +63,9 @@ class DecodeScheduler(Scheduler):
     def all_requests(self) -> list[Req]:
         return list(self.prealloc) + self.waiting_for_kv + super().all_requests()
 
-    def _may_retract_stuck_prefills(self) -> bool:
+    def _stuck_prefill_victim(self) -> Req | None:
         # requests waiting for their KV become running and free their pages by themselves
-        return not self.waiting_for_kv
+        return None if self.waiting_for_kv else super()._stuck_prefill_victim()
 
     # ------------------------------------------------------------------ remote requests
 

@@ -40,6 +40,10 @@ from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
 
 logger = logging.getLogger(__name__)
 
+STUCK_MESSAGE = (
+    "The prefill worker's KV pages were all held by unfinished prefills; this request gave its pages back."
+)
+
 
 class PrefillEngine(Engine):
     """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool; `kv_listener`
@@ -58,7 +62,8 @@ class PrefillEngine(Engine):
         self.sends = KVSendQueue(self.scheduler.pages_ready, first_output_of)
 
     def _make_scheduler(self, config: SchedulerConfig) -> PrefillScheduler:
-        return PrefillScheduler(config, self.kv)
+        # the send queue is made after the scheduler: looked up when asked
+        return PrefillScheduler(config, self.kv, lambda req: self.sends.pages_sent(req.rid))
 
     # ------------------------------------------------------------------ requests
 
@@ -87,7 +92,14 @@ class PrefillEngine(Engine):
     def step(self) -> list[PrefillDone]:  # type: ignore[override]
         """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""
         super().step()  # its RequestOutputs are internal here: the first token travels to decode
-        return [self._conclude(o) for o in self.sends.advance()]
+        done = [self._conclude(o) for o in self.sends.advance()]
+        stuck = self.scheduler.stuck
+        if stuck is not None and not stuck.is_finished:
+            logger.warning(
+                "request %s: every KV page is held by unfinished prefills; it gives its pages back", stuck.rid
+            )
+            done += self.abort(stuck.rid, STUCK_MESSAGE)
+        return done
 
     def _conclude(self, outcome: TransferOutcome) -> PrefillDone:
         req = outcome.req

@@ -12,7 +12,15 @@ The shared Scheduler does admission, chunking and the prefix cache unchanged. Wh
   earlier, while it is still queued or prefilling): the computed whole pages go to the radix cache
   (their KV is right whether or not the transfer worked) and the rest is freed, through the same
   `_finish` as an abort, so each page is given back exactly once;
-- nothing ever runs, so nothing is retracted: a page a sender reads stays put until then.
+- nothing ever runs, so nothing decoding is retracted: a page a sender reads stays put until then.
+
+Chunked prefills can hold every free page between them with none able to take its next chunk
+(long prompts arriving together, decode workers slow to name their pages). With requests
+transferring, pages come back when their senders are final: wait. Otherwise the newest prefilling
+request whose sender has been handed no page yet gives its pages back and starts over later (its
+sender keeps waiting; nothing it could read is freed). When every prefilling request has sent
+pages, none can be retracted quietly: `stuck` names the newest, whose sender the engine cancels
+before its pages are freed (the request fails at this worker; the router retries it elsewhere).
 
 `pages_ready(req)` says which pages may be sent now: after `_after_chunk` (the chunk's whole pages
 are in the tree, duplicates already swapped for the tree's copies), the whole pages computed so far;
@@ -21,15 +29,20 @@ after the last chunk, every page including a partly filled last one. Pure Python
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig, StepResult
 
 
 class PrefillScheduler(Scheduler):
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, pages_sent: Callable[[Req], int]):
+        """`pages_sent(req)`: how many of req's pages were handed to its sender so far."""
         super().__init__(config, kv)
         self.transferring: list[Req] = []  # prompt computed; pages held until the sender is final
+        self._pages_sent = pages_sent
+        self.stuck: Req | None = None  # set by schedule(): see the module docstring
 
     # ------------------------------------------------------------------ queue views
 
@@ -46,10 +59,18 @@ class PrefillScheduler(Scheduler):
 
     # ------------------------------------------------------------------ the role's steps
 
-    def _may_retract_stuck_prefills(self) -> bool:
-        # never: senders read a prefilling request's whole pages chunk by chunk, so its pages must
-        # stay put until its sender is final (and transferring requests free theirs by themselves)
-        return False
+    def schedule(self):  # type: ignore[override]
+        self.stuck = None
+        return super().schedule()
+
+    def _stuck_prefill_victim(self) -> Req | None:
+        if self.transferring:
+            return None  # their senders end, and their pages come back
+        unsent = [r for r in self.prefilling if self._pages_sent(r) == 0]
+        if unsent:
+            return max(unsent, key=lambda r: r.arrival_time)
+        self.stuck = max(self.prefilling, key=lambda r: r.arrival_time)
+        return None
 
     def pages_ready(self, req: Req) -> int:
         """How many leading pages of req.pages hold final KV and may be sent now."""

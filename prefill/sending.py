@@ -60,6 +60,11 @@ class KVSendQueue:
     def add(self, req: Req, sender: KVSender) -> None:
         self._by_rid[req.rid] = Outgoing(req, sender)
 
+    def pages_sent(self, rid: str) -> int:
+        """How many of rid's pages were handed to its sender (0 for a rid without one)."""
+        out = self._by_rid.get(rid)
+        return 0 if out is None else out.pages_sent
+
     def advance(self) -> list[TransferOutcome]:
         """Sends what is ready and collects the transfers that reached a final state (their senders
         are forgotten; the caller ends the requests and gives their pages back)."""

@@ -139,18 +139,18 @@ class Scheduler:
         # Chunked prefills can hold every free page between them with none able to take its next
         # chunk, and with nothing decoding no page would ever come back: give the newest one's
         # pages back (it starts over later) until the others can go on.
-        while len(self.prefilling) > 1 and self._may_retract_stuck_prefills():
-            self._retract(max(self.prefilling, key=lambda r: r.arrival_time))
+        while len(self.prefilling) > 1 and (victim := self._stuck_prefill_victim()) is not None:
+            self._retract(victim)
             batch = self._schedule_extend()
             if batch is not None:
                 return batch
         return None
 
-    def _may_retract_stuck_prefills(self) -> bool:
-        """Whether half-prefilled requests may give their pages back when nothing can go on. Roles
-        whose other requests hold pages they will free by themselves, or that read a prefilling
-        request's pages elsewhere, say no (prefill/ and decode/ schedulers)."""
-        return True
+    def _stuck_prefill_victim(self) -> Req | None:
+        """The half-prefilled request that gives its pages back when none can go on (the newest), or
+        None to wait. Roles whose other requests hold pages they will free by themselves, or that
+        read a prefilling request's pages elsewhere, choose otherwise (prefill/ and decode/)."""
+        return max(self.prefilling, key=lambda r: r.arrival_time)
 
     def _admission_headroom(self) -> int:
         """Pages a new prompt must leave free for requests already decoding: one per running request

@@ -291,3 +291,35 @@ def test_refusals_name_the_reason(pair):
             PrefillRequest(rid="w", input_ids=prompt, decode_kv_endpoint="fake://decode-0")
         )
     pair.assert_idle()
+
+
+# a prefill pool of 6 pages of 16 tokens: two 80-token prompts (5 pages each) fill it chunk by chunk
+# with neither able to finish
+_SMALL_PREFILL_POOL = ({"max_total_tokens": 96, "page_size": 16}, {})
+
+
+@pytest.mark.parametrize("pair", [_SMALL_PREFILL_POOL], indirect=True)
+def test_prefills_that_fill_the_pool_before_any_page_went_out_restart_one_quietly(pair):
+    _submit(pair, "a", 80, seed=20, max_new=4)
+    _submit(pair, "b", 80, seed=21, max_new=4)
+    for _ in range(8):
+        pair.step(decode=False)  # D names no pages: both senders wait, nothing is sent
+    assert pair.prefill.scheduler.num_retractions >= 1  # one gave its pages back instead of waiting
+    pair.run()
+    assert all(pair.finished(rid).finish_reason["type"] == "length" for rid in "ab")
+    assert all(pair.done[rid].ok for rid in "ab")
+    pair.assert_idle()
+
+
+@pytest.mark.parametrize("pair", [_SMALL_PREFILL_POOL], indirect=True)
+def test_prefills_that_fill_the_pool_after_sending_pages_fail_the_newest_and_free_its_pages(pair):
+    from pdserve.prefill.engine import STUCK_MESSAGE
+
+    _submit(pair, "a", 80, seed=22, max_new=4)
+    _submit(pair, "b", 80, seed=23, max_new=4)
+    pair.run()  # both senders get their pages named at once, and send as chunks complete
+    done = pair.done
+    assert done["a"].ok and not done["b"].ok and done["b"].reason == STUCK_MESSAGE
+    assert pair.finished("a").finish_reason["type"] == "length"
+    assert pair.finished("b").finish_reason["type"] == "abort"  # D freed b's pages: the router retries
+    pair.assert_idle()

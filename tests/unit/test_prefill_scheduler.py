@@ -15,12 +15,14 @@ from pdserve.shared.engine.scheduler import BatchKind, SchedulerConfig
 EOS = 0
 
 
-def make(num_pages=64, page_size=4, chunk=-1, radix=True) -> PrefillScheduler:
+def make(num_pages=64, page_size=4, chunk=-1, radix=True, sent=None) -> PrefillScheduler:
+    """`sent`: rid -> pages handed to its sender (what the engine's send queue would say)."""
     kv = KVCacheManager(num_pages, page_size, enable_radix=radix)
     cfg = SchedulerConfig(
         page_size=page_size, max_running_requests=256, max_prefill_tokens=1 << 20, chunked_prefill_size=chunk
     )
-    return PrefillScheduler(cfg, kv)
+    sent = {} if sent is None else sent
+    return PrefillScheduler(cfg, kv, lambda r: sent.get(r.rid, 0))
 
 
 def req(rid, prompt, max_new=4) -> Req:
@@ -164,16 +166,51 @@ def test_a_transfer_that_fails_mid_prefill_stops_the_request_where_it_is():
         s.finish_transfer(r, ok=False)
 
 
-def test_prefilling_requests_that_fill_the_pool_keep_their_pages():
-    # the shared scheduler would retract the newest of two stuck chunked prefills; here senders read
-    # their whole pages chunk by chunk, so both keep every page until a sender is final
-    s = make(num_pages=9, page_size=4, chunk=4)
+def _fill_the_pool(sent: dict[str, int]) -> tuple[PrefillScheduler, Req, Req]:
+    """Two chunked prefills that hold every page between them, neither able to take its next chunk."""
+    s = make(num_pages=9, page_size=4, chunk=4, sent=sent)
     a, b = req("a", range(1, 21)), req("b", range(30, 50))
     s.add(a)
     s.add(b)
     for _ in range(4):
         assert step(s) is not None
+    assert s.kv.num_free_pages == 0 and a.status == b.status == ReqStatus.PREFILLING
+    return s, a, b
+
+
+def test_prefilling_requests_whose_senders_read_their_pages_keep_them_and_the_newest_is_named_stuck():
+    # senders read whole pages chunk by chunk: nothing they were handed may be freed here; the
+    # engine cancels the stuck request's sender first (tests/unit/test_prefill_engine_stall.py)
+    s, a, b = _fill_the_pool(sent={"a": 2, "b": 2})
     pages = (list(a.pages), list(b.pages))
     assert s.schedule() is None
     assert (a.pages, b.pages) == pages and s.num_retractions == 0
-    assert a.status == b.status == ReqStatus.PREFILLING
+    assert s.stuck is b
+
+
+def test_a_stuck_prefill_whose_sender_has_nothing_yet_gives_its_pages_back_and_starts_over():
+    s, a, b = _fill_the_pool(sent={"a": 2})  # b's decode side has not named its pages yet
+    batch = step(s)
+    assert batch is not None and batch.reqs == [a]  # a goes on with b's pages
+    assert b.status == ReqStatus.WAITING and b.pages == [] and b.num_computed == 0
+    assert s.num_retractions == 1 and s.stuck is None
+    for r in (a, b):  # b starts over once a is done (its cached pages, if kept, help)
+        while r.status != ReqStatus.TRANSFERRING:
+            assert step(s) is not None
+        s.finish_transfer(r, ok=True)
+    assert all_pages_back(s)
+
+
+def test_stuck_prefills_wait_while_a_transfer_will_give_pages_back():
+    s = make(num_pages=9, page_size=4, chunk=4)
+    t, a, b = req("t", range(60, 64)), req("a", range(1, 21)), req("b", range(30, 50))
+    for r in (t, a, b):
+        s.add(r)
+        step(s)
+    assert t.status == ReqStatus.TRANSFERRING  # holds its page until its sender is final
+    while step(s) is not None:
+        pass
+    assert a.status == b.status == ReqStatus.PREFILLING and s.kv.num_free_pages == 0
+    assert s.num_retractions == 0 and s.stuck is None
+    s.finish_transfer(t, ok=True)
+    assert step(s) is not None  # the page came back: a prefill goes on
