@@ -2,7 +2,7 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv
+# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -10,7 +10,7 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv}
+STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv split}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -36,6 +36,29 @@ run() {  # run NAME SECONDS CMD...: logs, times out, records exit status for the
   local rc=${PIPESTATUS[0]}
   echo "| $name | exit $rc | $((SECONDS - t0)) s |" >> "$SUMMARY"
   return "$rc"
+}
+
+# SGLang's own bench_serving.py when carried (.whl/sglang_bench_serving.py, copied from the cache
+# that tests/helpers/sglang_bench.py fills), else pdserve's, which takes the same flags
+SGLANG_BENCH=.whl/sglang_bench_serving.py
+serve_and_bench() {  # serve_and_bench NAME [serve flags...]: starts serve, runs c1 and c64, stops it
+  local name=$1; shift
+  python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
+    --port 30000 --log-level warning "$@" > "$OUT/$name.log" 2>&1 &
+  local pid=$!
+  for _ in $(seq 300); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
+    sleep 1
+  done
+  local bench=(python3 -m pdserve.bench.bench_serving --tokenize-prompt)
+  [ -f "$SGLANG_BENCH" ] && bench=(env HF_HUB_OFFLINE=1 python3 "$SGLANG_BENCH" --tokenize-prompt)
+  local common=(--backend sglang --base-url http://127.0.0.1:30000 --model $MODEL8B --tokenizer $MODEL8B
+    --dataset-name random-ids --random-input-len 1024 --random-output-len 256 --random-range-ratio 1
+    --flush-cache --disable-tqdm --output-file "$OUT/$name.jsonl")
+  run "$name-c1" 150 "${bench[@]}" "${common[@]}" --num-prompts 24 --max-concurrency 1 --warmup-requests 2
+  run "$name-c64" 200 "${bench[@]}" "${common[@]}" --num-prompts 320 --max-concurrency 64 --warmup-requests 4
+  kill -INT $pid; wait $pid; tail -5 "$OUT/$name.log" | tee -a "$LOG"
+  cat "$OUT/$name.jsonl" >> "$RES"
 }
 
 MODEL8B=/tmp/llama8b
@@ -92,6 +115,11 @@ for stage in $STAGES; do
       --num-prompts 96 --random-input-len 1024 --random-output-len 128 --random-range-ratio 1 \
       --max-concurrency 16 --warmup-requests 2 --disable-tqdm --output-file "$RES"
     kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve_pd.log" | tee -a "$LOG" ;;
+  split)
+    # issue 11's comparison: the mixed worker against --prefill 1 --decode 1 over cuda_ipc on the
+    # same GPU, 1,024 in / 256 out random ids at concurrency 1 and 64, in one lease
+    serve_and_bench split-mixed
+    serve_and_bench split-pd-cuda-ipc --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc ;;
   kv)
     run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
       --tokens 16,256,1024,4096 --output-file "$OUT/kv_zmq.jsonl"
