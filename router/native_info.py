@@ -89,9 +89,11 @@ def _gib(nbytes: int) -> float:
 
 def internal_state(h: WorkerHandle) -> dict[str, Any]:
     """One worker's entry of `internal_states`, as an SGLang scheduler reports its own: its
-    arguments, `last_gen_throughput` (tokens/s) and `memory_usage` (GB, token capacity)."""
+    arguments, `avg_spec_accept_length`, `last_gen_throughput` (tokens/s) and `memory_usage` (GB,
+    token capacity)."""
     info = h.server_info
     entry: dict[str, Any] = dict(info.args) if info else {}
+    entry["avg_spec_accept_length"] = None  # no speculative decoding (SGLang's tools read None as that)
     entry["last_gen_throughput"] = round(h.gen_throughput, 2)
     entry["memory_usage"] = {
         "weight": _gib(info.weight_bytes) if info else 0.0,

@@ -1,7 +1,8 @@
 """SGLang's metric names on real processes: after some traffic, every sample SGLang's Grafana
 dashboard queries (tests/helpers/sglang_dashboard.py) is on the router's /metrics with the served
 model as `model_name`, in mixed mode, in P/D mode and with `router --processes 2`; each worker
-serves its own `sglang:*` series; `pdserve_router_worker_up` is 1 for a healthy prefill worker.
+serves its own `sglang:*` series; `pdserve_router_worker_up` is 1 for a healthy prefill worker;
+`/get_server_info` has the shape SGLang's tools read.
 
 Workers: tiny random Llama on the CPU (float32), one mixed, one prefill + one decode (zmq KV).
 """
@@ -77,6 +78,31 @@ def assert_dashboard_series(url: str, model: str, requests_sent: int) -> dict[st
     return got
 
 
+def assert_sglang_server_info(url: str, roles: dict[str, int]) -> dict:
+    """/get_server_info (and /server_info) as SGLang's tools read it: `version`, one
+    `internal_states` entry per serving worker with the scheduler state SGLang reports, and, in P/D
+    mode, top-level `prefill` and `decode` lists (`roles`: how many of each there should be)."""
+    info = requests.get(url + "/get_server_info", timeout=10).json()
+    assert requests.get(url + "/server_info", timeout=10).json().keys() == info.keys()
+    assert isinstance(info["version"], str) and info["version"]
+    states = info["internal_states"]
+    assert len(states) == roles.get("decode", roles.get("mixed", 0))
+    for state in states:
+        assert "avg_spec_accept_length" in state  # None: no speculative decoding
+        assert state["last_gen_throughput"] >= 0.0
+        memory = state["memory_usage"]
+        # GB with two decimals, as SGLang rounds them: a tiny model's weights and pool show as 0.0
+        assert all(isinstance(memory[k], float) for k in ("weight", "kvcache", "graph"))
+        assert memory["token_capacity"] == 4096
+    for role in ("prefill", "decode"):
+        if role in roles:
+            assert len(info[role]) == roles[role], info.get(role)
+            assert all("worker_id" in w for w in info[role])
+        else:
+            assert role not in info
+    return info
+
+
 def wait_idle(url: str, timeout_s: float = 20.0) -> None:
     """Until the workers' load reports (polled by the router) show nothing running."""
     deadline = time.monotonic() + timeout_s
@@ -104,6 +130,7 @@ def test_mixed_router_serves_the_dashboard_series(router_launcher, mixed, tiny_l
     prompts = [prompt(12, seed=1), prompt(40, seed=2)]
     traffic(url, prompts)
     got = assert_dashboard_series(url, tiny_llama_dir, requests_sent=4)
+    assert_sglang_server_info(url, {"mixed": 1})
     ((_, prompt_total),) = sample_values(got, "sglang:prompt_tokens_total")
     assert prompt_total == 2 * (12 + 40)
     wait_idle(url)
@@ -137,6 +164,7 @@ def test_pd_router_serves_the_dashboard_series_and_prefill_worker_is_up(
         time.sleep(0.1)
     traffic(url, [prompt(LONG, seed=3), prompt(LONG, seed=4)])
     got = assert_dashboard_series(url, tiny_llama_dir, requests_sent=4)
+    assert_sglang_server_info(url, {"prefill": 1, "decode": 1})
     up = sample_values(got, "pdserve_router_worker_up")
     assert len(up) == 2 and all(value == 1 for _, value in up), up
 
