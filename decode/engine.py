@@ -55,6 +55,20 @@ class DecodeEngine(Engine):
         super().__init__(args, overlap_schedule=overlap_schedule)
         self.kv_manager = make_kv_manager(self.runner.pool)
         self.receives = KVReceiveQueue()
+        self.batch_log.role_fields = self._batch_log_fields
+
+    def _batch_log_fields(self, kind: str) -> str:
+        """SGLang's decode-role fields of its decode line (shared/engine/batch_log.py)."""
+        if kind != "decode":
+            return ""
+        s = self.scheduler
+        total = s.kv.num_total_pages
+        held = sum(len(r.pages) for r in s.waiting_for_kv)
+        retracted = sum(1 for r in s.waiting if r.num_retractions)
+        return (
+            f"pre-allocated usage: {held / total if total else 0.0:.2f}, #prealloc-req: {len(s.prealloc)}, "
+            f"#transfer-req: {len(s.waiting_for_kv)}, #retracted-req: {retracted}, "
+        )
 
     def _make_scheduler(self, config: SchedulerConfig) -> DecodeScheduler:
         return DecodeScheduler(config, self.kv, self.num_reserved_decode_tokens)

@@ -60,6 +60,16 @@ class PrefillEngine(Engine):
         super().__init__(args, kv_listener)
         self.kv_manager = make_kv_manager(self.runner.pool)
         self.sends = KVSendQueue(self.scheduler.pages_ready, first_output_of)
+        self.batch_log.role_fields = self._batch_log_fields
+
+    def _batch_log_fields(self, kind: str) -> str:
+        """SGLang's prefill-role fields of its prefill line (shared/engine/batch_log.py)."""
+        if kind != "prefill":
+            return ""
+        return (
+            f"#prealloc-req: {self.sends.num_bootstrapping()}, "
+            f"#inflight-req: {len(self.scheduler.transferring)}, "
+        )
 
     def _make_scheduler(self, config: SchedulerConfig) -> PrefillScheduler:
         # the send queue is made after the scheduler: looked up when asked

@@ -60,6 +60,10 @@ class KVSendQueue:
     def add(self, req: Req, sender: KVSender) -> None:
         self._by_rid[req.rid] = Outgoing(req, sender)
 
+    def num_bootstrapping(self) -> int:
+        """Senders whose decode side has not named its pages yet."""
+        return sum(1 for out in self._by_rid.values() if out.sender.poll() == KVPoll.Bootstrapping)
+
     def pages_sent(self, rid: str) -> int:
         """How many of rid's pages were handed to its sender (0 for a rid without one)."""
         out = self._by_rid.get(rid)

@@ -1,10 +1,12 @@
 """SGLang's batch log lines, from the engine's loop: one per prefill batch, one every
-`decode_log_interval` decode steps (SGLang's `--decode-log-interval`, default 40).
+`decode_log_interval` decode steps (SGLang's `--decode-log-interval`, default 40). The text is
+SGLang 0.5.3's, trailing separator included, so that its log parsers read pdserve's lines:
 
-    Prefill batch. #new-seq: 1, #new-token: 6, #cached-token: 0, token usage: 0.00, #running-req: 0, #queue-req: 0
-    Decode batch. #running-req: 1, #token: 54, token usage: 0.00, cuda graph: False, gen throughput (token/s): 6.02, #queue-req: 0
+    Prefill batch. #new-seq: 1, #new-token: 6, #cached-token: 0, token usage: 0.00, #running-req: 0, #queue-req: 0,
+    Decode batch. #running-req: 1, #token: 54, token usage: 0.00, cuda graph: False, gen throughput (token/s): 6.02, #queue-req: 0,
 
-    log = BatchLog(decode_log_interval=40)
+    log = BatchLog(decode_log_interval=40, graph_label="cuda graph")
+    log.role_fields = lambda kind: "..."                     # a P/D role's own fields (below)
     log.prefill(batch, scheduler)                            # as an extend batch starts
     log.decode(batch, scheduler, runner.decode_uses_graph)   # as each decode step starts
 
@@ -16,13 +18,17 @@ Fields, as SGLang's scheduler prints them:
   over the whole pool;
 - #running-req: requests decoding (a prefill line: before the batch; a decode line: in the step);
   #queue-req: requests waiting to be admitted;
-- cuda graph: whether the decode step replays a captured CUDA graph;
-- gen throughput: tokens decoded per second over the steps since the previous decode line.
+- cuda graph (`cpu graph` off CUDA): whether the decode step replays a captured graph;
+- gen throughput: tokens decoded per second over the steps since the previous decode line;
+- the roles' own, from `role_fields(kind)`, where SGLang puts them: a prefill worker's prefill line
+  ends with `#prealloc-req` (requests whose decode side has not named its pages yet) and
+  `#inflight-req` (prompts computed, KV still moving); a decode worker's decode line has
+  `pre-allocated usage`, `#prealloc-req` (waiting for pages), `#transfer-req` (waiting for KV) and
+  `#retracted-req` before the graph field.
 
 Rules: lines go to this module's logger at INFO. The loop pays for a line only where one is
 printed: a decode step without a line costs a counter and an addition, and nothing is read from the
 pool or formatted unless the logger prints INFO. `decode_log_interval` 0 prints no decode line.
-The prefill/decode roles add no fields of their own (SGLang's `#prealloc-req`, `#transfer-req` ...).
 """
 
 from __future__ import annotations
@@ -50,8 +56,13 @@ def token_usage(scheduler: Scheduler) -> tuple[int, float]:
 
 
 class BatchLog:
-    def __init__(self, decode_log_interval: int = DEFAULT_DECODE_LOG_INTERVAL):
+    def __init__(
+        self, decode_log_interval: int = DEFAULT_DECODE_LOG_INTERVAL, graph_label: str = "cuda graph"
+    ):
         self.decode_log_interval = decode_log_interval
+        self.graph_label = graph_label
+        # "prefill" | "decode" -> the role's own fields, each followed by ", " (none for mixed)
+        self.role_fields: Callable[[str], str] | None = None
         self._steps = 0  # decode steps since the last decode line
         self._tokens = 0  # tokens of the steps counted since then (the current one not yet)
         self._since: float | None = None  # when the first of them started
@@ -62,13 +73,14 @@ class BatchLog:
         _, usage = token_usage(scheduler)
         logger.info(
             "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, token usage: %.2f, "
-            "#running-req: %d, #queue-req: %d",
+            "#running-req: %d, #queue-req: %d, %s",
             len(batch.reqs),
             sum(batch.extend_lens),
             batch.cached_tokens,
             usage,
             len(scheduler.running),
             scheduler.num_waiting,
+            self.role_fields("prefill") if self.role_fields else "",
         )
 
     def decode(self, batch: ScheduledBatch, scheduler: Scheduler, uses_graph: Callable[[int], bool]) -> None:
@@ -91,11 +103,13 @@ class BatchLog:
         throughput = self._tokens / elapsed if elapsed > 0 else 0.0
         used, usage = token_usage(scheduler)
         logger.info(
-            "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, cuda graph: %s, "
-            "gen throughput (token/s): %.2f, #queue-req: %d",
+            "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, %s%s: %s, "
+            "gen throughput (token/s): %.2f, #queue-req: %d, ",
             len(batch.reqs),
             used,
             usage,
+            self.role_fields("decode") if self.role_fields else "",
+            self.graph_label,
             uses_graph(len(batch.reqs)),
             throughput,
             scheduler.num_waiting,

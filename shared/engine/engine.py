@@ -119,7 +119,10 @@ class Engine:
         )
         self.stats = EngineStats()
         self.latency = RequestLatencies()  # for /metrics, like stats
-        self.batch_log = BatchLog()  # SGLang's batch lines; a worker sets its decode_log_interval
+        # SGLang's batch lines; a worker sets its decode_log_interval, a P/D role its fields
+        self.batch_log = BatchLog(
+            graph_label="cuda graph" if self.runner.device.type == "cuda" else "cpu graph"
+        )
         if overlap_schedule is None:
             overlap_schedule = overlap_schedule_default(args)
         self.pipeline = BatchPipeline(

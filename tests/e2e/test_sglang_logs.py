@@ -32,11 +32,11 @@ PROMPT = list(range(30, 50))  # 20 tokens
 PARAMS = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
 PREFILL = re.compile(
     r"Prefill batch\. #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+), token usage: (\d\.\d\d), "
-    r"#running-req: (\d+), #queue-req: (\d+)$"
+    r"#running-req: (\d+), #queue-req: (\d+), $"
 )
 DECODE = re.compile(
-    r"Decode batch\. #running-req: (\d+), #token: (\d+), token usage: (\d\.\d\d), cuda graph: (True|False), "
-    r"gen throughput \(token/s\): (\d+\.\d\d), #queue-req: (\d+)$"
+    r"Decode batch\. #running-req: (\d+), #token: (\d+), token usage: (\d\.\d\d), cpu graph: (True|False), "
+    r"gen throughput \(token/s\): (\d+\.\d\d), #queue-req: (\d+), $"
 )
 
 

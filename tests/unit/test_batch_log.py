@@ -17,11 +17,11 @@ PAGE = 16
 POOL_TOKENS = 2048
 PREFILL = re.compile(
     r"^Prefill batch\. #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+), token usage: (\d\.\d\d), "
-    r"#running-req: (\d+), #queue-req: (\d+)$"
+    r"#running-req: (\d+), #queue-req: (\d+), $"
 )
 DECODE = re.compile(
-    r"^Decode batch\. #running-req: (\d+), #token: (\d+), token usage: (\d\.\d\d), cuda graph: (True|False), "
-    r"gen throughput \(token/s\): (\d+\.\d\d), #queue-req: (\d+)$"
+    r"^Decode batch\. #running-req: (\d+), #token: (\d+), token usage: (\d\.\d\d), cpu graph: (True|False), "
+    r"gen throughput \(token/s\): (\d+\.\d\d), #queue-req: (\d+), $"
 )
 
 
