@@ -12,6 +12,7 @@ between them (tiny random Llama, CPU, float32).
 
 from __future__ import annotations
 
+import logging
 import random
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from pdserve.shared.protocol import DecodeRequest, GenerateRequest, PrefillReque
 from tests.helpers.pd_pair import PDPair
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 NEW_TOKENS = 12
 CHUNK = 16
@@ -322,4 +323,22 @@ def test_prefills_that_fill_the_pool_after_sending_pages_fail_the_newest_and_fre
     assert done["a"].ok and not done["b"].ok and done["b"].reason == STUCK_MESSAGE
     assert pair.finished("a").finish_reason["type"] == "length"
     assert pair.finished("b").finish_reason["type"] == "abort"  # D freed b's pages: the router retries
+    pair.assert_idle()
+
+
+def test_batch_lines_carry_each_roles_fields_as_sglang_prints_them(pair, caplog):
+    pair.decode.batch_log.decode_log_interval = 1
+    with caplog.at_level(logging.INFO, logger="pdserve.shared.engine.batch_log"):
+        _submit(pair, "logged", 20, seed=30, max_new=3)
+        pair.step(decode=False)  # D has named no pages: P's sender waits, its prompt is computed
+        pair.run()
+    lines = [r.getMessage() for r in caplog.records]
+    prefill = [ln for ln in lines if ln.startswith("Prefill batch.")]
+    assert prefill[0].endswith("#running-req: 0, #queue-req: 0, #prealloc-req: 1, #inflight-req: 0, ")
+    decode = [ln for ln in lines if ln.startswith("Decode batch.")]
+    assert decode and all(
+        "pre-allocated usage: 0.00, #prealloc-req: 0, #transfer-req: 0, #retracted-req: 0, cpu graph: False, "
+        in ln
+        for ln in decode
+    )
     pair.assert_idle()
