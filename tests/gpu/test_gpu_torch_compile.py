@@ -101,7 +101,9 @@ def test_compiled_graphs_write_the_pool_in_place(tmp_path: Path, monkeypatch):
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     graphs.capture()
-    assert torch.cuda.max_memory_allocated() - before < 64 * 2**20, "capture allocated a copy of the pool"
+    # below the smallest copy, one layer's K (128 MiB); capture's own buffers (autotuning, the
+    # graphs' activations) peaked at 82 MiB on an H100
+    assert torch.cuda.max_memory_allocated() - before < 128 * 2**20, "capture allocated a copy of the pool"
     storage = pool.kv.untyped_storage().data_ptr()
     page0 = pool.kv[:, :, 0].clone()  # capture and padding rows write page 0 only
     logits = graphs.replay(step).clone()
