@@ -1,4 +1,5 @@
-"""Suite-wide hooks: `gpu` tests run only where CUDA is present; child processes use one CPU thread."""
+"""Suite-wide hooks: `gpu` tests run only where CUDA is present; child processes use one CPU thread;
+end-to-end tests share one xdist worker."""
 
 from __future__ import annotations
 
@@ -21,7 +22,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# With `-n 2 --dist loadgroup` (the README's test command) the end-to-end tests that judge timings
+# (liveness windows, drains, restarts, detection within seconds) run one after the other on one
+# xdist worker, so two of them never compete for the cores; the rest, and end-to-end tests marked
+# `untimed`, are spread over both workers.
+E2E_DIR = os.path.join(os.path.dirname(__file__), "e2e") + os.sep
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
+    e2e = pytest.mark.xdist_group("e2e")
+    for item in items:
+        if str(item.path).startswith(E2E_DIR) and "untimed" not in item.keywords:
+            item.add_marker(e2e)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on a lent GPU)")

@@ -24,7 +24,7 @@ from pdserve.shared.tokenizer import get_tokenizer
 from pdserve.shared.worker.launch import http_status
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 NUM_PROMPTS = 8
 INPUT_LEN = 32

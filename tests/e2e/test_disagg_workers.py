@@ -36,7 +36,7 @@ from pdserve.shared.protocol import (
 from pdserve.shared.worker.zmq_io import DealerSocket
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 COMMON_FLAGS = ("--dtype", "float32", "--chunked-prefill-size", "16", "--max-total-tokens", "4096")
 

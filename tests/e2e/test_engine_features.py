@@ -15,6 +15,8 @@ from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.protocol import GenerateRequest
 from tests.helpers.tiny_models import make_tiny_model
 
+pytestmark = pytest.mark.untimed
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> str:

@@ -21,7 +21,7 @@ from pdserve.shared.engine.engine import Engine
 from tests.helpers.hf_reference import hf_greedy
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 NEW_TOKENS = 32
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -35,7 +35,7 @@ from tests.helpers.openai_server import (  # noqa: F401 (fixtures)
     templated_client,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 # ---------------------------------------------------------------- models
 

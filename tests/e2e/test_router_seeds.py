@@ -13,7 +13,7 @@ import requests
 
 from tests.helpers.router_http import assert_error, sse_chunks
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 

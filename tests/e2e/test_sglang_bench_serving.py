@@ -19,7 +19,7 @@ from tests.e2e.test_serve import Serve
 from tests.helpers.sglang_bench import bench_serving_script, run_bench_serving
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 NUM_PROMPTS = 6
 INPUT_LEN = 24

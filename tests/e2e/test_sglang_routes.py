@@ -40,7 +40,7 @@ from tests.helpers.sglang_control import serialize_named_tensors as serialize
 from tests.helpers.sglang_control import stream_with_arrivals
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 ADMIN_KEY = "sglang-routes-admin"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}

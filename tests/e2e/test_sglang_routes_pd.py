@@ -26,7 +26,7 @@ from tests.helpers.sglang_control import serialize_named_tensors as serialize
 from tests.helpers.sglang_control import stream_with_arrivals
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 COMMON = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
 PREFILL = ["--role", "prefill", "--kv-transfer-backend", "zmq"]

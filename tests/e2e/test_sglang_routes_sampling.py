@@ -22,7 +22,7 @@ import requests
 from tests.helpers.router_http import assert_error, sse_chunks
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
 PROMPT = [(3 * i + 7) % 250 + 3 for i in range(10)]
@@ -94,12 +94,13 @@ def test_stop_regex_stream_never_shows_text_a_match_starts_in(router, unstopped)
 
 def test_stream_interval_sends_the_first_token_then_every_n(router):
     params = {"temperature": 0.0, "max_new_tokens": 18, "ignore_eos": True}
-    for interval, expected in ((4, [1, 4, 4, 4, 4, 1]), (1, [1] * 18), (25, [1, 17])):
+    # the worker reports after the first token, then every `interval`, then at the end; a router
+    # that catches up with a backlog may fold reports into one event, never split or shift one
+    for interval, reports in ((4, [1, 5, 9, 13, 17, 18]), (1, list(range(1, 19))), (25, [1, 18])):
         chunks = sse_chunks(generate(router, {**params, "stream_interval": interval}, stream=True))[:-1]
         counts = [len(c["output_ids"]) for c in chunks]
-        steps = [b - a for a, b in zip([0, *counts], counts)]
-        assert steps == expected, (interval, counts)
-        assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+        assert counts == sorted(set(counts)) and set(counts) <= set(reports), (interval, counts)
+        assert counts[-1] == 18 and chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
 
 
 def test_bad_values_are_400s_naming_the_parameter(router):

@@ -21,7 +21,7 @@ from pdserve.shared.models.resolver import resolve_model
 from pdserve.shared.models.smollm2 import check_converted
 from pdserve.shared.tokenizer import get_tokenizer
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PAGE_SIZE = 16

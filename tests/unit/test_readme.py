@@ -13,7 +13,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_run_and_test_commands():
     commands = _readme_commands()
     assert len(commands) == 2
-    assert commands[1].endswith("python3 -m pytest -q")
+    assert commands[1].endswith("python3 -m pytest -q -n 2 --dist loadgroup")
 
 
 def test_ci_runs_the_readme_test_command():
