@@ -3,8 +3,8 @@
 It records the prompts the router itself sent to each worker, in blocks of `block_size` token ids
 (the workers' page size: their radix caches keep whole pages, so a partial last block is never
 reused and is not recorded). It is approximate: it does not see evictions inside a worker, nor
-requests other routers sent; the precise index from the workers' KV events arrives with the
-prefill/decode split.
+requests other routers sent; the precise index, built from the workers' KV events in Redis, is
+router/prefix_index.py.
 
 Rules:
 - one trie shared by all workers; a node lists the workers whose recorded prompts passed through

@@ -1,0 +1,54 @@
+"""The layering in pyproject.toml's [tool.importlinter] holds: import-linter over the pdserve.<dir>
+namespace (which the editable install makes with an import hook that static tools cannot follow,
+so the test lays the namespace out as a directory of links), and a probe that breaks a contract is
+caught."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+_CLI = "from importlinter.cli import lint_imports_command; lint_imports_command()"  # `lint-imports`
+DIRS = ("router", "prefill", "decode", "kvtransfer", "kernels", "shared", "bench")
+
+
+def _namespace(tmp_path: Path, copy: str | None = None) -> Path:
+    """tmp_path/ns/pdserve/<dir> for every top-level directory: links, or a copy of `copy`."""
+    pkg = tmp_path / "ns" / "pdserve"
+    pkg.mkdir(parents=True)
+    for name in DIRS:
+        if name == copy:
+            shutil.copytree(ROOT / name, pkg / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (pkg / name).symlink_to(ROOT / name, target_is_directory=True)
+    return pkg.parent
+
+
+def _lint(namespace: Path, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", _CLI, "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=cwd,
+        env={"PYTHONPATH": str(namespace), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_every_contract_is_kept(tmp_path):
+    result = _lint(_namespace(tmp_path), tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Contracts: 3 kept, 0 broken." in result.stdout
+
+
+def test_a_router_module_that_imports_torch_breaks_the_contract(tmp_path):
+    namespace = _namespace(tmp_path, copy="router")
+    (namespace / "pdserve" / "router" / "probe_torch.py").write_text("import torch\n")
+    result = _lint(namespace, tmp_path)
+    assert result.returncode != 0
+    assert "The router never imports torch BROKEN" in result.stdout
+    assert "pdserve.router.probe_torch -> torch" in result.stdout
