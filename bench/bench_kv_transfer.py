@@ -3,8 +3,9 @@
     python -m pdserve.bench.bench_kv_transfer --backend zmq                  # CPU pools, loopback TCP
     python -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda    # GPU pools via pinned host
     python -m pdserve.bench.bench_kv_transfer --backend nccl                 # cuda:0 -> cuda:1
-    python -m pdserve.bench.bench_kv_transfer --backend cuda_ipc             # cuda:0 -> cuda:0, two processes
-    python -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --peer-device cuda:1
+    python -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --device cuda   # cuda:0 -> cuda:0, two processes
+    python -m pdserve.bench.bench_kv_transfer --backend cuda_ipc               # CPU shared memory: the control plane's cost
+    python -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --device cuda --peer-device cuda:1
 
 The KV is shaped like Llama-3.1-8B's (32 layers, 8 KV heads, head_dim 128, bfloat16, 16-token
 pages: 128 KiB per token), filled with non-zero data. Two processes: this one sends, a spawned child
@@ -139,9 +140,16 @@ def time_raw_zmq(dealer: zmq.Socket, conn: Any, buf: torch.Tensor, message_bytes
 
 
 def time_copy_events(src: torch.Tensor, dst: torch.Tensor, copy: Any, repeats: int = 5) -> float:
-    """Median seconds of `copy()` on the current stream, by CUDA events, after a warm-up."""
+    """Median seconds of `copy()` on the current stream, by CUDA events, after a warm-up (on the
+    CPU, by the clock)."""
     copy()
     times = []
+    if src.device.type == "cpu":
+        for _ in range(repeats):
+            start = time.perf_counter()
+            copy()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -186,9 +194,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     max_tokens = max(sizes)
     two_gpus = torch.cuda.is_available() and torch.cuda.device_count() >= 2
     same_host = args.backend in ("cuda_ipc", "auto")
-    device = "cuda:0" if args.device == "cuda" or args.backend == "nccl" or same_host else "cpu"
+    device = "cuda:0" if args.device == "cuda" or args.backend == "nccl" else "cpu"
     peer_device = ("cuda:1" if two_gpus else "cuda:0") if device != "cpu" else "cpu"
-    if same_host:
+    if same_host and device != "cpu":
         peer_device = args.peer_device or "cuda:0"  # default: two processes on one GPU
     options: dict[str, Any] = {}
     if args.backend == "zmq":
@@ -238,7 +246,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 "ms": statistics.median(times) * 1000,
                 "gbps": nbytes / statistics.median(times) / 1e9,
                 "gbps_best": nbytes / min(times) / 1e9,
-                "baseline": BASELINES.get(args.backend, "cuda:0->cuda:1 copy").format(peer_device),
+                "baseline": BASELINES.get(args.backend, "cuda:0->cuda:1 copy").format(device, peer_device),
                 "baseline_gbps": nbytes / statistics.median(base) / 1e9,
             }
             if same_host:
@@ -254,7 +262,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-BASELINES = {"zmq": "bare zmq socket", "cuda_ipc": "cuda:0->{} copy", "auto": "cuda:0->{} copy"}
+BASELINES = {"zmq": "bare zmq socket", "cuda_ipc": "{}->{} copy", "auto": "{}->{} copy"}
 
 HEADER = (
     "| backend | device | tokens | MiB | handshake ms | transfer ms (kernel) | GB/s (best) | baseline | baseline GB/s "
@@ -276,7 +284,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backend", choices=("zmq", "nccl", "cuda_ipc", "auto"), default="zmq")
     parser.add_argument(
-        "--device", choices=("cpu", "cuda"), default="cpu", help="pools for zmq (nccl, cuda_ipc, auto: cuda)"
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the pools are (nccl: always cuda)"
     )
     parser.add_argument(
         "--peer-device", help="cuda_ipc/auto: the receiver's GPU (default cuda:0: two processes, one GPU)"

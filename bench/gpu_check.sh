@@ -2,7 +2,7 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
+# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split threshold
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -10,7 +10,7 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv split}
+STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv split threshold}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -41,26 +41,38 @@ run() {  # run NAME SECONDS CMD...: logs, times out, records exit status for the
 # SGLang's own bench_serving.py when carried (.whl/sglang_bench_serving.py, copied from the cache
 # that tests/helpers/sglang_bench.py fills), else pdserve's, which takes the same flags
 SGLANG_BENCH=.whl/sglang_bench_serving.py
-serve_and_bench() {  # serve_and_bench NAME [serve flags...]: starts serve, runs c1 and c64, stops it
-  local name=$1; shift
+serve_start() {  # serve_start NAME [serve flags...]: serve on port 30000, back once /health answers
+  SERVE_NAME=$1; shift
   python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
-    --port 30000 --log-level warning "$@" > "$OUT/$name.log" 2>&1 &
-  local pid=$!
+    --port 30000 --log-level warning "$@" > "$OUT/$SERVE_NAME.log" 2>&1 &
+  SERVE_PID=$!
   for _ in $(seq 300); do
     python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
     sleep 1
   done
+}
+
+serve_stop() {
+  kill -INT $SERVE_PID; wait $SERVE_PID; tail -5 "$OUT/$SERVE_NAME.log" | tee -a "$LOG"
+  [ -f "$OUT/$SERVE_NAME.jsonl" ] && cat "$OUT/$SERVE_NAME.jsonl" >> "$RES"
+}
+
+bench_random() {  # bench_random STAGE SECONDS IN OUT [bench flags...]: random ids against the serve running
+  local name=$1 secs=$2 in=$3 out=$4; shift 4
   local bench=(python3 -m pdserve.bench.bench_serving --tokenize-prompt)
   # SGLang 0.5.3's --tokenize-prompt sends numpy ints its json cannot encode: it sends the text of
   # the random ids instead (the synthetic tokenizer gives them back one token per word)
   [ -f "$SGLANG_BENCH" ] && bench=(env HF_HUB_OFFLINE=1 python3 "$SGLANG_BENCH")
-  local common=(--backend sglang --base-url http://127.0.0.1:30000 --model $MODEL8B --tokenizer $MODEL8B
-    --dataset-name random-ids --random-input-len 1024 --random-output-len 256 --random-range-ratio 1
-    --flush-cache --disable-tqdm --output-file "$OUT/$name.jsonl")
-  run "$name-c1" 150 "${bench[@]}" "${common[@]}" --num-prompts 24 --max-concurrency 1 --warmup-requests 2
-  run "$name-c64" 200 "${bench[@]}" "${common[@]}" --num-prompts 320 --max-concurrency 64 --warmup-requests 4
-  kill -INT $pid; wait $pid; tail -5 "$OUT/$name.log" | tee -a "$LOG"
-  cat "$OUT/$name.jsonl" >> "$RES"
+  run "$name" "$secs" "${bench[@]}" --backend sglang --base-url http://127.0.0.1:30000 --model $MODEL8B \
+    --tokenizer $MODEL8B --dataset-name random-ids --random-input-len "$in" --random-output-len "$out" \
+    --random-range-ratio 1 --flush-cache --disable-tqdm --output-file "$OUT/$SERVE_NAME.jsonl" "$@"
+}
+
+serve_and_bench() {  # serve_and_bench NAME [serve flags...]: 1,024 in / 256 out at concurrency 1 and 64
+  serve_start "$@"
+  bench_random "$1-c1" 150 1024 256 --num-prompts 24 --max-concurrency 1 --warmup-requests 2
+  bench_random "$1-c64" 200 1024 256 --num-prompts 320 --max-concurrency 64 --warmup-requests 4
+  serve_stop
 }
 
 MODEL8B=/tmp/llama8b
@@ -122,16 +134,28 @@ for stage in $STAGES; do
     # same GPU, 1,024 in / 256 out random ids at concurrency 1 and 64, in one lease
     serve_and_bench split-mixed
     serve_and_bench split-pd-cuda-ipc --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc ;;
+  threshold)
+    # the router's --local-prefill-threshold: short prompts prefilled at the decode worker (a huge
+    # threshold) or sent through the prefill worker and cuda_ipc (0), alone and beside 15 others
+    for threshold in 0 100000; do
+      serve_start "threshold-$threshold" --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc \
+        --local-prefill-threshold $threshold
+      for len in 16 64 256; do
+        bench_random "threshold-$threshold-in$len-c1" 90 $len 64 --num-prompts 16 --max-concurrency 1 --warmup-requests 2
+        bench_random "threshold-$threshold-in$len-c16" 90 $len 64 --num-prompts 64 --max-concurrency 16 --warmup-requests 2
+      done
+      serve_stop
+    done ;;
   kv)
     run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
       --tokens 16,256,1024,4096 --output-file "$OUT/kv_zmq.jsonl"
     # two processes on one GPU: the receiver's pool mapped through CUDA IPC, pages written in place
-    run kv-cuda-ipc 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc \
+    run kv-cuda-ipc 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --device cuda \
       --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc.jsonl"
     if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
       run kv-nccl 150 python3 -m pdserve.bench.bench_kv_transfer --backend nccl --tokens 16,256,1024,4096 \
         --output-file "$OUT/kv_nccl.jsonl"
-      run kv-cuda-ipc-2gpu 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc \
+      run kv-cuda-ipc-2gpu 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --device cuda \
         --peer-device cuda:1 --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc_2gpu.jsonl"
     fi
     cat "$OUT"/kv_*.jsonl >> "$RES" ;;

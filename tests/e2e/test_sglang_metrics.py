@@ -23,7 +23,7 @@ from tests.helpers.sglang_dashboard import (
     SGLANG_EXPORTED,
 )
 
-pytestmark = [pytest.mark.slow, pytest.mark.untimed]
+pytestmark = pytest.mark.slow
 
 COMMON = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
 PD = ["--kv-transfer-backend", "zmq"]
