@@ -103,6 +103,18 @@ def assert_sglang_server_info(url: str, roles: dict[str, int]) -> dict:
     return info
 
 
+def counter_reaches(url: str, name: str, want: float, timeout_s: float = 20.0) -> dict[str, object]:
+    """A worker's /metrics once its `name` sample reached `want` (or the time is up): a worker
+    serves its engine loop's last snapshot, which under load trails the answers clients got."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        got = scrape(url)
+        values = [v for _, v in sample_values(got, name)]
+        if (values and values[0] >= want) or time.monotonic() > deadline:
+            return got
+        time.sleep(0.1)
+
+
 def wait_idle(url: str, timeout_s: float = 20.0) -> None:
     """Until the workers' load reports (polled by the router) show nothing running."""
     deadline = time.monotonic() + timeout_s
@@ -139,7 +151,8 @@ def test_mixed_router_serves_the_dashboard_series(router_launcher, mixed, tiny_l
 
 
 def test_a_worker_serves_its_own_sglang_series(mixed, tiny_llama_dir):
-    got = scrape(mixed.http_url)  # after the traffic of the test before (module order)
+    # after the traffic of the test before (module order)
+    got = counter_reaches(mixed.http_url, "sglang:time_to_first_token_seconds_count", 4)
     for name in SGLANG_EXPORTED:
         assert got[name].samples, name
         assert all(s.labels["model_name"] == tiny_llama_dir for s in got[name].samples), name
@@ -168,18 +181,12 @@ def test_pd_router_serves_the_dashboard_series_and_prefill_worker_is_up(
     up = sample_values(got, "pdserve_router_worker_up")
     assert len(up) == 2 and all(value == 1 for _, value in up), up
 
-    # P's /metrics shows its engine's counters as of the loop's last snapshot, which can trail D's answer
-    deadline = time.monotonic() + 20
-    while True:
-        prefill = scrape(p.http_url)
-        ((labels, prompt_tokens),) = sample_values(prefill, "sglang:prompt_tokens_total")
-        if prompt_tokens == 4 * LONG or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+    prefill = counter_reaches(p.http_url, "sglang:prompt_tokens_total", 4 * LONG)
+    ((labels, prompt_tokens),) = sample_values(prefill, "sglang:prompt_tokens_total")
     assert labels["model_name"] == tiny_llama_dir and prompt_tokens == 4 * LONG  # P prefilled them all
     ((labels, _),) = sample_values(prefill, "sglang:num_running_reqs")
     assert labels["engine_type"] == "prefill"
-    decode = scrape(d.http_url)
+    decode = counter_reaches(d.http_url, "sglang:generation_tokens_total", 4 * PARAMS["max_new_tokens"])
     ((_, generated),) = sample_values(decode, "sglang:generation_tokens_total")
     assert generated == 4 * PARAMS["max_new_tokens"]
     ((labels, _),) = sample_values(decode, "sglang:num_running_reqs")
