@@ -140,9 +140,9 @@ for stage in $STAGES; do
     for threshold in 0 100000; do
       serve_start "threshold-$threshold" --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc \
         --local-prefill-threshold $threshold
-      for len in 16 64 256; do
-        bench_random "threshold-$threshold-in$len-c1" 90 $len 64 --num-prompts 16 --max-concurrency 1 --warmup-requests 2
-        bench_random "threshold-$threshold-in$len-c16" 90 $len 64 --num-prompts 64 --max-concurrency 16 --warmup-requests 2
+      for len in 32 128; do
+        bench_random "threshold-$threshold-in$len-c1" 60 $len 64 --num-prompts 12 --max-concurrency 1 --warmup-requests 1
+        bench_random "threshold-$threshold-in$len-c16" 60 $len 64 --num-prompts 48 --max-concurrency 16 --warmup-requests 1
       done
       serve_stop
     done ;;

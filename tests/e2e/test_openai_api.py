@@ -7,8 +7,7 @@ prompt is the tokenizer's chat template, rendered here independently). Checked: 
 completions (every prompt form, n, echo, stop, logprobs, frequency/presence penalties, top_k,
 min_p), chat (sync, async, streaming, n, seed, stop, logprobs, usage; a second router with
 --chat-template renders that template), errors as `openai` exceptions with the router's message,
-a client that disconnects mid-stream freeing its worker request, and LangChain's ChatOpenAI and
-OpenAI models (invoke, stream, batch, async, stop) giving the same text.
+and a client that disconnects mid-stream freeing its worker request.
 """
 
 from __future__ import annotations
@@ -32,6 +31,7 @@ from tests.helpers.openai_server import (  # noqa: F401 (fixtures)
     finish_name,
     native,
     server,
+    stop_char,
     templated_client,
 )
 
@@ -176,7 +176,7 @@ def test_chat_n_seed_and_streamed_n(server, client):
 def test_chat_stop_string(server, client):
     full = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=16, **GREEDY)
     text = full.choices[0].message.content
-    stop = _stop_char(text)
+    stop = stop_char(text)
     cut = client.chat.completions.create(
         model=MODEL_NAME, messages=MESSAGES, max_tokens=16, stop=[stop], **GREEDY
     )
@@ -319,7 +319,7 @@ def test_completion_stop_and_stop_token_ids(server, client):
     tok = server["tokenizer"]
     prompt = "Once upon a time"
     ref = native(server, tok.encode(prompt), {**GREEDY, "max_new_tokens": 16, "ignore_eos": True})
-    stop = _stop_char(ref["text"])
+    stop = stop_char(ref["text"])
     cut = client.completions.create(
         model=MODEL_NAME, prompt=prompt, max_tokens=16, stop=stop, extra_body={"ignore_eos": True}, **GREEDY
     )
@@ -391,59 +391,6 @@ def test_completion_echo(server, client):
     assert first.choices[0].text.startswith(prompt)
 
 
-# ---------------------------------------------------------------- LangChain
-
-
-def test_langchain_chat_model_invoke_stream_batch_and_async(server, client):
-    """LangChain's ChatOpenAI, unchanged, on the router: the same text as the openai client."""
-    from langchain_core.messages import AIMessage
-    from langchain_openai import ChatOpenAI
-
-    ref = client.chat.completions.create(model=MODEL_NAME, messages=MESSAGES, max_tokens=10, **GREEDY)
-    text = ref.choices[0].message.content
-    chat = ChatOpenAI(
-        base_url=server["url"] + "/v1", api_key="unused", model=MODEL_NAME, temperature=0.0,
-        max_tokens=10, max_retries=0, timeout=60, stream_usage=True,
-    )  # fmt: skip
-    messages = [(m["role"], m["content"]) for m in MESSAGES]
-    answer = chat.invoke(messages)
-    assert isinstance(answer, AIMessage) and answer.content == text
-    assert answer.response_metadata["finish_reason"] == ref.choices[0].finish_reason
-    assert answer.response_metadata["model_name"] == MODEL_NAME
-    usage = answer.usage_metadata
-    assert (usage["input_tokens"], usage["output_tokens"]) == (
-        ref.usage.prompt_tokens,
-        ref.usage.completion_tokens,
-    )
-
-    chunks = list(chat.stream(messages))
-    assert "".join(c.content for c in chunks) == text
-    streamed_usage = [c.usage_metadata for c in chunks if c.usage_metadata]
-    assert [u["output_tokens"] for u in streamed_usage] == [ref.usage.completion_tokens]
-
-    other = [("user", "Count to three.")]
-    first, second = chat.batch([messages, other])
-    assert first.content == text and second.content == chat.invoke(other).content
-    assert asyncio.run(chat.ainvoke(messages)).content == text
-
-    stop = _stop_char(text)
-    assert chat.invoke(messages, stop=[stop]).content == text[: text.index(stop)]
-
-
-def test_langchain_completion_model_equals_native(server):
-    from langchain_openai import OpenAI
-
-    prompt = "The colours of the sea are"
-    ids = server["tokenizer"].encode(prompt)
-    ref = native(server, ids, {**GREEDY, "max_new_tokens": 8})
-    llm = OpenAI(
-        base_url=server["url"] + "/v1", api_key="unused", model=MODEL_NAME, temperature=0.0,
-        max_tokens=8, max_retries=0, timeout=60,
-    )  # fmt: skip
-    assert llm.invoke(prompt) == ref["text"]
-    assert "".join(llm.stream(prompt)) == ref["text"]
-
-
 # ---------------------------------------------------------------- errors and disconnects
 
 
@@ -507,11 +454,3 @@ def test_disconnect_mid_stream_aborts_on_the_worker(server):
             break
         assert time.monotonic() < deadline, f"the worker still runs the abandoned request: {load}"
         time.sleep(0.1)
-
-
-def _stop_char(text: str) -> str:
-    """A character of `text` (not its first, not U+FFFD) to use as a stop string."""
-    for ch in text[1:]:
-        if ch != "\ufffd" and ch.strip():
-            return ch
-    pytest.fail(f"no usable stop character in {text!r}")

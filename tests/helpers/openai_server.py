@@ -83,3 +83,11 @@ def chat_ids(server: dict, messages=MESSAGES) -> list[int]:
 
 def finish_name(meta: dict) -> str:
     return meta["finish_reason"]["type"]
+
+
+def stop_char(text: str) -> str:
+    """A character of `text` (not its first, not U+FFFD) to use as a stop string."""
+    for ch in text[1:]:
+        if ch != "\ufffd" and ch.strip():
+            return ch
+    pytest.fail(f"no usable stop character in {text!r}")

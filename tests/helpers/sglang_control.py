@@ -17,10 +17,17 @@ from typing import Any
 import requests
 import torch.multiprocessing
 
+# Every object serialized stays referenced for the session: a shared tensor's memory is unlinked once
+# its last reference goes, and the workers open it only when the request reaches them (a caller's
+# `serialize([(name, torch.ones(64))])` would otherwise free it at once: under load, a second worker
+# found it gone). SGLang's clients keep their tensors alive the same way until the call returns.
+_KEPT: list[Any] = []
+
 
 def serialize_named_tensors(obj: Any, strategy: str = "file_system") -> str:
     """SGLang's MultiprocessingSerializer.serialize(obj, output_str=True), with CPU tensors shared
     by `strategy` (file_system: named shared memory, which another process tree can open)."""
+    _KEPT.append(obj)
     before = torch.multiprocessing.get_sharing_strategy()
     torch.multiprocessing.set_sharing_strategy(strategy)
     try:
