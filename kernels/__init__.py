@@ -1,5 +1,7 @@
 """pdserve.kernels: Triton kernels, each file the kernel, its launcher and its pure-torch `*_ref`.
 
+May import: torch and triton only (the bottom layer: nothing of pdserve).
+
 Why the code below: when the repository root is on sys.path (`python -m ...` run from a checkout,
 pytest), this directory is also importable as a top-level `kernels`, the import name of Hugging
 Face's kernel-hub package. transformers (>= 5) depends on that package and imports it at start-up

@@ -6,6 +6,9 @@ hosts), `nccl` (GPU to GPU through NCCL), `cuda_ipc` (peers on one host write st
 other's pools) and `auto` (cuda_ipc per pair where it reaches, else zmq or nccl; CPU pools: zmq).
 zmq, nccl, cuda_ipc and auto share one control plane (control.py). `make_kv_manager` builds one by
 name.
+
+May import: pdserve.shared.engine's KV pool (what it moves) and pdserve.kernels (page copies).
+Never the roles, the worker process or the router.
 """
 
 from __future__ import annotations
