@@ -40,9 +40,10 @@ def _lint(namespace: Path, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_every_contract_is_kept(tmp_path):
+    contracts = (ROOT / "pyproject.toml").read_text().count("[[tool.importlinter.contracts]]")
     result = _lint(_namespace(tmp_path), tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Contracts: 3 kept, 0 broken." in result.stdout
+    assert f"Contracts: {contracts} kept, 0 broken." in result.stdout
 
 
 def test_a_router_module_that_imports_torch_breaks_the_contract(tmp_path):
