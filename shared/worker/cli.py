@@ -28,7 +28,8 @@ when `--port 0`); `--http-port 0` disables HTTP. The ready line prints the ports
 Cluster: `--redis-url` registers the worker under `--worker-id` (default `<role>@<host>:<zmq port>`)
 with addresses on `--advertise-host` (default: `--host`, or this machine's address when binding a
 wildcard). Without `--redis-url` the worker serves whoever dials its ZMQ port, as before.
-KV transfer (prefill/decode): `--kv-transfer-backend auto|cuda_ipc|zmq|nccl|fake` (kvtransfer/);
+KV transfer (prefill/decode): `--kv-transfer-backend auto|cuda_ipc|zmq|nccl|fake` (kvtransfer/;
+auto's backend for pairs cuda_ipc cannot serve: `--kv-transfer-fallback zmq|nccl`);
 `auto` (the default) is cuda_ipc for peers on this host that can reach each other's GPU and zmq for
 the others, chosen per pair; CPU workers run zmq. Transfers that do not finish within
 `--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt only with room for
@@ -109,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how prefill workers push KV pages to decode workers (prefill/decode roles). auto: "
         "cuda_ipc between workers of this host that reach each other's GPU, else zmq, per pair; "
         "zmq on CPU",
+    )
+    parser.add_argument(
+        "--kv-transfer-fallback",
+        choices=("zmq", "nccl"),
+        default="zmq",
+        help="auto: the backend of a pair that cuda_ipc cannot serve (another host, another container, "
+        "GPUs without peer access); every worker of the cluster must name the same",
     )
     parser.add_argument(
         "--kv-transfer-timeout",
@@ -230,6 +238,11 @@ def kv_event_publisher(ns: argparse.Namespace, engine_args: EngineArgs, worker_i
     return KVEventPublisher(ns.redis_url, worker_id, engine_args.page_size)
 
 
+def kv_manager_options(ns: argparse.Namespace) -> dict[str, str]:
+    """The backend options the worker's flags set (auto: its fallback plane)."""
+    return {"fallback": ns.kv_transfer_fallback} if ns.kv_transfer_backend == "auto" else {}
+
+
 def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str, kv_listener=None):
     """The role's engine; prefill and decode engines get a KV manager over their own KV pool.
     kv_listener (mixed, prefill): hears the radix cache's page changes."""
@@ -248,7 +261,9 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
     def make_kv(pool):
         try:
             with slow_step(f"starting the {ns.kv_transfer_backend} KV transfer backend"):
-                return make_kv_manager(ns.kv_transfer_backend, pool, worker_id, kv_host, config)
+                return make_kv_manager(
+                    ns.kv_transfer_backend, pool, worker_id, kv_host, config, **kv_manager_options(ns)
+                )
         except KVTransferError as exc:
             raise StartupError(
                 f"cannot start the {ns.kv_transfer_backend} KV transfer backend: {exc}"

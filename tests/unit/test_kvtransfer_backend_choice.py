@@ -17,7 +17,7 @@ from pdserve.kvtransfer.cuda_ipc import CudaIpcKVManager
 from pdserve.kvtransfer.ipc_pool import Here, host_id, unreachable_reason
 from pdserve.kvtransfer.zmq import ZmqKVManager
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
-from pdserve.shared.worker.cli import KV_TRANSFER_BACKENDS, build_parser
+from pdserve.shared.worker.cli import KV_TRANSFER_BACKENDS, build_parser, kv_manager_options
 
 SHAPE = KVPoolShape(num_layers=3, num_pages=40, page_size=4, num_kv_heads=2, head_dim=8)
 
@@ -63,6 +63,20 @@ def test_worker_level_choice():
     assert [worker_backend(b, "cuda") for b in ("zmq", "nccl", "cuda_ipc")] == ["zmq", "nccl", "cuda_ipc"]
     assert {"cuda_ipc", "auto"} <= set(BACKENDS) and set(KV_TRANSFER_BACKENDS) <= set(BACKENDS)
     assert build_parser().parse_args(["--role", "decode"]).kv_transfer_backend == "auto"
+
+
+def test_the_fallback_flag_reaches_auto_only():
+    parse = build_parser().parse_args
+    assert kv_manager_options(parse(["--role", "prefill"])) == {"fallback": "zmq"}
+    assert kv_manager_options(parse(["--role", "prefill", "--kv-transfer-fallback", "nccl"])) == {
+        "fallback": "nccl"
+    }
+    assert kv_manager_options(parse(["--role", "decode", "--kv-transfer-backend", "zmq"])) == {}
+    manager = make_kv_manager("auto", random_pool(1), "w", fallback="nccl")  # a CPU pool: zmq whatever
+    try:
+        assert isinstance(manager, ZmqKVManager)
+    finally:
+        manager.close()
 
 
 def test_cpu_auto_manager_is_zmq():
