@@ -102,33 +102,15 @@ for stage in $STAGES; do
     run hf-generate 240 python3 -m pdserve.bench.bench_hf_generate --batch-size 1 64 --input-len 1024 \
       --output-len 256 --result-filename "$RES" ;;
   serving)
-    python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
-      --port 30000 --log-level warning > "$OUT/serve.log" 2>&1 &
-    SERVE=$!
-    for _ in $(seq 240); do
-      python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
-      sleep 1
-    done
-    run serving-c64 240 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
-      --num-prompts 500 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
-      --max-concurrency 64 --warmup-requests 4 --disable-tqdm --output-file "$RES"
-    run serving-c1 120 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
-      --num-prompts 24 --random-input-len 1024 --random-output-len 256 --random-range-ratio 1 \
-      --max-concurrency 1 --warmup-requests 2 --disable-tqdm --output-file "$RES"
-    kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve.log" | tee -a "$LOG" ;;
+    serve_start serving
+    bench_random serving-c64 240 1024 256 --num-prompts 500 --max-concurrency 64 --warmup-requests 4
+    bench_random serving-c1 120 1024 256 --num-prompts 24 --max-concurrency 1 --warmup-requests 2
+    serve_stop ;;
   serving_pd)
     # disaggregated on one GPU: a prefill and a decode worker share it, KV pages over zmq
-    python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
-      --prefill 1 --decode 1 --kv-transfer-backend zmq --port 30000 --log-level warning > "$OUT/serve_pd.log" 2>&1 &
-    SERVE=$!
-    for _ in $(seq 300); do
-      python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:30000/health', timeout=2)" 2>/dev/null && break
-      sleep 1
-    done
-    run serving-pd-c16 200 python3 -m pdserve.bench.bench_serving --backend sglang --dataset-name random-ids --tokenize-prompt --flush-cache \
-      --num-prompts 96 --random-input-len 1024 --random-output-len 128 --random-range-ratio 1 \
-      --max-concurrency 16 --warmup-requests 2 --disable-tqdm --output-file "$RES"
-    kill -INT $SERVE; wait $SERVE; tail -5 "$OUT/serve_pd.log" | tee -a "$LOG" ;;
+    serve_start serving-pd --prefill 1 --decode 1 --kv-transfer-backend zmq
+    bench_random serving-pd-c16 200 1024 128 --num-prompts 96 --max-concurrency 16 --warmup-requests 2
+    serve_stop ;;
   split)
     # issue 11's comparison: the mixed worker against --prefill 1 --decode 1 over cuda_ipc on the
     # same GPU, 1,024 in / 256 out random ids at concurrency 1 and 64, in one lease
