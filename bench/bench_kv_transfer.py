@@ -12,8 +12,8 @@ pages: 128 KiB per token), filled with non-zero data. Two processes: this one se
 receives (its own pool; GPU: cuda:1 when there are two). Pages are a fixed random permutation on both
 sides, as an allocator would hand them out. For each size (`--tokens`), after a warm-up, `--repeats`
 transfers are timed from the single `send(all pages, is_last=True)` to the sender's Success, which
-comes after the receiver wrote every page and acknowledged: the whole copy out of one pool and into
-the other. The handshake (make_sender .. WaitingForInput) is outside the timing and reported apart.
+comes after the receiver wrote every page and acknowledged (cuda_ipc: after the sender's own copy
+into the receiver's pool finished): the whole copy out of one pool and into the other. The handshake (make_sender .. WaitingForInput) is outside the timing and reported apart.
 
 Baselines, same bytes, same run:
 - zmq: a bare ZMQ DEALER -> ROUTER over the same loopback TCP, zero-copy, in messages of the
@@ -23,8 +23,8 @@ Baselines, same bytes, same run:
   when available). Issue goal: nccl at >= 80% of it at 1024 tokens.
 - cuda_ipc (and auto): a device-to-device copy of the same bytes from the sender's GPU to the
   receiver's (one contiguous `copy_`, timed with CUDA events: the copy rate of the hardware). The
-  transfer itself is timed end to end as above (send() .. the sender's Success after the receiver's
-  Ack); `delivered ms` ends where the receiver saw Success instead (what a decode worker waits for);
+  transfer itself is timed end to end as above (send() .. the sender's Success, once its copy
+  finished); `delivered ms` ends where the receiver saw Success instead (what a decode worker waits for);
   `kernel ms` is the one page-move launch alone (pool to pool, the same random pages, events), so
   the rest is the control plane. Issue goal: 1024 tokens in <= 0.3 ms, >= 30% of the copy rate.
 
@@ -116,7 +116,7 @@ def time_backend(
     manager: Any, conn: Any, dest: str, pages: list[int], rid: str
 ) -> tuple[float, float, float]:
     """(handshake, transfer, delivered) seconds of one request: transfer ends at the sender's
-    Success (after the receiver's Ack), delivered when the receiver saw Success (what a decode
+    Success (the receiver's Ack; cuda_ipc: its own copy done), delivered when the receiver saw Success (what a decode
     worker waits for before its first step)."""
     start = time.perf_counter()
     sender = manager.make_sender(rid, dest)

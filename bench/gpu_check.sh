@@ -2,7 +2,8 @@
 # Runs on a lent GPU machine (the device tool), from the repository root: installs the carried
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
-# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split threshold
+# Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
+# interleave threshold; also tests_kv (the KV transfer `gpu` tests alone)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -10,7 +11,7 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv split threshold}
+STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv split interleave threshold}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -82,6 +83,9 @@ for stage in $STAGES; do
   case $stage in
   tests)
     run gpu-tests 480 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -x --timeout 240 ;;
+  tests_kv)
+    run gpu-tests-kv 240 python3 -m pytest -q -m gpu tests/gpu/test_kvtransfer_cuda_ipc.py \
+      tests/gpu/test_gpu_serve_cuda_ipc.py tests/gpu/test_gpu_disagg.py -p no:cacheprovider --timeout 120 ;;
   kernels)
     run bench-attention 150 python3 -m pdserve.bench.bench_attention --json-out "$OUT/attention.json" ;;
   one_batch)
@@ -116,13 +120,31 @@ for stage in $STAGES; do
     # same GPU, 1,024 in / 256 out random ids at concurrency 1 and 64, in one lease
     serve_and_bench split-mixed
     serve_and_bench split-pd-cuda-ipc --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc ;;
+  interleave)
+    # how the prefill and the decode worker's kernels share one GPU at concurrency 64: a 3 s trace
+    # of both (/start_profile, GPU activity) taken mid-run, read by bench/pd_interleave.py
+    serve_start interleave --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc
+    bench_random interleave-c64 200 1024 256 --num-prompts 500 --max-concurrency 64 --warmup-requests 4 &
+    BENCH_PID=$!
+    sleep 20
+    python3 - <<'PY' 2>&1 | tee -a "$LOG"
+import time, urllib.request as u
+post = lambda path, body: u.urlopen(u.Request("http://127.0.0.1:30000" + path, data=body.encode()), timeout=300).read().decode()
+print(post("/start_profile", '{"output_dir": "/tmp/traces", "activities": ["GPU"]}'), end="")
+time.sleep(3)
+print(post("/stop_profile", "{}"), end="")
+PY
+    wait $BENCH_PID
+    serve_stop
+    run pd-interleave 120 python3 -m pdserve.bench.pd_interleave /tmp/traces/*-prefill-*.trace.json.gz \
+      /tmp/traces/*-decode-*.trace.json.gz --json-out "$OUT/interleave.json" ;;
   threshold)
-    # the router's --local-prefill-threshold: short prompts prefilled at the decode worker (a huge
+    # the router's --local-prefill-threshold: prompts prefilled at the decode worker (a huge
     # threshold) or sent through the prefill worker and cuda_ipc (0), alone and beside 15 others
     for threshold in 0 100000; do
       serve_start "threshold-$threshold" --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc \
         --local-prefill-threshold $threshold
-      for len in 32 128; do
+      for len in 32 256 1024; do
         bench_random "threshold-$threshold-in$len-c1" 60 $len 64 --num-prompts 12 --max-concurrency 1 --warmup-requests 1
         bench_random "threshold-$threshold-in$len-c16" 60 $len 64 --num-prompts 48 --max-concurrency 16 --warmup-requests 1
       done

@@ -100,6 +100,9 @@ class AutoDataPlane(DataPlane):
     def message_bytes(self, rec: OutboundTransfer) -> int:
         return self._plane(rec.via).message_bytes(rec)
 
+    def done_when_written(self, rec: OutboundTransfer) -> bool:
+        return self._plane(rec.via).done_when_written(rec)
+
     def submit(
         self, rec: OutboundTransfer, msg: Data, spec: MessageSpec, src_pages: list[int], ready_event: Any
     ) -> bool:

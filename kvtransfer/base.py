@@ -14,8 +14,9 @@ The life of one request's transfer:
                                                     sender.send(pages of chunk 1, is_last=False)
                                ◀──pages────         ...
                                ◀──pages + first──   sender.send(last pages, is_last=True, first_output={...})
-    receiver.poll() == Success                      sender.poll() == Success (receiver acknowledged)
-    receiver.first_output                           (sender's pages may be reused)
+    receiver.poll() == Success                      sender.poll() == Success (receiver acknowledged,
+    receiver.first_output                           or the sender's own last write into its pages
+                                                    finished); the sender's pages may be reused
 
 Rules every backend keeps:
 - `poll()` never blocks; it reports a `KVPoll`. States only move forward, except to Failed, which is

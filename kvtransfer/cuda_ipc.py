@@ -15,10 +15,12 @@ timeouts over ZMQ); this file is the data plane. Each receiving manager exports 
                                                          the chunk into the receiver's page ids
                                                          (page_move.py), then stream.synchronize()
     the bytes are in place: count them  ◀── Data(via="cuda_ipc") header
-    ... last Data: Success, Ack ───────────────────────▶ Success
+                                                         after the last header: Success
+    ... last Data: Success, Ack ───────────────────────▶ (nothing left to learn from it)
 
 No staging, no host copy: the header leaves only after the copy finished, so its arrival means the
-bytes are there. Same GPU (two processes) or two GPUs of one host with peer access.
+bytes are there; and the sender is done with its pages when its last copy is, one hop before the
+receiver's Ack could say so. Same GPU (two processes) or two GPUs of one host with peer access.
 
 Rules (base.py's, across two processes):
 - A receiver's pages are written only while its gate slot is open: the slot opens at init() and
@@ -212,6 +214,9 @@ class CudaIpcDataPlane(DataPlane):
 
     def message_bytes(self, rec: OutboundTransfer) -> int:
         return ONE_MESSAGE_PER_CHUNK
+
+    def done_when_written(self, rec: OutboundTransfer) -> bool:
+        return True
 
     def submit(
         self, rec: OutboundTransfer, msg: Data, spec: MessageSpec, src_pages: list[int], ready_event: Any

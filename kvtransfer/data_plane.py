@@ -16,7 +16,8 @@ change. A data plane only copies:
 
 A plane whose sender writes straight into the receiver's pages (cuda_ipc) hands the receiver's
 page ids and whatever else the sender needs to the sender through `offer()` (carried by Ready);
-the sender finds it in `rec.offer` when `on_bound(rec)` is called. Such a plane keeps the
+the sender finds it in `rec.offer` when `on_bound(rec)` is called. Its sender is done when its
+last write is (`done_when_written`): the Ack would only say what the finished copy already does. Such a plane keeps the
 receiver's rule (nothing written after a final state) with a closer on the receiver's state
 (state.py), since the writing happens in the other process.
 
@@ -60,6 +61,11 @@ class DataPlane(ABC):
     def message_bytes(self, rec: OutboundTransfer) -> int:
         """The most bytes one message of `rec` may carry (send() chunks are cut to it)."""
         return self.core.max_message_bytes
+
+    def done_when_written(self, rec: OutboundTransfer) -> bool:
+        """True when the sender's own writes finish `rec` (cuda_ipc writes the receiver's pages
+        itself): it is Success once its last message is submitted, without the receiver's Ack."""
+        return False
 
     @abstractmethod
     def submit(

@@ -239,6 +239,8 @@ class Transfers:
             rec.chunks.popleft()
             if not rec.chunks:
                 self._sending.pop(rec, None)
+        if last and self.manager.plane.done_when_written(rec) and rec.state.advance(KVPoll.Success):
+            self.drop_out(rec)  # the receiver's Ack, or a late Abort, then meets a finished nonce
         return True
 
     def fail_outbound(self, rec: OutboundTransfer, reason: str, tell: bool = True) -> None:
@@ -365,6 +367,8 @@ class Transfers:
         expiry = time.monotonic() + self.config.transfer_timeout_s
         key = (src, msg.rid)
         if msg.to_sender:
+            if msg.nonce in self._finished:
+                return  # for a sender already done (a plane's own write finished it)
             rec = self._out_by_nonce.get(msg.nonce) if msg.nonce is not None else None
             if rec is None and key in self._out and self._out[key].nonce is None:
                 rec = self._out[key]  # aborted before its Ready reached us

@@ -3,6 +3,7 @@ process, CPU pools (the sender writes into the receiver's pool through the same-
 its write gate, as it does across processes):
 
 - many interleaved requests, odd page counts in random order, arrive bit-exact;
+- the sender is done when its last copy is, before the receiver has read a header (no Ack wait);
 - nothing is written into a receiver's pages once abort() returned, the sender's or the
   receiver's; a receiver whose page ids repeat is refused before anything is written;
 - closing either manager fails the other side's transfers at once, and the sender drops its
@@ -12,6 +13,7 @@ its write gate, as it does across processes):
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterator
 
@@ -89,6 +91,52 @@ def test_many_interleaved_requests_bit_exact(pair):
     assert torch.equal(bits(decode.pool)[:, :, others], before[:, :, others])
     assert prefill.stats()["senders"] == 0 and decode.stats()["receivers"] == 0
     assert prefill.stats()["mapped_pools"] == 1 and decode.stats()["gate_slots"] == 0
+
+
+def test_the_sender_is_done_when_its_last_copy_is(pair):
+    prefill, decode = pair
+    receiver = decode.make_receiver("quick", prefill.endpoint)
+    sender = prefill.make_sender("quick", decode.endpoint)
+    receiver.init([10, 11, 12])
+    wait_until(lambda: sender.poll() == KVPoll.WaitingForInput)
+    held, release = threading.Event(), threading.Event()
+    decode.call_soon(lambda: (held.set(), release.wait(10)))  # the receiver reads nothing meanwhile
+    held.wait(5)
+    try:
+        sender.send([1, 2, 3], is_last=True, first_output={"t": 7})
+        wait_until(lambda: sender.poll() == KVPoll.Success)
+        assert receiver.poll() == KVPoll.WaitingForInput
+        assert torch.equal(  # the pages are there before the header is even read
+            prefill.pool.kv[:, :, [1, 2, 3]].view(torch.int16),
+            decode.pool.kv[:, :, [10, 11, 12]].view(torch.int16),
+        )
+        assert prefill.stats()["senders"] == 0
+    finally:
+        release.set()
+    wait_until(lambda: receiver.poll() == KVPoll.Success)
+    assert receiver.first_output == {"t": 7}
+
+    # A receiver that gives up after the sender finished: its Abort meets a finished nonce and
+    # is not kept for a later transfer of the same rid.
+    late = decode.make_receiver("again", prefill.endpoint)
+    late_sender = prefill.make_sender("again", decode.endpoint)
+    late.init([20])
+    wait_until(lambda: late_sender.poll() == KVPoll.WaitingForInput)
+    decode.call_soon(lambda: (held.clear(), held.set(), release.clear(), release.wait(10)))
+    late_sender.send([4], is_last=True, first_output={})
+    wait_until(lambda: late_sender.poll() == KVPoll.Success)
+    late.abort("changed its mind")
+    release.set()
+    time.sleep(0.1)
+    retry = prefill.make_sender("again", decode.endpoint)
+    retry_receiver = decode.make_receiver("again", prefill.endpoint)
+    retry_receiver.init([21])
+    wait_until(lambda: retry.poll() == KVPoll.WaitingForInput)
+    retry.send([5], is_last=True, first_output={"n": 2})
+    wait_until(lambda: retry.poll() == retry_receiver.poll() == KVPoll.Success)
+    assert retry_receiver.first_output == {"n": 2}
+    wait_until(lambda: prefill.stats()["senders"] == 0 and decode.stats()["receivers"] == 0)
+    assert decode.stats()["gate_slots"] == 0
 
 
 @pytest.mark.parametrize("side", ["receiver", "sender"])
