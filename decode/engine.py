@@ -2,7 +2,7 @@
 
 Life of a DecodeRequest, queues in order:
 
-    add_request ──▶ prealloc ──▶ waiting_for_kv ──▶ running ──▶ finished
+    add_remote ──▶ prealloc ──▶ waiting_for_kv ──▶ running ──▶ finished
                     (receiver    (pages allocated,  (first token reported at once, with the
                      made)        receiver.init;     prefill side's logprobs; then one token per
                                   polled each step)  step, as any request of a continuous batch)
@@ -33,7 +33,7 @@ from pdserve.shared.engine.handoff import HandoffError, apply_first_output
 from pdserve.shared.engine.kv_pool import PagedKVPool
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.scheduler import SchedulerConfig
-from pdserve.shared.protocol import DecodeRequest, GenerateRequest, PrefillRequest, RequestOutput
+from pdserve.shared.protocol import DecodeRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -75,26 +75,23 @@ class DecodeEngine(Engine):
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, msg: GenerateRequest) -> None:
-        """DecodeRequest: KV comes from a prefill worker; GenerateRequest: prefilled here."""
-        if isinstance(msg, PrefillRequest):
-            raise RequestError("A decode worker does not serve PrefillRequest; send it to a prefill worker.")
-        if not isinstance(msg, DecodeRequest):
-            super().add_request(msg)
-            return
+    def add_remote(self, msg: DecodeRequest) -> None:
+        """Queues a request whose KV comes from a prefill worker (a GenerateRequest, through
+        add_request, is prefilled here); raises RequestError when it is refused."""
         if not isinstance(msg.prefill_kv_endpoint, str) or not msg.prefill_kv_endpoint:
             raise RequestError("prefill_kv_endpoint must name the prefill worker's KV endpoint.")
-        samples = self._new_samples(msg)
+        gen = msg.request
+        samples = self._new_samples(gen)
         if len(samples) > 1:
             raise RequestError("n > 1 is not served disaggregated; send a GenerateRequest (local prefill).")
         try:
-            receiver = self.kv_manager.make_receiver(msg.rid, msg.prefill_kv_endpoint)
+            receiver = self.kv_manager.make_receiver(gen.rid, msg.prefill_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer from {msg.prefill_kv_endpoint} cannot start: {exc}") from exc
         req = samples[0]
         self.scheduler.add_remote(req)
         self.receives.add(req, receiver)
-        self._track(msg.rid, samples)
+        self._track(gen.rid, samples)
 
     def step(self) -> list[RequestOutput]:
         """Transfers first (arrivals are reported with their first token), then one batch."""

@@ -1,6 +1,6 @@
 """The decode worker's loop: the mixed worker's loop (shared/worker/mixed.py) around a DecodeEngine.
 
-    ROUTER socket ──DecodeRequest / GenerateRequest──▶ engine.add_request
+    ROUTER socket ──DecodeRequest / GenerateRequest──▶ engine.add_remote / add_request
          ▲                                                │ prealloc ─▶ waiting_for_kv ─▶ running
          │ one OutputBatch per client per step            ▼ (or local prefill: waiting ─▶ prefilling ─▶ running)
          └───────────── RequestOwners.group ◀──── engine.step()
@@ -22,4 +22,4 @@ class DecodeWorker(MixedWorker):
 
     def __init__(self, engine, sock, metrics, stop, **kwargs):
         super().__init__(engine, sock, metrics, stop, **kwargs)
-        self._handlers[DecodeRequest] = self._on_generate
+        self._intake[DecodeRequest] = engine.add_remote

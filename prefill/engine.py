@@ -2,7 +2,7 @@
 
 Life of a PrefillRequest, queues in order:
 
-    add_request ──▶ waiting ──▶ prefilling ──▶ transferring ──▶ PrefillDone(ok) out of step()
+    add_prefill ──▶ waiting ──▶ prefilling ──▶ transferring ──▶ PrefillDone(ok) out of step()
                     (scheduler: admission with      (first token sampled; KVSendQueue sends the
                      prefix match, chunked prefill;  rest and first_output; waits for Success)
                      KVSendQueue sends each chunk's
@@ -40,6 +40,7 @@ from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
 
 logger = logging.getLogger(__name__)
 
+NOT_GENERATION = "A prefill engine takes PrefillRequests (add_prefill); it generates nothing itself."
 STUCK_MESSAGE = (
     "The prefill worker's KV pages were all held by unfinished prefills; this request gave its pages back."
 )
@@ -78,26 +79,26 @@ class PrefillEngine(Engine):
     # ------------------------------------------------------------------ requests
 
     def add_request(self, msg: GenerateRequest) -> None:
+        raise RequestError(NOT_GENERATION)
+
+    def add_prefill(self, msg: PrefillRequest) -> None:
         """Queues a PrefillRequest and makes its sender; raises RequestError when it is refused."""
-        if not isinstance(msg, PrefillRequest):
-            raise RequestError(
-                "A prefill worker serves PrefillRequest only; send generation to a decode or mixed worker."
-            )
         if not isinstance(msg.decode_kv_endpoint, str) or not msg.decode_kv_endpoint:
             raise RequestError("decode_kv_endpoint must name the decode worker's KV endpoint.")
-        samples = self._new_samples(msg)
+        gen = msg.request
+        samples = self._new_samples(gen)
         if len(samples) > 1:
             raise RequestError(
                 "n > 1 is not served by a prefill worker; use local prefill on a decode worker."
             )
         try:
-            sender = self.kv_manager.make_sender(msg.rid, msg.decode_kv_endpoint)
+            sender = self.kv_manager.make_sender(gen.rid, msg.decode_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer to {msg.decode_kv_endpoint} cannot start: {exc}") from exc
         req = samples[0]
         self.scheduler.add(req)
         self.sends.add(req, sender)
-        self._track(msg.rid, samples)
+        self._track(gen.rid, samples)
 
     def step(self) -> list[PrefillDone]:  # type: ignore[override]
         """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""

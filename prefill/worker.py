@@ -1,6 +1,6 @@
 """The prefill worker's loop: the mixed worker's loop (shared/worker/mixed.py) around a PrefillEngine.
 
-    ROUTER socket ──PrefillRequest──▶ engine.add_request (refused: PrefillDone ok=False at once)
+    ROUTER socket ──PrefillRequest──▶ engine.add_prefill (refused: PrefillDone ok=False at once)
          ▲                                   │ waiting ─▶ prefilling ─▶ transferring (prefill/engine.py)
          │ one PrefillDone per request       ▼
          └──────────── owners.pop ◀──── engine.step() / abort / shutdown
@@ -8,8 +8,8 @@
 What differs from the mixed loop: the answers. A prefill worker sends no tokens (the decode worker
 streams them); each PrefillRequest gets exactly one PrefillDone, sent when the worker holds nothing
 more for it: after the transfer succeeded or failed, after an AbortRequest, or at once when it is
-refused. A plain GenerateRequest is refused with the usual finished RequestOutput (its sender waits
-for one). While requests only wait on their transfers, each turn waits on the socket a millisecond
+refused. A GenerateRequest or DecodeRequest is refused with the usual finished RequestOutput (its
+sender waits for one). While requests only wait on their transfers, each turn waits on the socket a millisecond
 instead of spinning.
 
 In a cluster (`--redis-url`), the engine's radix cache reports the prompt pages it keeps after each
@@ -19,12 +19,8 @@ routers' prefix index sends repeats of a prefix here.
 
 from __future__ import annotations
 
-from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
-from pdserve.shared.worker.mixed import MixedWorker, error_output
-
-NOT_A_PREFILL_REQUEST = (
-    "A prefill worker serves PrefillRequest only; send generation to a decode or mixed worker."
-)
+from pdserve.shared.protocol import PrefillDone, PrefillRequest
+from pdserve.shared.worker.mixed import MixedWorker
 
 
 class PrefillWorker(MixedWorker):
@@ -32,20 +28,10 @@ class PrefillWorker(MixedWorker):
 
     def __init__(self, engine, sock, metrics, stop, **kwargs):
         super().__init__(engine, sock, metrics, stop, **kwargs)
-        self._handlers[PrefillRequest] = self._on_generate
-        self._handlers[GenerateRequest] = self._on_plain_generate
-
-    def _on_plain_generate(self, identity: bytes, msg: GenerateRequest) -> None:
-        self._send(identity, [error_output(str(msg.rid), NOT_A_PREFILL_REQUEST)])
+        self._intake = {PrefillRequest: engine.add_prefill}
 
     def _deliver(self, outputs: list[PrefillDone]) -> None:  # type: ignore[override]
         for done in outputs:
             identity = self.owners.pop(done.rid)
             if identity is not None:
                 self.sock.send(identity, done)
-
-    def _refuse(self, identity: bytes, rid: str, message: str) -> None:
-        self.sock.send(identity, PrefillDone(rid=rid, ok=False, reason=message))
-
-    def _refuse_held(self, identity: bytes, msg: GenerateRequest, message: str) -> None:
-        self._refuse(identity, msg.rid, message)

@@ -43,21 +43,17 @@ class Route:
     worker: WorkerHandle  # streams the tokens: a mixed worker, or a decode worker
     prefill: WorkerHandle | None = None  # the pair's prefill worker; None: the worker prefills itself
 
-    def messages(self, req: GenerateRequest, wire_rid: str) -> tuple[GenerateRequest, PrefillRequest | None]:
-        """The message for `worker` and, for a pair, the one for `prefill`; both with rid `wire_rid`."""
-        if self.prefill is None and wire_rid == req.rid and type(req) is GenerateRequest:
-            return req, None  # the first attempt on one worker: the request as it is (no copy)
-        base = {f.name: getattr(req, f.name) for f in dataclasses.fields(GenerateRequest)}
-        base["rid"] = wire_rid
+    def messages(
+        self, req: GenerateRequest, wire_rid: str
+    ) -> tuple[GenerateRequest | DecodeRequest, PrefillRequest | None]:
+        """The message for `worker` and, for a pair, the one for `prefill`; both with rid `wire_rid`
+        (the request itself on a first attempt: no copy)."""
+        attempt = req if wire_rid == req.rid else dataclasses.replace(req, rid=wire_rid)
         if self.prefill is None:
-            return GenerateRequest(**base), None
+            return attempt, None
         return (
-            DecodeRequest(
-                **base, prefill_kv_endpoint=self.prefill.kv_addr, prefill_worker_id=self.prefill.worker_id
-            ),
-            PrefillRequest(
-                **base, decode_kv_endpoint=self.worker.kv_addr, decode_worker_id=self.worker.worker_id
-            ),
+            DecodeRequest(attempt, self.prefill.kv_addr, self.prefill.worker_id),
+            PrefillRequest(attempt, self.worker.kv_addr, self.worker.worker_id),
         )
 
 

@@ -90,6 +90,11 @@ class GenerateRequest(Message):
     # reports only the tokens after them. n must be 1.
     generated_ids: list[int] | None = None
 
+    @property
+    def request(self) -> GenerateRequest:
+        """Itself: code that takes any RequestMessage reads the generation request the same way."""
+        return self
+
 
 @dataclass
 class AbortRequest(Message):
@@ -114,23 +119,49 @@ class FlushCacheRequest(Message):
 
 
 @dataclass
-class PrefillRequest(GenerateRequest):
-    """A GenerateRequest for a prefill worker: it prefills, then sends the KV pages (and the first
-    token) to the decode worker at `decode_kv_endpoint`; answered by exactly one PrefillDone."""
+class PrefillRequest(Message):
+    """For a prefill worker: prefill `request`, then send its KV pages (and the first token) to the
+    decode worker at `decode_kv_endpoint`; answered by exactly one PrefillDone."""
 
     TAG: ClassVar[str] = "prefill"
-    decode_kv_endpoint: str = ""
+    request: GenerateRequest
+    decode_kv_endpoint: str
     decode_worker_id: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**super().to_wire(), "request": self.request.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> PrefillRequest:
+        return cls(**{**data, "request": _request_from_wire(data)})
 
 
 @dataclass
-class DecodeRequest(GenerateRequest):
-    """A GenerateRequest for a decode worker whose KV comes from the prefill worker at
-    `prefill_kv_endpoint`; answered with RequestOutputs like a GenerateRequest."""
+class DecodeRequest(Message):
+    """For a decode worker: generate `request` from KV that the prefill worker at
+    `prefill_kv_endpoint` sends; answered with RequestOutputs as a GenerateRequest is."""
 
     TAG: ClassVar[str] = "decode"
-    prefill_kv_endpoint: str = ""
+    request: GenerateRequest
+    prefill_kv_endpoint: str
     prefill_worker_id: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**super().to_wire(), "request": self.request.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> DecodeRequest:
+        return cls(**{**data, "request": _request_from_wire(data)})
+
+
+def _request_from_wire(data: dict[str, Any]) -> GenerateRequest:
+    request = data.get("request")
+    if not isinstance(request, dict):
+        raise TypeError(f"request must hold a GenerateRequest's fields, got {type(request).__name__}")
+    return GenerateRequest.from_wire(request)
+
+
+RequestMessage = GenerateRequest | PrefillRequest | DecodeRequest  # each answers .request
 
 
 # ---------------------------------------------------------------- worker -> router

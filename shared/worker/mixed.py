@@ -9,8 +9,9 @@ Life cycle (one thread drives the engine; the HTTP thread only reads published m
 
 Each turn of the loop:
   1. polls the socket, without waiting while the engine has work, else up to `idle_poll_ms`;
-  2. handles every queued frame: GenerateRequest (refused → an immediate finished output with
-     `error` and finish_reason abort), AbortRequest (outputs go to the rid's owner), LoadQuery →
+  2. handles every queued frame: a request goes to the engine call its kind has in the role's
+     intake table (mixed: GenerateRequest; the roles add PrefillRequest, DecodeRequest), or is
+     refused at once as its kind is answered (request_intake.py), AbortRequest (outputs go to the rid's owner), LoadQuery →
      LoadReport, FlushCacheRequest → FlushCacheResult, ServerInfoQuery → ServerInfo,
      UpdateWeightsRequest / UpdateWeightsFromTensor → UpdateWeightsResult once done,
      PauseGeneration / ContinueGeneration → AdminReply, and the control messages of control.py
@@ -53,21 +54,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgpack
-
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.protocol import (
     AbortRequest,
     AdminReply,
     ContinueGeneration,
-    DecodeRequest,
     FlushCacheRequest,
     GenerateRequest,
     LoadQuery,
     Message,
     OutputBatch,
     PauseGeneration,
-    PrefillRequest,
+    RequestMessage,
     RequestOutput,
     ServerInfoQuery,
     UpdateWeightsFromTensor,
@@ -76,7 +74,14 @@ from pdserve.shared.protocol import (
 from pdserve.shared.worker.control import WorkerControl
 from pdserve.shared.worker.metrics import EngineSnapshot, WorkerMetrics
 from pdserve.shared.worker.owners import RequestOwners
-from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S, WeightUpdates, num_samples
+from pdserve.shared.worker.request_intake import (
+    REQUEST_KINDS,
+    held_refusal,
+    not_served,
+    refusal,
+    salvage_request,
+)
+from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S, WeightUpdates
 from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 
 logger = logging.getLogger(__name__)
@@ -87,47 +92,6 @@ PAUSE_MODES = ("abort", "in_place")
 CLIENT_GONE_MESSAGE = "the client that sent the request is gone"
 DEFAULT_SHUTDOWN_DRAIN_S = 30.0  # what a SIGTERM leaves running requests to finish before aborting them
 TRANSFER_POLL_MS = 1  # socket wait per turn while live requests only wait on KV transfers
-
-
-def error_output(rid: str, message: str) -> RequestOutput:
-    """The single, finished output of a request the worker refused."""
-    return RequestOutput(
-        rid=rid,
-        token_ids=[],
-        finished=True,
-        finish_reason={"type": "abort", "message": message},
-        error=message,
-    )
-
-
-def held_abort_outputs(msg: GenerateRequest, message: str) -> list[RequestOutput]:
-    """The final outputs of a request aborted while it was held (one per sample, nothing generated)."""
-    return [
-        RequestOutput(
-            rid=msg.rid,
-            token_ids=[],
-            index=i,
-            finished=True,
-            finish_reason={"type": "abort", "message": message},
-            prompt_tokens=len(msg.input_ids),
-        )
-        for i in range(num_samples(msg))
-    ]
-
-
-_REQUEST_TAGS = (GenerateRequest.TAG, PrefillRequest.TAG, DecodeRequest.TAG)
-
-
-def salvage_generate_rid(frame: bytes) -> str | None:
-    """The rid of a GenerateRequest (or Prefill/DecodeRequest) frame whose fields do not match the message, if it has one:
-    the sender then gets an error output instead of waiting for a reply that never comes."""
-    try:
-        tag, data = msgpack.unpackb(frame, raw=False, strict_map_key=False)
-    except (ValueError, TypeError, msgpack.exceptions.UnpackException):  # garbage: no rid to answer
-        return None
-    if tag in _REQUEST_TAGS and isinstance(data, dict) and isinstance(data.get("rid"), str):
-        return data["rid"]
-    return None
 
 
 class MixedWorker:
@@ -159,7 +123,7 @@ class MixedWorker:
         self.registration = registration
         self.paused = False
         self.updates = WeightUpdates(
-            engine, sock.send, self._deliver, self._on_generate, drain_timeout_s, lambda: self.paused
+            engine, sock.send, self._deliver, self._on_request, drain_timeout_s, lambda: self.paused
         )
         self.control = WorkerControl(engine, sock.send, worker_id)
         self.shutdown_drain_s = shutdown_drain_s
@@ -168,8 +132,10 @@ class MixedWorker:
         self.owners = RequestOwners()
         self.accepting = True
         self._last_publish = float("-inf")
-        self._handlers: dict[type[Message], Callable[[bytes, Message], None]] = {
-            GenerateRequest: self._on_generate,
+        # which engine call takes which request kind (the roles have their own); others are refused
+        self._intake: dict[type[Message], Callable[[Any], None]] = {GenerateRequest: engine.add_request}
+        self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
+            **dict.fromkeys(REQUEST_KINDS, self._on_request),
             AbortRequest: self._on_abort,
             LoadQuery: self._on_load,
             FlushCacheRequest: self._on_flush,
@@ -223,9 +189,10 @@ class MixedWorker:
     def _handle(self, env: Envelope) -> None:
         if env.message is None:
             logger.warning("dropping undecodable frame from %s: %s", env.identity.hex(), env.error)
-            rid = salvage_generate_rid(env.frame)
-            if rid is not None and rid not in self.owners:
-                self._refuse(env.identity, rid, f"Malformed GenerateRequest: {env.error}")
+            salvaged = salvage_request(env.frame)
+            if salvaged is not None and salvaged[1] not in self.owners:
+                kind, rid = salvaged
+                self._refuse(env.identity, kind, rid, f"Malformed {kind.__name__}: {env.error}")
             return
         handler = self._handlers.get(type(env.message))
         if handler is None:
@@ -238,8 +205,9 @@ class MixedWorker:
         except Exception:  # a client must never kill the loop
             logger.exception("handling %s from %s failed", type(env.message).__name__, env.identity.hex())
             msg = env.message
-            if isinstance(msg, GenerateRequest) and isinstance(msg.rid, str) and msg.rid not in self.owners:
-                self._refuse(env.identity, msg.rid, "Internal error handling the request.")
+            rid = msg.request.rid if isinstance(msg, REQUEST_KINDS) else None
+            if isinstance(rid, str) and rid not in self.owners:
+                self._refuse(env.identity, type(msg), rid, "Internal error handling the request.")
 
     def _runnable(self) -> bool:
         """Whether a step has anything to do now (nothing runs while generation is paused)."""
@@ -273,13 +241,19 @@ class MixedWorker:
             self.engine.abort(rid, CLIENT_GONE_MESSAGE)  # its final outputs have nobody to go to
             self.owners.pop(rid)
 
-    def _refuse(self, identity: bytes, rid: str, message: str) -> None:
-        """Answers a request that never entered the engine (the prefill role answers differently)."""
-        self._send(identity, [error_output(rid, message)])
+    def _refuse(self, identity: bytes, kind: type[Message], rid: str, message: str) -> None:
+        """Answers a request that never entered the engine, as its kind is answered."""
+        self._answer(identity, refusal(kind, rid, message))
 
-    def _refuse_held(self, identity: bytes, msg: GenerateRequest, message: str) -> None:
+    def _refuse_held(self, identity: bytes, msg: RequestMessage, message: str) -> None:
         """Answers a request aborted while held for a weights update."""
-        self._send(identity, held_abort_outputs(msg, message))
+        self._answer(identity, held_refusal(msg, message))
+
+    def _answer(self, identity: bytes, reply: Message) -> None:
+        if isinstance(reply, OutputBatch):
+            self._send(identity, reply.outputs)
+        else:
+            self.sock.send(identity, reply)
 
     def _poll_ms(self, busy: bool) -> int:
         """How long a turn waits on the socket: not at all while there is compute to do, a moment
@@ -306,7 +280,7 @@ class MixedWorker:
         self.accepting = False
         self._drain_socket()
         for identity, msg in self.updates.close(SHUTDOWN_MESSAGE):
-            self._refuse(identity, msg.rid, SHUTDOWN_MESSAGE)
+            self._refuse(identity, type(msg), msg.request.rid, SHUTDOWN_MESSAGE)
         aborted = self.engine.abort_all(SHUTDOWN_MESSAGE)
         if aborted:
             logger.info("shutdown: aborted %d live request(s)", len(aborted))
@@ -317,26 +291,31 @@ class MixedWorker:
 
     # ------------------------------------------------------------------ handlers
 
-    def _on_generate(self, identity: bytes, msg: GenerateRequest) -> None:
-        if not isinstance(msg.rid, str) or not msg.rid:
-            self._refuse(identity, str(msg.rid), "rid must be a non-empty string.")
+    def _on_request(self, identity: bytes, msg: RequestMessage) -> None:
+        kind, gen = type(msg), msg.request
+        if not isinstance(gen.rid, str) or not gen.rid:
+            self._refuse(identity, kind, str(gen.rid), "rid must be a non-empty string.")
+            return
+        intake = self._intake.get(kind)
+        if intake is None:
+            self._refuse(identity, kind, gen.rid, not_served(self.ROLE, kind, list(self._intake)))
             return
         if not self.accepting:
-            self._refuse(identity, msg.rid, SHUTDOWN_MESSAGE)
+            self._refuse(identity, kind, gen.rid, SHUTDOWN_MESSAGE)
             return
-        if not isinstance(msg.sampling_params, dict):
-            self._refuse(identity, msg.rid, "sampling_params must be an object (a dict).")
+        if not isinstance(gen.sampling_params, dict):
+            self._refuse(identity, kind, gen.rid, "sampling_params must be an object (a dict).")
             return
         if self.updates.holding or self.paused:  # it waits, and enters after the swap / on continue
             self.updates.hold(identity, msg)
             return
         try:
-            self.engine.add_request(msg)
+            intake(msg)
         except RequestError as exc:
-            logger.info("refused request %r: %s", msg.rid, exc)
-            self._refuse(identity, msg.rid, str(exc))
+            logger.info("refused request %r: %s", gen.rid, exc)
+            self._refuse(identity, kind, gen.rid, str(exc))
             return
-        self.owners.register(msg.rid, identity, int(msg.sampling_params.get("n", 1)))
+        self.owners.register(gen.rid, identity, int(gen.sampling_params.get("n", 1)))
 
     def _on_abort(self, identity: bytes, msg: AbortRequest) -> None:
         held = self.updates.take_held(msg.rid)

@@ -7,7 +7,7 @@ One update at a time, in arrival order; each goes through three phases:
             opened, shared/worker/tensor_payload.py, and checked, tensor_weights.py) in a helper
             thread (resolving a hub id can take long) while the loop keeps serving as usual;
             an update that does not fit is answered with the failure at once, nothing paused.
-  draining  new GenerateRequests are held in arrival order (not refused, not admitted); requests
+  draining  new requests are held in arrival order (not refused, not admitted); requests
             already in the engine (running or queued) finish with the old weights. Past
             `drain_timeout_s` the stragglers are aborted with DRAIN_TIMEOUT_MESSAGE. While
             generation is paused (`is_paused`) requests in the engine cannot finish: the update
@@ -34,6 +34,7 @@ from pdserve.shared.engine.weights_update import CheckedWeights, WeightsUpdateEr
 from pdserve.shared.protocol import (
     GenerateRequest,
     Message,
+    RequestMessage,
     RequestOutput,
     UpdateWeightsFromTensor,
     UpdateWeightsRequest,
@@ -89,7 +90,7 @@ class WeightUpdates:
         engine,
         send: Callable[[bytes, Message], None],
         deliver: Callable[[list[RequestOutput]], None],
-        admit: Callable[[bytes, GenerateRequest], None],
+        admit: Callable[[bytes, RequestMessage], None],
         drain_timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S,
         is_paused: Callable[[], bool] = lambda: False,
     ):
@@ -101,7 +102,7 @@ class WeightUpdates:
         self.drain_timeout_s = drain_timeout_s
         self._queue: deque[tuple[bytes, AnyUpdate]] = deque()
         self._current: _Update | None = None
-        self.held: deque[tuple[bytes, GenerateRequest]] = deque()
+        self.held: deque[tuple[bytes, RequestMessage]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="weights-check")
 
     @property
@@ -111,13 +112,13 @@ class WeightUpdates:
 
     @property
     def num_held(self) -> int:
-        return sum(num_samples(msg) for _, msg in self.held)
+        return sum(num_samples(msg.request) for _, msg in self.held)
 
     def submit(self, identity: bytes, request: AnyUpdate) -> None:
         self._queue.append((identity, request))
         self.advance()
 
-    def hold(self, identity: bytes, request: GenerateRequest) -> None:
+    def hold(self, identity: bytes, request: RequestMessage) -> None:
         self.held.append((identity, request))
 
     def release_held(self) -> None:
@@ -129,10 +130,10 @@ class WeightUpdates:
         for identity, request in held:
             self._admit(identity, request)
 
-    def take_held(self, rid: str) -> GenerateRequest | None:
+    def take_held(self, rid: str) -> RequestMessage | None:
         """Removes and returns the held request `rid` (a client aborted it), or None."""
         for i, (_, msg) in enumerate(self.held):
-            if msg.rid == rid:
+            if msg.request.rid == rid:
                 del self.held[i]
                 return msg
         return None
@@ -196,7 +197,7 @@ class WeightUpdates:
             self._admit(identity, request)
         self.advance()  # the next queued update starts checking at once
 
-    def close(self, message: str) -> list[tuple[bytes, GenerateRequest]]:
+    def close(self, message: str) -> list[tuple[bytes, RequestMessage]]:
         """Shutdown: fails the current and queued updates; returns the held requests to refuse."""
         pending = ([(self._current.identity, self._current.request)] if self._current else []) + list(
             self._queue

@@ -277,20 +277,14 @@ def test_decode_prefills_locally_beside_remote_requests(mixed, pair):
 
 def test_refusals_name_the_reason(pair):
     prompt = _prompt(10, seed=22)
-    with pytest.raises(RequestError, match="PrefillRequest only"):
+    with pytest.raises(RequestError, match="takes PrefillRequests"):
         pair.prefill.add_request(GenerateRequest(rid="x", input_ids=prompt))
     with pytest.raises(RequestError, match="n > 1"):
         pair.submit("n2", prompt, sampling_params={"n": 2})
     with pytest.raises(RequestError, match="cannot start"):
-        pair.prefill.add_request(
-            PrefillRequest(rid="y", input_ids=prompt, decode_kv_endpoint="fake://nobody")
-        )
+        pair.prefill.add_prefill(PrefillRequest(GenerateRequest(rid="y", input_ids=prompt), "fake://nobody"))
     with pytest.raises(RequestError, match="prefill_kv_endpoint"):
-        pair.decode.add_request(DecodeRequest(rid="z", input_ids=prompt))
-    with pytest.raises(RequestError, match="does not serve PrefillRequest"):
-        pair.decode.add_request(
-            PrefillRequest(rid="w", input_ids=prompt, decode_kv_endpoint="fake://decode-0")
-        )
+        pair.decode.add_remote(DecodeRequest(GenerateRequest(rid="z", input_ids=prompt), ""))
     pair.assert_idle()
 
 

@@ -8,6 +8,7 @@ answers one PrefillDone per request.
    with every page free or cached and nothing running or waiting.
 3. A DecodeRequest whose prefill never comes fails after --kv-transfer-timeout with a clear message,
    and D frees its pages.
+4. A request kind a role does not serve is refused with the answer its sender waits for.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pdserve.shared.engine.engine import Engine, _merge_outputs
 from pdserve.shared.protocol import (
     AbortRequest,
     DecodeRequest,
+    GenerateRequest,
     LoadQuery,
     LoadReport,
     OutputBatch,
@@ -60,9 +62,10 @@ class RouterStub:
         self._ids = itertools.count(1)
 
     def submit(self, rid: str, prompt: list[int], to_prefill: bool = True, **fields) -> None:
-        self.d.send(DecodeRequest(rid=rid, input_ids=prompt, prefill_kv_endpoint=self.p_kv, **fields))
+        gen = GenerateRequest(rid=rid, input_ids=prompt, **fields)
+        self.d.send(DecodeRequest(gen, self.p_kv))
         if to_prefill:
-            self.p.send(PrefillRequest(rid=rid, input_ids=prompt, decode_kv_endpoint=self.d_kv, **fields))
+            self.p.send(PrefillRequest(gen, self.d_kv))
 
     def abort(self, rid: str, message: str) -> None:
         self.p.send(AbortRequest(rid=rid, message=message))
@@ -187,4 +190,21 @@ def test_a_prefill_that_never_comes_times_out_at_decode(router):
     reason = router.finished("lost").finish_reason
     assert reason["type"] == "abort" and reason["message"].startswith("KV transfer failed: ")
     assert "3 s" in reason["message"]
+    router.assert_idle()
+
+
+def test_each_role_refuses_the_request_kinds_it_does_not_serve_as_their_senders_expect(router):
+    gen = GenerateRequest(rid="astray", input_ids=_prompt(8, seed=9))
+    router.d.send(PrefillRequest(gen, router.d_kv))  # a PrefillRequest's sender waits for a PrefillDone
+    router.wait(lambda: "astray" in router.done, 10.0, "the decode worker's PrefillDone")
+    done = router.done.pop("astray")
+    assert not done.ok and done.reason.startswith("A decode worker does not serve PrefillRequest")
+    router.p.send(DecodeRequest(GenerateRequest(rid="astray2", input_ids=gen.input_ids), router.p_kv))
+    router.p.send(GenerateRequest(rid="astray3", input_ids=gen.input_ids))
+    for rid, kind in (("astray2", "DecodeRequest"), ("astray3", "GenerateRequest")):
+        router.wait(lambda r=rid: router.finished(r) is not None, 10.0, f"the refusal of {rid}")
+        assert (
+            router.finished(rid).error
+            == f"A prefill worker does not serve {kind}; it serves PrefillRequest only."
+        )
     router.assert_idle()

@@ -14,7 +14,7 @@ from typing import Any
 from pdserve.decode.engine import DecodeEngine
 from pdserve.prefill.engine import PrefillEngine
 from pdserve.shared.engine.engine import Engine, _merge_outputs
-from pdserve.shared.protocol import DecodeRequest, PrefillDone, PrefillRequest, RequestOutput
+from pdserve.shared.protocol import DecodeRequest, GenerateRequest, PrefillDone, PrefillRequest, RequestOutput
 
 
 class PDPair:
@@ -25,26 +25,15 @@ class PDPair:
         self.done: dict[str, PrefillDone] = {}
 
     def submit(self, rid: str, input_ids: list[int], decode_first: bool = False, **fields: Any) -> None:
-        p_msg = PrefillRequest(
-            rid=rid,
-            input_ids=list(input_ids),
-            decode_kv_endpoint=self.decode.kv_manager.endpoint,
-            decode_worker_id="decode-0",
-            **fields,
-        )
-        d_msg = DecodeRequest(
-            rid=rid,
-            input_ids=list(input_ids),
-            prefill_kv_endpoint=self.prefill.kv_manager.endpoint,
-            prefill_worker_id="prefill-0",
-            **fields,
-        )
+        gen = GenerateRequest(rid=rid, input_ids=list(input_ids), **fields)
+        p_msg = PrefillRequest(gen, self.decode.kv_manager.endpoint, "decode-0")
+        d_msg = DecodeRequest(gen, self.prefill.kv_manager.endpoint, "prefill-0")
         if decode_first:
-            self.decode.add_request(d_msg)
-            self.prefill.add_request(p_msg)
+            self.decode.add_remote(d_msg)
+            self.prefill.add_prefill(p_msg)
         else:
-            self.prefill.add_request(p_msg)
-            self.decode.add_request(d_msg)
+            self.prefill.add_prefill(p_msg)
+            self.decode.add_remote(d_msg)
 
     def collect(self, outs: list, dones: list[PrefillDone] = ()) -> None:
         for out in outs:

@@ -60,8 +60,8 @@ def test_a_transfer_failure_at_decode_cancels_prefill_and_retries_on_another_pre
         await settle()
         assert conns[used].sent[-1] == AbortRequest(rid="r", message="Moved to another worker.")
         (retry,) = conns[other].sent
-        assert type(retry) is PrefillRequest and retry.rid == "r~retry1"
-        assert type(conns["d"].sent[-1]) is DecodeRequest and conns["d"].sent[-1].rid == "r~retry1"
+        assert type(retry) is PrefillRequest and retry.request.rid == "r~retry1"
+        assert type(conns["d"].sent[-1]) is DecodeRequest and conns["d"].sent[-1].request.rid == "r~retry1"
         conns["d"].deliver(worker_output("r~retry1", [7], True, {"type": "length", "length": 1}))
         assert (await first).token_ids == [7]
         await outputs.aclose()

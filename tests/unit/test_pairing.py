@@ -11,7 +11,7 @@ import argparse
 import pytest
 
 from pdserve.router.circuit_breaker import CircuitBreaker
-from pdserve.router.pairing import Pairing, Tried
+from pdserve.router.pairing import Pairing, Route, Tried
 from pdserve.router.policies import make_decode_policy, make_policy
 from pdserve.router.worker_pool import WorkerHandle, WorkerPool
 from pdserve.shared.cluster_types import WorkerInfo
@@ -76,10 +76,13 @@ def test_a_pair_gets_each_others_kv_endpoints_and_one_rid():
     req = GenerateRequest(rid="r", input_ids=list(range(100)), sampling_params={"max_new_tokens": 3})
     to_d, to_p = route.messages(req, "r~retry1")
     assert isinstance(to_d, DecodeRequest) and isinstance(to_p, PrefillRequest)
-    assert to_d.rid == to_p.rid == "r~retry1"
+    assert to_d.request is to_p.request  # one request, carried by both messages
+    assert to_d.request.rid == "r~retry1" and req.rid == "r"
     assert to_d.prefill_kv_endpoint == pool.workers["p"].kv_addr and to_d.prefill_worker_id == "p"
     assert to_p.decode_kv_endpoint == pool.workers["d"].kv_addr and to_p.decode_worker_id == "d"
-    assert to_d.sampling_params == to_p.sampling_params == {"max_new_tokens": 3}
+    assert to_d.request.sampling_params == {"max_new_tokens": 3}
+    first, none = Route(pool.workers["d"]).messages(req, "r")
+    assert first is req and none is None  # a first attempt on one worker: the request itself
 
 
 def test_serve_plans_prefill_and_decode_workers():

@@ -1,11 +1,17 @@
-"""The msgpack wire of shared/protocol.py: messages round-trip; OutputBatch sends outputs as rows."""
+"""The msgpack wire of shared/protocol.py: every message round-trips with every field set;
+OutputBatch sends outputs as rows; the P/D messages carry a GenerateRequest."""
+
+import dataclasses
 
 import msgpack
 import pytest
 
 from pdserve.shared.protocol import (
+    _REGISTRY,
+    DecodeRequest,
     GenerateRequest,
     OutputBatch,
+    PrefillRequest,
     ProtocolError,
     RequestOutput,
     decode,
@@ -37,6 +43,48 @@ def test_messages_round_trip():
     assert decode(encode(req)) == req
     batch = OutputBatch(outputs=[_full_output(), RequestOutput(rid="r2", token_ids=[9])])
     assert decode(encode(batch)) == batch
+
+
+# a value unlike the field's default for each annotation the messages use
+_VALUES = {
+    "str": "text",
+    "int": 7,
+    "bool": True,
+    "list[int]": [1, 2],
+    "list[str]": ["a", "b"],
+    "list[Any]": [1, "a"],
+    "list[list[Any]]": [[-0.5, 3]],
+    "list[list[list[Any]]]": [[[-0.5, 3]]],
+    "dict[str, Any]": {"k": [1, 2]},
+    "str | bytes": b"bytes",
+    "GenerateRequest": GenerateRequest(rid="inner", input_ids=[5], sampling_params={"n": 1}),
+    "list[RequestOutput]": [_full_output()],
+}
+
+
+def _example(cls):
+    """An instance of the message with every field set to a value other than its default."""
+    return cls(**{f.name: _VALUES[f.type.removesuffix(" | None")] for f in dataclasses.fields(cls)})
+
+
+@pytest.mark.parametrize("tag", sorted(_REGISTRY))
+def test_every_message_round_trips_with_every_field_set(tag):
+    msg = _example(_REGISTRY[tag])
+    assert decode(encode(msg)) == msg
+
+
+def test_the_pd_messages_carry_a_generate_request():
+    gen = GenerateRequest(rid="r", input_ids=[1, 2], sampling_params={"max_new_tokens": 3})
+    for msg in (PrefillRequest(gen, "tcp://d:1", "d"), DecodeRequest(gen, "tcp://p:1", "p")):
+        tag, data = msgpack.unpackb(encode(msg))
+        assert tag == msg.TAG
+        assert data["request"] == gen.to_wire() and "rid" not in data
+        back = decode(encode(msg))
+        assert type(back) is type(msg) and back.request == gen and back.request.request is back.request
+    for bad in ({"decode_kv_endpoint": "x"}, {"request": "r", "decode_kv_endpoint": "x"},
+                {"request": {"rid": "r"}, "decode_kv_endpoint": "x"}):  # fmt: skip
+        with pytest.raises(ProtocolError):
+            decode(msgpack.packb(["prefill", bad]))
 
 
 def test_outputs_travel_as_rows_in_field_order():
