@@ -187,7 +187,7 @@ class NcclLink:
             assert isinstance(job, SendJob)
             try:
                 if in_use[slot] is not None:
-                    in_use[slot][0].synchronize()  # type: ignore[index]  (the slot's previous send is done)
+                    in_use[slot][0].synchronize()  # type: ignore[index]  # the slot's previous send is done
                     in_use[slot] = None
                 buf = self._buffer(slot, job.msg.nbytes)
                 with job.rec.state.lock:
