@@ -158,7 +158,7 @@ def _request_from_wire(data: dict[str, Any]) -> GenerateRequest:
     request = data.get("request")
     if not isinstance(request, dict):
         raise TypeError(f"request must hold a GenerateRequest's fields, got {type(request).__name__}")
-    return GenerateRequest.from_wire(request)
+    return GenerateRequest(**request)
 
 
 RequestMessage = GenerateRequest | PrefillRequest | DecodeRequest  # each answers .request
