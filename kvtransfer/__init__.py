@@ -4,8 +4,10 @@
 `fake` (in-process, instant: tests and warm-up), `zmq` (host-staged zero-copy frames over TCP, any
 hosts), `nccl` (GPU to GPU through NCCL), `cuda_ipc` (peers on one host write straight into each
 other's pools) and `auto` (cuda_ipc per pair where it reaches, else zmq or nccl; CPU pools: zmq).
-zmq, nccl, cuda_ipc and auto share one control plane (control.py). `make_kv_manager` builds one by
-name.
+zmq, nccl, cuda_ipc and auto share one control plane: control.py (the loop, sockets and timers)
+around transfers.py (the transfer table and its rules, a state machine that touches no socket),
+with the data planes behind data_plane.py; plane_host.py is all either may ask of the other parts.
+`make_kv_manager` builds one by name.
 
 May import: pdserve.shared.engine's KV pool (what it moves) and pdserve.kernels (page copies).
 Never the roles, the worker process or the router.

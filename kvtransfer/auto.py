@@ -27,6 +27,7 @@ from pdserve.kvtransfer.control import ControlPlaneManager
 from pdserve.kvtransfer.cuda_ipc import VIA, CudaIpcDataPlane, IpcExport
 from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.layout import MessageSpec
+from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.wire import Data
 from pdserve.shared.engine.kv_pool import PagedKVPool
@@ -46,10 +47,8 @@ def worker_backend(requested: str, device_type: str) -> str:
 class AutoDataPlane(DataPlane):
     """cuda_ipc per pair where it reaches, else `fallback`; one control plane for both."""
 
-    def __init__(
-        self, core: ControlPlaneManager, ipc: CudaIpcDataPlane, fallback: DataPlane, fallback_name: str
-    ):
-        super().__init__(core)
+    def __init__(self, host: PlaneHost, ipc: CudaIpcDataPlane, fallback: DataPlane, fallback_name: str):
+        super().__init__(host)
         self.ipc = ipc
         self.fallback = fallback
         self.fallback_name = fallback_name
@@ -158,8 +157,8 @@ class AutoKVManager(ControlPlaneManager):
                 host,
                 port,
                 max_message_bytes=message_bytes,
-                make_plane=lambda core: AutoDataPlane(
-                    core, CudaIpcDataPlane(core, export, required=False), make_fallback(core), fallback
+                make_plane=lambda host: AutoDataPlane(
+                    host, CudaIpcDataPlane(host, export, required=False), make_fallback(host), fallback
                 ),
             )
         except BaseException:
@@ -169,14 +168,14 @@ class AutoKVManager(ControlPlaneManager):
 
 def _fallback_plane(
     name: str, pool: PagedKVPool, options: dict[str, Any]
-) -> tuple[Callable[[ControlPlaneManager], DataPlane], int]:
+) -> tuple[Callable[[PlaneHost], DataPlane], int]:
     if name == "zmq":
         from pdserve.kvtransfer.zmq import DEFAULT_MAX_SLABS, DEFAULT_SLAB_BYTES, ZmqDataPlane
 
         slab_bytes = options.pop("slab_bytes", DEFAULT_SLAB_BYTES)
         max_slabs = options.pop("max_slabs", DEFAULT_MAX_SLABS)
         _no_options(name, options)
-        return (lambda core: ZmqDataPlane(core, slab_bytes, max_slabs)), slab_bytes
+        return (lambda host: ZmqDataPlane(host, slab_bytes, max_slabs)), slab_bytes
     if name == "nccl":
         from pdserve.kvtransfer.nccl import DEFAULT_MAX_MESSAGE_BYTES, NcclDataPlane
         from pdserve.kvtransfer.nccl_lib import NcclError, load_nccl
@@ -189,7 +188,7 @@ def _fallback_plane(
             lib = load_nccl()
         except NcclError as exc:
             raise KVTransferError(str(exc)) from exc
-        return (lambda core: NcclDataPlane(core, message_bytes, lib)), message_bytes
+        return (lambda host: NcclDataPlane(host, message_bytes, lib)), message_bytes
     raise ValueError(
         f"unknown fallback {name!r} for the auto KV backend: choose one of {', '.join(FALLBACKS)}"
     )

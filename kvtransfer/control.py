@@ -46,6 +46,7 @@ from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.handles import CLOSED, ChannelReceiver, ChannelSender
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.peers import PeerTable, check_endpoint
+from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.state import TransferState
 from pdserve.kvtransfer.transfers import Transfers
@@ -68,7 +69,7 @@ class ControlPlaneManager(KVManager):
         host: str,
         port: int,
         max_message_bytes: int,
-        make_plane: Callable[[ControlPlaneManager], DataPlane],
+        make_plane: Callable[[PlaneHost], DataPlane],
     ):
         super().__init__(pool, worker_id, config)
         self.layout = KVLayout.of(pool)
@@ -96,8 +97,9 @@ class ControlPlaneManager(KVManager):
         self._running = True
         self._stop = False
         self.stopping = False  # set when the loop ends: registrations now fail as closed
-        self.transfers = Transfers(self)
+        self.transfers = Transfers(self.peers, self.layout, self.config)
         self.plane = make_plane(self)
+        self.transfers.plane = self.plane
         self._handlers: dict[type, Callable[[str, Any, list], None]] = {
             wire.Ping: self._on_ping,
             wire.Pong: lambda src, msg, payload: None,  # hearing it is all that counts
@@ -182,6 +184,7 @@ class ControlPlaneManager(KVManager):
         with self._command_lock:
             self._running = False
         self.stopping = True
+        self.transfers.closed = True
         self._run_commands()  # registrations now fail as closed; aborts still reach peers
         self.transfers.fail_all(crash or CLOSED, tell=crash is None)
         try:
@@ -268,11 +271,10 @@ class ControlPlaneManager(KVManager):
         for endpoint in self.peers.close_idle(now, self.IDLE_PEER_CLOSE_S):
             self.plane.on_peer_idle(endpoint)
 
-    # ------------------------------------------------------------------ for the data planes
+    # ------------------------------------------------------------------ for the data planes (PlaneHost)
 
-    def send_data_header(self, peer: str, msg: wire.Data) -> None:
-        """For data planes whose bytes travel elsewhere (NCCL): the header, in submission order."""
-        self.peers.send(peer, msg, create=False)
+    def send(self, peer: str, msg: Any, payload: Any = None) -> Any:
+        return self.peers.send(peer, msg, payload, create=False)
 
     def fail_outbound(self, rec: OutboundTransfer, reason: str, tell: bool = True) -> None:
         self.transfers.fail_outbound(rec, reason, tell)

@@ -54,6 +54,7 @@ from pdserve.kvtransfer.ipc_gate import GateError, GateTable, GateView
 from pdserve.kvtransfer.ipc_pool import PoolShareError, export_pool, here, map_pool, unreachable_reason
 from pdserve.kvtransfer.layout import MessageSpec
 from pdserve.kvtransfer.page_move import move_kv_pages
+from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.wire import Data
 from pdserve.shared.engine.kv_pool import PagedKVPool
@@ -100,19 +101,19 @@ class CudaIpcDataPlane(DataPlane):
     """`required`: a peer it cannot reach fails its transfers (cuda_ipc); False lets a wrapping plane
     fall back (auto), and a receiver that cannot open a gate slot then offers nothing."""
 
-    def __init__(self, core: ControlPlaneManager, export: IpcExport, required: bool = True):
-        super().__init__(core)
+    def __init__(self, host: PlaneHost, export: IpcExport, required: bool = True):
+        super().__init__(host)
         self.export = export
         self.required = required
-        self.here = here(core.pool)
+        self.here = here(host.pool)
         self.stream = None
-        if core.pool.device.type == "cuda":
-            self.stream = torch.cuda.Stream(core.pool.device)
+        if host.pool.device.type == "cuda":
+            self.stream = torch.cuda.Stream(host.pool.device)
             # Compiles the copy kernel now, not inside a request's first copy (under its gate lock):
             # page 0 onto itself, the page nobody owns.
-            zero = torch.zeros(1, dtype=torch.int64, device=core.pool.device)
-            move_kv_pages(core.pool.kv, zero, core.pool.kv, zero, 0, core.pool.kv.shape[0])
-            torch.cuda.synchronize(core.pool.device)
+            zero = torch.zeros(1, dtype=torch.int64, device=host.pool.device)
+            move_kv_pages(host.pool.kv, zero, host.pool.kv, zero, 0, host.pool.kv.shape[0])
+            torch.cuda.synchronize(host.pool.device)
         self._peers: dict[str, PeerPool] = {}  # receiving peer -> its mapped pool (sender side)
         self._unreachable: dict[tuple[str, str], str] = {}  # (peer, export token) -> why
         self._offered: set[bytes] = set()  # nonces of inbound transfers with an open gate slot
@@ -124,7 +125,7 @@ class CudaIpcDataPlane(DataPlane):
         slot = gate.open(rec.nonce)
         if slot is None:
             if self.required:
-                self.core.fail_inbound(rec, f"cuda_ipc: all {gate.num_slots} write-gate slots are in use")
+                self.host.fail_inbound(rec, f"cuda_ipc: all {gate.num_slots} write-gate slots are in use")
             return None
         nonce = rec.nonce
 
@@ -153,7 +154,7 @@ class CudaIpcDataPlane(DataPlane):
         done: Callable[[], None],
     ) -> None:
         if rec.nonce not in self._offered:
-            self.core.fail_inbound(rec, "cuda_ipc data for a transfer whose pages were not offered")
+            self.host.fail_inbound(rec, "cuda_ipc data for a transfer whose pages were not offered")
             return
         done()  # the sender wrote the pages (through the open gate) before it sent the header
 
@@ -183,7 +184,7 @@ class CudaIpcDataPlane(DataPlane):
         if why is None:
             try:
                 mapped = PeerPool(
-                    token, map_pool(shared, self.core.pool), GateView.attach(ipc["gate"], self.wait_s)
+                    token, map_pool(shared, self.host.pool), GateView.attach(ipc["gate"], self.wait_s)
                 )
             except (PoolShareError, GateError) as exc:
                 why = str(exc)
@@ -196,7 +197,7 @@ class CudaIpcDataPlane(DataPlane):
 
     @property
     def wait_s(self) -> float:
-        return self.core.config.heartbeat_timeout_s
+        return self.host.config.heartbeat_timeout_s
 
     def _offer_error(self, rec: OutboundTransfer, ipc: dict[str, Any], peer: PeerPool) -> str | None:
         pages = ipc.get("pages")
@@ -210,7 +211,7 @@ class CudaIpcDataPlane(DataPlane):
     def on_bound(self, rec: OutboundTransfer) -> None:
         why = self.reach(rec)
         if why is not None:
-            self.core.fail_outbound(rec, f"cuda_ipc cannot reach {rec.peer}: {why}")
+            self.host.fail_outbound(rec, f"cuda_ipc cannot reach {rec.peer}: {why}")
 
     def message_bytes(self, rec: OutboundTransfer) -> int:
         return ONE_MESSAGE_PER_CHUNK
@@ -226,7 +227,7 @@ class CudaIpcDataPlane(DataPlane):
             ipc = rec.offer["ipc"] if rec.offer else {}
             peer = self._peers.get(rec.peer)
             if peer is None or peer.token != ipc.get("pool", {}).get("token"):
-                self.core.fail_outbound(rec, f"the KV pool of {rec.peer} is no longer mapped")
+                self.host.fail_outbound(rec, f"the KV pool of {rec.peer} is no longer mapped")
                 return True
             dst_pages = ipc["pages"][spec.first_page : spec.first_page + spec.num_pages]
             with rec.state.lock:
@@ -234,12 +235,12 @@ class CudaIpcDataPlane(DataPlane):
                     return True
                 with peer.gate.writing(ipc["slot"], rec.nonce or b"") as allowed:
                     if not allowed:
-                        self.core.fail_outbound(rec, "the receiver no longer takes this transfer's pages")
+                        self.host.fail_outbound(rec, "the receiver no longer takes this transfer's pages")
                         return True
                     self._copy(src_pages, peer.kv, dst_pages, spec, ready_event)
         elif rec.state.is_final:
             return True
-        self.core.send_data_header(rec.peer, msg)
+        self.host.send(rec.peer, msg)
         return True
 
     def _copy(
@@ -251,7 +252,7 @@ class CudaIpcDataPlane(DataPlane):
         ready_event: Any,
     ) -> None:
         """One launch for the whole message; finished (synchronized) when it returns."""
-        pool = self.core.pool
+        pool = self.host.pool
         if self.stream is None:
             move_kv_pages(pool.kv, _index(src_pages, pool.device), dst_kv, _index(dst_pages, pool.device),
                           spec.layer_begin, spec.layer_end)  # fmt: skip
@@ -314,7 +315,7 @@ class CudaIpcKVManager(ControlPlaneManager):
                 host,
                 port,
                 max_message_bytes=ONE_MESSAGE_PER_CHUNK,
-                make_plane=lambda core: CudaIpcDataPlane(core, export),
+                make_plane=lambda host: CudaIpcDataPlane(host, export),
             )
         except BaseException:
             export.gate.shutdown()

@@ -7,10 +7,10 @@ change. A data plane only copies:
 - `submit()` (sender, I/O thread): stage the message's pages and get the `Data` header plus bytes
   to the peer. It reads the sender's pages only under `rec.state.lock` and only while the state is
   not final, and must have finished reading when it lets go of the lock. It sends the header
-  through `core.send_data_header()` only for bytes it really sent, in submission order.
+  through `host.send()` only for bytes it really sent, in submission order.
 - `receive()` (receiver): write the bytes into `dst_pages` under `rec.state.lock`, only while the
   state is not final, finished (device work synchronized) before letting go, then call `done()` on
-  the I/O thread via `core.call_soon` (or directly when already on it), in arrival order.
+  the I/O thread via `host.call_soon` (or directly when already on it), in arrival order.
 - `discard()`: bytes announced by a header whose transfer is unknown or failed validation: consume
   them (NCCL must post the matching receive) and write nothing.
 
@@ -28,19 +28,17 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pdserve.kvtransfer.layout import MessageSpec
+from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.wire import Data
 
-if TYPE_CHECKING:
-    from pdserve.kvtransfer.control import ControlPlaneManager
-
 
 class DataPlane(ABC):
-    def __init__(self, core: ControlPlaneManager):
-        self.core = core
+    def __init__(self, host: PlaneHost):
+        self.host = host
 
     def handlers(self) -> dict[type, Callable[[str, Any, list], None]]:
         return {}
@@ -51,16 +49,16 @@ class DataPlane(ABC):
 
     def offer(self, rec: InboundTransfer) -> dict[str, Any] | None:
         """Receiver, I/O thread, from init(): what goes to the sender in Ready.plane (None: nothing).
-        May fail `rec` (through the core) instead."""
+        May fail `rec` (through the host) instead."""
         return None
 
     def on_bound(self, rec: OutboundTransfer) -> None:
         """A sender of this manager is bound to its receiver (`rec.peer`, `rec.offer`); NCCL opens
-        its link now. May fail `rec` (through the core)."""
+        its link now. May fail `rec` (through the host)."""
 
     def message_bytes(self, rec: OutboundTransfer) -> int:
         """The most bytes one message of `rec` may carry (send() chunks are cut to it)."""
-        return self.core.max_message_bytes
+        return self.host.max_message_bytes
 
     def done_when_written(self, rec: OutboundTransfer) -> bool:
         """True when the sender's own writes finish `rec` (cuda_ipc writes the receiver's pages

@@ -14,11 +14,14 @@ receiver can count cells (page x layer) to know that nothing went missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from pdserve.shared.engine.kv_pool import PagedKVPool
+
+if TYPE_CHECKING:
+    from pdserve.kvtransfer.wire import Data
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -109,3 +112,20 @@ def plan_messages(first_page: int, num_pages: int, layout: KVLayout, max_bytes: 
 def typed_view(raw: torch.Tensor, layout: KVLayout, spec: MessageSpec) -> torch.Tensor:
     """A uint8 buffer (at least spec.nbytes) seen as the message's [layers, 2, pages, ...] tensor."""
     return raw[: spec.nbytes(layout)].view(layout.dtype).view(spec.shape(layout))
+
+
+def data_error(layout: KVLayout, dest_pages: list[int] | None, msg: Data) -> str | None:
+    """Why a Data header cannot be written into a receiver with `dest_pages` (None: not init()ed
+    yet) and this layout, or None."""
+    if dest_pages is None:
+        return "data before the receiver's init()"
+    if msg.dtype != dtype_name(layout.dtype):
+        return f"dtype {msg.dtype}, the pool holds {dtype_name(layout.dtype)}"
+    if not 0 <= msg.layer_begin <= msg.layer_end <= layout.num_layers:
+        return f"layers [{msg.layer_begin}, {msg.layer_end}) of {layout.num_layers}"
+    if msg.first_page < 0 or msg.num_pages < 0 or msg.first_page + msg.num_pages > len(dest_pages):
+        return f"pages [{msg.first_page}, +{msg.num_pages}) beyond the {len(dest_pages)} given to init()"
+    expected = msg.num_pages * (msg.layer_end - msg.layer_begin) * layout.cell_bytes
+    if msg.nbytes != expected:
+        return f"{msg.nbytes} bytes announced, the layout needs {expected}"
+    return None

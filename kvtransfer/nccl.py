@@ -33,6 +33,7 @@ from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.layout import MessageSpec
 from pdserve.kvtransfer.nccl_lib import NcclError, NcclLibrary, load_nccl
 from pdserve.kvtransfer.nccl_link import NcclLink, RecvJob, SendJob
+from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.wire import Data, NcclHello, NcclLinkDown
 from pdserve.shared.engine.kv_pool import PagedKVPool
@@ -42,8 +43,8 @@ MAX_QUEUED_PER_LINK = 4  # messages handed to a sender link ahead of its NCCL se
 
 
 class NcclDataPlane(DataPlane):
-    def __init__(self, core: ControlPlaneManager, max_message_bytes: int, lib: NcclLibrary):
-        super().__init__(core)
+    def __init__(self, host: PlaneHost, max_message_bytes: int, lib: NcclLibrary):
+        super().__init__(host)
         self.max_message_bytes = max_message_bytes
         self.lib = lib
         self._out_links: dict[str, NcclLink] = {}  # peer -> link where this manager sends (rank 0)
@@ -66,11 +67,11 @@ class NcclDataPlane(DataPlane):
         try:
             uid = self.lib.unique_id()
         except NcclError as exc:
-            self.core.fail_transfers_with(peer, f"cannot open an NCCL link: {exc}", inbound=False)
+            self.host.fail_transfers_with(peer, f"cannot open an NCCL link: {exc}", inbound=False)
             return
         link = NcclLink(self, self.lib, peer, secrets.randbits(62), uid, 0, self.max_message_bytes)
         self._out_links[peer] = link
-        self.core.peers.send(peer, NcclHello(link.link_id, uid), create=False)
+        self.host.send(peer, NcclHello(link.link_id, uid))
         link.start()
 
     def _on_hello(self, src: str, msg: NcclHello, payload: list) -> None:
@@ -90,7 +91,7 @@ class NcclDataPlane(DataPlane):
     def _fail_link(self, link: NcclLink, reason: str, tell: bool = True) -> None:
         link.abort(reason)
         if tell:
-            self.core.peers.send(link.peer, NcclLinkDown(link.link_id, reason), create=False)
+            self.host.send(link.peer, NcclLinkDown(link.link_id, reason))
         self.link_failed(link)
 
     def link_failed(self, link: NcclLink) -> None:
@@ -104,16 +105,16 @@ class NcclDataPlane(DataPlane):
         reason = link.failed or "NCCL link closed"
         for rec in list(link.recs):
             if isinstance(rec, OutboundTransfer):
-                self.core.fail_outbound(rec, reason)
+                self.host.fail_outbound(rec, reason)
             else:
-                self.core.fail_inbound(rec, reason)
+                self.host.fail_inbound(rec, reason)
         link.recs.clear()
 
     def _unknown_link(self, peer: str, msg: Data) -> None:
         if msg.link not in self._reported_unknown:
             self._reported_unknown.add(msg.link)
             reason = f"the receiver has no NCCL link {msg.link:x}"
-            self.core.peers.send(peer, NcclLinkDown(msg.link, reason), create=False)
+            self.host.send(peer, NcclLinkDown(msg.link, reason))
 
     # ------------------------------------------------------------------ messages
 
@@ -122,7 +123,7 @@ class NcclDataPlane(DataPlane):
     ) -> bool:
         link = self._out_links.get(rec.peer)
         if link is None or link.failed is not None:
-            self.core.fail_outbound(rec, link.failed if link else f"no NCCL link to {rec.peer}")
+            self.host.fail_outbound(rec, link.failed if link else f"no NCCL link to {rec.peer}")
             return True
         if link.pending >= MAX_QUEUED_PER_LINK:
             return False
@@ -142,7 +143,7 @@ class NcclDataPlane(DataPlane):
         link = self._in_links.get(rec.peer)
         if link is None or link.link_id != msg.link or link.failed is not None:
             self._unknown_link(rec.peer, msg)
-            self.core.fail_inbound(rec, f"no NCCL link {msg.link:x} from {rec.peer}")
+            self.host.fail_inbound(rec, f"no NCCL link {msg.link:x} from {rec.peer}")
             return
         link.post(RecvJob(rec, msg, spec, dst_pages, done))
 
@@ -191,5 +192,5 @@ class NcclKVManager(ControlPlaneManager):
             host,
             port,
             max_message_bytes=max_message_bytes,
-            make_plane=lambda core: NcclDataPlane(core, max_message_bytes, lib),
+            make_plane=lambda host: NcclDataPlane(host, max_message_bytes, lib),
         )

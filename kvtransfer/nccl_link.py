@@ -78,7 +78,7 @@ class NcclLink:
         ring_bytes: int,
     ):
         self.plane = plane
-        self.core = plane.core
+        self.host = plane.host
         self.lib = lib
         self.peer = peer
         self.link_id = link_id
@@ -136,7 +136,7 @@ class NcclLink:
 
     def _run(self) -> None:
         try:
-            device = self.core.pool.device
+            device = self.host.pool.device
             torch.cuda.set_device(device)
             self._comm_stream = torch.cuda.Stream(device)
             self._copy_stream = torch.cuda.Stream(device)
@@ -159,12 +159,12 @@ class NcclLink:
         finally:
             if self.failed is None:
                 self.failed = "NCCL link closed"
-            self.core.call_soon(lambda: self.plane.link_failed(self))
+            self.host.call_soon(lambda: self.plane.link_failed(self))
 
     def _buffer(self, slot: int, nbytes: int) -> torch.Tensor:
         if nbytes <= self.ring_bytes:
             return self._ring[slot]
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.core.pool.device)  # one oversize page-layer
+        return torch.empty(nbytes, dtype=torch.uint8, device=self.host.pool.device)  # one oversize page-layer
 
     def _nccl(self, op: str, buf: torch.Tensor, nbytes: int) -> None:
         with self._comm_lock:
@@ -194,12 +194,12 @@ class NcclLink:
                     if job.rec.state.is_final:
                         continue
                     if job.spec.num_pages:
-                        out = typed_view(buf, self.core.layout, job.spec)
+                        out = typed_view(buf, self.host.layout, job.spec)
                         gather_pages(
-                            self.core.pool, job.src_pages, job.spec, out, self._copy_stream, job.ready_event
+                            self.host.pool, job.src_pages, job.spec, out, self._copy_stream, job.ready_event
                         )
                 msg = job.msg
-                self.core.call_soon(lambda msg=msg: self.core.send_data_header(self.peer, msg))
+                self.host.call_soon(lambda msg=msg: self.host.send(self.peer, msg))
                 if msg.nbytes:
                     self._nccl("send", buf, msg.nbytes)
                     event = torch.cuda.Event()
@@ -245,9 +245,9 @@ class NcclLink:
             if rec is not None and buf is not None:
                 with rec.state.lock:
                     if not rec.state.is_final:
-                        src = typed_view(buf, self.core.layout, job.spec)
-                        scatter_pages(self.core.pool, job.dst_pages, job.spec, src, self._copy_stream)
+                        src = typed_view(buf, self.host.layout, job.spec)
+                        scatter_pages(self.host.pool, job.dst_pages, job.spec, src, self._copy_stream)
             if job.done is not None:
-                self.core.call_soon(job.done)
+                self.host.call_soon(job.done)
         finally:
             self._finished_one()

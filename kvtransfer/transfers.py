@@ -4,6 +4,8 @@ Runs on the manager's I/O thread only (control.py): registration of handles, bin
 its receiver's Ready, cutting send() chunks into messages for the data plane, accounting for what
 arrives, acks, aborts, timeouts, early messages, and dropping a transfer's state once it is final
 and the peer has been told (or cannot be). The life of a transfer on the wire is in control.py.
+It touches no socket and no thread: messages go out through a PeerLink and bytes through the data
+plane (plane_host.py), so the rules run in tests message by message.
 
 Tables: senders by (peer, rid) until bound and then also by the receiver's nonce; receivers by
 nonce and by (peer, rid); early messages by (peer, rid), kept `transfer_timeout_s`; nonces of
@@ -14,26 +16,29 @@ Whoever makes a transfer final (here, or the worker through abort()) tells the p
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
 
 from pdserve.kvtransfer import wire
-from pdserve.kvtransfer.base import KVPoll, KVTransferError
+from pdserve.kvtransfer.base import KVPoll, KVTransferConfig, KVTransferError
+from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.handles import CLOSED
-from pdserve.kvtransfer.layout import MessageSpec, dtype_name, plan_messages
+from pdserve.kvtransfer.layout import KVLayout, MessageSpec, data_error, dtype_name, plan_messages
+from pdserve.kvtransfer.plane_host import PeerLink
 from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
-
-if TYPE_CHECKING:
-    from pdserve.kvtransfer.control import ControlPlaneManager
 
 FINISHED_TTL_S = 30.0
 
 
 class Transfers:
-    def __init__(self, manager: ControlPlaneManager):
-        self.manager = manager
-        self.peers = manager.peers
-        self.layout = manager.layout
-        self.config = manager.config
+    """`plane` is set by the manager once made (it needs the manager, which holds this table);
+    `closed` once its loop ends: registrations then fail as closed."""
+
+    plane: DataPlane
+
+    def __init__(self, peers: PeerLink, layout: KVLayout, config: KVTransferConfig):
+        self.peers = peers
+        self.layout = layout
+        self.config = config
+        self.closed = False
         self._out: dict[tuple[str, str], OutboundTransfer] = {}
         self._out_by_nonce: dict[bytes, OutboundTransfer] = {}
         self._in: dict[bytes, InboundTransfer] = {}
@@ -118,7 +123,7 @@ class Transfers:
             self.fail_inbound(rec, f"sender aborted: {early[0].reason}", tell=False)
 
     def _register_error(self, key: tuple[str, str], table: dict) -> str | None:
-        if self.manager.stopping:
+        if self.closed:
             return CLOSED
         if key in table:
             return f"a transfer of rid {key[1]!r} with {key[0]} is already in progress"
@@ -137,7 +142,7 @@ class Transfers:
         if rec.dropped or rec.state.is_final:
             return
         rec.pages = pages
-        offer = self.manager.plane.offer(rec)
+        offer = self.plane.offer(rec)
         if rec.dropped or rec.state.is_final:
             return  # the plane failed it (or the worker aborted meanwhile: its command tells the peer)
         self.peers.send(rec.peer, wire.Ready(rec.rid, rec.nonce, len(pages), self.layout.to_wire(), offer))
@@ -174,7 +179,7 @@ class Transfers:
         if not self._check_page_count(rec):
             return
         rec.state.advance(KVPoll.Transferring if rec.chunks else KVPoll.WaitingForInput)
-        self.manager.plane.on_bound(rec)
+        self.plane.on_bound(rec)
         if rec.chunks and not rec.dropped:
             self._sending[rec] = None
 
@@ -207,7 +212,7 @@ class Transfers:
         chunk = rec.chunks[0]
         if chunk.specs is None:
             chunk.specs = plan_messages(
-                chunk.first_page, len(chunk.pages), self.layout, self.manager.plane.message_bytes(rec)
+                chunk.first_page, len(chunk.pages), self.layout, self.plane.message_bytes(rec)
             )
             if not chunk.specs:  # is_last with no pages left: the header carries first_output
                 chunk.specs = [MessageSpec(chunk.first_page, 0, 0, 0)]
@@ -229,7 +234,7 @@ class Transfers:
         )
         offset = spec.first_page - chunk.first_page
         src_pages = chunk.pages[offset : offset + spec.num_pages]
-        if not self.manager.plane.submit(rec, msg, spec, src_pages, chunk.ready_event):
+        if not self.plane.submit(rec, msg, spec, src_pages, chunk.ready_event):
             return False
         if rec.dropped:  # the plane failed it
             return True
@@ -239,7 +244,7 @@ class Transfers:
             rec.chunks.popleft()
             if not rec.chunks:
                 self._sending.pop(rec, None)
-        if last and self.manager.plane.done_when_written(rec) and rec.state.advance(KVPoll.Success):
+        if last and self.plane.done_when_written(rec) and rec.state.advance(KVPoll.Success):
             self.drop_out(rec)  # the receiver's Ack, or a late Abort, then meets a finished nonce
         return True
 
@@ -269,36 +274,22 @@ class Transfers:
     def on_data(self, src: str, msg: wire.Data, payload: list) -> None:
         rec = self._in.get(msg.nonce)
         if rec is None or rec.peer != src or rec.state.is_final:
-            self.manager.plane.discard(src, msg, payload)
+            self.plane.discard(src, msg, payload)
             if rec is None and msg.nonce not in self._finished:
                 self._finished[msg.nonce] = time.monotonic() + FINISHED_TTL_S
                 self.peers.send(
                     src, wire.Abort(msg.rid, msg.nonce, "the receiver has no such transfer", True)
                 )
             return
-        error = self._data_error(rec, msg) or self.manager.plane.payload_error(msg, payload)
+        error = data_error(self.layout, rec.pages, msg) or self.plane.payload_error(msg, payload)
         if error is not None:
-            self.manager.plane.discard(src, msg, payload)
+            self.plane.discard(src, msg, payload)
             self.fail_inbound(rec, f"bad data message: {error}")
             return
         assert rec.pages is not None
         spec = MessageSpec(msg.first_page, msg.num_pages, msg.layer_begin, msg.layer_end)
         dst_pages = rec.pages[msg.first_page : msg.first_page + msg.num_pages]
-        self.manager.plane.receive(rec, msg, spec, dst_pages, payload, lambda: self._on_written(rec, msg))
-
-    def _data_error(self, rec: InboundTransfer, msg: wire.Data) -> str | None:
-        if rec.pages is None:
-            return "data before the receiver's init()"
-        if msg.dtype != dtype_name(self.layout.dtype):
-            return f"dtype {msg.dtype}, the pool holds {dtype_name(self.layout.dtype)}"
-        if not 0 <= msg.layer_begin <= msg.layer_end <= self.layout.num_layers:
-            return f"layers [{msg.layer_begin}, {msg.layer_end}) of {self.layout.num_layers}"
-        if msg.first_page < 0 or msg.num_pages < 0 or msg.first_page + msg.num_pages > len(rec.pages):
-            return f"pages [{msg.first_page}, +{msg.num_pages}) beyond the {len(rec.pages)} given to init()"
-        expected = msg.num_pages * (msg.layer_end - msg.layer_begin) * self.layout.cell_bytes
-        if msg.nbytes != expected:
-            return f"{msg.nbytes} bytes announced, the layout needs {expected}"
-        return None
+        self.plane.receive(rec, msg, spec, dst_pages, payload, lambda: self._on_written(rec, msg))
 
     def _on_written(self, rec: InboundTransfer, msg: wire.Data) -> None:
         rec.cells_written += msg.num_pages * (msg.layer_end - msg.layer_begin)

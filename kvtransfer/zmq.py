@@ -24,6 +24,7 @@ from pdserve.kvtransfer.base import KVTransferConfig
 from pdserve.kvtransfer.control import ControlPlaneManager
 from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.layout import MessageSpec, typed_view
+from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.staging import HostStagingPool, gather_pages, scatter_pages
 from pdserve.kvtransfer.wire import Data
@@ -34,11 +35,11 @@ DEFAULT_MAX_SLABS = 4
 
 
 class ZmqDataPlane(DataPlane):
-    def __init__(self, core: ControlPlaneManager, slab_bytes: int, max_slabs: int):
-        super().__init__(core)
-        on_cuda = core.pool.device.type == "cuda"
+    def __init__(self, host: PlaneHost, slab_bytes: int, max_slabs: int):
+        super().__init__(host)
+        on_cuda = host.pool.device.type == "cuda"
         self.staging = HostStagingPool(slab_bytes, max_slabs, pin=on_cuda)
-        self.stream = torch.cuda.Stream(core.pool.device) if on_cuda else None
+        self.stream = torch.cuda.Stream(host.pool.device) if on_cuda else None
 
     def payload_error(self, msg: Data, payload: list) -> str | None:
         if msg.nbytes == 0:
@@ -54,7 +55,7 @@ class ZmqDataPlane(DataPlane):
     ) -> bool:
         if spec.num_pages == 0:
             if not rec.state.is_final:
-                self.core.peers.send(rec.peer, msg, create=False)
+                self.host.send(rec.peer, msg)
             return True
         slab = self.staging.acquire(msg.nbytes)
         if slab is None:
@@ -63,10 +64,10 @@ class ZmqDataPlane(DataPlane):
             if rec.state.is_final:
                 self.staging.release(slab)
                 return True
-            out = typed_view(slab.buffer, self.core.layout, spec)
-            gather_pages(self.core.pool, src_pages, spec, out, self.stream, ready_event)
+            out = typed_view(slab.buffer, self.host.layout, spec)
+            gather_pages(self.host.pool, src_pages, spec, out, self.stream, ready_event)
         frame = memoryview(slab.buffer[: msg.nbytes].numpy())
-        self.staging.release(slab, self.core.peers.send(rec.peer, msg, frame, create=False))
+        self.staging.release(slab, self.host.send(rec.peer, msg, frame))
         return True
 
     def receive(
@@ -83,7 +84,7 @@ class ZmqDataPlane(DataPlane):
             with rec.state.lock:
                 if not rec.state.is_final:
                     scatter_pages(
-                        self.core.pool, dst_pages, spec, typed_view(raw, self.core.layout, spec), self.stream
+                        self.host.pool, dst_pages, spec, typed_view(raw, self.host.layout, spec), self.stream
                     )
         done()
 
@@ -112,5 +113,5 @@ class ZmqKVManager(ControlPlaneManager):
             host,
             port,
             max_message_bytes=slab_bytes,
-            make_plane=lambda core: ZmqDataPlane(core, slab_bytes, max_slabs),
+            make_plane=lambda host: ZmqDataPlane(host, slab_bytes, max_slabs),
         )
