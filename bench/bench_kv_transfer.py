@@ -18,15 +18,15 @@ into the receiver's pool finished): the whole copy out of one pool and into the 
 Baselines, same bytes, same run:
 - zmq: a bare ZMQ DEALER -> ROUTER over the same loopback TCP, zero-copy, in messages of the
   backend's size (`--slab-mib`), the receiver acknowledging the last one (no gather, no scatter,
-  no pool): what the socket alone moves. Issue goal: zmq within 1.5x of it at 1024 tokens.
+  no pool): what the socket alone moves. Goal: zmq within 1.5x of it at 1024 tokens.
 - nccl: a device-to-device copy cuda:0 -> cuda:1 of the same bytes in this process (peer access
-  when available). Issue goal: nccl at >= 80% of it at 1024 tokens.
+  when available). Goal: nccl at >= 80% of it at 1024 tokens.
 - cuda_ipc (and auto): a device-to-device copy of the same bytes from the sender's GPU to the
   receiver's (one contiguous `copy_`, timed with CUDA events: the copy rate of the hardware). The
   transfer itself is timed end to end as above (send() .. the sender's Success, once its copy
   finished); `delivered ms` ends where the receiver saw Success instead (what a decode worker waits for);
   `kernel ms` is the one page-move launch alone (pool to pool, the same random pages, events), so
-  the rest is the control plane. Issue goal: 1024 tokens in <= 0.3 ms, >= 30% of the copy rate.
+  the rest is the control plane. Goal: 1024 tokens in <= 0.3 ms, >= 30% of the copy rate.
 
 GB/s are 10^9 bytes per second; the table shows medians (and the best run).
 """

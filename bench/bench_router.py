@@ -12,7 +12,7 @@ the machine's cores, so every measurement reports the CPU each used, and what th
 machine used meanwhile ("others"), in percent of one core: a client near 100% would mean the
 client, not the router, is measured; large "others" means the numbers are contended.
 
-Phase `latency` (issue goal: < 1 ms added at p50 with 100 concurrent streams): for each `--streams`
+Phase `latency` (goal: < 1 ms added at p50 with 100 concurrent streams): for each `--streams`
 count, closed-loop streams of `--output-len` tokens at one step every `--step-ms`, sent straight to
 the stand-in over ZMQ (prompt as token ids), through the router over HTTP (the same prompt as text,
 so the router tokenizes, dispatches, detokenizes and streams SSE), to the HTTP floor and through

@@ -116,7 +116,7 @@ for stage in $STAGES; do
     bench_random serving-pd-c16 200 1024 128 --num-prompts 96 --max-concurrency 16 --warmup-requests 2
     serve_stop ;;
   split)
-    # issue 11's comparison: the mixed worker against --prefill 1 --decode 1 over cuda_ipc on the
+    # the split's price on one GPU: the mixed worker against --prefill 1 --decode 1 over cuda_ipc on the
     # same GPU, 1,024 in / 256 out random ids at concurrency 1 and 64, in one lease
     serve_and_bench split-mixed
     serve_and_bench split-pd-cuda-ipc --prefill 1 --decode 1 --kv-transfer-backend cuda_ipc ;;
