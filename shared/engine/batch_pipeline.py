@@ -41,7 +41,7 @@ from pdserve.shared.engine.sampler import reads_output_ids
 from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler
 
 if TYPE_CHECKING:
-    from pdserve.shared.engine.engine import EngineStats
+    from pdserve.shared.engine.engine_stats import EngineStats
 
 
 class BatchPipeline:
