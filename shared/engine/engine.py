@@ -35,7 +35,8 @@ from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_intake import new_samples
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.sampling_params import SamplingParams
-from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, SchedulerConfig
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.engine.weights_update import (
     UPDATE_OK,
