@@ -30,7 +30,7 @@ from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.output import build_output, merge_sample_outputs, output_due
-from pdserve.shared.engine.radix_cache import RadixListener
+from pdserve.shared.engine.radix_node import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_intake import new_samples
 from pdserve.shared.engine.request_validation import RequestError
