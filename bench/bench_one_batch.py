@@ -29,7 +29,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampling_params import SamplingParams
-from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "llama-3.1-8b.json")
 

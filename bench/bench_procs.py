@@ -78,7 +78,7 @@ def start_standin(
     cmd = [
         sys.executable,
         "-m",
-        "pdserve.bench.standin_engine",
+        "pdserve.bench.standin_process",
         "--port",
         "0",
         "--step-ms",

@@ -32,7 +32,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.handoff import first_output_of
 from pdserve.shared.engine.kv_pool import PagedKVPool
-from pdserve.shared.engine.radix_cache import RadixListener
+from pdserve.shared.engine.radix_node import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.scheduler import SchedulerConfig

@@ -33,7 +33,8 @@ from collections.abc import Callable
 
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
-from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig, StepResult
+from pdserve.shared.engine.scheduled_batch import StepResult
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 
 
 class PrefillScheduler(Scheduler):

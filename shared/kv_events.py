@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 class KVEventPublisher:
-    """A RadixListener (shared/engine/radix_cache.py) that ships its events to Redis."""
+    """A RadixListener (shared/engine/radix_node.py) that ships its events to Redis."""
 
     def __init__(
         self,

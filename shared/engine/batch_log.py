@@ -37,7 +37,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from pdserve.shared.engine.scheduler import ScheduledBatch, Scheduler
+from pdserve.shared.engine.scheduled_batch import ScheduledBatch
+from pdserve.shared.engine.scheduler import Scheduler
 
 logger = logging.getLogger(__name__)
 

@@ -38,10 +38,11 @@ from pdserve.shared.engine.in_flight import LaunchedDecode
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import reads_output_ids
-from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
+from pdserve.shared.engine.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from pdserve.shared.engine.engine import EngineStats
+    from pdserve.shared.engine.engine_stats import EngineStats
 
 
 class BatchPipeline:

@@ -8,6 +8,7 @@
 
 Workers drive `step()` from their loop; tests and benchmarks use `generate()`. Everything that a
 client can get wrong raises `RequestError` from `add_request` with a message naming the field.
+A request's samples are built in request_intake.py, the outputs a step reports in output.py.
 
 With overlap scheduling (on by default on CUDA; batch_pipeline.py) a step returns the outputs of the
 decode step launched in the previous call while its own decode step runs on the device, and a
@@ -19,21 +20,23 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.batch_log import BatchLog
 from pdserve.shared.engine.batch_pipeline import BatchPipeline
+from pdserve.shared.engine.engine_stats import EngineStats
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
-from pdserve.shared.engine.output import build_output
-from pdserve.shared.engine.radix_cache import RadixListener
-from pdserve.shared.engine.request import Req, resume
-from pdserve.shared.engine.request_validation import RequestError, validate_request
+from pdserve.shared.engine.output import build_output, merge_sample_outputs, output_due
+from pdserve.shared.engine.radix_node import RadixListener
+from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.request_intake import new_samples
+from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.sampling_params import SamplingParams
-from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, SchedulerConfig
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.engine.weights_update import (
     UPDATE_OK,
@@ -42,31 +45,13 @@ from pdserve.shared.engine.weights_update import (
     apply_weights,
     check_weights,
     next_weight_version,
+    restore_weights,
 )
 from pdserve.shared.models.config import ModelConfig
-from pdserve.shared.models.loader import init_dummy_weights, iter_weights
 from pdserve.shared.models.resolver import resolve_model
 from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput, ServerInfo
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    """Monotonic counters for /metrics; throughputs are derived by the scraper."""
-
-    num_requests: int = 0
-    num_finished: int = 0
-    num_aborted: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    generated_tokens: int = 0
-    prefill_tokens_computed: int = 0
-    decode_tokens_computed: int = 0
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    num_retractions: int = 0
-    num_steps: int = 0
 
 
 def overlap_schedule_default(args: EngineArgs) -> bool:
@@ -185,28 +170,8 @@ class Engine:
         """Validates msg and builds its n sample requests (queued nowhere yet); raises RequestError."""
         if msg.rid in self._live:
             raise RequestError(f"Duplicate request id {msg.rid!r}: a request with this rid is still running.")
-        params = validate_request(
-            msg, self.model_config.vocab_size, self.context_length, self.max_total_num_tokens
-        )
-        samples: list[Req] = []
-        for index in range(params.n):
-            sample_params = params if index == 0 else _derive_sample_params(params, index)
-            req = Req(
-                rid=msg.rid,
-                input_ids=list(msg.input_ids),
-                params=sample_params,
-                index=index,
-                share_prompt_with=samples[0] if index > 0 and not self.args.disable_radix_cache else None,
-                eos_token_ids=self.model_config.eos_token_ids,
-                return_logprob=msg.return_logprob,
-                top_logprobs_num=msg.top_logprobs_num,
-                logprob_start_len=msg.logprob_start_len,
-                token_ids_logprob=list(msg.token_ids_logprob) if msg.token_ids_logprob else None,
-            )
-            if msg.generated_ids:
-                resume(req, msg.generated_ids)
-            samples.append(req)
-        return samples
+        share_prompt = not self.args.disable_radix_cache
+        return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt)
 
     def _track(self, rid: str, samples: list[Req]) -> None:
         """Counts an accepted request; it stays live until every sample has finished (`_retire`)."""
@@ -231,14 +196,14 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that gained tokens or finished (with
         overlap: those of the decode step launched in the previous call; batch_pipeline.py), except
-        a request whose `stream_interval` says its new tokens wait for more (`_due`)."""
+        a request whose `stream_interval` says its new tokens wait for more (`output_due`)."""
         self.stats.num_steps += 1
-        return [self._emit(r) for r in self.pipeline.step() if _due(r)]
+        return [self._emit(r) for r in self.pipeline.step() if output_due(r)]
 
     def finish_in_flight(self) -> list[RequestOutput]:
         """Reads the decode step in flight, if any, so nothing runs on the device unread (a worker
         that pauses generation calls it); returns the outputs that step made due."""
-        return [self._emit(r) for r in self.pipeline.drain() if _due(r)]
+        return [self._emit(r) for r in self.pipeline.drain() if output_due(r)]
 
     def _emit(self, req: Req) -> RequestOutput:
         out = build_output(req)
@@ -333,7 +298,7 @@ class Engine:
             try:
                 apply_weights(self.runner.model, checked)
             except WeightsUpdateError:
-                self._reload_current_weights()
+                restore_weights(self.runner.model, self.args, self.local_dir)
                 raise
         except WeightsUpdateError as exc:
             return False, str(exc)
@@ -352,14 +317,6 @@ class Engine:
             self.kv.flush()
         self.weight_version = next_weight_version(self.weight_version, weight_version)
         logger.info("weights updated from tensors (version %s)", self.weight_version)
-
-    def _reload_current_weights(self) -> None:
-        """Restores the weights served before a failed copy (same source, same seed)."""
-        model = self.runner.model
-        if self.args.load_format == "dummy":
-            init_dummy_weights(model, self.args.random_seed)
-        else:
-            model.load_weights(iter_weights(self.local_dir), strict=True)
 
     # ------------------------------------------------------------------ offline use
 
@@ -400,51 +357,5 @@ class Engine:
         results = []
         for rid, p in zip(rids, params):
             for index in range(int(p.get("n", 1))):
-                results.append(_merge_outputs(collected.get((rid, index), [])))
+                results.append(merge_sample_outputs(collected.get((rid, index), [])))
         return results
-
-
-def _due(req: Req) -> bool:
-    """Whether a request that progressed reports now: when finished, with its first tokens, or once
-    `stream_interval` new tokens wait (SGLang's rule: the first token at once, then every N)."""
-    interval = req.params.stream_interval
-    if not interval or interval == 1 or req.is_finished or not req.reported:
-        return True
-    return len(req.output_ids) - req.num_sent >= interval
-
-
-def _derive_sample_params(params, index: int):
-    """Sample i of an n>1 request: same parameters, its own seed (when seeded) so samples differ."""
-    from dataclasses import replace
-
-    seed = None if params.sampling_seed is None else params.sampling_seed + index
-    return replace(params, sampling_seed=seed)
-
-
-def _merge_outputs(outs: list[RequestOutput]) -> dict[str, Any]:
-    """Folds the stream of one sample into one SGLang-shaped result (ids, not text)."""
-    ids: list[int] = []
-    meta: dict[str, Any] = {}
-    logprob_keys = (
-        "output_token_logprobs",
-        "output_top_logprobs",
-        "output_token_ids_logprobs",
-        "input_token_logprobs",
-        "input_top_logprobs",
-        "input_token_ids_logprobs",
-    )
-    for out in outs:
-        ids.extend(out.token_ids)
-        for key in logprob_keys:
-            value = getattr(out, key)
-            if value is not None:
-                meta.setdefault(key, []).extend(value)
-    last = outs[-1] if outs else None
-    meta.update(
-        prompt_tokens=last.prompt_tokens if last else 0,
-        completion_tokens=len(ids),
-        cached_tokens=last.cached_tokens if last else 0,
-        finish_reason=last.finish_reason if last else None,
-        error=last.error if last else None,
-    )
-    return {"output_ids": ids, "meta_info": meta}

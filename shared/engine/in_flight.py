@@ -30,7 +30,7 @@ import torch
 
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SamplingInputs
-from pdserve.shared.engine.scheduler import ScheduledBatch
+from pdserve.shared.engine.scheduled_batch import ScheduledBatch
 
 
 class FutureTokenIds:

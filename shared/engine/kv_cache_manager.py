@@ -19,7 +19,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 
 from pdserve.shared.engine.page_allocator import PageAllocator
-from pdserve.shared.engine.radix_cache import PrefixHit, RadixCache, RadixListener, RadixNode
+from pdserve.shared.engine.radix_cache import RadixCache
+from pdserve.shared.engine.radix_node import PrefixHit, RadixListener, RadixNode
 
 
 class KVCacheManager:
@@ -27,7 +28,7 @@ class KVCacheManager:
 
     With enable_radix=False nothing is shared: hits are empty (node None), cache_request changes
     nothing and release frees every page of the request.
-    `listener` hears the prefix cache's stored, evicted and cleared pages (radix_cache.py): the
+    `listener` hears the prefix cache's stored, evicted and cleared pages (radix_node.py): the
     prefix index's source (shared/kv_events.py).
     """
 

@@ -22,7 +22,7 @@ from pdserve.shared.engine.in_flight import FutureTokenIds, LaunchedDecode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
-from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model

@@ -9,77 +9,18 @@ Each node carries a lock count (how many running requests hold it or a descendan
 counts on all its ancestors too, root excluded) and a last-access stamp from a counter bumped once
 per match or insert, so LRU eviction order is deterministic. Locked nodes are never evicted.
 
-Events: with a `listener` (RadixListener), every node also keeps the chain hash of each of its pages
-(shared/page_hash.py; computed at insert from the parent's last hash, split and trimmed with the
-pages), and the listener hears, on the thread that changes the tree:
-- on_stored(hashes): the pages an insert added, in prefix order (nothing for pages already there);
-- on_removed(hashes): the pages one evict call freed, in the order it freed them;
-- on_cleared(): reset emptied the tree.
-A split changes no page, so it reports nothing. Without a listener no hash is computed.
+Events: with a `listener` (RadixListener, radix_node.py, which states what it hears), every node
+also keeps the chain hash of each of its pages. Without a listener no hash is computed.
 """
 
 from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
 
 from pdserve.shared.engine.page_allocator import PageAllocator
+from pdserve.shared.engine.radix_node import PrefixHit, RadixListener, RadixNode
 from pdserve.shared.page_hash import ROOT_HASH, page_hashes
-
-
-class RadixListener(Protocol):
-    """Told of the pages a RadixCache gains and loses (see the module docstring). Called inside the
-    engine loop: must return at once (queue the event, never touch the network)."""
-
-    def on_stored(self, hashes: list[int]) -> None: ...
-
-    def on_removed(self, hashes: list[int]) -> None: ...
-
-    def on_cleared(self) -> None: ...
-
-
-class RadixNode:
-    """One run of whole pages in the tree. Opaque outside this module.
-
-    A handle stays valid as long as it is locked: splits keep the handle on the deep end of the
-    run, so the prefix it stands for never changes. An unlocked handle may be trimmed or dropped by
-    the next `evict`; lock it (or use it at once) before anything can evict.
-    """
-
-    __slots__ = ("children", "hashes", "key", "last_access", "lock_ref", "node_id", "pages", "parent")
-
-    def __init__(
-        self, node_id: int, key: tuple[int, ...], pages: list[int], parent: RadixNode | None
-    ) -> None:
-        self.node_id = node_id  # creation order: breaks ties between equal stamps deterministically
-        self.key = key
-        self.pages = pages
-        self.hashes: list[int] = []  # chain hash per page; kept only when the cache has a listener
-        self.parent = parent  # None for the root and for nodes that were evicted
-        self.children: dict[tuple[int, ...], RadixNode] = {}
-        self.lock_ref = 0
-        self.last_access = 0
-
-    def __repr__(self) -> str:
-        return (
-            f"RadixNode(id={self.node_id}, tokens={len(self.key)}, pages={self.pages}, lock={self.lock_ref})"
-        )
-
-
-@dataclass
-class PrefixHit:
-    """The longest cached whole-page prefix of some tokens.
-
-    pages: the tree's pages holding that prefix, in order; num_tokens = len(pages) * page_size.
-    node: the deepest node of the match (the root when nothing matched, None when the cache is
-    disabled): the handle to lock while a request uses `pages`.
-    """
-
-    pages: list[int]
-    num_tokens: int
-    node: RadixNode | None
 
 
 class RadixCache:

@@ -32,26 +32,23 @@ tokens first, so those decisions are taken on the same facts as without overlap.
 finishes on its in-flight token (a stop token) was planned into one step too many: that step's
 token for it is dropped by `on_decode_done`, and its KV slot went back with its pages.
 
-The disaggregated roles subclass this scheduler (prefill/scheduler.py, decode/scheduler.py) through
-a few hooks: `_on_prefill_complete` (where a request goes once its prompt is computed),
-`_admission_headroom` (pages a new prompt must leave free), `_unqueue`/`_finish` (their own queues),
-and the queue views `has_work`, `all_requests`, `num_running`, `num_waiting`.
+The queues themselves, and finishing or aborting a request, are request_queues.py's; the batch
+types are scheduled_batch.py's. The disaggregated roles subclass this scheduler
+(prefill/scheduler.py, decode/scheduler.py) through a few hooks: `_on_prefill_complete` (where a
+request goes once its prompt is computed), `_admission_headroom` (pages a new prompt must leave
+free), `_unqueue`/`_finish` (their own queues), and the queue views `has_work`, `all_requests`,
+`num_running`, `num_waiting`.
 """
 
 from __future__ import annotations
 
-import enum
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
+from pdserve.shared.engine.request_queues import RequestQueues
 from pdserve.shared.engine.schedule_policy import order_waiting
-
-
-class BatchKind(enum.IntEnum):
-    EXTEND = 1
-    DECODE = 2
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch, StepResult
 
 
 @dataclass
@@ -64,68 +61,15 @@ class SchedulerConfig:
     context_length: int = 1 << 62
 
 
-@dataclass
-class ScheduledBatch:
-    kind: BatchKind
-    reqs: list[Req]
-    prefix_lens: list[int]  # num_computed of each request before this step
-    extend_lens: list[int]  # tokens computed for each request this step
-    cached_tokens: int = 0  # prompt tokens the requests admitted by this batch found in the cache
-
-    def samples(self, i: int) -> bool:
-        """Whether request i reaches the end of its fill_ids this step (and so samples a token)."""
-        req = self.reqs[i]
-        reaches_end = self.prefix_lens[i] + self.extend_lens[i] == req.seq_len_with_in_flight
-        return reaches_end and req.params.max_new_tokens > 0
-
-
-@dataclass
-class StepResult:
-    """What changed for the engine to report: requests that gained tokens or finished."""
-
-    progressed: list[Req] = field(default_factory=list)
-    finished: list[Req] = field(default_factory=list)
-
-
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class Scheduler:
+class Scheduler(RequestQueues):
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
+        super().__init__(kv)
         self.config = config
-        self.kv = kv
-        self.waiting: deque[Req] = deque()
-        self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
-        self.running: list[Req] = []  # decoding
         self.num_retractions = 0
-        # requests finished while scheduling (none of a batch's results): the engine reports them
-        self.stopped: list[Req] = []
-
-    # ------------------------------------------------------------------ queue views
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running) + len(self.prefilling)
-
-    def has_work(self) -> bool:
-        """Whether any request is live (roles add requests that wait on a transfer)."""
-        return self.has_compute()
-
-    def has_compute(self) -> bool:
-        """Whether a request may need a forward pass (a batch), as opposed to waiting on a transfer."""
-        return bool(self.waiting or self.prefilling or self.running)
-
-    def all_requests(self) -> list[Req]:
-        return list(self.waiting) + self.prefilling + self.running
-
-    def add(self, req: Req) -> None:
-        req.status = ReqStatus.WAITING
-        self.waiting.append(req)
 
     # ------------------------------------------------------------------ scheduling
 
@@ -317,10 +261,6 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
 
-    def take_stopped(self) -> list[Req]:
-        stopped, self.stopped = self.stopped, []
-        return stopped
-
     def on_batch_done(self, batch: ScheduledBatch, next_tokens: list[int | None]) -> StepResult:
         """Advances counters after the forward pass; next_tokens[i] is set where batch.samples(i)."""
         if batch.kind == BatchKind.DECODE:
@@ -402,34 +342,3 @@ class Scheduler:
         if req.seq_len >= self.config.context_length:
             return {"type": "length", "length": len(req.output_ids)}
         return None
-
-    def _unqueue(self, req: Req) -> None:
-        """Takes req out of the queue its status names. Roles with queues of their own extend it."""
-        if req.status == ReqStatus.WAITING:
-            self.waiting.remove(req)
-        elif req.status == ReqStatus.PREFILLING:
-            self.prefilling.remove(req)
-        elif req.status == ReqStatus.RUNNING:
-            self.running.remove(req)
-
-    def _finish(self, req: Req, reason: dict) -> None:
-        """Ends a request and returns its pages (computed whole pages to the cache); safe in any
-        state but FINISHED."""
-        self._unqueue(req)
-        if req.pages or req.prefix_node is not None:
-            self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
-        req.pages, req.prefix_node = [], None
-        req.finish(reason)
-
-    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[Req]:
-        """Finishes every live request with this rid (all samples of an n>1 request)."""
-        hit = [r for r in self.all_requests() if r.rid == rid]
-        for req in hit:
-            self._finish(req, {"type": "abort", "message": message})
-        return hit
-
-    def abort_all(self, message: str) -> list[Req]:
-        reqs = self.all_requests()
-        for req in reqs:
-            self._finish(req, {"type": "abort", "message": message})
-        return reqs

@@ -7,7 +7,7 @@ Two steps, so a bad checkpoint never touches the served weights:
    engine keeps serving (resolving a hub id may take long: nothing waits on it).
 2. `apply_weights` copies the tensors in. Only an idle engine may call it (no forward pass reads
    half-old, half-new weights). If reading fails half-way (a file changed or vanished after the
-   check), the caller restores its previous weights; the message then says so.
+   check), the caller restores its previous weights (`restore_weights`); the message then says so.
 
 Messages follow SGLang: a path that resolves to nothing gives exactly
 "Failed to get weights iterator: <path> (repository not found)."; a checkpoint that does not fit
@@ -24,8 +24,9 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pdserve.shared.args import EngineArgs
 from pdserve.shared.models.config import ModelConfig
-from pdserve.shared.models.loader import iter_weights, safetensors_files
+from pdserve.shared.models.loader import init_dummy_weights, iter_weights, safetensors_files
 from pdserve.shared.models.resolver import ModelNotFoundError, resolve_model
 from pdserve.shared.models.weights import WeightLoadError, checkpoint_targets
 
@@ -138,3 +139,11 @@ def apply_weights(model: nn.Module, checked: CheckedWeights) -> None:
         raise WeightsUpdateError(
             f"Failed to update weights: {exc}.\nRolling back to original weights."
         ) from exc
+
+
+def restore_weights(model: nn.Module, args: EngineArgs, local_dir: Path) -> None:
+    """Restores the weights served before a failed copy (same source, same seed)."""
+    if args.load_format == "dummy":
+        init_dummy_weights(model, args.random_seed)
+    else:
+        model.load_weights(iter_weights(local_dir), strict=True)

@@ -31,7 +31,7 @@ from pdserve.shared.protocol import LoadReport
 from pdserve.shared.worker.sglang_metrics import SglangWorkerSeries
 
 if TYPE_CHECKING:
-    from pdserve.shared.engine.engine import EngineStats
+    from pdserve.shared.engine.engine_stats import EngineStats
 
 PREFIX = "pdserve_worker"
 

@@ -23,7 +23,8 @@ import torch
 import zmq
 
 from pdserve.shared.args import EngineArgs
-from pdserve.shared.engine.engine import Engine, _merge_outputs
+from pdserve.shared.engine.engine import Engine
+from pdserve.shared.engine.output import merge_sample_outputs
 from pdserve.shared.protocol import (
     AbortRequest,
     DecodeRequest,
@@ -96,7 +97,7 @@ class RouterStub:
 
     def result(self, rid: str, timeout_s: float = 60.0) -> dict:
         self.wait(lambda: self.finished(rid) is not None and rid in self.done, timeout_s, rid)
-        return _merge_outputs(self.outputs[rid])
+        return merge_sample_outputs(self.outputs[rid])
 
     def load(self, sock: DealerSocket) -> LoadReport:
         query_id = next(self._ids)

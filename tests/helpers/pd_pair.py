@@ -13,7 +13,8 @@ from typing import Any
 
 from pdserve.decode.engine import DecodeEngine
 from pdserve.prefill.engine import PrefillEngine
-from pdserve.shared.engine.engine import Engine, _merge_outputs
+from pdserve.shared.engine.engine import Engine
+from pdserve.shared.engine.output import merge_sample_outputs
 from pdserve.shared.protocol import DecodeRequest, GenerateRequest, PrefillDone, PrefillRequest, RequestOutput
 
 
@@ -78,7 +79,7 @@ class PDPair:
         for i, (rid, prompt) in enumerate(zip(rids, prompts)):
             self.submit(rid, prompt, decode_first=i % 2 == 1, sampling_params=dict(params), **fields)
         self.run()
-        return [_merge_outputs(self.outputs[rid]) for rid in rids]
+        return [merge_sample_outputs(self.outputs[rid]) for rid in rids]
 
     def assert_idle(self) -> None:
         for engine in (self.prefill, self.decode):

@@ -16,11 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pdserve.shared.engine.batch_pipeline import BatchPipeline
-from pdserve.shared.engine.engine import EngineStats
+from pdserve.shared.engine.engine_stats import EngineStats
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampling_params import SamplingParams
-from pdserve.shared.engine.scheduler import BatchKind, ScheduledBatch, Scheduler, SchedulerConfig
+from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 
 PAGE_SIZE = 4
 

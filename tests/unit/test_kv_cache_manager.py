@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
-from pdserve.shared.engine.radix_cache import RadixNode
+from pdserve.shared.engine.radix_node import RadixNode
 
 
 def test_request_lifecycle_with_exact_pages():

@@ -10,7 +10,8 @@ from pdserve.prefill.scheduler import PrefillScheduler
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.sampling_params import SamplingParams
-from pdserve.shared.engine.scheduler import BatchKind, SchedulerConfig
+from pdserve.shared.engine.scheduled_batch import BatchKind
+from pdserve.shared.engine.scheduler import SchedulerConfig
 
 EOS = 0
 

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.page_allocator import PageAllocator
-from pdserve.shared.engine.radix_cache import RadixCache, RadixNode
+from pdserve.shared.engine.radix_cache import RadixCache
+from pdserve.shared.engine.radix_node import RadixNode
 from pdserve.shared.page_hash import page_hashes
 
 

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.sampling_params import SamplingParams
-from pdserve.shared.engine.scheduler import BatchKind, Scheduler, SchedulerConfig
+from pdserve.shared.engine.scheduled_batch import BatchKind
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 
 EOS = 0
 

@@ -14,14 +14,9 @@ import time
 import pytest
 import zmq
 
-from pdserve.bench.standin_engine import (
-    StandinConfig,
-    StandinEngine,
-    batch_frame,
-    bind_router_socket,
-    output_wire,
-    parse_token_ids,
-)
+from pdserve.bench.standin_engine import StandinConfig, StandinEngine
+from pdserve.bench.standin_process import bind_router_socket, parse_token_ids
+from pdserve.bench.standin_wire import batch_frame, output_wire
 from pdserve.shared.protocol import (
     AbortRequest,
     FlushCacheRequest,

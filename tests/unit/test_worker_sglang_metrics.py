@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.shared.engine.engine import EngineStats
+from pdserve.shared.engine.engine_stats import EngineStats
 from pdserve.shared.engine.latency_stats import ITL_BUCKETS, TTFT_BUCKETS, LatencyHistogram, RequestLatencies
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampling_params import SamplingParams

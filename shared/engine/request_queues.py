@@ -1,0 +1,87 @@
+"""The scheduler's queues of live requests and the calls that take a request out of them (finish,
+abort). Which request moves from one queue to the next is the scheduler's policy (scheduler.py); the
+roles' schedulers extend the views and `_unqueue`/`_finish` with queues of their own. No torch.
+
+    waiting ──▶ prefilling ──▶ running ──▶ finished (pages back through KVCacheManager.release)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from pdserve.shared.engine.kv_cache_manager import KVCacheManager
+from pdserve.shared.engine.request import Req, ReqStatus
+
+
+class RequestQueues:
+    """Live requests by state; `kv` takes back the pages of those that end."""
+
+    def __init__(self, kv: KVCacheManager):
+        self.kv = kv
+        self.waiting: deque[Req] = deque()
+        self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
+        self.running: list[Req] = []  # decoding
+        # requests finished while scheduling (none of a batch's results): the engine reports them
+        self.stopped: list[Req] = []
+
+    # ------------------------------------------------------------------ queue views
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) + len(self.prefilling)
+
+    def has_work(self) -> bool:
+        """Whether any request is live (roles add requests that wait on a transfer)."""
+        return self.has_compute()
+
+    def has_compute(self) -> bool:
+        """Whether a request may need a forward pass (a batch), as opposed to waiting on a transfer."""
+        return bool(self.waiting or self.prefilling or self.running)
+
+    def all_requests(self) -> list[Req]:
+        return list(self.waiting) + self.prefilling + self.running
+
+    def add(self, req: Req) -> None:
+        req.status = ReqStatus.WAITING
+        self.waiting.append(req)
+
+    def take_stopped(self) -> list[Req]:
+        stopped, self.stopped = self.stopped, []
+        return stopped
+
+    # ------------------------------------------------------------------ leaving the queues
+
+    def _unqueue(self, req: Req) -> None:
+        """Takes req out of the queue its status names. Roles with queues of their own extend it."""
+        if req.status == ReqStatus.WAITING:
+            self.waiting.remove(req)
+        elif req.status == ReqStatus.PREFILLING:
+            self.prefilling.remove(req)
+        elif req.status == ReqStatus.RUNNING:
+            self.running.remove(req)
+
+    def _finish(self, req: Req, reason: dict) -> None:
+        """Ends a request and returns its pages (computed whole pages to the cache); safe in any
+        state but FINISHED."""
+        self._unqueue(req)
+        if req.pages or req.prefix_node is not None:
+            self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
+        req.pages, req.prefix_node = [], None
+        req.finish(reason)
+
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[Req]:
+        """Finishes every live request with this rid (all samples of an n>1 request)."""
+        hit = [r for r in self.all_requests() if r.rid == rid]
+        for req in hit:
+            self._finish(req, {"type": "abort", "message": message})
+        return hit
+
+    def abort_all(self, message: str) -> list[Req]:
+        reqs = self.all_requests()
+        for req in reqs:
+            self._finish(req, {"type": "abort", "message": message})
+        return reqs
