@@ -78,20 +78,15 @@ class DecodeEngine(Engine):
     def add_remote(self, msg: DecodeRequest) -> None:
         """Queues a request whose KV comes from a prefill worker (a GenerateRequest, through
         add_request, is prefilled here); raises RequestError when it is refused."""
-        if not isinstance(msg.prefill_kv_endpoint, str) or not msg.prefill_kv_endpoint:
-            raise RequestError("prefill_kv_endpoint must name the prefill worker's KV endpoint.")
         gen = msg.request
-        samples = self._new_samples(gen)
-        if len(samples) > 1:
-            raise RequestError("n > 1 is not served disaggregated; send a GenerateRequest (local prefill).")
+        req = self._remote_sample(gen, msg.prefill_kv_endpoint, "prefill")
         try:
             receiver = self.kv_manager.make_receiver(gen.rid, msg.prefill_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer from {msg.prefill_kv_endpoint} cannot start: {exc}") from exc
-        req = samples[0]
         self.scheduler.add_remote(req)
         self.receives.add(req, receiver)
-        self._track(gen.rid, samples)
+        self._track(gen.rid, [req])
 
     def step(self) -> list[RequestOutput]:
         """Transfers first (arrivals are reported with their first token), then one batch."""

@@ -83,22 +83,15 @@ class PrefillEngine(Engine):
 
     def add_prefill(self, msg: PrefillRequest) -> None:
         """Queues a PrefillRequest and makes its sender; raises RequestError when it is refused."""
-        if not isinstance(msg.decode_kv_endpoint, str) or not msg.decode_kv_endpoint:
-            raise RequestError("decode_kv_endpoint must name the decode worker's KV endpoint.")
         gen = msg.request
-        samples = self._new_samples(gen)
-        if len(samples) > 1:
-            raise RequestError(
-                "n > 1 is not served by a prefill worker; use local prefill on a decode worker."
-            )
+        req = self._remote_sample(gen, msg.decode_kv_endpoint, "decode")
         try:
             sender = self.kv_manager.make_sender(gen.rid, msg.decode_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer to {msg.decode_kv_endpoint} cannot start: {exc}") from exc
-        req = samples[0]
         self.scheduler.add(req)
         self.sends.add(req, sender)
-        self._track(gen.rid, samples)
+        self._track(gen.rid, [req])
 
     def step(self) -> list[PrefillDone]:  # type: ignore[override]
         """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""

@@ -173,6 +173,16 @@ class Engine:
         share_prompt = not self.args.disable_radix_cache
         return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt)
 
+    def _remote_sample(self, msg: GenerateRequest, endpoint: object, partner: str) -> Req:
+        """The one sample of a request whose KV crosses to or from the `partner` ("prefill" or
+        "decode") worker at `endpoint` (queued nowhere yet); raises RequestError when refused."""
+        if not isinstance(endpoint, str) or not endpoint:
+            raise RequestError(f"{partner}_kv_endpoint must name the {partner} worker's KV endpoint.")
+        samples = self._new_samples(msg)
+        if len(samples) > 1:
+            raise RequestError("n > 1 is not served disaggregated; it is prefilled where it decodes.")
+        return samples[0]
+
     def _track(self, rid: str, samples: list[Req]) -> None:
         """Counts an accepted request; it stays live until every sample has finished (`_retire`)."""
         self._live[rid] = samples
