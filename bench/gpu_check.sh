@@ -3,7 +3,7 @@
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
-# interleave threshold; also tests_kv (the KV transfer `gpu` tests alone)
+# interleave threshold; also tests_kv (the KV transfer `gpu` tests alone) and kv_ipc (kv's cuda_ipc run alone)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -150,6 +150,10 @@ PY
       done
       serve_stop
     done ;;
+  kv_ipc)
+    run kv-cuda-ipc 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --device cuda \
+      --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc.jsonl"
+    cat "$OUT"/kv_cuda_ipc.jsonl >> "$RES" ;;
   kv)
     run kv-zmq 150 python3 -m pdserve.bench.bench_kv_transfer --backend zmq --device cuda \
       --tokens 16,256,1024,4096 --output-file "$OUT/kv_zmq.jsonl"
