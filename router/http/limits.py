@@ -23,8 +23,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.http.errors import error_type
-from pdserve.router.serving.generator_api import GenerationError
+from pdserve.router.serving.generator_api import GenerationError, error_type
 
 MAX_BODY_KEY = web.AppKey("pdserve_max_body_bytes", int)
 # Real bodies nest a few levels (chat content parts, a JSON schema a few more); msgpack refuses

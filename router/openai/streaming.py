@@ -24,10 +24,11 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.http.errors import STATUS_TYPES, error_response
+from pdserve.router.http.errors import error_response
 from pdserve.router.http.sse import EventStream, encode_event
 from pdserve.router.openai.responses import ChoiceState, aggregate_usage, error_event, usage_chunk
 from pdserve.router.serving.generator_api import (
+    STATUS_TYPES,
     EventSink,
     GenerateInput,
     GenerationError,

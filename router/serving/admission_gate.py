@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pdserve.router.http.limits import http_error
 from pdserve.router.serving.admission import AdmissionQueue, Ticket, TicketState
 from pdserve.router.serving.generator_api import GenerationError
 from pdserve.router.serving.metrics import RouterMetrics
@@ -45,7 +44,7 @@ def parse_priority(value: Any) -> int | None:
     """The request's `priority` field (SGLang: an optional int); GenerationError 400 otherwise."""
     if value is None or (isinstance(value, int) and not isinstance(value, bool)):
         return value
-    raise http_error(400, f"priority must be an integer, got {value!r:.100}.")
+    raise GenerationError(400, f"priority must be an integer, got {value!r:.100}.")
 
 
 class AdmissionGate:

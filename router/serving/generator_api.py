@@ -17,6 +17,10 @@ Rules:
 - Errors: `GenerationError(status, message)`; raised before the first event for problems the client
   caused (status 400) or that leave no worker able to serve (503); after the first event a failure
   ends the affected samples with finish_reason {"type": "abort", "message": ...} instead.
+- An error's type (the `type` of its OpenAI-shaped body, router/http/errors.py) is named after the
+  `openai` package's exception class for the status where it has one (BadRequestError,
+  ConflictError, UnprocessableEntityError, ...), else after the HTTP reason phrase; a status without
+  an entry falls back to the class of its range, so no answer ever says just "Error".
 - Cancelling the consumer (client disconnect) aborts the request on the worker.
 - A consumer may also pass an `EventSink`: ordinary events mid-stream then go to it at once,
   synchronously, instead of through the iterator (first and last events, errors and anything the
@@ -29,7 +33,31 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pdserve.router.http.errors import error_type
+STATUS_TYPES = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    408: "RequestTimeoutError",
+    409: "ConflictError",
+    413: "RequestTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    422: "UnprocessableEntityError",
+    429: "RateLimitError",
+    499: "ClientClosedRequestError",  # nginx's code for a client that left; counted, never sent
+    500: "InternalServerError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "TimeoutError",
+}
+
+
+def error_type(status: int) -> str:
+    """The OpenAI-style error type of an HTTP status (the `openai` client's classes for 4xx/5xx)."""
+    if status in STATUS_TYPES:
+        return STATUS_TYPES[status]
+    return "InternalServerError" if status >= 500 else "BadRequestError"
 
 
 class GenerationError(Exception):
