@@ -2,7 +2,7 @@
 
     python -m pdserve.bench.pd_interleave /tmp/traces/<id>-prefill-*.trace.json.gz /tmp/traces/<id>-decode-*.trace.json.gz
 
-Reads the Chrome traces the workers wrote for one profile id (router/native_profile.py), takes
+Reads the Chrome traces the workers wrote for one profile id (router/native/profile.py), takes
 their GPU activity (kernels, copies, memsets) on one clock, and over the window both traces cover
 reports:
 - how the GPU's time splits: one worker's kernels only, the other's only, both in flight, idle.

@@ -4,7 +4,7 @@ out, and nothing else.
     python -m pdserve.bench.zmq_relay --port 0 --worker-addr tcp://127.0.0.1:30001
 
 POST /generate takes `input_ids` and `sampling_params`, sends them to the worker as one
-GenerateRequest through `router.worker_conn.WorkerConnection` (the socket, reader callback and
+GenerateRequest through `router.cluster.worker_conn.WorkerConnection` (the socket, reader callback and
 delivery slices the router uses), and streams one minimal `data:` event per output, then
 `data: [DONE]`. It tokenizes, validates, routes, detokenizes and builds no views. So in
 `bench_router`: relay minus HTTP floor is what the router's design costs by itself (one more
@@ -25,7 +25,7 @@ import zmq.asyncio
 from aiohttp import web
 
 from pdserve.bench.http_floor import run_until_interrupted, serve_forever
-from pdserve.router.worker_conn import StreamFailure, WorkerConnection
+from pdserve.router.cluster.worker_conn import StreamFailure, WorkerConnection
 from pdserve.shared.protocol import GenerateRequest
 
 READY_PREFIX = "zmq relay ready"

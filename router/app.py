@@ -4,10 +4,11 @@
     web.run_app(app, handler_cancellation=True)   # router/cli.py does this, with uvloop
 
 Start-up: the worker pool starts polling; static `--worker-addr` workers are dialled (each is
-asked for its ServerInfo until it answers); with `--redis-url` a ClusterView (router/cluster_view.py)
-feeds the pool from Redis membership (and the prefill pool's prefix index, router/prefix_index.py
-where present, feeds `--prefill-policy cache_aware`); with `--tokenizer-path`/`--model-path` the tokenizer loads
-at once, else when the first worker reports its model. Clean-up stops the view, then closes every
+asked for its ServerInfo until it answers); with `--redis-url` a ClusterView
+(router/cluster/cluster_view.py) feeds the pool from Redis membership (and the prefill pool's
+prefix index, router/cluster/precise_prefix_index.py where present, feeds `--prefill-policy
+cache_aware`); with `--tokenizer-path`/`--model-path` the tokenizer loads at once, else when the
+first worker reports its model. Clean-up stops the view, then closes every
 worker connection (requests still in flight end with an abort).
 
 Run it with `handler_cancellation=True`: a client that disconnects then cancels its handler, which
@@ -22,18 +23,18 @@ import logging
 
 from aiohttp import web
 
-from pdserve.router.auth import KEYS_KEY, auth_middleware
-from pdserve.router.limits import MAX_BODY_KEY, body_limit_middleware
-from pdserve.router.middleware import METRICS_KEY, error_middleware, metrics_middleware
-from pdserve.router.native_api import add_native_routes
-from pdserve.router.native_pause import add_pause_routes
-from pdserve.router.native_profile import add_profile_routes
-from pdserve.router.native_runtime import add_runtime_routes
-from pdserve.router.native_sagemaker import add_sagemaker_routes
-from pdserve.router.native_weights import add_weight_routes
+from pdserve.router.cluster.policies import CacheAwarePolicy
+from pdserve.router.http.auth import KEYS_KEY, auth_middleware
+from pdserve.router.http.limits import MAX_BODY_KEY, body_limit_middleware
+from pdserve.router.http.middleware import METRICS_KEY, error_middleware, metrics_middleware
+from pdserve.router.native.pause import add_pause_routes
+from pdserve.router.native.profile import add_profile_routes
+from pdserve.router.native.routes import add_native_routes
+from pdserve.router.native.runtime import add_runtime_routes
+from pdserve.router.native.sagemaker import add_sagemaker_routes
+from pdserve.router.native.weights import add_weight_routes
 from pdserve.router.openai.routes import add_openai_routes
-from pdserve.router.openapi import add_openapi_routes
-from pdserve.router.policies import CacheAwarePolicy
+from pdserve.router.openapi.document import add_openapi_routes
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ async def _start(app: web.Application) -> None:
     if args.tokenizer_path or args.model_path:
         state.start_tokenizer_load()
     if args.redis_url:
-        from pdserve.router.cluster_view import ClusterView  # redis only where it is used
+        from pdserve.router.cluster.cluster_view import ClusterView  # redis only where it is used
 
         view = ClusterView(args.redis_url, membership=state.pool)
         await view.start()
@@ -89,7 +90,7 @@ async def _start_prefix_index(app: web.Application, state: RouterState) -> None:
     if not isinstance(state.prefill_policy, CacheAwarePolicy):
         return
     try:
-        from pdserve.router.prefix_index import PrefixIndex
+        from pdserve.router.cluster.precise_prefix_index import PrefixIndex
     except ImportError:
         return
     app[PREFIX_INDEX_KEY] = asyncio.create_task(_run_prefix_index(state, PrefixIndex), name="prefix-index")

@@ -6,7 +6,7 @@
 
 Workers come from `--worker-addr` (repeatable) and/or Redis membership (`--redis-url`), any mix
 of roles: with decode workers, each request streams from a decode worker paired with a prefill
-worker (router/pairing.py, `--prefill-policy`, `--decode-policy`), or prefilled at the decode
+worker (router/cluster/pairing.py, `--prefill-policy`, `--decode-policy`), or prefilled at the decode
 worker when it is shorter than `--local-prefill-threshold` tokens (default 64: below that a KV
 transfer costs more than it saves), has n > 1, or no prefill worker is alive.
 
@@ -14,7 +14,7 @@ Liveness is apart from progress: a worker is alive while its connection answers 
 which its ZMQ I/O thread answers even during a long step, so a busy worker is never taken for a
 dead one; a dead, frozen or vanished worker is seen within `--worker-liveness-timeout` and its
 requests are retried, or moved with the tokens they streamed (`--disable-migration`). A slow
-request ends by its own deadline (`--request-timeout`). router/worker_pool.py has the rules.
+request ends by its own deadline (`--request-timeout`). router/cluster/worker_pool.py has the rules.
 
 One line goes to stdout: `pdserve router ready url=http://HOST:PORT` (with `--port 0`, the port
 actually bound), once the port listens, or with `--ready-when-serving` only once the router can
@@ -24,8 +24,8 @@ SIGINT stops it cleanly: connections to workers close, requests in flight end, e
 `/health` turns 200 once a worker answered and the tokenizer is loaded.
 
 Metrics (`/metrics`): pdserve's `pdserve_router_*` series and SGLang's `sglang:*` ones
-(router/metrics.py). `--log-requests` logs one `Finish:` line per request with its token counts
-and latency (router/request_metrics.py).
+(router/serving/metrics.py). `--log-requests` logs one `Finish:` line per request with its token counts
+and latency (router/serving/request_metrics.py).
 
 `--processes N` (N > 1): N such routers serve the one port (SO_REUSEPORT: the kernel spreads the
 connections), each with its own event loop and its own connections to every worker, under a parent
@@ -47,13 +47,13 @@ import time
 
 from aiohttp import web
 
-from pdserve.router.generation import GenerationError
-from pdserve.router.metrics import ClusterOfState
-from pdserve.router.native_info import PROCESS_ROLE_KEY, refresh_worker_gauges
-from pdserve.router.policies import DECODE_POLICY_NAMES, POLICY_NAMES
+from pdserve.router.cluster.policies import DECODE_POLICY_NAMES, POLICY_NAMES
+from pdserve.router.native.info import PROCESS_ROLE_KEY, refresh_worker_gauges
+from pdserve.router.native.sibling_abort import SIBLINGS_KEY, SiblingAborts, start_control
 from pdserve.router.processes import ProcessRole
-from pdserve.router.request_metrics import RequestLog
-from pdserve.router.sibling_abort import SIBLINGS_KEY, SiblingAborts, start_control
+from pdserve.router.serving.generator_api import GenerationError
+from pdserve.router.serving.metrics import ClusterOfState
+from pdserve.router.serving.request_metrics import RequestLog
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
 
 logger = logging.getLogger("pdserve.router")

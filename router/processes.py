@@ -10,7 +10,8 @@ connections to every worker. The parent (router/supervisor.py) only starts, watc
 A child learns its place from the environment the parent gives it: ROLE_ENV ("INDEX/COUNT/RUN_DIR")
 and PROMETHEUS_MULTIPROC_DIR (prometheus_client keeps every process's metrics in files there, summed
 at each scrape). The run directory also holds each child's control socket, on which siblings pass
-on `/abort_request` (router/sibling_abort.py). Without ROLE_ENV a router is the only one (index 0 of 1).
+on `/abort_request` (router/native/sibling_abort.py). Without ROLE_ENV a router is the only one
+(index 0 of 1).
 
 No I/O here: the supervisor does the processes, these are its rules.
 """

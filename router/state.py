@@ -1,9 +1,10 @@
 """The router's arguments and its one state object, stored on the aiohttp app under STATE_KEY.
 
     state = request.app[STATE_KEY]
-    state.generator.stream(GenerateInput(...))     # router/generation.py's TextGenerator
+    state.generator.stream(GenerateInput(...))     # router/serving/generator_api.py's TextGenerator
     state.tokenizer, state.model_name, state.context_length, state.chat_template, state.pool
-    state.admission                                # the queue for running slots (router/admission_gate.py)
+    state.admission                                # the queue for running slots
+                                                   # (router/serving/admission_gate.py)
 
 Model facts (model_path, tokenizer_path, context_length, vocab size, model_type, architectures,
 weight_version) come from the first worker's ServerInfo; `--model-path`/`--tokenizer-path` take
@@ -24,18 +25,18 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.admission import AdmissionConfig, AdmissionQueue
-from pdserve.router.admission_gate import AdmissionGate
-from pdserve.router.dispatch import Dispatcher
-from pdserve.router.generation import GenerationError
-from pdserve.router.metrics import RouterMetrics
-from pdserve.router.pairing import DEFAULT_LOCAL_PREFILL_THRESHOLD, Pairing
-from pdserve.router.policies import make_decode_policy, make_policy
+from pdserve.router.cluster.pairing import DEFAULT_LOCAL_PREFILL_THRESHOLD, Pairing
+from pdserve.router.cluster.policies import make_decode_policy, make_policy
+from pdserve.router.cluster.worker_conn import Heartbeat
+from pdserve.router.cluster.worker_pool import PoolConfig, WorkerPool
 from pdserve.router.processes import capacity_share
-from pdserve.router.text_generator import RouterTextGenerator
-from pdserve.router.tokenizer_fast import Encoder, fast_encoder
-from pdserve.router.worker_conn import Heartbeat
-from pdserve.router.worker_pool import PoolConfig, WorkerPool
+from pdserve.router.serving.admission import AdmissionConfig, AdmissionQueue
+from pdserve.router.serving.admission_gate import AdmissionGate
+from pdserve.router.serving.dispatch import Dispatcher
+from pdserve.router.serving.generator import RouterTextGenerator
+from pdserve.router.serving.generator_api import GenerationError
+from pdserve.router.serving.metrics import RouterMetrics
+from pdserve.router.text.tokenizer_fast import Encoder, fast_encoder
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.protocol import ServerInfo
 
@@ -53,13 +54,13 @@ class RouterArgs:
     redis_url: str | None = None
     worker_addrs: list[str] = field(default_factory=list)
     policy: str = "cache_aware"  # mixed workers
-    prefill_policy: str = "cache_aware"  # the prefill worker of a pair (router/pairing.py)
+    prefill_policy: str = "cache_aware"  # the prefill worker of a pair (router/cluster/pairing.py)
     decode_policy: str = "least_load"  # the decode worker: free KV pages, then load
     local_prefill_threshold: int = DEFAULT_LOCAL_PREFILL_THRESHOLD  # shorter prompts: prefill at decode
     api_key: str | None = None
     admin_api_key: str | None = None
     request_timeout: float | None = None  # seconds; None: no limit
-    max_queued_requests: int | None = None  # router/admission.py's queue bound; None: none
+    max_queued_requests: int | None = None  # router/serving/admission.py's queue bound; None: none
     enable_priority_scheduling: bool = False  # order that queue by the requests' `priority`
     schedule_low_priority_values_first: bool = False  # smaller priority values first (SGLang's flag)
     max_body_bytes: int = 32 * 1024 * 1024
@@ -317,7 +318,7 @@ class RouterState:
         raise GenerationError(503, f"The router is still loading the tokenizer of {self.tokenizer_path}.")
 
     def encoder(self, add_special_tokens: bool = True) -> Encoder:
-        """`tokenizer.encode(text, add_special_tokens=...)` for one text (router/tokenizer_fast.py),
+        """`tokenizer.encode(text, add_special_tokens=...)` for one text (router/text/tokenizer_fast.py),
         made once per tokenizer; GenerationError 503 while there is no tokenizer."""
         tokenizer = self.require_tokenizer()
         if self._encoders[0] is not tokenizer:

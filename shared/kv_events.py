@@ -6,7 +6,7 @@
     ...
     publisher.close()                              # after the membership key is deleted
 
-Rules (the schema is in kv_event_types.py; the reader is router/prefix_index.py):
+Rules (the schema is in kv_event_types.py; the reader is router/cluster/precise_prefix_index.py):
 - The listener calls come from the engine loop and only append to a list under a lock: Redis is
   touched by the publisher's own thread (and by start/flush/close), so it can never stall the engine.
 - Every `flush_interval_s` the thread takes the queued events, folds them into its mirror of the

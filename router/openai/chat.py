@@ -12,9 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.admission_gate import parse_priority
-from pdserve.router.generation import GenerationError, SampleEvent
-from pdserve.router.limits import read_json
+from pdserve.router.http.limits import read_json
 from pdserve.router.openai.chat_template import render_chat
 from pdserve.router.openai.common import openai_error, router_state, token_decoder
 from pdserve.router.openai.logprobs import chat_logprobs_content
@@ -29,6 +27,8 @@ from pdserve.router.openai.responses import (
     new_id,
 )
 from pdserve.router.openai.streaming import StreamSpec, collect_choices, stream_choices
+from pdserve.router.serving.admission_gate import parse_priority
+from pdserve.router.serving.generator_api import GenerationError, SampleEvent
 from pdserve.router.state import RouterState
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.errors import error_response
-from pdserve.router.generation import GenerationError
+from pdserve.router.http.errors import error_response
 from pdserve.router.openai.params import OpenAIRequestError
+from pdserve.router.serving.generator_api import GenerationError
 from pdserve.router.state import STATE_KEY, RouterState
 
 

@@ -12,9 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.admission_gate import parse_priority
-from pdserve.router.generation import GenerateInput, GenerationError, SampleEvent
-from pdserve.router.limits import check_batch_size, read_json
+from pdserve.router.http.limits import check_batch_size, read_json
 from pdserve.router.openai.common import openai_error, router_state, token_decoder
 from pdserve.router.openai.logprobs import CompletionLogprobs, extend_completion_logprobs
 from pdserve.router.openai.params import OpenAIRequestError
@@ -28,7 +26,9 @@ from pdserve.router.openai.responses import (
     new_id,
 )
 from pdserve.router.openai.streaming import StreamSpec, collect_choices, stream_choices
-from pdserve.router.tokenizer_fast import Encoder
+from pdserve.router.serving.admission_gate import parse_priority
+from pdserve.router.serving.generator_api import GenerateInput, GenerationError, SampleEvent
+from pdserve.router.text.tokenizer_fast import Encoder
 
 
 def prompt_ids(encode: Encoder, prompt: str | list[int]) -> list[int]:

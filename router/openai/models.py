@@ -11,7 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.errors import error_response
+from pdserve.router.http.errors import error_response
 from pdserve.router.openai.common import router_state
 
 

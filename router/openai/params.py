@@ -4,7 +4,7 @@ Rules:
 - A field that is absent or JSON `null` takes its default (OpenAI clients send `null` freely).
 - A value of the wrong type or out of range raises `OpenAIRequestError` (HTTP 400) whose message
   names the OpenAI field and `param` is that field, so the official client shows which one failed.
-- `stop` and `stop_token_ids` longer than router/stop_strings.py's limits are a 400 naming the limit.
+- `stop` and `stop_token_ids` longer than router/text/stop_strings.py's limits are a 400 naming the limit.
 - Only the fields a request sets are passed on (plus `n`), so `--preferred-sampling-params` (the
   router's defaults) apply to the rest.
 - `sampling_from_body` maps OpenAI names to SGLang's `SamplingParams` names (`seed` -> `sampling_seed`,
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pdserve.router.stop_strings import StopLimitError, check_stop_limits
+from pdserve.router.text.stop_strings import StopLimitError, check_stop_limits
 from pdserve.shared.engine.sampling_params import SamplingParams, SamplingParamsError
 
 MAX_N = 128  # samples per prompt: more is a client bug, not a workload

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.router.generation import GenerateInput
 from pdserve.router.openai.chat_template import normalize_messages
 from pdserve.router.openai.params import (
     MAX_TOP_LOGPROBS,
@@ -33,6 +32,7 @@ from pdserve.router.openai.params import (
     reject_unsupported,
     sampling_from_body,
 )
+from pdserve.router.serving.generator_api import GenerateInput
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 

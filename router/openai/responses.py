@@ -16,8 +16,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from pdserve.router.errors import error_body
-from pdserve.router.generation import SampleEvent
+from pdserve.router.http.errors import error_body
+from pdserve.router.serving.generator_api import SampleEvent
 
 
 def new_id(prefix: str) -> str:

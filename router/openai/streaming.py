@@ -24,10 +24,17 @@ from typing import Any
 
 from aiohttp import web
 
-from pdserve.router.errors import STATUS_TYPES, error_response
-from pdserve.router.generation import EventSink, GenerateInput, GenerationError, SampleEvent, TextGenerator
+from pdserve.router.http.errors import error_response
+from pdserve.router.http.sse import EventStream, encode_event
 from pdserve.router.openai.responses import ChoiceState, aggregate_usage, error_event, usage_chunk
-from pdserve.router.sse import EventStream, encode_event
+from pdserve.router.serving.generator_api import (
+    STATUS_TYPES,
+    EventSink,
+    GenerateInput,
+    GenerationError,
+    SampleEvent,
+    TextGenerator,
+)
 
 _END = object()
 
@@ -87,7 +94,7 @@ class ClientGone(Exception):
 
 
 class SSEWriter:
-    """Server-sent events (router/sse.py's EventStream), headers sent with the first event."""
+    """Server-sent events (router/http/sse.py's EventStream), headers sent with the first event."""
 
     def __init__(self, request: web.Request):
         self.events = EventStream(request)
@@ -214,7 +221,8 @@ async def stream_choices(
 
 
 class _ChunkSink:
-    """A single prompt's ordinary events, written at once as their chunks (generation.py's EventSink)."""
+    """A single prompt's ordinary events, written at once as their chunks (an EventSink,
+    router/serving/generator_api.py)."""
 
     def __init__(self, sse: SSEWriter, chunks_for: Callable[[int, SampleEvent], list[dict[str, Any]]]):
         self._sse = sse

@@ -13,7 +13,7 @@ What is measured, per sample, from the moment the engine accepted it (`Req.arriv
 
 On a decode worker of a P/D pair "accepted" is when the DecodeRequest arrived, so its time to first
 token includes the prefill worker's work and the KV transfer. The router measures the client's view
-of the same three (router/metrics.py); these are the worker's own.
+of the same three (router/serving/metrics.py); these are the worker's own.
 
 Rules: the engine's thread observes, nobody else; `copy()` is how another thread gets the numbers.
 An observation is a bisect and two additions (it runs for every output, on the engine's hot loop).

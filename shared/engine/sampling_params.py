@@ -16,7 +16,7 @@ import regex
 # SGLang's "top_k disabled" sentinel is 1 << 30; -1 is accepted too and normalised to it.
 TOP_K_ALL = 1 << 30
 # The router searches every stop regex in the whole output on each new token (a match may span any
-# number of tokens), so their number and size are bounded like stop strings' (router/stop_strings.py).
+# number of tokens), so their number and size are bounded like stop strings' (router/text/stop_strings.py).
 MAX_STOP_REGEX = 16
 MAX_STOP_REGEX_CHARS = 1024
 

@@ -2,10 +2,10 @@
 
 Rules:
 - /health turns 200 as soon as one worker can serve; a client right after `serve`'s ready line
-  must see them all, so `serve` also reads the router's /get_server_info (router/native_info.py)
+  must see them all, so `serve` also reads the router's /get_server_info (router/native/info.py)
   and waits until each started worker is there and live: matched by the ZMQ address from its
   ready line against the `workers` entries' `zmq_addr`, live when its id is in `live_workers`.
-- /get_server_info needs the API key when the router has one (router/auth.py): sent as a Bearer.
+- /get_server_info needs the API key when the router has one (router/http/auth.py): sent as a Bearer.
 - `missing_workers` is pure; `fetch_server_info` is the one HTTP call.
 """
 

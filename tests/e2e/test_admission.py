@@ -1,4 +1,4 @@
-"""The router's admission queue (router/admission.py) in front of a real worker.
+"""The router's admission queue (router/serving/admission.py) in front of a real worker.
 
 One tiny-Llama worker with `--max-running-requests 1`: the cluster runs one request at a time, so
 the router's queue holds the rest. In order:

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pdserve.router.cluster_view import ClusterView
+from pdserve.router.cluster.cluster_view import ClusterView
 from pdserve.shared.cluster import WorkerRegistration
 from pdserve.shared.cluster_types import EVENTS_CHANNEL, HEARTBEAT_S, KEY_PREFIX, TTL_S, WorkerInfo
 from pdserve.shared.protocol import GenerateRequest

@@ -1,5 +1,5 @@
 """The precise prefix index end to end: real `worker --redis-url` processes (tiny random Llama, CPU)
-publish their radix caches' KV events; `PrefixIndex` (router/prefix_index.py) folds them.
+publish their radix caches' KV events; `PrefixIndex` (router/cluster/precise_prefix_index.py) folds them.
 
 1. Two mixed workers serve prompts with shared prefixes: the index reports, per worker, the whole
    pages of each prompt it holds, and a repeat sent to a worker gets exactly the index's count as
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import requests
 
-from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.cluster.precise_prefix_index import PrefixIndex
 from pdserve.shared.cluster_types import HEARTBEAT_S, TTL_S
 from pdserve.shared.protocol import GenerateRequest
 from pdserve.shared.redis_server import EmbeddedRedis

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 
-from pdserve.router.circuit_breaker import CircuitBreaker
-from pdserve.router.dispatch import Dispatcher
-from pdserve.router.pairing import Pairing
-from pdserve.router.policies import make_decode_policy, make_policy
-from pdserve.router.worker_pool import WorkerHandle, WorkerPool
+from pdserve.router.cluster.circuit_breaker import CircuitBreaker
+from pdserve.router.cluster.pairing import Pairing
+from pdserve.router.cluster.policies import make_decode_policy, make_policy
+from pdserve.router.cluster.worker_pool import WorkerHandle, WorkerPool
+from pdserve.router.serving.dispatch import Dispatcher
 from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.protocol import AbortRequest, RequestOutput, ServerInfo
 

@@ -1,4 +1,5 @@
-"""The router's admission queue (router/admission.py) and its async gate (router/admission_gate.py)."""
+"""The router's admission queue (router/serving/admission.py) and its async gate
+(router/serving/admission_gate.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,10 @@ import random
 
 import pytest
 
-from pdserve.router.admission import AdmissionConfig, AdmissionQueue, Ticket, TicketState
-from pdserve.router.admission_gate import AdmissionGate, QueueFull, parse_priority
-from pdserve.router.generation import GenerationError
-from pdserve.router.metrics import RouterMetrics
+from pdserve.router.serving.admission import AdmissionConfig, AdmissionQueue, Ticket, TicketState
+from pdserve.router.serving.admission_gate import AdmissionGate, QueueFull, parse_priority
+from pdserve.router.serving.generator_api import GenerationError
+from pdserve.router.serving.metrics import RouterMetrics
 
 RUNNING, QUEUED, REJECTED = TicketState.RUNNING, TicketState.QUEUED, TicketState.REJECTED
 

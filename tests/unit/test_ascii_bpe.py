@@ -1,4 +1,4 @@
-"""router/ascii_bpe.py: ASCII text encoded without the Rust pre-tokenizer gives the backend's ids.
+"""router/text/ascii_bpe.py: ASCII text encoded without the Rust pre-tokenizer gives the backend's ids.
 
 Hypothesis-chosen ASCII texts (every ASCII character, GPT-2's contractions, digits, whitespace runs,
 special-token strings) on SmolLM2's BPE (Digits then ByteLevel) and the tiny byte-level tokenizer
@@ -15,9 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, normalizers, pre_tokenizers, processors
 
-from pdserve.router import ascii_bpe
-from pdserve.router.ascii_bpe import AsciiByteLevelBPE
-from pdserve.router.tokenizer_fast import fast_encoder
+from pdserve.router.text import ascii_bpe
+from pdserve.router.text.ascii_bpe import AsciiByteLevelBPE
+from pdserve.router.text.tokenizer_fast import fast_encoder
 from tests.helpers.tiny_models import _byte_tokenizer
 
 

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.detokenizer import IncrementalDetokenizer, decode_ids
+from pdserve.router.text.detokenizer import IncrementalDetokenizer, decode_ids
 from tests.helpers.tiny_models import ENDOFTEXT_ID, IM_END_ID, IM_START_ID, _byte_tokenizer
 
 

@@ -1,4 +1,4 @@
-"""router/sse.py's EventStream over a real aiohttp server and real sockets: events written at once
+"""router/http/sse.py's EventStream over a real aiohttp server and real sockets: events written at once
 (`write_now`) and through `write` arrive in order and framed alike; a client that does not read
 makes `ready()` false (the writer then waits for it) instead of growing the buffer without bound;
 HTTP/1.0 clients get the events unframed."""
@@ -10,7 +10,7 @@ import asyncio
 import aiohttp
 from aiohttp import web
 
-from pdserve.router.sse import DONE, EventStream, encode_event
+from pdserve.router.http.sse import DONE, EventStream, encode_event
 
 EVENTS = 400
 PAD = "x" * 40_000  # ~40 KB events: 16 MB in all, more than loopback's socket buffers hold

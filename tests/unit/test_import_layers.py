@@ -53,3 +53,24 @@ def test_a_router_module_that_imports_torch_breaks_the_contract(tmp_path):
     assert result.returncode != 0
     assert "The router never imports torch BROKEN" in result.stdout
     assert "pdserve.router.probe_torch -> torch" in result.stdout
+
+
+def test_router_text_that_imports_the_http_layer_breaks_the_router_layers(tmp_path):
+    namespace = _namespace(tmp_path, copy="router")
+    probe = namespace / "pdserve" / "router" / "text" / "probe_http.py"
+    probe.write_text("from pdserve.router.http import sse\n")
+    result = _lint(namespace, tmp_path)
+    assert result.returncode != 0
+    assert (
+        "Router layers: openapi > native > openai > http > serving > cluster | text BROKEN" in result.stdout
+    )
+    assert "pdserve.router.text.probe_http -> pdserve.router.http.sse" in result.stdout
+
+
+def test_router_cluster_that_imports_aiohttp_breaks_its_contract(tmp_path):
+    namespace = _namespace(tmp_path, copy="router")
+    (namespace / "pdserve" / "router" / "cluster" / "probe_aiohttp.py").write_text("import aiohttp\n")
+    result = _lint(namespace, tmp_path)
+    assert result.returncode != 0
+    assert "Router cluster and text: no aiohttp, nothing of the router's top level BROKEN" in result.stdout
+    assert "pdserve.router.cluster.probe_aiohttp -> aiohttp" in result.stdout

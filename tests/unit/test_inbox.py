@@ -1,4 +1,4 @@
-"""router/inbox.py: items are offered inline only while the task waits with nothing queued; a
+"""router/serving/inbox.py: items are offered inline only while the task waits with nothing queued; a
 declined item and every item after it reach the task in order; an inline error is the task's."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from pdserve.router.inbox import Inbox
+from pdserve.router.serving.inbox import Inbox
 
 
 def test_inline_only_while_the_task_waits_and_order_is_kept():

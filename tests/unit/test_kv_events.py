@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pdserve.router.prefix_index import PrefixIndex
+from pdserve.router.cluster.precise_prefix_index import PrefixIndex
 from pdserve.shared.cluster_types import KEY_PREFIX, WorkerInfo
 from pdserve.shared.kv_event_types import STREAM_KEY, KVEvent, KVSnapshot, snapshot_key, stream_id_key
 from pdserve.shared.kv_events import KVEventPublisher

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 
-from pdserve.router.worker_conn import StreamFailure
+from pdserve.router.cluster.worker_conn import StreamFailure
 from pdserve.shared.protocol import DecodeRequest, GenerateRequest
 from tests.helpers.fake_dispatch import make_dispatcher, next_item, settle, worker_output
 

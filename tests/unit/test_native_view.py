@@ -9,9 +9,9 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.generation import GenerateInput, SampleEvent
-from pdserve.router.native_view import SampleView
-from pdserve.router.sse import encode_event
+from pdserve.router.http.sse import encode_event
+from pdserve.router.native.sample_view import SampleView
+from pdserve.router.serving.generator_api import GenerateInput, SampleEvent
 
 texts = st.text(alphabet=st.characters(codec="utf-8"), max_size=12)
 reasons = st.one_of(

@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from pdserve.router.generation import GenerationError, SampleEvent
 from pdserve.router.openai.chat_template import chat_prompt_ids, normalize_messages, render_chat
 from pdserve.router.openai.logprobs import chat_logprobs_content, completion_logprobs
 from pdserve.router.openai.params import OpenAIRequestError
@@ -25,6 +24,7 @@ from pdserve.router.openai.responses import (
     usage_chunk,
 )
 from pdserve.router.openai.streaming import abort_error, merge_streams
+from pdserve.router.serving.generator_api import GenerationError, SampleEvent
 from tests.helpers.tiny_models import _byte_tokenizer
 
 USER = [{"role": "user", "content": "hi"}]

@@ -17,10 +17,10 @@ from types import SimpleNamespace
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from pdserve.router.generation import GenerationError, SampleEvent
 from pdserve.router.openai.routes import add_openai_routes
+from pdserve.router.serving.generator_api import GenerationError, SampleEvent
 from pdserve.router.state import STATE_KEY
-from pdserve.router.tokenizer_fast import fast_encoder
+from pdserve.router.text.tokenizer_fast import fast_encoder
 from tests.helpers.tiny_models import _byte_tokenizer
 
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -11,8 +11,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from openapi_spec_validator import validate
 
 from pdserve.router.app import build_app
-from pdserve.router.openapi import openapi_document, registered_routes
-from pdserve.router.openapi_schemas import type_schema
+from pdserve.router.openapi.document import openapi_document, registered_routes
+from pdserve.router.openapi.schemas import type_schema
 from pdserve.router.state import RouterArgs
 from pdserve.shared.engine.sampling_params import SamplingParams
 

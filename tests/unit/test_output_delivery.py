@@ -1,10 +1,10 @@
-"""router/output_delivery.py: which outputs reach which stream's queue, in which order, per slice."""
+"""router/cluster/output_delivery.py: which outputs reach which stream's queue, in which order, per slice."""
 
 from __future__ import annotations
 
 import asyncio
 
-from pdserve.router.output_delivery import PendingOutputs
+from pdserve.router.cluster.output_delivery import PendingOutputs
 from pdserve.shared.protocol import RequestOutput
 
 

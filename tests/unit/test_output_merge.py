@@ -1,8 +1,8 @@
-"""router/output_merge.py: a stream's backlog folded into one output per sample, saying the same."""
+"""router/cluster/output_merge.py: a stream's backlog folded into one output per sample, saying the same."""
 
 from __future__ import annotations
 
-from pdserve.router.output_merge import merge_outputs
+from pdserve.router.cluster.output_merge import merge_outputs
 from pdserve.shared.protocol import RequestOutput
 
 

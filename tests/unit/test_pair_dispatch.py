@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from pdserve.router.worker_conn import StreamFailure
+from pdserve.router.cluster.worker_conn import StreamFailure
 from pdserve.shared.protocol import (
     AbortRequest,
     DecodeRequest,

@@ -10,10 +10,10 @@ import argparse
 
 import pytest
 
-from pdserve.router.circuit_breaker import CircuitBreaker
-from pdserve.router.pairing import Pairing, Route, Tried
-from pdserve.router.policies import make_decode_policy, make_policy
-from pdserve.router.worker_pool import WorkerHandle, WorkerPool
+from pdserve.router.cluster.circuit_breaker import CircuitBreaker
+from pdserve.router.cluster.pairing import Pairing, Route, Tried
+from pdserve.router.cluster.policies import make_decode_policy, make_policy
+from pdserve.router.cluster.worker_pool import WorkerHandle, WorkerPool
 from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.protocol import DecodeRequest, GenerateRequest, LoadReport, PrefillRequest, ServerInfo
 

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from pdserve.router.circuit_breaker import BreakerState, CircuitBreaker
-from pdserve.router.policies import (
+from pdserve.router.cluster.approx_prefix_tree import ApproxPrefixTree
+from pdserve.router.cluster.circuit_breaker import BreakerState, CircuitBreaker
+from pdserve.router.cluster.policies import (
     POLICY_NAMES,
     CacheAwarePolicy,
     LeastLoadPolicy,
@@ -21,7 +22,6 @@ from pdserve.router.policies import (
     RoundRobinPolicy,
     make_policy,
 )
-from pdserve.router.prefix_tree import ApproxPrefixTree
 
 
 @dataclass

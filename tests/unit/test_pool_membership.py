@@ -1,4 +1,4 @@
-"""What the router's pool does when membership says a worker is gone (router/worker_pool.py).
+"""What the router's pool does when membership says a worker is gone (router/cluster/worker_pool.py).
 
 A "leave" (a draining worker) takes it out of the choice at once but keeps its streams until they
 end; an expired key drops a worker only when its connection is down too (a Redis that restarted
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from pdserve.router.circuit_breaker import CircuitBreaker
-from pdserve.router.policies import make_policy
-from pdserve.router.worker_pool import WorkerHandle, WorkerPool
+from pdserve.router.cluster.circuit_breaker import CircuitBreaker
+from pdserve.router.cluster.policies import make_policy
+from pdserve.router.cluster.worker_pool import WorkerHandle, WorkerPool
 from pdserve.shared.cluster_types import WorkerInfo
 from pdserve.shared.protocol import ServerInfo
 

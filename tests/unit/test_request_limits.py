@@ -15,13 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from pdserve.router.app import build_app
-from pdserve.router.auth import _matches
-from pdserve.router.errors import STATUS_TYPES, error_type
-from pdserve.router.limits import MAX_JSON_DEPTH, is_json_content_type, json_too_deep
-from pdserve.router.native_parse import parse_generate
+from pdserve.router.http.auth import _matches
+from pdserve.router.http.limits import MAX_JSON_DEPTH, is_json_content_type, json_too_deep
+from pdserve.router.native.parse import parse_generate
 from pdserve.router.openai.params import OpenAIRequestError, sampling_from_body
+from pdserve.router.serving.generator_api import STATUS_TYPES, error_type
 from pdserve.router.state import RouterArgs
-from pdserve.router.stop_strings import (
+from pdserve.router.text.stop_strings import (
     MAX_STOP_CHARS_TOTAL,
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,

@@ -1,5 +1,5 @@
 """`router --processes N`: the pure rules (router/processes.py) and the metrics summed over processes
-(router/metrics.py, with prometheus_client's files written by real separate processes)."""
+(router/serving/metrics.py, with prometheus_client's files written by real separate processes)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pdserve.router.cli import args_from, build_parser
-from pdserve.router.metrics import _SummedOverProcesses
 from pdserve.router.processes import (
     METRICS_DIR_ENV,
     ROLE_ENV,
@@ -22,6 +21,7 @@ from pdserve.router.processes import (
     capacity_share,
     child_argv,
 )
+from pdserve.router.serving.metrics import _SummedOverProcesses
 
 
 def test_a_router_without_the_environment_is_the_only_one():
@@ -90,7 +90,7 @@ def test_the_default_is_one_process():
 _CHILD = textwrap.dedent(
     """
     import sys
-    from pdserve.router.metrics import RouterMetrics
+    from pdserve.router.serving.metrics import RouterMetrics
     m = RouterMetrics()
     assert m.multiprocess_dir is not None
     prompt, cached, n = (int(x) for x in sys.argv[1:])

@@ -1,6 +1,6 @@
-"""The router's SGLang-named series (router/sglang_metrics.py, fed by router/metrics.py): names,
-types, SGLang's buckets, the `model_name` label, the cluster sums, `worker_up` for every live role,
-and the sums over `router --processes N` (real child processes writing prometheus_client's files).
+"""The router's SGLang-named series (router/serving/sglang_metrics.py, fed by
+router/serving/metrics.py): names, types, SGLang's buckets, the `model_name` label, the cluster
+sums, `worker_up` for every live role, and the sums over `router --processes N` (real child processes writing prometheus_client's files).
 
 The cluster is given as data (`Cluster`: the served model and what each worker last reported),
 which is what RouterMetrics reads of a running router's state through `ClusterOfState`.
@@ -18,9 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pdserve.router.metrics import RouterMetrics, _SummedOverProcesses
 from pdserve.router.processes import METRICS_DIR_ENV
-from pdserve.router.sglang_metrics import ClusterLoad, WorkerLoad
+from pdserve.router.serving.metrics import RouterMetrics, _SummedOverProcesses
+from pdserve.router.serving.sglang_metrics import ClusterLoad, WorkerLoad
 from pdserve.shared.protocol import LoadReport
 from tests.helpers.sglang_dashboard import DASHBOARD_SAMPLES, SGLANG_BUCKETS, SGLANG_EXPORTED
 
@@ -157,8 +157,8 @@ def test_without_a_known_model_only_pdserve_series_move():
 _CHILD = textwrap.dedent(
     """
     import sys
-    from pdserve.router.metrics import RouterMetrics
-    from pdserve.router.sglang_metrics import WorkerLoad
+    from pdserve.router.serving.metrics import RouterMetrics
+    from pdserve.router.serving.sglang_metrics import WorkerLoad
     from pdserve.shared.protocol import LoadReport
 
     class Cluster:

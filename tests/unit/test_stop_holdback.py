@@ -12,7 +12,7 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.stop_strings import MAX_STOP_CHARS_TOTAL, PROBE_CHARS, StopStringMatcher
+from pdserve.router.text.stop_strings import MAX_STOP_CHARS_TOTAL, PROBE_CHARS, StopStringMatcher
 
 
 def brute_visible_len(stops: list[str], text: str) -> int:

@@ -15,7 +15,7 @@ import regex
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.stop_strings import StopMatch, StopRegexTimeout, StopStringMatcher
+from pdserve.router.text.stop_strings import StopMatch, StopRegexTimeout, StopStringMatcher
 from pdserve.shared.engine.sampling_params import SamplingParams, SamplingParamsError
 from tests.unit.test_stop_strings import _out, _tracker
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.stop_strings import StopMatch, StopStringMatcher
+from pdserve.router.text.stop_strings import StopMatch, StopStringMatcher
 
 
 def test_first_ending_stop_wins_and_is_trimmed():
@@ -103,7 +103,7 @@ def _out(ids, finished=False, reason=None, logprobs=True):
 
 
 def _tracker(**params):
-    from pdserve.router.sample_tracker import SampleTracker
+    from pdserve.router.serving.sample_tracker import SampleTracker
     from tests.helpers.tiny_models import _byte_tokenizer
 
     return SampleTracker(0, _byte_tokenizer(), params, text_in_logprobs=True)

@@ -1,4 +1,4 @@
-"""router/tokenizer_fast.py: the direct backend calls give exactly what transformers gives.
+"""router/text/tokenizer_fast.py: the direct backend calls give exactly what transformers gives.
 
 Hypothesis-chosen texts (special-token strings, digits, spaces, any unicode) and id lists, on the
 tiny byte-level tokenizer and SmolLM2's BPE; plus the per-call fallback when the backend carries a
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.router.detokenizer import decode_ids
-from pdserve.router.tokenizer_fast import _is_plain_backend, fast_decoder, fast_encoder
+from pdserve.router.text.detokenizer import decode_ids
+from pdserve.router.text.tokenizer_fast import _is_plain_backend, fast_decoder, fast_encoder
 from tests.helpers.tiny_models import _byte_tokenizer
 
 

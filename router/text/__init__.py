@@ -1,0 +1,7 @@
+"""pdserve.router.text: text on the request path. Encoding and decoding through the Rust
+`tokenizers` backend where that equals transformers (tokenizer_fast.py, with the ASCII byte-level
+BPE split done in Python: ascii_bpe.py), incremental detokenization (detokenizer.py), stop strings
+and stop regexes (stop_strings.py).
+
+May import: nothing of pdserve (it works on the tokenizer object it is handed); never aiohttp.
+"""
