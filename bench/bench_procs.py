@@ -17,7 +17,7 @@ from pathlib import Path
 
 from typing_extensions import Self  # typing.Self needs Python 3.11
 
-from pdserve.shared.worker.launch import READY_PREFIX, http_status, parse_ready_line
+from pdserve.shared.launch.worker_process import READY_PREFIX, http_status, parse_ready_line
 
 
 def process_cpu_s(pid: int) -> float:

@@ -72,7 +72,7 @@ def worker_pids(serve_pid: int) -> dict[int, str]:
         except OSError:
             continue
         ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-        if ppid == serve_pid and b"pdserve.shared.worker.cli" in cmd and b"--role" in cmd:
+        if ppid == serve_pid and b"pdserve.shared.launch.worker_cli" in cmd and b"--role" in cmd:
             found[int(entry)] = cmd[cmd.index(b"--role") + 1].decode()
     return found
 
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     extra = [a for a in ns.serve_args if a != "--"]
     cmd = [
-        sys.executable, "-m", "pdserve.shared.serve.cli", "--port", str(port),
+        sys.executable, "-m", "pdserve.shared.launch.serve.cli", "--port", str(port),
         "--prefill", str(ns.prefill), "--decode", str(ns.decode), "--log-level", "warning", *extra,
     ]  # fmt: skip
     log = open("fault_drill_serve.log", "w")  # noqa: SIM115 (closed below)

@@ -44,7 +44,7 @@ run() {  # run NAME SECONDS CMD...: logs, times out, records exit status for the
 SGLANG_BENCH=.whl/sglang_bench_serving.py
 serve_start() {  # serve_start NAME [serve flags...]: serve on port 30000, back once /health answers
   SERVE_NAME=$1; shift
-  python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
+  python3 -m pdserve.shared.launch.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
     --port 30000 --log-level warning "$@" > "$OUT/$SERVE_NAME.log" 2>&1 &
   SERVE_PID=$!
   for _ in $(seq 300); do

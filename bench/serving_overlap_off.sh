@@ -5,7 +5,7 @@
 set -u
 export PYTHONPATH=/tmp/pdns:/tmp/site:$PWD
 OUT=${OUT:-/tmp/out}; MODEL8B=/tmp/llama8b
-python3 -m pdserve.shared.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
+python3 -m pdserve.shared.launch.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
   --port 30000 --log-level warning --disable-overlap-schedule > "$OUT/serve_no_overlap.log" 2>&1 &
 SERVE=$!
 for _ in $(seq 240); do

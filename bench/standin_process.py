@@ -22,7 +22,7 @@ from typing import Any
 import zmq
 
 from pdserve.bench.standin_engine import StandinConfig, StandinEngine
-from pdserve.shared.worker.launch import READY_PREFIX
+from pdserve.shared.launch.worker_process import READY_PREFIX
 
 
 def bind_router_socket(ctx: zmq.Context, address: str) -> zmq.Socket:

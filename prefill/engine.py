@@ -48,7 +48,7 @@ STUCK_MESSAGE = (
 
 class PrefillEngine(Engine):
     """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool; `kv_listener`
-    hears the prefix cache's page changes (the worker's KV event publisher, shared/kv_events.py)."""
+    hears the prefix cache's page changes (the worker's KV event publisher, shared/cluster/kv_events.py)."""
 
     scheduler: PrefillScheduler
 

@@ -13,8 +13,8 @@ sender waits for one). While requests only wait on their transfers, each turn wa
 instead of spinning.
 
 In a cluster (`--redis-url`), the engine's radix cache reports the prompt pages it keeps after each
-transfer (and what it evicts) to a KV event publisher (shared/kv_events.py, made in
-shared/worker/lifecycle.py): the routers' prefix index sends repeats of a prefix here.
+transfer (and what it evicts) to a KV event publisher (shared/cluster/kv_events.py, made in
+shared/launch/worker_lifecycle.py): the routers' prefix index sends repeats of a prefix here.
 """
 
 from __future__ import annotations

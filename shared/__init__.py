@@ -1,7 +1,10 @@
-"""pdserve.shared: what every process shares: args, the msgpack protocol, the tokenizer, Redis
-membership and KV events, the models, the engine, and the process mains (worker, serve).
+"""pdserve.shared: what every process shares, in packages by concept: `protocol` (the typed msgpack
+messages), `cluster` (Redis membership, KV events, page hashes, the embedded Redis), `models`
+(configs, weight sources, model definitions), `engine` (scheduling, the KV cache, the model
+runner), `worker` (a worker's loop and its parts) and `launch` (the process mains and `serve`),
+beside `args.py` and `tokenizer.py`.
 
-May import: pdserve.kernels; its launch packages (shared.worker, shared.serve) also the roles
-(pdserve.prefill, pdserve.decode), pdserve.kvtransfer and, for serve, the router's command line.
-The layers are contracts in pyproject.toml (launch > roles > engine > models > kernels).
+May import: pdserve.kernels and pdserve.kvtransfer; only `launch` imports the roles (pdserve.prefill,
+pdserve.decode) and the router's command line. The layers are contracts in pyproject.toml
+(launch > roles > the worker loop > engine > models > kernels).
 """

@@ -34,7 +34,7 @@ import logging
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pdserve.shared.cluster_types import (
+from pdserve.shared.cluster.worker_info import (
     EVENTS_CHANNEL,
     HEARTBEAT_S,
     KEY_PREFIX,

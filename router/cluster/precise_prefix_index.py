@@ -5,10 +5,10 @@
     index.match_tokens(input_ids)            # {worker_id: cached prompt tokens (whole pages)}
     await index.stop()
 
-Workers publish what their radix caches store and evict (shared/kv_events.py; the schema is in
-shared/kv_event_types.py). Rules:
+Workers publish what their radix caches store and evict (shared/cluster/kv_events.py; the schema is in
+shared/cluster/kv_event_types.py). Rules:
 - The index holds, per page chain hash, the set of workers holding that page. `match_tokens` walks
-  the prompt's chain (shared/page_hash.py) while at least one worker holds every page so far and
+  the prompt's chain (shared/cluster/page_hash.py) while at least one worker holds every page so far and
   gives each worker the tokens of the leading pages it holds: O(pages) per request, hashing stops
   at the first page no worker holds. Workers holding nothing of the prompt are absent.
 - A worker is indexed ("synced") once it is live (its membership key `pdserve:worker:<id>` exists,
@@ -39,15 +39,15 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pdserve.shared.cluster_types import HEARTBEAT_S, KEY_PREFIX, TTL_S
-from pdserve.shared.kv_event_types import (
+from pdserve.shared.cluster.kv_event_types import (
     STREAM_KEY,
     KVEvent,
     KVSnapshot,
     snapshot_key,
     stream_id_key,
 )
-from pdserve.shared.page_hash import iter_page_hashes
+from pdserve.shared.cluster.page_hash import iter_page_hashes
+from pdserve.shared.cluster.worker_info import HEARTBEAT_S, KEY_PREFIX, TTL_S
 
 logger = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ import zmq.asyncio
 from pdserve.router.cluster.circuit_breaker import BreakerState, CircuitBreaker
 from pdserve.router.cluster.policies import Policy
 from pdserve.router.cluster.worker_conn import Heartbeat, WorkerConnection, WorkerUnavailable
-from pdserve.shared.cluster_types import WorkerInfo
+from pdserve.shared.cluster.worker_info import WorkerInfo
 from pdserve.shared.protocol import LoadQuery, LoadReport, ServerInfo, ServerInfoQuery
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ class KVCacheManager:
     With enable_radix=False nothing is shared: hits are empty (node None), cache_request changes
     nothing and release frees every page of the request.
     `listener` hears the prefix cache's stored, evicted and cleared pages (radix_node.py): the
-    prefix index's source (shared/kv_events.py).
+    prefix index's source (shared/cluster/kv_events.py).
     """
 
     def __init__(

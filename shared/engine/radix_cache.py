@@ -18,9 +18,9 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 
+from pdserve.shared.cluster.page_hash import ROOT_HASH, page_hashes
 from pdserve.shared.engine.page_allocator import PageAllocator
 from pdserve.shared.engine.radix_node import PrefixHit, RadixListener, RadixNode
-from pdserve.shared.page_hash import ROOT_HASH, page_hashes
 
 
 class RadixCache:

@@ -3,7 +3,7 @@ match (PrefixHit) and the listener of page changes (RadixListener). No torch. Th
 and changes them is radix_cache.py.
 
 Events: with a `listener` (RadixListener), every node also keeps the chain hash of each of its pages
-(shared/page_hash.py; computed at insert from the parent's last hash, split and trimmed with the
+(shared/cluster/page_hash.py; computed at insert from the parent's last hash, split and trimmed with the
 pages), and the listener hears, on the thread that changes the tree:
 - on_stored(hashes): the pages an insert added, in prefix order (nothing for pages already there);
 - on_removed(hashes): the pages one evict call freed, in the order it freed them;

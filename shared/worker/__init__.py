@@ -1,6 +1,7 @@
-"""pdserve.shared.worker: the worker process: its ZMQ front, the engine loop, the health and
-metrics HTTP port, control routes and the process main of every role.
+"""pdserve.shared.worker: a worker's loop and its parts: the ZMQ front, request intake and refusals,
+owners of requests, weight updates, control routes, the profiler, metrics and the health HTTP port,
+and a small client. The roles' workers (prefill/worker.py, decode/worker.py) build on its loop.
 
-May import: pdserve.shared (engine, models, protocol, cluster), pdserve.kvtransfer, and the roles
-(pdserve.prefill, pdserve.decode) whose engines it runs. Never pdserve.router.
+May import: pdserve.shared (engine, models, protocol, cluster) and pdserve.kvtransfer. Never the
+roles, the launch package or pdserve.router.
 """

@@ -39,7 +39,7 @@ on stepping what it runs, answering aborts and queries, until nothing is left or
 passes. Then frames still queued are handled with intake closed, a pending weights update fails,
 held and live requests are aborted and their clients get the abort outputs (a router moves such a
 stream to another worker), and `serve` returns; the caller closes the socket (with linger, so
-they leave). A second signal exits at once (shared/worker/lifecycle.py).
+they leave). A second signal exits at once (shared/launch/worker_lifecycle.py).
 
 No client can kill the loop: a handler's exception is logged and answered where the message says
 who to answer. An exception inside `engine.step()` aborts all live requests with an internal-error

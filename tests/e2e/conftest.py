@@ -8,7 +8,7 @@ SIGKILL) when the module's tests are done.
 `router_launcher(*flags, healthy=True)` starts `router --port 0 <flags>`, reads its ready line and,
 with `healthy`, waits for /health 200; the RouterProcess has the base `url`. Stopped like workers.
 
-`redis_url` is a real `redis-server` on a free loopback port (shared/redis_server.py), one per module.
+`redis_url` is a real `redis-server` on a free loopback port (shared/cluster/redis_server.py), one per module.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from typing import IO
 
 import pytest
 
-from pdserve.shared.redis_server import EmbeddedRedis
-from pdserve.shared.worker.launch import WorkerProcess, http_status
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
+from pdserve.shared.launch.worker_process import WorkerProcess, http_status
 
 STARTUP_TIMEOUT_S = 90.0
 

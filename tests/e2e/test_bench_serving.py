@@ -20,8 +20,8 @@ import pytest
 from pdserve.bench import serving_datasets as ds
 from pdserve.bench.bench_procs import free_port
 from pdserve.bench.bench_serving import main as bench_serving_main
+from pdserve.shared.launch.worker_process import http_status
 from pdserve.shared.tokenizer import get_tokenizer
-from pdserve.shared.worker.launch import http_status
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.untimed]

@@ -1,4 +1,4 @@
-"""Redis membership end to end: worker heartbeats (shared/cluster.py) seen by ClusterView (router).
+"""Redis membership end to end: worker heartbeats (shared/cluster/membership.py) seen by ClusterView (router).
 
 A real `redis-server` and real `worker --redis-url` processes (tiny random Llama). The router side is
 `ClusterView` feeding a `Recorder`: the smallest Membership there is, which only writes down what it
@@ -28,10 +28,10 @@ import pytest
 import redis
 
 from pdserve.router.cluster.cluster_view import ClusterView
-from pdserve.shared.cluster import WorkerRegistration
-from pdserve.shared.cluster_types import EVENTS_CHANNEL, HEARTBEAT_S, KEY_PREFIX, TTL_S, WorkerInfo
+from pdserve.shared.cluster.membership import WorkerRegistration
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
+from pdserve.shared.cluster.worker_info import EVENTS_CHANNEL, HEARTBEAT_S, KEY_PREFIX, TTL_S, WorkerInfo
 from pdserve.shared.protocol import GenerateRequest
-from pdserve.shared.redis_server import EmbeddedRedis
 from pdserve.shared.worker.client import WorkerClient
 from tests.helpers.tiny_models import make_tiny_model
 

@@ -25,9 +25,9 @@ import pytest
 import requests
 
 from pdserve.router.cluster.precise_prefix_index import PrefixIndex
-from pdserve.shared.cluster_types import HEARTBEAT_S, TTL_S
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
+from pdserve.shared.cluster.worker_info import HEARTBEAT_S, TTL_S
 from pdserve.shared.protocol import GenerateRequest
-from pdserve.shared.redis_server import EmbeddedRedis
 from pdserve.shared.worker.client import WorkerClient
 from tests.helpers.tiny_models import make_tiny_model
 

@@ -20,7 +20,7 @@ import pytest
 import redis
 import requests
 
-from pdserve.shared.redis_server import EmbeddedRedis
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
 from tests.helpers.cluster_waits import live_workers, wait_until
 
 pytestmark = pytest.mark.slow

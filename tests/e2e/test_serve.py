@@ -34,8 +34,8 @@ import pytest
 import redis
 import requests
 
-from pdserve.shared.redis_server import free_port
-from pdserve.shared.worker.launch import http_status
+from pdserve.shared.cluster.redis_server import free_port
+from pdserve.shared.launch.worker_process import http_status
 from tests.helpers.tiny_models import make_tiny_model
 
 READY_TIMEOUT_S = 90.0
@@ -57,7 +57,7 @@ class Serve:
         self.log_path = log_path
         self._log = open(log_path, "w")  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.shared.serve.cli", "--port", str(self.port), *flags],
+            [sys.executable, "-m", "pdserve.shared.launch.serve.cli", "--port", str(self.port), *flags],
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -326,8 +326,14 @@ def test_a_model_that_does_not_load_fails_startup_naming_the_worker(launch, tmp_
 
 
 def test_plan_spreads_workers_over_devices_and_forwards_changed_flags():
-    from pdserve.shared.serve.cli import build_parser
-    from pdserve.shared.serve.plan import PlanError, engine_flags, parse_devices, plan_workers, router_command
+    from pdserve.shared.launch.serve.cli import build_parser
+    from pdserve.shared.launch.serve.plan import (
+        PlanError,
+        engine_flags,
+        parse_devices,
+        plan_workers,
+        router_command,
+    )
 
     assert parse_devices("cpu") == ["cpu"]
     assert parse_devices("cuda", cuda_count=2) == ["cuda:0", "cuda:1"]

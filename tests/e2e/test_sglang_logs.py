@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from pdserve.shared.worker.launch import WorkerProcess, http_status
+from pdserve.shared.launch.worker_process import WorkerProcess, http_status
 from tests.e2e.conftest import RouterProcess
 
 pytestmark = pytest.mark.slow

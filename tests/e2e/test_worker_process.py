@@ -319,7 +319,7 @@ def test_one_shot_client_cli_streams_text_and_meta(worker, tiny_model):
 @pytest.mark.slow
 def test_demo_runs_worker_generates_and_stops_it(tiny_model):
     res = subprocess.run(
-        [sys.executable, "-m", "pdserve.shared.worker.demo", "--model-path", tiny_model[0],
+        [sys.executable, "-m", "pdserve.shared.launch.demo", "--model-path", tiny_model[0],
          "--max-new-tokens", "5", "--", "--dtype", "float32", "--max-total-tokens", "512"],
         check=False, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -372,7 +372,7 @@ def test_requests_arriving_during_shutdown_are_refused(tiny_model):
 def test_disaggregated_role_flags_are_checked_before_loading(flags, message):
     """(The roles themselves are tested in test_disagg_workers.py.)"""
     res = subprocess.run(
-        [sys.executable, "-m", "pdserve.shared.worker.cli", *flags],
+        [sys.executable, "-m", "pdserve.shared.launch.worker_cli", *flags],
         check=False, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert res.returncode == 2

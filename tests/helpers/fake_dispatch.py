@@ -10,7 +10,7 @@ from pdserve.router.cluster.pairing import Pairing
 from pdserve.router.cluster.policies import make_decode_policy, make_policy
 from pdserve.router.cluster.worker_pool import WorkerHandle, WorkerPool
 from pdserve.router.serving.dispatch import Dispatcher
-from pdserve.shared.cluster_types import WorkerInfo
+from pdserve.shared.cluster.worker_info import WorkerInfo
 from pdserve.shared.protocol import AbortRequest, RequestOutput, ServerInfo
 
 

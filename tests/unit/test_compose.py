@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from pdserve.router.cli import build_parser as router_parser
-from pdserve.shared.worker.cli import KV_TRANSFER_BACKENDS
-from pdserve.shared.worker.cli import build_parser as worker_parser
+from pdserve.shared.launch.worker_cli import KV_TRANSFER_BACKENDS
+from pdserve.shared.launch.worker_cli import build_parser as worker_parser
 
 COMPOSE = Path(__file__).resolve().parents[2] / "compose" / "docker-compose.yml"
 ENV = {"MODEL": "/models/llama"}

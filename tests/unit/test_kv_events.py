@@ -18,11 +18,11 @@ import pytest
 import redis
 
 from pdserve.router.cluster.precise_prefix_index import PrefixIndex
-from pdserve.shared.cluster_types import KEY_PREFIX, WorkerInfo
-from pdserve.shared.kv_event_types import STREAM_KEY, KVEvent, KVSnapshot, snapshot_key, stream_id_key
-from pdserve.shared.kv_events import KVEventPublisher
-from pdserve.shared.page_hash import page_hashes
-from pdserve.shared.redis_server import EmbeddedRedis
+from pdserve.shared.cluster.kv_event_types import STREAM_KEY, KVEvent, KVSnapshot, snapshot_key, stream_id_key
+from pdserve.shared.cluster.kv_events import KVEventPublisher
+from pdserve.shared.cluster.page_hash import page_hashes
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
+from pdserve.shared.cluster.worker_info import KEY_PREFIX, WorkerInfo
 
 PS = 2  # page size
 

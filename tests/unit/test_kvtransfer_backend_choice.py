@@ -17,8 +17,8 @@ from pdserve.kvtransfer.cuda_ipc import CudaIpcKVManager
 from pdserve.kvtransfer.ipc_pool import Here, host_id, unreachable_reason
 from pdserve.kvtransfer.zmq import ZmqKVManager
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
-from pdserve.shared.worker.cli import KV_TRANSFER_BACKENDS, build_parser
-from pdserve.shared.worker.lifecycle import kv_manager_options
+from pdserve.shared.launch.worker_cli import KV_TRANSFER_BACKENDS, build_parser
+from pdserve.shared.launch.worker_lifecycle import kv_manager_options
 
 SHAPE = KVPoolShape(num_layers=3, num_pages=40, page_size=4, num_kv_heads=2, head_dim=8)
 

@@ -98,7 +98,7 @@ def test_the_sender_is_done_when_its_last_copy_is(pair):
     receiver = decode.make_receiver("quick", prefill.endpoint)
     sender = prefill.make_sender("quick", decode.endpoint)
     receiver.init([10, 11, 12])
-    wait_until(lambda: sender.poll() == KVPoll.WaitingForInput)
+    wait_until(lambda: sender.poll() == receiver.poll() == KVPoll.WaitingForInput)
     held, release = threading.Event(), threading.Event()
     decode.call_soon(lambda: (held.set(), release.wait(10)))  # the receiver reads nothing meanwhile
     held.wait(5)

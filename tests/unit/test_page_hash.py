@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from pdserve.shared.page_hash import (
+from pdserve.shared.cluster.page_hash import (
     ROOT_HASH,
     iter_page_hashes,
     next_page_hash,

@@ -14,7 +14,7 @@ from pdserve.router.cluster.circuit_breaker import CircuitBreaker
 from pdserve.router.cluster.pairing import Pairing, Route, Tried
 from pdserve.router.cluster.policies import make_decode_policy, make_policy
 from pdserve.router.cluster.worker_pool import WorkerHandle, WorkerPool
-from pdserve.shared.cluster_types import WorkerInfo
+from pdserve.shared.cluster.worker_info import WorkerInfo
 from pdserve.shared.protocol import DecodeRequest, GenerateRequest, LoadReport, PrefillRequest, ServerInfo
 
 
@@ -86,8 +86,8 @@ def test_a_pair_gets_each_others_kv_endpoints_and_one_rid():
 
 
 def test_serve_plans_prefill_and_decode_workers():
-    from pdserve.shared.serve.cli import build_parser
-    from pdserve.shared.serve.plan import PlanError, plan_disaggregated, router_command, worker_command
+    from pdserve.shared.launch.serve.cli import build_parser
+    from pdserve.shared.launch.serve.plan import PlanError, plan_disaggregated, router_command, worker_command
 
     cpu = plan_disaggregated(["cpu"], 1, 2)
     assert [(s.name, s.device, s.mem_fraction_static, s.wait_for) for s in cpu] == [

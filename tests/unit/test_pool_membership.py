@@ -12,7 +12,7 @@ import asyncio
 from pdserve.router.cluster.circuit_breaker import CircuitBreaker
 from pdserve.router.cluster.policies import make_policy
 from pdserve.router.cluster.worker_pool import WorkerHandle, WorkerPool
-from pdserve.shared.cluster_types import WorkerInfo
+from pdserve.shared.cluster.worker_info import WorkerInfo
 from pdserve.shared.protocol import ServerInfo
 
 

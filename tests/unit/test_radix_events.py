@@ -1,17 +1,17 @@
 """The radix cache's listener: exact stored/removed/cleared events with their page chain hashes.
 
-page_hashes (shared/page_hash.py, tested on its own) names the expected pages: the hash of page j
+page_hashes (shared/cluster/page_hash.py, tested on its own) names the expected pages: the hash of page j
 of a prompt is page_hashes(prompt, page_size)[j].
 """
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pdserve.shared.cluster.page_hash import page_hashes
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.page_allocator import PageAllocator
 from pdserve.shared.engine.radix_cache import RadixCache
 from pdserve.shared.engine.radix_node import RadixNode
-from pdserve.shared.page_hash import page_hashes
 
 
 class Recorder:

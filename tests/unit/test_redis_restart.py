@@ -7,7 +7,7 @@ import time
 import psutil
 import redis
 
-from pdserve.shared.redis_server import EmbeddedRedis
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
 
 
 def test_a_killed_server_restarts_on_the_same_port():

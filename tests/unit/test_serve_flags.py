@@ -17,9 +17,9 @@ import dataclasses
 import pytest
 
 from pdserve.shared.args import EngineArgs
-from pdserve.shared.serve import passthrough
-from pdserve.shared.serve.cli import build_parser
-from pdserve.shared.serve.plan import WorkerSpec, router_command, worker_command
+from pdserve.shared.launch.serve import passthrough
+from pdserve.shared.launch.serve.cli import build_parser
+from pdserve.shared.launch.serve.plan import WorkerSpec, router_command, worker_command
 
 REDIS = "redis://127.0.0.1:1/0"
 ENGINE_DESTS = {f.name for f in dataclasses.fields(EngineArgs)}

@@ -16,9 +16,9 @@ import signal
 
 import pytest
 
-from pdserve.shared.serve.readiness import missing_workers
-from pdserve.shared.serve.restart_policy import GiveUp, RestartPolicy, RestartRules
-from pdserve.shared.serve.supervisor import ChildGaveUp, Supervisor, describe_exit
+from pdserve.shared.launch.serve.readiness import missing_workers
+from pdserve.shared.launch.serve.restart_policy import GiveUp, RestartPolicy, RestartRules
+from pdserve.shared.launch.serve.supervisor import ChildGaveUp, Supervisor, describe_exit
 
 
 def _crash_loop(policy: RestartPolicy, t: float, runs: int, up_s: float = 5.0) -> tuple[list, float]:

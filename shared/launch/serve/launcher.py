@@ -28,13 +28,13 @@ import time
 from collections.abc import Callable
 
 from pdserve.router.cli import READY_PREFIX as ROUTER_READY_PREFIX
-from pdserve.shared.redis_server import EmbeddedRedis
-from pdserve.shared.serve.children import ChildProcess
-from pdserve.shared.serve.readiness import fetch_server_info, missing_workers
-from pdserve.shared.serve.restart_policy import RestartRules
-from pdserve.shared.serve.supervisor import RedisChild, Supervisor
-from pdserve.shared.worker.launch import READY_PREFIX as WORKER_READY_PREFIX
-from pdserve.shared.worker.launch import http_status
+from pdserve.shared.cluster.redis_server import EmbeddedRedis
+from pdserve.shared.launch.serve.children import ChildProcess
+from pdserve.shared.launch.serve.readiness import fetch_server_info, missing_workers
+from pdserve.shared.launch.serve.restart_policy import RestartRules
+from pdserve.shared.launch.serve.supervisor import RedisChild, Supervisor
+from pdserve.shared.launch.worker_process import READY_PREFIX as WORKER_READY_PREFIX
+from pdserve.shared.launch.worker_process import http_status
 
 logger = logging.getLogger("pdserve.serve")
 

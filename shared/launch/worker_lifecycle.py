@@ -1,5 +1,5 @@
 """One worker process's life, from binding its ports to the drain after a signal, and which engine
-and loop each role gets (`build_engine`, `worker_class`). The `worker` command (cli.py) parses and
+and loop each role gets (`build_engine`, `worker_class`). The `worker` command (worker_cli.py) parses and
 checks the flags, then calls `run_worker`.
 
 Start-up order (so probes and clients see sensible states at every moment):
@@ -11,9 +11,9 @@ Start-up order (so probes and clients see sensible states at every moment):
   4. `/health` turns 200 and one line goes to stdout:
      `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q` (prefill/decode add
      `kv=<endpoint>`, the address peers' KV managers dial; it is also `kv_addr` in Redis);
-     with `--redis-url`, the Redis heartbeat (shared/cluster.py) writes its first beat just before
+     with `--redis-url`, the Redis heartbeat (shared/cluster/membership.py) writes its first beat just before
      that line: routers see the worker only once it is ready, and a clean exit deletes its key;
-     mixed and prefill workers also publish their radix cache's KV events (shared/kv_events.py)
+     mixed and prefill workers also publish their radix cache's KV events (shared/cluster/kv_events.py)
      for the routers' prefix index, started just before the heartbeat and withdrawn after it;
   5. the loop (mixed.py, or the role's worker.py) until a signal; then it drains: it leaves the
      cluster, intake stops, and live requests get `--drain-timeout` seconds to finish; those left
@@ -32,8 +32,8 @@ import time
 import zmq
 
 from pdserve.shared.args import EngineArgs
-from pdserve.shared.cluster import WorkerRegistration, advertise_host, default_worker_id
-from pdserve.shared.cluster_types import WorkerInfo
+from pdserve.shared.cluster.membership import WorkerRegistration, advertise_host, default_worker_id
+from pdserve.shared.cluster.worker_info import WorkerInfo
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.worker.http_server import HealthMetricsServer, HealthState
 from pdserve.shared.worker.metrics import WorkerMetrics
@@ -133,7 +133,7 @@ def kv_event_publisher(ns: argparse.Namespace, engine_args: EngineArgs, worker_i
     routers choose those roles by cached prefix."""
     if not ns.redis_url or ns.role not in ("mixed", "prefill"):
         return None
-    from pdserve.shared.kv_events import KVEventPublisher
+    from pdserve.shared.cluster.kv_events import KVEventPublisher
 
     return KVEventPublisher(ns.redis_url, worker_id, engine_args.page_size)
 

@@ -45,7 +45,7 @@ class WorkerProcess:
     """One `worker` subprocess. `args` are the worker's flags (`--port 0` recommended)."""
 
     def __init__(self, args: list[str], stderr: IO | int | None = None, env: dict[str, str] | None = None):
-        cmd = [sys.executable, "-m", "pdserve.shared.worker.cli", *args]
+        cmd = [sys.executable, "-m", "pdserve.shared.launch.worker_cli", *args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
         )

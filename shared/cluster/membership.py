@@ -30,7 +30,7 @@ import threading
 
 import redis
 
-from pdserve.shared.cluster_types import EVENTS_CHANNEL, HEARTBEAT_S, TTL_S, WorkerInfo
+from pdserve.shared.cluster.worker_info import EVENTS_CHANNEL, HEARTBEAT_S, TTL_S, WorkerInfo
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Rules:
 - stdout and stderr are merged into one pipe, read by one daemon thread: each line is echoed to
   `echo` as `[name] line`, kept in a bounded tail (for error messages), and checked for the
   child's ready line (`ready_prefix`: the worker's `pdserve worker ready ...`, see
-  shared/worker/launch.py, or the router's `pdserve router ready ...`).
+  shared/launch/worker_process.py, or the router's `pdserve router ready ...`).
 - `restart()` runs the same command again once the process exited: a new pid, a new `ready` event
   (the old one stays set for whoever still holds it), the tail carried on. The reader thread of
   each run only ever touches that run's pipe and event.
@@ -23,7 +23,7 @@ import sys
 import threading
 from typing import TextIO
 
-from pdserve.shared.worker.launch import READY_PREFIX
+from pdserve.shared.launch.worker_process import READY_PREFIX
 
 TAIL_LINES = 40
 

@@ -1,11 +1,11 @@
 """End-to-end demo of one mixed worker: start it, wait for /health, generate, print, stop it.
 
-    python -m pdserve.shared.worker.demo --prompt "What is the capital of France?"
+    python -m pdserve.shared.launch.demo --prompt "What is the capital of France?"
 
 Steps: `worker --role mixed --port 0` in the background (free ports, read from its ready line),
 wait for `/health` 200, stream the completion of the prompt (chat template applied unless
 `--no-chat`) with the one-shot client, print its meta info, then SIGTERM and check exit status 0.
-Extra worker flags go after `--`: `python -m pdserve.shared.worker.demo -- --max-total-tokens 4096`.
+Extra worker flags go after `--`: `python -m pdserve.shared.launch.demo -- --max-total-tokens 4096`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import json
 import sys
 
 from pdserve.shared.args import DEFAULT_MODEL
+from pdserve.shared.launch.worker_process import WorkerProcess
 from pdserve.shared.worker.client import WorkerClient, generate_text, prompt_ids
-from pdserve.shared.worker.launch import WorkerProcess
 
 
 def build_parser() -> argparse.ArgumentParser:

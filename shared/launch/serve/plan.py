@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 
 from pdserve.shared.args import EngineArgs
-from pdserve.shared.serve.passthrough import PassThrough, derive
+from pdserve.shared.launch.serve.passthrough import PassThrough, derive
 
 PD_ROLES = ("prefill", "decode")
 
@@ -145,7 +145,7 @@ def worker_command(
     """The worker's command line (passthrough: derived from the parsers when None)."""
     passthrough = passthrough or derive()
     cmd = [
-        sys.executable, "-m", "pdserve.shared.worker.cli",
+        sys.executable, "-m", "pdserve.shared.launch.worker_cli",
         "--role", spec.role, "--device", spec.device, "--host", "127.0.0.1", "--port", "0",
         "--redis-url", redis_url, "--log-level", ns.log_level,
         *engine_flags(ns), *passthrough.worker_args(ns),

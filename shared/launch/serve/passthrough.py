@@ -1,7 +1,7 @@
 """The router and worker flags `serve` accepts and passes on, read from their own parsers.
 
 Rules:
-- Every flag of `router` (router/cli.py build_parser) and of `worker` (shared/worker/cli.py
+- Every flag of `router` (router/cli.py build_parser) and of `worker` (shared/launch/worker_cli.py
   build_parser) is one of: set by `serve` itself (`ROUTER_SET_BY_SERVE`, `WORKER_SET_BY_SERVE`,
   each with the reason), an engine flag (shared/args.py: `serve` has them all and passes the
   changed ones to every worker, plan.py `engine_flags`), or passed on. So a flag added to either
@@ -79,7 +79,7 @@ def router_parser() -> argparse.ArgumentParser:
 
 
 def worker_parser() -> argparse.ArgumentParser:
-    from pdserve.shared.worker.cli import build_parser  # imports torch (its metrics import the engine)
+    from pdserve.shared.launch.worker_cli import build_parser  # imports torch (its metrics import the engine)
 
     return build_parser()
 

@@ -4,7 +4,7 @@ Stream `pdserve:kv_events` (XADD with MAXLEN ~ STREAM_MAXLEN): one entry per run
 events of one worker, fields
     worker  the worker_id (as in its membership key)
     kind    stored | removed | cleared
-    hashes  the pages' chain hashes (shared/page_hash.py), packed little-endian uint64 ("" for cleared)
+    hashes  the pages' chain hashes (shared/cluster/page_hash.py), packed little-endian uint64 ("" for cleared)
 "stored": the worker's radix cache now holds these pages; "removed": it no longer does (evicted);
 "cleared": it holds nothing (cache flushed or reset, or the worker (re)started).
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pdserve.shared.page_hash import pack_hashes, unpack_hashes
+from pdserve.shared.cluster.page_hash import pack_hashes, unpack_hashes
 
 STREAM_KEY = "pdserve:kv_events"
 SNAPSHOT_PREFIX = "pdserve:kv_snapshot:"

@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from pdserve.shared.redis_server import EmbeddedRedis, RedisServerError
-from pdserve.shared.serve.restart_policy import GiveUp, RestartPolicy, RestartRules
+from pdserve.shared.cluster.redis_server import EmbeddedRedis, RedisServerError
+from pdserve.shared.launch.serve.restart_policy import GiveUp, RestartPolicy, RestartRules
 
 logger = logging.getLogger("pdserve.serve")
 

@@ -32,8 +32,7 @@ import time
 
 import redis
 
-from pdserve.shared.cluster_types import TTL_S
-from pdserve.shared.kv_event_types import (
+from pdserve.shared.cluster.kv_event_types import (
     SNAPSHOT_TTL_S,
     STREAM_KEY,
     STREAM_MAXLEN,
@@ -41,6 +40,7 @@ from pdserve.shared.kv_event_types import (
     KVSnapshot,
     snapshot_key,
 )
+from pdserve.shared.cluster.worker_info import TTL_S
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ import sys
 from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS
 from pdserve.shared.args import add_engine_args, engine_args_from
 from pdserve.shared.engine.batch_log import DEFAULT_DECODE_LOG_INTERVAL
-from pdserve.shared.worker.lifecycle import run_worker
+from pdserve.shared.launch.worker_lifecycle import run_worker
 from pdserve.shared.worker.mixed import DEFAULT_SHUTDOWN_DRAIN_S
 from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S
 

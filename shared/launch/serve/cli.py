@@ -34,10 +34,10 @@ import sys
 import threading
 
 from pdserve.shared.args import add_engine_args, engine_args_from
-from pdserve.shared.redis_server import RedisServerError
-from pdserve.shared.serve import passthrough
-from pdserve.shared.serve.launcher import Cluster, StartupError
-from pdserve.shared.serve.plan import (
+from pdserve.shared.cluster.redis_server import RedisServerError
+from pdserve.shared.launch.serve import passthrough
+from pdserve.shared.launch.serve.launcher import Cluster, StartupError
+from pdserve.shared.launch.serve.plan import (
     PlanError,
     WorkerSpec,
     cpu_threads_env,
@@ -47,8 +47,8 @@ from pdserve.shared.serve.plan import (
     router_command,
     worker_command,
 )
-from pdserve.shared.serve.restart_policy import RestartRules
-from pdserve.shared.serve.supervisor import ChildGaveUp
+from pdserve.shared.launch.serve.restart_policy import RestartRules
+from pdserve.shared.launch.serve.supervisor import ChildGaveUp
 
 logger = logging.getLogger("pdserve.serve")
 
