@@ -150,7 +150,7 @@ def test_serve_answers_generate_and_exits_zero_on_sigterm(launch, model_dir):
     children = serve.descendants()
     names = sorted(" ".join(p.cmdline()) for p in children)
     assert len(children) == 3, names  # redis-server, one worker, the router
-    assert any("redis-server" in n for n in names) and any("worker.cli" in n for n in names)
+    assert any("redis-server" in n for n in names) and any("worker_cli" in n for n in names)
     serve.proc.send_signal(signal.SIGTERM)
     assert serve.proc.wait(EXIT_TIMEOUT_S) == 0
     assert _gone(children) == []
@@ -234,7 +234,7 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(launch, mode
     assert serve.first_line(READY_TIMEOUT_S) is not None, serve.log()[-3000:]
     base = f"http://127.0.0.1:{serve.port}"
     assert len(_live_workers(base)) == 2  # ready means every worker is listed, at once
-    workers = _children(serve, "worker.cli")
+    workers = _children(serve, "worker_cli")
     assert len(workers) == 2
     victim, survivor = workers
 
@@ -255,7 +255,7 @@ def test_a_killed_worker_is_restarted_while_the_other_keeps_serving(launch, mode
     assert "mixed-0 (pid" in serve.log() or "mixed-1 (pid" in serve.log()
 
     def restarted() -> bool:
-        pids = {p.pid for p in _children(serve, "worker.cli")}
+        pids = {p.pid for p in _children(serve, "worker_cli")}
         return len(pids) == 2 and victim.pid not in pids and survivor.pid in pids
 
     assert _wait_for(restarted), serve.log()[-3000:]
