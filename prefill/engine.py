@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 
 from pdserve.kvtransfer.base import KVManager, KVTransferError
-from pdserve.prefill.scheduler import PrefillScheduler
+from pdserve.prefill.scheduler import PrefillRole
 from pdserve.prefill.sending import KVSendQueue, TransferOutcome
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
@@ -35,7 +35,6 @@ from pdserve.shared.engine.kv_pool import PagedKVPool
 from pdserve.shared.engine.radix_node import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError
-from pdserve.shared.engine.scheduler import SchedulerConfig
 from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
 
 logger = logging.getLogger(__name__)
@@ -50,17 +49,18 @@ class PrefillEngine(Engine):
     """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool; `kv_listener`
     hears the prefix cache's page changes (the worker's KV event publisher, shared/cluster/kv_events.py)."""
 
-    scheduler: PrefillScheduler
-
     def __init__(
         self,
         args: EngineArgs,
         make_kv_manager: Callable[[PagedKVPool], KVManager],
         kv_listener: RadixListener | None = None,
     ):
-        super().__init__(args, kv_listener)
+        # the send queue is made after the scheduler: looked up when asked
+        role = PrefillRole(lambda req: self.sends.pages_sent(req.rid))
+        super().__init__(args, kv_listener, scheduler_role=role)
+        self.role = role
         self.kv_manager = make_kv_manager(self.runner.pool)
-        self.sends = KVSendQueue(self.scheduler.pages_ready, first_output_of)
+        self.sends = KVSendQueue(self.role.pages_ready, first_output_of)
         self.batch_log.role_fields = self._batch_log_fields
 
     def _batch_log_fields(self, kind: str) -> str:
@@ -68,13 +68,8 @@ class PrefillEngine(Engine):
         if kind != "prefill":
             return ""
         return (
-            f"#prealloc-req: {self.sends.num_bootstrapping()}, "
-            f"#inflight-req: {len(self.scheduler.transferring)}, "
+            f"#prealloc-req: {self.sends.num_bootstrapping()}, #inflight-req: {len(self.role.transferring)}, "
         )
-
-    def _make_scheduler(self, config: SchedulerConfig) -> PrefillScheduler:
-        # the send queue is made after the scheduler: looked up when asked
-        return PrefillScheduler(config, self.kv, lambda req: self.sends.pages_sent(req.rid))
 
     # ------------------------------------------------------------------ requests
 
@@ -97,7 +92,7 @@ class PrefillEngine(Engine):
         """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""
         super().step()  # its RequestOutputs are internal here: the first token travels to decode
         done = [self._conclude(o) for o in self.sends.advance()]
-        stuck = self.scheduler.stuck
+        stuck = self.role.stuck
         if stuck is not None and not stuck.is_finished:
             logger.warning(
                 "request %s: every KV page is held by unfinished prefills; it gives its pages back", stuck.rid
@@ -107,7 +102,7 @@ class PrefillEngine(Engine):
 
     def _conclude(self, outcome: TransferOutcome) -> PrefillDone:
         req = outcome.req
-        self.scheduler.finish_transfer(req, outcome.ok, outcome.reason)
+        self.role.finish_transfer(req, outcome.ok, outcome.reason)
         if not outcome.ok:
             logger.info("request %s: %s", req.rid, outcome.reason)
             self.stats.num_aborted += 1
