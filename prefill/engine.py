@@ -35,7 +35,7 @@ from pdserve.shared.engine.kv_pool import PagedKVPool
 from pdserve.shared.engine.radix_node import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError
-from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
+from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class PrefillEngine(Engine):
         self.role = role
         self.kv_manager = make_kv_manager(self.runner.pool)
         self.sends = KVSendQueue(self.role.pages_ready, first_output_of)
+        self._done: list[PrefillDone] = []  # answers not yet taken (take_done)
         self.batch_log.role_fields = self._batch_log_fields
 
     def _batch_log_fields(self, kind: str) -> str:
@@ -88,17 +89,24 @@ class PrefillEngine(Engine):
         self.sends.add(req, sender)
         self._track(gen.rid, [req])
 
-    def step(self) -> list[PrefillDone]:  # type: ignore[override]
-        """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""
-        super().step()  # its RequestOutputs are internal here: the first token travels to decode
-        done = [self._conclude(o) for o in self.sends.advance()]
+    def take_done(self) -> list[PrefillDone]:
+        """The PrefillDone of every request that ended since the last call (one per request): a
+        prefill engine answers only through these, its step() and aborts stream no output."""
+        done, self._done = self._done, []
+        return done
+
+    def step(self) -> list[RequestOutput]:
+        """One prefill batch (if any can run), then the transfers; the requests done are in
+        take_done(). Returns no output: the first token travels to the decode worker."""
+        super().step()
+        self._done += [self._conclude(o) for o in self.sends.advance()]
         stuck = self.role.stuck
         if stuck is not None and not stuck.is_finished:
             logger.warning(
                 "request %s: every KV page is held by unfinished prefills; it gives its pages back", stuck.rid
             )
-            done += self.abort(stuck.rid, STUCK_MESSAGE)
-        return done
+            self.abort(stuck.rid, STUCK_MESSAGE)
+        return []
 
     def _conclude(self, outcome: TransferOutcome) -> PrefillDone:
         req = outcome.req
@@ -109,17 +117,18 @@ class PrefillEngine(Engine):
         self._retire(req)
         return _done(req, outcome.ok, outcome.reason)
 
-    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[PrefillDone]:  # type: ignore[override]
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[RequestOutput]:
         """Aborts rid at whatever stage it is: the sender first (its pages are then no longer read),
-        then the pages; one PrefillDone(ok=False) if rid was live, none otherwise."""
+        then the pages; one PrefillDone(ok=False) in take_done() if rid was live."""
         self.sends.drop(rid, message)
-        reqs = self.scheduler.abort(rid, message)
-        return [self._aborted(r, message) for r in reqs]
+        self._done += [self._aborted(r, message) for r in self.scheduler.abort(rid, message)]
+        return []
 
-    def abort_all(self, message: str) -> list[PrefillDone]:  # type: ignore[override]
+    def abort_all(self, message: str) -> list[RequestOutput]:
         for req in self.scheduler.all_requests():
             self.sends.drop(req.rid, message)
-        return [self._aborted(r, message) for r in self.scheduler.abort_all(message)]
+        self._done += [self._aborted(r, message) for r in self.scheduler.abort_all(message)]
+        return []
 
     def _aborted(self, req: Req, message: str) -> PrefillDone:
         self.stats.num_aborted += 1

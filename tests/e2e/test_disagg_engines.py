@@ -236,7 +236,8 @@ def test_prefill_side_failure_makes_decode_free_and_say_why(pair):
         pair.step()
     assert pair.decode.role.waiting_for_kv  # D is waiting, pages allocated
     # P gives up on its own (what a crash or a timeout looks like from D): only P is told to abort
-    pair.collect([], pair.prefill.abort("f", "prefill worker draining"))
+    pair.prefill.abort("f", "prefill worker draining")
+    pair.collect([], pair.prefill.take_done())
     pair.run()
     out = pair.finished("f")
     assert out.finish_reason["type"] == "abort"

@@ -86,7 +86,8 @@ def test_aborts_at_any_moment_leave_every_page_free(pair, steps, side):
     if side == "both":
         pair.abort("x", "client left")
     elif side == "prefill":
-        pair.collect([], pair.prefill.abort("x", "prefill worker draining"))
+        pair.prefill.abort("x", "prefill worker draining")
+        pair.collect([], pair.prefill.take_done())
     else:
         pair.collect(pair.decode.abort("x", "decode worker draining"))
     pair.run()
