@@ -25,14 +25,13 @@ import logging
 from collections.abc import Callable
 
 from pdserve.decode.receiving import Arrival, KVReceiveQueue
-from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS, DecodeScheduler
+from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS, DecodeRole
 from pdserve.kvtransfer.base import KVManager, KVTransferError
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.handoff import HandoffError, apply_first_output
 from pdserve.shared.engine.kv_pool import PagedKVPool
 from pdserve.shared.engine.request_validation import RequestError
-from pdserve.shared.engine.scheduler import SchedulerConfig
 from pdserve.shared.protocol import DecodeRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -42,8 +41,6 @@ class DecodeEngine(Engine):
     """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool;
     `overlap_schedule` as in Engine."""
 
-    scheduler: DecodeScheduler
-
     def __init__(
         self,
         args: EngineArgs,
@@ -51,8 +48,9 @@ class DecodeEngine(Engine):
         num_reserved_decode_tokens: int = DEFAULT_NUM_RESERVED_DECODE_TOKENS,
         overlap_schedule: bool | None = None,
     ):
-        self.num_reserved_decode_tokens = num_reserved_decode_tokens  # read by _make_scheduler
-        super().__init__(args, overlap_schedule=overlap_schedule)
+        role = DecodeRole(num_reserved_decode_tokens)
+        super().__init__(args, overlap_schedule=overlap_schedule, scheduler_role=role)
+        self.role = role
         self.kv_manager = make_kv_manager(self.runner.pool)
         self.receives = KVReceiveQueue()
         self.batch_log.role_fields = self._batch_log_fields
@@ -61,17 +59,14 @@ class DecodeEngine(Engine):
         """SGLang's decode-role fields of its decode line (shared/engine/batch_log.py)."""
         if kind != "decode":
             return ""
-        s = self.scheduler
-        total = s.kv.num_total_pages
-        held = sum(len(r.pages) for r in s.waiting_for_kv)
-        retracted = sum(1 for r in s.waiting if r.num_retractions)
+        role = self.role
+        total = self.kv.num_total_pages
+        held = sum(len(r.pages) for r in role.waiting_for_kv)
+        retracted = sum(1 for r in self.scheduler.waiting if r.num_retractions)
         return (
-            f"pre-allocated usage: {held / total if total else 0.0:.2f}, #prealloc-req: {len(s.prealloc)}, "
-            f"#transfer-req: {len(s.waiting_for_kv)}, #retracted-req: {retracted}, "
+            f"pre-allocated usage: {held / total if total else 0.0:.2f}, #prealloc-req: {len(role.prealloc)}, "
+            f"#transfer-req: {len(role.waiting_for_kv)}, #retracted-req: {retracted}, "
         )
-
-    def _make_scheduler(self, config: SchedulerConfig) -> DecodeScheduler:
-        return DecodeScheduler(config, self.kv, self.num_reserved_decode_tokens)
 
     # ------------------------------------------------------------------ requests
 
@@ -84,7 +79,7 @@ class DecodeEngine(Engine):
             receiver = self.kv_manager.make_receiver(gen.rid, msg.prefill_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer from {msg.prefill_kv_endpoint} cannot start: {exc}") from exc
-        self.scheduler.add_remote(req)
+        self.role.add_remote(req)
         self.receives.add(req, receiver)
         self._track(gen.rid, [req])
 
@@ -95,7 +90,7 @@ class DecodeEngine(Engine):
 
     def _advance_transfers(self) -> list[RequestOutput]:
         outputs = [self._settle(a) for a in self.receives.poll()]
-        for req in self.scheduler.preallocate():
+        for req in self.role.preallocate():
             refused = self.receives.init(req)
             if refused is not None:
                 outputs.append(self._settle(refused))
@@ -109,10 +104,10 @@ class DecodeEngine(Engine):
             except HandoffError as exc:
                 reason = f"KV transfer failed: the prefill worker's first output is unusable: {exc}"
             else:
-                self.scheduler.kv_received(req)
+                self.role.kv_received(req)
                 return self._emit(req)
         logger.info("request %s: %s", req.rid, reason)
-        self.scheduler.kv_failed(req, reason)
+        self.role.kv_failed(req, reason)
         self.stats.num_aborted += 1
         return self._emit(req)
 

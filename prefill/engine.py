@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 
 from pdserve.kvtransfer.base import KVManager, KVTransferError
-from pdserve.prefill.scheduler import PrefillScheduler
+from pdserve.prefill.scheduler import PrefillRole
 from pdserve.prefill.sending import KVSendQueue, TransferOutcome
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
@@ -35,8 +35,7 @@ from pdserve.shared.engine.kv_pool import PagedKVPool
 from pdserve.shared.engine.radix_node import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_validation import RequestError
-from pdserve.shared.engine.scheduler import SchedulerConfig
-from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest
+from pdserve.shared.protocol import GenerateRequest, PrefillDone, PrefillRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
 
@@ -50,17 +49,19 @@ class PrefillEngine(Engine):
     """`make_kv_manager(pool)` builds this worker's KVManager over the engine's KV pool; `kv_listener`
     hears the prefix cache's page changes (the worker's KV event publisher, shared/cluster/kv_events.py)."""
 
-    scheduler: PrefillScheduler
-
     def __init__(
         self,
         args: EngineArgs,
         make_kv_manager: Callable[[PagedKVPool], KVManager],
         kv_listener: RadixListener | None = None,
     ):
-        super().__init__(args, kv_listener)
+        # the send queue is made after the scheduler: looked up when asked
+        role = PrefillRole(lambda req: self.sends.pages_sent(req.rid))
+        super().__init__(args, kv_listener, scheduler_role=role)
+        self.role = role
         self.kv_manager = make_kv_manager(self.runner.pool)
-        self.sends = KVSendQueue(self.scheduler.pages_ready, first_output_of)
+        self.sends = KVSendQueue(self.role.pages_ready, first_output_of)
+        self._done: list[PrefillDone] = []  # answers not yet taken (take_done)
         self.batch_log.role_fields = self._batch_log_fields
 
     def _batch_log_fields(self, kind: str) -> str:
@@ -68,13 +69,8 @@ class PrefillEngine(Engine):
         if kind != "prefill":
             return ""
         return (
-            f"#prealloc-req: {self.sends.num_bootstrapping()}, "
-            f"#inflight-req: {len(self.scheduler.transferring)}, "
+            f"#prealloc-req: {self.sends.num_bootstrapping()}, #inflight-req: {len(self.role.transferring)}, "
         )
-
-    def _make_scheduler(self, config: SchedulerConfig) -> PrefillScheduler:
-        # the send queue is made after the scheduler: looked up when asked
-        return PrefillScheduler(config, self.kv, lambda req: self.sends.pages_sent(req.rid))
 
     # ------------------------------------------------------------------ requests
 
@@ -93,38 +89,46 @@ class PrefillEngine(Engine):
         self.sends.add(req, sender)
         self._track(gen.rid, [req])
 
-    def step(self) -> list[PrefillDone]:  # type: ignore[override]
-        """One prefill batch (if any can run), then the transfers; PrefillDone for each request done."""
-        super().step()  # its RequestOutputs are internal here: the first token travels to decode
-        done = [self._conclude(o) for o in self.sends.advance()]
-        stuck = self.scheduler.stuck
+    def take_done(self) -> list[PrefillDone]:
+        """The PrefillDone of every request that ended since the last call (one per request): a
+        prefill engine answers only through these, its step() and aborts stream no output."""
+        done, self._done = self._done, []
+        return done
+
+    def step(self) -> list[RequestOutput]:
+        """One prefill batch (if any can run), then the transfers; the requests done are in
+        take_done(). Returns no output: the first token travels to the decode worker."""
+        super().step()
+        self._done += [self._conclude(o) for o in self.sends.advance()]
+        stuck = self.role.stuck
         if stuck is not None and not stuck.is_finished:
             logger.warning(
                 "request %s: every KV page is held by unfinished prefills; it gives its pages back", stuck.rid
             )
-            done += self.abort(stuck.rid, STUCK_MESSAGE)
-        return done
+            self.abort(stuck.rid, STUCK_MESSAGE)
+        return []
 
     def _conclude(self, outcome: TransferOutcome) -> PrefillDone:
         req = outcome.req
-        self.scheduler.finish_transfer(req, outcome.ok, outcome.reason)
+        self.role.finish_transfer(req, outcome.ok, outcome.reason)
         if not outcome.ok:
             logger.info("request %s: %s", req.rid, outcome.reason)
             self.stats.num_aborted += 1
         self._retire(req)
         return _done(req, outcome.ok, outcome.reason)
 
-    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[PrefillDone]:  # type: ignore[override]
+    def abort(self, rid: str, message: str = "Aborted by the client.") -> list[RequestOutput]:
         """Aborts rid at whatever stage it is: the sender first (its pages are then no longer read),
-        then the pages; one PrefillDone(ok=False) if rid was live, none otherwise."""
+        then the pages; one PrefillDone(ok=False) in take_done() if rid was live."""
         self.sends.drop(rid, message)
-        reqs = self.scheduler.abort(rid, message)
-        return [self._aborted(r, message) for r in reqs]
+        self._done += [self._aborted(r, message) for r in self.scheduler.abort(rid, message)]
+        return []
 
-    def abort_all(self, message: str) -> list[PrefillDone]:  # type: ignore[override]
+    def abort_all(self, message: str) -> list[RequestOutput]:
         for req in self.scheduler.all_requests():
             self.sends.drop(req.rid, message)
-        return [self._aborted(r, message) for r in self.scheduler.abort_all(message)]
+        self._done += [self._aborted(r, message) for r in self.scheduler.abort_all(message)]
+        return []
 
     def _aborted(self, req: Req, message: str) -> PrefillDone:
         self.stats.num_aborted += 1

@@ -4,14 +4,15 @@
                        (a chunk per step; whole pages     (every page sent; waits until the
                         go to the cache after each)        sender is Success or Failed)
 
-The shared Scheduler does admission, chunking and the prefix cache unchanged. What differs:
+The shared Scheduler does admission, chunking and the prefix cache unchanged; this role object
+(scheduler_role.py) decides what differs:
 - a request whose prompt is computed does not join a decode batch: it keeps its pages and moves to
   `transferring` with the first token in `output_ids` (no stop check here: the decode side owns
   the stop conditions, even when the very first token is EOS);
 - `finish_transfer` ends it once the engine saw its sender reach a final state (a failure may come
   earlier, while it is still queued or prefilling): the computed whole pages go to the radix cache
   (their KV is right whether or not the transfer worked) and the rest is freed, through the same
-  `_finish` as an abort, so each page is given back exactly once;
+  `finish` as an abort, so each page is given back exactly once;
 - nothing ever runs, so nothing decoding is retracted: a page a sender reads stays put until then.
 
 Chunked prefills can hold every free page between them with none able to take its next chunk
@@ -31,53 +32,64 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.scheduled_batch import StepResult
-from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.shared.engine.scheduler_role import MixedRole
 
 
-class PrefillScheduler(Scheduler):
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, pages_sent: Callable[[Req], int]):
+class PrefillRole(MixedRole):
+    def __init__(self, pages_sent: Callable[[Req], int]):
         """`pages_sent(req)`: how many of req's pages were handed to its sender so far."""
-        super().__init__(config, kv)
         self.transferring: list[Req] = []  # prompt computed; pages held until the sender is final
         self._pages_sent = pages_sent
-        self.stuck: Req | None = None  # set by schedule(): see the module docstring
+        self.stuck: Req | None = None  # set while scheduling: see the module docstring
 
-    # ------------------------------------------------------------------ queue views
+    # ------------------------------------------------------------------ the role's queue
 
-    @property
-    def num_running(self) -> int:
+    def held(self) -> list[Req]:
+        return list(self.transferring)
+
+    def num_holding_slots(self) -> int:
         # transferring requests hold pages and a slot: max_running_requests bounds them too
-        return len(self.prefilling) + len(self.transferring)
+        return len(self.transferring)
 
-    def has_work(self) -> bool:
-        return self.has_compute() or bool(self.transferring)
+    def unqueue(self, req: Req) -> bool:
+        if req.status != ReqStatus.TRANSFERRING:
+            return False
+        self.transferring.remove(req)
+        return True
 
-    def all_requests(self) -> list[Req]:
-        return super().all_requests() + self.transferring
+    # ------------------------------------------------------------------ decisions
 
-    # ------------------------------------------------------------------ the role's steps
-
-    def schedule(self):  # type: ignore[override]
+    def on_schedule(self) -> None:
         self.stuck = None
-        return super().schedule()
 
-    def _stuck_prefill_victim(self) -> Req | None:
+    def stuck_prefill_victim(self) -> Req | None:
         if self.transferring:
             return None  # their senders end, and their pages come back
-        unsent = [r for r in self.prefilling if self._pages_sent(r) == 0]
+        prefilling = self.scheduler.prefilling
+        unsent = [r for r in prefilling if self._pages_sent(r) == 0]
         if unsent:
             return max(unsent, key=lambda r: r.arrival_time)
-        self.stuck = max(self.prefilling, key=lambda r: r.arrival_time)
+        self.stuck = max(prefilling, key=lambda r: r.arrival_time)
         return None
+
+    def on_prefill_complete(self, req: Req, result: StepResult) -> bool:
+        self.scheduler.prefilling.remove(req)
+        req.status = ReqStatus.TRANSFERRING
+        self.transferring.append(req)
+        return True  # the sampled first token (if any) still goes into output_ids
+
+    def stop_reason(self, req: Req, token: int) -> dict | None:
+        return None  # the decode side decides when the request stops
+
+    # ------------------------------------------------------------------ for the prefill engine
 
     def pages_ready(self, req: Req) -> int:
         """How many leading pages of req.pages hold final KV and may be sent now."""
         if req.status == ReqStatus.TRANSFERRING:
             return len(req.pages)
-        return req.num_computed // self.config.page_size
+        return req.num_computed // self.scheduler.config.page_size
 
     def finish_transfer(self, req: Req, ok: bool, reason: str = "") -> None:
         """Ends a request once its sender is final and gives its pages back. Success (ok) comes only
@@ -87,21 +99,4 @@ class PrefillScheduler(Scheduler):
             raise ValueError(f"request {req.rid} is {req.status.name}: only a transferring request succeeds")
         if req.is_finished:
             raise ValueError(f"request {req.rid} already finished")
-        self._finish(req, {"type": "transferred"} if ok else {"type": "abort", "message": reason})
-
-    # ------------------------------------------------------------------ hooks
-
-    def _on_prefill_complete(self, req: Req, result: StepResult) -> bool:
-        self.prefilling.remove(req)
-        req.status = ReqStatus.TRANSFERRING
-        self.transferring.append(req)
-        return True  # the sampled first token (if any) still goes into output_ids
-
-    def _stop_reason(self, req: Req, token: int) -> dict | None:
-        return None  # the decode side decides when the request stops
-
-    def _unqueue(self, req: Req) -> None:
-        if req.status == ReqStatus.TRANSFERRING:
-            self.transferring.remove(req)
-        else:
-            super()._unqueue(req)
+        self.scheduler.finish(req, {"type": "transferred"} if ok else {"type": "abort", "message": reason})

@@ -19,7 +19,7 @@ shared/launch/worker_lifecycle.py): the routers' prefix index sends repeats of a
 
 from __future__ import annotations
 
-from pdserve.shared.protocol import PrefillDone, PrefillRequest
+from pdserve.shared.protocol import PrefillRequest, RequestOutput
 from pdserve.shared.worker.mixed import MixedWorker
 
 
@@ -30,8 +30,10 @@ class PrefillWorker(MixedWorker):
         super().__init__(engine, sock, metrics, stop, **kwargs)
         self._intake = {PrefillRequest: engine.add_prefill}
 
-    def _deliver(self, outputs: list[PrefillDone]) -> None:  # type: ignore[override]
-        for done in outputs:
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        """A prefill engine streams no output (`outputs` is empty): its answers are the PrefillDone
+        of the requests that ended, one each, to the client that sent it."""
+        for done in self.engine.take_done():
             identity = self.owners.pop(done.rid)
             if identity is not None:
                 self.sock.send(identity, done)

@@ -37,6 +37,7 @@ from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
+from pdserve.shared.engine.scheduler_role import MixedRole
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.engine.weights_update import (
     UPDATE_OK,
@@ -62,13 +63,16 @@ def overlap_schedule_default(args: EngineArgs) -> bool:
 
 class Engine:
     """`kv_listener` (optional) hears the prefix cache's page changes: a worker's KV event publisher.
-    `overlap_schedule` overrides `overlap_schedule_default(args)` (tests force it on the CPU)."""
+    `overlap_schedule` overrides `overlap_schedule_default(args)` (tests force it on the CPU).
+    `scheduler_role` decides what differs between roles inside the scheduler (the P/D roles pass
+    theirs; default: the mixed role)."""
 
     def __init__(
         self,
         args: EngineArgs,
         kv_listener: RadixListener | None = None,
         overlap_schedule: bool | None = None,
+        scheduler_role: MixedRole | None = None,
     ):
         args.validate()
         self.args = args
@@ -92,7 +96,7 @@ class Engine:
             enable_radix=not args.disable_radix_cache,
             listener=kv_listener,
         )
-        self.scheduler = self._make_scheduler(
+        self.scheduler = Scheduler(
             SchedulerConfig(
                 page_size=args.page_size,
                 max_running_requests=args.max_running_requests,
@@ -100,7 +104,9 @@ class Engine:
                 chunked_prefill_size=args.chunked_prefill_size,
                 schedule_policy=args.schedule_policy,
                 context_length=self.model_config.context_length,
-            )
+            ),
+            self.kv,
+            scheduler_role,
         )
         self.stats = EngineStats()
         self.latency = RequestLatencies()  # for /metrics, like stats
@@ -115,10 +121,6 @@ class Engine:
         )
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
-
-    def _make_scheduler(self, config: SchedulerConfig) -> Scheduler:
-        """The scheduler over self.kv; the prefill and decode roles return their own subclass."""
-        return Scheduler(config, self.kv)
 
     # ------------------------------------------------------------------ facts
 

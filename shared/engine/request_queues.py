@@ -1,6 +1,6 @@
 """The scheduler's queues of live requests and the calls that take a request out of them (finish,
-abort). Which request moves from one queue to the next is the scheduler's policy (scheduler.py); the
-roles' schedulers extend the views and `_unqueue`/`_finish` with queues of their own. No torch.
+abort). Which request moves from one queue to the next is the scheduler's policy (scheduler.py); a
+role's own queues (scheduler_role.py) count in the views and are asked first. No torch.
 
     waiting ──▶ prefilling ──▶ running ──▶ finished (pages back through KVCacheManager.release)
 """
@@ -11,13 +11,16 @@ from collections import deque
 
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
+from pdserve.shared.engine.scheduler_role import MixedRole
 
 
 class RequestQueues:
-    """Live requests by state; `kv` takes back the pages of those that end."""
+    """Live requests by state; `kv` takes back the pages of those that end; `role` holds queues of
+    its own."""
 
-    def __init__(self, kv: KVCacheManager):
+    def __init__(self, kv: KVCacheManager, role: MixedRole):
         self.kv = kv
+        self.role = role
         self.waiting: deque[Req] = deque()
         self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
         self.running: list[Req] = []  # decoding
@@ -28,22 +31,22 @@ class RequestQueues:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + self.role.num_queued()
 
     @property
     def num_running(self) -> int:
-        return len(self.running) + len(self.prefilling)
+        return len(self.running) + len(self.prefilling) + self.role.num_holding_slots()
 
     def has_work(self) -> bool:
-        """Whether any request is live (roles add requests that wait on a transfer)."""
-        return self.has_compute()
+        """Whether any request is live (also those the role holds, waiting on a transfer)."""
+        return self.has_compute() or bool(self.role.held())
 
     def has_compute(self) -> bool:
         """Whether a request may need a forward pass (a batch), as opposed to waiting on a transfer."""
         return bool(self.waiting or self.prefilling or self.running)
 
     def all_requests(self) -> list[Req]:
-        return list(self.waiting) + self.prefilling + self.running
+        return list(self.waiting) + self.prefilling + self.running + self.role.held()
 
     def add(self, req: Req) -> None:
         req.status = ReqStatus.WAITING
@@ -55,8 +58,10 @@ class RequestQueues:
 
     # ------------------------------------------------------------------ leaving the queues
 
-    def _unqueue(self, req: Req) -> None:
-        """Takes req out of the queue its status names. Roles with queues of their own extend it."""
+    def unqueue(self, req: Req) -> None:
+        """Takes req out of the queue it is in (the role's first)."""
+        if self.role.unqueue(req):
+            return
         if req.status == ReqStatus.WAITING:
             self.waiting.remove(req)
         elif req.status == ReqStatus.PREFILLING:
@@ -64,24 +69,25 @@ class RequestQueues:
         elif req.status == ReqStatus.RUNNING:
             self.running.remove(req)
 
-    def _finish(self, req: Req, reason: dict) -> None:
-        """Ends a request and returns its pages (computed whole pages to the cache); safe in any
-        state but FINISHED."""
-        self._unqueue(req)
-        if req.pages or req.prefix_node is not None:
-            self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
-        req.pages, req.prefix_node = [], None
+    def finish(self, req: Req, reason: dict) -> None:
+        """Ends a request and returns its pages (computed whole pages to the cache, unless the role
+        frees them itself); safe in any state but FINISHED."""
+        if not self.role.release(req):
+            self.unqueue(req)
+            if req.pages or req.prefix_node is not None:
+                self.kv.release(req.fill_ids[: req.num_computed], req.pages, req.prefix_node, cache=True)
+            req.pages, req.prefix_node = [], None
         req.finish(reason)
 
     def abort(self, rid: str, message: str = "Aborted by the client.") -> list[Req]:
         """Finishes every live request with this rid (all samples of an n>1 request)."""
         hit = [r for r in self.all_requests() if r.rid == rid]
         for req in hit:
-            self._finish(req, {"type": "abort", "message": message})
+            self.finish(req, {"type": "abort", "message": message})
         return hit
 
     def abort_all(self, message: str) -> list[Req]:
         reqs = self.all_requests()
         for req in reqs:
-            self._finish(req, {"type": "abort", "message": message})
+            self.finish(req, {"type": "abort", "message": message})
         return reqs

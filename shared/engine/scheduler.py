@@ -33,11 +33,10 @@ finishes on its in-flight token (a stop token) was planned into one step too man
 token for it is dropped by `on_decode_done`, and its KV slot went back with its pages.
 
 The queues themselves, and finishing or aborting a request, are request_queues.py's; the batch
-types are scheduled_batch.py's. The disaggregated roles subclass this scheduler
-(prefill/scheduler.py, decode/scheduler.py) through a few hooks: `_on_prefill_complete` (where a
-request goes once its prompt is computed), `_admission_headroom` (pages a new prompt must leave
-free), `_unqueue`/`_finish` (their own queues), and the queue views `has_work`, `all_requests`,
-`num_running`, `num_waiting`.
+types are scheduled_batch.py's. What differs between the mixed, prefill and decode roles (where a
+request goes once its prompt is computed, when it stops, the headroom admission leaves, which
+half-prefilled request gives way, queues of their own) the scheduler asks its role object
+(scheduler_role.py; prefill/scheduler.py and decode/scheduler.py for the P/D roles).
 """
 
 from __future__ import annotations
@@ -49,6 +48,7 @@ from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.request_queues import RequestQueues
 from pdserve.shared.engine.schedule_policy import order_waiting
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch, StepResult
+from pdserve.shared.engine.scheduler_role import MixedRole
 
 
 @dataclass
@@ -66,15 +66,17 @@ def ceil_div(a: int, b: int) -> int:
 
 
 class Scheduler(RequestQueues):
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager):
-        super().__init__(kv)
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager, role: MixedRole | None = None):
+        super().__init__(kv, role or MixedRole())
         self.config = config
         self.num_retractions = 0
+        self.role.attach(self)
 
     # ------------------------------------------------------------------ scheduling
 
     def schedule(self) -> ScheduledBatch | None:
         """Picks the next batch: prefill work when any can be admitted, else one decode step."""
+        self.role.on_schedule()
         batch = self._schedule_extend()
         if batch is not None:
             return batch
@@ -83,23 +85,12 @@ class Scheduler(RequestQueues):
         # Chunked prefills can hold every free page between them with none able to take its next
         # chunk, and with nothing decoding no page would ever come back: give the newest one's
         # pages back (it starts over later) until the others can go on.
-        while len(self.prefilling) > 1 and (victim := self._stuck_prefill_victim()) is not None:
+        while len(self.prefilling) > 1 and (victim := self.role.stuck_prefill_victim()) is not None:
             self._retract(victim)
             batch = self._schedule_extend()
             if batch is not None:
                 return batch
         return None
-
-    def _stuck_prefill_victim(self) -> Req | None:
-        """The half-prefilled request that gives its pages back when none can go on (the newest), or
-        None to wait. Roles whose other requests hold pages they will free by themselves, or that
-        read a prefilling request's pages elsewhere, choose otherwise (prefill/ and decode/)."""
-        return max(self.prefilling, key=lambda r: r.arrival_time)
-
-    def _admission_headroom(self) -> int:
-        """Pages a new prompt must leave free for requests already decoding: one per running request
-        (the page its next token may need). The decode role adds its output reserves."""
-        return len(self.running)
 
     def _prefix_limit(self, req: Req) -> int:
         """How many leading tokens may come from the cache: the last token must always be computed
@@ -121,7 +112,7 @@ class Scheduler(RequestQueues):
         cfg = self.config
         budget = cfg.max_prefill_tokens
         chunk_cap = cfg.chunked_prefill_size if cfg.chunked_prefill_size > 0 else 1 << 62
-        headroom = self._admission_headroom()
+        headroom = self.role.admission_headroom()
         reqs: list[Req] = []
         prefix_lens: list[int] = []
         extend_lens: list[int] = []
@@ -232,7 +223,7 @@ class Scheduler(RequestQueues):
                 pages = self.kv.allocate(1)
                 if pages is None:
                     # a lone request that outgrew the whole pool: stop it rather than loop forever
-                    self._finish(req, {"type": "abort", "message": "KV cache pool exhausted by one request"})
+                    self.finish(req, {"type": "abort", "message": "KV cache pool exhausted by one request"})
                     self.stopped.append(req)
                     continue
                 req.pages.extend(pages)
@@ -275,15 +266,15 @@ class Scheduler(RequestQueues):
                 self._after_chunk(req)
             token = next_tokens[i]
             prefill_complete = req.status == ReqStatus.PREFILLING and req.num_computed == req.seq_len
-            if prefill_complete and not self._on_prefill_complete(req, result):
+            if prefill_complete and not self.role.on_prefill_complete(req, result):
                 continue
             if token is None:
                 continue
             req.output_ids.append(token)
             result.progressed.append(req)
-            reason = self._stop_reason(req, token)
+            reason = self.role.stop_reason(req, token)
             if reason is not None:
-                self._finish(req, reason)
+                self.finish(req, reason)
                 result.finished.append(req)
         return result
 
@@ -308,37 +299,13 @@ class Scheduler(RequestQueues):
                 continue
             req.output_ids.append(token)
             result.progressed.append(req)
-            reason = self._stop_reason(req, token)
+            reason = self.role.stop_reason(req, token)
             if reason is not None:
-                self._finish(req, reason)
+                self.finish(req, reason)
                 result.finished.append(req)
         return result
-
-    def _on_prefill_complete(self, req: Req, result: StepResult) -> bool:
-        """req's fill_ids are all computed: it joins the decode batch. Returns whether the token it
-        sampled this step is still to be handled (False: req is done with this step). Roles override."""
-        self.prefilling.remove(req)
-        req.status = ReqStatus.RUNNING
-        self.running.append(req)
-        if req.params.max_new_tokens == 0:  # prompt scoring only
-            self._finish(req, {"type": "length", "length": 0})
-            result.progressed.append(req)
-            result.finished.append(req)
-            return False
-        return True
 
     def _after_chunk(self, req: Req) -> None:
         """Puts the request's computed whole pages into the radix cache so others can share them."""
         tokens = req.fill_ids[: req.num_computed]
         req.pages, req.prefix_node = self.kv.cache_request(tokens, req.pages, req.prefix_node)
-
-    def _stop_reason(self, req: Req, token: int) -> dict | None:
-        p = req.params
-        is_stop = token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids)
-        if is_stop and len(req.output_ids) >= p.min_new_tokens:
-            return {"type": "stop", "matched": token}
-        if len(req.output_ids) >= p.max_new_tokens:
-            return {"type": "length", "length": p.max_new_tokens}
-        if req.seq_len >= self.config.context_length:
-            return {"type": "length", "length": len(req.output_ids)}
-        return None

@@ -194,7 +194,7 @@ def test_abort_mid_transfer_while_decode_has_not_named_its_pages(pair):
     _submit(pair, "t", 40, seed=13)
     for _ in range(4):
         pair.step(decode=False)  # D never pre-allocates: P's sender stays Bootstrapping
-    (req,) = pair.prefill.scheduler.transferring
+    (req,) = pair.prefill.role.transferring
     assert req.status == ReqStatus.TRANSFERRING and req.output_ids
     pair.abort("t", "client left")
     _aborted(pair, "t", "client left")
@@ -205,7 +205,7 @@ def test_abort_mid_transfer_while_decode_has_not_named_its_pages(pair):
 def test_abort_waiting_for_kv_at_decode(pair):
     _submit(pair, "w", 60, seed=14)
     pair.step(prefill=False)  # D pre-allocates and names its pages; P has not started
-    (req,) = pair.decode.scheduler.waiting_for_kv
+    (req,) = pair.decode.role.waiting_for_kv
     assert req.status == ReqStatus.WAITING_FOR_KV and len(req.pages) == 4
     pair.abort("w", "client left")
     _aborted(pair, "w", "client left")
@@ -234,9 +234,10 @@ def test_prefill_side_failure_makes_decode_free_and_say_why(pair):
     _submit(pair, "f", 100, seed=17)
     for _ in range(2):
         pair.step()
-    assert pair.decode.scheduler.waiting_for_kv  # D is waiting, pages allocated
+    assert pair.decode.role.waiting_for_kv  # D is waiting, pages allocated
     # P gives up on its own (what a crash or a timeout looks like from D): only P is told to abort
-    pair.collect([], pair.prefill.abort("f", "prefill worker draining"))
+    pair.prefill.abort("f", "prefill worker draining")
+    pair.collect([], pair.prefill.take_done())
     pair.run()
     out = pair.finished("f")
     assert out.finish_reason["type"] == "abort"

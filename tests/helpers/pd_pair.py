@@ -45,13 +45,15 @@ class PDPair:
 
     def step(self, prefill: bool = True, decode: bool = True) -> None:
         if prefill:
-            self.collect([], self.prefill.step())
+            self.prefill.step()
+            self.collect([], self.prefill.take_done())
         if decode:
             self.collect(self.decode.step())
 
     def abort(self, rid: str, message: str = "Aborted by the client.") -> None:
         """What the router does on a client disconnect: abort on both workers."""
-        self.collect([], self.prefill.abort(rid, message))
+        self.prefill.abort(rid, message)
+        self.collect([], self.prefill.take_done())
         self.collect(self.decode.abort(rid, message))
 
     def has_work(self) -> bool:

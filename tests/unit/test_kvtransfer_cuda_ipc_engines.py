@@ -86,7 +86,8 @@ def test_aborts_at_any_moment_leave_every_page_free(pair, steps, side):
     if side == "both":
         pair.abort("x", "client left")
     elif side == "prefill":
-        pair.collect([], pair.prefill.abort("x", "prefill worker draining"))
+        pair.prefill.abort("x", "prefill worker draining")
+        pair.collect([], pair.prefill.take_done())
     else:
         pair.collect(pair.decode.abort("x", "decode worker draining"))
     pair.run()
@@ -102,7 +103,7 @@ def test_a_peer_dying_mid_transfer_leaves_the_survivor_idle(pair, dies):
     pair.submit("x", _prompt(200, seed=12), sampling_params=dict(params))
     for _ in range(3):
         pair.step()
-    assert pair.decode.scheduler.waiting_for_kv  # D holds pages, P is mid-prefill
+    assert pair.decode.role.waiting_for_kv  # D holds pages, P is mid-prefill
     dead, survivor = (pair.prefill, pair.decode) if dies == "prefill" else (pair.decode, pair.prefill)
     dead.kv_manager.close()  # what the survivor sees of a dead peer: its sockets close
     for _ in range(20000):

@@ -6,24 +6,24 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.prefill.scheduler import PrefillScheduler
+from pdserve.prefill.scheduler import PrefillRole
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.scheduled_batch import BatchKind
-from pdserve.shared.engine.scheduler import SchedulerConfig
+from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 
 EOS = 0
 
 
-def make(num_pages=64, page_size=4, chunk=-1, radix=True, sent=None) -> PrefillScheduler:
+def make(num_pages=64, page_size=4, chunk=-1, radix=True, sent=None) -> Scheduler:
     """`sent`: rid -> pages handed to its sender (what the engine's send queue would say)."""
     kv = KVCacheManager(num_pages, page_size, enable_radix=radix)
     cfg = SchedulerConfig(
         page_size=page_size, max_running_requests=256, max_prefill_tokens=1 << 20, chunked_prefill_size=chunk
     )
     sent = {} if sent is None else sent
-    return PrefillScheduler(cfg, kv, lambda r: sent.get(r.rid, 0))
+    return Scheduler(cfg, kv, PrefillRole(lambda r: sent.get(r.rid, 0)))
 
 
 def req(rid, prompt, max_new=4) -> Req:
@@ -31,7 +31,7 @@ def req(rid, prompt, max_new=4) -> Req:
     return Req(rid=rid, input_ids=list(prompt), params=params, eos_token_ids=frozenset({EOS}))
 
 
-def step(s: PrefillScheduler, token: int = 7):
+def step(s: Scheduler, token: int = 7):
     batch = s.schedule()
     if batch is None:
         return None
@@ -41,7 +41,7 @@ def step(s: PrefillScheduler, token: int = 7):
     return batch
 
 
-def all_pages_back(s: PrefillScheduler) -> bool:
+def all_pages_back(s: Scheduler) -> bool:
     return s.kv.num_free_pages + s.kv.num_evictable_pages == s.kv.num_total_pages
 
 
@@ -53,12 +53,12 @@ def test_chunks_make_pages_ready_then_the_request_waits_for_its_transfer():
     while r.status != ReqStatus.TRANSFERRING:
         batch = step(s)
         assert batch.kind == BatchKind.EXTEND
-        ready.append(s.pages_ready(r))
+        ready.append(s.role.pages_ready(r))
     assert ready == [2, 4, 5]  # whole pages after chunks 1 and 2; every page after the last chunk
     assert r.pages == [1, 2, 3, 4, 5] and r.output_ids == [7]
     assert s.schedule() is None  # no decode batch on a prefill worker
-    assert s.has_work() and s.num_running == 1 and s.transferring == [r]
-    s.finish_transfer(r, ok=True)
+    assert s.has_work() and s.num_running == 1 and s.role.transferring == [r]
+    s.role.finish_transfer(r, ok=True)
     assert r.finish_reason == {"type": "transferred"} and r.pages == []
     assert not s.has_work()
     assert s.kv.num_cached_pages == 4  # the prompt's whole pages stay in the radix cache
@@ -73,7 +73,7 @@ def test_the_first_token_never_stops_the_request_on_the_prefill_side():
         step(s, token=token)
         assert r.status == ReqStatus.TRANSFERRING and r.output_ids == [token]
         assert r.finish_reason is None and r.pages  # pages held until the sender is final
-        s.finish_transfer(r, ok=True)
+        s.role.finish_transfer(r, ok=True)
     assert all_pages_back(s)
 
 
@@ -83,7 +83,7 @@ def test_prompt_scoring_only_transfers_without_a_first_token():
     s.add(r)
     step(s)
     assert r.status == ReqStatus.TRANSFERRING and r.output_ids == []
-    s.finish_transfer(r, ok=False, reason="KV transfer failed: peer gone")
+    s.role.finish_transfer(r, ok=False, reason="KV transfer failed: peer gone")
     assert r.finish_reason == {"type": "abort", "message": "KV transfer failed: peer gone"}
     assert all_pages_back(s)
 
@@ -94,13 +94,13 @@ def test_a_repeated_prefix_is_served_from_the_cache_and_its_pages_are_sent_too()
     s.add(first)
     while first.status != ReqStatus.TRANSFERRING:
         step(s)
-    s.finish_transfer(first, ok=True)
+    s.role.finish_transfer(first, ok=True)
     second = req("second", list(range(100, 116)) + [5, 6, 7])  # shares 4 whole pages
     s.add(second)
     step(s)
     assert second.cached_tokens == 16 and second.status == ReqStatus.TRANSFERRING
-    assert second.pages[:4] == [1, 2, 3, 4] and s.pages_ready(second) == 5
-    s.finish_transfer(second, ok=True)
+    assert second.pages[:4] == [1, 2, 3, 4] and s.role.pages_ready(second) == 5
+    s.role.finish_transfer(second, ok=True)
     assert all_pages_back(s)
 
 
@@ -118,10 +118,10 @@ def test_pages_made_ready_are_never_swapped_while_identical_prompts_prefill_toge
         for r in (a, b):
             n = len(sent[r.rid])
             assert r.pages[:n] == sent[r.rid], f"{r.rid}: a page already sent was replaced"
-            sent[r.rid] = r.pages[: s.pages_ready(r)]
+            sent[r.rid] = r.pages[: s.role.pages_ready(r)]
     assert sent["a"] == a.pages and sent["b"] == b.pages
     for r in (a, b):
-        s.finish_transfer(r, ok=True)
+        s.role.finish_transfer(r, ok=True)
     assert all_pages_back(s)
 
 
@@ -158,16 +158,16 @@ def test_a_transfer_that_fails_mid_prefill_stops_the_request_where_it_is():
     step(s)
     s.add(queued)
     assert r.status == ReqStatus.PREFILLING and queued.status == ReqStatus.WAITING
-    s.finish_transfer(r, ok=False, reason="KV transfer failed: receiver aborted")
-    s.finish_transfer(queued, ok=False, reason="KV transfer failed: receiver aborted")
+    s.role.finish_transfer(r, ok=False, reason="KV transfer failed: receiver aborted")
+    s.role.finish_transfer(queued, ok=False, reason="KV transfer failed: receiver aborted")
     assert r.finish_reason == {"type": "abort", "message": "KV transfer failed: receiver aborted"}
     assert not s.has_work() and all_pages_back(s)
     assert s.kv.num_cached_pages == 2  # the first chunk's whole pages stay cached
     with pytest.raises(ValueError, match="already finished"):
-        s.finish_transfer(r, ok=False)
+        s.role.finish_transfer(r, ok=False)
 
 
-def _fill_the_pool(sent: dict[str, int]) -> tuple[PrefillScheduler, Req, Req]:
+def _fill_the_pool(sent: dict[str, int]) -> tuple[Scheduler, Req, Req]:
     """Two chunked prefills that hold every page between them, neither able to take its next chunk."""
     s = make(num_pages=9, page_size=4, chunk=4, sent=sent)
     a, b = req("a", range(1, 21)), req("b", range(30, 50))
@@ -186,7 +186,7 @@ def test_prefilling_requests_whose_senders_read_their_pages_keep_them_and_the_ne
     pages = (list(a.pages), list(b.pages))
     assert s.schedule() is None
     assert (a.pages, b.pages) == pages and s.num_retractions == 0
-    assert s.stuck is b
+    assert s.role.stuck is b
 
 
 def test_a_stuck_prefill_whose_sender_has_nothing_yet_gives_its_pages_back_and_starts_over():
@@ -194,11 +194,11 @@ def test_a_stuck_prefill_whose_sender_has_nothing_yet_gives_its_pages_back_and_s
     batch = step(s)
     assert batch is not None and batch.reqs == [a]  # a goes on with b's pages
     assert b.status == ReqStatus.WAITING and b.pages == [] and b.num_computed == 0
-    assert s.num_retractions == 1 and s.stuck is None
+    assert s.num_retractions == 1 and s.role.stuck is None
     for r in (a, b):  # b starts over once a is done (its cached pages, if kept, help)
         while r.status != ReqStatus.TRANSFERRING:
             assert step(s) is not None
-        s.finish_transfer(r, ok=True)
+        s.role.finish_transfer(r, ok=True)
     assert all_pages_back(s)
 
 
@@ -212,6 +212,6 @@ def test_stuck_prefills_wait_while_a_transfer_will_give_pages_back():
     while step(s) is not None:
         pass
     assert a.status == b.status == ReqStatus.PREFILLING and s.kv.num_free_pages == 0
-    assert s.num_retractions == 0 and s.stuck is None
-    s.finish_transfer(t, ok=True)
+    assert s.num_retractions == 0 and s.role.stuck is None
+    s.role.finish_transfer(t, ok=True)
     assert step(s) is not None  # the page came back: a prefill goes on
