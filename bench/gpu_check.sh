@@ -84,8 +84,8 @@ for stage in $STAGES; do
   tests)
     run gpu-tests 480 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -x --timeout 240 ;;
   tests_kv)
-    run gpu-tests-kv 240 python3 -m pytest -q -m gpu tests/gpu/test_kvtransfer_cuda_ipc.py \
-      tests/gpu/test_gpu_serve_cuda_ipc.py tests/gpu/test_gpu_disagg.py -p no:cacheprovider --timeout 120 ;;
+    run gpu-tests-kv 180 python3 -m pytest -q -m gpu tests/gpu/test_kvtransfer_cuda_ipc.py \
+      tests/gpu/test_gpu_serve_cuda_ipc.py -p no:cacheprovider --timeout 120 ;;
   kernels)
     run bench-attention 150 python3 -m pdserve.bench.bench_attention --json-out "$OUT/attention.json" ;;
   one_batch)
