@@ -51,6 +51,8 @@ from pdserve.shared.cluster.worker_info import HEARTBEAT_S, KEY_PREFIX, TTL_S
 
 logger = logging.getLogger(__name__)
 
+STOP_TIMEOUT_S = 5.0
+
 INDEXED_ROLES = ("prefill", "mixed")
 _READ_COUNT = 1000  # entries per XREAD: bounds the time one fold holds the event loop
 _SCAN_COUNT = 1000
@@ -87,12 +89,14 @@ class PrefixIndex:
         self._task = asyncio.create_task(self._follow(), name="prefix-index")
 
     async def stop(self) -> None:
+        """Ends the follow task and closes the client, each within STOP_TIMEOUT_S: a Redis call
+        that ignores the cancellation must not hang the router's shutdown."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
             self._task = None
-        await self._client.aclose()
+        with contextlib.suppress(asyncio.TimeoutError, RedisError, OSError):
+            await asyncio.wait_for(self._client.aclose(), STOP_TIMEOUT_S)
 
     # ------------------------------------------------------------------ queries
 

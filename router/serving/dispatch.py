@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 # The worker's words for server-side aborts (shared/worker/mixed.py, shared/engine/engine.py).
 WORKER_SHUTDOWN_MESSAGE = "worker is shutting down"
 INTERNAL_ERROR_PREFIX = "Internal error"
-TRANSFER_FAILED_PREFIX = "KV transfer failed"  # decode/engine.py: the prefill side's KV never came
+TRANSFER_FAILED_PREFIX = "KV transfer failed"  # decode/decode_engine.py: the prefill side's KV never came
 
 RESTART = object()  # yielded by restartable runs before the outputs of a new attempt
 

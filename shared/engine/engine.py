@@ -39,7 +39,7 @@ from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.shared.engine.scheduler_role import MixedRole
 from pdserve.shared.engine.startup_log import slow_step
-from pdserve.shared.engine.weights_update import (
+from pdserve.shared.engine.weight_swap import (
     UPDATE_OK,
     CheckedWeights,
     WeightsUpdateError,
@@ -288,7 +288,7 @@ class Engine:
         )
 
     def check_weights(self, model_path: str, load_format: str | None = None) -> CheckedWeights:
-        """Checks a checkpoint against the live model (weights_update.py); raises WeightsUpdateError.
+        """Checks a checkpoint against the live model (weight_swap.py); raises WeightsUpdateError.
         Reads parameter shapes only, so it may run in another thread while the engine steps."""
         return check_weights(self.runner.model, self.model_config, model_path, load_format)
 

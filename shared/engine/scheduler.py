@@ -36,7 +36,7 @@ The queues themselves, and finishing or aborting a request, are request_queues.p
 types are scheduled_batch.py's. What differs between the mixed, prefill and decode roles (where a
 request goes once its prompt is computed, when it stops, the headroom admission leaves, which
 half-prefilled request gives way, queues of their own) the scheduler asks its role object
-(scheduler_role.py; prefill/scheduler.py and decode/scheduler.py for the P/D roles).
+(scheduler_role.py; prefill/prefill_role.py and decode/decode_role.py for the P/D roles).
 """
 
 from __future__ import annotations

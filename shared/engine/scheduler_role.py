@@ -1,8 +1,8 @@
 """What a role decides inside the shared scheduler: one object the scheduler owns and asks.
 
     scheduler = Scheduler(config, kv)                          # the mixed role: MixedRole()
-    scheduler = Scheduler(config, kv, PrefillRole(pages_sent)) # prefill/scheduler.py
-    scheduler = Scheduler(config, kv, DecodeRole(512))         # decode/scheduler.py
+    scheduler = Scheduler(config, kv, PrefillRole(pages_sent)) # prefill/prefill_role.py
+    scheduler = Scheduler(config, kv, DecodeRole(512))         # decode/decode_role.py
 
 The scheduler keeps the shared queues (waiting, prefilling, running), admission, chunking,
 retraction and the prefix cache; it calls its role for:

@@ -2,8 +2,8 @@
 `--role prefill` and `--role decode` are the two halves of disaggregated serving.
 
     worker --role mixed --model-path HuggingFaceTB/SmolLM2-135M-Instruct --port 30001
-    worker --role prefill --port 30011 --kv-transfer-backend zmq     # prefill/engine.py, prefill/worker.py
-    worker --role decode --port 30021 --kv-transfer-backend zmq      # decode/engine.py, decode/worker.py
+    worker --role prefill --port 30011 --kv-transfer-backend zmq     # prefill/prefill_engine.py, prefill/prefill_worker.py
+    worker --role decode --port 30021 --kv-transfer-backend zmq      # decode/decode_engine.py, decode/decode_worker.py
 
 Start-up order, readiness and the drain on SIGTERM: lifecycle.py.
 
@@ -17,7 +17,7 @@ auto's backend for pairs cuda_ipc cannot serve: `--kv-transfer-fallback zmq|nccl
 `auto` (the default) is cuda_ipc for peers on this host that can reach each other's GPU and zmq for
 the others, chosen per pair; CPU workers run zmq. Transfers that do not finish within
 `--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt only with room for
-`--num-reserved-decode-tokens` output tokens besides (decode/scheduler.py).
+`--num-reserved-decode-tokens` output tokens besides (decode/decode_role.py).
 Logs go to stderr; stdout carries only the ready line. The worker starts no child processes.
 Start-up steps that take more than a second (importing torch, resolving or converting the model,
 loading weights, capturing CUDA graphs, starting the KV backend, the warm-up) each log a line as
@@ -32,12 +32,12 @@ import argparse
 import logging
 import sys
 
-from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS
+from pdserve.decode.decode_role import DEFAULT_NUM_RESERVED_DECODE_TOKENS
 from pdserve.shared.args import add_engine_args, engine_args_from
 from pdserve.shared.engine.batch_log import DEFAULT_DECODE_LOG_INTERVAL
 from pdserve.shared.launch.worker_lifecycle import run_worker
 from pdserve.shared.worker.mixed import DEFAULT_SHUTDOWN_DRAIN_S
-from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S
+from pdserve.shared.worker.update_queue import DEFAULT_DRAIN_TIMEOUT_S
 
 ROLES = ("mixed", "prefill", "decode")
 KV_TRANSFER_BACKENDS = ("auto", "cuda_ipc", "zmq", "nccl", "fake")

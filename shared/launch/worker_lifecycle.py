@@ -170,10 +170,10 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
             ) from exc
 
     if ns.role == "prefill":
-        from pdserve.prefill.engine import PrefillEngine
+        from pdserve.prefill.prefill_engine import PrefillEngine
 
         return PrefillEngine(engine_args, make_kv, kv_listener)
-    from pdserve.decode.engine import DecodeEngine
+    from pdserve.decode.decode_engine import DecodeEngine
 
     return DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens)
 
@@ -181,11 +181,11 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
 def worker_class(role: str):
     """The loop of the role (they share mixed.py's)."""
     if role == "prefill":
-        from pdserve.prefill.worker import PrefillWorker
+        from pdserve.prefill.prefill_worker import PrefillWorker
 
         return PrefillWorker
     if role == "decode":
-        from pdserve.decode.worker import DecodeWorker
+        from pdserve.decode.decode_worker import DecodeWorker
 
         return DecodeWorker
     from pdserve.shared.worker.mixed import MixedWorker

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.shared.models.convert_cache import convert_once
-from pdserve.shared.models.smollm2 import CONVERSION_VERSION, SMOLLM2_ID, convert_smollm2
+from pdserve.shared.models.smollm2_gguf import CONVERSION_VERSION, SMOLLM2_ID, convert_smollm2
 
 logger = logging.getLogger(__name__)
 

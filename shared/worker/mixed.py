@@ -16,7 +16,7 @@ Each turn of the loop:
      UpdateWeightsRequest / UpdateWeightsFromTensor → UpdateWeightsResult once done,
      PauseGeneration / ContinueGeneration → AdminReply, and the control messages of control.py
      (weight version, profiler, gc, parameter read-out); undecodable frames are logged and dropped;
-  3. moves a weights update on (weight_updates.py: while it drains, new GenerateRequests are held,
+  3. moves a weights update on (update_queue.py: while it drains, new GenerateRequests are held,
      not refused, and enter the engine after the swap);
   4. unless generation is paused, runs one engine step and sends each client ONE OutputBatch
      holding all its outputs of the step (a client whose connection is gone gets nothing: what it
@@ -81,7 +81,7 @@ from pdserve.shared.worker.request_intake import (
     refusal,
     salvage_request,
 )
-from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S, WeightUpdates
+from pdserve.shared.worker.update_queue import DEFAULT_DRAIN_TIMEOUT_S, WeightUpdates
 from pdserve.shared.worker.zmq_io import Envelope, RouterSocket
 
 logger = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ TRANSFER_POLL_MS = 1  # socket wait per turn while live requests only wait on KV
 
 
 class MixedWorker:
-    """The mixed role's loop; the prefill and decode workers (prefill/worker.py, decode/worker.py)
+    """The mixed role's loop; the prefill and decode workers (prefill/prefill_worker.py, decode/decode_worker.py)
     reuse it with their own engine, ROLE, extra handlers and answers."""
 
     ROLE = "mixed"

@@ -22,7 +22,7 @@ from pdserve.shared.protocol import (
     RequestMessage,
     RequestOutput,
 )
-from pdserve.shared.worker.weight_updates import num_samples
+from pdserve.shared.worker.update_queue import num_samples
 
 REQUEST_KINDS: tuple[type[RequestMessage], ...] = (GenerateRequest, PrefillRequest, DecodeRequest)
 _KIND_BY_TAG = {kind.TAG: kind for kind in REQUEST_KINDS}

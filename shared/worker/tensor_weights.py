@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from pdserve.shared.engine.weights_update import WeightsUpdateError
+from pdserve.shared.engine.weight_swap import WeightsUpdateError
 from pdserve.shared.models.weights import checkpoint_targets
 
 TENSOR_LOAD_FORMATS = (None, "auto", "direct")

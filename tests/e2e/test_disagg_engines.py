@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdserve.decode.engine import DecodeEngine
+from pdserve.decode.decode_engine import DecodeEngine
 from pdserve.kvtransfer.fake import FakeKVManager, FakeTransferHub
-from pdserve.prefill.engine import PrefillEngine
+from pdserve.prefill.prefill_engine import PrefillEngine
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.request import ReqStatus
@@ -309,7 +309,7 @@ def test_prefills_that_fill_the_pool_before_any_page_went_out_restart_one_quietl
 
 @pytest.mark.parametrize("pair", [_SMALL_PREFILL_POOL], indirect=True)
 def test_prefills_that_fill_the_pool_after_sending_pages_fail_the_newest_and_free_its_pages(pair):
-    from pdserve.prefill.engine import STUCK_MESSAGE
+    from pdserve.prefill.prefill_engine import STUCK_MESSAGE
 
     _submit(pair, "a", 80, seed=22, max_new=4)
     _submit(pair, "b", 80, seed=23, max_new=4)

@@ -18,7 +18,7 @@ from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.resolver import resolve_model
-from pdserve.shared.models.smollm2 import check_converted
+from pdserve.shared.models.smollm2_gguf import check_converted
 from pdserve.shared.tokenizer import get_tokenizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.untimed]

@@ -35,12 +35,12 @@ from safetensors.torch import load_file, save_file
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
-from pdserve.shared.engine.weights_update import UPDATE_OK
+from pdserve.shared.engine.weight_swap import UPDATE_OK
 from pdserve.shared.protocol import AbortRequest, GenerateRequest, OutputBatch
 from pdserve.shared.worker.client import WorkerClient
 from pdserve.shared.worker.metrics import WorkerMetrics
 from pdserve.shared.worker.mixed import MixedWorker
-from pdserve.shared.worker.weight_updates import DEFAULT_DRAIN_TIMEOUT_S, drain_timeout_message
+from pdserve.shared.worker.update_queue import DEFAULT_DRAIN_TIMEOUT_S, drain_timeout_message
 from pdserve.shared.worker.zmq_io import DealerSocket, RouterSocket
 from tests.helpers.tiny_models import make_tiny_model
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdserve.decode.engine import DecodeEngine
+from pdserve.decode.decode_engine import DecodeEngine
 from pdserve.kvtransfer import make_kv_manager
-from pdserve.prefill.engine import PrefillEngine
+from pdserve.prefill.prefill_engine import PrefillEngine
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from tests.helpers.pd_pair import PDPair

@@ -11,8 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pdserve.decode.engine import DecodeEngine
-from pdserve.prefill.engine import PrefillEngine
+from pdserve.decode.decode_engine import DecodeEngine
+from pdserve.prefill.prefill_engine import PrefillEngine
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.output import merge_sample_outputs
 from pdserve.shared.protocol import DecodeRequest, GenerateRequest, PrefillDone, PrefillRequest, RequestOutput

@@ -5,7 +5,7 @@ transfer fails or a request waiting for KV is aborted."""
 
 from __future__ import annotations
 
-from pdserve.decode.scheduler import DecodeRole
+from pdserve.decode.decode_role import DecodeRole
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.sampling_params import SamplingParams

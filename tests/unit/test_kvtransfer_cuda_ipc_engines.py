@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.decode.engine import DecodeEngine
+from pdserve.decode.decode_engine import DecodeEngine
 from pdserve.kvtransfer import KVTransferConfig, make_kv_manager
-from pdserve.prefill.engine import PrefillEngine
+from pdserve.prefill.prefill_engine import PrefillEngine
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from tests.helpers.pd_pair import PDPair, assert_idle

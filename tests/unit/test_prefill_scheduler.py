@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pdserve.prefill.scheduler import PrefillRole
+from pdserve.prefill.prefill_role import PrefillRole
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
 from pdserve.shared.engine.sampling_params import SamplingParams

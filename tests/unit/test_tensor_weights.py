@@ -15,7 +15,7 @@ import torch
 import torch.multiprocessing
 from safetensors.torch import load_file
 
-from pdserve.shared.engine.weights_update import WeightsUpdateError
+from pdserve.shared.engine.weight_swap import WeightsUpdateError
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.worker.tensor_payload import TensorPayloadError, decode_named_tensors

@@ -26,7 +26,7 @@ import logging
 from collections.abc import Callable
 
 from pdserve.kvtransfer.base import KVManager, KVTransferError
-from pdserve.prefill.scheduler import PrefillRole
+from pdserve.prefill.prefill_role import PrefillRole
 from pdserve.prefill.sending import KVSendQueue, TransferOutcome
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine

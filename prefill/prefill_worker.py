@@ -1,7 +1,7 @@
 """The prefill worker's loop: the mixed worker's loop (shared/worker/mixed.py) around a PrefillEngine.
 
     ROUTER socket ──PrefillRequest──▶ engine.add_prefill (refused: PrefillDone ok=False at once)
-         ▲                                   │ waiting ─▶ prefilling ─▶ transferring (prefill/engine.py)
+         ▲                                   │ waiting ─▶ prefilling ─▶ transferring (prefill/prefill_engine.py)
          │ one PrefillDone per request       ▼
          └──────────── owners.pop ◀──── engine.step() / abort / shutdown
 

@@ -11,7 +11,7 @@ Each `step()` first advances the transfers, never blocking: receivers that reach
 are settled (Success: the first token and logprobs from `first_output` go into the request, which
 joins the running batch and is reported; Failed: its pages are freed, uncached, and it finishes
 with finish_reason abort and "KV transfer failed: <why>"); then queued remote requests get pages
-while the pool allows (decode/scheduler.py) and their receivers learn where the KV goes. Then one
+while the pool allows (decode/decode_role.py) and their receivers learn where the KV goes. Then one
 batch runs, as in the mixed engine.
 
 A plain GenerateRequest is prefilled locally (the router does that for short prompts, n > 1, or
@@ -24,8 +24,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from pdserve.decode.decode_role import DEFAULT_NUM_RESERVED_DECODE_TOKENS, DecodeRole
 from pdserve.decode.receiving import Arrival, KVReceiveQueue
-from pdserve.decode.scheduler import DEFAULT_NUM_RESERVED_DECODE_TOKENS, DecodeRole
 from pdserve.kvtransfer.base import KVManager, KVTransferError
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pdserve.shared.engine.weights_update import CheckedWeights, WeightsUpdateError
+from pdserve.shared.engine.weight_swap import CheckedWeights, WeightsUpdateError
 from pdserve.shared.protocol import (
     GenerateRequest,
     Message,
