@@ -177,9 +177,7 @@ class StandinEngine:
         n = int(params.get("n", 1) or 1)
         if not msg.rid or any((msg.rid, i) in self.running for i in range(n)):
             reason = {"type": "abort", "message": f"Duplicate or empty request id {msg.rid!r}."}
-            out = output_wire(str(msg.rid), 0, [], 0, 0, reason)
-            out["error"] = reason["message"]
-            self._reply(identity, [out])
+            self._reply(identity, [output_wire(str(msg.rid), 0, [], 0, 0, reason, reason["message"])])
             return
         prompt_tokens = len(msg.input_ids)
         max_new = max_new_tokens_of(params, prompt_tokens, self.cfg.context_length)

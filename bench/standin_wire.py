@@ -14,7 +14,7 @@ from pdserve.shared.protocol import OutputBatch, RequestOutput, field_names
 # worker's RequestOutput.
 _OUTPUT_TEMPLATE = RequestOutput(rid="", token_ids=[]).to_row()
 _AT = {name: i for i, name in enumerate(field_names(RequestOutput))}
-_RID, _INDEX, _TOKENS, _FINISHED, _REASON, _PROMPT, _COMPLETION = (
+_RID, _INDEX, _TOKENS, _FINISHED, _REASON, _PROMPT, _COMPLETION, _ERROR = (
     _AT[name]
     for name in (
         "rid",
@@ -24,6 +24,7 @@ _RID, _INDEX, _TOKENS, _FINISHED, _REASON, _PROMPT, _COMPLETION = (
         "finish_reason",
         "prompt_tokens",
         "completion_tokens",
+        "error",
     )
 )
 
@@ -35,6 +36,7 @@ def output_wire(
     prompt_tokens: int,
     completion_tokens: int,
     finish_reason: dict[str, Any] | None,
+    error: str | None = None,
 ) -> list[Any]:
     """The wire row of one RequestOutput (finished when finish_reason is given)."""
     out = list(_OUTPUT_TEMPLATE)
@@ -45,6 +47,7 @@ def output_wire(
     out[_REASON] = finish_reason
     out[_PROMPT] = prompt_tokens
     out[_COMPLETION] = completion_tokens
+    out[_ERROR] = error
     return out
 
 

@@ -106,7 +106,33 @@ def test_one_batch_per_step_with_every_sample(standin):
     assert all(o.finish_reason == {"type": "length", "length": 2} and o.prompt_tokens == 1 for o in b_last)
     # one step every step_ms, no bursts (loose: client-side arrival times jitter on a busy machine)
     assert frames[-1][0] - frames[0][0] >= 1.5 * STEP_MS / 1000
+    deadline = time.monotonic() + 2.0  # the engine counts a step after sending its frame
+    while engine.steps < 3 and time.monotonic() < deadline:
+        time.sleep(0.005)
     assert engine.steps == 3 and engine.tokens_sent == 7
+
+
+def test_a_duplicate_or_empty_rid_is_refused_and_the_engine_serves_on(standin):
+    engine, dealer = standin
+    engine.start()
+    dealer.send(GenerateRequest(rid="d", input_ids=[1], sampling_params={"max_new_tokens": 50}))
+    dealer.send(GenerateRequest(rid="d", input_ids=[1], sampling_params={"max_new_tokens": 1}))
+    dealer.send(GenerateRequest(rid="", input_ids=[1], sampling_params={"max_new_tokens": 1}))
+    refused = []
+    while len(refused) < 2:
+        msg = dealer.recv(timeout_ms=2000)
+        assert isinstance(msg, OutputBatch)
+        refused += [o for o in msg.outputs if o.error]
+    assert [(o.rid, o.finished, o.error) for o in refused] == [
+        ("d", True, "Duplicate or empty request id 'd'."),
+        ("", True, "Duplicate or empty request id ''."),
+    ]
+    dealer.send(GenerateRequest(rid="e", input_ids=[1], sampling_params={"max_new_tokens": 1}))
+    while True:  # still serving: the next request runs to its end
+        msg = dealer.recv(timeout_ms=2000)
+        assert isinstance(msg, OutputBatch)
+        if any(o.rid == "e" and o.finished for o in msg.outputs):
+            break
 
 
 def test_abort_load_info_flush_and_weights(standin):
