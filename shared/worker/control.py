@@ -5,7 +5,7 @@ garbage collector, parameter read-out.
     handlers.update(control.handlers())       # message type -> handler(identity, message)
     control.profiler.after_step()             # the loop calls it after each engine step
 
-Messages (shared/protocol.py) and answers:
+Messages (shared/protocol/admin.py) and answers:
 - UpdateWeightVersion -> AdminReply: the engine's weight_version becomes the new one (no weights
   change; /get_server_info and every output's meta_info show it);
 - StartProfile / StopProfile -> AdminReply (shared/worker/profiler.py; the stop's message names

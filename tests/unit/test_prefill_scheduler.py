@@ -181,7 +181,7 @@ def _fill_the_pool(sent: dict[str, int]) -> tuple[Scheduler, Req, Req]:
 
 def test_prefilling_requests_whose_senders_read_their_pages_keep_them_and_the_newest_is_named_stuck():
     # senders read whole pages chunk by chunk: nothing they were handed may be freed here; the
-    # engine cancels the stuck request's sender first (tests/unit/test_prefill_engine_stall.py)
+    # engine cancels the stuck request's sender first (tests/e2e/test_disagg_engines.py)
     s, a, b = _fill_the_pool(sent={"a": 2, "b": 2})
     pages = (list(a.pages), list(b.pages))
     assert s.schedule() is None

@@ -1,4 +1,4 @@
-"""The msgpack wire of shared/protocol.py: every message round-trips with every field set;
+"""The msgpack wire of shared/protocol/: every message round-trips with every field set;
 OutputBatch sends outputs as rows; the P/D messages carry a GenerateRequest."""
 
 import dataclasses
