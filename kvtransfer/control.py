@@ -47,7 +47,7 @@ from pdserve.kvtransfer.handles import CLOSED, ChannelReceiver, ChannelSender
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.peers import PeerTable, check_endpoint
 from pdserve.kvtransfer.plane_host import PlaneHost
-from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
+from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.state import TransferState
 from pdserve.kvtransfer.transfers import Transfers
 from pdserve.shared.engine.kv_pool import PagedKVPool
@@ -160,6 +160,20 @@ class ControlPlaneManager(KVManager):
         except OSError:
             pass  # pipe full: a wake-up is already pending
         return True
+
+    # the handles' side (HandleHost), from the worker's thread
+
+    def queue_chunk(self, rec: OutboundTransfer, chunk: Chunk) -> bool:
+        return self.call_soon(lambda: self.transfers.queue_chunk(rec, chunk))
+
+    def init_receiver(self, rec: InboundTransfer, pages: list[int]) -> bool:
+        return self.call_soon(lambda: self.transfers.init_receiver(rec, pages))
+
+    def aborted_out(self, rec: OutboundTransfer) -> None:
+        self.call_soon(lambda: self.transfers.after_local_abort_out(rec))
+
+    def aborted_in(self, rec: InboundTransfer) -> None:
+        self.call_soon(lambda: self.transfers.after_local_abort_in(rec))
 
     def ready_event(self) -> Any:
         """For CUDA pools: an event on the caller's current stream, so copies wait for its kernels."""

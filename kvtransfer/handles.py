@@ -9,20 +9,18 @@ after abort() returns" true.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pdserve.kvtransfer.base import KVPoll, KVReceiver, KVSender
+from pdserve.kvtransfer.plane_host import HandleHost
 from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.state import check_send_args
-
-if TYPE_CHECKING:
-    from pdserve.kvtransfer.control import ControlPlaneManager
 
 CLOSED = "KV manager closed"
 
 
 class ChannelSender(KVSender):
-    def __init__(self, manager: ControlPlaneManager, rec: OutboundTransfer):
+    def __init__(self, manager: HandleHost, rec: OutboundTransfer):
         self.rid = rec.rid
         self._manager = manager
         self._rec = rec
@@ -43,7 +41,7 @@ class ChannelSender(KVSender):
         self._next_page += len(page_ids)
         if self._rec.state.is_final:
             return
-        if not self._manager.call_soon(lambda: self._manager.transfers.queue_chunk(self._rec, chunk)):
+        if not self._manager.queue_chunk(self._rec, chunk):
             self._rec.state.fail(CLOSED)
 
     def poll(self) -> KVPoll:
@@ -51,11 +49,11 @@ class ChannelSender(KVSender):
 
     def abort(self, reason: str = "aborted by the prefill worker") -> None:
         if self._rec.state.fail(reason):
-            self._manager.call_soon(lambda: self._manager.transfers.after_local_abort_out(self._rec))
+            self._manager.aborted_out(self._rec)
 
 
 class ChannelReceiver(KVReceiver):
-    def __init__(self, manager: ControlPlaneManager, rec: InboundTransfer):
+    def __init__(self, manager: HandleHost, rec: InboundTransfer):
         self.rid = rec.rid
         self._manager = manager
         self._rec = rec
@@ -72,7 +70,7 @@ class ChannelReceiver(KVReceiver):
         page_ids = [int(p) for p in pages]
         if self._rec.state.is_final:
             return
-        if not self._manager.call_soon(lambda: self._manager.transfers.init_receiver(self._rec, page_ids)):
+        if not self._manager.init_receiver(self._rec, page_ids):
             self._rec.state.fail(CLOSED)
 
     def poll(self) -> KVPoll:
@@ -84,4 +82,4 @@ class ChannelReceiver(KVReceiver):
 
     def abort(self, reason: str = "aborted by the decode worker") -> None:
         if self._rec.state.fail(reason):
-            self._manager.call_soon(lambda: self._manager.transfers.after_local_abort_in(self._rec))
+            self._manager.aborted_in(self._rec)

@@ -7,6 +7,8 @@ reach into each other:
 - `PeerLink`: what the transfer table (transfers.py) asks of the peer layer (peers.py): send, and
   count the transfers in progress with each peer. The table touches no socket itself, so it runs
   in tests against an in-memory link.
+- `HandleHost`: what the worker-side handles (handles.py) ask of their manager, from the worker's
+  thread: hand a chunk, a receiver's pages or an abort to the I/O thread.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Protocol
 
 from pdserve.kvtransfer.base import KVTransferConfig
 from pdserve.kvtransfer.layout import KVLayout
-from pdserve.kvtransfer.records import InboundTransfer, OutboundTransfer
+from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
 
@@ -54,3 +56,20 @@ class PeerLink(Protocol):
 
     def active_count(self) -> int:
         """Peers with a transfer in progress."""
+
+
+class HandleHost(Protocol):
+    """Each call hands work to the I/O thread; False when the manager is closed (nothing will run)."""
+
+    def ready_event(self) -> Any:
+        """CUDA pools: an event on the caller's stream, so copies wait for its kernels; else None."""
+
+    def queue_chunk(self, rec: OutboundTransfer, chunk: Chunk) -> bool: ...
+
+    def init_receiver(self, rec: InboundTransfer, pages: list[int]) -> bool: ...
+
+    def aborted_out(self, rec: OutboundTransfer) -> None:
+        """The worker aborted `rec` (its state is Failed already): tell the receiver, drop it."""
+
+    def aborted_in(self, rec: InboundTransfer) -> None:
+        """The worker aborted `rec` (its state is Failed already): tell the sender, drop it."""
