@@ -104,7 +104,6 @@ def test_metrics_count_requests_tokens_and_workers(tiny):
     assert samples['pdserve_router_requests_total{code="200",route="/generate"}'] >= 1
     assert samples['pdserve_router_request_errors_total{code="400",route="/generate"}'] >= 1
     assert samples["pdserve_router_time_to_first_token_seconds_count"] >= 1
-    assert samples["pdserve_router_inter_token_latency_seconds_count"] >= 11
     assert samples["pdserve_router_generation_tokens_total"] >= 12
     assert samples["pdserve_router_prompt_tokens_total"] >= 3
     assert 0.0 <= samples["pdserve_router_cache_hit_rate"] <= 1.0
@@ -119,6 +118,9 @@ def test_metrics_count_requests_tokens_and_workers(tiny):
     assert moved(e2e + "_count") == 1 and moved(e2e + '_bucket{le="+Inf"}') == 1
     assert 0 < moved(e2e + "_sum") < 60
     assert moved("pdserve_router_time_to_first_token_seconds_count") == 1
+    # one inter-token latency per gap between output events: 11 for 12 tokens, fewer where the
+    # router folded a backlog into one event (router/cluster/output_merge.py)
+    assert 1 <= moved("pdserve_router_inter_token_latency_seconds_count") <= 11
     assert moved("pdserve_router_generation_tokens_total") == 12
     assert moved("pdserve_router_prompt_tokens_total") == 3
     assert moved('pdserve_router_requests_total{code="200",route="/generate"}') == 1
