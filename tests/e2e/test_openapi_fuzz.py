@@ -2,7 +2,7 @@
 /openapi.json: no request it generates, valid or not, gets a 5xx.
 
 Left out of the fuzzing, because they change the shared worker for the requests that follow
-(tested by tests/e2e/test_sglang_routes.py instead): pausing and continuing generation, weight
+(tested by tests/e2e/test_sglang_routes*.py instead): pausing and continuing generation, weight
 updates (from disk, from a tensor, the version label), the profiler (it writes traces), and
 set_internal_state. Every other route and method of the document is fuzzed, in positive and
 negative modes, with a fixed seed and a bounded number of cases per operation.

@@ -3,7 +3,7 @@
 (get_model_info, server_info, health, health_generate, flush_cache, tokenize / detokenize round
 trip, update_weights_from_disk, the routes of other model kinds), the special token flags of
 tokenize / detokenize, and stop strings on real text. Generation is kept to a few tokens: the CI
-machine is small. The tiny-model stack of the native API is in test_router_native.py.
+machine is small. The tiny-model stack of the native API is in test_router_native_*.py.
 """
 
 from __future__ import annotations
