@@ -103,11 +103,7 @@ class ControlPlaneManager(KVManager):
         self._handlers: dict[type, Callable[[str, Any, list], None]] = {
             wire.Ping: self._on_ping,
             wire.Pong: lambda src, msg, payload: None,  # hearing it is all that counts
-            wire.Ready: self.transfers.on_ready,
-            wire.Bound: self.transfers.on_bound,
-            wire.Data: self.transfers.on_data,
-            wire.Ack: self.transfers.on_ack,
-            wire.Abort: self.transfers.on_abort,
+            **self.transfers.handlers(),
             **self.plane.handlers(),
         }
         self._thread = threading.Thread(target=self._run, name=f"kv-{worker_id}", daemon=True)

@@ -14,14 +14,12 @@ receiver can count cells (page x layer) to know that nothing went missing.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from pdserve.kvtransfer.wire import Data
 from pdserve.shared.engine.kv_pool import PagedKVPool
-
-if TYPE_CHECKING:
-    from pdserve.kvtransfer.wire import Data
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -112,6 +110,24 @@ def plan_messages(first_page: int, num_pages: int, layout: KVLayout, max_bytes: 
 def typed_view(raw: torch.Tensor, layout: KVLayout, spec: MessageSpec) -> torch.Tensor:
     """A uint8 buffer (at least spec.nbytes) seen as the message's [layers, 2, pages, ...] tensor."""
     return raw[: spec.nbytes(layout)].view(layout.dtype).view(spec.shape(layout))
+
+
+def data_header(
+    rid: str,
+    nonce: bytes,
+    spec: MessageSpec,
+    layout: KVLayout,
+    last: bool,
+    total_pages: int,
+    first_output: Any,
+) -> Data:
+    """The Data header of one message of this spec; the last message of a transfer carries its
+    total page count and first_output (else -1 and None)."""
+    return Data(
+        rid, nonce, spec.first_page, spec.num_pages, spec.layer_begin, spec.layer_end,
+        dtype_name(layout.dtype), spec.nbytes(layout), is_last=last,
+        total_pages=total_pages if last else -1, first_output=first_output if last else None,
+    )  # fmt: skip
 
 
 def data_error(layout: KVLayout, dest_pages: list[int] | None, msg: Data) -> str | None:

@@ -16,12 +16,14 @@ Whoever makes a transfer final (here, or the worker through abort()) tells the p
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.base import KVPoll, KVTransferConfig, KVTransferError
 from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.handles import CLOSED
-from pdserve.kvtransfer.layout import KVLayout, MessageSpec, data_error, dtype_name, plan_messages
+from pdserve.kvtransfer.layout import KVLayout, MessageSpec, data_error, data_header, plan_messages
 from pdserve.kvtransfer.plane_host import PeerLink
 from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
 
@@ -47,6 +49,16 @@ class Transfers:
         self._early_in: dict[tuple[str, str], tuple[wire.Abort, float]] = {}
         self._finished: dict[bytes, float] = {}
         self._sending: dict[OutboundTransfer, None] = {}  # bound, with messages still to submit
+
+    def handlers(self) -> dict[type, Callable[[str, Any, list], None]]:
+        """The table's part of the manager's dispatch: message type -> handler(src, msg, payload)."""
+        return {
+            wire.Ready: self.on_ready,
+            wire.Bound: self.on_bound,
+            wire.Data: self.on_data,
+            wire.Ack: self.on_ack,
+            wire.Abort: self.on_abort,
+        }
 
     @property
     def sending(self) -> bool:
@@ -219,19 +231,7 @@ class Transfers:
         spec = chunk.specs[chunk.next_spec]
         last = chunk.is_last and chunk.next_spec == len(chunk.specs) - 1
         assert rec.nonce is not None
-        msg = wire.Data(
-            rec.rid,
-            rec.nonce,
-            spec.first_page,
-            spec.num_pages,
-            spec.layer_begin,
-            spec.layer_end,
-            dtype_name(self.layout.dtype),
-            spec.nbytes(self.layout),
-            is_last=last,
-            total_pages=rec.pages_queued if last else -1,
-            first_output=chunk.first_output if last else None,
-        )
+        msg = data_header(rec.rid, rec.nonce, spec, self.layout, last, rec.pages_queued, chunk.first_output)
         offset = spec.first_page - chunk.first_page
         src_pages = chunk.pages[offset : offset + spec.num_pages]
         if not self.plane.submit(rec, msg, spec, src_pages, chunk.ready_event):

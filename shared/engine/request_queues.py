@@ -39,7 +39,7 @@ class RequestQueues:
 
     def has_work(self) -> bool:
         """Whether any request is live (also those the role holds, waiting on a transfer)."""
-        return self.has_compute() or bool(self.role.held())
+        return self.has_compute() or self.role.num_queued() + self.role.num_holding_slots() > 0
 
     def has_compute(self) -> bool:
         """Whether a request may need a forward pass (a batch), as opposed to waiting on a transfer."""

@@ -39,7 +39,8 @@ class MixedRole:
     # ------------------------------------------------------------------ requests in the role's queues
 
     def held(self) -> list[Req]:
-        """Live requests in queues of the role's own (besides waiting, prefilling, running)."""
+        """Live requests in queues of the role's own (besides waiting, prefilling, running); each is
+        counted either in `num_holding_slots` or in `num_queued`."""
         return []
 
     def num_holding_slots(self) -> int:

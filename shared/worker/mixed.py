@@ -250,10 +250,8 @@ class MixedWorker:
         self._answer(identity, held_refusal(msg, message))
 
     def _answer(self, identity: bytes, reply: Message) -> None:
-        if isinstance(reply, OutputBatch):
-            self._send(identity, reply.outputs)
-        else:
-            self.sock.send(identity, reply)
+        if not self.sock.send(identity, reply) and isinstance(reply, OutputBatch):
+            self._client_gone(identity)
 
     def _poll_ms(self, busy: bool) -> int:
         """How long a turn waits on the socket: not at all while there is compute to do, a moment

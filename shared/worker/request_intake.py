@@ -50,7 +50,7 @@ def held_refusal(msg: RequestMessage, message: str) -> Message:
     """The answer to a request aborted while it was held (one output per sample, nothing generated)."""
     gen = msg.request
     if isinstance(msg, PrefillRequest):
-        return PrefillDone(rid=gen.rid, ok=False, reason=message)
+        return refusal(PrefillRequest, gen.rid, message)
     return OutputBatch(
         outputs=[
             RequestOutput(

@@ -102,8 +102,7 @@ class Side:
         t = self.transfers
         self.fail_outbound, self.fail_inbound = t.fail_outbound, t.fail_inbound  # PlaneHost's failing
         self.fail_transfers_with = t.fail_transfers_with
-        self.handlers = {wire.Ready: t.on_ready, wire.Bound: t.on_bound, wire.Data: t.on_data,
-                         wire.Ack: t.on_ack, wire.Abort: t.on_abort}  # fmt: skip
+        self.handlers = t.handlers()
         net.sides[name] = self
 
     def handle(self, src: str, msg: Any, payload: list) -> None:
