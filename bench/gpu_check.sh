@@ -129,7 +129,7 @@ for stage in $STAGES; do
     sleep 20
     python3 - <<'PY' 2>&1 | tee -a "$LOG"
 import time, urllib.request as u
-post = lambda path, body: u.urlopen(u.Request("http://127.0.0.1:30000" + path, data=body.encode()), timeout=300).read().decode()
+post = lambda path, body: u.urlopen(u.Request("http://127.0.0.1:30000" + path, data=body.encode(), headers={"Content-Type": "application/json"}), timeout=300).read().decode()
 print(post("/start_profile", '{"output_dir": "/tmp/traces", "activities": ["GPU"]}'), end="")
 time.sleep(3)
 print(post("/stop_profile", "{}"), end="")

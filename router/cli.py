@@ -7,8 +7,9 @@
 Workers come from `--worker-addr` (repeatable) and/or Redis membership (`--redis-url`), any mix
 of roles: with decode workers, each request streams from a decode worker paired with a prefill
 worker (router/cluster/pairing.py, `--prefill-policy`, `--decode-policy`), or prefilled at the decode
-worker when it is shorter than `--local-prefill-threshold` tokens (default 64: below that a KV
-transfer costs more than it saves), has n > 1, or no prefill worker is alive.
+worker when it is shorter than `--local-prefill-threshold` tokens (default 64: a prompt that
+short rides in one decode step, while a longer one stretches every running stream's next token),
+has n > 1, or no prefill worker is alive.
 
 Liveness is apart from progress: a worker is alive while its connection answers ZMTP heartbeats,
 which its ZMQ I/O thread answers even during a long step, so a busy worker is never taken for a

@@ -10,7 +10,7 @@ Rules:
   pool of only mixed workers behaves exactly as before pairing existed);
 - a decode worker gets a prefill partner (chosen by the prefill policy among live prefill workers
   not yet tried for this request) unless the request has n > 1, its prompt is shorter than
-  `local_prefill_threshold` tokens (a transfer costs more than it saves), or no prefill worker is
+  `local_prefill_threshold` tokens (it rides in one decode step; bench/RESULTS.md has why 64), or no prefill worker is
   left: then it prefills locally (a plain GenerateRequest);
 - a pair gets `DecodeRequest(prefill_kv_endpoint=P.kv_addr)` and `PrefillRequest(decode_kv_endpoint=
   D.kv_addr)` with the same rid; a worker that has not told its KV endpoint yet is no partner.
