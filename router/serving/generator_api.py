@@ -73,7 +73,10 @@ class GenerationError(Exception):
 
 @dataclass
 class GenerateInput:
-    """One tokenized prompt with its sampling parameters (SamplingParams field names)."""
+    """One tokenized prompt with its sampling parameters (SamplingParams field names), as the client
+    sent them: unchecked (sampling_params may not even be an object), before --preferred-sampling-params
+    apply. `RouterTextGenerator.check` turns it into the wire's GenerateRequest or a 400; the fields only
+    the router reads (priority, return_text_in_logprobs) never travel."""
 
     rid: str
     input_ids: list[int]

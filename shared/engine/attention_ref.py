@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from pdserve.shared.engine.forward_batch import ForwardBatch
+from pdserve.shared.models.forward_batch import ForwardBatch
 
 
 def dense_causal_attention(

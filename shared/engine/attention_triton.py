@@ -28,7 +28,7 @@ from pdserve.kernels.custom_ops import (
     store_kv_op,
 )
 from pdserve.kernels.decode_attention import decode_workspace_numel, num_kv_splits_for
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 
 if TYPE_CHECKING:
     from pdserve.shared.models.fast_path import RopeInputs

@@ -37,8 +37,8 @@ from itertools import chain, repeat
 
 import torch
 
-from pdserve.shared.engine.forward_batch import AttentionBackend, ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import PagedKVPool
+from pdserve.shared.models.forward_batch import AttentionBackend, ForwardBatch, ForwardMode
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,6 @@ import torch
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.in_flight import FutureTokenIds, LaunchedDecode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
@@ -25,6 +24,7 @@ from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs,
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.loader import load_model
 
 logger = logging.getLogger(__name__)

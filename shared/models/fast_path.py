@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from pdserve.kernels.custom_ops import fused_add_rmsnorm_op, rmsnorm_op, rotary_op, silu_and_mul_op
-from pdserve.shared.engine.forward_batch import ForwardBatch
+from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.llama import ApplyRotary, Attention, DecoderModel
 from pdserve.shared.models.rope import RotaryEmbedding

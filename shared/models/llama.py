@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.shared.engine.forward_batch import ForwardBatch
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.layers import GatedMLP, MergedLinear, RMSNorm
 from pdserve.shared.models.rope import RotaryEmbedding, apply_rotary
 from pdserve.shared.models.weights import load_checkpoint_weights

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from pdserve.shared.engine.attention_ref import TorchRefAttention
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.resolver import resolve_model
 from pdserve.shared.models.smollm2_gguf import check_converted

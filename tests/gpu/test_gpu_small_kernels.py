@@ -24,11 +24,11 @@ from pdserve.kernels.rope import apply_rotary, apply_rotary_ref
 from pdserve.kvtransfer.layout import KVLayout, MessageSpec, typed_view
 from pdserve.kvtransfer.staging import HostStagingPool, gather_pages, scatter_pages
 from pdserve.shared.engine.attention_ref import TorchRefAttention
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models import rope as torch_rope
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fast_path import use_triton_kernels
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.layers import RMSNorm
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.rope import RopeConfig, RotaryEmbedding

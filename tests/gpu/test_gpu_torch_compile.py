@@ -19,10 +19,10 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_triton import TritonAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
 from pdserve.shared.engine.engine import Engine
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fast_path import use_triton_kernels
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.loader import load_model
 from tests.helpers.tiny_models import make_tiny_model
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from pdserve.shared.engine.attention_ref import TorchRefAttention
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 
 
 def _oracle(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -14,7 +14,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.attention_triton import TritonAttention
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fast_path import (
@@ -24,6 +23,7 @@ from pdserve.shared.models.fast_path import (
     TritonRotaryEmbedding,
     use_triton_kernels,
 )
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.loader import iter_weights, load_model
 from tests.helpers.tiny_models import make_tiny_model

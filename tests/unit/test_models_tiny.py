@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pdserve.shared.engine.attention_ref import TorchRefAttention
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.registry import get_model_class, supported_architectures
 from pdserve.shared.models.rope import RopeConfig

@@ -18,10 +18,10 @@ from torch._inductor.utils import run_and_get_code
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_triton import TritonAttention
 from pdserve.shared.engine.engine import Engine
-from pdserve.shared.engine.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fast_path import use_triton_kernels
+from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.loader import load_model
 from tests.helpers.tiny_models import make_tiny_model
 

@@ -15,17 +15,30 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from pdserve.shared.engine.kv_pool import PagedKVPool
 
 
 class ForwardMode(enum.IntEnum):
     EXTEND = 1  # prefill or a chunk of it; lengths vary per request
     DECODE = 2  # one new token per request
+
+
+class KVPool(Protocol):
+    """What attention backends use of the paged KV pool (the engine's PagedKVPool,
+    shared/engine/kv_pool.py); models never touch it."""
+
+    kv: torch.Tensor  # [layers, 2, pages, page_size, kv_heads, head_dim]
+
+    @property
+    def page_size(self) -> int: ...
+
+    def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def gather(
+        self, layer_id: int, pages: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 class AttentionBackend(Protocol):
@@ -57,7 +70,7 @@ class ForwardBatch:
     seq_lens: torch.Tensor  # [B] int64, prefix_lens + extend_lens
     extend_start_loc: torch.Tensor  # [B] int64, offset of each request's first new token in [T]
     page_table: torch.Tensor  # [B, max_pages] int32, page ids (padding: 0), covers seq_lens
-    kv_pool: PagedKVPool
+    kv_pool: KVPool
     attn_backend: AttentionBackend
     # Which rows of the hidden states need logits: the last new token of each request, or every
     # new token where prompt logprobs are asked. Indices into [T].
@@ -82,7 +95,7 @@ class ForwardBatch:
         extend_lens: list[int],
         page_tables: list[list[int]],
         page_size: int,
-        kv_pool: PagedKVPool,
+        kv_pool: KVPool,
         attn_backend: AttentionBackend,
         logits_indices: list[int] | None = None,
         device: torch.device | str = "cpu",
