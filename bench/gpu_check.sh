@@ -3,7 +3,8 @@
 # wheels, runs the `gpu` tests, then the benchmarks, and prints a short table last.
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
-# interleave threshold; also tests_kv (the KV transfer `gpu` tests alone) and kv_ipc (kv's cuda_ipc run alone)
+# interleave threshold; also tests_kv (the KV transfer `gpu` tests alone), kv_ipc (kv's cuda_ipc run alone),
+# and the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -42,9 +43,9 @@ run() {  # run NAME SECONDS CMD...: logs, times out, records exit status for the
 # SGLang's own bench_serving.py when carried (.whl/sglang_bench_serving.py, copied from the cache
 # that tests/helpers/sglang_bench.py fills), else pdserve's, which takes the same flags
 SGLANG_BENCH=.whl/sglang_bench_serving.py
-serve_start() {  # serve_start NAME [serve flags...]: serve on port 30000, back once /health answers
+serve_start() {  # serve_start NAME [serve flags...]: serve on port 30000 ($SERVE_MODEL, else the 8B), back once /health answers
   SERVE_NAME=$1; shift
-  python3 -m pdserve.shared.launch.serve.cli --model-path $MODEL8B --load-format dummy --device cuda \
+  python3 -m pdserve.shared.launch.serve.cli --model-path ${SERVE_MODEL:-$MODEL8B} --load-format dummy --device cuda \
     --port 30000 --log-level warning "$@" > "$OUT/$SERVE_NAME.log" 2>&1 &
   SERVE_PID=$!
   for _ in $(seq 300); do
@@ -64,8 +65,8 @@ bench_random() {  # bench_random STAGE SECONDS IN OUT [bench flags...]: random i
   # SGLang 0.5.3's --tokenize-prompt sends numpy ints its json cannot encode: it sends the text of
   # the random ids instead (the synthetic tokenizer gives them back one token per word)
   [ -f "$SGLANG_BENCH" ] && bench=(env HF_HUB_OFFLINE=1 python3 "$SGLANG_BENCH")
-  run "$name" "$secs" "${bench[@]}" --backend sglang --base-url http://127.0.0.1:30000 --model $MODEL8B \
-    --tokenizer $MODEL8B --dataset-name random-ids --random-input-len "$in" --random-output-len "$out" \
+  run "$name" "$secs" "${bench[@]}" --backend sglang --base-url http://127.0.0.1:30000 --model ${SERVE_MODEL:-$MODEL8B} \
+    --tokenizer ${SERVE_MODEL:-$MODEL8B} --dataset-name random-ids --random-input-len "$in" --random-output-len "$out" \
     --random-range-ratio 1 --flush-cache --disable-tqdm --output-file "$OUT/$SERVE_NAME.jsonl" "$@"
 }
 
@@ -150,6 +151,30 @@ PY
       done
       serve_stop
     done ;;
+  embed)
+    # /v1/embeddings against HF AutoModel, gte-Qwen2-1.5B shape, 512-token inputs, batch 32
+    python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gte-qwen2-1.5b.json --out /tmp/gte >/dev/null
+    SERVE_MODEL=/tmp/gte; serve_start embed --is-embedding
+    run embed-pdserve 240 python3 -m pdserve.bench.bench_embeddings --config bench/configs/gte-qwen2-1.5b.json \
+      --base-url http://127.0.0.1:30000 --json-out "$RES"
+    serve_stop; unset SERVE_MODEL
+    run embed-hf 240 python3 -m pdserve.bench.bench_embeddings --hf --config bench/configs/gte-qwen2-1.5b.json \
+      --json-out "$RES" ;;
+  moe)
+    # the fused-MoE kernel against the weights' memory roofline, then Qwen1.5-MoE-A2.7B served with dummy weights
+    run bench-fused-moe 200 python3 -m pdserve.bench.bench_fused_moe --json-out "$OUT/fused_moe.json"
+    python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/qwen1.5-moe-a2.7b.json --out /tmp/qwenmoe >/dev/null
+    SERVE_MODEL=/tmp/qwenmoe; serve_start moe
+    bench_random moe-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
+    bench_random moe-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
+    serve_stop; unset SERVE_MODEL ;;
+  gemma2)
+    # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
+    python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null
+    SERVE_MODEL=/tmp/gemma2; serve_start gemma2
+    bench_random gemma2-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
+    bench_random gemma2-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
+    serve_stop; unset SERVE_MODEL ;;
   kv_ipc)
     run kv-cuda-ipc 150 python3 -m pdserve.bench.bench_kv_transfer --backend cuda_ipc --device cuda \
       --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc.jsonl"
