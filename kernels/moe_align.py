@@ -54,8 +54,8 @@ def align_pairs_to_experts(
     bucket = torch.where(kept, local, num_experts)
     counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     counts.scatter_add_(0, bucket, torch.ones_like(bucket))  # bincount would sync to size its output
+    # the dropped bucket sorts last, so its (unused) run cannot shift the experts' runs
     padded = (counts + block_m - 1) // block_m * block_m
-    padded[num_experts] = 0
     run_end = torch.cumsum(padded, 0)
     run_start = run_end - padded
     pair_start = torch.cumsum(counts, 0) - counts  # where each bucket begins in the stable sort
