@@ -27,6 +27,7 @@ import torch
 from pdserve.kernels.activation import silu_and_mul as _silu_and_mul
 from pdserve.kernels.decode_attention import decode_attention as _decode_attention
 from pdserve.kernels.extend_attention import extend_attention as _extend_attention
+from pdserve.kernels.fused_moe import fused_moe as _fused_moe
 from pdserve.kernels.kv_store import store_kv as _store_kv
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm as _fused_add_rmsnorm
 from pdserve.kernels.rmsnorm import rmsnorm as _rmsnorm
@@ -127,6 +128,17 @@ def extend_attention(
     )  # fmt: skip
 
 
+def fused_moe(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+
+
 def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[1] // 2))
 
@@ -139,3 +151,4 @@ store_kv_op = _register(store_kv_, ("kv",), _no_output)
 rotary_store_kv_op = _register(rotary_store_kv_, ("q", "k", "kv"), _no_output)
 decode_attention_op = _register(decode_attention, ("workspace",), _new_like)
 extend_attention_op = _register(extend_attention, (), _new_like)
+fused_moe_op = _register(fused_moe, (), _new_like)
