@@ -27,8 +27,8 @@ from pdserve.router.cluster.policies import CacheAwarePolicy
 from pdserve.router.http.auth import KEYS_KEY, auth_middleware
 from pdserve.router.http.limits import MAX_BODY_KEY, body_limit_middleware
 from pdserve.router.http.middleware import METRICS_KEY, error_middleware, metrics_middleware
-from pdserve.router.native.pause import add_pause_routes
 from pdserve.router.native.expert_record import add_expert_record_routes
+from pdserve.router.native.pause import add_pause_routes
 from pdserve.router.native.profile import add_profile_routes
 from pdserve.router.native.routes import add_native_routes
 from pdserve.router.native.runtime import add_runtime_routes

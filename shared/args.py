@@ -83,7 +83,10 @@ class EngineArgs:
                 "--expert-distribution-recorder-mode must be stat (pdserve has no per-token or per-pass "
                 f"recording), got {self.expert_distribution_recorder_mode!r}"
             )
-        if self.expert_distribution_recorder_buffer_size == 0 or self.expert_distribution_recorder_buffer_size < -1:
+        if (
+            self.expert_distribution_recorder_buffer_size == 0
+            or self.expert_distribution_recorder_buffer_size < -1
+        ):
             raise ValueError("--expert-distribution-recorder-buffer-size must be >= 1, or -1 for no bound")
         if self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")

@@ -20,6 +20,7 @@ Bodies are ignored (SGLang's take none); the admin key applies when one is set.
 
 from __future__ import annotations
 
+import functools
 import time
 
 from aiohttp import web
@@ -46,9 +47,8 @@ def _reasons(failed: list[tuple[str, str]]) -> str:
     return " ".join(f"{why} (worker {', '.join(ids)})" for why, ids in by_reason.items())
 
 
-async def handle_expert_record(request: web.Request) -> web.Response:
+async def handle_expert_record(request: web.Request, path: str) -> web.Response:
     state = request.app[STATE_KEY]
-    path = request.match_info.route.resource.canonical
     action, answer = ROUTES[path]
     await read_optional_object(request)
     dump_id = f"{time.time():.6f}"
@@ -66,5 +66,6 @@ async def handle_expert_record(request: web.Request) -> web.Response:
 
 def add_expert_record_routes(app: web.Application) -> None:
     for path in ROUTES:
-        app.router.add_route("GET", path, handle_expert_record)
-        app.router.add_route("POST", path, handle_expert_record)
+        handler = functools.partial(handle_expert_record, path=path)
+        app.router.add_route("GET", path, handler)
+        app.router.add_route("POST", path, handler)

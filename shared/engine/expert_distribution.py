@@ -1,6 +1,6 @@
 """Expert-distribution recording (`--expert-distribution-recorder-mode stat`), SGLang's stat mode.
 
-    recorder = attach_expert_recorder(model, args, device)   # None: mode off, or a dense model
+    recorder = attach_expert_recorder(model, args, num_layers, device)   # None: mode off, or dense
     recorder.start()                          # /start_expert_distribution_record: reset, record
     recorder.begin_forward(num_real_tokens)   # the model runner, around every forward pass
     ... forward: each MoE layer calls recorder.on_select_experts(layer_id, topk_ids) ...
@@ -52,7 +52,9 @@ class PassCountBuffer:
 
     def __init__(self, size: int, item_shape: tuple[int, int], device: torch.device):
         self._growing = size < 0
-        self._data = torch.zeros((128 if self._growing else size, *item_shape), dtype=torch.int32, device=device)
+        self._data = torch.zeros(
+            (128 if self._growing else size, *item_shape), dtype=torch.int32, device=device
+        )
         self._next = 0
 
     def append(self, counts: torch.Tensor) -> None:
@@ -121,7 +123,11 @@ class ExpertDistributionRecorder:
         save_dir = Path(output_dir or os.environ.get(DIR_ENV) or DEFAULT_DIR)
         save_dir.mkdir(parents=True, exist_ok=True)
         path = save_dir / f"expert_distribution_recorder_{dump_id}_{label}.pt"
-        output = {"rank": 0, "logical_count": self.logical_count(), "average_utilization_rate_over_window": None}
+        output = {
+            "rank": 0,
+            "logical_count": self.logical_count(),
+            "average_utilization_rate_over_window": None,
+        }
         torch.save(output, str(path))
         logger.info("Write expert distribution to %s", path)
         self.reset()
@@ -129,7 +135,7 @@ class ExpertDistributionRecorder:
 
 
 def attach_expert_recorder(
-    model: nn.Module, args: EngineArgs, device: torch.device
+    model: nn.Module, args: EngineArgs, num_layers: int, device: torch.device
 ) -> ExpertDistributionRecorder | None:
     """A recorder observing every MoE block of `model` when the mode is on; None otherwise."""
     if args.expert_distribution_recorder_mode is None:
@@ -138,7 +144,6 @@ def attach_expert_recorder(
     if not blocks:
         logger.warning("--expert-distribution-recorder-mode is set but the model has no MoE layers")
         return None
-    num_layers = len(model.get_submodule("model.layers"))
     num_experts = blocks[0].experts.num_experts
     recorder = ExpertDistributionRecorder(
         num_layers, num_experts, device, args.expert_distribution_recorder_buffer_size

@@ -54,7 +54,7 @@ class ModelRunner:
                 model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
             )
         # before any graph capture: the graphs must hold the recorder's counting ops
-        self.expert_recorder = attach_expert_recorder(self.model, args, self.device)
+        self.expert_recorder = attach_expert_recorder(self.model, args, model_config.num_layers, self.device)
         use_triton = args.attention_backend == "triton" or (
             args.attention_backend == "auto" and self.device.type == "cuda"
         )

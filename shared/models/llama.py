@@ -94,8 +94,9 @@ class DecoderLayer(nn.Module):
         qkv_bias, o_bias, mlp_bias = biases
         dtype = config.dtype
         self.self_attn = Attention(config, layer_id, qkv_bias, o_bias, qk_norm)
-        # `mlp`: a layer's own MLP (a sparse MoE block); None is the family's gated MLP.
-        self.mlp = mlp if mlp is not None else GatedMLP(config.hidden_size, config.intermediate_size, mlp_bias, dtype)
+        if mlp is None:  # the family's gated MLP; MoE families hand in their sparse block
+            mlp = GatedMLP(config.hidden_size, config.intermediate_size, mlp_bias, dtype)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 

@@ -86,7 +86,9 @@ class MoEExperts(nn.Module):
         gate, up = F.linear(x, self.w13[e]).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w2[e])
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
         """sum over k of topk_weights[t, k] * expert_{topk_ids[t, k]}(hidden[t]), in hidden's dtype."""
         out = torch.zeros_like(hidden)
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
@@ -164,5 +166,7 @@ class SparseMoeBlock(nn.Module):
         targets = self.experts.expert_targets(f"{prefix}.experts")
         for child_name, child in self.named_children():
             if child is not self.experts:
-                targets.update({f"{prefix}.{child_name}.{k}": t for k, t in checkpoint_targets(child).items()})
+                targets.update(
+                    {f"{prefix}.{child_name}.{k}": t for k, t in checkpoint_targets(child).items()}
+                )
         return targets

@@ -19,7 +19,7 @@ FUSED_GATE_UP, FUSED_DOWN = "gate_up_proj", "down_proj"
 
 
 def _block_name(head: str, checkpoint_prefix: str | None) -> str:
-    """"model.layers.3.mlp" -> "model.layers.3.block_sparse_moe" when the family names it so."""
+    """ "model.layers.3.mlp" -> "model.layers.3.block_sparse_moe" when the family names it so."""
     if checkpoint_prefix is None or not head.endswith(".mlp"):
         return head
     return head[: -len("mlp")] + checkpoint_prefix

@@ -15,17 +15,15 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Union
 
 import torch
 from torch import nn
 
 from pdserve.shared.models.layers import MergedLinear
 
-
 # Where a checkpoint tensor goes: a parameter and an index into it (None: all of it; a slice of
 # rows; an expert, or an expert's rows, of a stacked [E, ...] parameter).
-TargetIndex = Union[slice, int, tuple[int, slice], None]
+TargetIndex = slice | int | tuple[int, slice] | None
 Target = tuple[nn.Parameter, TargetIndex]
 
 

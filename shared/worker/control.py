@@ -71,7 +71,8 @@ class WorkerControl:
     def _on_stop_profile(self, identity: bytes, msg: StopProfile) -> None:
         self._reply(identity, msg.query_id, *self.profiler.stop())
 
-    def _on_expert_record(self, identity: bytes, msg: ExpertRecord) -> None:
+    def _on_expert_record(self, identity: bytes, msg: Message) -> None:
+        assert isinstance(msg, ExpertRecord)
         self._reply(identity, msg.query_id, *expert_record_answer(self.engine, msg, self.label))
 
     def _on_freeze_gc(self, identity: bytes, msg: FreezeGC) -> None:

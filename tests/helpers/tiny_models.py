@@ -116,7 +116,12 @@ def tiny_config(kind: str):  # -> a transformers PretrainedConfig
 def _tiny_moe_config(kind: str):  # -> a transformers PretrainedConfig
     from transformers import MixtralConfig, Qwen2MoeConfig
 
-    moe = {"num_experts_per_tok": 2, "rope_theta": 10000.0, "num_attention_heads": 4, "num_key_value_heads": 2}
+    moe = {
+        "num_experts_per_tok": 2,
+        "rope_theta": 10000.0,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     if kind == "mixtral":
         common = {**_COMMON, "intermediate_size": 32}
         return MixtralConfig(

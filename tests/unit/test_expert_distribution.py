@@ -70,9 +70,9 @@ def test_attached_only_with_the_mode_and_experts():
     moe = load_model(ModelConfig.from_hf_config(tiny_config("qwen2_moe_sparse")), None, "dummy")
     dense = load_model(ModelConfig.from_hf_config(tiny_config("qwen2")), None, "dummy")
     on = EngineArgs(expert_distribution_recorder_mode="stat")
-    assert attach_expert_recorder(moe, EngineArgs(), CPU) is None
-    assert attach_expert_recorder(dense, on, CPU) is None
-    recorder = attach_expert_recorder(moe, on, CPU)
+    assert attach_expert_recorder(moe, EngineArgs(), 4, CPU) is None
+    assert attach_expert_recorder(dense, on, 2, CPU) is None
+    recorder = attach_expert_recorder(moe, on, 4, CPU)
     assert recorder is not None and (recorder.num_layers, recorder.num_experts) == (4, 8)
     blocks = [m for m in moe.modules() if isinstance(m, SparseMoeBlock)]
     assert [b.layer_id for b in blocks] == [1] and blocks[0].observer is recorder

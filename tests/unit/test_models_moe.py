@@ -112,10 +112,19 @@ def test_dummy_weights_fill_the_experts():
 def test_bench_config_is_qwen15_moe_a27b():
     config = ModelConfig.from_path(BENCH_CONFIG)
     assert config.architecture == "Qwen2MoeForCausalLM"
-    assert (config.num_layers, config.hidden_size, config.num_attention_heads, config.num_kv_heads) == (24, 2048, 16, 16)
+    assert (config.num_layers, config.hidden_size, config.num_attention_heads, config.num_kv_heads) == (
+        24,
+        2048,
+        16,
+        16,
+    )
     assert (config.num_experts, config.num_experts_per_tok) == (60, 4)
     hf = config.hf_config
-    assert (hf.moe_intermediate_size, hf.shared_expert_intermediate_size, hf.intermediate_size) == (1408, 5632, 5632)
+    assert (hf.moe_intermediate_size, hf.shared_expert_intermediate_size, hf.intermediate_size) == (
+        1408,
+        5632,
+        5632,
+    )
     # built on the meta device, as the loader does: every layer sparse, the block's stacked shapes
     with torch.device("meta"):
         from pdserve.shared.models.registry import get_model_class
