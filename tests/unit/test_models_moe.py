@@ -10,7 +10,6 @@ transformers holds in memory. Also dummy weights, the config's MoE fields, and t
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.moe_block import SparseMoeBlock
 from tests.helpers.hf_reference import hf_greedy
 from tests.helpers.tiny_models import MOE_KINDS, make_tiny_model, tiny_config
-from tests.unit.test_models_tiny import ATOL, Tiny
+from tests.unit.test_models_tiny import ATOL, Tiny, _prompt
 
 NEW_TOKENS = 12
 BENCH_CONFIG = Path(__file__).resolve().parents[2] / "bench" / "configs" / "qwen1.5-moe-a2.7b.json"
@@ -34,11 +33,6 @@ BENCH_CONFIG = Path(__file__).resolve().parents[2] / "bench" / "configs" / "qwen
 @pytest.fixture(scope="module", params=MOE_KINDS)
 def tiny(request, tmp_path_factory) -> Tiny:
     return Tiny(request.param, make_tiny_model(request.param, tmp_path_factory.mktemp(request.param)))
-
-
-def _prompt(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(0, 512) for _ in range(n)]
 
 
 def _fused_copy(src: Path, dest: Path) -> Path:
