@@ -27,6 +27,7 @@ from pdserve.router.cluster.policies import CacheAwarePolicy
 from pdserve.router.http.auth import KEYS_KEY, auth_middleware
 from pdserve.router.http.limits import MAX_BODY_KEY, body_limit_middleware
 from pdserve.router.http.middleware import METRICS_KEY, error_middleware, metrics_middleware
+from pdserve.router.native.expert_record import add_expert_record_routes
 from pdserve.router.native.pause import add_pause_routes
 from pdserve.router.native.profile import add_profile_routes
 from pdserve.router.native.routes import add_native_routes
@@ -56,7 +57,13 @@ def build_app(args: RouterArgs) -> web.Application:
     app[KEYS_KEY] = (args.api_key, args.admin_api_key)
     add_native_routes(app)
     # SGLang's control routes (weights for RL loops, pause, profiler, run-time switches)
-    for add_routes in (add_weight_routes, add_pause_routes, add_profile_routes, add_runtime_routes):
+    for add_routes in (
+        add_weight_routes,
+        add_pause_routes,
+        add_profile_routes,
+        add_runtime_routes,
+        add_expert_record_routes,
+    ):
         add_routes(app)
     add_openai_routes(app)
     add_sagemaker_routes(app)

@@ -41,6 +41,9 @@ class EngineArgs:
     # Overlap scheduling (shared/engine/batch_pipeline.py): on by default on CUDA, off on the CPU.
     disable_overlap_schedule: bool = False
     enable_torch_compile: bool = False  # compiled decode graphs (small batches) on CUDA, every pass on CPU
+    # MoE models: count each expert's routed tokens per layer (shared/engine/expert_distribution.py)
+    expert_distribution_recorder_mode: str | None = None  # None (off) | stat
+    expert_distribution_recorder_buffer_size: int = 1000  # forward passes kept; -1: all
 
     @property
     def effective_tokenizer_path(self) -> str:
@@ -75,6 +78,16 @@ class EngineArgs:
             raise ValueError(
                 f"--attention-backend must be auto, triton or torch, got {self.attention_backend!r}"
             )
+        if self.expert_distribution_recorder_mode not in (None, "stat"):
+            raise ValueError(
+                "--expert-distribution-recorder-mode must be stat (pdserve has no per-token or per-pass "
+                f"recording), got {self.expert_distribution_recorder_mode!r}"
+            )
+        if (
+            self.expert_distribution_recorder_buffer_size == 0
+            or self.expert_distribution_recorder_buffer_size < -1
+        ):
+            raise ValueError("--expert-distribution-recorder-buffer-size must be >= 1, or -1 for no bound")
         if self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
         if self.enable_torch_compile and self.attention_backend == "torch" and self.device.startswith("cuda"):
@@ -99,6 +112,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "dtype": ["auto", "bfloat16", "float16", "float32", "half", "float", "bf16", "fp16", "fp32"],
         "schedule_policy": ["fcfs", "lpm"],
         "attention_backend": ["auto", "triton", "torch"],
+        "expert_distribution_recorder_mode": ["stat"],
     }
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")

@@ -4,8 +4,9 @@
 
 Two kinds, both answered 400 in the OpenAI error shape with the route's name and the reason:
 - routes for model kinds pdserve does not serve: `/encode`, `/v1/embeddings` and `/classify` need
-  an embedding or reward model, `/v1/rerank` a cross-encoder, `/v1/score` a scoring head, the expert-distribution
-  routes a mixture-of-experts model. The message names the served model and what it lacks.
+  an embedding or reward model, `/v1/rerank` a cross-encoder, `/v1/score` a scoring head. The
+  message names the served model and what it lacks. (The expert-distribution routes are served:
+  router/native/expert_record.py; the workers say when the model has no experts.)
 - features pdserve does not have: LoRA adapters, sessions, reasoning and function-call parsers,
   GPU memory release (the message says why on this cluster's device), weight sync over
   torch.distributed, the hierarchical cache's storage backend, deliberate slow-down, file uploads,
@@ -30,11 +31,6 @@ NEEDS = {
     "/v1/embeddings": (("POST",), f"an embedding model ({GENERATION_ONLY})"),
 }
 NO_RESPONSES = "the Responses API is not supported by pdserve yet: use /v1/chat/completions"
-EXPERT_PATHS = (
-    "/start_expert_distribution_record",
-    "/stop_expert_distribution_record",
-    "/dump_expert_distribution_record",
-)
 GET_POST = ("GET", "POST")
 NO_DISTRIBUTED = (
     "pdserve does not update weights over torch.distributed groups; use /update_weights_from_tensor "
@@ -113,12 +109,6 @@ def _memory_reason(state: RouterState) -> str:
 async def handle_unsupported(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     path = request.match_info.route.resource.canonical
-    if path in EXPERT_PATHS:
-        raise http_error(
-            400,
-            f"The served model {_model(state)} has no mixture-of-experts layers: {path} needs a MoE model "
-            "with expert distribution recording.",
-        )
     if path in MEMORY_PATHS:
         raise http_error(400, f"{path} is not supported: {_memory_reason(state)}.")
     if path in MISSING:
@@ -130,7 +120,7 @@ async def handle_unsupported(request: web.Request) -> web.Response:
 
 def add_unsupported_routes(app: web.Application) -> None:
     routes = {path: methods for path, (methods, _) in {**NEEDS, **MISSING}.items()}
-    routes.update({path: GET_POST for path in (*EXPERT_PATHS, *MEMORY_PATHS)})
+    routes.update({path: GET_POST for path in MEMORY_PATHS})
     for path, methods in routes.items():
         for method in methods:
             app.router.add_route(method, path, handle_unsupported)

@@ -17,6 +17,7 @@ import torch
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
+from pdserve.shared.engine.expert_distribution import attach_expert_recorder
 from pdserve.shared.engine.in_flight import FutureTokenIds, LaunchedDecode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
@@ -52,6 +53,8 @@ class ModelRunner:
             self.model = load_model(
                 model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
             )
+        # before any graph capture: the graphs must hold the recorder's counting ops
+        self.expert_recorder = attach_expert_recorder(self.model, args, model_config.num_layers, self.device)
         use_triton = args.attention_backend == "triton" or (
             args.attention_backend == "auto" and self.device.type == "cuda"
         )
@@ -129,7 +132,11 @@ class ModelRunner:
         if batch.kind == BatchKind.DECODE:
             return list(self.collect(self.launch(batch)))
         fb, sample_rows, prompt_rows = self._build(batch)
+        if self.expert_recorder is not None:
+            self.expert_recorder.begin_forward(len(fb.input_ids))
         hidden = self.model.forward(fb)
+        if self.expert_recorder is not None:
+            self.expert_recorder.end_forward()
         logits = self.model.compute_logits(hidden[fb.logits_indices])
         for rows in prompt_rows:
             self._record_prompt_logprobs(rows, logits)
@@ -143,6 +150,8 @@ class ModelRunner:
         still in flight (overlap scheduling); they are resolved on the device."""
         step = self._decode_inputs(batch, futures)
         resolve = futures.resolve if futures is not None else None
+        if self.expert_recorder is not None:  # a graph's padding rows are not counted
+            self.expert_recorder.begin_forward(step.batch_size)
         if self.graphs is not None and self.graphs.fits(step.batch_size):
             logits = self.graphs.replay(step, resolve_input_ids=resolve)
         else:
@@ -160,6 +169,8 @@ class ModelRunner:
             if resolve is not None:
                 resolve(fb.input_ids)
             logits = self.model.compute_logits(self.model.forward(fb)[fb.logits_indices])
+        if self.expert_recorder is not None:
+            self.expert_recorder.end_forward()
         inputs = self._sampling_inputs(batch.reqs)
         return LaunchedDecode.of(batch, logits, inputs, self.sampler.sample_on_device(logits, inputs))
 

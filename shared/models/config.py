@@ -102,6 +102,9 @@ class ModelConfig:
     rope: RopeConfig
     eos_token_ids: frozenset[int]
     hf_config: PretrainedConfig = field(repr=False)
+    # Mixture of experts (0 for dense models): routed experts per MoE layer, experts per token.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
 
     @property
     def architecture(self) -> str:
@@ -160,4 +163,6 @@ class ModelConfig:
             rope=RopeConfig.from_hf_config(c),
             eos_token_ids=_id_set(getattr(c, "eos_token_id", None)),
             hf_config=hf_config,
+            num_experts=int(getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 0),
+            num_experts_per_tok=int(getattr(c, "num_experts_per_tok", None) or 0),
         )

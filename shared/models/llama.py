@@ -17,7 +17,7 @@ sequences must stay within the window for exact results.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import torch
@@ -82,12 +82,21 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, biases: tuple[bool, bool, bool], qk_norm: bool):
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer_id: int,
+        biases: tuple[bool, bool, bool],
+        qk_norm: bool,
+        mlp: nn.Module | None = None,
+    ):
         super().__init__()
         qkv_bias, o_bias, mlp_bias = biases
         dtype = config.dtype
         self.self_attn = Attention(config, layer_id, qkv_bias, o_bias, qk_norm)
-        self.mlp = GatedMLP(config.hidden_size, config.intermediate_size, mlp_bias, dtype)
+        if mlp is None:  # the family's gated MLP; MoE families hand in their sparse block
+            mlp = GatedMLP(config.hidden_size, config.intermediate_size, mlp_bias, dtype)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -111,11 +120,18 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     """Embedding, decoder layers, final norm: HF's `model.*` subtree."""
 
-    def __init__(self, config: ModelConfig, biases: tuple[bool, bool, bool], qk_norm: bool):
+    def __init__(
+        self,
+        config: ModelConfig,
+        biases: tuple[bool, bool, bool],
+        qk_norm: bool,
+        mlp_for_layer: Callable[[int], nn.Module | None] | None = None,
+    ):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, dtype=config.dtype)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, biases, qk_norm) for i in range(config.num_layers)
+            DecoderLayer(config, i, biases, qk_norm, mlp_for_layer(i) if mlp_for_layer else None)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.rotary_emb = RotaryEmbedding(config.rope)
@@ -143,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
         if hidden_act not in ("silu", "swish"):
             raise ValueError(f"{type(self).__name__}: activation {hidden_act!r} is not supported (silu only)")
         self.config = config
-        self.model = DecoderModel(config, self.biases(config), self.qk_norm)
+        self.model = DecoderModel(config, self.biases(config), self.qk_norm, self.mlp_for_layer)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -155,6 +171,10 @@ class LlamaForCausalLM(nn.Module):
         """(q/k/v bias, o_proj bias, MLP bias) as this architecture reads them from the config."""
         attention_bias = bool(getattr(config.hf_config, "attention_bias", False))
         return attention_bias, attention_bias, bool(getattr(config.hf_config, "mlp_bias", False))
+
+    def mlp_for_layer(self, layer_id: int) -> nn.Module | None:
+        """The MLP of layer `layer_id` where it is not the gated MLP (MoE families); None here."""
+        return None
 
     def forward(self, batch: ForwardBatch) -> torch.Tensor:
         return self.model(batch)

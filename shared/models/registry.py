@@ -12,12 +12,16 @@ from pdserve.shared.models.llama import (
     Qwen2ForCausalLM,
     Qwen3ForCausalLM,
 )
+from pdserve.shared.models.mixtral import MixtralForCausalLM
+from pdserve.shared.models.qwen2_moe import Qwen2MoeForCausalLM
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
 }
 
 

@@ -3,7 +3,9 @@
 Rules:
 - Every parameter answers to its own dotted name, except the rows of a `MergedLinear`, which answer
   to the checkpoint names they replace ("...self_attn.qkv_proj" holds "...self_attn.q_proj.weight",
-  "...k_proj.weight", "...v_proj.weight").
+  "...k_proj.weight", "...v_proj.weight"), and the tensors of a module with
+  `named_checkpoint_targets(module_name)`, which names them itself (its submodules included):
+  stacked MoE experts hold one checkpoint tensor per expert.
 - Shapes must match exactly; dtypes are converted to the parameter's.
 - A checkpoint tensor with no target is an error unless the model's `ignore` says it is expected
   (rotary buffers saved by old exporters, lm_head of a tied model); a target that received nothing
@@ -19,15 +21,28 @@ from torch import nn
 
 from pdserve.shared.models.layers import MergedLinear
 
+# Where a checkpoint tensor goes: a parameter and an index into it (None: all of it; a slice of
+# rows; an expert, or an expert's rows, of a stacked [E, ...] parameter).
+TargetIndex = slice | int | tuple[int, slice] | None
+Target = tuple[nn.Parameter, TargetIndex]
+
 
 class WeightLoadError(ValueError):
     """The checkpoint does not fit the model: missing, unexpected or misshapen tensors."""
 
 
-def checkpoint_targets(model: nn.Module) -> dict[str, tuple[nn.Parameter, slice | None]]:
-    """Checkpoint tensor name -> (parameter, rows of it, or None for all of it)."""
-    targets: dict[str, tuple[nn.Parameter, slice | None]] = {}
+def checkpoint_targets(model: nn.Module) -> dict[str, Target]:
+    """Checkpoint tensor name -> (parameter, index into it, or None for all of it)."""
+    targets: dict[str, Target] = {}
+    self_named: list[str] = []  # modules that named their tensors, submodules included
     for module_name, module in model.named_modules():
+        if any(module_name.startswith(f"{owner}.") for owner in self_named):
+            continue
+        named = getattr(module, "named_checkpoint_targets", None)
+        if module is not model and callable(named):
+            targets.update(named(module_name))
+            self_named.append(module_name)
+            continue
         for attr, param in module.named_parameters(recurse=False):
             if isinstance(module, MergedLinear):
                 parent = module_name.rpartition(".")[0]

@@ -14,6 +14,7 @@ May import: msgpack only (the router and every worker speak it).
 from pdserve.shared.protocol.admin import (
     AdminReply,
     ContinueGeneration,
+    ExpertRecord,
     FreezeGC,
     GetWeightsByName,
     PauseGeneration,
@@ -51,6 +52,7 @@ __all__ = [
     "AdminReply",
     "ContinueGeneration",
     "DecodeRequest",
+    "ExpertRecord",
     "FlushCacheRequest",
     "FlushCacheResult",
     "FreezeGC",

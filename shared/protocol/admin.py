@@ -120,6 +120,17 @@ class StopProfile(Message):
 
 
 @dataclass
+class ExpertRecord(Message):
+    """Expert-distribution recording: `action` "start", "stop" or "dump" (the dump's file is named
+    by `dump_id`, one for every worker); answered by an AdminReply (a dump's message: the file)."""
+
+    TAG: ClassVar[str] = "expert_record"
+    query_id: int = 0
+    action: str = ""
+    dump_id: str = ""
+
+
+@dataclass
 class FreezeGC(Message):
     """Move every object the worker tracks into the garbage collector's permanent generation."""
 

@@ -10,6 +10,7 @@ Messages (shared/protocol/admin.py) and answers:
   change; /get_server_info and every output's meta_info show it);
 - StartProfile / StopProfile -> AdminReply (shared/worker/profiler.py; the stop's message names
   the trace file);
+- ExpertRecord -> AdminReply (shared/worker/expert_record.py; a dump's message names the file);
 - FreezeGC -> AdminReply: `gc.freeze()` after a collection, so the objects alive now (the model,
   the pools) are never scanned again; the message says how many objects are frozen;
 - GetWeightsByName -> WeightsByName (shared/worker/tensor_weights.py), or why not.
@@ -23,6 +24,7 @@ from collections.abc import Callable
 
 from pdserve.shared.protocol import (
     AdminReply,
+    ExpertRecord,
     FreezeGC,
     GetWeightsByName,
     Message,
@@ -31,7 +33,8 @@ from pdserve.shared.protocol import (
     UpdateWeightVersion,
     WeightsByName,
 )
-from pdserve.shared.worker.profiler import StepProfiler
+from pdserve.shared.worker.expert_record import expert_record_answer
+from pdserve.shared.worker.profiler import StepProfiler, safe_label
 from pdserve.shared.worker.tensor_weights import weights_by_name
 
 
@@ -39,6 +42,7 @@ class WorkerControl:
     def __init__(self, engine, send: Callable[[bytes, Message], object], worker_id: str):
         self.engine = engine
         self._send = send
+        self.label = safe_label(worker_id or "worker")
         self.profiler = StepProfiler(worker_id or "worker", engine.args.device.startswith("cuda"))
 
     def handlers(self) -> dict[type[Message], Callable[[bytes, Message], None]]:
@@ -46,6 +50,7 @@ class WorkerControl:
             UpdateWeightVersion: self._on_weight_version,
             StartProfile: self._on_start_profile,
             StopProfile: self._on_stop_profile,
+            ExpertRecord: self._on_expert_record,
             FreezeGC: self._on_freeze_gc,
             GetWeightsByName: self._on_get_weights,
         }
@@ -65,6 +70,10 @@ class WorkerControl:
 
     def _on_stop_profile(self, identity: bytes, msg: StopProfile) -> None:
         self._reply(identity, msg.query_id, *self.profiler.stop())
+
+    def _on_expert_record(self, identity: bytes, msg: Message) -> None:
+        assert isinstance(msg, ExpertRecord)
+        self._reply(identity, msg.query_id, *expert_record_answer(self.engine, msg, self.label))
 
     def _on_freeze_gc(self, identity: bytes, msg: FreezeGC) -> None:
         gc.collect()  # garbage now would otherwise be frozen with the rest

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pdserve.shared.engine.weight_swap import WeightsUpdateError
-from pdserve.shared.models.weights import checkpoint_targets
+from pdserve.shared.models.weights import Target, TargetIndex, checkpoint_targets
 
 TENSOR_LOAD_FORMATS = (None, "auto", "direct")
 TENSOR_UPDATE_OK = "Success"
@@ -34,10 +34,10 @@ TENSOR_UPDATE_OK = "Success"
 class CheckedTensors:
     """Tensors that fit their targets, with where each goes (`rows` None: the whole parameter)."""
 
-    copies: list[tuple[nn.Parameter, slice | None, torch.Tensor]]
+    copies: list[tuple[nn.Parameter, TargetIndex, torch.Tensor]]
 
 
-def _targets(model: nn.Module, load_format: str | None) -> dict[str, tuple[nn.Parameter, slice | None]]:
+def _targets(model: nn.Module, load_format: str | None) -> dict[str, Target]:
     if load_format == "direct":
         return {name: (param, None) for name, param in model.named_parameters()}
     return checkpoint_targets(model)
@@ -56,7 +56,7 @@ def check_named_tensors(
         raise WeightsUpdateError("Failed to update weights: no tensors were given.")
     targets = _targets(model, load_format)
     ignore = getattr(model, "ignore_checkpoint_tensor", lambda name: False)
-    copies: list[tuple[nn.Parameter, slice | None, torch.Tensor]] = []
+    copies: list[tuple[nn.Parameter, TargetIndex, torch.Tensor]] = []
     for name, tensor in named:
         target = targets.get(name)
         if target is None:

@@ -12,6 +12,11 @@ Kinds:
 - mistral: GQA 8/4, head_dim 8, 2 layers, no sliding window;
 - qwen2:   MQA 4/1, q/k/v biases, tied embeddings;
 - qwen3:   GQA 4/2, explicit head_dim 32 (!= hidden/heads), q/k norms, untied.
+MoE kinds (MOE_KINDS; 8 experts of 32, top 2):
+- qwen2_moe:        3 sparse layers, shared expert of 48, norm_topk_prob False, untied;
+- qwen2_moe_sparse: 4 layers, decoder_sparse_step 2 and mlp_only_layers [3] (only layer 1 is
+                    sparse), norm_topk_prob True, tied embeddings;
+- mixtral:          GQA 4/2, 2 layers, untied.
 Vocabulary 512: ids 0-255 are bytes, 256 <|endoftext|> (config eos), 257 <|im_start|>,
 258 <|im_end|> (generation_config eos); the rest are never produced by the tokenizer.
 """
@@ -23,6 +28,7 @@ from pathlib import Path
 import torch
 
 TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3")
+MOE_KINDS = ("qwen2_moe", "qwen2_moe_sparse", "mixtral")
 VOCAB_SIZE = 512
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 256, 257, 258
 WEIGHT_STD = 0.1
@@ -102,7 +108,46 @@ def tiny_config(kind: str):  # -> a transformers PretrainedConfig
             attention_bias=False,
             architectures=["Qwen3ForCausalLM"],
         )
-    raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {TINY_KINDS}")
+    if kind in MOE_KINDS:
+        return _tiny_moe_config(kind)
+    raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {TINY_KINDS + MOE_KINDS}")
+
+
+def _tiny_moe_config(kind: str):  # -> a transformers PretrainedConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    moe = {
+        "num_experts_per_tok": 2,
+        "rope_theta": 10000.0,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
+    if kind == "mixtral":
+        common = {**_COMMON, "intermediate_size": 32}
+        return MixtralConfig(
+            **common,
+            **moe,
+            num_hidden_layers=2,
+            num_local_experts=8,
+            sliding_window=None,
+            tie_word_embeddings=False,
+            architectures=["MixtralForCausalLM"],
+        )
+    sparse = kind == "qwen2_moe_sparse"
+    return Qwen2MoeConfig(
+        **_COMMON,
+        **moe,
+        num_hidden_layers=4 if sparse else 3,
+        num_experts=8,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=sparse,
+        decoder_sparse_step=2 if sparse else 1,
+        mlp_only_layers=[3] if sparse else [],
+        use_sliding_window=False,
+        tie_word_embeddings=sparse,
+        architectures=["Qwen2MoeForCausalLM"],
+    )
 
 
 def _byte_tokenizer():  # -> a transformers PreTrainedTokenizerFast

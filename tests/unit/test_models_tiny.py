@@ -195,12 +195,14 @@ def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
         "LlamaForCausalLM",
         "MistralForCausalLM",
+        "MixtralForCausalLM",
         "Qwen2ForCausalLM",
+        "Qwen2MoeForCausalLM",
         "Qwen3ForCausalLM",
     ]
     assert get_model_class(["FooForCausalLM", "Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
-    with pytest.raises(ValueError, match=r"\['Qwen2MoeForCausalLM'\] is not supported; supported: Llama"):
-        get_model_class(["Qwen2MoeForCausalLM"])
+    with pytest.raises(ValueError, match=r"\['DeepseekV3ForCausalLM'\] is not supported; supported: Llama"):
+        get_model_class(["DeepseekV3ForCausalLM"])
 
 
 @pytest.mark.parametrize(
