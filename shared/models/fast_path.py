@@ -4,6 +4,9 @@
 - every RMSNorm (the decoder layers' two norms, the final norm, Qwen3's per-head q/k norms) by a
   `TritonRMSNorm` (both forms: plain, and residual-add + norm);
 - every GatedMLP by a `TritonGatedMLP`: the same two projections, `silu_and_mul` between them;
+- every MoEExperts (the MoE families' stacked experts) by a `TritonMoEExperts`: one fused-MoE
+  launch pair over the selected experts instead of a loop over them (and, inside a CUDA graph,
+  instead of running every expert);
 - in every DecoderModel, `rotary_emb` by a `TritonRotaryEmbedding` and each layer's `self_attn`
   by a `RopeFusedAttention` (same projections and norms, its `rotary` a `TritonApplyRotary`). They
   are swapped together: the new embedding hands over positions and inv_freq instead of cos/sin,
@@ -29,10 +32,17 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from pdserve.kernels.custom_ops import fused_add_rmsnorm_op, rmsnorm_op, rotary_op, silu_and_mul_op
+from pdserve.kernels.custom_ops import (
+    fused_add_rmsnorm_op,
+    fused_moe_op,
+    rmsnorm_op,
+    rotary_op,
+    silu_and_mul_op,
+)
 from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.llama import ApplyRotary, Attention, DecoderModel
+from pdserve.shared.models.moe_block import MoEExperts
 from pdserve.shared.models.rope import RotaryEmbedding
 
 
@@ -66,6 +76,23 @@ class TritonGatedMLP(GatedMLP):
         gate_up = self.gate_up_proj(x)
         act = silu_and_mul_op(gate_up.reshape(-1, gate_up.shape[-1]))
         return self.down_proj(act.reshape(*x.shape[:-1], self.intermediate_size))
+
+
+class TritonMoEExperts(MoEExperts):
+    """The fused-MoE kernel over the original stacked `w13`/`w2` (same layout, nothing copied)."""
+
+    def __init__(self, experts: MoEExperts):
+        nn.Module.__init__(self)  # not MoEExperts.__init__: it would allocate the expert weights
+        self.num_experts = experts.num_experts
+        self.intermediate_size = experts.intermediate_size
+        self.names = experts.names
+        self.w13 = experts.w13
+        self.w2 = experts.w2
+
+    def forward(
+        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return fused_moe_op(hidden, self.w13, self.w2, topk_weights.float(), topk_ids, 0)
 
 
 class RopeInputs(NamedTuple):
@@ -134,7 +161,7 @@ def _rope_swappable(decoder: DecoderModel) -> bool:
 
 
 def use_triton_kernels(model: nn.Module) -> int:
-    """Swaps the Triton RMSNorm, rope and SiLU-and-mul into `model` (see the module rules).
+    """Swaps the Triton RMSNorm, rope, SiLU-and-mul and fused MoE into `model` (see the module rules).
 
     Returns the number of modules replaced (0 when the pass already ran).
     """
@@ -145,6 +172,8 @@ def use_triton_kernels(model: nn.Module) -> int:
                 swaps.append((module, name, TritonRMSNorm(child)))
             elif type(child) is GatedMLP:
                 swaps.append((module, name, TritonGatedMLP(child)))
+            elif type(child) is MoEExperts:
+                swaps.append((module, name, TritonMoEExperts(child)))
     # Collected first, applied after: replacing children while walking modules() would revisit them.
     _apply(swaps)
     # Rope second, so that each RopeFusedAttention takes over q/k norms already swapped.

@@ -12,7 +12,8 @@ Rules:
   the seam where a fused kernel with this layout replaces the torch loop on CUDA.
 - The torch loop runs only the experts that received tokens; while a CUDA graph is being
   captured (no host sync allowed) it runs every expert with zero weights for tokens not routed
-  to it, which gives the same result.
+  to it, which gives the same result. On CUDA the fast path (fast_path.py) replaces the loop by
+  the fused-MoE kernel, which needs neither.
 - `observer`, when set (expert-distribution recording), sees every layer's `topk_ids`; it must be
   capturable in a CUDA graph (device ops only).
 - Checkpoint names: the block answers for its own tensors (`named_checkpoint_targets`), so that
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pdserve.kernels.fused_moe import select_experts as select_top_experts
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.layers import GatedMLP
 from pdserve.shared.models.weights import Target, checkpoint_targets
@@ -42,11 +44,8 @@ def select_experts(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, weights_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(topk_weights [T, k] in weights_dtype, topk_ids [T, k] int64) from router logits [T, E]."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
-    weights, ids = torch.topk(probs, top_k, dim=-1)
-    if renormalize:
-        weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(weights_dtype), ids
+    weights, ids = select_top_experts(router_logits, top_k, renormalize)
+    return weights.to(weights_dtype), ids.long()
 
 
 class MoEExperts(nn.Module):

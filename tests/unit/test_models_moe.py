@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.fast_path import TritonMoEExperts, use_triton_kernels
 from pdserve.shared.models.forward_batch import ForwardMode
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.moe_block import SparseMoeBlock
@@ -66,6 +67,18 @@ def test_logits_match_hf_whole_and_chunked(tiny: Tiny):
         got.append(tiny.run(pool, ForwardMode.DECODE, ids[done : done + 1], [done], [1], [pages]))
         done += 1
     assert (torch.cat(got) - ref).abs().max().item() < ATOL
+
+
+def test_fast_path_swaps_in_the_fused_moe_kernel(tmp_path: Path):
+    """The Triton pass (interpreter here) replaces every MoEExperts by the fused kernel, logits unchanged."""
+    tiny = Tiny("qwen2_moe", make_tiny_model("qwen2_moe", tmp_path / "m"))
+    ids = _prompt(13, seed=3)
+    ref = tiny.hf_logits(ids)
+    use_triton_kernels(tiny.model)
+    fused = [m for m in tiny.model.modules() if isinstance(m, TritonMoEExperts)]
+    assert len(fused) == sum(isinstance(m, SparseMoeBlock) for m in tiny.model.modules()) > 0
+    got = tiny.run(tiny.pool(), ForwardMode.EXTEND, ids, [0], [len(ids)], [[3, 4, 5, 6]])
+    assert (got - ref).abs().max().item() < ATOL
 
 
 def test_layers_follow_sparse_step_and_mlp_only_layers():
