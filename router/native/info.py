@@ -47,7 +47,7 @@ async def handle_model_info(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "model_path": state.model_path,
-            "is_generation": True,
+            "is_generation": facts.is_generation if facts else True,
             "tokenizer_path": state.tokenizer_path,
             "preferred_sampling_params": state.preferred_sampling_params,
             "weight_version": state.weight_version,

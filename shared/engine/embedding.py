@@ -58,7 +58,9 @@ class EmbeddingMode:
     whole_prompts: bool  # see the module rules
 
     @staticmethod
-    def for_model(args: EngineArgs, local_dir: str | Path | None, config: ModelConfig) -> EmbeddingMode | None:
+    def for_model(
+        args: EngineArgs, local_dir: str | Path | None, config: ModelConfig
+    ) -> EmbeddingMode | None:
         archs = list(config.architectures)
         if not is_embedding_model(local_dir, archs, args.is_embedding):
             return None
@@ -77,7 +79,9 @@ class EmbeddingMode:
             raise RequestError(
                 f"The input ({len(ids)} tokens) is longer than the model's context length ({limit} tokens)."
             )
-        return Req(rid=msg.rid, input_ids=list(ids), params=SamplingParams(max_new_tokens=0), wants_embedding=True)
+        return Req(
+            rid=msg.rid, input_ids=list(ids), params=SamplingParams(max_new_tokens=0), wants_embedding=True
+        )
 
     def collect(self, batch: ScheduledBatch, hidden: torch.Tensor) -> None:
         """Pools each request of the batch whose prompt this forward completed (hidden: [T, H])."""

@@ -1,7 +1,7 @@
 """Offline use of an engine: prompts in, each run to completion in one continuous batch, results out.
 
-    results = engine.generate([[1, 2, 3]], {"max_new_tokens": 8})   # Engine.generate calls run_offline
-    answers = embed_offline(engine, [[101, 2023, 102]])             # an embedding model's engine
+results = engine.generate([[1, 2, 3]], {"max_new_tokens": 8})   # Engine.generate calls run_offline
+answers = embed_offline(engine, [[101, 2023, 102]])             # an embedding model's engine
 """
 
 from __future__ import annotations

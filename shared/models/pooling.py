@@ -89,10 +89,12 @@ def _read_json(path: Path) -> object:
 
 def _st_method(path: Path) -> str:
     config = _read_json(path)
-    if not isinstance(config, dict):
-        raise ValueError(f"sentence-transformers pooling config {path} is missing or not JSON")
+    if not isinstance(config, dict):  # a missing or broken file, not a wrong argument
+        raise ValueError(f"sentence-transformers pooling config {path} is missing or not JSON")  # noqa: TRY004
     chosen = [method for method, key in _ST_MODES.items() if config.get(key)]
     if len(chosen) != 1:
         on = sorted(k for k, v in config.items() if k.startswith("pooling_mode") and v)
-        raise ValueError(f"pooling modes {on} of {path} are not supported; one of {sorted(_ST_MODES.values())}")
+        raise ValueError(
+            f"pooling modes {on} of {path} are not supported; one of {sorted(_ST_MODES.values())}"
+        )
     return chosen[0]

@@ -23,15 +23,15 @@ _SEED = 4321
 def tiny_embedding_config(kind: str):  # -> a transformers PretrainedConfig
     from transformers import BertConfig, XLMRobertaConfig
 
-    encoder = dict(
-        vocab_size=300,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=96,
-        max_position_embeddings=128,
-        hidden_act="gelu",
-    )
+    encoder = {
+        "vocab_size": 300,
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "intermediate_size": 96,
+        "max_position_embeddings": 128,
+        "hidden_act": "gelu",
+    }
     if kind == "bert":
         return BertConfig(**encoder, pad_token_id=0, architectures=["BertModel"])
     if kind == "xlm-roberta":

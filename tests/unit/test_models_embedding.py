@@ -25,7 +25,9 @@ PAGE_SIZE = 4
 
 def _batch(model_config: ModelConfig, ids, prefix_lens, extend_lens, tables) -> ForwardBatch:
     c = model_config
-    pool = PagedKVPool(KVPoolShape(c.num_layers, 32, PAGE_SIZE, c.num_kv_heads, c.head_dim), torch.float32, "cpu")
+    pool = PagedKVPool(
+        KVPoolShape(c.num_layers, 32, PAGE_SIZE, c.num_kv_heads, c.head_dim), torch.float32, "cpu"
+    )
     return ForwardBatch.build(
         ForwardMode.EXTEND, ids, prefix_lens, extend_lens, tables, PAGE_SIZE, pool, TorchRefAttention()
     )
@@ -73,7 +75,14 @@ def test_bare_qwen2_whole_and_chunked_match_hf(tmp_path: Path):
         pool_batch = _batch(config, ids[:6], [0], [6], [[4, 2, 9]])
         first = model(pool_batch)
         rest_batch = ForwardBatch.build(
-            ForwardMode.EXTEND, ids[6:], [6], [5], [[4, 2, 9]], PAGE_SIZE, pool_batch.kv_pool, TorchRefAttention()
+            ForwardMode.EXTEND,
+            ids[6:],
+            [6],
+            [5],
+            [[4, 2, 9]],
+            PAGE_SIZE,
+            pool_batch.kv_pool,
+            TorchRefAttention(),
         )
         rest = model(rest_batch)
     assert (torch.cat([first, rest]) - ref).abs().max().item() < ATOL
