@@ -20,6 +20,7 @@ import pytest
 import requests
 import torch
 
+from tests.helpers.cluster_waits import wait_until
 from tests.helpers.router_http import assert_error
 from tests.helpers.tiny_embedding_models import minilm_dir
 
@@ -122,7 +123,7 @@ def test_bad_input_is_a_400(url, path, body, words):
 def _counter(metrics_url: str, name: str) -> float:
     text = requests.get(metrics_url + "/metrics", timeout=30).text
     match = re.search(rf"^pdserve_worker_{name}_total(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.MULTILINE)
-    assert match, f"{name} not in the worker's metrics"
+    assert match, f"{name} not in the worker's metrics:\n{text}"
     return float(match.group(1))
 
 
@@ -136,6 +137,7 @@ def test_pd_cluster_sends_embeddings_to_the_prefill_worker(worker_launcher, rout
         assert resp.status_code == 200, resp.text
         for item, want in zip(resp.json(), reference):
             _assert_close(item["embedding"], want)
-    assert _counter(prefill.http_url, "requests") == 9
+    # /metrics is published a moment after the loop's work (at most every 0.25 s)
+    wait_until(lambda: _counter(prefill.http_url, "requests") == 9, 10.0, "the prefill worker's 9 requests")
     assert _counter(decode.http_url, "requests") == 0
     assert _counter(decode.http_url, "prefill_tokens_computed") == 0

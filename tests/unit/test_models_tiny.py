@@ -193,13 +193,18 @@ def test_dummy_weights_are_deterministic():
 
 def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
+        "BertModel",
         "LlamaForCausalLM",
+        "LlamaModel",
         "MistralForCausalLM",
+        "MistralModel",
         "Qwen2ForCausalLM",
+        "Qwen2Model",
         "Qwen3ForCausalLM",
+        "XLMRobertaModel",
     ]
     assert get_model_class(["FooForCausalLM", "Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
-    with pytest.raises(ValueError, match=r"\['Qwen2MoeForCausalLM'\] is not supported; supported: Llama"):
+    with pytest.raises(ValueError, match=r"\['Qwen2MoeForCausalLM'\] is not supported; supported: Bert"):
         get_model_class(["Qwen2MoeForCausalLM"])
 
 
