@@ -17,13 +17,12 @@ code with position ids that start after the padding id (as HF computes them).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.shared.engine.forward_batch import ForwardBatch
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.weights import load_checkpoint_weights
 
@@ -34,6 +33,15 @@ _ACTIVATIONS = {
     "relu": F.relu,
 }
 _TASK_PREFIXES = ("bert.", "roberta.")
+
+
+class EncoderBatch(Protocol):
+    """What an encoder reads of the engine's ForwardBatch (models sit below the engine)."""
+
+    input_ids: torch.Tensor  # [T] the batch's tokens, request after request
+    positions: torch.Tensor  # [T] each token's position in its request
+    prefix_lens_cpu: list[int]
+    extend_lens_cpu: list[int]
 
 
 class BertEmbeddings(nn.Module):
@@ -95,6 +103,18 @@ class BertAttention(nn.Module):
         return self.output(out.transpose(0, 1).reshape(t, -1), hidden)
 
 
+class BertIntermediate(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size, dtype=config.dtype)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: ModelConfig, eps: float):
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config, eps) for _ in range(config.num_layers))
+
+
 class BertLayer(nn.Module):
     def __init__(self, config: ModelConfig, eps: float):
         super().__init__()
@@ -103,8 +123,7 @@ class BertLayer(nn.Module):
             raise ValueError(f"BERT activation {act!r} is not supported; supported: {sorted(_ACTIVATIONS)}")
         self.act = _ACTIVATIONS[act]
         self.attention = BertAttention(config, eps)
-        self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(config.hidden_size, config.intermediate_size, dtype=config.dtype)
+        self.intermediate = BertIntermediate(config)
         self.output = BertDenseNorm(config.intermediate_size, config.hidden_size, eps, config.dtype)
 
     def forward(self, hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -122,13 +141,12 @@ class BertModel(nn.Module):
         self.config = config
         eps = float(getattr(config.hf_config, "layer_norm_eps", 1e-12))
         self.embeddings = BertEmbeddings(config, eps)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(BertLayer(config, eps) for _ in range(config.num_layers))
+        self.encoder = BertEncoder(config, eps)
 
-    def position_ids(self, batch: ForwardBatch) -> torch.Tensor:
+    def position_ids(self, batch: EncoderBatch) -> torch.Tensor:
         return batch.positions
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
         if any(batch.prefix_lens_cpu):
             raise ValueError("an encoder computes whole prompts: no request may bring a cached prefix")
         spans, start = [], 0
@@ -153,7 +171,7 @@ class BertModel(nn.Module):
 class XLMRobertaModel(BertModel):
     """RoBERTa's positions: padding_idx + 1 + the count of non-padding tokens before and at each."""
 
-    def position_ids(self, batch: ForwardBatch) -> torch.Tensor:
+    def position_ids(self, batch: EncoderBatch) -> torch.Tensor:
         pad = int(getattr(self.config.hf_config, "pad_token_id", 1) or 0)
         not_pad = (batch.input_ids != pad).long()
         positions = torch.empty_like(batch.input_ids)

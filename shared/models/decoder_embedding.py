@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
@@ -24,6 +25,8 @@ def _with_model_prefix(weights: Iterable[tuple[str, torch.Tensor]]) -> Iterator[
 
 class _BareDecoder:
     """Mixed into a causal-LM class: no lm_head, checkpoint names with or without `model.`."""
+
+    lm_head: nn.Linear | None
 
     def drop_lm_head(self) -> None:
         self.lm_head = None
