@@ -20,6 +20,7 @@ import pytest
 import requests
 import torch
 
+from pdserve.shared.worker.client import WorkerClient
 from tests.helpers.cluster_waits import wait_until
 from tests.helpers.router_http import assert_error
 from tests.helpers.tiny_embedding_models import minilm_dir
@@ -78,6 +79,7 @@ def test_encode_as_in_the_seeds(url, reference):
 
 
 def test_model_info_and_generation_routes(url):
+    assert requests.get(url + "/health_generate", timeout=60).status_code == 200
     info = requests.get(url + "/get_model_info", timeout=30).json()
     assert info["is_generation"] is False and info["architectures"] == ["BertModel"]
     resp = requests.post(url + "/generate", json={"text": "hi", "sampling_params": {}}, timeout=30)
@@ -141,3 +143,9 @@ def test_pd_cluster_sends_embeddings_to_the_prefill_worker(worker_launcher, rout
     wait_until(lambda: _counter(prefill.http_url, "requests") == 9, 10.0, "the prefill worker's 9 requests")
     assert _counter(decode.http_url, "requests") == 0
     assert _counter(decode.http_url, "prefill_tokens_computed") == 0
+    with WorkerClient(decode.zmq_address) as client:  # sent to it directly, it refuses
+        refused = client.embed("direct", [101, 7592, 102])
+    assert refused.error is not None and "decode worker does not serve embeddings" in refused.error
+    with WorkerClient(prefill.zmq_address) as client:
+        answered = client.embed("direct", [101, 7592, 102])
+        assert answered.error is None and len(answered.embedding) == 384
