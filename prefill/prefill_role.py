@@ -75,6 +75,8 @@ class PrefillRole(MixedRole):
         return None
 
     def on_prefill_complete(self, req: Req, result: StepResult) -> bool:
+        if req.wants_embedding:  # nothing to transfer: it ends here, as on a mixed worker
+            return super().on_prefill_complete(req, result)
         self.scheduler.prefilling.remove(req)
         req.status = ReqStatus.TRANSFERRING
         self.transferring.append(req)

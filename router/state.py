@@ -33,6 +33,7 @@ from pdserve.router.processes import capacity_share
 from pdserve.router.serving.admission import AdmissionConfig, AdmissionQueue
 from pdserve.router.serving.admission_gate import AdmissionGate
 from pdserve.router.serving.dispatch import Dispatcher
+from pdserve.router.serving.embedder import RouterEmbedder
 from pdserve.router.serving.generator import RouterTextGenerator
 from pdserve.router.serving.generator_api import GenerationError
 from pdserve.router.serving.metrics import RouterMetrics
@@ -140,6 +141,13 @@ class ModelFacts:
     context_length: int
     vocab_size: int
     weight_version: str
+    is_generation: bool = True  # False: an embedding model (/encode, /v1/embeddings)
+    matryoshka_dimensions: list[int] | None = None  # see ServerInfo
+    hidden_size: int = 0
+
+    @property
+    def kind(self) -> str:
+        return "a generation model" if self.is_generation else "an embedding model"
 
     @classmethod
     def from_server_info(cls, info: ServerInfo) -> ModelFacts:
@@ -152,6 +160,9 @@ class ModelFacts:
             context_length=info.context_length,
             vocab_size=info.vocab_size,
             weight_version=info.weight_version,
+            is_generation=info.is_generation,
+            matryoshka_dimensions=info.matryoshka_dimensions,
+            hidden_size=info.hidden_size,
         )
 
 
@@ -213,6 +224,7 @@ class RouterState:
         self._tokenizer_error: str | None = None
         self._encoders: tuple[Any, dict[bool, Encoder]] = (None, {})  # (tokenizer, made for it)
         self.generator = RouterTextGenerator(self)
+        self.embedder = RouterEmbedder(self.pool, args.max_attempts, args.request_timeout)
 
     # ------------------------------------------------------------------ model facts
 
@@ -336,6 +348,17 @@ class RouterState:
             )
         self.require_tokenizer()
         return self.facts
+
+    def require_generation(self) -> ModelFacts:
+        """`require_ready`, and GenerationError 400 when the served model does not generate."""
+        facts = self.require_ready()
+        if not facts.is_generation:
+            raise GenerationError(
+                400,
+                f"The served model {self.model_name} is an embedding model: it does not generate text; "
+                "use /encode or /v1/embeddings.",
+            )
+        return facts
 
 
 STATE_KEY = web.AppKey("pdserve_state", RouterState)

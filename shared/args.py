@@ -33,6 +33,9 @@ class EngineArgs:
     max_prefill_tokens: int = 16384
     max_running_requests: int = 256
     schedule_policy: str = "fcfs"  # fcfs | lpm
+    # serve embeddings (EmbedRequest) instead of generating; also inferred from the model
+    # (shared/models/pooling.py)
+    is_embedding: bool = False
 
     # GPU fast path
     attention_backend: str = "auto"  # auto (triton on CUDA, torch on CPU) | triton | torch

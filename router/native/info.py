@@ -47,7 +47,7 @@ async def handle_model_info(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "model_path": state.model_path,
-            "is_generation": True,
+            "is_generation": facts.is_generation if facts else True,
             "tokenizer_path": state.tokenizer_path,
             "preferred_sampling_params": state.preferred_sampling_params,
             "weight_version": state.weight_version,
@@ -173,7 +173,12 @@ async def handle_health(request: web.Request) -> web.Response:
 
 async def handle_health_generate(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    state.require_ready()
+    if not state.require_ready().is_generation:  # an embedding model: one embedding, as SGLang does
+        try:
+            await asyncio.wait_for(state.embedder.embed([[0]]), HEALTH_GENERATE_TIMEOUT_S)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise GenerationError(503, f"No embedding within {HEALTH_GENERATE_TIMEOUT_S:g} s.") from None
+        return web.Response(status=200)
     inp = GenerateInput(
         rid=f"health-{uuid.uuid4().hex}",
         input_ids=[0],

@@ -3,10 +3,10 @@
     curl -X POST localhost:30000/load_lora_adapter -d '{...}'   # 400: "... pdserve has no LoRA support ..."
 
 Two kinds, both answered 400 in the OpenAI error shape with the route's name and the reason:
-- routes for model kinds pdserve does not serve: `/encode`, `/v1/embeddings` and `/classify` need
-  an embedding or reward model, `/v1/rerank` a cross-encoder, `/v1/score` a scoring head. The
-  message names the served model and what it lacks. (The expert-distribution routes are served:
-  router/native/expert_record.py; the workers say when the model has no experts.)
+- routes for model kinds pdserve does not serve: `/classify` needs a reward model, `/v1/rerank` a
+  cross-encoder, `/v1/score` a scoring head. The message names the served model and what it lacks.
+  (The expert-distribution routes are served: router/native/expert_record.py; the workers say
+  when the model has no experts.)
 - features pdserve does not have: LoRA adapters, sessions, reasoning and function-call parsers,
   GPU memory release (the message says why on this cluster's device), weight sync over
   torch.distributed, the hierarchical cache's storage backend, deliberate slow-down, file uploads,
@@ -21,14 +21,12 @@ from aiohttp import web
 from pdserve.router.http.limits import http_error
 from pdserve.router.state import STATE_KEY, RouterState
 
-GENERATION_ONLY = "pdserve serves generation models only so far"
+GENERATION_ONLY = "pdserve serves generation and embedding models only so far"
 # path -> (methods, what it needs)
 NEEDS = {
-    "/encode": (("POST", "PUT"), f"an embedding model ({GENERATION_ONLY})"),
     "/classify": (("POST", "PUT"), f"a reward / classification model ({GENERATION_ONLY})"),
     "/v1/rerank": (("POST", "PUT"), f"a cross-encoder rerank model ({GENERATION_ONLY})"),
     "/v1/score": (("POST",), "a scoring model (pdserve does not serve /v1/score yet)"),
-    "/v1/embeddings": (("POST",), f"an embedding model ({GENERATION_ONLY})"),
 }
 NO_RESPONSES = "the Responses API is not supported by pdserve yet: use /v1/chat/completions"
 GET_POST = ("GET", "POST")
@@ -113,9 +111,8 @@ async def handle_unsupported(request: web.Request) -> web.Response:
         raise http_error(400, f"{path} is not supported: {_memory_reason(state)}.")
     if path in MISSING:
         raise http_error(400, f"{path}: {MISSING[path][1]}.")
-    raise http_error(
-        400, f"The served model {_model(state)} is a generation model: {path} needs {NEEDS[path][1]}."
-    )
+    kind = state.facts.kind if state.facts else "a generation model"
+    raise http_error(400, f"The served model {_model(state)} is {kind}: {path} needs {NEEDS[path][1]}.")
 
 
 def add_unsupported_routes(app: web.Application) -> None:

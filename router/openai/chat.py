@@ -51,7 +51,7 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
         body = await read_json(request)
         req = parse_chat_request(body)
         priority = parse_priority(body.get("priority"))  # SGLang's extra field (admission order)
-        facts = state.require_ready()  # 503 until a worker and the tokenizer are known
+        facts = state.require_generation()  # 503 until a worker and the tokenizer are known
         tokenizer = state.require_tokenizer()
         ids = chat_prompt(state, tokenizer, req)
         rid = new_id("chatcmpl")

@@ -69,7 +69,7 @@ async def handle_completions(request: web.Request) -> web.StreamResponse:
         req = parse_completion_request(body)
         priority = parse_priority(body.get("priority"))  # SGLang's extra field (admission order)
         check_batch_size(len(req.prompts), state.args.max_batch_size)
-        facts = state.require_ready()  # 503 until a worker and the tokenizer are known
+        facts = state.require_generation()  # 503 until a worker and the tokenizer are known
         tokenizer = state.require_tokenizer()
         encode = state.encoder()
         ids = [prompt_ids(encode, p) for p in req.prompts]

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes of the router: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+"""The OpenAI-compatible routes of the router: `/v1/models`, `/v1/completions`, `/v1/chat/completions`,
+`/v1/embeddings`.
 
 Handlers read the router state (`request.app[STATE_KEY]`) at request time, so the routes can be
 registered before the state is built.
@@ -10,6 +11,7 @@ from aiohttp import web
 
 from pdserve.router.openai.chat import handle_chat_completions
 from pdserve.router.openai.completions import handle_completions
+from pdserve.router.openai.embeddings import handle_embeddings
 from pdserve.router.openai.models import handle_list_models, handle_retrieve_model
 
 
@@ -19,3 +21,4 @@ def add_openai_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model:.+}", handle_retrieve_model)
     app.router.add_post("/v1/completions", handle_completions)
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    app.router.add_post("/v1/embeddings", handle_embeddings)

@@ -34,6 +34,7 @@ REQUEST_BODIES = {
     "/v1/chat/completions": "ChatCompletionRequest",
     "/invocations": "ChatCompletionRequest",  # SageMaker's route to the chat handler
     "/v1/embeddings": "EmbeddingRequest",
+    "/encode": "EncodeRequest",
     "/tokenize": "TokenizeRequest",
     "/v1/tokenize": "TokenizeRequest",
     "/detokenize": "DetokenizeRequest",

@@ -248,9 +248,18 @@ def component_schemas() -> dict[str, dict[str, Any]]:
         "CompletionRequest": completion_schema(),
         "ChatCompletionRequest": chat_schema(),
         "EmbeddingRequest": object_schema(
-            {"input": type_schema(_PROMPT), "model": {"type": "string"}},
+            {
+                "input": type_schema(_PROMPT),
+                "model": {"type": "string"},
+                "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
+                "dimensions": {"type": "integer"},
+            },
             required=("input",),
-            description="OpenAI's embedding request; answered 400 (no embedding model is served).",
+            description="OpenAI's embedding request (an embedding model; a generation model answers 400).",
+        ),
+        "EncodeRequest": object_schema(
+            {"text": type_schema(_PROMPT), "input_ids": type_schema(_PROMPT), "rid": {"type": "string"}},
+            description="SGLang's /encode: text or input_ids (an embedding model; a generation model answers 400).",
         ),
         "ErrorResponse": error_schema(),
         **control_schemas(),

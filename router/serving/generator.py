@@ -53,7 +53,7 @@ class RouterTextGenerator:
 
     def check(self, inp: GenerateInput) -> GenerateRequest:
         """The worker message for inp, after the router-side checks (GenerationError 400/503)."""
-        facts = self._state.require_ready()
+        facts = self._state.require_generation()
         if inp.sampling_params is not None and not isinstance(inp.sampling_params, dict):
             raise GenerationError(400, "sampling_params must be an object.")
         # --preferred-sampling-params are defaults: what the request sets wins

@@ -25,11 +25,18 @@ from typing import Any
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.batch_log import BatchLog
 from pdserve.shared.engine.batch_pipeline import BatchPipeline
+from pdserve.shared.engine.embedding import (
+    EmbeddingMode,
+    embedding_refused,
+    generation_refused,
+    matryoshka_dimensions,
+)
 from pdserve.shared.engine.engine_stats import EngineStats
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
-from pdserve.shared.engine.output import build_output, merge_sample_outputs, output_due
+from pdserve.shared.engine.offline import run_offline
+from pdserve.shared.engine.output import build_output, output_due
 from pdserve.shared.engine.radix_node import RadixListener
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.request_intake import new_samples
@@ -51,6 +58,7 @@ from pdserve.shared.engine.weight_swap import (
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.resolver import resolve_model
 from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput, ServerInfo
+from pdserve.shared.protocol.embedding import EmbeddingOutput, EmbedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +97,24 @@ class Engine:
             context_length=args.context_length,
             trust_remote_code=args.trust_remote_code,
         )
-        self.runner = ModelRunner(args, self.model_config, resolved.local_dir)
+        self.embedding = EmbeddingMode.for_model(args, resolved.local_dir, self.model_config)
+        whole = self.embedding is not None and self.embedding.whole_prompts
+        self.runner = ModelRunner(args, self.model_config, resolved.local_dir, self.embedding)
         self.kv = KVCacheManager(
             self.runner.pool.num_pages,
             args.page_size,
-            enable_radix=not args.disable_radix_cache,
+            enable_radix=not args.disable_radix_cache and not whole,
             listener=kv_listener,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 page_size=args.page_size,
                 max_running_requests=args.max_running_requests,
-                max_prefill_tokens=args.max_prefill_tokens,
-                chunked_prefill_size=args.chunked_prefill_size,
+                max_prefill_tokens=max(args.max_prefill_tokens, self.context_length if whole else 0),
+                chunked_prefill_size=-1 if whole else args.chunked_prefill_size,
                 schedule_policy=args.schedule_policy,
                 context_length=self.model_config.context_length,
+                whole_prompts=whole,
             ),
             self.kv,
             scheduler_role,
@@ -121,6 +132,7 @@ class Engine:
         )
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
+        self._embedded: list[EmbeddingOutput] = []  # answers not yet taken (take_embeddings)
 
     # ------------------------------------------------------------------ facts
 
@@ -170,10 +182,30 @@ class Engine:
 
     def _new_samples(self, msg: GenerateRequest) -> list[Req]:
         """Validates msg and builds its n sample requests (queued nowhere yet); raises RequestError."""
-        if msg.rid in self._live:
-            raise RequestError(f"Duplicate request id {msg.rid!r}: a request with this rid is still running.")
+        self._check_new_rid(msg.rid)
+        if self.embedding is not None:
+            raise RequestError(generation_refused(self.served_model_name))
         share_prompt = not self.args.disable_radix_cache
         return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt)
+
+    def _check_new_rid(self, rid: str) -> None:
+        if rid in self._live:
+            raise RequestError(f"Duplicate request id {rid!r}: a request with this rid is still running.")
+
+    def add_embedding(self, msg: EmbedRequest) -> None:
+        """Queues an embedding request (shared/engine/embedding.py); raises RequestError if invalid."""
+        if self.embedding is None:
+            raise RequestError(embedding_refused(self.served_model_name))
+        self._check_new_rid(msg.rid)
+        cfg = self.model_config
+        req = self.embedding.new_request(msg, cfg.context_length, self.max_total_num_tokens, cfg.vocab_size)
+        self.scheduler.add(req)
+        self._track(msg.rid, [req])
+
+    def take_embeddings(self) -> list[EmbeddingOutput]:
+        """The answer of every embedding request that ended since the last call (one each)."""
+        done, self._embedded = self._embedded, []
+        return done
 
     def _remote_sample(self, msg: GenerateRequest, endpoint: object, partner: str) -> Req:
         """The one sample of a request whose KV crosses to or from the `partner` ("prefill" or
@@ -195,7 +227,7 @@ class Engine:
         """Aborts every sample of rid; returns their final outputs (empty if rid is unknown)."""
         reqs = self.scheduler.abort(rid, message)
         self.stats.num_aborted += len(reqs)
-        return [self._emit(r) for r in reqs]
+        return self._outputs(reqs)
 
     def abort_all(self, message: str) -> list[RequestOutput]:
         """Aborts every live request (also after a failed step); a decode step in flight is dropped
@@ -203,19 +235,32 @@ class Engine:
         reqs = self.scheduler.abort_all(message)
         self.pipeline.forget()
         self.stats.num_aborted += len(reqs)
-        return [self._emit(r) for r in reqs]
+        return self._outputs(reqs)
 
     def step(self) -> list[RequestOutput]:
         """Runs one batch; returns an output for every request that gained tokens or finished (with
         overlap: those of the decode step launched in the previous call; batch_pipeline.py), except
         a request whose `stream_interval` says its new tokens wait for more (`output_due`)."""
         self.stats.num_steps += 1
-        return [self._emit(r) for r in self.pipeline.step() if output_due(r)]
+        return self._outputs(self.pipeline.step())
 
     def finish_in_flight(self) -> list[RequestOutput]:
         """Reads the decode step in flight, if any, so nothing runs on the device unread (a worker
         that pauses generation calls it); returns the outputs that step made due."""
-        return [self._emit(r) for r in self.pipeline.drain() if output_due(r)]
+        return self._outputs(self.pipeline.drain())
+
+    def _outputs(self, reqs: list[Req]) -> list[RequestOutput]:
+        """The outputs due of generation requests; a finished embedding request's answer is kept
+        for take_embeddings() instead."""
+        outs = []
+        for req in reqs:
+            if not req.wants_embedding:
+                if output_due(req):
+                    outs.append(self._emit(req))
+            elif req.is_finished:
+                self._embedded.append(EmbeddingMode.output(req))
+                self._retire(req)
+        return outs
 
     def _emit(self, req: Req) -> RequestOutput:
         out = build_output(req)
@@ -285,6 +330,9 @@ class Engine:
             weight_version=self.weight_version,
             version=importlib.metadata.version("pdserve"),
             weight_bytes=self.runner.weight_bytes,
+            is_generation=self.embedding is None,
+            matryoshka_dimensions=matryoshka_dimensions(cfg.hf_config),
+            hidden_size=cfg.hidden_size,
         )
 
     def check_weights(self, model_path: str, load_format: str | None = None) -> CheckedWeights:
@@ -336,38 +384,7 @@ class Engine:
         self,
         input_ids: list[list[int]],
         sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None,
-        return_logprob: bool = False,
-        top_logprobs_num: int = 0,
-        logprob_start_len: int = -1,
-        token_ids_logprob: list[int] | None = None,
+        **logprob_args: Any,
     ) -> list[dict[str, Any]]:
-        """Runs the prompts to completion in one continuous batch. One dict per sample, in prompt order
-        (n>1: the n samples of a prompt follow each other), with output_ids and meta_info."""
-        if isinstance(sampling_params, list):
-            assert len(sampling_params) == len(input_ids)
-            params = sampling_params
-        else:
-            params = [dict(sampling_params or {})] * len(input_ids)
-        base = f"offline-{time.monotonic_ns()}"
-        rids = [f"{base}-{i}" for i in range(len(input_ids))]
-        for rid, ids, p in zip(rids, input_ids, params):
-            self.add_request(
-                GenerateRequest(
-                    rid=rid,
-                    input_ids=list(ids),
-                    sampling_params=p,
-                    return_logprob=return_logprob,
-                    top_logprobs_num=top_logprobs_num,
-                    logprob_start_len=logprob_start_len,
-                    token_ids_logprob=token_ids_logprob,
-                )
-            )
-        collected: dict[tuple[str, int], list[RequestOutput]] = {}
-        while self.has_work():
-            for out in self.step():
-                collected.setdefault((out.rid, out.index), []).append(out)
-        results = []
-        for rid, p in zip(rids, params):
-            for index in range(int(p.get("n", 1))):
-                results.append(merge_sample_outputs(collected.get((rid, index), [])))
-        return results
+        """Runs the prompts to completion in one continuous batch (offline.py says what it returns)."""
+        return run_offline(self, input_ids, sampling_params, **logprob_args)

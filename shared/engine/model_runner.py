@@ -44,8 +44,11 @@ class PromptLogprobRows:
 
 
 class ModelRunner:
-    def __init__(self, args: EngineArgs, model_config: ModelConfig, local_dir):
+    """`embedding` (an embedding model's mode): forwards pool finished prompts and sample nothing."""
+
+    def __init__(self, args: EngineArgs, model_config: ModelConfig, local_dir, embedding=None):
         self.args = args
+        self.embedding = embedding
         self.config = model_config
         self.device = torch.device(args.device)
         self.local_dir = local_dir
@@ -80,7 +83,7 @@ class ModelRunner:
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
         )
-        if self.device.type == "cuda" and not args.disable_cuda_graph:
+        if self.device.type == "cuda" and not args.disable_cuda_graph and embedding is None:
             self.graphs = DecodeGraphRunner(
                 self.model,
                 self.pool,
@@ -102,9 +105,11 @@ class ModelRunner:
     def _pool_shape(self) -> KVPoolShape:
         cfg, args = self.config, self.args
         ps = args.page_size
+        # an encoder keeps no K/V: its pool only counts pages (the scheduler's currency)
+        layers = 0 if getattr(self.model, "is_encoder", False) else cfg.num_layers
         if args.max_total_tokens is not None:
             tokens = args.max_total_tokens
-        elif self.device.type == "cuda":
+        elif self.device.type == "cuda" and layers:
             free, total = torch.cuda.mem_get_info(self.device)
             used = total - free
             budget = int(total * args.mem_fraction_static) - used
@@ -117,7 +122,7 @@ class ModelRunner:
         num_pages = tokens // ps + 1  # + the reserved page 0
         if num_pages < 2:
             raise ValueError(f"KV pool too small: {tokens} tokens with page size {ps}")
-        return KVPoolShape(cfg.num_layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim)
+        return KVPoolShape(layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim)
 
     def decode_uses_graph(self, batch_size: int) -> bool:
         """Whether a decode step of batch_size requests replays a captured CUDA graph."""
@@ -137,6 +142,9 @@ class ModelRunner:
         hidden = self.model.forward(fb)
         if self.expert_recorder is not None:
             self.expert_recorder.end_forward()
+        if self.embedding is not None:
+            self.embedding.collect(batch, hidden)
+            return [None] * len(batch.reqs)
         logits = self.model.compute_logits(hidden[fb.logits_indices])
         for rows in prompt_rows:
             self._record_prompt_logprobs(rows, logits)

@@ -58,6 +58,9 @@ class Req:
     num_sent: int = 0  # output tokens already reported to the client
     reported: bool = False  # at least one output went out (prompt logprobs travel with the first)
     last_output_at: float = 0.0  # monotonic time of its last output with tokens (latency_stats.py)
+    # an embedding request (shared/engine/embedding.py): its pooled vector once its prompt is computed
+    wants_embedding: bool = False
+    embedding: list[float] | None = None
 
     # logprobs accumulated for the client; (logprob, token_id) pairs, top lists as [(lp, id), ...]
     input_token_logprobs: list[tuple[float | None, int]] = field(default_factory=list)

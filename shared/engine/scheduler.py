@@ -59,6 +59,7 @@ class SchedulerConfig:
     chunked_prefill_size: int  # -1: no chunking
     schedule_policy: str = "fcfs"
     context_length: int = 1 << 62
+    whole_prompts: bool = False  # a prompt is computed in one chunk or waits (encoders, mean pooling)
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -127,7 +128,7 @@ class Scheduler(RequestQueues):
             spare_pages = self.kv.available_pages - headroom
             room = len(req.pages) * cfg.page_size - req.num_computed + max(spare_pages, 0) * cfg.page_size
             n = min(remaining, budget, chunk_cap, room)
-            if n <= 0:
+            if n <= 0 or (cfg.whole_prompts and n < remaining):
                 return False
             need = ceil_div(req.num_computed + n, cfg.page_size) - len(req.pages)
             if need > 0:

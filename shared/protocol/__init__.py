@@ -5,8 +5,8 @@
 A frame is the msgpack encoding of `[type_tag, {field: value, ...}]`; `encode`/`decode` go through a
 table keyed by tag (framing.py). Fields are plain msgpack types (ints, floats, str, lists, dicts,
 None); a message holding messages encodes them with its own `to_wire`/`from_wire`. The messages by
-direction: requests.py (router -> worker), replies.py (worker -> router), admin.py (server info,
-weight updates and SGLang's control routes). Every message is importable from here.
+direction: requests.py (router -> worker), replies.py (worker -> router), embedding.py (embedding requests and their
+answers), admin.py (server info, weight updates and SGLang's control routes). Every message is importable from here.
 
 May import: msgpack only (the router and every worker speak it).
 """
@@ -28,6 +28,7 @@ from pdserve.shared.protocol.admin import (
     UpdateWeightVersion,
     WeightsByName,
 )
+from pdserve.shared.protocol.embedding import EmbeddingOutput, EmbedRequest
 from pdserve.shared.protocol.framing import _REGISTRY, Message, ProtocolError, decode, encode, field_names
 from pdserve.shared.protocol.replies import (
     FlushCacheResult,
@@ -52,6 +53,8 @@ __all__ = [
     "AdminReply",
     "ContinueGeneration",
     "DecodeRequest",
+    "EmbedRequest",
+    "EmbeddingOutput",
     "ExpertRecord",
     "FlushCacheRequest",
     "FlushCacheResult",

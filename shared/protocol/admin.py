@@ -39,6 +39,11 @@ class ServerInfo(Message):
     weight_version: str = "default"
     version: str = ""
     weight_bytes: int = 0  # parameters and buffers of the loaded model
+    is_generation: bool = True  # False: an embedding model (EmbedRequest only)
+    # the widths an embedding may be cut to (`dimensions`): None when the model was not trained
+    # for it (Matryoshka); [] when any width up to hidden_size is allowed
+    matryoshka_dimensions: list[int] | None = None
+    hidden_size: int = 0
 
 
 @dataclass

@@ -29,6 +29,8 @@ from typing_extensions import Self  # typing.Self needs Python 3.11
 from pdserve.shared.args import DEFAULT_MODEL
 from pdserve.shared.protocol import (
     AbortRequest,
+    EmbeddingOutput,
+    EmbedRequest,
     FlushCacheRequest,
     FlushCacheResult,
     GenerateRequest,
@@ -70,6 +72,12 @@ class WorkerClient:
         query_id = next(self._query_ids)
         self._sock.send(FlushCacheRequest(query_id=query_id))
         return self._wait_reply(FlushCacheResult, query_id, timeout_s)
+
+    def embed(self, rid: str, input_ids: list[int], timeout_s: float = 60.0) -> EmbeddingOutput:
+        """The worker's one answer to an EmbedRequest (an embedding, or its refusal in `error`)."""
+        query_id = next(self._query_ids)
+        self._sock.send(EmbedRequest(rid=rid, input_ids=input_ids, query_id=query_id))
+        return self._wait_reply(EmbeddingOutput, query_id, timeout_s)
 
     def server_info(self, timeout_s: float = 10.0) -> ServerInfo:
         query_id = next(self._query_ids)

@@ -11,7 +11,8 @@ Each turn of the loop:
   1. polls the socket, without waiting while the engine has work, else up to `idle_poll_ms`;
   2. handles every queued frame: a request goes to the engine call its kind has in the role's
      intake table (mixed: GenerateRequest; the roles add PrefillRequest, DecodeRequest), or is
-     refused at once as its kind is answered (request_intake.py), AbortRequest (outputs go to the rid's owner), LoadQuery →
+     refused at once as its kind is answered (request_intake.py), an EmbedRequest to the engine
+     of an embedding model (embedding_intake.py; one EmbeddingOutput each), AbortRequest (outputs go to the rid's owner), LoadQuery →
      LoadReport, FlushCacheRequest → FlushCacheResult, ServerInfoQuery → ServerInfo,
      UpdateWeightsRequest / UpdateWeightsFromTensor → UpdateWeightsResult once done,
      PauseGeneration / ContinueGeneration → AdminReply, and the control messages of control.py
@@ -59,6 +60,7 @@ from pdserve.shared.protocol import (
     AbortRequest,
     AdminReply,
     ContinueGeneration,
+    EmbedRequest,
     FlushCacheRequest,
     GenerateRequest,
     LoadQuery,
@@ -72,6 +74,7 @@ from pdserve.shared.protocol import (
     UpdateWeightsRequest,
 )
 from pdserve.shared.worker.control import WorkerControl
+from pdserve.shared.worker.embedding_intake import EmbeddingIntake
 from pdserve.shared.worker.metrics import EngineSnapshot, WorkerMetrics
 from pdserve.shared.worker.owners import RequestOwners
 from pdserve.shared.worker.request_intake import (
@@ -130,12 +133,14 @@ class MixedWorker:
         self.idle_poll_ms = idle_poll_ms
         self.metrics_interval_s = metrics_interval_s
         self.owners = RequestOwners()
+        self.embeddings = EmbeddingIntake(engine, sock.send, self.ROLE)
         self.accepting = True
         self._last_publish = float("-inf")
         # which engine call takes which request kind (the roles have their own); others are refused
         self._intake: dict[type[Message], Callable[[Any], None]] = {GenerateRequest: engine.add_request}
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
             **dict.fromkeys(REQUEST_KINDS, self._on_request),
+            EmbedRequest: lambda identity, msg: self.embeddings.on_request(identity, msg, self.accepting),
             AbortRequest: self._on_abort,
             LoadQuery: self._on_load,
             FlushCacheRequest: self._on_flush,
@@ -220,6 +225,7 @@ class MixedWorker:
             logger.exception("engine step failed; aborting every live request")
             outputs = self.engine.abort_all(f"Internal error in the worker: {type(exc).__name__}: {exc}")
         self._deliver(outputs)
+        self.embeddings.deliver()
         self.control.profiler.after_step()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
@@ -283,6 +289,7 @@ class MixedWorker:
         if aborted:
             logger.info("shutdown: aborted %d live request(s)", len(aborted))
         self._deliver(aborted)
+        self.embeddings.deliver()
         if self.control.profiler.running:  # a trace nobody stopped is still written
             self.control.profiler.stop()
         self._publish_metrics(force=True)

@@ -193,15 +193,20 @@ def test_dummy_weights_are_deterministic():
 
 def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
+        "BertModel",
         "LlamaForCausalLM",
+        "LlamaModel",
         "MistralForCausalLM",
+        "MistralModel",
         "MixtralForCausalLM",
         "Qwen2ForCausalLM",
+        "Qwen2Model",
         "Qwen2MoeForCausalLM",
         "Qwen3ForCausalLM",
+        "XLMRobertaModel",
     ]
     assert get_model_class(["FooForCausalLM", "Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
-    with pytest.raises(ValueError, match=r"\['DeepseekV3ForCausalLM'\] is not supported; supported: Llama"):
+    with pytest.raises(ValueError, match=r"\['DeepseekV3ForCausalLM'\] is not supported; supported: Bert"):
         get_model_class(["DeepseekV3ForCausalLM"])
 
 

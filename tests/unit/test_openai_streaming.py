@@ -63,6 +63,8 @@ class FakeState:
     def require_ready(self):
         return SimpleNamespace(context_length=64)
 
+    require_generation = require_ready
+
     def require_tokenizer(self):
         return self.tokenizer
 

@@ -51,6 +51,7 @@ _VALUES = {
     "int": 7,
     "bool": True,
     "list[int]": [1, 2],
+    "list[float]": [0.5, -0.25],
     "list[str]": ["a", "b"],
     "list[Any]": [1, "a"],
     "list[list[Any]]": [[-0.5, 3]],
