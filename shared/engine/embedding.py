@@ -11,12 +11,16 @@ Rules:
   batches and chunks it like any prompt, and the role finishes it once its prompt is computed;
 - last-token pooling reads only the final chunk's last row, so chunked prefill and the prefix
   cache work unchanged (the scheduler always computes a prompt's last token);
+- a classifier (reward model, cross-encoder) is the same with its head after the pooling: the
+  answer is its scores, one per label;
 - mean and CLS pooling, and encoders (bidirectional attention), need the whole prompt in one
   forward: `whole_prompts` is then set, and the engine runs without chunking and prefix cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +60,12 @@ def matryoshka_dimensions(hf_config: object) -> list[int] | None:
 class EmbeddingMode:
     pooling: PoolingConfig
     whole_prompts: bool  # see the module rules
+    # a classifier's head: pooled rows [N, H] -> scores [N, labels] (the model's score_pooled)
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def with_head_of(self, model: object) -> EmbeddingMode:
+        """This mode, scoring with the model's head when it has one (reward models, cross-encoders)."""
+        return dataclasses.replace(self, head=getattr(model, "score_pooled", None))
 
     @staticmethod
     def for_model(
@@ -89,7 +99,10 @@ class EmbeddingMode:
         for req, prefix, extend in zip(batch.reqs, batch.prefix_lens, batch.extend_lens):
             if req.wants_embedding and prefix + extend == len(req.input_ids):
                 rows = hidden[start : start + extend]
-                req.embedding = pool_hidden(rows, self.pooling.method, self.pooling.normalize).tolist()
+                pooled = pool_hidden(rows, self.pooling.method, self.pooling.normalize)
+                if self.head is not None:
+                    pooled = self.head(pooled[None])[0]
+                req.embedding = pooled.tolist()
             start += extend
 
     @staticmethod

@@ -56,6 +56,8 @@ class ModelRunner:
             self.model = load_model(
                 model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
             )
+        if embedding is not None:
+            self.embedding = embedding.with_head_of(self.model)
         # before any graph capture: the graphs must hold the recorder's counting ops
         self.expert_recorder = attach_expert_recorder(self.model, args, model_config.num_layers, self.device)
         use_triton = args.attention_backend == "triton" or (

@@ -55,9 +55,16 @@ class BertEmbeddings(nn.Module):
         )
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=eps, dtype=dtype)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # token type 0 for every token: one text per request
-        hidden = self.word_embeddings(input_ids) + self.token_type_embeddings.weight[0]
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, token_types: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # without token types, type 0 for every token: one text per request
+        types = (
+            self.token_type_embeddings.weight[0]
+            if token_types is None
+            else self.token_type_embeddings(token_types)
+        )
+        hidden = self.word_embeddings(input_ids) + types
         return self.LayerNorm(hidden + self.position_embeddings(positions))
 
 
@@ -146,6 +153,10 @@ class BertModel(nn.Module):
     def position_ids(self, batch: EncoderBatch) -> torch.Tensor:
         return batch.positions
 
+    def token_types(self, batch: EncoderBatch) -> torch.Tensor | None:
+        """Each token's segment (None: all 0); a cross-encoder's pairs have two."""
+        return None
+
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
         if any(batch.prefix_lens_cpu):
             raise ValueError("an encoder computes whole prompts: no request may bring a cached prefix")
@@ -153,7 +164,7 @@ class BertModel(nn.Module):
         for n in batch.extend_lens_cpu:
             spans.append((start, start + n))
             start += n
-        hidden = self.embeddings(batch.input_ids, self.position_ids(batch))
+        hidden = self.embeddings(batch.input_ids, self.position_ids(batch), self.token_types(batch))
         for layer in self.encoder.layer:
             hidden = layer(hidden, spans)
         return hidden

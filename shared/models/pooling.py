@@ -6,6 +6,9 @@ whose `config.json` names the pooling mode, then `Normalize` when the vectors ar
 Without those files: encoders pool their CLS token, decoders their last token (e5-mistral,
 gte-Qwen2), both normalized, as SGLang and vLLM default them. Max pooling is not supported.
 
+Classifiers (cross-encoders, reward models) run the same way: their pooled row goes through their
+head (shared/models/sequence_classification.py), and the scores are the answer.
+
 A model is an embedding model when `--is-embedding` says so, when its architecture is one of the
 bare encoders or decoders (`BertModel`, `Qwen2Model`, ...: no head to generate with), or when its
 directory is a sentence-transformers one (`modules.json`).
@@ -21,8 +24,20 @@ import torch
 import torch.nn.functional as F
 
 POOLING_METHODS = ("mean", "cls", "last")
-ENCODER_ARCHITECTURES = ("BertModel", "XLMRobertaModel")
-EMBEDDING_ARCHITECTURES = (*ENCODER_ARCHITECTURES, "LlamaModel", "MistralModel", "Qwen2Model")
+CROSS_ENCODER_ARCHITECTURES = ("BertForSequenceClassification", "XLMRobertaForSequenceClassification")
+REWARD_ARCHITECTURES = (
+    "LlamaForSequenceClassification",
+    "MistralForSequenceClassification",
+    "Qwen2ForSequenceClassification",
+)
+ENCODER_ARCHITECTURES = ("BertModel", "XLMRobertaModel", *CROSS_ENCODER_ARCHITECTURES)
+EMBEDDING_ARCHITECTURES = (
+    *ENCODER_ARCHITECTURES,
+    "LlamaModel",
+    "MistralModel",
+    "Qwen2Model",
+    *REWARD_ARCHITECTURES,
+)
 _ST_POOLING = "sentence_transformers.models.Pooling"
 _ST_NORMALIZE = "sentence_transformers.models.Normalize"
 # sentence-transformers' pooling_mode_* keys, by our method name
@@ -40,7 +55,11 @@ class PoolingConfig:
 
     @staticmethod
     def for_model(local_dir: str | Path | None, architectures: list[str]) -> PoolingConfig:
-        """From the sentence-transformers files in `local_dir`, else the default of the architecture."""
+        """From the sentence-transformers files in `local_dir`, else the default of the architecture.
+        A classifier (cross-encoder, reward model) pools its first or last token, unnormalized: its
+        head scores that row (sequence_classification.py)."""
+        if is_classifier(architectures):
+            return PoolingConfig("cls" if is_encoder(architectures) else "last", False)
         modules = _read_json(Path(local_dir) / "modules.json") if local_dir is not None else None
         if isinstance(modules, list):
             types = {m.get("type"): m for m in modules if isinstance(m, dict)}
@@ -50,6 +69,10 @@ class PoolingConfig:
                 return PoolingConfig(method, _ST_NORMALIZE in types)
         encoder = any(a in ENCODER_ARCHITECTURES for a in architectures)
         return PoolingConfig("cls" if encoder else "last", True)
+
+
+def is_classifier(architectures: list[str]) -> bool:
+    return any(a in CROSS_ENCODER_ARCHITECTURES or a in REWARD_ARCHITECTURES for a in architectures)
 
 
 def is_encoder(architectures: list[str]) -> bool:

@@ -16,6 +16,13 @@ from pdserve.shared.models.llama import (
 )
 from pdserve.shared.models.mixtral import MixtralForCausalLM
 from pdserve.shared.models.qwen2_moe import Qwen2MoeForCausalLM
+from pdserve.shared.models.sequence_classification import (
+    BertForSequenceClassification,
+    LlamaForSequenceClassification,
+    MistralForSequenceClassification,
+    Qwen2ForSequenceClassification,
+    XLMRobertaForSequenceClassification,
+)
 
 _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -30,6 +37,12 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaModel": LlamaModel,
     "MistralModel": MistralModel,
     "Qwen2Model": Qwen2Model,
+    # reward models and cross-encoders (shared/models/sequence_classification.py)
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "XLMRobertaForSequenceClassification": XLMRobertaForSequenceClassification,
+    "LlamaForSequenceClassification": LlamaForSequenceClassification,
+    "MistralForSequenceClassification": MistralForSequenceClassification,
+    "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
 }
 
 

@@ -44,6 +44,7 @@ class ServerInfo(Message):
     # for it (Matryoshka); [] when any width up to hidden_size is allowed
     matryoshka_dimensions: list[int] | None = None
     hidden_size: int = 0
+    labels: list[str] = field(default_factory=list)  # a classifier's labels by index (id2label)
 
 
 @dataclass

@@ -193,16 +193,21 @@ def test_dummy_weights_are_deterministic():
 
 def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
+        "BertForSequenceClassification",
         "BertModel",
         "LlamaForCausalLM",
+        "LlamaForSequenceClassification",
         "LlamaModel",
         "MistralForCausalLM",
+        "MistralForSequenceClassification",
         "MistralModel",
         "MixtralForCausalLM",
         "Qwen2ForCausalLM",
+        "Qwen2ForSequenceClassification",
         "Qwen2Model",
         "Qwen2MoeForCausalLM",
         "Qwen3ForCausalLM",
+        "XLMRobertaForSequenceClassification",
         "XLMRobertaModel",
     ]
     assert get_model_class(["FooForCausalLM", "Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
