@@ -144,10 +144,22 @@ class ModelFacts:
     is_generation: bool = True  # False: an embedding model (/encode, /v1/embeddings)
     matryoshka_dimensions: list[int] | None = None  # see ServerInfo
     hidden_size: int = 0
+    labels: list[str] = field(default_factory=list)  # a classifier's labels (reward model, cross-encoder)
 
     @property
     def kind(self) -> str:
-        return "a generation model" if self.is_generation else "an embedding model"
+        if self.is_generation:
+            return "a generation model"
+        if self.cross_encoder:
+            return "a cross-encoder (rerank) model"
+        return "a classification model" if self.labels else "an embedding model"
+
+    @property
+    def cross_encoder(self) -> bool:
+        """A classifier over text pairs: BERT or XLM-RoBERTa with a classification head."""
+        return bool(self.labels) and any(
+            a.startswith(("Bert", "XLMRoberta", "Roberta")) for a in self.architectures
+        )
 
     @classmethod
     def from_server_info(cls, info: ServerInfo) -> ModelFacts:
@@ -163,6 +175,7 @@ class ModelFacts:
             is_generation=info.is_generation,
             matryoshka_dimensions=info.matryoshka_dimensions,
             hidden_size=info.hidden_size,
+            labels=list(info.labels),
         )
 
 

@@ -27,11 +27,12 @@ def _rid(rids: Any, i: int) -> str | None:
     return None
 
 
-async def handle_encode(request: web.Request) -> web.Response:
-    """Encodes text or token ids into embeddings (SGLang's native embedding route)."""
+async def pooled_items(request: web.Request, path: str) -> tuple[list[dict[str, Any]], bool]:
+    """SGLang's items of /encode and /classify for the request's `text` or `input_ids`, and whether
+    the request was a batch; the served model must pool (an embedding model or a classifier)."""
     state = request.app[STATE_KEY]
     body = await read_json_object(request)
-    require_embedding_model(state, "/encode")
+    require_embedding_model(state, path)
     if body.get("input_ids") is not None:
         ids, batched = input_token_lists(state, body["input_ids"], "input_ids")
     elif body.get("text") is not None:
@@ -54,4 +55,10 @@ async def handle_encode(request: web.Request) -> web.Response:
         }
         for i, out in enumerate(outs)
     ]
+    return items, batched
+
+
+async def handle_encode(request: web.Request) -> web.Response:
+    """Encodes text or token ids into embeddings (SGLang's native embedding route)."""
+    items, batched = await pooled_items(request, "/encode")
     return web.json_response(items if batched else items[0])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from pdserve.router.native.admin import handle_abort_request, handle_flush_cache, handle_update_weights
+from pdserve.router.native.classify import handle_classify
 from pdserve.router.native.encode import handle_encode
 from pdserve.router.native.generate import handle_generate
 from pdserve.router.native.info import (
@@ -25,6 +26,8 @@ def add_native_routes(app: web.Application) -> None:
     r.add_put("/generate", handle_generate)
     r.add_post("/encode", handle_encode)
     r.add_put("/encode", handle_encode)
+    r.add_post("/classify", handle_classify)
+    r.add_put("/classify", handle_classify)
     r.add_get("/get_model_info", handle_model_info)
     r.add_get("/get_server_info", handle_server_info)
     r.add_get("/server_info", handle_server_info)

@@ -3,8 +3,8 @@
     curl -X POST localhost:30000/load_lora_adapter -d '{...}'   # 400: "... pdserve has no LoRA support ..."
 
 Two kinds, both answered 400 in the OpenAI error shape with the route's name and the reason:
-- routes for model kinds pdserve does not serve: `/classify` needs a reward model, `/v1/rerank` a
-  cross-encoder, `/v1/score` a scoring head. The message names the served model and what it lacks.
+- routes for model kinds pdserve does not serve: `/v1/score` needs a scoring head. The message
+  names the served model and what it lacks.
   (The expert-distribution routes are served: router/native/expert_record.py; the workers say
   when the model has no experts.)
 - features pdserve does not have: LoRA adapters, sessions, reasoning and function-call parsers,
@@ -21,11 +21,8 @@ from aiohttp import web
 from pdserve.router.http.limits import http_error
 from pdserve.router.state import STATE_KEY, RouterState
 
-GENERATION_ONLY = "pdserve serves generation and embedding models only so far"
 # path -> (methods, what it needs)
 NEEDS = {
-    "/classify": (("POST", "PUT"), f"a reward / classification model ({GENERATION_ONLY})"),
-    "/v1/rerank": (("POST", "PUT"), f"a cross-encoder rerank model ({GENERATION_ONLY})"),
     "/v1/score": (("POST",), "a scoring model (pdserve does not serve /v1/score yet)"),
 }
 NO_RESPONSES = "the Responses API is not supported by pdserve yet: use /v1/chat/completions"

@@ -27,8 +27,10 @@ _ARCHITECTURES = {
 }
 
 
-def tiny_classifier_config(kind: str, num_labels: int):
+def tiny_classifier_config(kind: str, num_labels: int, vocab_size: int | None = None):
     config = tiny_embedding_config(kind) if kind in ("bert", "xlm-roberta") else tiny_config(kind)
+    if vocab_size is not None:  # to match a real tokenizer's vocabulary
+        config.vocab_size = vocab_size
     config.architectures = [_ARCHITECTURES[kind]]
     config.num_labels = num_labels
     config.id2label = {i: f"class_{i}" for i in range(num_labels)}
@@ -39,13 +41,13 @@ def tiny_classifier_config(kind: str, num_labels: int):
 
 
 @torch.no_grad()
-def make_tiny_classifier(kind: str, dir: Path, num_labels: int = 1) -> Path:
+def make_tiny_classifier(kind: str, dir: Path, num_labels: int = 1, vocab_size: int | None = None) -> Path:
     """Writes the tiny `kind` classifier (weights and config.json) into `dir`; returns `dir`."""
     from transformers import AutoModelForSequenceClassification
 
     dir = Path(dir)
     dir.mkdir(parents=True, exist_ok=True)
-    config = tiny_classifier_config(kind, num_labels)
+    config = tiny_classifier_config(kind, num_labels, vocab_size)
     model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
     generator = torch.Generator().manual_seed(_SEED)
     for name, param in model.named_parameters():
