@@ -193,13 +193,16 @@ def test_dummy_weights_are_deterministic():
 
 def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
+        "Gemma2ForCausalLM",
+        "GemmaForCausalLM",
         "LlamaForCausalLM",
         "MistralForCausalLM",
+        "Phi3ForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen3ForCausalLM",
     ]
     assert get_model_class(["FooForCausalLM", "Qwen2ForCausalLM"]).__name__ == "Qwen2ForCausalLM"
-    with pytest.raises(ValueError, match=r"\['Qwen2MoeForCausalLM'\] is not supported; supported: Llama"):
+    with pytest.raises(ValueError, match=r"\['Qwen2MoeForCausalLM'\] is not supported; supported: Gemma2"):
         get_model_class(["Qwen2MoeForCausalLM"])
 
 
