@@ -110,10 +110,10 @@ class RopeFusedAttention(Attention):
 
     def __init__(self, attn: Attention):
         nn.Module.__init__(self)  # not Attention.__init__: it would allocate the projections
-        names = ("layer_id", "num_heads", "num_kv_heads", "head_dim", "scale", "split_sizes", "window", "softcap")
-        for name in names:
+        for name in ("layer_id", "num_heads", "num_kv_heads", "head_dim", "scale", "split_sizes"):
             setattr(self, name, getattr(attn, name))
         self.qkv_proj, self.o_proj = attn.qkv_proj, attn.o_proj
+        self.window, self.softcap = attn.window, attn.softcap
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.rotary = TritonApplyRotary()
 

@@ -16,11 +16,12 @@ The norm and MLP are subclasses of llama's, not the same types, so the CUDA fast
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pdserve.shared.engine.forward_batch import ForwardBatch
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.llama import Attention, DecoderLayer, DecoderModel, LlamaForCausalLM
@@ -90,7 +91,7 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        batch: ForwardBatch,
+        batch: Any,  # a ForwardBatch: the engine's type, which models may not import (layering)
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is hidden + residual (hidden alone before the first layer), as in

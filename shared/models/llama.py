@@ -186,8 +186,9 @@ class MistralForCausalLM(LlamaForCausalLM):
         super().__init__(config)
         # As transformers' Mistral: the config's window on every layer; null means none.
         window = getattr(config.hf_config, "sliding_window", None)
-        for layer in self.model.layers:
-            layer.self_attn.window = int(window) if window else None
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.window = int(window) if window else None
 
     @classmethod
     def biases(cls, config: ModelConfig) -> tuple[bool, bool, bool]:
