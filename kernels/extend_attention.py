@@ -177,36 +177,31 @@ def _extend_attention_kernel(
     # blocks are skipped.
     causal_end = tl.minimum(seq_len, prefix_len + (block_m + 1) * BLOCK_M)
     if WINDOWED:
-        # Only keys from the first row's window start on; every block is masked (window and
-        # causal edges), and rows that see nothing in a block are guarded in _attend_key_block.
-        first_key = tl.maximum(prefix_len + block_m * BLOCK_M - window + 1, 0)
-        for start_n in range(first_key // BLOCK_N * BLOCK_N, causal_end, BLOCK_N):
-            acc, l_i, m_i = _attend_key_block(
-                q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
-                stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
-                PAGE_SIZE=PAGE_SIZE, MASKED=True, WINDOWED=True, SOFTCAP=SOFTCAP,
-                DOT_PRECISION=DOT_PRECISION,
-            )  # fmt: skip
+        # Keys from the first row's window start on, all masked (window and causal edges); rows
+        # that see nothing in a block are guarded in _attend_key_block.
+        full_end = 0
+        masked_start = tl.maximum(prefix_len + block_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
     else:
         # Keys before the block's first query position are seen by every row in full: whole key
         # blocks of them need no mask (they are all < seq_len since block_m * BLOCK_M < extend_len).
+        # The masked part then starts at full_end <= every row's position, so each row (padding
+        # rows past extend_len too) sees a key in its first block.
         full_end = (prefix_len + block_m * BLOCK_M) // BLOCK_N * BLOCK_N
-        for start_n in range(0, full_end, BLOCK_N):
-            acc, l_i, m_i = _attend_key_block(
-                q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
-                stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
-                PAGE_SIZE=PAGE_SIZE, MASKED=False, WINDOWED=False, SOFTCAP=SOFTCAP,
-                DOT_PRECISION=DOT_PRECISION,
-            )  # fmt: skip
-        # The first block here starts at full_end <= every row's position, so each row (padding
-        # rows past extend_len too) sees a key in it.
-        for start_n in range(full_end, causal_end, BLOCK_N):
-            acc, l_i, m_i = _attend_key_block(
-                q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
-                stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
-                PAGE_SIZE=PAGE_SIZE, MASKED=True, WINDOWED=False, SOFTCAP=SOFTCAP,
-                DOT_PRECISION=DOT_PRECISION,
-            )  # fmt: skip
+        masked_start = full_end
+    for start_n in range(0, full_end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_block(
+            q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
+            stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
+            PAGE_SIZE=PAGE_SIZE, MASKED=False, WINDOWED=False, SOFTCAP=SOFTCAP,
+            DOT_PRECISION=DOT_PRECISION,
+        )  # fmt: skip
+    for start_n in range(masked_start, causal_end, BLOCK_N):
+        acc, l_i, m_i = _attend_key_block(
+            q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
+            stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
+            PAGE_SIZE=PAGE_SIZE, MASKED=True, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP,
+            DOT_PRECISION=DOT_PRECISION,
+        )  # fmt: skip
 
     # Padding rows past extend_len may see no key under a window (l_i 0); they are not stored.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -94,13 +94,11 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
         batch: Any,  # a ForwardBatch: the engine's type, which models may not import (layering)
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual stream is hidden + residual (hidden alone before the first layer), as in
-        # DecoderLayer, so the fused add-and-norm form serves the pre-norms.
+        # The residual stream is hidden + residual, as in DecoderLayer, so the fused add-and-norm
+        # form serves the pre-norms; before the first layer it is hidden alone (x + 0 is exact).
         if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+            residual = torch.zeros_like(hidden)
+        hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.post_attention_layernorm(self.self_attn(hidden, batch, cos_sin))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual

@@ -113,19 +113,9 @@ def tiny_config(kind: str):  # -> a transformers PretrainedConfig
 
 
 def _mistral_swa():
-    from transformers import MistralConfig
-
-    return MistralConfig(
-        **_COMMON,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        head_dim=8,
-        sliding_window=8,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        architectures=["MistralForCausalLM"],
-    )
+    config = tiny_config("mistral")
+    config.sliding_window = 8
+    return config
 
 
 def _gemma():
