@@ -103,11 +103,15 @@ def decode_attention(
     scale: float,
     num_kv_splits: int,
     workspace: torch.Tensor,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
+    # window 0 and softcap 0.0 stand for None: a schema has no optional scalars worth their cost
     out = q.new_empty(q.shape)
     return _decode_attention(
-        q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, scale, out, num_kv_splits, workspace
-    )
+        q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, scale, out, num_kv_splits, workspace,
+        window=window or None, softcap=softcap or None,
+    )  # fmt: skip
 
 
 def extend_attention(
@@ -120,11 +124,13 @@ def extend_attention(
     extend_start_loc: torch.Tensor,
     max_extend_len: int,
     scale: float,
+    window: int = 0,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     out = q.new_empty(q.shape)
     return _extend_attention(
         q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, extend_lens, extend_start_loc,
-        max_extend_len, scale, out,
+        max_extend_len, scale, out, window=window or None, softcap=softcap or None,
     )  # fmt: skip
 
 

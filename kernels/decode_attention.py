@@ -6,6 +6,8 @@ Rules:
   [num_pages, page_size, Hkv, D], token j in page page_table[i, j // page_size] at offset
   j % page_size. Page-table columns past a row's sequence are never read.
 - GQA: query head h reads kv head h // (Hq // Hkv).
+- Sliding window and logit soft-capping as in extend_attention: with `window`, the query (at
+  position seq_len - 1) sees positions >= seq_len - window only, and the splits share just those.
 - Stage 1, grid (B, Hkv, num_kv_splits): one program takes all query heads of one kv head over
   one slice of the sequence (so each KV page is read once per group), and writes the slice's
   normalised partial output and its log2-sum-exp of the scaled scores into a float32 workspace:
@@ -24,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.extend_attention import check_pages
+from pdserve.kernels.attention_mask import hidden_keys, soft_cap
+from pdserve.kernels.extend_attention import check_pages, check_window_softcap, tanh
 
 _LOG2E = 1.4426950408889634
 
@@ -39,6 +42,8 @@ def _decode_split_kernel(
     page_table_ptr,
     seq_lens_ptr,
     qk_scale,
+    window,
+    softcap,
     num_q_heads,
     num_kv_splits,
     stride_qb,
@@ -53,6 +58,8 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     req = tl.program_id(0)
@@ -62,9 +69,11 @@ def _decode_split_kernel(
     # scores, and the loop-carried softmax state, to fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
-    # Slices are whole BLOCK_N blocks, so only the sequence's last block is partial.
-    blocks_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_kv_splits)
-    start = split * blocks_per_split * BLOCK_N
+    # The keys read: the window's (from seq_len - window), else all. Slices are whole BLOCK_N
+    # blocks from there, so only the last block is partial.
+    first_key = tl.maximum(seq_len - window, 0) if WINDOWED else 0
+    blocks_per_split = tl.cdiv(tl.cdiv(seq_len - first_key, BLOCK_N), num_kv_splits)
+    start = first_key + split * blocks_per_split * BLOCK_N
     end = tl.minimum(start + blocks_per_split * BLOCK_N, seq_len)
 
     # The group's heads are the rows of one tl.dot, padded to BLOCK_H >= 16 (tl.dot's minimum).
@@ -99,6 +108,8 @@ def _decode_split_kernel(
             v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
         )
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:  # softcap comes in log2 units, like qk_scale
+            qk = softcap * tanh(qk / softcap)
         qk = tl.where(mask_n[None, :], qk, float("-inf"))
         # key_pos[0] = start_n < end: every row sees a key in every block, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -191,6 +202,8 @@ def decode_attention(
     num_kv_splits: int = 8,
     workspace: torch.Tensor | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
     """One query token per request over its paged sequence; see the module rules.
@@ -198,6 +211,7 @@ def decode_attention(
     `workspace`: a contiguous float32 tensor of at least `decode_workspace_numel(...)` elements
     (allocated here when None). `block_n` overrides the tile table (tests)."""
     num_q_heads, num_kv_heads, head_dim = check_pages(q, k_pages, v_pages, page_table)
+    check_window_softcap(window, softcap)
     batch = q.shape[0]
     assert page_table.shape[0] == batch, f"page_table has {page_table.shape[0]} rows for a batch of {batch}"
     assert seq_lens.shape == (batch,) and seq_lens.dtype in (torch.int32, torch.int64), (
@@ -230,7 +244,7 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pages, v_pages, parts, lse, page_table, seq_lens,
-        scale * _LOG2E, num_q_heads, num_kv_splits,
+        scale * _LOG2E, window or 0, (softcap or 0.0) * _LOG2E, num_q_heads, num_kv_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), page_table.stride(0),
         GROUP=group,
@@ -239,6 +253,8 @@ def decode_attention(
         BLOCK_H=max(16, triton.next_power_of_2(group)),
         PAGE_SIZE=k_pages.shape[1],
         BLOCK_N=block_n,
+        WINDOWED=window is not None,
+        SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         num_stages=num_stages,
@@ -260,6 +276,9 @@ def decode_attention_ref(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The test oracle in plain torch (float32, one request and one head at a time); seq_len 0 -> 0."""
     num_q_heads, num_kv_heads = q.shape[1], k_pages.shape[2]
@@ -274,7 +293,9 @@ def decode_attention_ref(
         pages = page_table[i].long()[positions // page_size]
         keys = k_pages[pages, positions % page_size].float()  # [seq_len, Hkv, D]
         values = v_pages[pages, positions % page_size].float()
+        hidden = hidden_keys(positions, positions[-1:], window)[0]
         for h in range(num_q_heads):
-            scores = (keys[:, h // group] @ q[i, h].float()) * scale
-            out[i, h] = torch.softmax(scores, dim=0) @ values[:, h // group]
+            scores = soft_cap((keys[:, h // group] @ q[i, h].float()) * scale, softcap)
+            probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=0)
+            out[i, h] = probs @ values[:, h // group]
     return out.to(q.dtype)

@@ -8,6 +8,10 @@ Rules (those of shared/engine/attention_ref.py, which this kernel must reproduce
   a row's sequence (padding, page 0) are never read.
 - New token t of request i sits at absolute position seq_lens[i] - extend_lens[i] + t and sees the
   keys at positions <= its own: its cached prefix fully, its own chunk causally.
+- Sliding window (`window`, None = none): a query at position p sees only the keys at positions
+  > p - window (Hugging Face's convention: the last `window` keys, itself included).
+- Logit soft-capping (`softcap`, None = none): scores become softcap * tanh(scores / softcap)
+  after the scale and before the softmax (Gemma 2).
 - GQA: query head h reads kv head h // (Hq // Hkv).
 - Writes out [T, Hq, D] (q's dtype) for the rows of requests with extend_len > 0, nothing else.
 - Online softmax (flash attention) in float32; p is cast to V's dtype for the second matmul, as
@@ -26,7 +30,18 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.attention_mask import hidden_keys, soft_cap
+
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2 (the interpreter has no libdevice): sign(x) (1 - e) / (1 + e), e = exp(-2|x|),
+    which neither overflows nor loses more than ~1e-7 absolute near 0."""
+    e = tl.exp2(-2.8853900817779268 * tl.abs(x))  # 2 log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
@@ -45,14 +60,19 @@ def _attend_key_block(
     stride_kp,
     stride_ks,
     qk_scale,
+    window,
+    softcap,
     offs_n,
     offs_d,
     mask_d,
     PAGE_SIZE: tl.constexpr,
     MASKED: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """One BLOCK_N block of keys folded into the running (acc, l_i, m_i); scores in log2 units."""
+    """One BLOCK_N block of keys folded into the running (acc, l_i, m_i); scores in log2 units
+    (`softcap` too, so that cap * tanh(s / cap) keeps its form after the log2(e) factor)."""
     key_pos = start_n + offs_n
     if MASKED:
         mask_n = key_pos < seq_len
@@ -72,12 +92,19 @@ def _attend_key_block(
         k = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None], mask=mask_d[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
     qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if SOFTCAP:
+        qk = softcap * tanh(qk / softcap)
     if MASKED:
         visible = (key_pos[None, :] <= q_pos[:, None]) & mask_n[None, :]
+        if WINDOWED:
+            visible = visible & (key_pos[None, :] > q_pos[:, None] - window)
         qk = tl.where(visible, qk, float("-inf"))
-    # Every row sees at least one key of the first block it meets (see the kernel), so m_new is
-    # finite from then on and exp2(-inf - m_new) = 0 for hidden keys: no NaN guard needed.
     m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if WINDOWED:
+        # A row may see no key of a block its window starts past: shift by 0 there, not -inf (NaN).
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    # Without a window every row sees at least one key of the first block it meets (see the
+    # kernel), so m_new is finite from then on and exp2(-inf - m_new) = 0 for hidden keys.
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(qk - m_new[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
@@ -96,6 +123,8 @@ def _extend_attention_kernel(
     extend_lens_ptr,
     extend_start_ptr,
     qk_scale,
+    window,
+    softcap,
     stride_qt,
     stride_qh,
     stride_ot,
@@ -110,6 +139,8 @@ def _extend_attention_kernel(
     PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WINDOWED: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     head = tl.program_id(0)
@@ -142,27 +173,38 @@ def _extend_attention_kernel(
     page_row_ptr = page_table_ptr + req.to(tl.int64) * stride_pt
     kv_head_off = (head // GROUP).to(tl.int64) * stride_kh
 
-    # Keys before the block's first query position are seen by every row in full: whole key blocks
-    # of them need no mask (they are all < seq_len since block_m * BLOCK_M < extend_len).
-    full_end = (prefix_len + block_m * BLOCK_M) // BLOCK_N * BLOCK_N
+    # The diagonal ends after the last key the block's last row can see, so fully masked key
+    # blocks are skipped.
+    causal_end = tl.minimum(seq_len, prefix_len + (block_m + 1) * BLOCK_M)
+    if WINDOWED:
+        # Keys from the first row's window start on, all masked (window and causal edges); rows
+        # that see nothing in a block are guarded in _attend_key_block.
+        full_end = 0
+        masked_start = tl.maximum(prefix_len + block_m * BLOCK_M - window + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        # Keys before the block's first query position are seen by every row in full: whole key
+        # blocks of them need no mask (they are all < seq_len since block_m * BLOCK_M < extend_len).
+        # The masked part then starts at full_end <= every row's position, so each row (padding
+        # rows past extend_len too) sees a key in its first block.
+        full_end = (prefix_len + block_m * BLOCK_M) // BLOCK_N * BLOCK_N
+        masked_start = full_end
     for start_n in range(0, full_end, BLOCK_N):
         acc, l_i, m_i = _attend_key_block(
             q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
-            stride_kp, stride_ks, qk_scale, offs_n, offs_d, mask_d,
-            PAGE_SIZE=PAGE_SIZE, MASKED=False, DOT_PRECISION=DOT_PRECISION,
+            stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
+            PAGE_SIZE=PAGE_SIZE, MASKED=False, WINDOWED=False, SOFTCAP=SOFTCAP,
+            DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
-    # The diagonal: stop after the last key the block's last row can see, so fully masked key
-    # blocks are skipped. The first block here starts at full_end <= every row's position, so each
-    # row (padding rows past extend_len too) sees a key in it.
-    causal_end = tl.minimum(seq_len, prefix_len + (block_m + 1) * BLOCK_M)
-    for start_n in range(full_end, causal_end, BLOCK_N):
+    for start_n in range(masked_start, causal_end, BLOCK_N):
         acc, l_i, m_i = _attend_key_block(
             q, acc, l_i, m_i, q_pos, start_n, seq_len, k_ptr, v_ptr, page_row_ptr, kv_head_off,
-            stride_kp, stride_ks, qk_scale, offs_n, offs_d, mask_d,
-            PAGE_SIZE=PAGE_SIZE, MASKED=True, DOT_PRECISION=DOT_PRECISION,
+            stride_kp, stride_ks, qk_scale, window, softcap, offs_n, offs_d, mask_d,
+            PAGE_SIZE=PAGE_SIZE, MASKED=True, WINDOWED=WINDOWED, SOFTCAP=SOFTCAP,
+            DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
-    out = acc / l_i[:, None]
+    # Padding rows past extend_len may see no key under a window (l_i 0); they are not stored.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -217,6 +259,12 @@ def check_pages(
     return num_q_heads, num_kv_heads, head_dim
 
 
+def check_window_softcap(window: int | None, softcap: float | None) -> None:
+    """Launcher asserts shared with decode_attention: None, or a window of >= 1 key / a cap > 0."""
+    assert window is None or (isinstance(window, int) and window >= 1), f"window {window!r} must be >= 1"
+    assert softcap is None or softcap > 0, f"softcap {softcap!r} must be > 0"
+
+
 def extend_attention(
     q: torch.Tensor,
     k_pages: torch.Tensor,
@@ -229,6 +277,8 @@ def extend_attention(
     scale: float,
     out: torch.Tensor | None = None,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
@@ -237,6 +287,7 @@ def extend_attention(
     `max_extend_len` (a host int, >= every extend_lens[i]) bounds the query blocks of the grid.
     `block_m`/`block_n` override the tile table (tests use small tiles to cross block edges)."""
     num_q_heads, num_kv_heads, head_dim = check_pages(q, k_pages, v_pages, page_table)
+    check_window_softcap(window, softcap)
     batch = page_table.shape[0]
     for name, t in (
         ("seq_lens", seq_lens),
@@ -256,7 +307,7 @@ def extend_attention(
     grid = (num_q_heads, triton.cdiv(max_extend_len, block_m), batch)
     _extend_attention_kernel[grid](
         q, k_pages, v_pages, out, page_table, seq_lens, extend_lens, extend_start_loc,
-        scale * _LOG2E,
+        scale * _LOG2E, window or 0, (softcap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), page_table.stride(0),
         GROUP=num_q_heads // num_kv_heads,
@@ -265,6 +316,8 @@ def extend_attention(
         PAGE_SIZE=k_pages.shape[1],
         BLOCK_M=block_m,
         BLOCK_N=block_n,
+        WINDOWED=window is not None,
+        SOFTCAP=softcap is not None,
         # float32 callers want float32 results (the engine's exact path): no TF32 in the dots
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
@@ -282,6 +335,9 @@ def extend_attention_ref(
     extend_lens: torch.Tensor,
     extend_start_loc: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The test oracle in plain torch (float32, one request and one head at a time).
 
@@ -299,10 +355,10 @@ def extend_attention_ref(
         keys = k_pages[pages, positions % page_size].float()  # [seq_len, Hkv, D]
         values = v_pages[pages, positions % page_size].float()
         q_pos = torch.arange(seq_len - extend, seq_len, device=q.device)
-        hidden = positions[None, :] > q_pos[:, None]  # [extend, seq_len]
+        hidden = hidden_keys(positions, q_pos, window)  # [extend, seq_len]
         for h in range(num_q_heads):
             qh = q[start : start + extend, h].float()
-            scores = (qh @ keys[:, h // group].T) * scale
+            scores = soft_cap((qh @ keys[:, h // group].T) * scale, softcap)
             probs = torch.softmax(scores.masked_fill(hidden, -math.inf), dim=-1)
             out[start : start + extend, h] = probs @ values[:, h // group]
     return out.to(q.dtype)

@@ -4,7 +4,8 @@
   decode_attention for ForwardMode.DECODE (q is [B, Hq, D], one token per request), otherwise
   extend_attention over all requests' new tokens at once. `attend_rotary` takes q and k before
   rope and rotates them in the launch that stores K/V (kernels.rope.rotary_store_kv): the fast
-  path's attention layers call it (shared.models.fast_path.RopeFusedAttention).
+  path's attention layers call it (shared.models.fast_path.RopeFusedAttention). Both take the
+  layer's `window` and `softcap` (keywords; None = none) and hand them to the kernels.
 - Every kernel goes through its torch custom op (kernels.custom_ops), given the pool's single `kv`
   tensor and the layer: under torch.compile the pool is then written in place, never copied.
 - Decode under CUDA graphs: the backend owns the split-KV workspace. A captured graph replays the
@@ -75,9 +76,12 @@ class TritonAttention:
         v: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         store_kv_op(batch.kv_pool.kv, layer_id, batch.out_cache_loc, k, v)
-        return self.attend_stored(layer_id, q, batch, scale)
+        return self.attend_stored(layer_id, q, batch, scale, window=window, softcap=softcap)
 
     def attend_rotary(
         self,
@@ -88,21 +92,33 @@ class TritonAttention:
         rope: RopeInputs,
         batch: ForwardBatch,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """`attend` of q and k BEFORE rope: rotates them in place and stores K/V in one launch."""
         rotary_store_kv_op(
             q, k, v, rope.positions, rope.inv_freq, rope.attention_scaling,
             batch.kv_pool.kv, layer_id, batch.out_cache_loc,
         )  # fmt: skip
-        return self.attend_stored(layer_id, q, batch, scale)
+        return self.attend_stored(layer_id, q, batch, scale, window=window, softcap=softcap)
 
     def attend_stored(
-        self, layer_id: int, q: torch.Tensor, batch: ForwardBatch, scale: float
+        self,
+        layer_id: int,
+        q: torch.Tensor,
+        batch: ForwardBatch,
+        scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor:
         """Attention over K/V already in the pool; the output in q's dtype."""
         kv = batch.kv_pool.kv
         if q.dtype != kv.dtype:  # the kernels read q and the pool in one dtype
-            return self.attend_stored(layer_id, q.to(kv.dtype), batch, scale).to(q.dtype)
+            out = self.attend_stored(layer_id, q.to(kv.dtype), batch, scale, window=window, softcap=softcap)
+            return out.to(q.dtype)
+        window_arg, softcap_arg = window or 0, softcap or 0.0  # the ops' "none"
         if batch.mode == ForwardMode.DECODE:
             num_reqs, num_q_heads, head_dim = q.shape
             splits = self.decode_splits(num_reqs, kv.shape[4], q.device)
@@ -110,9 +126,10 @@ class TritonAttention:
                 decode_workspace_numel(num_reqs, num_q_heads, head_dim, splits), q.device
             )
             return decode_attention_op(
-                q, kv, layer_id, batch.page_table, batch.seq_lens, scale, splits, workspace
-            )
+                q, kv, layer_id, batch.page_table, batch.seq_lens, scale, splits, workspace,
+                window_arg, softcap_arg,
+            )  # fmt: skip
         return extend_attention_op(
             q, kv, layer_id, batch.page_table, batch.seq_lens, batch.extend_lens, batch.extend_start_loc,
-            max(batch.extend_lens_cpu, default=0), scale,
+            max(batch.extend_lens_cpu, default=0), scale, window_arg, softcap_arg,
         )  # fmt: skip

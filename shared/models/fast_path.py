@@ -18,7 +18,8 @@ Rules:
 - Replacements hold the original Parameters and buffers under the same names: nothing is copied,
   and checkpoint loading, weight updates and `reset_buffers` work the same after the pass.
 - Only modules of exactly these torch types are swapped, so a second pass changes nothing and
-  unknown subclasses are left alone. The return value counts the modules replaced.
+  unknown subclasses are left alone: Gemma's (1 + weight) norms and GeGLU MLPs (shared.models.gemma)
+  are subclasses and keep their torch code, since these kernels compute weight * x and SiLU. The return value counts the modules replaced.
 - Inference only: the kernels have no backward, and they write in place where their docstrings
   say so (fused_add_rmsnorm into its x and residual, rope into q and k). They are called through
   their torch custom ops (kernels.custom_ops), so torch.compile keeps them as opaque calls.
@@ -139,6 +140,7 @@ class RopeFusedAttention(Attention):
         for name in ("layer_id", "num_heads", "num_kv_heads", "head_dim", "scale", "split_sizes"):
             setattr(self, name, getattr(attn, name))
         self.qkv_proj, self.o_proj = attn.qkv_proj, attn.o_proj
+        self.window, self.softcap = attn.window, attn.softcap
         self.q_norm, self.k_norm = attn.q_norm, attn.k_norm
         self.rotary = TritonApplyRotary()
 
@@ -146,10 +148,14 @@ class RopeFusedAttention(Attention):
         q, k, v = self.project_qkv(hidden)
         attend_rotary = getattr(batch.attn_backend, "attend_rotary", None)
         if attend_rotary is not None:
-            out = attend_rotary(self.layer_id, q, k, v, rope, batch, self.scale)
+            out = attend_rotary(
+                self.layer_id, q, k, v, rope, batch, self.scale, window=self.window, softcap=self.softcap
+            )
         else:
             q, k = self.rotary(q, k, rope)
-            out = batch.attn_backend.attend(self.layer_id, q, k, v, batch, self.scale)
+            out = batch.attn_backend.attend(
+                self.layer_id, q, k, v, batch, self.scale, window=self.window, softcap=self.softcap
+            )
         return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
 
 

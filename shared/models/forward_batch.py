@@ -45,7 +45,9 @@ class AttentionBackend(Protocol):
     """Stores the new tokens' K/V into the pool and returns attention output.
 
     q: [T, num_q_heads, head_dim]; k, v: [T, num_kv_heads, head_dim] (T = total new tokens).
-    Returns [T, num_q_heads, head_dim] in q's dtype. `scale` is the softmax scale.
+    Returns [T, num_q_heads, head_dim] in q's dtype. `scale` is the softmax scale. Per layer,
+    `window` (a sliding window of keys, None = none) and `softcap` (tanh logit capping, None =
+    none) as kernels.attention_mask defines them.
     """
 
     def attend(
@@ -56,6 +58,9 @@ class AttentionBackend(Protocol):
         v: torch.Tensor,
         batch: ForwardBatch,
         scale: float,
+        *,
+        window: int | None = None,
+        softcap: float | None = None,
     ) -> torch.Tensor: ...
 
 

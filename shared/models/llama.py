@@ -10,9 +10,10 @@ Interface the model runner relies on:
 - `compute_logits(hidden)` -> [N, vocab] float32;
 - `load_weights(weights)` from (checkpoint name, tensor) pairs.
 
-Attention goes through `batch.attn_backend.attend(layer_id, q, k, v, batch, scale)` with q/k after
-rope; these modules know nothing of pages. Sliding-window attention (Mistral v0.1) is not applied:
-sequences must stay within the window for exact results.
+Attention goes through `batch.attn_backend.attend(layer_id, q, k, v, batch, scale, window=...,
+softcap=...)` with q/k after rope; these modules know nothing of pages. Each Attention carries its
+layer's sliding window and logit cap (None: none); Mistral sets the config's `sliding_window` on
+every layer.
 """
 
 from __future__ import annotations
@@ -49,6 +50,9 @@ class Attention(nn.Module):
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
+        # Per-layer attention features; the architectures that have them set them after building.
+        self.window: int | None = None
+        self.softcap: float | None = None
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split_sizes = (q_size, kv_size, kv_size)
         dtype = config.dtype
@@ -77,7 +81,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         q, k, v = self.project_qkv(hidden)
         q, k = self.rotary(q, k, cos_sin)
-        out = batch.attn_backend.attend(self.layer_id, q, k, v, batch, self.scale)
+        out = batch.attn_backend.attend(
+            self.layer_id, q, k, v, batch, self.scale, window=self.window, softcap=self.softcap
+        )
         return self.o_proj(out.reshape(hidden.shape[0], self.num_heads * self.head_dim))
 
 
@@ -196,6 +202,14 @@ class LlamaForCausalLM(nn.Module):
 
 
 class MistralForCausalLM(LlamaForCausalLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        # As transformers' Mistral: the config's window on every layer; null means none.
+        window = getattr(config.hf_config, "sliding_window", None)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.window = int(window) if window else None
+
     @classmethod
     def biases(cls, config: ModelConfig) -> tuple[bool, bool, bool]:
         return False, False, False

@@ -8,6 +8,7 @@ from torch import nn
 
 from pdserve.shared.models.bert import BertModel, XLMRobertaModel
 from pdserve.shared.models.decoder_embedding import LlamaModel, MistralModel, Qwen2Model
+from pdserve.shared.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
 from pdserve.shared.models.llama import (
     LlamaForCausalLM,
     MistralForCausalLM,
@@ -15,6 +16,7 @@ from pdserve.shared.models.llama import (
     Qwen3ForCausalLM,
 )
 from pdserve.shared.models.mixtral import MixtralForCausalLM
+from pdserve.shared.models.phi3 import Phi3ForCausalLM
 from pdserve.shared.models.qwen2_moe import Qwen2MoeForCausalLM
 from pdserve.shared.models.sequence_classification import (
     BertForSequenceClassification,
@@ -43,6 +45,9 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "LlamaForSequenceClassification": LlamaForSequenceClassification,
     "MistralForSequenceClassification": MistralForSequenceClassification,
     "Qwen2ForSequenceClassification": Qwen2ForSequenceClassification,
+    "GemmaForCausalLM": GemmaForCausalLM,
+    "Gemma2ForCausalLM": Gemma2ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
 }
 
 

@@ -12,6 +12,11 @@ Kinds:
 - mistral: GQA 8/4, head_dim 8, 2 layers, no sliding window;
 - qwen2:   MQA 4/1, q/k/v biases, tied embeddings;
 - qwen3:   GQA 4/2, explicit head_dim 32 (!= hidden/heads), q/k norms, untied.
+- mistral_swa: mistral with a sliding window of 8 (shorter than most test prompts);
+- gemma:   MQA 4/1, head_dim 32, GeGLU, (1 + w) norms, tied embeddings scaled by sqrt(hidden);
+- gemma2:  GQA 4/2, 3 layers (sliding window 8 on layers 0 and 2), query_pre_attn_scalar 24,
+           attention and final logit soft-capping small enough to change results (2 and 5);
+- phi3:    GQA 4/2, fused qkv/gate_up in the checkpoint, sliding window 12, untied.
 MoE kinds (MOE_KINDS; 8 experts of 32, top 2):
 - qwen2_moe:        3 sparse layers, shared expert of 48, norm_topk_prob False, untied;
 - qwen2_moe_sparse: 4 layers, decoder_sparse_step 2 and mlp_only_layers [3] (only layer 1 is
@@ -27,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3")
+TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3", "mistral_swa", "gemma", "gemma2", "phi3")
 MOE_KINDS = ("qwen2_moe", "qwen2_moe_sparse", "mixtral")
 VOCAB_SIZE = 512
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 256, 257, 258
@@ -55,6 +60,8 @@ def tiny_config(kind: str):  # -> a transformers PretrainedConfig
     """The Hugging Face config of a tiny model of `kind` (see the module docstring)."""
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
+    if kind in _FAMILY_CONFIGS:
+        return _FAMILY_CONFIGS[kind]()
     if kind == "llama":
         rope = {
             "rope_type": "llama3",
@@ -148,6 +155,65 @@ def _tiny_moe_config(kind: str):  # -> a transformers PretrainedConfig
         tie_word_embeddings=sparse,
         architectures=["Qwen2MoeForCausalLM"],
     )
+
+
+def _mistral_swa():
+    config = tiny_config("mistral")
+    config.sliding_window = 8
+    return config
+
+
+def _gemma():
+    from transformers import GemmaConfig
+
+    return GemmaConfig(
+        **_COMMON,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=32,
+        hidden_act="gelu_pytorch_tanh",
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        architectures=["GemmaForCausalLM"],
+    )
+
+
+def _gemma2():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        **_COMMON,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        architectures=["Gemma2ForCausalLM"],
+    )
+
+
+def _phi3():
+    from transformers import Phi3Config
+
+    return Phi3Config(
+        **_COMMON,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=12,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        architectures=["Phi3ForCausalLM"],
+    )
+
+
+_FAMILY_CONFIGS = {"mistral_swa": _mistral_swa, "gemma": _gemma, "gemma2": _gemma2, "phi3": _phi3}
 
 
 def _byte_tokenizer():  # -> a transformers PreTrainedTokenizerFast

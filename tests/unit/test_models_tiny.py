@@ -195,6 +195,8 @@ def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
         "BertForSequenceClassification",
         "BertModel",
+        "Gemma2ForCausalLM",
+        "GemmaForCausalLM",
         "LlamaForCausalLM",
         "LlamaForSequenceClassification",
         "LlamaModel",
@@ -202,6 +204,7 @@ def test_registry_names_unknown_architecture():
         "MistralForSequenceClassification",
         "MistralModel",
         "MixtralForCausalLM",
+        "Phi3ForCausalLM",
         "Qwen2ForCausalLM",
         "Qwen2ForSequenceClassification",
         "Qwen2Model",
