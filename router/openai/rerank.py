@@ -30,7 +30,7 @@ def _nonempty_text(value: Any) -> bool:
 def parse_rerank(body: dict[str, Any], max_batch_size: int) -> tuple[str, list[str], int | None, bool]:
     """(query, documents, top_n, return_documents); http_error 400 naming the first bad field."""
     query, documents = body.get("query"), body.get("documents")
-    if not _nonempty_text(query):
+    if not isinstance(query, str) or not query.strip():
         raise http_error(400, "query must be a non-empty string.")
     if not isinstance(documents, list) or not documents:
         raise http_error(400, "documents must be a non-empty list of strings.")
@@ -66,19 +66,19 @@ async def handle_rerank(request: web.Request) -> web.Response:
     started = time.monotonic()
     outs = await embed(state, pair_ids(state, query, documents))
     latency = time.monotonic() - started
+    order = sorted(range(len(outs)), key=lambda i: outs[i].embedding[0], reverse=True)
     ranked = [
         {
-            "score": out.embedding[0],
+            "score": outs[i].embedding[0],
             "document": documents[i] if return_documents else None,
             "index": i,
             "meta_info": {
-                "id": out.rid,
-                "prompt_tokens": out.prompt_tokens,
-                "cached_tokens": out.cached_tokens,
+                "id": outs[i].rid,
+                "prompt_tokens": outs[i].prompt_tokens,
+                "cached_tokens": outs[i].cached_tokens,
                 "e2e_latency": latency,
             },
         }
-        for i, out in enumerate(outs)
+        for i in order
     ]
-    ranked.sort(key=lambda item: item["score"], reverse=True)
     return web.json_response(ranked[:top_n] if top_n is not None else ranked)
