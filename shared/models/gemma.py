@@ -16,7 +16,7 @@ The norm and MLP are subclasses of llama's, not the same types, so the CUDA fast
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,8 @@ _GELU_TANH = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "
 
 class GemmaRMSNorm(RMSNorm):
     """RMSNorm whose scale is (1 + weight), all in float32, then cast back (transformers' Gemma)."""
+
+    neutral_weight: ClassVar[float] = 0.0  # the weight of a scale of 1 (dummy weights use it)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()

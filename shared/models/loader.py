@@ -57,13 +57,18 @@ def iter_weights(local_dir: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 @torch.no_grad()
 def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
-    """Deterministic random weights: norms 1, everything else normal(0, DUMMY_STD), drawn in name order."""
+    """Deterministic random weights: norms the identity (weight 1, or a norm's `neutral_weight`),
+    everything else normal(0, DUMMY_STD), drawn in name order."""
     params = list(model.named_parameters())
     if not params:
         return
     generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
+    # a norm whose scale is not its weight says which weight leaves its input alone (Gemma's 1 + w: 0)
+    neutral = {id(m.weight): float(m.neutral_weight) for m in model.modules() if hasattr(m, "neutral_weight")}
     for name, param in params:
-        if name.endswith("norm.weight"):
+        if id(param) in neutral:
+            param.fill_(neutral[id(param)])
+        elif name.endswith("norm.weight"):
             param.fill_(1.0)
         else:
             param.normal_(0.0, DUMMY_STD, generator=generator)

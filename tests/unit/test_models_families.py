@@ -18,6 +18,7 @@ from pdserve.shared.engine.attention_triton import TritonAttention
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fast_path import RopeFusedAttention, TritonRotaryEmbedding, use_triton_kernels
 from pdserve.shared.models.gemma import GeluGatedMLP, GemmaRMSNorm, ScaledEmbedding
+from pdserve.shared.models.layers import RMSNorm
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.weights import WeightLoadError
 from tests.helpers.tiny_models import make_tiny_model, tiny_config
@@ -93,3 +94,13 @@ def test_phi3_fused_tensor_of_the_wrong_size_is_a_clear_error(tmp_path: Path):
 def test_embedding_scale_is_rounded_to_the_model_dtype(dtype, scale):
     embedding = ScaledEmbedding(4, 3072, dtype)
     assert embedding.scale == pytest.approx(scale, rel=1e-7)
+
+
+def test_dummy_weights_leave_gemma_norms_the_identity():
+    """Gemma scales by (1 + weight): dummy weights put 0 there, where other norms get 1."""
+    model = load_model(ModelConfig.from_hf_config(tiny_config("gemma2")), None, "dummy")
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(isinstance(m, GemmaRMSNorm) for m in norms)
+    assert all(torch.count_nonzero(m.weight) == 0 for m in norms)
+    llama = load_model(ModelConfig.from_hf_config(tiny_config("llama")), None, "dummy")
+    assert all(torch.all(m.weight == 1) for m in llama.modules() if isinstance(m, RMSNorm))
