@@ -119,21 +119,28 @@ class PrefillEngine(Engine):
 
     def abort(self, rid: str, message: str = "Aborted by the client.") -> list[RequestOutput]:
         """Aborts rid at whatever stage it is: the sender first (its pages are then no longer read),
-        then the pages; one PrefillDone(ok=False) in take_done() if rid was live."""
+        then the pages; one PrefillDone(ok=False) in take_done() if rid was live (an embedding
+        request's answer goes to take_embeddings())."""
         self.sends.drop(rid, message)
-        self._done += [self._aborted(r, message) for r in self.scheduler.abort(rid, message)]
+        self._conclude_aborted(self.scheduler.abort(rid, message), message)
         return []
 
     def abort_all(self, message: str) -> list[RequestOutput]:
         for req in self.scheduler.all_requests():
             self.sends.drop(req.rid, message)
-        self._done += [self._aborted(r, message) for r in self.scheduler.abort_all(message)]
+        self._conclude_aborted(self.scheduler.abort_all(message), message)
         return []
 
-    def _aborted(self, req: Req, message: str) -> PrefillDone:
-        self.stats.num_aborted += 1
-        self._retire(req)
-        return _done(req, False, message)
+    def _conclude_aborted(self, reqs: list[Req], message: str) -> None:
+        """A PrefillDone(ok=False) for each aborted prefill; an embedding request's answer (its
+        error) waits in take_embeddings(), where its client looks for it."""
+        self.stats.num_aborted += len(reqs)
+        embeddings = [r for r in reqs if r.wants_embedding]
+        self._outputs(embeddings)
+        for req in reqs:
+            if not req.wants_embedding:
+                self._retire(req)
+                self._done.append(_done(req, False, message))
 
 
 def _done(req: Req, ok: bool, reason: str) -> PrefillDone:

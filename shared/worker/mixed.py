@@ -328,6 +328,7 @@ class MixedWorker:
             self._refuse_held(identity, held, msg.message)
             return
         self._deliver(self.engine.abort(msg.rid, msg.message))
+        self.embeddings.deliver()  # an aborted embedding request's answer (its error) goes now
 
     def _on_load(self, identity: bytes, msg: LoadQuery) -> None:
         report = self.engine.load(msg.query_id)

@@ -108,3 +108,25 @@ def test_is_embedding_turns_a_causal_lm_into_an_embedding_model(tmp_path: Path):
     (out,) = embed_offline(engine, [[5, 6, 7, 8]])
     assert out.error is None
     assert abs(torch.tensor(out.embedding).norm().item() - 1.0) < 1e-5
+
+
+def test_prefill_engine_answers_an_aborted_embedding(tmp_path: Path):
+    """A prefill worker's engine aborts an embedding request (a client that left, a shutdown)
+    with an EmbeddingOutput carrying the error, where its client waits for it: no PrefillDone."""
+    from pdserve.kvtransfer.fake import FakeKVManager, FakeTransferHub
+    from pdserve.prefill.prefill_engine import PrefillEngine
+
+    model_dir = make_tiny_embedding_model("qwen2", tmp_path)
+    hub = FakeTransferHub()
+    args = EngineArgs(model_path=str(model_dir), device="cpu", max_total_tokens=2048)
+    engine = PrefillEngine(args, lambda pool: FakeKVManager(pool, "prefill-0", hub))
+    engine.add_embedding(EmbedRequest(rid="gone", input_ids=[5, 6, 7]))
+    engine.add_embedding(EmbedRequest(rid="all", input_ids=[8, 9]))
+    engine.abort("gone", "Aborted by the client.")
+    (out,) = engine.take_embeddings()
+    assert out.rid == "gone" and out.error == "Aborted by the client." and out.embedding == []
+    engine.abort_all("worker is shutting down")
+    (out,) = engine.take_embeddings()
+    assert out.rid == "all" and out.error == "worker is shutting down"
+    assert engine.take_done() == [] and not engine.has_work()
+    engine.kv_manager.close()
