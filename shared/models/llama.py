@@ -215,7 +215,23 @@ class MistralForCausalLM(LlamaForCausalLM):
         return False, False, False
 
 
+def windows_from_layer_types(model: nn.Module, hf_config: object) -> None:
+    """The config's `sliding_window` on the layers its `layer_types` marks "sliding_attention"
+    (transformers' Qwen2/Qwen3: with `use_sliding_window`, the layers from `max_window_layers` on)."""
+    layer_types = getattr(hf_config, "layer_types", None)
+    window = getattr(hf_config, "sliding_window", None)
+    if not layer_types or not window:
+        return
+    for module in model.modules():
+        if isinstance(module, Attention) and layer_types[module.layer_id] == "sliding_attention":
+            module.window = int(window)
+
+
 class Qwen2ForCausalLM(LlamaForCausalLM):
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        windows_from_layer_types(self, config.hf_config)
+
     @classmethod
     def biases(cls, config: ModelConfig) -> tuple[bool, bool, bool]:
         return True, False, False  # q/k/v always carry a bias in Qwen2; o_proj and the MLP never
@@ -223,6 +239,10 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
 
 class Qwen3ForCausalLM(LlamaForCausalLM):
     qk_norm = True
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        windows_from_layer_types(self, config.hf_config)
 
     @classmethod
     def biases(cls, config: ModelConfig) -> tuple[bool, bool, bool]:

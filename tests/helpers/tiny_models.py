@@ -13,6 +13,7 @@ Kinds:
 - qwen2:   MQA 4/1, q/k/v biases, tied embeddings;
 - qwen3:   GQA 4/2, explicit head_dim 32 (!= hidden/heads), q/k norms, untied.
 - mistral_swa: mistral with a sliding window of 8 (shorter than most test prompts);
+- qwen2_swa: qwen2 with `use_sliding_window`, a window of 8 from layer 1 on (`max_window_layers` 1);
 - gemma:   MQA 4/1, head_dim 32, GeGLU, (1 + w) norms, tied embeddings scaled by sqrt(hidden);
 - gemma2:  GQA 4/2, 3 layers (sliding window 8 on layers 0 and 2), query_pre_attn_scalar 24,
            attention and final logit soft-capping small enough to change results (2 and 5);
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3", "mistral_swa", "gemma", "gemma2", "phi3")
+TINY_KINDS = ("llama", "mistral", "qwen2", "qwen3", "mistral_swa", "qwen2_swa", "gemma", "gemma2", "phi3")
 MOE_KINDS = ("qwen2_moe", "qwen2_moe_sparse", "mixtral")
 VOCAB_SIZE = 512
 ENDOFTEXT_ID, IM_START_ID, IM_END_ID = 256, 257, 258
@@ -163,6 +164,14 @@ def _mistral_swa():
     return config
 
 
+def _qwen2_swa():
+    from transformers import Qwen2Config
+
+    fields = tiny_config("qwen2").to_dict()
+    fields.pop("layer_types", None)  # recomputed from the window fields below
+    return Qwen2Config(**{**fields, "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1})
+
+
 def _gemma():
     from transformers import GemmaConfig
 
@@ -213,7 +222,13 @@ def _phi3():
     )
 
 
-_FAMILY_CONFIGS = {"mistral_swa": _mistral_swa, "gemma": _gemma, "gemma2": _gemma2, "phi3": _phi3}
+_FAMILY_CONFIGS = {
+    "mistral_swa": _mistral_swa,
+    "qwen2_swa": _qwen2_swa,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "phi3": _phi3,
+}
 
 
 def _byte_tokenizer():  # -> a transformers PreTrainedTokenizerFast
