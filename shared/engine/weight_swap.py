@@ -101,7 +101,18 @@ def check_weights(
     return CheckedWeights(model_path, Path(resolved.local_dir), load_format or "auto")
 
 
-def _check_shapes(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> None:
+def _as_model_names(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """The checkpoint's shapes under the names the model loads them by: its `checkpoint_pairs`
+    (renamed, fused tensors split) run over meta tensors, so no value is read."""
+    pairs = getattr(model, "checkpoint_pairs", None)
+    if pairs is None:
+        return shapes
+    meta = ((name, torch.empty(shape, device="meta")) for name, shape in shapes.items())
+    return {name: tuple(tensor.shape) for name, tensor in pairs(meta)}
+
+
+def _check_shapes(model: nn.Module, checkpoint_shapes: dict[str, tuple[int, ...]]) -> None:
+    shapes = _as_model_names(model, checkpoint_shapes)
     ignore = getattr(model, "ignore_checkpoint_tensor", lambda name: False)
     targets = checkpoint_targets(model)
     unexpected: list[str] = []

@@ -172,8 +172,14 @@ class BertModel(nn.Module):
     def ignore_checkpoint_tensor(self, name: str) -> bool:
         return name.startswith("pooler.") or name.endswith(("position_ids", "token_type_ids"))
 
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's pairs under this tree's names (a task model's `bert.`/`roberta.` dropped)."""
+        return _strip_task_prefix(weights)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        load_checkpoint_weights(self, _strip_task_prefix(weights), self.ignore_checkpoint_tensor, strict)
+        load_checkpoint_weights(self, self.checkpoint_pairs(weights), self.ignore_checkpoint_tensor, strict)
 
     def reset_buffers(self) -> None:
         """No non-persistent buffers (the loader calls it on every model)."""

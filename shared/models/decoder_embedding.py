@@ -31,8 +31,10 @@ class _BareDecoder:
     def drop_lm_head(self) -> None:
         self.lm_head = None
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        super().load_weights(_with_model_prefix(weights), strict)  # type: ignore[misc]
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        return _with_model_prefix(weights)
 
 
 class LlamaModel(_BareDecoder, LlamaForCausalLM):

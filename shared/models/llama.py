@@ -193,8 +193,17 @@ class LlamaForCausalLM(nn.Module):
         """Checkpoint tensors that have no parameter here on purpose."""
         return "rotary_emb." in name or (self.lm_head is None and name == "lm_head.weight")
 
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """The checkpoint's (name, tensor) pairs as this module tree names its tensors (a family
+        with other names or fused tensors translates here; weight updates check through it too)."""
+        return weights
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        load_checkpoint_weights(self, weights, self.ignore_checkpoint_tensor, strict=strict)
+        load_checkpoint_weights(
+            self, self.checkpoint_pairs(weights), self.ignore_checkpoint_tensor, strict=strict
+        )
 
     def reset_buffers(self) -> None:
         """Recomputes non-persistent buffers (after building on the meta device and `to_empty`)."""

@@ -35,6 +35,7 @@ class MixtralForCausalLM(MistralForCausalLM):
             checkpoint_prefix=MIXTRAL_BLOCK_NAME,
         )
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        fused_read = per_expert_tensors(weights, MIXTRAL_EXPERT_NAMES, MIXTRAL_BLOCK_NAME)
-        super().load_weights(fused_read, strict=strict)
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        return per_expert_tensors(weights, MIXTRAL_EXPERT_NAMES, MIXTRAL_BLOCK_NAME)

@@ -38,5 +38,7 @@ class Phi3ForCausalLM(MistralForCausalLM):
             for shard in merged.shards:
                 yield f"{parent}.{shard}.{attr}", tensor[merged.shard_rows(shard)]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        super().load_weights(self.split_fused(weights), strict=strict)
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        return self.split_fused(weights)

@@ -45,5 +45,7 @@ class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
             shared_intermediate_size=int(getattr(c, "shared_expert_intermediate_size", 0) or 0) or None,
         )
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        super().load_weights(per_expert_tensors(weights, QWEN2_MOE_EXPERT_NAMES), strict=strict)
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        return per_expert_tensors(weights, QWEN2_MOE_EXPERT_NAMES)

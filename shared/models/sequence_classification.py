@@ -121,8 +121,10 @@ class _RewardHead:
     def score_pooled(self, last_tokens: torch.Tensor) -> torch.Tensor:
         return self.score(last_tokens.to(self.score.weight.dtype)).float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], strict: bool = True) -> None:
-        super().load_weights(_decoder_names(weights), strict)  # type: ignore[misc]
+    def checkpoint_pairs(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        return _decoder_names(weights)
 
 
 class LlamaForSequenceClassification(_RewardHead, LlamaForCausalLM):
