@@ -64,11 +64,11 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
         return
     generator = torch.Generator(device=params[0][1].device).manual_seed(seed)
     # a norm whose scale is not its weight says which weight leaves its input alone (Gemma's 1 + w: 0)
-    neutral = {
-        id(m.weight): float(getattr(m, "neutral_weight"))
-        for m in model.modules()
-        if hasattr(m, "neutral_weight")
-    }
+    neutral: dict[int, float] = {}
+    for module in model.modules():
+        value = getattr(module, "neutral_weight", None)
+        if isinstance(value, float):
+            neutral[id(module.weight)] = value
     for name, param in params:
         if id(param) in neutral:
             param.fill_(neutral[id(param)])
