@@ -40,7 +40,7 @@ from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.sampling_params import GRAMMAR_FIELDS, SamplingParams
 
 if TYPE_CHECKING:
-    from pdserve.shared.engine.request import Req
+    from pdserve.shared.engine.request import Req, TokenGrammar
 
 _CACHE_ENTRIES = 256
 # JSON may hold whitespace between tokens, but a run of it is capped: an unsure model otherwise
@@ -141,7 +141,7 @@ class GrammarBackend:
         return self._compiler
 
 
-def advance_over(grammars: list[SampleGrammar | None], tokens: list[int]) -> None:
+def advance_over(grammars: list[TokenGrammar | None], tokens: list[int]) -> None:
     """Moves fresh matchers over tokens already generated (a moved request's `generated_ids`)."""
     for grammar in grammars:
         if grammar is not None:
