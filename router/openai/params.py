@@ -49,7 +49,8 @@ NUMERIC_FIELDS = (
     "repetition_penalty",
 )
 
-# Constrained decoding fields of SGLang's OpenAI extras: accepted by name, answered 400 for now.
+
+# SGLang's constrained-decoding extras of the OpenAI bodies (response_format.py reads them).
 CONSTRAINED_FIELDS = ("regex", "json_schema", "ebnf", "structural_tag")
 
 
@@ -136,19 +137,8 @@ def parse_stream_options(body: dict, stream: bool) -> tuple[bool, bool]:
 
 
 def reject_unsupported(body: dict) -> None:
-    """Features pdserve does not serve yet answer 400 by name instead of being silently ignored."""
-    for name in CONSTRAINED_FIELDS:
-        if body.get(name) is not None:
-            raise OpenAIRequestError(f"{name} (constrained decoding) is not supported yet by pdserve.", name)
-    fmt = body.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind != "text":
-            raise OpenAIRequestError(
-                f"response_format {kind or fmt!r} (constrained decoding) is not supported yet by pdserve; "
-                "only {'type': 'text'} is accepted.",
-                "response_format",
-            )
+    """Features pdserve does not serve yet answer 400 by name instead of being silently ignored
+    (constrained decoding is served: response_format.py checks its fields)."""
 
 
 def sampling_from_body(body: dict, max_tokens: int | None) -> dict[str, Any]:
@@ -175,12 +165,16 @@ def sampling_from_body(body: dict, max_tokens: int | None) -> dict[str, Any]:
         )
     if min_tokens:
         sampling["min_new_tokens"] = min_tokens
+    # imported here: response_format.py raises this module's OpenAIRequestError
+    from pdserve.router.openai.response_format import constraint_from_body
+
+    sampling.update(constraint_from_body(body))
     check = dict(sampling, max_new_tokens=max_tokens if max_tokens is not None else 1 << 30)
     try:
         SamplingParams.from_dict(check)
     except SamplingParamsError as exc:
         message = str(exc)
-        param = next((n for n in SAMPLING_FIELDS if message.startswith(n)), None)
+        param = next((n for n in (*SAMPLING_FIELDS, "json_schema") if message.startswith(n)), None)
         raise OpenAIRequestError(message, param) from exc
     except TypeError as exc:  # a wrong type that reached the dataclass constructor
         raise OpenAIRequestError(f"Invalid sampling parameter: {exc}") from exc

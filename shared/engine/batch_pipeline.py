@@ -132,4 +132,6 @@ class BatchPipeline:
 def _may_stay_in_flight(launched: LaunchedDecode) -> bool:
     """Whether a launched step may stay unread while the next one is planned and launched."""
     reqs = launched.batch.reqs
-    return not launched.wants_logprobs and not any(reads_output_ids(r.params) for r in reqs)
+    return not launched.wants_logprobs and not any(
+        reads_output_ids(r.params) or r.grammar is not None for r in reqs
+    )

@@ -32,6 +32,7 @@ from pdserve.shared.engine.embedding import (
     matryoshka_dimensions,
 )
 from pdserve.shared.engine.engine_stats import EngineStats
+from pdserve.shared.engine.grammar import GrammarBackend
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
@@ -132,6 +133,12 @@ class Engine:
         self.pipeline = BatchPipeline(
             self.scheduler, self.runner, self.stats, overlap_schedule, self.batch_log
         )
+        self.grammars = GrammarBackend(
+            self.tokenizer_path,
+            self.model_config.vocab_size,
+            self.model_config.eos_token_ids,
+            args.trust_remote_code,
+        )
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
         self._embedded: list[EmbeddingOutput] = []  # answers not yet taken (take_embeddings)
@@ -188,7 +195,7 @@ class Engine:
         if self.embedding is not None:
             raise RequestError(generation_refused(self.served_model_name))
         share_prompt = not self.args.disable_radix_cache
-        return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt)
+        return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt, self.grammars)
 
     def _check_new_rid(self, rid: str) -> None:
         if rid in self._live:

@@ -66,7 +66,9 @@ def apply_first_output(req: Req, data: Any, vocab_size: int) -> None:
         raise HandoffError(f"malformed logprobs in first_output: {exc}") from exc
     if req.return_logprob and wants_token and len(unpacked["output_token_logprobs"]) != 1:
         raise HandoffError("first_output lacks the first token's logprob")
-    req.output_ids = [token] if wants_token else []
+    req.output_ids = []
+    if wants_token:
+        req.append_output(token)  # the grammar, if any, advances over the prefill side's token
     req.cached_tokens = cached
     req.input_logprobs_done = True  # the prefill side computed them; decode never scores the prompt
     if req.return_logprob:

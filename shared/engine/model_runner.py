@@ -18,6 +18,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
 from pdserve.shared.engine.expert_distribution import attach_expert_recorder
+from pdserve.shared.engine.grammar import grammar_bitmask
 from pdserve.shared.engine.in_flight import FutureTokenIds, LaunchedDecode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
@@ -321,4 +322,5 @@ class ModelRunner:
             token_ids_logprob=[r.token_ids_logprob if r.return_logprob else None for r in reqs],
             return_logprob=[r.return_logprob for r in reqs],
             num_generated=[len(r.output_ids) + r.tokens_in_flight for r in reqs],
+            token_bitmask=grammar_bitmask(reqs, self.config.vocab_size, self.device),
         )

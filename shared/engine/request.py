@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pdserve.shared.engine.sampling_params import SamplingParams
 
@@ -29,6 +29,18 @@ class ReqStatus(enum.IntEnum):
     FINISHED = 6
 
 
+class TokenGrammar(Protocol):
+    """A sample's grammar matcher (shared/engine/grammar.py), seen without torch or xgrammar."""
+
+    rejected: bool  # a token it could not accept was appended (the request is ended for it)
+
+    def accept(self, token: int) -> bool: ...
+
+    def is_terminated(self) -> bool: ...
+
+    def fill(self, bitmask: Any, row: int) -> None: ...
+
+
 @dataclass(eq=False)  # identity, not field-wise, equality: queues remove by identity
 class Req:
     rid: str
@@ -38,6 +50,7 @@ class Req:
     # Samples 1..n-1 of an n>1 request wait for sample 0's prompt pages and share them through the cache.
     share_prompt_with: Req | None = None
     eos_token_ids: frozenset[int] = frozenset()
+    grammar: TokenGrammar | None = None  # constrained decoding: in step with output_ids
     return_logprob: bool = False
     top_logprobs_num: int = 0
     logprob_start_len: int = -1  # -1: no prompt logprobs
@@ -105,6 +118,12 @@ class Req:
     def max_seq_len(self) -> int:
         """Upper bound of tokens this request can ever hold in the pool."""
         return len(self.input_ids) + self.params.max_new_tokens
+
+    def append_output(self, token: int) -> None:
+        """A new output token; the grammar, if any, advances over it."""
+        self.output_ids.append(token)
+        if self.grammar is not None:
+            self.grammar.accept(token)
 
     def finish(self, reason: dict[str, Any]) -> None:
         self.finish_reason = reason

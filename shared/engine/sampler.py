@@ -10,6 +10,8 @@ Per row, in this order (each step skipped for rows that do not ask for it), all 
 4. min_new_tokens: while len(output_ids) < min_new_tokens, every id in eos_token_ids and
    stop_token_ids gets -inf, so the row cannot stop early. The engine passes the eos ids it wants
    masked (this module does not look at ignore_eos).
+   Then the grammar's token bitmask, where the batch has one (constrained decoding, grammar.py):
+   tokens whose bit is clear get -inf; rows of unconstrained requests are all ones and untouched.
 5. greedy rows (temperature == 0 or top_k == 1) take argmax of these logits, ties to the lowest id
    (torch.argmax); nothing below applies to them and they consume no randomness.
 6. temperature: logits / max(T, 1e-5) (the floor keeps a tiny T from overflowing to nan).
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.kernels.token_bitmask import apply_token_bitmask, apply_token_bitmask_ref
 from pdserve.shared.engine.sampling.filters import min_p_mask, top_k_mask, top_p_mask
 from pdserve.shared.engine.sampling.logprobs import TokenLogprobs, TopList, gather_logprobs, token_logprobs
 from pdserve.shared.engine.sampling.noise import ExponentialNoise
@@ -68,6 +71,8 @@ class SamplingInputs:
     # Tokens generated so far per row, counting those still in flight on the device (overlap
     # scheduling; their ids are unknown, so such a row must not ask for penalties). None: len(output_ids).
     num_generated: list[int] | None = None
+    # Constrained decoding: [B, ceil(V/32)] int32 on the logits' device (kernels/token_bitmask.py).
+    token_bitmask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -132,7 +137,9 @@ class Sampler:
             raise ValueError(f"logits have {logits.shape[1]} columns, vocab_size is {self.vocab_size}")
         logits = logits[:, : self.vocab_size]
         counts = inputs.generated_counts()
-        if all(_is_plain_greedy(p, n) for p, n in zip(inputs.params, counts)):
+        if inputs.token_bitmask is None and all(
+            _is_plain_greedy(p, n) for p, n in zip(inputs.params, counts)
+        ):
             return logits.argmax(dim=-1)  # exact on the raw dtype: widening to float32 keeps order
         return self._sample_processed(logits, inputs)
 
@@ -166,6 +173,10 @@ class Sampler:
                 for p, eos, n in zip(params, inputs.eos_token_ids, counts)
             ],
         )
+
+        if inputs.token_bitmask is not None:
+            apply_bitmask = apply_token_bitmask if x.is_cuda else apply_token_bitmask_ref
+            apply_bitmask(x, inputs.token_bitmask)
 
         sampled = [i for i, p in enumerate(params) if not p.is_greedy]
         if not sampled:

@@ -7,6 +7,7 @@ can answer HTTP 400 with it verbatim.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -19,6 +20,8 @@ TOP_K_ALL = 1 << 30
 # number of tokens), so their number and size are bounded like stop strings' (router/text/stop_strings.py).
 MAX_STOP_REGEX = 16
 MAX_STOP_REGEX_CHARS = 1024
+# Constrained decoding (shared/engine/grammar.py): at most one of these per request, its source a string.
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
 
 
 class SamplingParamsError(ValueError):
@@ -47,7 +50,7 @@ class SamplingParams:
     stream_interval: int | None = None  # report tokens every N (None: every step)
     sampling_seed: int | None = None
     logit_bias: dict[str, float] | None = None
-    # Constrained decoding: accepted as fields so the error says "not supported", not "unknown".
+    # Constrained decoding (GRAMMAR_FIELDS); structural_tag is accepted by name and refused.
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
@@ -118,9 +121,7 @@ class SamplingParams:
                     raise SamplingParamsError(f"logit_bias keys must be token ids, got {tok!r}.")
                 if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not math.isfinite(bias):
                     raise SamplingParamsError(f"logit_bias values must be finite numbers, got {bias!r}.")
-        for name in ("json_schema", "regex", "ebnf", "structural_tag"):
-            if getattr(self, name) is not None:
-                raise SamplingParamsError(f"{name} (constrained decoding) is not supported yet by pdserve.")
+        _check_grammar(self)
 
     def check_vocab(self, vocab_size: int) -> None:
         """Token ids must exist in the model's vocabulary."""
@@ -134,6 +135,24 @@ class SamplingParams:
                 raise SamplingParamsError(
                     f"logit_bias key {tok} is outside the vocabulary [0, {vocab_size})."
                 )
+
+
+def _check_grammar(p: SamplingParams) -> None:
+    if p.structural_tag is not None:
+        raise SamplingParamsError("structural_tag (constrained decoding) is not supported yet by pdserve.")
+    given = [name for name in GRAMMAR_FIELDS if getattr(p, name) is not None]
+    if len(given) > 1:
+        raise SamplingParamsError(
+            f"Only one of json_schema, regex and ebnf may be set, got {', '.join(given)}."
+        )
+    for name in given:
+        if not isinstance(getattr(p, name), str):
+            raise SamplingParamsError(f"{name} must be a string.")
+    if p.json_schema is not None:
+        try:
+            json.loads(p.json_schema)
+        except ValueError as exc:
+            raise SamplingParamsError(f"json_schema is not valid JSON: {exc}.") from None
 
 
 def _check_stop_regex(patterns: Any) -> None:

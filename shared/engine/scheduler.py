@@ -271,7 +271,7 @@ class Scheduler(RequestQueues):
                 continue
             if token is None:
                 continue
-            req.output_ids.append(token)
+            req.append_output(token)
             result.progressed.append(req)
             reason = self.role.stop_reason(req, token)
             if reason is not None:
@@ -298,7 +298,7 @@ class Scheduler(RequestQueues):
             req.tokens_in_flight -= 1
             if req.is_finished:
                 continue
-            req.output_ids.append(token)
+            req.append_output(token)
             result.progressed.append(req)
             reason = self.role.stop_reason(req, token)
             if reason is not None:

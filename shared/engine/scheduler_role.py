@@ -90,6 +90,11 @@ class MixedRole:
 
     def stop_reason(self, req: Req, token: int) -> dict | None:
         p = req.params
+        grammar = req.grammar
+        if grammar is not None and grammar.rejected:
+            return {"type": "abort", "message": f"token {token} does not fit the request's grammar"}
+        if grammar is not None and grammar.is_terminated():  # it accepted a stop token at its end
+            return {"type": "stop", "matched": token}
         is_stop = token in p.stop_token_ids or (not p.ignore_eos and token in req.eos_token_ids)
         if is_stop and len(req.output_ids) >= p.min_new_tokens:
             return {"type": "stop", "matched": token}

@@ -219,7 +219,15 @@ def test_chat_logprobs_equal_native(server, client):
         ({"n": 0}, "n must be >= 1"),
         ({"top_logprobs": 3}, "top_logprobs requires logprobs"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "not supported yet"),
-        ({"response_format": {"type": "json_object"}}, "not supported yet"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "bogus"}},
+                }
+            },
+            'could not be compiled by xgrammar: Unsupported type "bogus"',
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "image_url",

@@ -123,10 +123,11 @@ def test_stop_list_drops_empty_strings():
         ({"echo": "yes"}, "echo", "echo must be a boolean"),
         ({"stream": 1}, "stream", "stream must be a boolean"),
         ({"suffix": "tail"}, "suffix", "suffix is not supported"),
-        ({"regex": "a+"}, "regex", "not supported yet"),
-        ({"json_schema": "{}"}, "json_schema", "not supported yet"),
-        ({"ebnf": "x"}, "ebnf", "not supported yet"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
+        ({"regex": 3}, "regex", "regex must be a string"),
+        ({"json_schema": "{"}, "json_schema", "json_schema is not valid JSON"),
+        ({"regex": "a", "ebnf": "x"}, "regex", "Only one of"),
+        ({"structural_tag": "{}"}, "structural_tag", "not supported yet"),
+        ({"response_format": {"type": "xml"}}, "response_format", "must be 'text', 'json_object'"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
         ({"best_of": 3}, "best_of", "best_of"),
         ({"model": 3}, "model", "model must be a string"),
@@ -158,6 +159,29 @@ def test_stream_options():
 
 def test_response_format_text_is_accepted():
     parse_chat_request({"messages": USER, "response_format": {"type": "text"}})
+
+
+@pytest.mark.parametrize(
+    "extra,want",
+    [
+        ({"response_format": {"type": "json_object"}}, {"json_schema": '{"type": "object"}'}),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "p", "strict": True, "schema": {"type": "integer"}},
+                }
+            },
+            {"json_schema": '{"type": "integer"}'},
+        ),
+        ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+        ({"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
+    ],
+)
+def test_constraints_become_sampling_params(extra, want):
+    """Every constrained form reaches the workers as one native grammar field."""
+    req = parse_chat_request({"messages": USER, **extra})
+    assert {k: req.sampling[k] for k in want} == want
 
 
 # ---------------------------------------------------------------- chat parsing
@@ -219,7 +243,12 @@ def test_chat_max_tokens_and_logprobs():
         ({"max_completion_tokens": -3}, "max_completion_tokens", ">= 0"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported yet"),
         ({"tool_choice": "required"}, "tool_choice", "not supported yet"),
-        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format", "not supported"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+            "response_format",
+            "'schema' object",
+        ),
+        ({"response_format": {"type": "json_object"}, "regex": "a"}, "response_format", "cannot be combined"),
         ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "must be an object"),
         ({"continue_final_message": True}, "continue_final_message", "final assistant message"),
     ],
