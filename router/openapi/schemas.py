@@ -148,7 +148,8 @@ def _sampling_properties() -> dict[str, Any]:
 def _unsupported_properties() -> dict[str, Any]:
     hints = dataclass_properties(SamplingParams, CONSTRAINED_FIELDS)
     return {
-        name: _nullable(_strip_default(hints[name])) | {"description": "Constrained decoding (a grammar source; structural_tag: 400 when set)."}
+        name: _nullable(_strip_default(hints[name]))
+        | {"description": "Constrained decoding (a grammar source; structural_tag: 400 when set)."}
         for name in CONSTRAINED_FIELDS
     }
 
