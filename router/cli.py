@@ -134,6 +134,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--chat-template", default=None, help="a Jinja chat template file (default: the tokenizer's)"
     )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="format of the model's tool calls: hermes (qwen25, qwen, qwen3), llama3, mistral or json "
+        "(default: the one the chat template writes, else json)",
+    )
+    p.add_argument(
+        "--reasoning-parser",
+        default=None,
+        help="split <think> reasoning into reasoning_content: qwen3 or deepseek-r1 (default: no split)",
+    )
     p.add_argument("--preferred-sampling-params", default=None, help="JSON object of default sampling params")
     p.add_argument("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     p.add_argument("--max-attempts", type=int, default=d.max_attempts, help="workers tried per request")

@@ -37,7 +37,9 @@ from pdserve.router.serving.embedder import RouterEmbedder
 from pdserve.router.serving.generator import RouterTextGenerator
 from pdserve.router.serving.generator_api import GenerationError
 from pdserve.router.serving.metrics import RouterMetrics
+from pdserve.router.text.reasoning_parser import reasoning_format
 from pdserve.router.text.tokenizer_fast import Encoder, fast_encoder
+from pdserve.router.text.tool_formats import call_format
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.protocol import ServerInfo
 
@@ -71,6 +73,8 @@ class RouterArgs:
     served_model_name: str | None = None
     chat_template: str | None = None  # a file path (or an inline Jinja template)
     preferred_sampling_params: str | None = None  # JSON object
+    tool_call_parser: str | None = None  # router/text/tool_formats name; None: from the chat template
+    reasoning_parser: str | None = None  # router/text/reasoning_parser name; None: no split
     log_level: str = "info"
     max_attempts: int = 3  # workers tried per request before giving up (a move counts as one)
     disable_migration: bool = False  # a stream whose worker dies ends with an error instead of moving
@@ -90,6 +94,10 @@ class RouterArgs:
             parse_preferred_sampling_params(self.preferred_sampling_params)
         if self.chat_template is not None:
             load_chat_template(self.chat_template)
+        if self.tool_call_parser is not None:
+            call_format(self.tool_call_parser)  # ValueError names the choices
+        if self.reasoning_parser is not None:
+            reasoning_format(self.reasoning_parser)
         names = ("max_body_bytes", "max_batch_size", "max_attempts", "breaker_failure_threshold", "processes")
         for name in names:
             if getattr(self, name) < 1:

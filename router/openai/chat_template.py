@@ -1,9 +1,10 @@
 """Chat messages -> prompt text through a Jinja chat template.
 
 Rules:
-- Messages are system/user/assistant (`developer`, OpenAI's newer name for system, becomes
+- Messages are system/user/assistant/tool (`developer`, OpenAI's newer name for system, becomes
   `system`); content is a string or a list of `{"type": "text"}` parts, joined with newlines. Other
-  part types (images, audio, files) and tool messages answer 400: the served models take text only.
+  part types (images, audio, files) answer 400: the served models take text only. Tool calls and
+  tool results keep their fields (router/openai/tool_template.py).
 - The template is `--chat-template` when given (RouterState reads the file at start-up), else the
   tokenizer's own; neither -> 400 naming the flag.
 - The prompt is rendered with `add_generation_prompt=True` (the assistant turn is opened) and then
@@ -15,14 +16,15 @@ from __future__ import annotations
 from typing import Any
 
 from pdserve.router.openai.params import OpenAIRequestError
+from pdserve.router.openai.tool_template import tool_message_fields
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 def _content_text(content: Any, i: int, role: str) -> str:
     if isinstance(content, str):
         return content
-    if content is None and role == "assistant":
+    if content is None and role in ("assistant", "tool"):
         return ""
     if not isinstance(content, list):
         raise OpenAIRequestError(
@@ -41,8 +43,9 @@ def _content_text(content: Any, i: int, role: str) -> str:
     return "\n".join(texts)
 
 
-def normalize_messages(raw: Any) -> list[dict[str, str]]:
-    """Validated `messages` as `[{"role", "content"}]` with string content; raises OpenAIRequestError."""
+def normalize_messages(raw: Any) -> list[dict[str, Any]]:
+    """Validated `messages` as `[{"role", "content", tool fields}]` with string content; raises
+    OpenAIRequestError."""
     if raw is None:
         raise OpenAIRequestError("messages is required.", "messages")
     if not isinstance(raw, list) or not raw:
@@ -54,23 +57,22 @@ def normalize_messages(raw: Any) -> list[dict[str, str]]:
         role = msg.get("role")
         if not isinstance(role, str) or role not in ROLES:  # an object or a list is not hashable
             raise OpenAIRequestError(
-                f"messages[{i}].role {role!r} is not supported; use system, user or assistant.", "messages"
+                f"messages[{i}].role {role!r} is not supported; use system, user, assistant or tool.",
+                "messages",
             )
-        if msg.get("tool_calls") or msg.get("function_call"):
-            raise OpenAIRequestError(
-                f"messages[{i}]: tool calls (function calling) are not supported yet by pdserve.", "messages"
-            )
-        out.append({"role": ROLES[role], "content": _content_text(msg.get("content"), i, role)})
+        text = _content_text(msg.get("content"), i, role)
+        out.append({"role": ROLES[role], "content": text, **tool_message_fields(msg, i)})
     return out
 
 
 def render_chat(
     tokenizer: Any,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     template: str | None,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """The prompt text of `messages`; `template` None uses the tokenizer's own chat template."""
     if template is None and not getattr(tokenizer, "chat_template", None):
@@ -86,6 +88,7 @@ def render_chat(
             tokenize=False,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
+            tools=tools,
             **(template_kwargs or {}),
         )
     except Exception as exc:  # jinja raises whatever the template raises (raise_exception, TypeError, ...)

@@ -9,7 +9,10 @@ Rules (SGLang's OpenAI server behaves the same):
 - `model` is any string, echoed in responses: one router serves one model, so the name is not
   checked (clients that send "default" or a stale name keep working).
 - Unknown fields are ignored (the official client sends extras through `extra_body`); fields pdserve
-  cannot honour yet (`suffix`, `tools`, constrained decoding) answer 400 by name.
+  cannot honour yet (`suffix`, constrained decoding) answer 400 by name.
+- Chat `tools` / `tool_choice` are read by router/openai/tools.py; a forced choice adds its call
+  schema to the sampling params. SGLang's `separate_reasoning` (default true) asks for the
+  reasoning split when the router has a `--reasoning-parser`.
 - `max_tokens` defaults to 16 for completions (OpenAI's default) and to "the rest of the context"
   for chat; `max_completion_tokens` wins over `max_tokens` when both are set.
 - prompt tokens + `max_tokens` reaching the context length is a 400 that states both numbers.
@@ -32,6 +35,7 @@ from pdserve.router.openai.params import (
     reject_unsupported,
     sampling_from_body,
 )
+from pdserve.router.openai.tools import ToolSpec, forced_sampling, parse_tools
 from pdserve.router.serving.generator_api import GenerateInput
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -63,7 +67,7 @@ class CompletionRequest:
 @dataclass
 class ChatRequest:
     model: str | None
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     sampling: dict[str, Any]
     max_tokens: int | None  # None: up to the context length
     stream: StreamOptions
@@ -73,6 +77,8 @@ class ChatRequest:
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     rid: str | None = None
+    tools: ToolSpec | None = None
+    separate_reasoning: bool = True
 
     @property
     def n(self) -> int:
@@ -158,26 +164,16 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     )
 
 
-def _reject_tools(body: dict) -> None:
-    if body.get("tools"):
-        raise OpenAIRequestError("tools (function calling) is not supported yet by pdserve.", "tools")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise OpenAIRequestError("tool_choice is not supported yet by pdserve.", "tool_choice")
-    for name in ("functions", "function_call"):
-        if body.get(name):
-            raise OpenAIRequestError(f"{name} (function calling) is not supported yet by pdserve.", name)
-
-
 def parse_chat_request(body: Any) -> ChatRequest:
     body = _require_object(body)
     get_str(body, "model")
     messages = normalize_messages(body.get("messages"))
-    _reject_tools(body)
+    tools = parse_tools(body)
     reject_unsupported(body)
     max_tokens = get_int(body, "max_completion_tokens", lo=0)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", lo=0)
-    sampling = sampling_from_body(body, max_tokens)
+    sampling = {**sampling_from_body(body, max_tokens), **forced_sampling(tools)}
     logprobs = get_bool(body, "logprobs")
     top_logprobs = get_int(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:
@@ -202,6 +198,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
         continue_final_message=continue_final,
         chat_template_kwargs=get_dict(body, "chat_template_kwargs") or {},
         rid=rids[0] if rids else None,
+        tools=tools,
+        separate_reasoning=get_bool(body, "separate_reasoning", True),
     )
 
 
