@@ -218,7 +218,7 @@ def test_chat_logprobs_equal_native(server, client):
         ({"top_p": 1.5}, "top_p must be in (0, 1]"),
         ({"n": 0}, "n must be >= 1"),
         ({"top_logprobs": 3}, "top_logprobs requires logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "not supported yet"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": 3}}]}, "JSON schema object"),
         (
             {
                 "response_format": {

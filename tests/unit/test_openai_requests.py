@@ -213,12 +213,12 @@ def test_chat_messages_normalised():
         ([], "non-empty list"),
         ("hi", "non-empty list"),
         (["hi"], "messages[0] must be an object"),
-        ([{"role": "tool", "content": "x"}], "role 'tool' is not supported"),
+        ([{"role": "function", "content": "x"}], "role 'function' is not supported"),
         ([{"content": "x"}], "role None is not supported"),
         ([{"role": "user", "content": 5}], "string or a list of content parts"),
         ([{"role": "user", "content": None}], "string or a list of content parts"),
         ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], "'image_url'"),
-        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "tool calls"),
+        ([{"role": "assistant", "content": "", "tool_calls": [{"id": "1"}]}], "function.name"),
     ],
 )
 def test_chat_bad_messages(messages, words):
@@ -241,8 +241,8 @@ def test_chat_max_tokens_and_logprobs():
         ({"top_logprobs": 2}, "top_logprobs", "requires logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs", "<= 20"),
         ({"max_completion_tokens": -3}, "max_completion_tokens", ">= 0"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported yet"),
-        ({"tool_choice": "required"}, "tool_choice", "not supported yet"),
+        ({"tools": [{"type": "function", "function": {}}]}, "tools", "function.name"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
             "response_format",

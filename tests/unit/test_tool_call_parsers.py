@@ -38,8 +38,8 @@ CASES = [
     # (format, output, content, [(name, arguments)])
     (HERMES, f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>', "",
      [("get_weather", json.loads(WEATHER))]),
-    (HERMES, f'Let me look.\n<tool_call>\n{{"name": "search", "arguments": {NESTED}}}\n</tool_call>\n'
-     f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\nDone.',
+    (HERMES, (f'Let me look.\n<tool_call>\n{{"name": "search", "arguments": {NESTED}}}\n</tool_call>\n'
+     f'<tool_call>\n{{"name": "get_weather", "arguments": {WEATHER}}}\n</tool_call>\nDone.'),
      "Let me look.Done.", [("search", json.loads(NESTED)), ("get_weather", json.loads(WEATHER))]),
     (LLAMA3, f'<|python_tag|>{{"name": "get_weather", "parameters": {WEATHER}}}', "",
      [("get_weather", json.loads(WEATHER))]),
@@ -47,8 +47,8 @@ CASES = [
      [("search", json.loads(NESTED)), ("run_code", {})]),
     (LLAMA3, f'I will check. <|python_tag|>{{"name": "get_weather", "arguments": {WEATHER}}}', "I will check.",
      [("get_weather", json.loads(WEATHER))]),
-    (MISTRAL, f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER}}}, '
-     f'{{"name": "search", "arguments": {NESTED}}}]', "",
+    (MISTRAL, (f'[TOOL_CALLS] [{{"name": "get_weather", "arguments": {WEATHER}}}, '
+     f'{{"name": "search", "arguments": {NESTED}}}]'), "",
      [("get_weather", json.loads(WEATHER)), ("search", json.loads(NESTED))]),
     (MISTRAL, '[TOOL_CALLS] [{"name": "run_code", "arguments": {"code": "```\\nprint({1: 2})\\n```"}}]', "",
      [("run_code", {"code": "```\nprint({1: 2})\n```"})]),
