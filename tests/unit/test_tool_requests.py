@@ -13,7 +13,6 @@ import pytest
 from pdserve.router.openai.params import OpenAIRequestError
 from pdserve.router.openai.protocol import parse_chat_request
 from pdserve.router.openai.tool_template import prompt_inputs
-from pdserve.router.openai.tools import call_schema
 
 WEATHER = {
     "type": "function",
