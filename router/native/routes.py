@@ -16,6 +16,7 @@ from pdserve.router.native.info import (
     handle_model_info,
     handle_server_info,
 )
+from pdserve.router.native.text_parsers import handle_parse_function_call, handle_separate_reasoning
 from pdserve.router.native.tokenize import handle_detokenize, handle_tokenize
 from pdserve.router.native.unsupported import add_unsupported_routes
 
@@ -43,4 +44,6 @@ def add_native_routes(app: web.Application) -> None:
     for prefix in ("", "/v1"):
         r.add_post(f"{prefix}/tokenize", handle_tokenize)
         r.add_post(f"{prefix}/detokenize", handle_detokenize)
+    r.add_post("/separate_reasoning", handle_separate_reasoning)
+    r.add_post("/parse_function_call", handle_parse_function_call)
     add_unsupported_routes(app)

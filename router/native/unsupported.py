@@ -7,8 +7,7 @@ Two kinds, both answered 400 in the OpenAI error shape with the route's name and
   names the served model and what it lacks.
   (The expert-distribution routes are served: router/native/expert_record.py; the workers say
   when the model has no experts.)
-- features pdserve does not have: LoRA adapters, sessions, reasoning and function-call parsers,
-  GPU memory release (the message says why on this cluster's device), weight sync over
+- features pdserve does not have: LoRA adapters, sessions, GPU memory release (the message says why on this cluster's device), weight sync over
   torch.distributed, the hierarchical cache's storage backend, deliberate slow-down, file uploads,
   the OpenAI Responses API, Vertex AI's request format.
 Methods are SGLang's (`api_route(..., methods=[...])` in its http_server.py), PUT included.
@@ -46,8 +45,6 @@ MISSING = {
         ),
     ),
     "/close_session": (GET_POST, "sessions are not supported by pdserve: no session is ever open"),
-    "/separate_reasoning": (("POST",), "not supported yet: pdserve has no reasoning parser"),
-    "/parse_function_call": (("POST",), "not supported yet: pdserve has no function-call parser"),
     "/init_weights_update_group": (("POST",), NO_DISTRIBUTED),
     "/destroy_weights_update_group": (("POST",), NO_DISTRIBUTED),
     "/update_weights_from_distributed": (("POST",), NO_DISTRIBUTED),

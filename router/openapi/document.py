@@ -42,6 +42,8 @@ REQUEST_BODIES = {
     "/abort_request": "AbortRequest",
     "/update_weights_from_disk": "UpdateWeightsFromDiskRequest",
     "/update_weights": "UpdateWeightsFromDiskRequest",
+    "/separate_reasoning": "SeparateReasoningRequest",
+    "/parse_function_call": "ParseFunctionCallRequest",
 }
 # query parameters read by handlers (request.query), per path
 QUERY_PARAMETERS = {

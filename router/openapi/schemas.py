@@ -198,6 +198,8 @@ def chat_schema() -> dict[str, Any]:
                 "anyOf": [{"type": "string"}, {"type": "array", "items": content_part}, {"type": "null"}]
             },
             "name": {"type": "string"},
+            "tool_calls": {"type": "array", "description": "An assistant's calls, replayed."},
+            "tool_call_id": {"type": "string", "description": "The call a tool message answers."},
         },
         required=("role",),
     )
@@ -207,8 +209,10 @@ def chat_schema() -> dict[str, Any]:
         "messages": {"type": "array", "items": message, "minItems": 1},
         **_nullable_all(dataclass_properties(ChatRequest, names)),
         "max_completion_tokens": type_schema(int | None),
-        "tools": {"description": "Not supported yet: 400 when non-empty."},
-        "tool_choice": {"description": "Only null, 'none' and 'auto' are accepted."},
+        "tools": {"type": "array", "description": "Function tools: {'type': 'function', 'function': {...}}."},
+        "tool_choice": {"description": "'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}."},
+        "parallel_tool_calls": type_schema(bool | None),
+        "separate_reasoning": type_schema(bool | None),
         **_openai_common(),
     }
     return object_schema(props, required=("messages",), description="OpenAI's chat completion request.")
@@ -296,5 +300,17 @@ def control_schemas() -> dict[str, dict[str, Any]]:
                 "weight_version": type_schema(str | None),
             },
             required=("model_path",),
+        ),
+        "SeparateReasoningRequest": object_schema(
+            {"text": {"type": "string"}, "reasoning_parser": {"enum": ["qwen3", "deepseek-r1"]}},
+            required=("text", "reasoning_parser"),
+        ),
+        "ParseFunctionCallRequest": object_schema(
+            {
+                "text": {"type": "string"},
+                "tool_call_parser": {"type": "string"},
+                "tools": {"type": "array", "items": {"type": "object"}},
+            },
+            required=("text", "tool_call_parser"),
         ),
     }

@@ -110,7 +110,10 @@ def scan_object(text: str, i: int) -> ObjectScan:
         key_end = string_end(text, j)
         if key_end is None:
             return scan
-        key = json.loads(text[j:key_end])
+        try:
+            key = json.loads(text[j:key_end])
+        except ValueError:  # a bad escape or a raw control character
+            raise JsonScanError("a key that is not a JSON string") from None
         j = skip_ws(text, key_end)
         if j >= len(text):
             return scan

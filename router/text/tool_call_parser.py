@@ -166,7 +166,10 @@ def _read_call(
     if "name" in scan.fields:
         start, end = scan.fields["name"]
         if end is not None:
-            value = json.loads(text[start:end])
+            try:
+                value = json.loads(text[start:end])
+            except ValueError:
+                raise _NotACall() from None
             if not isinstance(value, str) or (names is not None and value not in names):
                 raise _NotACall()
             name = value

@@ -93,13 +93,6 @@ REFUSED = [
     ("GET", "/resume_memory_occupation", None, ["cpu"]),
     ("POST", "/open_session", {"capacity_of_str_len": 100}, ["sessions are not supported"]),
     ("POST", "/close_session", {"session_id": "s"}, ["sessions are not supported"]),
-    (
-        "POST",
-        "/separate_reasoning",
-        {"text": "x", "reasoning_parser": "deepseek-r1"},
-        ["no reasoning parser"],
-    ),
-    ("POST", "/parse_function_call", {"text": "x", "tools": []}, ["no function-call parser"]),
     ("POST", "/load_lora_adapter", {"lora_name": "a", "lora_path": "/x"}, ["no LoRA support"]),
     ("POST", "/unload_lora_adapter", {"lora_name": "a"}, ["no LoRA support"]),
     ("POST", "/configure_logging", {"log_requests_level": 2}, ["one level"]),

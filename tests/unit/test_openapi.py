@@ -82,6 +82,7 @@ def test_openai_sampling_fields_take_sampling_params_types(document):
         "developer",
         "user",
         "assistant",
+        "tool",
     ]
     generate = document["components"]["schemas"]["GenerateRequest"]["properties"]
     assert generate["return_logprob"]["anyOf"][0] == {"type": "boolean"}  # one value, or one per prompt
