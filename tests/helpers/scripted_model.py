@@ -12,6 +12,7 @@ one only, which is why every piece of every script must be a distinct token.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import torch
@@ -47,7 +48,7 @@ def make_scripted_model(dir: Path, scripts: dict[str, list[str]]) -> Path:
         slot = 0
         for trigger, script in scripts.items():
             ids = [tokenizer.convert_tokens_to_ids(p) for p in (trigger, *script)] + [IM_END_ID]
-            for current, following in zip(ids, ids[1:]):
+            for current, following in itertools.pairwise(ids):
                 emb[current].zero_()
                 emb[current, slot] = 1.0
                 head[following, slot] = LOGIT
