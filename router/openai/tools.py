@@ -80,12 +80,12 @@ def parse_tools(body: dict) -> ToolSpec | None:
         spec.choice = choice
     elif isinstance(choice, dict):
         fn = choice.get("function")
-        name = fn.get("name") if isinstance(fn, dict) else None
-        if choice.get("type") != "function" or not isinstance(name, str):
+        chosen = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(chosen, str):
             raise OpenAIRequestError(
                 "tool_choice must be {'type': 'function', 'function': {'name': ...}}.", "tool_choice"
             )
-        spec.choice, spec.function_name = "function", name
+        spec.choice, spec.function_name = "function", chosen
     elif choice is not None:
         raise OpenAIRequestError("tool_choice must be a string or an object.", "tool_choice")
     if spec.forced and not tools:
