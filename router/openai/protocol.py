@@ -173,7 +173,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     max_tokens = get_int(body, "max_completion_tokens", lo=0)
     if max_tokens is None:
         max_tokens = get_int(body, "max_tokens", lo=0)
-    sampling = {**sampling_from_body(body, max_tokens), **forced_sampling(tools)}
+    sampling = sampling_from_body(body, max_tokens)
+    sampling.update(forced_sampling(tools, sampling))
     logprobs = get_bool(body, "logprobs")
     top_logprobs = get_int(body, "top_logprobs", 0, lo=0, hi=MAX_TOP_LOGPROBS)
     if top_logprobs and not logprobs:

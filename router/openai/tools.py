@@ -118,8 +118,16 @@ def call_schema(spec: ToolSpec) -> dict[str, Any]:
     return one
 
 
-def forced_sampling(spec: ToolSpec | None) -> dict[str, Any]:
-    """Sampling params a forced tool_choice adds: the call schema as `json_schema` (a JSON string)."""
+def forced_sampling(spec: ToolSpec | None, sampling: dict[str, Any]) -> dict[str, Any]:
+    """Sampling params a forced tool_choice adds: the call schema as `json_schema` (a JSON string).
+    A request constrained otherwise too (response_format, regex, ...) is a 400: one grammar each."""
     if spec is None or not spec.forced:
         return {}
+    taken = [k for k in ("json_schema", "regex", "ebnf") if sampling.get(k) is not None]
+    if taken:
+        raise OpenAIRequestError(
+            f"tool_choice {spec.choice!r} is enforced by a JSON schema and cannot be combined with "
+            f"{', '.join(taken)} (or response_format).",
+            "tool_choice",
+        )
     return {"json_schema": json.dumps(call_schema(spec))}
