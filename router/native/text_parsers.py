@@ -13,6 +13,7 @@ A missing or unknown field value is a 400 naming it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,7 @@ def _text(body: dict[str, Any]) -> str:
     return text
 
 
-def _named(body: dict[str, Any], field: str, lookup):  # noqa: ANN001, ANN202 (a format constructor)
+def _named(body: dict[str, Any], field: str, lookup: Callable[[str], Any]) -> Any:
     name = body.get(field)
     if not isinstance(name, str):
         raise http_error(400, f"{field} must be a string.")

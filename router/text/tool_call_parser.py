@@ -8,8 +8,9 @@ Rules (one pure function serves the non-streaming answer, `final=True`, and each
   arguments (the format's `arguments` or `parameters` key; none means `{}`). `arguments` is the
   model's own text of that object, so streamed pieces assemble to exactly the final string.
 - Text outside call blocks is the content; blanks next to a block are dropped. A block that is not
-  a call (unknown name, arguments not an object, not JSON) stays text, and so does a block cut off
-  by the end of the output (`final=True`: max_tokens reached inside a call).
+  a call (unknown name, arguments not an object, not JSON) stays text, and so does a call cut off
+  by the end of the output (`final=True`: max_tokens reached inside it); the whole calls before it
+  in the same block (an array, calls joined by `;`) still count.
 - While not final, what may still turn into a call is held back: the start of a marker, blanks
   that may precede one, and an unfinished block. An unfinished call shows its name once the name
   is whole and known, and the arguments text seen so far.
@@ -44,8 +45,9 @@ class ToolCallAnalysis:
 
 
 class _Unfinished(Exception):
-    def __init__(self, calls: list[CallView]):
+    def __init__(self, calls: list[CallView], rest: int):
         self.calls = calls
+        self.rest = rest  # where the unfinished part begins
 
 
 class _NotACall(Exception):
@@ -80,9 +82,13 @@ def analyze_tool_calls(
         try:
             block, end = _read_block(text, j, fmt, names, final)
         except _Unfinished as unfinished:
-            if final:  # cut off: the block stays text
+            done = [c for c in unfinished.calls if c.complete]
+            if final and not done:  # cut off: the block stays text
                 parts.append(text[pos:])
                 return ToolCallAnalysis("".join(parts), calls)
+            if final:  # cut off after whole calls (an array, joined calls): those count, the rest is text
+                parts.extend((before.rstrip(), text[unfinished.rest :]))
+                return ToolCallAnalysis("".join(parts), calls + done)
             parts.append(before.rstrip())
             return ToolCallAnalysis("".join(parts), calls + unfinished.calls)
         except _NotACall:
@@ -117,14 +123,14 @@ def _read_block(
 ) -> tuple[list[CallView], int]:
     """The calls of the block at text[j] (an object, objects joined by the separator, or an array)."""
     if j >= len(text):
-        raise _Unfinished([])
+        raise _Unfinished([], j)
     calls: list[CallView] = []
     if text[j] == "[":
         i = j + 1
         while True:
             i = skip_ws(text, i)
             if i >= len(text):
-                raise _Unfinished(calls)
+                raise _Unfinished(calls, i)
             if text[i] == "]" and calls:
                 return calls, i + 1
             if text[i] == "," and calls:
@@ -144,12 +150,12 @@ def _read_block(
             return calls, i
         sep = skip_ws(text, i)
         if sep >= len(text) and not final:
-            raise _Unfinished(calls)  # a separator and another call may follow
+            raise _Unfinished(calls, sep)  # a separator and another call may follow
         if sep >= len(text) or text[sep] != fmt.separator:
             return calls, i
         nxt = skip_ws(text, sep + 1)
         if nxt >= len(text) and not final:
-            raise _Unfinished(calls)
+            raise _Unfinished(calls, sep)
         if nxt >= len(text) or text[nxt] != "{":
             return calls, sep + 1
         i = nxt
@@ -181,7 +187,7 @@ def _read_call(
             raise _NotACall()
         arguments = text[start:end] if end is not None else text[start:]
     if scan.end is None:
-        raise _Unfinished([*before, CallView(name, arguments, False)])
+        raise _Unfinished([*before, CallView(name, arguments, False)], i)
     if name is None:
         raise _NotACall()
     if key is None:
