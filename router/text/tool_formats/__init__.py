@@ -2,6 +2,8 @@
 
 `call_format(name)` raises ValueError naming the choices; `format_for_template(template)` guesses
 the format a tool-aware chat template asks its model to write, by the markers it mentions.
+
+May import: nothing of pdserve outside router/text/tool_formats; never aiohttp.
 """
 
 from __future__ import annotations
