@@ -210,7 +210,9 @@ def chat_schema() -> dict[str, Any]:
         **_nullable_all(dataclass_properties(ChatRequest, names)),
         "max_completion_tokens": type_schema(int | None),
         "tools": {"type": "array", "description": "Function tools: {'type': 'function', 'function': {...}}."},
-        "tool_choice": {"description": "'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}."},
+        "tool_choice": {
+            "description": "'auto', 'none', 'required' or {'type': 'function', 'function': {'name'}}."
+        },
         "parallel_tool_calls": type_schema(bool | None),
         "separate_reasoning": type_schema(bool | None),
         **_openai_common(),
