@@ -143,3 +143,19 @@ def test_bad_grammar_is_refused_with_the_reason(engine, params, reason):
     with pytest.raises(RequestError, match=re.escape(reason)):
         engine.add_request(GenerateRequest(rid="bad", input_ids=PROMPT, sampling_params=params))
     assert not engine.has_work()
+
+
+def test_properties_come_in_the_schema_order(engine):
+    """The model writes an object's properties in the order the schema lists them (as OpenAI's
+    strict mode does): a tool call's name before its arguments, whatever their alphabetical order."""
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"enum": ["z"]}, "alpha": {"enum": ["a"]}},
+        "required": ["zeta", "alpha"],
+    }
+    spaced = json.dumps(schema, indent=2)  # the same schema spelled otherwise: one compile, same order
+    for source in (json.dumps(schema), spaced):
+        params = {"temperature": 1.0, "max_new_tokens": 60, "sampling_seed": 3, "json_schema": source}
+        (out,) = engine.generate([PROMPT], [params])
+        text = _text(out)
+        assert list(json.loads(text)) == ["zeta", "alpha"], text
