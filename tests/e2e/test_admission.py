@@ -153,7 +153,7 @@ def test_priority_scheduling_orders_and_evicts(router_launcher, worker):
 
     threads = []
     for name, priority, max_new_tokens, queued in (
-        ("blocker", 0, 400, 0),
+        ("blocker", 0, 1000, 0),  # long enough to outlast the queue checks on a loaded box
         ("low-1", 1, 50, 1),
         ("low-2", 1, 50, 2),
         ("high", 10, 50, 2),  # the queue is full: the newest low one is evicted for it

@@ -58,7 +58,7 @@ class FakeState:
         self.chat_template = None
         self.model_name = "scripted"
         self.model_path = "/scripted"
-        self.args = SimpleNamespace(max_batch_size=4)
+        self.args = SimpleNamespace(max_batch_size=4, tool_call_parser=None, reasoning_parser=None)
 
     def require_ready(self):
         return SimpleNamespace(context_length=64)
