@@ -4,7 +4,8 @@
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
 # interleave threshold; also tests_kv (the KV transfer `gpu` tests alone), kv_ipc (kv's cuda_ipc run alone),
-# and the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2
+# the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2;
+# grammar (every request under a grammar against the same serve unconstrained)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -168,6 +169,22 @@ PY
     bench_random moe-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random moe-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
     serve_stop; unset SERVE_MODEL ;;
+  grammar)
+    # issue 15's overhead: every request under a grammar against the same serve unconstrained,
+    # 1,024 in / 256 out at concurrency 1 and 64. The synthetic tokenizer's tokens are words w<i>, no
+    # JSON punctuation, so the grammar is a regex over them: each step still fills and applies the
+    # batch's bitmask and advances every matcher, which is the cost measured.
+    serve_start grammar
+    free='{"temperature": 0.0, "max_new_tokens": 256, "ignore_eos": true}'
+    constrained='{"temperature": 0.0, "max_new_tokens": 256, "ignore_eos": true, "regex": "(w[0-9]+)+"}'
+    for c in 1 64; do
+      n=$([ $c = 1 ] && echo 16 || echo 256)
+      bench_random grammar-free-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
+        --extra-request-body "{\"sampling_params\": $free}"
+      bench_random grammar-json-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
+        --extra-request-body "{\"sampling_params\": $constrained}"
+    done
+    serve_stop ;;
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null
