@@ -2,14 +2,12 @@
 
     curl -X POST localhost:30000/load_lora_adapter -d '{...}'   # 400: "... pdserve has no LoRA support ..."
 
-Two kinds, both answered 400 in the OpenAI error shape with the route's name and the reason:
-- routes for model kinds pdserve does not serve: `/v1/score` needs a scoring head. The message
-  names the served model and what it lacks.
-  (The expert-distribution routes are served: router/native/expert_record.py; the workers say
-  when the model has no experts.)
-- features pdserve does not have: LoRA adapters, sessions, GPU memory release (the message says why on this cluster's device), weight sync over
+Each is answered 400 in the OpenAI error shape with the route's name and the reason: features
+pdserve does not have (LoRA adapters, sessions, GPU memory release (the message says why on this cluster's device), weight sync over
   torch.distributed, the hierarchical cache's storage backend, deliberate slow-down, file uploads,
-  the OpenAI Responses API, Vertex AI's request format.
+  the OpenAI Responses API, Vertex AI's request format). Routes of a model kind (embeddings,
+classification, rerank, score, expert-distribution recording) are served, and each answers a model
+of another kind with a 400 naming what it needs.
 Methods are SGLang's (`api_route(..., methods=[...])` in its http_server.py), PUT included.
 """
 
@@ -20,10 +18,6 @@ from aiohttp import web
 from pdserve.router.http.limits import http_error
 from pdserve.router.state import STATE_KEY, RouterState
 
-# path -> (methods, what it needs)
-NEEDS = {
-    "/v1/score": (("POST",), "a scoring model (pdserve does not serve /v1/score yet)"),
-}
 NO_RESPONSES = "the Responses API is not supported by pdserve yet: use /v1/chat/completions"
 GET_POST = ("GET", "POST")
 NO_DISTRIBUTED = (
@@ -73,12 +67,6 @@ MISSING = {
 MEMORY_PATHS = ("/release_memory_occupation", "/resume_memory_occupation")
 
 
-def _model(state: RouterState) -> str:
-    name = state.model_name or "the served model"
-    arch = ", ".join(state.facts.architectures) if state.facts and state.facts.architectures else ""
-    return f"{name} ({arch})" if arch else name
-
-
 def _devices(state: RouterState) -> set[str]:
     return {
         str(h.server_info.args.get("device", "cpu")) for h in state.pool.workers.values() if h.server_info
@@ -103,14 +91,11 @@ async def handle_unsupported(request: web.Request) -> web.Response:
     path = request.match_info.route.resource.canonical
     if path in MEMORY_PATHS:
         raise http_error(400, f"{path} is not supported: {_memory_reason(state)}.")
-    if path in MISSING:
-        raise http_error(400, f"{path}: {MISSING[path][1]}.")
-    kind = state.facts.kind if state.facts else "a generation model"
-    raise http_error(400, f"The served model {_model(state)} is {kind}: {path} needs {NEEDS[path][1]}.")
+    raise http_error(400, f"{path}: {MISSING[path][1]}.")
 
 
 def add_unsupported_routes(app: web.Application) -> None:
-    routes = {path: methods for path, (methods, _) in {**NEEDS, **MISSING}.items()}
+    routes = {path: methods for path, (methods, _) in MISSING.items()}
     routes.update({path: GET_POST for path in MEMORY_PATHS})
     for path, methods in routes.items():
         for method in methods:

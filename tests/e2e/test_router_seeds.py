@@ -146,9 +146,8 @@ def test_seed_routes_of_other_model_kinds_answer_400(smol):
         "/encode": {"model": SMOL, "text": "Once upon a time"},
         "/classify": {"model": SMOL, "text": ["a", "b"]},
         "/v1/rerank": {"model": SMOL, "query": "what is panda?", "documents": ["hi"]},
-        "/v1/score": {"model": SMOL, "query": "q", "items": ["a"], "label_token_ids": [1, 2]},
     }
-    needs = {"/encode": "embedding", "/classify": "reward", "/v1/rerank": "rerank", "/v1/score": "scoring"}
+    needs = {"/encode": "embedding", "/classify": "reward", "/v1/rerank": "rerank"}
     for path, body in bodies.items():
         assert_error(requests.post(smol + path, json=body), 400, SMOL, needs[path])
     for path in ("/start_expert_distribution_record", "/stop_expert_distribution_record"):
