@@ -12,19 +12,12 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from pdserve.router.http.limits import http_error
 from pdserve.router.native.encode import pooled_items
+from pdserve.router.openai.embedding_inputs import CLASSIFIER, require_model
 from pdserve.router.state import STATE_KEY
 
 
 async def handle_classify(request: web.Request) -> web.Response:
-    state = request.app[STATE_KEY]
-    facts = state.require_ready()
-    if not facts.labels:
-        raise http_error(
-            400,
-            f"The served model {state.model_name} is {facts.kind}: /classify needs a reward or "
-            "classification model (*ForSequenceClassification).",
-        )
+    require_model(request.app[STATE_KEY], "/classify", lambda facts: bool(facts.labels), CLASSIFIER)
     items, batched = await pooled_items(request, "/classify")
     return web.json_response(items if batched else items[0])

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from pdserve.router.http.limits import http_error, read_json_object
 from pdserve.router.openai.common import router_state
-from pdserve.router.openai.embedding_inputs import embed, input_token_lists
+from pdserve.router.openai.embedding_inputs import CLASSIFIER, embed, input_token_lists, require_model
 
 
 def softmax(scores: list[float]) -> list[float]:
@@ -33,13 +33,8 @@ def softmax(scores: list[float]) -> list[float]:
 async def handle_classify_v1(request: web.Request) -> web.Response:
     state = router_state(request)
     body = await read_json_object(request)
+    require_model(state, "/v1/classify", lambda facts: bool(facts.labels), CLASSIFIER)
     facts = state.require_ready()
-    if not facts.labels:
-        raise http_error(
-            400,
-            f"The served model {state.model_name} is {facts.kind}: /v1/classify needs a reward or "
-            "classification model (*ForSequenceClassification).",
-        )
     if "input" not in body:
         raise http_error(400, "input is required.")
     ids, _ = input_token_lists(state, body["input"], "input")

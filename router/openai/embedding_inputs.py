@@ -11,23 +11,33 @@ sentence-transformers and SGLang do. Token ids must lie in the vocabulary.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from pdserve.router.http.limits import check_batch_size, http_error
-from pdserve.router.state import RouterState
+from pdserve.router.state import ModelFacts, RouterState
 from pdserve.shared.protocol import EmbeddingOutput
+
+CLASSIFIER = "a reward or classification model (*ForSequenceClassification)"
+CROSS_ENCODER = (
+    "a cross-encoder (BertForSequenceClassification or XLMRobertaForSequenceClassification, "
+    "e.g. BAAI/bge-reranker-v2-m3)"
+)
+
+
+def require_model(state: RouterState, path: str, fits: Callable[[ModelFacts], bool], needs: str) -> None:
+    """400 naming the served model's kind unless `fits` says it serves `path` (503 before any worker)."""
+    facts = state.require_ready()
+    if not fits(facts):
+        raise http_error(400, f"The served model {state.model_name} is {facts.kind}: {path} needs {needs}.")
 
 
 def require_embedding_model(state: RouterState, path: str) -> None:
-    """400 naming the served model's kind unless it is an embedding model (503 before any worker)."""
-    facts = state.require_ready()
-    if facts.is_generation:
-        raise http_error(
-            400, f"The served model {state.model_name} is {facts.kind}: {path} needs an embedding model."
-        )
+    require_model(state, path, lambda facts: not facts.is_generation, "an embedding model")
 
 
-def _is_ids(value: Any) -> bool:
+def is_token_ids(value: Any) -> bool:
+    """A non-empty list of ints (bools excluded)."""
     return (
         isinstance(value, list)
         and bool(value)
@@ -37,12 +47,12 @@ def _is_ids(value: Any) -> bool:
 
 def input_token_lists(state: RouterState, value: Any, name: str) -> tuple[list[list[int]], bool]:
     """(one token-id list per input, whether the request was a batch); http_error 400 otherwise."""
-    if isinstance(value, str) or _is_ids(value):
+    if isinstance(value, str) or is_token_ids(value):
         lists, batched = [value], False
     elif (
         isinstance(value, list)
         and value
-        and (all(isinstance(v, str) for v in value) or all(map(_is_ids, value)))
+        and (all(isinstance(v, str) for v in value) or all(map(is_token_ids, value)))
     ):
         lists, batched = list(value), True
     else:

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from pdserve.router.http.limits import check_batch_size, http_error, read_json_object
 from pdserve.router.openai.common import router_state
-from pdserve.router.openai.embedding_inputs import embed
+from pdserve.router.openai.embedding_inputs import CROSS_ENCODER, embed, require_model
 from pdserve.router.state import RouterState
 
 
@@ -55,13 +55,7 @@ def pair_ids(state: RouterState, query: str, documents: list[str]) -> list[list[
 async def handle_rerank(request: web.Request) -> web.Response:
     state = router_state(request)
     body = await read_json_object(request)
-    facts = state.require_ready()
-    if not facts.cross_encoder:
-        raise http_error(
-            400,
-            f"The served model {state.model_name} is {facts.kind}: /v1/rerank needs a cross-encoder "
-            "(BertForSequenceClassification or XLMRobertaForSequenceClassification, e.g. BAAI/bge-reranker-v2-m3).",
-        )
+    require_model(state, "/v1/rerank", lambda facts: facts.cross_encoder, CROSS_ENCODER)
     query, documents, top_n, return_documents = parse_rerank(body, state.args.max_batch_size)
     started = time.monotonic()
     outs = await embed(state, pair_ids(state, query, documents))

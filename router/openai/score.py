@@ -25,12 +25,9 @@ from aiohttp import web
 from pdserve.router.http.limits import check_batch_size, http_error, read_json_object
 from pdserve.router.openai.classify import softmax
 from pdserve.router.openai.common import router_state
+from pdserve.router.openai.embedding_inputs import is_token_ids
 from pdserve.router.serving.generator_api import GenerateInput, GenerationError
 from pdserve.router.state import RouterState
-
-
-def _ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
 
 
 def score_prompts(state: RouterState, body: dict[str, Any]) -> list[list[int]]:
@@ -48,8 +45,8 @@ def score_prompts(state: RouterState, body: dict[str, Any]) -> list[list[int]]:
         check_batch_size(len(texts), state.args.max_batch_size)
         encode = state.encoder(add_special_tokens=True)
         return [encode(item + query if item_first else query + item) for item in texts]
-    if isinstance(items, list) and items and all(_ids(i) for i in items):
-        if not _ids(query):
+    if isinstance(items, list) and items and all(is_token_ids(i) for i in items):
+        if not is_token_ids(query):
             raise http_error(400, "query must be a non-empty list of token ids when items are token ids.")
         check_batch_size(len(items), state.args.max_batch_size)
         return [item + query if item_first else query + item for item in items]
@@ -60,7 +57,7 @@ def score_prompts(state: RouterState, body: dict[str, Any]) -> list[list[int]]:
 
 def label_ids(state: RouterState, value: Any) -> list[int]:
     vocab = state.require_generation().vocab_size
-    if not _ids(value) or any(not 0 <= t < vocab for t in value):
+    if not is_token_ids(value) or any(not 0 <= t < vocab for t in value):
         raise http_error(400, f"label_token_ids must be a non-empty list of token ids in [0, {vocab}).")
     return list(value)
 

@@ -16,15 +16,22 @@ The norm and MLP are subclasses of llama's, not the same types, so the CUDA fast
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
-from pdserve.shared.models.llama import Attention, DecoderLayer, DecoderModel, LlamaForCausalLM
+from pdserve.shared.models.llama import (
+    Attention,
+    DecoderLayer,
+    DecoderModel,
+    LlamaForCausalLM,
+    windows_from_layer_types,
+)
 from pdserve.shared.models.rope import RotaryEmbedding
 
 _GELU_TANH = ("gelu_pytorch_tanh", "gelu")  # transformers maps Gemma's legacy "gelu" to the tanh form
@@ -86,14 +93,12 @@ class Gemma2DecoderLayer(GemmaDecoderLayer):
         attn = self.self_attn
         attn.scale = float(hf.query_pre_attn_scalar) ** -0.5
         attn.softcap = getattr(hf, "attn_logit_softcapping", None)
-        if hf.layer_types[layer_id] == "sliding_attention" and hf.sliding_window:
-            attn.window = int(hf.sliding_window)
 
     def forward(
         self,
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
-        batch: Any,  # a ForwardBatch: the engine's type, which models may not import (layering)
+        batch: ForwardBatch,
         cos_sin: tuple[torch.Tensor, torch.Tensor],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual stream is hidden + residual, as in DecoderLayer, so the fused add-and-norm
@@ -142,6 +147,10 @@ class Gemma2ForCausalLM(GemmaForCausalLM):
 
     layer_class = Gemma2DecoderLayer
     activation_key = "hidden_activation"
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config)
+        windows_from_layer_types(self, config.hf_config)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = super().compute_logits(hidden)

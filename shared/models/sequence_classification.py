@@ -30,9 +30,7 @@ from pdserve.shared.models.llama import LlamaForCausalLM, MistralForCausalLM, Qw
 
 
 def num_labels(config: ModelConfig) -> int:
-    hf = config.hf_config
-    labels = getattr(hf, "id2label", None)
-    return int(getattr(hf, "num_labels", 0) or (len(labels) if labels else 1))
+    return len(label_names(config.hf_config))
 
 
 def label_names(hf_config: object) -> list[str]:
