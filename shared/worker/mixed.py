@@ -162,11 +162,12 @@ class MixedWorker:
             if self.sock.poll(self._poll_ms(busy)):
                 self._drain_socket()
             self.updates.advance()
-            was_busy, busy = busy, self._runnable()
-            if busy:
+            ran = self._runnable()
+            if ran:
                 self._step()
-                busy = self._runnable()
-            # going idle publishes at once: a scrape after the last output sees the final counts
+            # going idle publishes at once, also after work that came and finished in one step:
+            # a scrape after the last output sees the final counts
+            was_busy, busy = busy or ran, self._runnable()
             self._publish_metrics(force=was_busy and not busy)
         self._drain()
         self._shutdown()
