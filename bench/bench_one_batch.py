@@ -129,6 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--enable-torch-compile", action="store_true", help="decode graphs of a torch.compile'd forward"
     )
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
+    p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--result-filename", default=None, help="append one JSON line per case")
     p.add_argument("--run-name", default="")
@@ -152,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         disable_cuda_graph=ns.disable_cuda_graph,
         enable_torch_compile=ns.enable_torch_compile,
         attention_backend=ns.attention_backend,
+        quantization=ns.quantization,
         chunked_prefill_size=max(8192, max(b * i for b, i, _ in cases)),
         max_prefill_tokens=max(16384, max(b * i for b, i, _ in cases)),
         random_seed=ns.seed,
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model {ns.model_path} ({engine.model_config.dtype}), device {ns.device}, "
         f"KV pool {engine.max_total_num_tokens} tokens, attention {type(engine.runner.attn_backend).__name__}, "
         f"cuda graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets[-1]}, "
-        f"torch.compile {'on' if ns.enable_torch_compile else 'off'}"
+        f"torch.compile {'on' if ns.enable_torch_compile else 'off'}, weights {ns.quantization or 'as loaded'}"
     )
     run_case(engine, min(ns.batch_size), min(ns.input_len), 4, ns.seed)  # warm-up
     rows = []

@@ -5,7 +5,8 @@
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
 # interleave threshold; also tests_kv (the KV transfer `gpu` tests alone), kv_ipc (kv's cuda_ipc run alone),
 # the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2;
-# grammar (every request under a grammar against the same serve unconstrained)
+# grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
+# _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8), fp8_compile (the same, compiled)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -185,6 +186,18 @@ PY
         --extra-request-body "{\"sampling_params\": $constrained}"
     done
     serve_stop ;;
+  fp8)
+    run bench-fp8-gemm 200 python3 -m pdserve.bench.bench_fp8_gemm --rows 1,16,64 --sweep --json-out "$OUT/fp8_gemm.json"
+    for q in bf16 fp8; do
+      run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
+        --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
+    done ;;
+  fp8_compile)
+    for q in bf16 fp8; do
+      run one-batch-compile-$q 300 python3 -m pdserve.bench.bench_one_batch --batch-size 1 --input-len 1024 \
+        --output-len 128 --cuda-graph-max-bs 8 --enable-torch-compile $([ $q = fp8 ] && echo --quantization fp8) \
+        --result-filename "$RES" --run-name compile-weights-$q
+    done ;;
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null

@@ -27,6 +27,8 @@ import torch
 from pdserve.kernels.activation import silu_and_mul as _silu_and_mul
 from pdserve.kernels.decode_attention import decode_attention as _decode_attention
 from pdserve.kernels.extend_attention import extend_attention as _extend_attention
+from pdserve.kernels.fp8_gemm import fp8_gemm as _fp8_gemm
+from pdserve.kernels.fp8_quant import per_token_quant_fp8 as _per_token_quant_fp8
 from pdserve.kernels.fused_moe import fused_moe as _fused_moe
 from pdserve.kernels.kv_store import store_kv as _store_kv
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm as _fused_add_rmsnorm
@@ -145,6 +147,29 @@ def fused_moe(
     return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
 
 
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _per_token_quant_fp8(x)
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
+
+
+def _per_token_quant_fp8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+def _fp8_gemm_fake(a, a_scale, w, w_scale, bias, out_dtype) -> torch.Tensor:
+    return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
+
+
 def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[1] // 2))
 
@@ -158,3 +183,5 @@ rotary_store_kv_op = _register(rotary_store_kv_, ("q", "k", "kv"), _no_output)
 decode_attention_op = _register(decode_attention, ("workspace",), _new_like)
 extend_attention_op = _register(extend_attention, (), _new_like)
 fused_moe_op = _register(fused_moe, (), _new_like)
+per_token_quant_fp8_op = _register(per_token_quant_fp8, (), _per_token_quant_fp8_fake)
+fp8_gemm_op = _register(fp8_gemm, (), _fp8_gemm_fake)

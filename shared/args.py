@@ -33,6 +33,9 @@ class EngineArgs:
     max_prefill_tokens: int = 16384
     max_running_requests: int = 256
     schedule_policy: str = "fcfs"  # fcfs | lpm
+    # fp8 weights (shared/models/quantization.py): quantize a 16-bit checkpoint at load; fp8
+    # checkpoints are detected without it
+    quantization: str | None = None  # None | fp8
     # serve embeddings (EmbedRequest) instead of generating; also inferred from the model
     # (shared/models/pooling.py)
     is_embedding: bool = False
@@ -116,6 +119,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "schedule_policy": ["fcfs", "lpm"],
         "attention_backend": ["auto", "triton", "torch"],
         "expert_distribution_recorder_mode": ["stat"],
+        "quantization": ["fp8"],
     }
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")

@@ -55,7 +55,12 @@ class ModelRunner:
         self.local_dir = local_dir
         with slow_step(f"loading the weights ({args.load_format}) onto {self.device}"):
             self.model = load_model(
-                model_config, local_dir, args.load_format, device=self.device, seed=args.random_seed
+                model_config,
+                local_dir,
+                args.load_format,
+                device=self.device,
+                seed=args.random_seed,
+                quantization=args.quantization,
             )
         if embedding is not None:
             self.embedding = embedding.with_head_of(self.model)

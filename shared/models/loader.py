@@ -6,7 +6,9 @@ Rules:
 - load_format "auto" and "safetensors" read `*.safetensors` (one file, or shards listed by
   `model.safetensors.index.json`); "dummy" draws deterministic random weights (normal, std 0.02;
   norm weights 1) from `seed` on the target device, for benchmarks without a checkpoint.
-- The result is in eval mode, without grad, in `config.dtype`, on `device`.
+- The result is in eval mode, without grad, in `config.dtype`, on `device`; under an fp8 scheme
+  (shared.models.quantization) the decoder layers' linears are fp8 (shared.models.fp8_linear):
+  swapped in before an fp8 checkpoint loads, or quantized from the loaded (or dummy) weights.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from safetensors import safe_open
 from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.fp8_linear import fp8_linears_for_checkpoint, quantize_linears
+from pdserve.shared.models.quantization import DROPPED_SUFFIXES, fp8_scheme
 from pdserve.shared.models.registry import get_model_class
 from pdserve.shared.models.weights import WeightLoadError
 
@@ -84,13 +88,18 @@ def load_model(
     load_format: str = "auto",
     device: str | torch.device = "cpu",
     seed: int = 0,
+    quantization: str | None = None,
 ) -> nn.Module:
     """The model for `config` with its weights (see the module rules)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
+    scheme = fp8_scheme(config.hf_config, quantization)
     model_class = get_model_class(config.architectures)
     with torch.device("meta"):
         model = model_class(config)
+    fp8_loaded = scheme is not None and scheme.checkpoint_is_fp8 and load_format != "dummy"
+    if fp8_loaded:
+        fp8_linears_for_checkpoint(model, scheme.keep)  # type: ignore[union-attr]
     model.to_empty(device=torch.device(device))
     model.reset_buffers()
     if load_format == "dummy":
@@ -98,7 +107,12 @@ def load_model(
     else:
         if local_dir is None:
             raise WeightLoadError(f"load_format {load_format!r} needs a checkpoint directory")
-        model.load_weights(iter_weights(local_dir))
+        weights = iter_weights(local_dir)
+        if fp8_loaded:
+            weights = ((name, t) for name, t in weights if not name.endswith(DROPPED_SUFFIXES))
+        model.load_weights(weights)
+    if scheme is not None and not fp8_loaded:
+        quantize_linears(model, scheme.keep)
     model.eval()
     model.requires_grad_(False)
     return model

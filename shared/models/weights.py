@@ -6,7 +6,9 @@ Rules:
   "...k_proj.weight", "...v_proj.weight"), and the tensors of a module with
   `named_checkpoint_targets(module_name)`, which names them itself (its submodules included):
   stacked MoE experts hold one checkpoint tensor per expert.
-- Shapes must match exactly; dtypes are converted to the parameter's.
+- Shapes must match exactly; dtypes are converted to the parameter's. The one exception: an fp8
+  `weight_scale` fills its target whole ([N, 1] per channel as [N]; one per-tensor value
+  broadcast over its rows).
 - A checkpoint tensor with no target is an error unless the model's `ignore` says it is expected
   (rotary buffers saved by old exporters, lm_head of a tied model); a target that received nothing
   is an error when `strict`.
@@ -79,6 +81,10 @@ def load_checkpoint_weights(
             continue
         param, rows = target
         dest = param.data if rows is None else param.data[rows]
+        if name.endswith(".weight_scale") and tensor.numel() in (1, dest.numel()):
+            tensor = (
+                tensor.reshape(-1).expand(dest.shape) if tensor.numel() == 1 else tensor.reshape(dest.shape)
+            )
         if dest.shape != tensor.shape:
             raise WeightLoadError(
                 f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)}"

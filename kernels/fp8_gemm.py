@@ -1,0 +1,155 @@
+"""fp8 GEMM with per-token activation scales and per-channel weight scales: out = (a @ w.T) * sa * sw.
+
+Rules:
+- a [M, K] and w [N, K] are float8_e4m3fn with contiguous last dims; a_scale [M, 1] and w_scale [N]
+  float32; bias [N] (optional) in the output dtype. out[m, n] = sum_k a[m, k] * w[n, k] accumulated
+  in float32, times a_scale[m] * w_scale[n], plus bias[n], rounded once to out_dtype.
+- Written for the skinny M of decode batches, where cuBLASLt's fp8 GEMM (torch._scaled_mm) leaves
+  bandwidth unused: a tile of BLOCK_M rows (16, the smallest tl.dot takes; fewer rows are masked)
+  against BLOCK_N weight rows, and split-K when N alone gives too few programs to keep every SM
+  streaming weights. Split-K programs add their scaled partial sums into a float32 buffer
+  (atomics), which is rounded to out_dtype once at the end.
+- w is read K-contiguous, the operand layout Hopper's fp8 tensor cores take without a transpose.
+- `fp8_gemm_ref` is the same arithmetic in torch (float32 matmul of the dequantized operands).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _fp8_gemm_kernel(
+    a,
+    a_scale,
+    w,
+    w_scale,
+    bias,
+    out,
+    M,
+    N,
+    K,
+    a_stride,
+    w_stride,
+    k_per_split,
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < k_end
+        a_tile = tl.load(
+            a + rm[:, None].to(tl.int64) * a_stride + rk[None, :],
+            mask=m_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        w_tile = tl.load(
+            w + rn[None, :].to(tl.int64) * w_stride + rk[:, None],
+            mask=k_ok[:, None] & n_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(a_tile, w_tile, acc)
+    sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
+    sw = tl.load(w_scale + rn, mask=n_ok, other=0.0)
+    acc = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[None, :]
+    offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out + offsets, acc, mask=mask)
+    else:
+        tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
+
+
+def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> None:
+    if a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
+        raise ValueError("a and w must be float8_e4m3fn")
+    if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
+        raise ValueError(f"a [M, K] and w [N, K] must agree on K: {tuple(a.shape)}, {tuple(w.shape)}")
+    if a.stride(-1) != 1 or w.stride(-1) != 1:
+        raise ValueError("a and w need contiguous last dims")
+    if a_scale.shape != (a.shape[0], 1) or w_scale.shape != (w.shape[0],):
+        raise ValueError("a_scale must be [M, 1] and w_scale [N]")
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    block_n: int = 64,
+    block_k: int = 128,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
+    None picks it from the shape (auto_split_k)."""
+    _check(a, a_scale, w, w_scale)
+    M, K = a.shape
+    N = w.shape[0]
+    if split_k is None:
+        split_k = auto_split_k(M, N, K, block_n, block_k, a.device)
+    atomic = split_k > 1
+    out = (
+        torch.zeros((M, N), dtype=torch.float32, device=a.device)
+        if atomic
+        else a.new_empty((M, N), dtype=out_dtype)
+    )
+    if M == 0:
+        return out.to(out_dtype)
+    k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
+    grid = (triton.cdiv(M, 16), triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
+    _fp8_gemm_kernel[grid](
+        a, a_scale, w, w_scale, bias if bias is not None else w_scale, out, M, N, K,
+        a.stride(0), w.stride(0), k_per_split,
+        HAS_BIAS=bias is not None, ATOMIC=atomic, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+    )  # fmt: skip
+    return out.to(out_dtype) if atomic else out
+
+
+_SM_COUNTS: dict[int, int] = {}
+
+
+def auto_split_k(M: int, N: int, K: int, block_n: int, block_k: int, device: torch.device) -> int:
+    """Enough K splits for ~2 programs per SM (a skinny GEMM is a weight stream: every SM should
+    pull its share), at least 4 K-blocks per split; 1 off CUDA."""
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    programs = triton.cdiv(M, 16) * triton.cdiv(N, block_n)
+    wanted = triton.cdiv(2 * _SM_COUNTS[index], programs)
+    return max(1, min(wanted, K // (4 * block_k)))
+
+
+def fp8_gemm_ref(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    out = (a.float() @ w.float().t()) * a_scale * w_scale[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(out_dtype)

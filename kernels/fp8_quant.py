@@ -1,0 +1,84 @@
+"""Dynamic per-token fp8 (e4m3) quantization of activations, the input of every fp8 GEMM.
+
+Rules:
+- Per row of x [M, K] (float32/float16/bfloat16, contiguous last dim): amax = max |x| in float32,
+  scale = max(amax, MIN_AMAX) * float32(1 / 448) (448 is e4m3's largest finite value), q = x / scale clamped
+  to [-448, 448] and rounded to float8_e4m3fn (round to nearest even). Returns q [M, K] and the
+  float32 scales [M, 1]; q * scale reconstructs x.
+- MIN_AMAX keeps an all-zero row (padding rows of a CUDA graph batch) from dividing by zero.
+- One program per row holds the row in registers: K up to 32768 (non powers of two fine).
+- The kernel rounds to the e4m3 grid itself (`round_to_e4m3`) and then converts a value the format
+  holds exactly: Triton's interpreter rounds a mantissa that carries into the exponent wrong
+  (124.0 becomes 64.0, not 128.0), and the CPU tests must see what the GPU computes.
+- `per_token_quant_fp8_ref` is the same arithmetic in torch (the CPU path and the tests' reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_E4M3_MAX = 448.0
+INV_FP8_E4M3_MAX = 1.0 / 448.0  # the scale is amax times this (in float32)
+_INV_MAX = tl.constexpr(INV_FP8_E4M3_MAX)
+MIN_AMAX = 1e-12
+_MAX_K = 32768
+
+
+@triton.jit
+def round_to_e4m3(y):
+    """y (float32, |y| <= 448) rounded to nearest even on e4m3's grid, still as float32."""
+    bits = y.to(tl.int32, bitcast=True)
+    # normal range: keep 3 mantissa bits, round half to even, a carry moves into the exponent
+    bits = (bits + ((bits >> 20) & 1) + 0x7FFFF) & -1048576  # -1048576 == 0xFFF00000
+    normal = bits.to(tl.float32, bitcast=True)
+    # subnormals (below 2**-6) sit on a fixed grid of 2**-9: 1.5 * 2**23 added and taken away rounds
+    # y * 512 to an integer, half to even
+    subnormal = ((y * 512.0 + 12582912.0) - 12582912.0) / 512.0
+    subnormal = tl.where(subnormal == 0.0, y * 0.0, subnormal)  # a tiny negative rounds to -0.0
+    return tl.where(tl.abs(y) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _per_token_quant_kernel(x, q, scales, x_stride, K, MIN_AMAX_C: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    x32 = tl.load(x + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x32), axis=0), MIN_AMAX_C)
+    # scale by a multiply (torch's tensor / scalar on CUDA is one too), the row by an IEEE division
+    # (div_rn, as torch's tensor / tensor): Triton's `/` on float32 is approximate on CUDA
+    scale = amax * _INV_MAX
+    y = round_to_e4m3(tl.clamp(tl.math.div_rn(x32, scale), -448.0, 448.0))
+    tl.store(q + row * K + cols, y.to(q.dtype.element_ty), mask=mask)
+    tl.store(scales + row, scale)
+
+
+def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q [M, K] float8_e4m3fn, scales [M, 1] float32) for x [M, K]."""
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError("x must be [M, K] with a contiguous last dim")
+    M, K = x.shape
+    if K > _MAX_K:
+        raise ValueError(f"K={K} exceeds {_MAX_K}")
+    q = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=x.device)
+    scales = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    if M:
+        _per_token_quant_kernel[(M,)](
+            x, q, scales, x.stride(0), K, MIN_AMAX_C=MIN_AMAX, BLOCK=triton.next_power_of_2(K)
+        )
+    return q, scales
+
+
+def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x32 = x.float()
+    scales = x32.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) * INV_FP8_E4M3_MAX
+    q = (x32 / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scales
+
+
+def per_channel_quant_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [N, K] as float8_e4m3fn with one float32 scale per output row [N] (load time only)."""
+    q, scales = per_token_quant_fp8_ref(w)
+    return q, scales.squeeze(-1)
