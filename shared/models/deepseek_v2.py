@@ -39,7 +39,8 @@ class DeepseekV2DecoderLayer(DecoderLayer):
     def __init__(self, config: ModelConfig, layer_id: int):
         nn.Module.__init__(self)  # not DecoderLayer.__init__: it would build Llama's attention
         c, dtype = config.hf_config, config.dtype
-        self.self_attn = MLAttention(config, layer_id)
+        # DecoderLayer types it Attention; its forward only calls self_attn(hidden, batch, cos_sin)
+        self.self_attn = MLAttention(config, layer_id)  # type: ignore[assignment]
         self.mlp: nn.Module = (
             DeepseekV2MoeBlock(config, layer_id)
             if is_moe_layer(c, layer_id)
