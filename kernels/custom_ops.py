@@ -7,7 +7,8 @@ A custom op whose schema names what it writes (`Tensor(a!)`) stays one in-place 
 Rules:
 - Ops that touch the KV pool take the pool's single tensor `kv` [layers, 2, pages, page_size,
   kv_heads, head_dim] and a layer index, never the per-layer views: views of one base handed in
-  as separate graph inputs make torch.compile build a "synthetic base" and copy it.
+  as separate graph inputs make torch.compile build a "synthetic base" and copy it. V is
+  `kv[layer, -1]`: the second plane, or the only one of a one-plane pool (V read out of K).
 - An op returns either nothing (it writes its `!` arguments) or new tensors: a custom op may not
   return its inputs. The `*_` names write in place; wrappers that return the written tensors stay
   with the callers (shared.models.fast_path).
@@ -79,7 +80,7 @@ def rotary_(
 
 
 def store_kv_(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    _store_kv(kv[layer, 0], kv[layer, 1], slots, k, v)
+    _store_kv(kv[layer, 0], kv[layer, -1], slots, k, v)
 
 
 def rotary_store_kv_(
@@ -93,7 +94,7 @@ def rotary_store_kv_(
     layer: int,
     slots: torch.Tensor,
 ) -> None:
-    _rotary_store_kv(q, k, v, positions, inv_freq, attention_scaling, kv[layer, 0], kv[layer, 1], slots)
+    _rotary_store_kv(q, k, v, positions, inv_freq, attention_scaling, kv[layer, 0], kv[layer, -1], slots)
 
 
 def decode_attention(
@@ -111,7 +112,7 @@ def decode_attention(
     # window 0 and softcap 0.0 stand for None: a schema has no optional scalars worth their cost
     out = q.new_empty(q.shape)
     return _decode_attention(
-        q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, scale, out, num_kv_splits, workspace,
+        q, kv[layer, 0], kv[layer, -1], page_table, seq_lens, scale, out, num_kv_splits, workspace,
         window=window or None, softcap=softcap or None,
     )  # fmt: skip
 
@@ -131,7 +132,7 @@ def extend_attention(
 ) -> torch.Tensor:
     out = q.new_empty(q.shape)
     return _extend_attention(
-        q, kv[layer, 0], kv[layer, 1], page_table, seq_lens, extend_lens, extend_start_loc,
+        q, kv[layer, 0], kv[layer, -1], page_table, seq_lens, extend_lens, extend_start_loc,
         max_extend_len, scale, out, window=window or None, softcap=softcap or None,
     )  # fmt: skip
 

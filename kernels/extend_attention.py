@@ -218,12 +218,16 @@ def extend_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int, int
     ~228/164 KiB): half precision tiles of 128 x 64; float32 (the exactness path) halves them."""
     block_d = triton.next_power_of_2(head_dim)
     if dtype == torch.float32:
+        if block_d > 256:
+            return 16, 16, 4, 1
         return (64, 32, 4, 2) if block_d <= 64 else (32, 32, 4, 2)
     if block_d <= 64:
         return 128, 64, 4, 3
     if block_d <= 128:
         return 128, 64, 8, 3
-    return 64, 32, 4, 2
+    if block_d <= 256:
+        return 64, 32, 4, 2
+    return 16, 16, 4, 1  # MLA's 576 (padded to 1024): q, K and V tiles must still fit shared memory
 
 
 def _check_lengths(name: str, t: torch.Tensor, batch: int, device: torch.device) -> None:
@@ -250,7 +254,8 @@ def check_pages(
     assert q.shape[2] == head_dim, f"q head dim {q.shape[2]} != pool head dim {head_dim}"
     assert num_q_heads % num_kv_heads == 0, f"Hq {num_q_heads} not a multiple of Hkv {num_kv_heads}"
     # below 16 the head dim is padded up to tl.dot's minimum tile (BLOCK_D) and masked
-    assert 1 <= head_dim <= 256, f"head dim {head_dim} outside 1..256"
+    # up to 576: MLA's latent + rope vector (kv_lora_rank 512 + qk_rope_head_dim 64), one KV head
+    assert 1 <= head_dim <= 576, f"head dim {head_dim} outside 1..576"
     assert page_table.dim() == 2 and page_table.dtype == torch.int32, (
         "page_table must be int32 [B, max_pages]"
     )

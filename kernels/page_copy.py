@@ -2,8 +2,9 @@
 
 Rules:
 - `kv` is the pool's single tensor `[num_layers, 2 (K, V), num_pages, page_size, kv_heads, head_dim]`
-  (`PagedKVPool.kv`), contiguous. The buffer is `[layer_end - layer_begin, 2, len(pages), page_size,
-  kv_heads, head_dim]`, contiguous, same dtype and device: the layout of one transfer message
+  (`PagedKVPool.kv`), contiguous, or `[num_layers, 1, ...]` for a pool of one plane (V read out of
+  K). The buffer is `[layer_end - layer_begin, planes, len(pages), page_size, kv_heads, head_dim]`,
+  contiguous, same dtype and device: the layout of one transfer message
   (kvtransfer.layout.MessageSpec).
 - `pages` `[N]` (int64 or int32, on the pool's device) in any order. For a scatter they must be
   distinct (two rows written to one page race); values are not checked (no host sync).
@@ -38,13 +39,14 @@ def _page_copy_kernel(
     buf_stride_layer,
     buf_stride_kv,
     page_elems,
+    planes,
     TO_BUF: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0)
-    cell = tl.program_id(1)  # local layer * 2 + (0: K, 1: V)
-    layer = (cell // 2).to(tl.int64)
-    kv = (cell % 2).to(tl.int64)
+    cell = tl.program_id(1)  # local layer * planes + plane (0: K, 1: V)
+    layer = (cell // planes).to(tl.int64)
+    kv = (cell % planes).to(tl.int64)
     page = tl.load(pages + n).to(tl.int64)
     # int64 offsets: a pool easily holds more than 2**31 elements.
     pool_base = (layer_begin + layer) * pool_stride_layer + kv * pool_stride_kv + page * page_elems
@@ -61,14 +63,14 @@ def _page_copy_kernel(
 def _check(
     kv: torch.Tensor, pages: torch.Tensor, layer_begin: int, layer_end: int, buf: torch.Tensor
 ) -> None:
-    assert kv.ndim == 6 and kv.shape[1] == 2, (
-        f"kv must be [layers, 2, pages, page_size, heads, dim]: {kv.shape}"
+    assert kv.ndim == 6 and kv.shape[1] in (1, 2), (
+        f"kv must be [layers, 2 or 1, pages, page_size, heads, dim]: {kv.shape}"
     )
     assert kv.is_contiguous() and buf.is_contiguous(), "pool and buffer must be contiguous"
     assert 0 <= layer_begin <= layer_end <= kv.shape[0], (layer_begin, layer_end, kv.shape[0])
     assert pages.ndim == 1 and pages.dtype in (torch.int64, torch.int32), (pages.shape, pages.dtype)
     assert pages.stride(0) == 1 or pages.numel() <= 1, "pages must be contiguous"
-    expected = (layer_end - layer_begin, 2, pages.shape[0], *kv.shape[3:])
+    expected = (layer_end - layer_begin, kv.shape[1], pages.shape[0], *kv.shape[3:])
     assert tuple(buf.shape) == expected, f"buffer {tuple(buf.shape)}, expected {expected}"
     assert buf.dtype == kv.dtype, (buf.dtype, kv.dtype)
     assert kv.element_size() in _BITS, kv.dtype
@@ -76,7 +78,7 @@ def _check(
 
 
 def _launch(kv: torch.Tensor, pages: torch.Tensor, layer_begin: int, buf: torch.Tensor, to_buf: bool) -> None:
-    num_pages, num_cells = buf.shape[2], buf.shape[0] * 2
+    num_pages, num_cells = buf.shape[2], buf.shape[0] * buf.shape[1]
     if num_pages == 0 or num_cells == 0:
         return
     bits = _BITS[kv.element_size()]
@@ -95,6 +97,7 @@ def _launch(kv: torch.Tensor, pages: torch.Tensor, layer_begin: int, buf: torch.
             buf.stride(0),
             buf.stride(1),
             page_elems,
+            buf.shape[1],
             TO_BUF=to_buf,
             BLOCK=min(_BLOCK, triton.next_power_of_2(page_elems)),
         )

@@ -224,8 +224,8 @@ def _copy_pages(src: PagedKVPool, src_pages: list[int], dst: PagedKVPool, dst_pa
     src_idx = torch.tensor(src_pages, dtype=torch.long, device=src.device)
     dst_idx = torch.tensor(dst_pages, dtype=torch.long, device=dst.device)
     for layer in range(src.shape.num_layers):
-        dst.k_buffers[layer][dst_idx] = src.k_buffers[layer][src_idx].to(dst.device)
-        dst.v_buffers[layer][dst_idx] = src.v_buffers[layer][src_idx].to(dst.device)
+        for plane in range(src.shape.num_planes):  # K and V, or the one plane of an MLA pool
+            dst.kv[layer, plane][dst_idx] = src.kv[layer, plane][src_idx].to(dst.device)
 
 
 class FakeKVManager(KVManager):

@@ -1,9 +1,9 @@
 """What a transfer message holds: a rectangle of (request pages x layers), K and V, as raw bytes.
 
-A pool stores per layer one K and one V tensor `[num_pages, page_size, kv_heads, head_dim]`. A
-message carries pages `[first_page, first_page + num_pages)` of the request's page list for layers
-`[layer_begin, layer_end)`, laid out `[layers, 2 (K, V), pages, page_size, kv_heads, head_dim]`
-in the pool dtype. On the wire it is plain bytes: dtypes travel by name and tensors are viewed as
+A pool stores per layer one K and one V tensor `[num_pages, page_size, kv_heads, head_dim]` (or one
+plane only, where V is read out of K: `num_planes` 1). A message carries pages `[first_page,
+first_page + num_pages)` of the request's page list for layers `[layer_begin, layer_end)`, laid
+out `[layers, planes (K, V), pages, page_size, kv_heads, head_dim]` in the pool dtype. On the wire it is plain bytes: dtypes travel by name and tensors are viewed as
 uint8, so bfloat16 (which numpy lacks) never goes through numpy's dtype system.
 
 `plan_messages` cuts one `send()` into messages of at most `max_bytes`: whole layers of a block of
@@ -33,11 +33,12 @@ class KVLayout:
     page_size: int
     num_kv_heads: int
     head_dim: int
+    num_planes: int = 2
 
     @classmethod
     def of(cls, pool: PagedKVPool) -> KVLayout:
         s = pool.shape
-        return cls(pool.dtype, s.num_layers, s.page_size, s.num_kv_heads, s.head_dim)
+        return cls(pool.dtype, s.num_layers, s.page_size, s.num_kv_heads, s.head_dim, s.num_planes)
 
     @property
     def element_size(self) -> int:
@@ -45,13 +46,13 @@ class KVLayout:
 
     @property
     def page_bytes(self) -> int:
-        """One page of K (or of V) in one layer."""
+        """One page of K (or of V) in one layer: one plane."""
         return self.page_size * self.num_kv_heads * self.head_dim * self.element_size
 
     @property
     def cell_bytes(self) -> int:
-        """K and V of one page in one layer: the unit a message is counted in."""
-        return 2 * self.page_bytes
+        """Every plane (K and V) of one page in one layer: the unit a message is counted in."""
+        return self.num_planes * self.page_bytes
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -60,11 +61,12 @@ class KVLayout:
             "page_size": self.page_size,
             "heads": self.num_kv_heads,
             "head_dim": self.head_dim,
+            "planes": self.num_planes,
         }
 
     def describe(self) -> str:
         w = self.to_wire()
-        return f"{w['dtype']} layers={w['layers']} page_size={w['page_size']} heads={w['heads']} dim={w['head_dim']}"
+        return f"{w['dtype']} layers={w['layers']} page_size={w['page_size']} heads={w['heads']} dim={w['head_dim']} planes={w['planes']}"
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,14 @@ class MessageSpec:
         return self.cells * layout.cell_bytes
 
     def shape(self, layout: KVLayout) -> tuple[int, ...]:
-        return (self.num_layers, 2, self.num_pages, layout.page_size, layout.num_kv_heads, layout.head_dim)
+        return (
+            self.num_layers,
+            layout.num_planes,
+            self.num_pages,
+            layout.page_size,
+            layout.num_kv_heads,
+            layout.head_dim,
+        )
 
 
 def plan_messages(first_page: int, num_pages: int, layout: KVLayout, max_bytes: int) -> list[MessageSpec]:
@@ -108,7 +117,7 @@ def plan_messages(first_page: int, num_pages: int, layout: KVLayout, max_bytes: 
 
 
 def typed_view(raw: torch.Tensor, layout: KVLayout, spec: MessageSpec) -> torch.Tensor:
-    """A uint8 buffer (at least spec.nbytes) seen as the message's [layers, 2, pages, ...] tensor."""
+    """A uint8 buffer (at least spec.nbytes) seen as the message's [layers, planes, pages, ...] tensor."""
     return raw[: spec.nbytes(layout)].view(layout.dtype).view(spec.shape(layout))
 
 

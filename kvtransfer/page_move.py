@@ -10,7 +10,8 @@ pool-to-pool sibling, written the same way.
 
 Rules:
 - Both pools are `[num_layers, 2 (K, V), num_pages, page_size, kv_heads, head_dim]`, contiguous,
-  same dtype and page shape (page counts may differ); page ids are int64 or int32 tensors on the
+  same dtype and page shape (page counts may differ), or both of one plane (`[num_layers, 1, ...]`,
+  kv_pool's one-plane pool); page ids are int64 or int32 tensors on the
   copying device, `dst_pages` distinct (two programs writing one page race); values are not checked
   (no host sync): callers validate page ids against the pools first.
 - One Triton program copies one page of one layer's K or V; the grid covers every (page, cell).
@@ -48,10 +49,12 @@ def _check(
     layer_end: int,
 ) -> None:
     for name, kv in (("src_kv", src_kv), ("dst_kv", dst_kv)):
-        assert kv.ndim == 6 and kv.shape[1] == 2, f"{name} must be [layers, 2, pages, page_size, heads, dim]"
+        assert kv.ndim == 6 and kv.shape[1] in (1, 2), (
+            f"{name} must be [layers, 2 or 1, pages, page_size, heads, dim]"
+        )
         assert kv.is_contiguous(), f"{name} must be contiguous"
     assert src_kv.dtype == dst_kv.dtype, (src_kv.dtype, dst_kv.dtype)
-    assert src_kv.shape[0] == dst_kv.shape[0] and src_kv.shape[3:] == dst_kv.shape[3:], (
+    assert src_kv.shape[:2] == dst_kv.shape[:2] and src_kv.shape[3:] == dst_kv.shape[3:], (
         f"page layouts differ: {tuple(src_kv.shape)} vs {tuple(dst_kv.shape)}"
     )
     assert 0 <= layer_begin <= layer_end <= src_kv.shape[0], (layer_begin, layer_end, src_kv.shape[0])
@@ -91,7 +94,8 @@ def _launch(
 
     from pdserve.kvtransfer.page_move_kernel import page_move_kernel
 
-    num_pages, num_cells = src_pages.shape[0], (layer_end - layer_begin) * 2
+    planes = src_kv.shape[1]
+    num_pages, num_cells = src_pages.shape[0], (layer_end - layer_begin) * planes
     if num_pages == 0 or num_cells == 0:
         return
     word = _word(src_kv) if _word(src_kv) == _word(dst_kv) else torch.uint8
@@ -113,6 +117,7 @@ def _launch(
             *strides(src_kv),
             *strides(dst_kv),
             page_words,
+            planes,
             BLOCK=min(2048, triton.next_power_of_2(page_words)),
         )
 

@@ -1,6 +1,6 @@
 """The Triton kernel of page_move.py (kept apart so that importing page_move never loads Triton).
 
-One program copies one page of one layer's K or V from `src` to `dst`, `page_words` words, in
+One program copies one page of one layer's K or V (a plane: `planes` per layer, 2 or 1) from `src` to `dst`, `page_words` words, in
 BLOCK-wide steps; pools and buffers are seen as flat arrays of same-width integer words.
 """
 
@@ -22,12 +22,13 @@ def page_move_kernel(
     dst_stride_layer,
     dst_stride_kv,
     page_words,
+    planes,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0)
-    cell = tl.program_id(1)  # local layer * 2 + (0: K, 1: V)
-    layer = layer_begin + (cell // 2).to(tl.int64)
-    kv = (cell % 2).to(tl.int64)
+    cell = tl.program_id(1)  # local layer * planes + plane (0: K, 1: V)
+    layer = layer_begin + (cell // planes).to(tl.int64)
+    kv = (cell % planes).to(tl.int64)
     src_page = tl.load(src_pages + n).to(tl.int64)
     dst_page = tl.load(dst_pages + n).to(tl.int64)
     # int64 offsets: a pool easily holds more than 2**31 words.

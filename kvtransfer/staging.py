@@ -1,7 +1,7 @@
 """Copying a message's pages out of a pool and into one, and the host buffers zmq sends from.
 
 `gather_pages` and `scatter_pages` move one message (layout.MessageSpec) between a pool and a
-contiguous `[layers, 2, pages, page_size, kv_heads, head_dim]` tensor. On CUDA that is one Triton
+contiguous `[layers, planes (2: K, V; 1: one-plane pools), pages, page_size, kv_heads, head_dim]` tensor. On CUDA that is one Triton
 launch for all the message's layers (kernels.page_copy over the pool's single `kv` tensor); on CPU
 one index_select / index_copy_ per layer and K/V. On CUDA they run on the given side stream, wait
 for the caller's `ready_event` first (gather) and synchronize before returning: callers hold the
@@ -31,8 +31,8 @@ def _page_index(pool: PagedKVPool, pages: list[int]) -> torch.Tensor:
 
 def _gather_into(pool: PagedKVPool, idx: torch.Tensor, spec: MessageSpec, out: torch.Tensor) -> None:
     for i, layer in enumerate(range(spec.layer_begin, spec.layer_end)):
-        torch.index_select(pool.k_buffers[layer], 0, idx, out=out[i, 0])
-        torch.index_select(pool.v_buffers[layer], 0, idx, out=out[i, 1])
+        for plane in range(pool.shape.num_planes):
+            torch.index_select(pool.kv[layer, plane], 0, idx, out=out[i, plane])
 
 
 def gather_pages(
@@ -77,8 +77,8 @@ def scatter_pages(
         return
     idx = _page_index(pool, pages)
     for i, layer in enumerate(range(spec.layer_begin, spec.layer_end)):
-        pool.k_buffers[layer].index_copy_(0, idx, src[i, 0])
-        pool.v_buffers[layer].index_copy_(0, idx, src[i, 1])
+        for plane in range(pool.shape.num_planes):
+            pool.kv[layer, plane].index_copy_(0, idx, src[i, plane])
 
 
 @dataclass(eq=False)

@@ -5,6 +5,10 @@ head_dim]: `k_buffers[l]` is `kv[l, 0]`, `v_buffers[l]` is `kv[l, 1]`, so one ke
 pages of every layer (kvtransfer.staging). On CUDA `store` is one Triton launch for K and V
 (kernels.kv_store); on CPU it is torch indexing.
 
+A pool of one plane (`num_planes=1`, MLA's compressed KV) is `[num_layers, 1, ...]`: V is read out
+of the stored K, so `v_buffers[l]` is `k_buffers[l]` (`kv[l, -1]` is V in both forms), `store`
+writes only `k`, and every byte count (bytes_per_token, pages_for_budget, transfers) halves.
+
 Page ids are the only currency: the radix cache, the allocator, the kernels and the transfer
 backends all speak them, so a page moves between workers as one contiguous block. Page 0 is never
 handed out by the allocator: padded page tables point at it and writes from padded rows land
@@ -25,11 +29,15 @@ class KVPoolShape:
     page_size: int
     num_kv_heads: int
     head_dim: int
+    num_planes: int = 2  # 2: K and V; 1: V read out of K (see the module docstring)
+
+    def __post_init__(self) -> None:
+        assert self.num_planes in (1, 2), f"num_planes must be 1 or 2: {self.num_planes}"
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes of K plus V for one token over all layers, per element byte."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+        return self.num_planes * self.num_layers * self.num_kv_heads * self.head_dim
 
     @staticmethod
     def pages_for_budget(
@@ -39,9 +47,10 @@ class KVPoolShape:
         num_kv_heads: int,
         head_dim: int,
         dtype: torch.dtype,
+        num_planes: int = 2,
     ) -> int:
         elem = torch.empty((), dtype=dtype).element_size()
-        per_page = 2 * num_layers * page_size * num_kv_heads * head_dim * elem
+        per_page = num_planes * num_layers * page_size * num_kv_heads * head_dim * elem
         return max(0, budget_bytes // per_page)
 
 
@@ -50,10 +59,17 @@ class PagedKVPool:
         self.shape = shape
         self.dtype = dtype
         self.device = torch.device(device)
-        dims = (shape.num_layers, 2, shape.num_pages, shape.page_size, shape.num_kv_heads, shape.head_dim)
+        dims = (
+            shape.num_layers,
+            shape.num_planes,
+            shape.num_pages,
+            shape.page_size,
+            shape.num_kv_heads,
+            shape.head_dim,
+        )
         self.kv = torch.zeros(dims, dtype=dtype, device=self.device)
         self.k_buffers = [self.kv[layer, 0] for layer in range(shape.num_layers)]
-        self.v_buffers = [self.kv[layer, 1] for layer in range(shape.num_layers)]
+        self.v_buffers = [self.kv[layer, -1] for layer in range(shape.num_layers)]
 
     @property
     def page_size(self) -> int:
@@ -73,7 +89,8 @@ class PagedKVPool:
         return self.kv.numel() * self.kv.element_size()  # the buffers are views of kv
 
     def store(self, layer_id: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Writes k/v [T, kv_heads, head_dim] at flat slots [T] (page * page_size + offset)."""
+        """Writes k/v [T, kv_heads, head_dim] at flat slots [T] (page * page_size + offset).
+        With one plane only `k` is stored (V is read out of it)."""
         if self.device.type == "cuda":
             # Imported here so that CPU-only processes never load Triton.
             from pdserve.kernels.kv_store import store_kv
@@ -83,7 +100,8 @@ class PagedKVPool:
         flat_k = self.k_buffers[layer_id].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
         flat_v = self.v_buffers[layer_id].view(-1, self.shape.num_kv_heads, self.shape.head_dim)
         flat_k[slots] = k.to(self.dtype)
-        flat_v[slots] = v.to(self.dtype)
+        if self.shape.num_planes == 2:
+            flat_v[slots] = v.to(self.dtype)
 
     def gather(self, layer_id: int, pages: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the first `length` tokens held in `pages` (in order): [length, kv_heads, head_dim]."""

@@ -122,7 +122,7 @@ class ModelRunner:
             used = total - free
             budget = int(total * args.mem_fraction_static) - used
             pages = KVPoolShape.pages_for_budget(
-                budget, cfg.num_layers, ps, cfg.num_kv_heads, cfg.head_dim, cfg.dtype
+                budget, cfg.num_layers, ps, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, cfg.kv_planes
             )
             tokens = pages * ps
         else:
@@ -130,7 +130,7 @@ class ModelRunner:
         num_pages = tokens // ps + 1  # + the reserved page 0
         if num_pages < 2:
             raise ValueError(f"KV pool too small: {tokens} tokens with page size {ps}")
-        return KVPoolShape(layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim)
+        return KVPoolShape(layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim, cfg.kv_planes)
 
     def decode_uses_graph(self, batch_size: int) -> bool:
         """Whether a decode step of batch_size requests replays a captured CUDA graph."""

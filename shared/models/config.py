@@ -105,6 +105,9 @@ class ModelConfig:
     # Mixture of experts (0 for dense models): routed experts per MoE layer, experts per token.
     num_experts: int = 0
     num_experts_per_tok: int = 0
+    # KV planes per layer in the pool: 2 (K and V); 1 where a model reads V out of its stored K
+    # (MLA: one latent vector per token, num_kv_heads 1 and head_dim kv_lora_rank + qk_rope_head_dim).
+    kv_planes: int = 2
 
     @property
     def architecture(self) -> str:
@@ -146,6 +149,9 @@ class ModelConfig:
             or 2048
         )
         checkpoint_dtype = getattr(c, "dtype", None) or getattr(c, "torch_dtype", None)
+        kv_planes = 2
+        if getattr(c, "kv_lora_rank", None):  # MLA (DeepSeek-V2): the pool holds the compressed KV
+            kv_heads, head_dim, kv_planes = 1, int(c.kv_lora_rank) + int(c.qk_rope_head_dim), 1
         return ModelConfig(
             architectures=list(getattr(c, "architectures", None) or []),
             model_type=c.model_type,
@@ -165,4 +171,5 @@ class ModelConfig:
             hf_config=hf_config,
             num_experts=int(getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 0),
             num_experts_per_tok=int(getattr(c, "num_experts_per_tok", None) or 0),
+            kv_planes=kv_planes,
         )

@@ -8,6 +8,7 @@ from torch import nn
 
 from pdserve.shared.models.bert import BertModel, XLMRobertaModel
 from pdserve.shared.models.decoder_embedding import LlamaModel, MistralModel, Qwen2Model
+from pdserve.shared.models.deepseek_v2 import DeepseekV2ForCausalLM
 from pdserve.shared.models.gemma import Gemma2ForCausalLM, GemmaForCausalLM
 from pdserve.shared.models.llama import (
     LlamaForCausalLM,
@@ -33,6 +34,7 @@ _MODEL_CLASSES: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "Qwen2MoeForCausalLM": Qwen2MoeForCausalLM,
     "MixtralForCausalLM": MixtralForCausalLM,
+    "DeepseekV2ForCausalLM": DeepseekV2ForCausalLM,
     # embedding models (shared/models/pooling.py)
     "BertModel": BertModel,
     "XLMRobertaModel": XLMRobertaModel,

@@ -77,7 +77,10 @@ class RopeConfig:
         if self.rope_type in _BORROWED_TYPES:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.hf_config, torch.device("cpu"))
+            # CPU explicitly: models are built under a meta-device context, which would turn
+            # transformers' factory calls into data-less meta tensors.
+            with torch.device("cpu"):
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self.hf_config, torch.device("cpu"))
             return inv_freq.float(), float(scaling)
         dim = self.head_dim
         # Explicit CPU: models are built under a meta-device context, which factory calls would obey.

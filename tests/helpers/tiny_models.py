@@ -23,6 +23,7 @@ MoE kinds (MOE_KINDS; 8 experts of 32, top 2):
 - qwen2_moe_sparse: 4 layers, decoder_sparse_step 2 and mlp_only_layers [3] (only layer 1 is
                     sparse), norm_topk_prob True, tied embeddings;
 - mixtral:          GQA 4/2, 2 layers, untied.
+DeepSeek-V2 kinds (MLA + DeepSeek MoE): tests/helpers/tiny_deepseek.py (DEEPSEEK_KINDS).
 Vocabulary 512: ids 0-255 are bytes, 256 <|endoftext|> (config eos), 257 <|im_start|>,
 258 <|im_end|> (generation_config eos); the rest are never produced by the tokenizer.
 """
@@ -118,6 +119,10 @@ def tiny_config(kind: str):  # -> a transformers PretrainedConfig
         )
     if kind in MOE_KINDS:
         return _tiny_moe_config(kind)
+    if kind.startswith("deepseek"):  # tests/helpers/tiny_deepseek.py
+        from tests.helpers.tiny_deepseek import deepseek_config
+
+        return deepseek_config(kind, _COMMON)
     raise ValueError(f"unknown tiny model kind {kind!r}; kinds: {TINY_KINDS + MOE_KINDS}")
 
 

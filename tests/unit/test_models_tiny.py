@@ -39,7 +39,7 @@ class Tiny:
 
     def pool(self, num_pages: int = 64) -> PagedKVPool:
         c = self.config
-        shape = KVPoolShape(c.num_layers, num_pages, PAGE_SIZE, c.num_kv_heads, c.head_dim)
+        shape = KVPoolShape(c.num_layers, num_pages, PAGE_SIZE, c.num_kv_heads, c.head_dim, c.kv_planes)
         return PagedKVPool(shape, torch.float32, "cpu")
 
     @torch.no_grad()
@@ -195,6 +195,7 @@ def test_registry_names_unknown_architecture():
     assert supported_architectures() == [
         "BertForSequenceClassification",
         "BertModel",
+        "DeepseekV2ForCausalLM",
         "Gemma2ForCausalLM",
         "GemmaForCausalLM",
         "LlamaForCausalLM",
