@@ -85,7 +85,8 @@ python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/llama-3.1-8b
 for stage in $STAGES; do
   case $stage in
   tests)
-    run gpu-tests 480 python3 -m pytest -q -m gpu tests/gpu -p no:cacheprovider -x --timeout 240 ;;
+    # GPU_TESTS narrows the run to some files (default: all of tests/gpu)
+    run gpu-tests 480 python3 -m pytest -q -m gpu ${GPU_TESTS:-tests/gpu} -p no:cacheprovider -x --timeout 240 ;;
   tests_kv)
     run gpu-tests-kv 180 python3 -m pytest -q -m gpu tests/gpu/test_kvtransfer_cuda_ipc.py \
       tests/gpu/test_gpu_serve_cuda_ipc.py -p no:cacheprovider --timeout 120 ;;

@@ -14,7 +14,7 @@ Rules:
   MLP projections) from their loaded weights; `fp8_linears_for_checkpoint(model)` swaps in empty
   Fp8Linears before an fp8 checkpoint is loaded into them. Both leave alone the embeddings, the
   lm_head, heads outside the layers, MoE routers (tiny, and a rounding there changes which expert
-  a token goes to) and whatever `keep(name)` says the checkpoint kept in its own dtype.
+  a token goes to), MLA's kv_b_proj (read as a weight) and whatever `keep(name)` says the checkpoint kept in its own dtype.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from pdserve.shared.models.layers import MergedLinear
 
 # Decode batches up to this many rows take the Triton GEMM on CUDA (bench_fp8_gemm picks it).
 SKINNY_M = 16
-# Linears inside the decoder layers that stay in the model dtype: MoE routers.
-_ROUTERS = frozenset({"gate", "shared_expert_gate"})
+# Linears inside the decoder layers that stay in the model dtype: MoE routers, and MLA's kv_b_proj,
+# whose weight the absorbed attention reads per head rather than calling it.
+_KEPT = frozenset({"gate", "shared_expert_gate", "kv_b_proj"})
 
 
 class Fp8Linear(nn.Module):
@@ -120,7 +121,7 @@ def _convertible(model: nn.Module, keep: Callable[[str], bool]) -> list[tuple[st
         if type(module) not in (nn.Linear, MergedLinear) or ".layers." not in f".{name}":
             continue
         parent, _, leaf = name.rpartition(".")
-        if leaf in _ROUTERS:
+        if leaf in _KEPT:
             continue
         names = [f"{parent}.{s}" for s in module.shards] if isinstance(module, MergedLinear) else [name]
         kept = [n for n in names if keep(n)]

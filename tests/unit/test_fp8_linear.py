@@ -156,3 +156,11 @@ def test_schemes_detected_and_refused():
     int8 = {**COMPRESSED_TENSORS, "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}}}
     with pytest.raises(QuantizationError, match="compressed-tensors"):
         fp8_scheme(Config(int8), None)
+
+
+def test_deepseek_v2_keeps_the_weight_its_attention_reads():
+    config = ModelConfig.from_hf_config(tiny_config("deepseek_v2"), dtype="float32")
+    model = load_model(config, None, "dummy", quantization="fp8")
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["model.layers.0.self_attn.kv_b_proj"] == "Linear"
+    assert kinds["model.layers.0.self_attn.o_proj"] == "Fp8Linear"
