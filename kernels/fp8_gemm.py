@@ -96,8 +96,8 @@ def fp8_gemm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    block_n: int = 64,
-    block_k: int = 128,
+    block_n: int = 32,
+    block_k: int = 256,
     split_k: int | None = None,
 ) -> torch.Tensor:
     """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
@@ -106,7 +106,7 @@ def fp8_gemm(
     M, K = a.shape
     N = w.shape[0]
     if split_k is None:
-        split_k = auto_split_k(M, N, K, block_n, block_k, a.device)
+        split_k = auto_split_k(K, block_k)
     atomic = split_k > 1
     out = (
         torch.zeros((M, N), dtype=torch.float32, device=a.device)
@@ -125,20 +125,14 @@ def fp8_gemm(
     return out.to(out_dtype) if atomic else out
 
 
-_SM_COUNTS: dict[int, int] = {}
+_K_BLOCKS_PER_SPLIT = 14
 
 
-def auto_split_k(M: int, N: int, K: int, block_n: int, block_k: int, device: torch.device) -> int:
-    """Enough K splits for ~2 programs per SM (a skinny GEMM is a weight stream: every SM should
-    pull its share), at least 4 K-blocks per split; 1 off CUDA."""
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    programs = triton.cdiv(M, 16) * triton.cdiv(N, block_n)
-    wanted = triton.cdiv(2 * _SM_COUNTS[index], programs)
-    return max(1, min(wanted, K // (4 * block_k)))
+def auto_split_k(K: int, block_k: int) -> int:
+    """K splits so that each program streams about 14 K-blocks: on an H100 (bench_fp8_gemm --sweep)
+    a long K (Llama-3.1-8B's down_proj, 14,336) runs best in 4 splits, K = 4,096 unsplit, where the
+    atomics and the float32 round trip cost more than the parallelism buys."""
+    return max(1, min(8, K // (_K_BLOCKS_PER_SPLIT * block_k)))
 
 
 def fp8_gemm_ref(
