@@ -109,16 +109,16 @@ class GrammarCompiles:
         ended: list[RequestOutput] = []
         waiting: list[_Parked] = []
         for parked in self._parked:
-            future = done.get(parked.key)
+            compiled = done.get(parked.key)
             live = [r for r in parked.samples if not r.is_finished]  # aborted while compiling: dropped
-            if future is None and live:
+            if compiled is None and live:
                 waiting.append(parked)
-            elif future is not None and live:
-                error = future.exception()
+            elif compiled is not None and live:
+                error = compiled.exception()
                 if error is None:
                     for req in live:
                         self._queues.unpark(req)
-                    self._release(live, future.result(), parked.enqueue)
+                    self._release(live, compiled.result(), parked.enqueue)
                 else:
                     ended += _refusals(abort(live[0].rid, _message(error)), error)
         self._parked = waiting
