@@ -1,6 +1,7 @@
 """The decode role's engine: the shared Engine with pre-allocation and a KV receiver per remote request.
 
-Life of a DecodeRequest, queues in order:
+Life of a DecodeRequest, queues in order (a grammar that is not cached compiles first, the
+request waiting in the scheduler's `compiling` queue: shared/engine/grammar_compiles.py):
 
     add_remote ──▶ prealloc ──▶ waiting_for_kv ──▶ running ──▶ finished
                     (receiver    (pages allocated,  (first token reported at once, with the
@@ -79,7 +80,8 @@ class DecodeEngine(Engine):
             receiver = self.kv_manager.make_receiver(gen.rid, msg.prefill_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer from {msg.prefill_kv_endpoint} cannot start: {exc}") from exc
-        self.role.add_remote(req)
+        # pre-allocated once its grammar is compiled: the matcher must take the prefill side's token
+        self.grammars.attach([req], self.role.add_remote)
         self.receives.add(req, receiver)
         self._track(gen.rid, [req])
 

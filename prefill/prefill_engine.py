@@ -85,7 +85,7 @@ class PrefillEngine(Engine):
             sender = self.kv_manager.make_sender(gen.rid, msg.decode_kv_endpoint)
         except KVTransferError as exc:
             raise RequestError(f"KV transfer to {msg.decode_kv_endpoint} cannot start: {exc}") from exc
-        self.scheduler.add(req)
+        self.grammars.attach([req], self.scheduler.add)  # queued once its grammar is compiled
         self.sends.add(req, sender)
         self._track(gen.rid, [req])
 

@@ -1,15 +1,20 @@
 """OpenAI's `response_format` and SGLang's constrained-decoding extras, as sampling parameters.
 
-`json_schema` in the sampling params is the one way a request is constrained end to end (the
-workers compile and enforce it, shared/engine/grammar.py), so every OpenAI form maps onto the three
+The grammar fields of the sampling params are the one way a request is constrained end to end (the
+workers compile and enforce them, shared/engine/grammar.py), so every OpenAI form maps onto the
 native fields:
 - `{"type": "text"}` or absent: no constraint;
 - `{"type": "json_object"}`: `json_schema` `{"type": "object"}` (any JSON object, as SGLang does);
 - `{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: the schema's JSON. The
   grammar is always strict (xgrammar's strict mode: no properties the schema does not name), which
   is what `strict: true` asks and a subset of what `strict: false` allows.
-- SGLang's extra body fields `regex`, `json_schema` (a string) and `ebnf` pass through as they are.
-At most one of these per request; `structural_tag` is refused by name.
+- `{"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}` or
+  xgrammar's newer `{"type": "structural_tag", "format": {...}}`: `structural_tag`, the whole
+  object as JSON, as SGLang forwards it (shared/engine/structural_tag.py reads both shapes; here
+  only the outer shape is checked, so the error names `response_format`).
+- SGLang's extra body fields `regex`, `json_schema`, `ebnf` and `structural_tag` (strings) pass
+  through as they are.
+At most one of these per request.
 """
 
 from __future__ import annotations
@@ -19,16 +24,12 @@ from typing import Any
 
 from pdserve.router.openai.params import OpenAIRequestError
 
-GRAMMAR_EXTRAS = ("regex", "json_schema", "ebnf")
+GRAMMAR_EXTRAS = ("regex", "json_schema", "ebnf", "structural_tag")
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
 def constraint_from_body(body: dict) -> dict[str, str]:
     """The constrained-decoding sampling params of an OpenAI body (empty for a free request)."""
-    if body.get("structural_tag") is not None:
-        raise OpenAIRequestError(
-            "structural_tag (constrained decoding) is not supported yet by pdserve.", "structural_tag"
-        )
     found: dict[str, str] = {}
     for name in GRAMMAR_EXTRAS:
         value = body.get(name)
@@ -36,18 +37,36 @@ def constraint_from_body(body: dict) -> dict[str, str]:
             if not isinstance(value, str):
                 raise OpenAIRequestError(f"{name} must be a string, got {type(value).__name__}.", name)
             found[name] = value
-    schema = _response_format_schema(body.get("response_format"))
-    if schema is not None:
+    constraint = _response_format_constraint(body.get("response_format"))
+    if constraint is not None:
         if found:
             raise OpenAIRequestError(
                 f"response_format cannot be combined with {', '.join(found)}.", "response_format"
             )
-        found["json_schema"] = schema
+        found[constraint[0]] = constraint[1]
     if len(found) > 1:
         raise OpenAIRequestError(
-            f"Only one of regex, json_schema and ebnf may be set, got {', '.join(found)}.", next(iter(found))
+            f"Only one of regex, json_schema, ebnf and structural_tag may be set, got {', '.join(found)}.",
+            next(iter(found)),
         )
     return found
+
+
+def _response_format_constraint(fmt: Any) -> tuple[str, str] | None:
+    """(sampling param, its value) for a response_format, None for free text."""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "structural_tag":
+        shaped = isinstance(fmt.get("format"), dict) or (
+            isinstance(fmt.get("structures"), list) and isinstance(fmt.get("triggers"), list)
+        )
+        if not shaped:
+            raise OpenAIRequestError(
+                "response_format structural_tag needs a 'format' object, or 'structures' and 'triggers' lists.",
+                "response_format",
+            )
+        return "structural_tag", json.dumps(fmt)
+    schema = _response_format_schema(fmt)
+    return None if schema is None else ("json_schema", schema)
 
 
 def _response_format_schema(fmt: Any) -> str | None:
@@ -60,7 +79,8 @@ def _response_format_schema(fmt: Any) -> str | None:
         return JSON_OBJECT_SCHEMA
     if kind != "json_schema":
         raise OpenAIRequestError(
-            f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind or fmt!r}.",
+            "response_format type must be 'text', 'json_object', 'json_schema' or 'structural_tag', "
+            f"got {kind or fmt!r}.",
             "response_format",
         )
     spec = fmt.get("json_schema")

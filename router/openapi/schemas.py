@@ -145,13 +145,29 @@ def _sampling_properties() -> dict[str, Any]:
     return {wire: _nullable(_strip_default(hints[name])) for wire, name in SAMPLING_FIELDS.items()}
 
 
-def _unsupported_properties() -> dict[str, Any]:
+def _constrained_properties() -> dict[str, Any]:
     hints = dataclass_properties(SamplingParams, CONSTRAINED_FIELDS)
     return {
         name: _nullable(_strip_default(hints[name]))
-        | {"description": "Constrained decoding (a grammar source; structural_tag: 400 when set)."}
+        | {"description": "Constrained decoding: a grammar source (structural_tag: its object as JSON)."}
         for name in CONSTRAINED_FIELDS
     }
+
+
+def _response_format_schema() -> dict[str, Any]:
+    """OpenAI's response_format and SGLang's structural_tag forms (router/openai/response_format.py)."""
+    structure = object_schema(
+        {"begin": {"type": "string"}, "schema": {"type": "object"}, "end": {"type": "string"}},
+        ("begin", "schema", "end"),
+    )
+    props = {
+        "type": {"enum": ["text", "json_object", "json_schema", "structural_tag"]},
+        "json_schema": {"type": "object", "description": "json_schema: {name, schema, strict}."},
+        "structures": {"type": "array", "items": structure, "description": "structural_tag (with triggers)."},
+        "triggers": {"type": "array", "items": {"type": "string"}},
+        "format": {"type": "object", "description": "structural_tag: one of xgrammar's formats."},
+    }
+    return object_schema(props, ("type",))
 
 
 # Fields of both OpenAI requests whose wire type no dataclass holds (protocol.py parses them).
@@ -172,8 +188,8 @@ def _openai_common() -> dict[str, Any]:
         **{name: type_schema(hint) for name, hint in _WIRE_FIELDS.items()},
         **_sampling_properties(),
         "stream_options": _nullable(object_schema(stream_options)),
-        **_unsupported_properties(),
-        "response_format": _nullable({"type": "object", "properties": {"type": {"type": "string"}}}),
+        **_constrained_properties(),
+        "response_format": _nullable(_response_format_schema()),
     }
 
 

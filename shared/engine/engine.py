@@ -32,7 +32,7 @@ from pdserve.shared.engine.embedding import (
     matryoshka_dimensions,
 )
 from pdserve.shared.engine.engine_stats import EngineStats
-from pdserve.shared.engine.grammar import GrammarBackend
+from pdserve.shared.engine.grammar_compiles import GrammarCompiles
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
@@ -133,7 +133,8 @@ class Engine:
         self.pipeline = BatchPipeline(
             self.scheduler, self.runner, self.stats, overlap_schedule, self.batch_log
         )
-        self.grammars = GrammarBackend(
+        self.grammars = GrammarCompiles(  # a new grammar compiles on its thread while its request waits
+            self.scheduler,
             self.tokenizer_path,
             self.model_config.vocab_size,
             self.model_config.eos_token_ids,
@@ -185,8 +186,7 @@ class Engine:
     def add_request(self, msg: GenerateRequest) -> None:
         """Queues a request (n samples share the prompt's pages); raises RequestError if invalid."""
         samples = self._new_samples(msg)
-        for req in samples:
-            self.scheduler.add(req)
+        self.grammars.attach(samples, self.scheduler.add)
         self._track(msg.rid, samples)
 
     def _new_samples(self, msg: GenerateRequest) -> list[Req]:
@@ -195,7 +195,7 @@ class Engine:
         if self.embedding is not None:
             raise RequestError(generation_refused(self.served_model_name))
         share_prompt = not self.args.disable_radix_cache
-        return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt, self.grammars)
+        return new_samples(msg, self.model_config, self.max_total_num_tokens, share_prompt, True)
 
     def _check_new_rid(self, rid: str) -> None:
         if rid in self._live:
@@ -247,11 +247,11 @@ class Engine:
         return self._outputs(reqs)
 
     def step(self) -> list[RequestOutput]:
-        """Runs one batch; returns an output for every request that gained tokens or finished (with
-        overlap: those of the decode step launched in the previous call; batch_pipeline.py), except
-        a request whose `stream_interval` says its new tokens wait for more (`output_due`)."""
+        """Ends the requests whose grammar failed to compile, then runs one batch; returns their outputs
+        and one for every request that gained tokens or finished (with overlap: of the decode step
+        launched in the previous call; batch_pipeline.py), but those `output_due` holds back."""
         self.stats.num_steps += 1
-        return self._outputs(self.pipeline.step())
+        return self.grammars.poll(self.abort) + self._outputs(self.pipeline.step())
 
     def finish_in_flight(self) -> list[RequestOutput]:
         """Reads the decode step in flight, if any, so nothing runs on the device unread (a worker

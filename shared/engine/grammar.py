@@ -1,17 +1,19 @@
 """Constrained decoding on a worker: compiled grammars, one matcher per sample, the batch's bitmask.
 
 Where each piece lives (the README's "Constrained decoding" note says the same):
-- The wire carries the grammar's source: `json_schema`, `regex` or `ebnf` in the sampling params
-  (the router turns OpenAI's `response_format` into `json_schema`). Each worker compiles it here
-  with xgrammar against its own tokenizer and keeps the result in an LRU cache keyed by
+- The wire carries the grammar's source: `json_schema`, `regex`, `ebnf` or `structural_tag` in
+  the sampling params (the router turns OpenAI's `response_format` into `json_schema` or
+  `structural_tag`; structural_tag.py gives a structural tag its canonical form). Each worker
+  compiles it here with xgrammar against its own tokenizer and keeps the result in an LRU cache keyed by
   (kind, canonical source): a JSON schema's compact JSON (no spaces; property order kept, since
   it is the order the model must write them), so differently spaced equal schemas compile once. Why not ship xgrammar's serialized grammar from
   the router: measured on SmolLM2-135M's 49k vocabulary on the dev box, a typical nested schema
   compiles in 15 ms, while its serialization is 150 KB (210 KB for `json_object`) and deserializing
   it costs 9 ms: every request would carry 150 KB over ZMQ to save 6 ms once per schema per worker.
-  A source that xgrammar cannot compile is refused at intake (`RequestError`, which the router
-  answers with a 400 naming xgrammar's reason); the first request of a new schema costs the batch
-  one compile (15 ms above), later ones a dict lookup.
+  A new source compiles off the request path, on the engine's compile thread (grammar_compiles.py
+  says how a request waits for it and what was measured); a cache hit is a dict lookup at intake.
+  A source that xgrammar cannot compile ends the request with a `RequestError`'s message, which
+  the router answers with a 400 naming xgrammar's reason, as a refusal at intake.
 - Matcher state lives in the request (`Req.grammar`, a `SampleGrammar`): it advances with every
   token appended to the request's output, wherever that happens (the scheduler's step results,
   the decode worker's first token from the prefill worker, the tokens a moved request brings in
@@ -38,6 +40,7 @@ import torch
 
 from pdserve.shared.engine.request_validation import RequestError
 from pdserve.shared.engine.sampling_params import GRAMMAR_FIELDS, SamplingParams
+from pdserve.shared.engine.structural_tag import canonical_structural_tag
 
 if TYPE_CHECKING:
     from pdserve.shared.engine.request import Req, TokenGrammar
@@ -46,8 +49,9 @@ _CACHE_ENTRIES = 256
 # JSON may hold whitespace between tokens, but a run of it is capped: an unsure model otherwise
 # spends its whole token budget on whitespace and never closes the object.
 _MAX_WHITESPACE = 2
-# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: "; the reason is what follows.
-_LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*")
+# xgrammar's C++ errors start with "[hh:mm:ss] /path/file.cc:123: " (and some with the check that
+# failed); the reason is what follows.
+_LOCATION = re.compile(r"^\[[\d:]+\]\s+\S+:\d+:\s*(Check failed: \(.*?\) is false:\s*)?")
 
 
 def grammar_source(params: SamplingParams) -> tuple[str, str] | None:
@@ -58,6 +62,8 @@ def grammar_source(params: SamplingParams) -> tuple[str, str] | None:
             if kind == "json_schema":
                 # property order stays: it is the order the grammar makes the model write them
                 source = json.dumps(json.loads(source), separators=(",", ":"))
+            elif kind == "structural_tag":
+                source = canonical_structural_tag(source, _MAX_WHITESPACE)
             return kind, source
     return None
 
@@ -98,28 +104,29 @@ class GrammarBackend:
         self._compiler: Any = None
         self._cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
-    def matchers(self, params: SamplingParams, count: int) -> list[SampleGrammar | None]:
-        """One fresh matcher per sample (None each for a free request); raises RequestError when the
-        grammar does not compile, naming xgrammar's reason."""
-        key = grammar_source(params)
-        if key is None:
-            return [None] * count
+    def cached(self, key: tuple[str, str]) -> Any:
+        """The compiled grammar of a `grammar_source` key (now the most recently used), else None."""
         compiled = self._cache.get(key)
-        if compiled is None:
-            compiled = self._compile(*key)
-            self._cache[key] = compiled
-            if len(self._cache) > _CACHE_ENTRIES:
-                self._cache.popitem(last=False)
-        self._cache.move_to_end(key)
-        return [SampleGrammar(compiled) for _ in range(count)]
+        if compiled is not None:
+            self._cache.move_to_end(key)
+        return compiled
 
-    def _compile(self, kind: str, source: str) -> Any:
+    def store(self, key: tuple[str, str], compiled: Any) -> None:
+        self._cache[key] = compiled
+        if len(self._cache) > _CACHE_ENTRIES:
+            self._cache.popitem(last=False)
+
+    def compile(self, kind: str, source: str) -> Any:
+        """Compiles a `grammar_source` key (the cache is the caller's); raises RequestError naming
+        xgrammar's reason. One thread at a time: it makes the compiler on first use."""
         compiler = self._compiler or self._new_compiler()
         try:
             if kind == "json_schema":
                 return compiler.compile_json_schema(source, max_whitespace_cnt=_MAX_WHITESPACE)
             if kind == "regex":
                 return compiler.compile_regex(source)
+            if kind == "structural_tag":
+                return compiler.compile_structural_tag(source)
             return compiler.compile_grammar(source)
         except (RuntimeError, ValueError) as exc:  # xgrammar's errors derive from these
             reason = (

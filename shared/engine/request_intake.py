@@ -1,20 +1,20 @@
 """A GenerateRequest becomes its n sample requests: validated (request_validation.py), each sample
-seeded apart and with its own grammar matcher (grammar.py), samples 1..n-1 sharing sample 0's prompt
-pages, resumed where a moved request left off (its matcher advanced over the moved tokens)."""
+seeded apart, samples 1..n-1 sharing sample 0's prompt pages, resumed where a moved request left
+off. Their grammar matchers come next, when the grammar is compiled (grammar_compiles.py: it
+advances them over the moved tokens)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from pdserve.shared.engine.grammar import advance_over, grammar_source
+from pdserve.shared.engine.grammar import grammar_source
 from pdserve.shared.engine.request import Req, resume
 from pdserve.shared.engine.request_validation import RequestError, validate_request
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.protocol import GenerateRequest
 
 if TYPE_CHECKING:
-    from pdserve.shared.engine.grammar import GrammarBackend
     from pdserve.shared.models.config import ModelConfig
 
 
@@ -23,14 +23,13 @@ def new_samples(
     model_config: ModelConfig,
     max_total_num_tokens: int,
     share_prompt: bool,
-    grammars: GrammarBackend | None = None,
+    serves_grammars: bool = False,
 ) -> list[Req]:
-    """Validates msg and builds its n sample requests (queued nowhere yet); raises RequestError.
-    `share_prompt` (the radix cache is on): samples 1..n-1 wait for sample 0's prompt pages.
-    `grammars` compiles a constrained request's grammar (without it such a request is refused)."""
+    """Validates msg and builds its n sample requests (queued nowhere yet, no grammar matcher yet);
+    raises RequestError. `share_prompt` (the radix cache is on): samples 1..n-1 wait for sample 0's
+    prompt pages. Without `serves_grammars` a constrained request is refused."""
     params = validate_request(msg, model_config.vocab_size, model_config.context_length, max_total_num_tokens)
-    matchers = grammars.matchers(params, params.n) if grammars is not None else [None] * params.n
-    if grammars is None and grammar_source(params) is not None:
+    if not serves_grammars and grammar_source(params) is not None:
         raise RequestError("Constrained decoding is not served by this engine.")
     samples: list[Req] = []
     for index in range(params.n):
@@ -42,7 +41,6 @@ def new_samples(
             index=index,
             share_prompt_with=samples[0] if index > 0 and share_prompt else None,
             eos_token_ids=model_config.eos_token_ids,
-            grammar=matchers[index],
             return_logprob=msg.return_logprob,
             top_logprobs_num=msg.top_logprobs_num,
             logprob_start_len=msg.logprob_start_len,
@@ -50,7 +48,6 @@ def new_samples(
         )
         if msg.generated_ids:
             resume(req, msg.generated_ids)
-            advance_over([req.grammar], msg.generated_ids)
         samples.append(req)
     return samples
 

@@ -2,7 +2,11 @@
 abort). Which request moves from one queue to the next is the scheduler's policy (scheduler.py); a
 role's own queues (scheduler_role.py) count in the views and are asked first. No torch.
 
-    waiting ──▶ prefilling ──▶ running ──▶ finished (pages back through KVCacheManager.release)
+    (compiling) ──▶ waiting ──▶ prefilling ──▶ running ──▶ finished
+                                                              (pages back through KVCacheManager.release)
+
+`compiling` holds requests whose grammar compiles off the request path (grammar_compiles.py): live
+and counted as waiting, but no compute for a step until they are released into a queue.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class RequestQueues:
         self.waiting: deque[Req] = deque()
         self.prefilling: list[Req] = []  # admitted, prompt not fully computed yet
         self.running: list[Req] = []  # decoding
+        self.compiling: list[Req] = []  # waiting for their grammar, before any other queue
         # requests finished while scheduling (none of a batch's results): the engine reports them
         self.stopped: list[Req] = []
 
@@ -31,7 +36,7 @@ class RequestQueues:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting) + self.role.num_queued()
+        return len(self.waiting) + len(self.compiling) + self.role.num_queued()
 
     @property
     def num_running(self) -> int:
@@ -39,18 +44,27 @@ class RequestQueues:
 
     def has_work(self) -> bool:
         """Whether any request is live (also those the role holds, waiting on a transfer)."""
-        return self.has_compute() or self.role.num_queued() + self.role.num_holding_slots() > 0
+        held = self.role.num_queued() + self.role.num_holding_slots() + len(self.compiling)
+        return self.has_compute() or held > 0
 
     def has_compute(self) -> bool:
         """Whether a request may need a forward pass (a batch), as opposed to waiting on a transfer."""
         return bool(self.waiting or self.prefilling or self.running)
 
     def all_requests(self) -> list[Req]:
-        return list(self.waiting) + self.prefilling + self.running + self.role.held()
+        return list(self.waiting) + self.prefilling + self.running + self.role.held() + self.compiling
 
     def add(self, req: Req) -> None:
         req.status = ReqStatus.WAITING
         self.waiting.append(req)
+
+    def park(self, req: Req) -> None:
+        """req waits for its grammar (status WAITING, in no other queue); `unpark` takes it out."""
+        req.status = ReqStatus.WAITING
+        self.compiling.append(req)
+
+    def unpark(self, req: Req) -> None:
+        self.compiling.remove(req)
 
     def take_stopped(self) -> list[Req]:
         stopped, self.stopped = self.stopped, []
@@ -62,7 +76,9 @@ class RequestQueues:
         """Takes req out of the queue it is in (the role's first)."""
         if self.role.unqueue(req):
             return
-        if req.status == ReqStatus.WAITING:
+        if req in self.compiling:  # identity: Req compares by identity
+            self.compiling.remove(req)
+        elif req.status == ReqStatus.WAITING:
             self.waiting.remove(req)
         elif req.status == ReqStatus.PREFILLING:
             self.prefilling.remove(req)

@@ -14,6 +14,8 @@ from typing import Any
 
 import regex
 
+from pdserve.shared.engine.structural_tag import StructuralTagError, check_structural_tag
+
 # SGLang's "top_k disabled" sentinel is 1 << 30; -1 is accepted too and normalised to it.
 TOP_K_ALL = 1 << 30
 # The router searches every stop regex in the whole output on each new token (a match may span any
@@ -21,7 +23,7 @@ TOP_K_ALL = 1 << 30
 MAX_STOP_REGEX = 16
 MAX_STOP_REGEX_CHARS = 1024
 # Constrained decoding (shared/engine/grammar.py): at most one of these per request, its source a string.
-GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf")
+GRAMMAR_FIELDS = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 class SamplingParamsError(ValueError):
@@ -50,7 +52,7 @@ class SamplingParams:
     stream_interval: int | None = None  # report tokens every N (None: every step)
     sampling_seed: int | None = None
     logit_bias: dict[str, float] | None = None
-    # Constrained decoding (GRAMMAR_FIELDS); structural_tag is accepted by name and refused.
+    # Constrained decoding (GRAMMAR_FIELDS)
     json_schema: str | None = None
     regex: str | None = None
     ebnf: str | None = None
@@ -138,12 +140,10 @@ class SamplingParams:
 
 
 def _check_grammar(p: SamplingParams) -> None:
-    if p.structural_tag is not None:
-        raise SamplingParamsError("structural_tag (constrained decoding) is not supported yet by pdserve.")
     given = [name for name in GRAMMAR_FIELDS if getattr(p, name) is not None]
     if len(given) > 1:
         raise SamplingParamsError(
-            f"Only one of json_schema, regex and ebnf may be set, got {', '.join(given)}."
+            f"Only one of json_schema, regex, ebnf and structural_tag may be set, got {', '.join(given)}."
         )
     for name in given:
         if not isinstance(getattr(p, name), str):
@@ -153,6 +153,11 @@ def _check_grammar(p: SamplingParams) -> None:
             json.loads(p.json_schema)
         except ValueError as exc:
             raise SamplingParamsError(f"json_schema is not valid JSON: {exc}.") from None
+    if p.structural_tag is not None:
+        try:
+            check_structural_tag(p.structural_tag)
+        except StructuralTagError as exc:
+            raise SamplingParamsError(str(exc)) from None
 
 
 def _check_stop_regex(patterns: Any) -> None:

@@ -150,7 +150,7 @@ def test_stop_token_ids_and_ignore_eos(engine):
         ({"sampling_params": {"n": 0}}, "n must"),
         ({"sampling_params": {"bogus": 1}}, "bogus"),
         ({"sampling_params": {"stop_token_ids": [99999]}}, "stop_token_ids"),
-        ({"sampling_params": {"regex": "a("}}, "regex"),  # one that does not compile
+        ({"sampling_params": {"regex": 3}}, "regex"),  # one that does not compile ends later
         ({"sampling_params": {"structural_tag": "{}"}}, "structural_tag"),
         ({"top_logprobs_num": -1}, "top_logprobs_num"),
         ({"logprob_start_len": 50}, "logprob_start_len"),

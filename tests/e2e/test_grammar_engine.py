@@ -1,7 +1,7 @@
 """Constrained decoding in the engine (tiny random Llama with a byte-level tokenizer, CPU): sampled
 outputs under JSON schemas and regexes always parse and validate; free requests in the same batch
 are token-identical to a run without constrained ones; n > 1; a moved request's matcher resumes;
-an uncompilable grammar is refused with xgrammar's reason."""
+an uncompilable grammar ends the request with xgrammar's reason."""
 
 from __future__ import annotations
 
@@ -135,8 +135,26 @@ def test_moved_request_resumes_its_matcher(engine):
         ),
         ({"regex": "(ab"}, "regex could not be compiled by xgrammar"),
         ({"ebnf": "root ::= undefined_rule"}, "ebnf could not be compiled by xgrammar"),
+    ],
+)
+def test_uncompilable_grammar_ends_with_the_reason(engine, params, reason):
+    """The grammar compiles off the request path, so its failure ends the request at a later step:
+    every sample, nothing generated, the reason as the error a refusal carries."""
+    engine.add_request(GenerateRequest(rid="bad", input_ids=PROMPT, sampling_params={**params, "n": 2}))
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    assert sorted(o.index for o in outs) == [0, 1]
+    for out in outs:
+        assert out.finished and out.token_ids == [] and reason in out.error
+        assert out.finish_reason == {"type": "abort", "message": out.error}
+
+
+@pytest.mark.parametrize(
+    "params,reason",
+    [
         ({"json_schema": "{not json"}, "json_schema is not valid JSON"),
-        ({"regex": "a", "ebnf": 'root ::= "a"'}, "Only one of json_schema, regex and ebnf"),
+        ({"regex": "a", "ebnf": 'root ::= "a"'}, "Only one of json_schema, regex, ebnf and structural_tag"),
     ],
 )
 def test_bad_grammar_is_refused_with_the_reason(engine, params, reason):

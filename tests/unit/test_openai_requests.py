@@ -3,6 +3,8 @@ budget, chat templates."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pdserve.router.openai.chat_template import chat_prompt_ids, normalize_messages, render_chat
@@ -126,7 +128,7 @@ def test_stop_list_drops_empty_strings():
         ({"regex": 3}, "regex", "regex must be a string"),
         ({"json_schema": "{"}, "json_schema", "json_schema is not valid JSON"),
         ({"regex": "a", "ebnf": "x"}, "regex", "Only one of"),
-        ({"structural_tag": "{}"}, "structural_tag", "not supported yet"),
+        ({"structural_tag": {"format": {}}}, "structural_tag", "structural_tag must be a string"),
         ({"response_format": {"type": "xml"}}, "response_format", "must be 'text', 'json_object'"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream is true"),
         ({"best_of": 3}, "best_of", "best_of"),
@@ -157,6 +159,14 @@ def test_stream_options():
     assert req.stream.stream and not req.stream.include_usage
 
 
+LEGACY_TAG = {
+    "type": "structural_tag",
+    "structures": [{"begin": "<f=a>", "schema": {"type": "integer"}, "end": "</f>"}],
+    "triggers": ["<f="],
+}
+FORMAT_TAG = {"type": "structural_tag", "format": {"type": "any_text"}}
+
+
 def test_response_format_text_is_accepted():
     parse_chat_request({"messages": USER, "response_format": {"type": "text"}})
 
@@ -176,6 +186,9 @@ def test_response_format_text_is_accepted():
         ),
         ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
         ({"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),
+        ({"response_format": LEGACY_TAG}, {"structural_tag": json.dumps(LEGACY_TAG)}),
+        ({"response_format": FORMAT_TAG}, {"structural_tag": json.dumps(FORMAT_TAG)}),
+        ({"structural_tag": json.dumps(FORMAT_TAG)}, {"structural_tag": json.dumps(FORMAT_TAG)}),
     ],
 )
 def test_constraints_become_sampling_params(extra, want):
@@ -249,6 +262,8 @@ def test_chat_max_tokens_and_logprobs():
             "'schema' object",
         ),
         ({"response_format": {"type": "json_object"}, "regex": "a"}, "response_format", "cannot be combined"),
+        ({"response_format": {"type": "structural_tag"}}, "response_format", "'structures' and 'triggers'"),
+        ({"response_format": FORMAT_TAG, "ebnf": "x"}, "response_format", "cannot be combined"),
         ({"chat_template_kwargs": [1]}, "chat_template_kwargs", "must be an object"),
         ({"continue_final_message": True}, "continue_final_message", "final assistant message"),
     ],
