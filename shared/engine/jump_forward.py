@@ -17,11 +17,15 @@ tokens before it are kept (their KV is computed, the client may have them). Cand
 1. the last token's text + the forced string, encoded together;
 2. the forced string encoded alone, appended.
 A candidate counts only when its tokens decode to exactly the text it stands for (a tokenizer that
-adds a space before a fragment fails that). Its tokens stop before a stop token, and where the
+adds a space before a fragment fails that). At the other end, a last token that a longer token of
+the vocabulary extends (`"` of `":`) is left to the model, as xgrammar's `find_jump_forward_tokens`
+does: the text after it is free, and the model would likely write the two as one token. Its
+tokens stop before a stop token, and where the
 request's budget ends (`limit`: tokens it may still gain, keeping one for the token sampled after
 the jump; max_new_tokens and the context length are never passed). The matcher must accept every
 token: at the first it refuses, the jump stops there (it jumps less); a candidate that would not
-move the output forward is undone and the next one is tried.
+move the output forward then is undone and the next one is tried (one that gains nothing even when
+accepted whole ends the attempt: a worse split is not worth a step).
 
 Requests that ask for logprobs never jump: each output token's logprob is reported from the step
 that sampled it, and forced tokens would need a logits row each in the extend, mapped into the
@@ -44,6 +48,7 @@ class JumpForward:
         self._tokenizer_path = tokenizer_path
         self._trust_remote_code = trust_remote_code
         self._tokenizer = tokenizer
+        self._token_prefixes: set[str] | None = None
         self.num_jumps = 0
 
     def jump(self, req: Req, limit: int) -> int:
@@ -56,7 +61,10 @@ class JumpForward:
         if not forced:
             return 0
         for replaced, tokens in self._candidates(req, forced):
-            gained = self._apply(req, replaced, self._usable(req, tokens, limit + replaced))
+            usable = self._usable(req, tokens, limit + replaced)
+            if len(usable) <= replaced:  # the best split gains nothing yet: the model decodes on
+                return 0
+            gained = self._apply(req, replaced, usable)
             if gained > 0:
                 self.num_jumps += 1
                 return gained
@@ -76,16 +84,28 @@ class JumpForward:
             found.append((0, alone))
         return found
 
-    @staticmethod
-    def _usable(req: Req, tokens: list[int], budget: int) -> list[int]:
-        """tokens cut before the first that would stop req, and to `budget`."""
+    def _usable(self, req: Req, tokens: list[int], budget: int) -> list[int]:
+        """tokens cut before the first that would stop req, before a last one that a longer token
+        extends, and to `budget`."""
         p = req.params
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(req.eos_token_ids))
         for i, token in enumerate(tokens):
             if token in stops:
                 tokens = tokens[:i]
                 break
+        if tokens and self._tok().convert_ids_to_tokens(tokens[-1]) in self._prefixes():
+            tokens = tokens[:-1]
         return tokens[: max(budget, 0)]
+
+    def _prefixes(self) -> set[str]:
+        """Every proper prefix of an ordinary token of the vocabulary (built once)."""
+        if self._token_prefixes is None:
+            tok = self._tok()
+            special = set(tok.all_special_tokens)
+            self._token_prefixes = {
+                piece[:i] for piece in tok.get_vocab() if piece not in special for i in range(1, len(piece))
+            }
+        return self._token_prefixes
 
     @staticmethod
     def _apply(req: Req, replaced: int, tokens: list[int]) -> int:
