@@ -12,7 +12,6 @@ decode worker of a P/D pair jumps after the prefill worker's first token.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -24,7 +23,6 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.protocol import GenerateRequest
 from tests.helpers.pd_pair import PDPair, assert_idle
-from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.untimed
 
@@ -54,18 +52,13 @@ def _args(model_dir: str, **extra) -> EngineArgs:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> str:
-    return str(make_tiny_model("llama", Path(tmp_path_factory.mktemp("llama"))))
+def jumping(tiny_llama_dir) -> Engine:
+    return Engine(_args(tiny_llama_dir))
 
 
 @pytest.fixture(scope="module")
-def jumping(model_dir) -> Engine:
-    return Engine(_args(model_dir))
-
-
-@pytest.fixture(scope="module")
-def stepping(model_dir) -> Engine:
-    engine = Engine(_args(model_dir, disable_jump_forward=True))
+def stepping(tiny_llama_dir) -> Engine:
+    engine = Engine(_args(tiny_llama_dir, disable_jump_forward=True))
     assert engine.scheduler.jumper is None
     return engine
 
@@ -162,10 +155,10 @@ def test_logprob_requests_do_not_jump(jumping):
     assert len(out["meta_info"]["output_top_logprobs"]) == num_tokens
 
 
-def test_the_decode_worker_jumps_after_the_prefill_workers_token(model_dir, stepping):
+def test_the_decode_worker_jumps_after_the_prefill_workers_token(tiny_llama_dir, stepping):
     hub = FakeTransferHub()
-    prefill = PrefillEngine(_args(model_dir), lambda pool: FakeKVManager(pool, "prefill-0", hub))
-    decode = DecodeEngine(_args(model_dir), lambda pool: FakeKVManager(pool, "decode-0", hub))
+    prefill = PrefillEngine(_args(tiny_llama_dir), lambda pool: FakeKVManager(pool, "prefill-0", hub))
+    decode = DecodeEngine(_args(tiny_llama_dir), lambda pool: FakeKVManager(pool, "decode-0", hub))
     pair = PDPair(prefill, decode)
     try:
         params = _params(3)
