@@ -170,3 +170,15 @@ def test_the_decode_worker_jumps_after_the_prefill_workers_token(tiny_llama_dir,
     finally:
         prefill.kv_manager.close()
         decode.kv_manager.close()
+
+
+def test_the_flag_goes_from_serve_to_the_workers_engine_args():
+    from pdserve.shared.args import engine_args_from
+    from pdserve.shared.launch.serve.cli import build_parser as serve_parser
+    from pdserve.shared.launch.serve.plan import engine_flags
+    from pdserve.shared.launch.worker_cli import build_parser as worker_parser
+
+    flags = engine_flags(serve_parser().parse_args(["--disable-jump-forward"]))
+    assert "--disable-jump-forward" in flags
+    assert engine_args_from(worker_parser().parse_args(["--role", "mixed", *flags])).disable_jump_forward
+    assert not engine_args_from(worker_parser().parse_args(["--role", "mixed"])).disable_jump_forward
