@@ -120,9 +120,12 @@ class Scheduler(RequestQueues):
         return self.kv.match_prefix(req.fill_ids[: self._prefix_limit(req)]).num_tokens
 
     def _blocked(self, req: Req) -> bool:
-        """Samples 1..n-1 of an n>1 request wait until sample 0 has its prompt in the cache."""
+        """Samples 1..n-1 of an n>1 request wait until sample 0 has its prompt in the cache (a lead
+        prefilling again after a jump has it)."""
         lead = req.share_prompt_with
-        return lead is not None and lead.status in (ReqStatus.WAITING, ReqStatus.PREFILLING)
+        if lead is None or lead.status not in (ReqStatus.WAITING, ReqStatus.PREFILLING):
+            return False
+        return lead.status == ReqStatus.WAITING or lead.num_computed < len(lead.input_ids)
 
     def _schedule_extend(self) -> ScheduledBatch | None:
         cfg = self.config

@@ -182,3 +182,21 @@ def test_the_flag_goes_from_serve_to_the_workers_engine_args():
     assert "--disable-jump-forward" in flags
     assert engine_args_from(worker_parser().parse_args(["--role", "mixed", *flags])).disable_jump_forward
     assert not engine_args_from(worker_parser().parse_args(["--role", "mixed"])).disable_jump_forward
+
+
+def test_samples_of_an_n_request_do_not_wait_for_a_jumping_first_sample(jumping, stepping):
+    """Samples 1..n-1 wait for sample 0's prompt, not for its jumps: here sample 0 prefills again
+    after every token it samples, and the others must still start before it ends."""
+    params = {"temperature": 1.0, "sampling_seed": 5, "n": 4, "max_new_tokens": 80}
+    params["regex"] = "(a|b)_first_forced_run_(c|d)_second_forced_run_(e|f)_third_forced_run!"
+    (want,) = [stepping.generate([PROMPTS[0]], [params])]
+    jumping.add_request(GenerateRequest(rid="n4", input_ids=PROMPTS[0], sampling_params=params))
+    streamed: dict[int, list[int]] = {i: [] for i in range(4)}
+    others_began_before_the_first_ended = []
+    while jumping.has_work():
+        for out in jumping.step():
+            if out.index and not streamed[out.index]:
+                others_began_before_the_first_ended.append(len(streamed[0]) < len(want[0]["output_ids"]))
+            streamed[out.index] += out.token_ids
+    assert [streamed[i] for i in range(4)] == [o["output_ids"] for o in want]
+    assert all(others_began_before_the_first_ended), others_began_before_the_first_ended
