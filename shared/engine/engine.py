@@ -137,7 +137,7 @@ class Engine:
             self.model_config.eos_token_ids,
             args.trust_remote_code,
         )
-        if not args.disable_jump_forward:  # constrained requests skip what their grammar forces
+        if args.enable_jump_forward:  # constrained requests skip what their grammar forces
             self.scheduler.jumper = JumpForward(self.tokenizer_path, args.trust_remote_code)
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}

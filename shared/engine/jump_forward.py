@@ -31,7 +31,9 @@ Requests that ask for logprobs never jump: each output token's logprob is report
 that sampled it, and forced tokens would need a logits row each in the extend, mapped into the
 output logprob lists; they decode as before. The prefill worker of a P/D pair never jumps (its
 request is transferring once it has its first token); the decode worker jumps after it applied that
-token (decode/decode_role.py). `--disable-jump-forward` turns this off (SGLang's flag).
+token (decode/decode_role.py). Opt-in, `--enable-jump-forward`: SGLang's `--disable-jump-forward`
+left it on, but its overlap scheduler (on by default) turned it off, and SGLang 0.5 dropped it, so
+its users get token-by-token constrained decoding unless they ask.
 """
 
 from __future__ import annotations

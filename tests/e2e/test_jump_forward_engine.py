@@ -4,8 +4,8 @@ With one token per byte, a forced string leaves the grammar's mask exactly one t
 positions, so an engine that jumps must produce what one that decodes every token produces, token
 for token (seeded noise goes by (seed, step), not by the batch), only with fewer decode rows: that
 checks the jumped tokens' KV, where the token after them is sampled, max_new_tokens and stop
-tokens. `--disable-jump-forward` keeps today's path: one decode row per output token after the
-first. Also: streamed outputs add up to the final ids and counts; logprob requests never jump; the
+tokens. Without `--enable-jump-forward` the engine keeps today's path: one decode row per output
+token after the first. Also: streamed outputs add up to the final ids and counts; logprob requests never jump; the
 decode worker of a P/D pair jumps after the prefill worker's first token.
 """
 
@@ -53,12 +53,12 @@ def _args(model_dir: str, **extra) -> EngineArgs:
 
 @pytest.fixture(scope="module")
 def jumping(tiny_llama_dir) -> Engine:
-    return Engine(_args(tiny_llama_dir))
+    return Engine(_args(tiny_llama_dir, enable_jump_forward=True))
 
 
 @pytest.fixture(scope="module")
 def stepping(tiny_llama_dir) -> Engine:
-    engine = Engine(_args(tiny_llama_dir, disable_jump_forward=True))
+    engine = Engine(_args(tiny_llama_dir))
     assert engine.scheduler.jumper is None
     return engine
 
@@ -157,8 +157,11 @@ def test_logprob_requests_do_not_jump(jumping):
 
 def test_the_decode_worker_jumps_after_the_prefill_workers_token(tiny_llama_dir, stepping):
     hub = FakeTransferHub()
-    prefill = PrefillEngine(_args(tiny_llama_dir), lambda pool: FakeKVManager(pool, "prefill-0", hub))
-    decode = DecodeEngine(_args(tiny_llama_dir), lambda pool: FakeKVManager(pool, "decode-0", hub))
+    on = _args(tiny_llama_dir, enable_jump_forward=True)  # on both: the prefill worker still never jumps
+    prefill = PrefillEngine(on, lambda pool: FakeKVManager(pool, "prefill-0", hub))
+    decode = DecodeEngine(
+        _args(tiny_llama_dir, enable_jump_forward=True), lambda pool: FakeKVManager(pool, "decode-0", hub)
+    )
     pair = PDPair(prefill, decode)
     try:
         params = _params(3)
@@ -172,16 +175,16 @@ def test_the_decode_worker_jumps_after_the_prefill_workers_token(tiny_llama_dir,
         decode.kv_manager.close()
 
 
-def test_the_flag_goes_from_serve_to_the_workers_engine_args():
+def test_the_opt_in_flag_goes_from_serve_to_the_workers_engine_args():
     from pdserve.shared.args import engine_args_from
     from pdserve.shared.launch.serve.cli import build_parser as serve_parser
     from pdserve.shared.launch.serve.plan import engine_flags
     from pdserve.shared.launch.worker_cli import build_parser as worker_parser
 
-    flags = engine_flags(serve_parser().parse_args(["--disable-jump-forward"]))
-    assert "--disable-jump-forward" in flags
-    assert engine_args_from(worker_parser().parse_args(["--role", "mixed", *flags])).disable_jump_forward
-    assert not engine_args_from(worker_parser().parse_args(["--role", "mixed"])).disable_jump_forward
+    flags = engine_flags(serve_parser().parse_args(["--enable-jump-forward"]))
+    assert "--enable-jump-forward" in flags
+    assert engine_args_from(worker_parser().parse_args(["--role", "mixed", *flags])).enable_jump_forward
+    assert not engine_args_from(worker_parser().parse_args(["--role", "mixed"])).enable_jump_forward
 
 
 def test_samples_of_an_n_request_do_not_wait_for_a_jumping_first_sample(jumping, stepping):

@@ -1,5 +1,5 @@
 """Jump-forward decoding end to end: a real `worker` (SmolLM2-135M-Instruct, whose BPE tokenizer
-makes the token boundary matter) behind a real `router`, driven by the `openai` package with
+makes the token boundary matter) started with `--enable-jump-forward` behind a real `router`, driven by the `openai` package with
 response_format json_schema. Greedy answers validate, streaming gives the same text and usage as
 not streaming, native /generate's text is its output_ids decoded, and the worker's counters show
 that forced tokens were jumped, not decoded one step each."""
@@ -37,7 +37,9 @@ MESSAGES = [{"role": "user", "content": "Describe a club member as JSON."}]
 
 @pytest.fixture(scope="module")
 def stack(worker_launcher, router_launcher) -> dict:
-    worker = worker_launcher("--model-path", SMOL, "--max-total-tokens", "4096", "--log-level", "warning")
+    worker = worker_launcher(
+        "--model-path", SMOL, "--enable-jump-forward", "--max-total-tokens", "4096", "--log-level", "warning"
+    )  # fmt: skip
     router = router_launcher("--worker-addr", worker.zmq_address)
     client = openai.OpenAI(base_url=router.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     return {"url": router.url, "worker": worker.http_url, "client": client}
