@@ -118,8 +118,9 @@ class DecodeRole(MixedRole):
 
     def kv_received(self, req: Req) -> bool:
         """The prompt's KV is in req's pages and the first token in output_ids (handoff.py): req joins
-        the running batch. Returns whether it finished right away (first token is a stop, or
-        max_new_tokens is 1 or 0)."""
+        the running batch (or, when its grammar forces tokens after that one, prefills them first:
+        scheduler.py `jump_forward`). Returns whether it finished right away (first token is a stop,
+        or max_new_tokens is 1 or 0)."""
         if req.status != ReqStatus.WAITING_FOR_KV:
             raise ValueError(f"request {req.rid} is {req.status.name}, not WAITING_FOR_KV")
         self.waiting_for_kv.remove(req)
@@ -133,6 +134,7 @@ class DecodeRole(MixedRole):
         if reason is not None:
             self.scheduler.finish(req, reason)
             return True
+        self.scheduler.jump_forward(req)  # this worker jumps past what the grammar forces after it
         return False
 
     def kv_failed(self, req: Req, message: str) -> None:

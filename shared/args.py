@@ -46,6 +46,8 @@ class EngineArgs:
     disable_cuda_graph: bool = False
     # Overlap scheduling (shared/engine/batch_pipeline.py): on by default on CUDA, off on the CPU.
     disable_overlap_schedule: bool = False
+    # Constrained decoding: text the grammar forces is appended without decode steps (jump_forward.py)
+    enable_jump_forward: bool = False
     enable_torch_compile: bool = False  # compiled decode graphs (small batches) on CUDA, every pass on CPU
     # MoE models: count each expert's routed tokens per layer (shared/engine/expert_distribution.py)
     expert_distribution_recorder_mode: str | None = None  # None (off) | stat

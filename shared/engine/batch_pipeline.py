@@ -84,6 +84,7 @@ class BatchPipeline:
         else:
             progressed += self._run_decode(batch)
         self.stats.num_retractions = self.scheduler.num_retractions
+        self.stats.jump_forward_tokens = self.scheduler.num_jump_forward_tokens
         return list(dict.fromkeys(stopped + progressed))
 
     def drain(self) -> list[Req]:

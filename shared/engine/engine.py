@@ -33,6 +33,7 @@ from pdserve.shared.engine.embedding import (
 )
 from pdserve.shared.engine.engine_stats import EngineStats
 from pdserve.shared.engine.grammar_compiles import GrammarCompiles
+from pdserve.shared.engine.jump_forward import JumpForward
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.latency_stats import RequestLatencies
 from pdserve.shared.engine.model_runner import ModelRunner
@@ -128,11 +129,8 @@ class Engine:
         self.batch_log = BatchLog(
             graph_label="cuda graph" if self.runner.device.type == "cuda" else "cpu graph"
         )
-        if overlap_schedule is None:
-            overlap_schedule = overlap_schedule_default(args)
-        self.pipeline = BatchPipeline(
-            self.scheduler, self.runner, self.stats, overlap_schedule, self.batch_log
-        )
+        overlap = overlap_schedule_default(args) if overlap_schedule is None else overlap_schedule
+        self.pipeline = BatchPipeline(self.scheduler, self.runner, self.stats, overlap, self.batch_log)
         self.grammars = GrammarCompiles(  # a new grammar compiles on its thread while its request waits
             self.scheduler,
             self.tokenizer_path,
@@ -140,6 +138,8 @@ class Engine:
             self.model_config.eos_token_ids,
             args.trust_remote_code,
         )
+        if args.enable_jump_forward:  # constrained requests skip what their grammar forces
+            self.scheduler.jumper = JumpForward(self.tokenizer_path, args.trust_remote_code)
         self.weight_version = "default"
         self._live: dict[str, list[Req]] = {}
         self._embedded: list[EmbeddingOutput] = []  # answers not yet taken (take_embeddings)

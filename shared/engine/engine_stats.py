@@ -21,4 +21,5 @@ class EngineStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     num_retractions: int = 0
+    jump_forward_tokens: int = 0  # output tokens a grammar forced, computed without decode steps
     num_steps: int = 0

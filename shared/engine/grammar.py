@@ -89,6 +89,13 @@ class SampleGrammar:
     def fill(self, bitmask: torch.Tensor, row: int) -> None:
         self._matcher.fill_next_token_bitmask(bitmask, row)
 
+    def forced_string(self) -> str:
+        """The text the grammar allows and no other from here (jump_forward.py)."""
+        return str(self._matcher.find_jump_forward_string())
+
+    def rollback(self, num_tokens: int) -> None:
+        self._matcher.rollback(num_tokens)
+
 
 class GrammarBackend:
     """A worker's compiler and cache. The tokenizer is read on the first constrained request, so a

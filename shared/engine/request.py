@@ -40,6 +40,10 @@ class TokenGrammar(Protocol):
 
     def fill(self, bitmask: Any, row: int) -> None: ...
 
+    def forced_string(self) -> str: ...
+
+    def rollback(self, num_tokens: int) -> None: ...
+
 
 @dataclass(eq=False)  # identity, not field-wise, equality: queues remove by identity
 class Req:

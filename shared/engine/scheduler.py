@@ -32,6 +32,11 @@ tokens first, so those decisions are taken on the same facts as without overlap.
 finishes on its in-flight token (a stop token) was planned into one step too many: that step's
 token for it is dropped by `on_decode_done`, and its KV slot went back with its pages.
 
+Jump-forward (jump_forward.py; `jumper`, None when off): a running constrained request that accepted
+a token may gain the tokens its grammar forces; it then goes back to the prefilling queue, its
+fill_ids running past num_computed like a prompt's, and the next extend batch computes them and
+samples at the end of the chunk (`jump_forward`).
+
 The queues themselves, and finishing or aborting a request, are request_queues.py's; the batch
 types are scheduled_batch.py's. What differs between the mixed, prefill and decode roles (where a
 request goes once its prompt is computed, when it stops, the headroom admission leaves, which
@@ -42,6 +47,7 @@ half-prefilled request gives way, queues of their own) the scheduler asks its ro
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req, ReqStatus
@@ -62,6 +68,13 @@ class SchedulerConfig:
     whole_prompts: bool = False  # a prompt is computed in one chunk or waits (encoders, mean pooling)
 
 
+class Jumper(Protocol):
+    """Appends the tokens a request's grammar forces, at most `limit` more; returns how many more
+    it has (jump_forward.py)."""
+
+    def jump(self, req: Req, limit: int) -> int: ...
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -71,6 +84,8 @@ class Scheduler(RequestQueues):
         super().__init__(kv, role or MixedRole())
         self.config = config
         self.num_retractions = 0
+        self.jumper: Jumper | None = None
+        self.num_jump_forward_tokens = 0
         self.role.attach(self)
 
     # ------------------------------------------------------------------ scheduling
@@ -105,9 +120,12 @@ class Scheduler(RequestQueues):
         return self.kv.match_prefix(req.fill_ids[: self._prefix_limit(req)]).num_tokens
 
     def _blocked(self, req: Req) -> bool:
-        """Samples 1..n-1 of an n>1 request wait until sample 0 has its prompt in the cache."""
+        """Samples 1..n-1 of an n>1 request wait until sample 0 has its prompt in the cache (a lead
+        prefilling again after a jump has it)."""
         lead = req.share_prompt_with
-        return lead is not None and lead.status in (ReqStatus.WAITING, ReqStatus.PREFILLING)
+        if lead is None or lead.status not in (ReqStatus.WAITING, ReqStatus.PREFILLING):
+            return False
+        return lead.status == ReqStatus.WAITING or lead.num_computed < len(lead.input_ids)
 
     def _schedule_extend(self) -> ScheduledBatch | None:
         cfg = self.config
@@ -277,6 +295,8 @@ class Scheduler(RequestQueues):
             if reason is not None:
                 self.finish(req, reason)
                 result.finished.append(req)
+            else:
+                self.jump_forward(req)
         return result
 
     def on_decode_launched(self, batch: ScheduledBatch) -> None:
@@ -304,7 +324,25 @@ class Scheduler(RequestQueues):
             if reason is not None:
                 self.finish(req, reason)
                 result.finished.append(req)
+            else:
+                self.jump_forward(req)
         return result
+
+    def jump_forward(self, req: Req) -> None:
+        """After a running request accepted a token (whose KV is not computed yet): the tokens its
+        grammar forces join its output, and it returns to prefilling until their KV is computed."""
+        if self.jumper is None or req.grammar is None or req.status != ReqStatus.RUNNING:
+            return
+        if req.tokens_in_flight or req.remaining_fill != 1:
+            return
+        # tokens it may gain, one kept for the token sampled after them
+        limit = min(req.params.max_new_tokens - len(req.output_ids), self.config.context_length - req.seq_len)
+        gained = self.jumper.jump(req, limit - 1)
+        if gained:
+            self.num_jump_forward_tokens += gained
+            self.running.remove(req)
+            req.status = ReqStatus.PREFILLING
+            self.prefilling.append(req)
 
     def _after_chunk(self, req: Req) -> None:
         """Puts the request's computed whole pages into the radix cache so others can share them."""

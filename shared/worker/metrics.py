@@ -64,6 +64,7 @@ _COUNTERS: dict[str, tuple[str, str]] = {
     "prefill_seconds": ("prefill_seconds", "Seconds spent in extend (prefill) forward passes."),
     "decode_seconds": ("decode_seconds", "Seconds spent in decode forward passes."),
     "num_retractions": ("retractions", "Requests retracted because decode ran out of KV pages."),
+    "jump_forward_tokens": ("jump_forward_tokens", "Output tokens a grammar forced (jump-forward decoding)."),
 }
 
 
