@@ -90,5 +90,6 @@ def _response_format_schema(fmt: Any) -> str | None:
         )
     if not isinstance(spec.get("strict", False), (bool, type(None))):
         raise OpenAIRequestError("response_format json_schema.strict must be a boolean.", "response_format")
-    # OpenAI lets `schema` be absent (any JSON); an empty schema compiles to any JSON value.
-    return json.dumps(spec.get("schema") or {}, sort_keys=True)
+    # OpenAI lets `schema` be absent (any JSON); an empty schema compiles to any JSON value. Keys
+    # keep their order: it is the order the grammar makes the model write the properties in.
+    return json.dumps(spec.get("schema") or {})

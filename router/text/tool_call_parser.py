@@ -8,15 +8,17 @@ Rules (one pure function serves the non-streaming answer, `final=True`, and each
   arguments (the format's `arguments` or `parameters` key; none means `{}`). `arguments` is the
   model's own text of that object, so streamed pieces assemble to exactly the final string.
 - Text outside call blocks is the content; blanks next to a block are dropped. A block that is not
-  a call (unknown name, arguments not an object, not JSON) stays text, and so does a call cut off
-  by the end of the output (`final=True`: max_tokens reached inside it); the whole calls before it
-  in the same block (an array, calls joined by `;`) still count.
+  a call (unknown name, arguments not an object, not JSON) stays text. A call cut off by the end
+  of the output (`final=True`: max_tokens reached inside it) stays a call, with the arguments
+  written so far (not valid JSON; the finish reason says "length"), once its name is whole and
+  known, as OpenAI answers and as a stream has already sent it; cut off before that, it stays text.
+  The whole calls before it in the same block (an array, calls joined by `;`) count either way.
 - While not final, what may still turn into a call is held back: the start of a marker, blanks
   that may precede one, and an unfinished block. An unfinished call shows its name once the name
   is whole and known, and the arguments text seen so far.
 - `ToolCallStream` turns successive analyses into OpenAI `delta.tool_calls` entries: per call the
-  index, id, type and name first, then arguments pieces. A call cut off mid-stream has already
-  been sent in part (it cannot be taken back), unlike the non-streaming answer, where it is text.
+  index, id, type and name first, then arguments pieces; streamed deltas assemble to exactly the
+  non-streaming message, also when max_tokens cuts a call.
 """
 
 from __future__ import annotations
@@ -82,13 +84,17 @@ def analyze_tool_calls(
         try:
             block, end = _read_block(text, j, fmt, names, final)
         except _Unfinished as unfinished:
-            done = [c for c in unfinished.calls if c.complete]
-            if final and not done:  # cut off: the block stays text
+            # at the end, a cut-off call with a known name stays a call; one without is text
+            kept = [c for c in unfinished.calls if c.complete or c.name is not None]
+            if final and not kept:  # cut off before any name: the block stays text
                 parts.append(text[pos:])
                 return ToolCallAnalysis("".join(parts), calls)
-            if final:  # cut off after whole calls (an array, joined calls): those count, the rest is text
+            if final and kept[-1].complete:  # whole calls, then text that never named a call
                 parts.extend((before.rstrip(), text[unfinished.rest :]))
-                return ToolCallAnalysis("".join(parts), calls + done)
+                return ToolCallAnalysis("".join(parts), calls + kept)
+            if final:
+                parts.append(before.rstrip())
+                return ToolCallAnalysis("".join(parts), calls + kept)
             parts.append(before.rstrip())
             return ToolCallAnalysis("".join(parts), calls + unfinished.calls)
         except _NotACall:

@@ -3,8 +3,11 @@ float32 with fake-quantized linears (tests/helpers/fp8_reference.py), then a rea
 behind a real router serving the same tokens.
 
 The bound: the fp8 GEMM and the reference multiply the same fp8 values and differ only in the order
-of their float32 sums (~1e-6 relative per layer), so greedy tokens are identical and logprobs agree
-to 1e-4 (3 layers of a tiny model; the gap is a float32 rounding effect, far from fp8's ~6%).
+of their float32 sums (~1e-6 relative). The next layer quantizes its input again, so an activation
+sitting on an fp8 rounding boundary may round to its neighbour on one side only: one input of 64
+moves by one fp8 step (1/16 of its value), which moved a logprob by 1.5e-3 in one run. Logprobs
+agree to 1e-2, well inside fp8's own cost (tokens flip against float32, see bench/RESULTS.md), and
+greedy tokens are identical. One intra-op thread, so the sums' order is the same on every machine.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 
 import pytest
 import requests
+import torch
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
@@ -40,11 +44,19 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
         for (lp_g, tok_g), (lp_w, tok_w) in zip(
             g["meta_info"]["output_token_logprobs"], w["meta_info"]["output_token_logprobs"], strict=True
         ):
-            assert tok_g == tok_w and abs(lp_g - lp_w) < 1e-4
+            assert tok_g == tok_w and abs(lp_g - lp_w) < 1e-2
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_moe"])
-def test_fp8_engine_equals_the_fake_quantized_model(tmp_path, kind):
+def test_fp8_engine_equals_the_fake_quantized_model(tmp_path, kind, one_thread):
     model_dir = str(make_tiny_model(kind, tmp_path / kind))
     fp8 = _engine(model_dir, "fp8")
     reference = _engine(model_dir, None)

@@ -4,7 +4,8 @@
 and LangChain as users drive them.
 
 Checked: a Hermes call with text before it (non-streaming message, finish_reason "tool_calls",
-streamed deltas assembling to the same message); a call cut off by max_tokens stays text; the
+streamed deltas assembling to the same message); a call cut off by max_tokens stays a call (its
+arguments so far), streamed alike; the
 default JSON format on a template without tools (LangChain's bind_tools gets the call); a tool-role
 history renders and answers; the reasoning split (qwen3: opening tag; deepseek-r1: none), streamed
 and not, and its switches (`separate_reasoning`, `enable_thinking`); /separate_reasoning and
@@ -102,10 +103,15 @@ def test_hermes_call_non_streaming_and_streaming(urls):
     assert reasons == ["tool_calls"]
 
 
-def test_call_cut_off_by_max_tokens_stays_text(urls):
+def test_call_cut_off_by_max_tokens_stays_a_call_as_streamed(urls):
+    """As OpenAI answers: the named call with the arguments written so far, finish_reason "length";
+    the stream's deltas assemble to the same message."""
     choice = ask(urls["hermes"], "<<CALL>>", tools=[WEATHER], max_tokens=3).choices[0]
-    assert choice.finish_reason == "length" and choice.message.tool_calls is None
-    assert choice.message.content == 'Checking.<tool_call>\n{"name": "get_weather", "arguments": '
+    assert choice.finish_reason == "length" and choice.message.content == "Checking."
+    (call,) = choice.message.tool_calls
+    assert (call.function.name, call.function.arguments) == ("get_weather", "")
+    message, reasons = streamed(urls["hermes"], "<<CALL>>", tools=[WEATHER], max_tokens=3)
+    assert without_ids(message) == without_ids(choice.message.model_dump()) and reasons == ["length"]
 
 
 def test_tool_choice_none_parses_nothing(urls):

@@ -171,6 +171,9 @@ def test_response_format_text_is_accepted():
     parse_chat_request({"messages": USER, "response_format": {"type": "text"}})
 
 
+ORDERED = {"type": "object", "properties": {"zeta": {"type": "integer"}, "alpha": {"type": "string"}}}
+
+
 @pytest.mark.parametrize(
     "extra,want",
     [
@@ -183,6 +186,10 @@ def test_response_format_text_is_accepted():
                 }
             },
             {"json_schema": '{"type": "integer"}'},
+        ),
+        (  # properties keep their order: the model writes them in it
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "o", "schema": ORDERED}}},
+            {"json_schema": json.dumps(ORDERED)},
         ),
         ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
         ({"ebnf": 'root ::= "a"'}, {"ebnf": 'root ::= "a"'}),

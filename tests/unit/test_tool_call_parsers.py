@@ -1,7 +1,7 @@
 """Tool-call parsers (router/text/tool_call_parser.py) on outputs in each model family's format,
 the shapes SGLang's and vLLM's parser tests use: one call, several, nested arguments, strings
-holding braces, text around the calls, a call cut off by max_tokens (stays text), unknown names
-(stay text). Streaming: every way of cutting the output into deltas assembles to exactly the
+holding braces, text around the calls, a call cut off by max_tokens (a call with the arguments
+written so far once its name is known, text before), unknown names (stay text). Streaming: every way of cutting the output into deltas assembles to exactly the
 non-streaming message."""
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ def test_arguments_are_the_models_own_text():
 @pytest.mark.parametrize(
     "fmt,text",
     [
-        (HERMES, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par'),  # cut off by max_tokens
+        (HERMES, '<tool_call>\n{"name": "get_wea'),  # cut off by max_tokens before its name is whole
         (HERMES, '<tool_call>{"name": "delete_all", "arguments": {}}</tool_call>'),  # not an offered tool
         (HERMES, '<tool_call>{"name": "search", "arguments": "q"}</tool_call>'),  # arguments not an object
         (LLAMA3, '{"answer": 42}'),  # JSON, but not a call
         (LLAMA3, 'Use {"name": "search"} like this.'),  # bare JSON only opens the output
-        (MISTRAL, '[TOOL_CALLS] [{"name": "search", "arguments": {"q": 1}'),
+        (MISTRAL, '[TOOL_CALLS] [{"arguments": {"q": 1}'),  # cut off before any name
         (JSON_CALLS, "The weather is fine."),
         (JSON_CALLS, "[1, 2]"),
     ],
@@ -88,13 +88,27 @@ def test_what_is_not_a_whole_call_stays_text(fmt, text):
 
 
 def test_whole_calls_before_a_cut_off_one_count():
-    text = '[{"name": "search", "arguments": {}}, {"name": "run_code", "arguments": {"c'
-    assert parse(text, JSON_CALLS) == ('{"name": "run_code", "arguments": {"c', [("search", {})])
-    plan = OutputPlan(None, JSON_CALLS, frozenset(NAMES))
-    streamed = without_ids(stream(plan, text, list(range(1, len(text) + 1)))[0])
+    text = '[{"name": "search", "arguments": {}}, {"arguments": {"c'
+    assert parse(text, JSON_CALLS) == ('{"arguments": {"c', [("search", {})])
+
+
+@pytest.mark.parametrize(
+    "fmt,text,content",
+    [
+        (HERMES, 'Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Par', "Checking."),
+        (JSON_CALLS, '[{"name": "search", "arguments": {}}, {"name": "run_code", "arguments": {"c', ""),
+        (MISTRAL, '[TOOL_CALLS] [{"name": "search", "arguments": {"q": 1}', ""),
+    ],
+)
+def test_a_named_call_cut_off_by_max_tokens_stays_a_call_as_streamed(fmt, text, content):
+    """As OpenAI answers: the call with the arguments written so far; a stream sends the same."""
+    analysis = analyze_tool_calls(text, fmt, NAMES, final=True)
+    assert analysis.content == content and not analysis.calls[-1].complete
+    assert text.endswith(analysis.calls[-1].arguments)
+    plan = OutputPlan(None, fmt, frozenset(NAMES))
     whole = without_ids(chat_message(plan, text))
-    # a stream cannot take back the cut-off call it already began to send (the module docstring)
-    assert streamed["tool_calls"] == [*whole["tool_calls"], {"name": "run_code", "arguments": '{"'}]
+    for cuts in (list(range(1, len(text) + 1)), [len(text) // 2, len(text)]):
+        assert without_ids(stream(plan, text, cuts)[0]) == whole
 
 
 def test_any_name_without_a_tool_list():
