@@ -6,7 +6,8 @@ weights each must read.
 
 - Roofline: the weight bytes (fp8: N*K; bf16: 2*N*K) at the device-to-device copy rate measured in
   the same run (bench_fused_moe.copy_bandwidth_gbs). At decode's M the GEMM is that read.
-- Times: medians of single launches with CUDA events, L2 flushed before each (bench_fused_moe.time_us).
+- Times: medians of CUDA graph replays with CUDA events, L2 flushed before each
+  (bench_fused_moe.graph_time_us): what a decode step pays, without Python's launch cost.
   The activation's per-token quantization is timed apart (it runs once per linear).
 - `--sweep` times the Triton kernel over (BLOCK_N, BLOCK_K, split-K) to check auto_split_k's pick.
 On a machine without CUDA it says so and exits 0.
@@ -20,7 +21,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from pdserve.bench.bench_fused_moe import copy_bandwidth_gbs, time_us
+from pdserve.bench.bench_fused_moe import copy_bandwidth_gbs, graph_time_us
 from pdserve.kernels.fp8_gemm import auto_split_k, fp8_gemm, fp8_gemm_ref
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8
 
@@ -36,12 +37,12 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
     w8, ws = per_channel_quant_fp8(w16.float())
     q, qs = per_token_quant_fp8(x)
     split = auto_split_k(k, 256)
-    triton_us = time_us(lambda: fp8_gemm(q, qs, w8, ws, None, torch.bfloat16))
-    scaled_us = time_us(
+    triton_us = graph_time_us(lambda: fp8_gemm(q, qs, w8, ws, None, torch.bfloat16))
+    scaled_us = graph_time_us(
         lambda: torch._scaled_mm(q, w8.t(), scale_a=qs, scale_b=ws[None, :], out_dtype=torch.bfloat16)
     )
-    bf16_us = time_us(lambda: F.linear(x, w16))
-    quant_us = time_us(lambda: per_token_quant_fp8(x))
+    bf16_us = graph_time_us(lambda: F.linear(x, w16))
+    quant_us = graph_time_us(lambda: per_token_quant_fp8(x))
     got = fp8_gemm(q, qs, w8, ws, None, torch.bfloat16).float()
     want = fp8_gemm_ref(q, qs, w8, ws, None, torch.float32)
     row = {
@@ -52,7 +53,7 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
     }  # fmt: skip
     if sweep:
         row["sweep_us"] = {
-            f"{bn}x{bk}x{sk}": time_us(
+            f"{bn}x{bk}x{sk}": graph_time_us(
                 lambda bn=bn, bk=bk, sk=sk: fp8_gemm(q, qs, w8, ws, None, torch.bfloat16, bn, bk, sk)
             )
             for bn, bk, sk in SWEEP

@@ -202,6 +202,11 @@ PY
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null
+    # the engine alone first (bench_one_batch and a decode profile), so a slow serve can be placed
+    run gemma2-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/gemma-2-9b.json \
+      --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name gemma2
+    run gemma2-profile 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/gemma-2-9b.json \
+      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_gemma2.json"
     SERVE_MODEL=/tmp/gemma2; serve_start gemma2
     bench_random gemma2-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random gemma2-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
