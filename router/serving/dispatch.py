@@ -19,8 +19,9 @@ Rules:
   generated so far (`GenerateRequest.generated_ids`; it prefills them locally, the prefix cache
   making that cheap, counts them as its own output for max/min_new_tokens, penalties and seeds, and
   streams only what comes after), so the stream goes on without a gap and greedy output equals an
-  undisturbed run; moves count as attempts. Requests with n > 1, or with migration off, end the
-  unfinished samples with finish_reason {"type": "abort", "message": ..., "status_code": 503};
+  undisturbed run; moves count as attempts. With n > 1 each unfinished sample moves as its own
+  one-sample request (router/serving/sample_moves.py); with migration off the unfinished samples
+  end with finish_reason {"type": "abort", "message": ..., "status_code": 503};
 - `request_timeout_s` bounds the whole request: the worker gets an AbortRequest and the caller a
   GenerationError 504 (nothing yielded yet) or abort finish reasons with status_code 504;
 - if the consumer stops early (client disconnect: CancelledError, or aclose: GeneratorExit) while
@@ -43,9 +44,10 @@ P has not answered yet, on P.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import Any
 
 from pdserve.router.cluster.pairing import Pairing, Route, Tried
@@ -54,6 +56,7 @@ from pdserve.router.cluster.worker_pool import NoWorkerAvailable, WorkerHandle, 
 from pdserve.router.serving.attempt import TIMEOUT, Attempt, Deadline, FromPrefill, SendFailed
 from pdserve.router.serving.generator_api import GenerationError
 from pdserve.router.serving.metrics import RouterMetrics
+from pdserve.router.serving.sample_moves import move_samples
 from pdserve.shared.protocol import GenerateRequest, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -113,6 +116,7 @@ class Dispatcher:
         self.request_timeout_s = request_timeout_s
         self.pairing = pairing or Pairing(pool, pool.policy, pool.policy)
         self._active: dict[str, Attempt | None] = {}  # rid -> its attempt running now
+        self.moved: dict[str, list[str]] = {}  # rid of an n > 1 request -> its moved samples' rids
 
     @property
     def num_active(self) -> int:
@@ -123,6 +127,10 @@ class Dispatcher:
 
     def abort(self, rid: str, message: str = "Aborted by the client.") -> bool:
         """Asks the workers running rid to abort it (its stream then ends with an abort output)."""
+        moved = self.moved.get(rid)
+        if moved is not None:
+            aborted = [self.abort(sub, message) for sub in moved]  # every one, not the first
+            return any(aborted)
         attempt = self._active.get(rid)
         if attempt is None:
             return False
@@ -136,9 +144,11 @@ class Dispatcher:
         num_samples: int = 1,
         restartable: bool = False,
         inline: Callable[[RequestOutput], bool] | None = None,
+        avoid: Collection[str] = (),
     ) -> AsyncIterator[Any]:
         """`inline(out)`: the consumer takes an ordinary output at once, where it arrives (True),
-        or declines with no side effect (False: it is yielded); router/serving/inbox.py says why."""
+        or declines with no side effect (False: it is yielded); router/serving/inbox.py says why.
+        `avoid`: workers not to try (a moved sample's failed worker)."""
         if req.rid in self._active:
             raise GenerationError(
                 400, f"Duplicate request id {req.rid!r}: a request with this rid is running."
@@ -146,11 +156,12 @@ class Dispatcher:
         self._active[req.rid] = None
         deadline = Deadline(self.request_timeout_s)
         tried = Tried()
+        tried.workers.update(avoid)
         yielded = False
         last_failure = ""
         sent = req  # what the attempts send: req, or req with the tokens generated so far (a move)
-        generated: list[int] = []  # sample 0's tokens yielded so far (what a move carries)
-        may_move = self.migrate and num_samples == 1
+        generated: dict[int, list[int]] = {}  # each sample's tokens yielded so far (what a move carries)
+        may_move = self.migrate
         unfinished = set(range(num_samples))
 
         def as_yielded(out: RequestOutput) -> RequestOutput:
@@ -170,7 +181,7 @@ class Dispatcher:
             if not attempt.first_output_seen or inline is None or not inline(as_yielded(item)):
                 return False
             if may_move:
-                generated.extend(item.token_ids)
+                generated.setdefault(item.index, []).extend(item.token_ids)
             return True
 
         try:
@@ -250,7 +261,7 @@ class Dispatcher:
                                 route.worker.breaker.record_success()
                         yielded = True
                         if may_move:
-                            generated += out.token_ids
+                            generated.setdefault(out.index, []).extend(out.token_ids)
                         yield as_yielded(out)
                 except BaseException as exc:
                     # the client left (cancelled, closed), or the consumer failed on an inline output
@@ -270,8 +281,19 @@ class Dispatcher:
                 last_failure = failure
                 logger.warning("request %s failed on worker %s: %s", req.rid, failed.worker_id, failure)
                 if yielded and not restartable:
+                    if may_move and num_samples > 1:
+                        if self.metrics is not None:
+                            self.metrics.migrations.inc(len(unfinished))
+                        logger.info("request %s: %d sample(s) move on", req.rid, len(unfinished))
+                        moving = {i: generated.get(i, []) for i in unfinished}
+                        async with contextlib.aclosing(
+                            move_samples(self, req, moving, tried.workers, abort_output)
+                        ) as moved:
+                            async for out in moved:
+                                yield out
+                        return
                     if may_move:
-                        sent = dataclasses.replace(req, generated_ids=list(generated))
+                        sent = dataclasses.replace(req, generated_ids=list(generated.get(0, [])))
                         if self.metrics is not None:
                             self.metrics.migrations.inc()
                         logger.info("request %s moves on with %d generated token(s)", req.rid, len(generated))

@@ -5,15 +5,19 @@ Checked: the move goes to a worker not yet tried, under `<rid>~retry1`, as a pla
 (local prefill, also when the failed worker was a decode worker with a prefill partner) carrying
 the yielded tokens in `generated_ids`; the consumer sees the new worker's outputs under its own
 rid without prompt logprobs again; a move counts as an attempt (max_attempts ends the request);
-n > 1 and `migrate=False` end the stream with an abort as before.
+with n > 1 each unfinished sample moves as its own one-sample request (`<rid>~s<index>`, its tokens,
+its derived seed) and its outputs come back under the request's rid and the sample's index;
+`migrate=False` ends the stream with an abort as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from pdserve.router.cluster.worker_conn import StreamFailure
-from pdserve.shared.protocol import DecodeRequest, GenerateRequest
+from pdserve.shared.protocol import AbortRequest, DecodeRequest, GenerateRequest, RequestOutput
 from tests.helpers.fake_dispatch import make_dispatcher, next_item, settle, worker_output
 
 REQ = GenerateRequest(rid="r", input_ids=list(range(10)), sampling_params={"max_new_tokens": 6})
@@ -134,6 +138,46 @@ def _ends_with_abort(dispatcher, conns, num_samples: int) -> None:
     asyncio.run(main())
 
 
-def test_without_migration_or_with_several_samples_the_stream_ends_with_an_abort():
+def test_without_migration_the_stream_ends_with_an_abort():
     _ends_with_abort(*make_dispatcher(("a", "mixed"), ("b", "mixed"), migrate=False), num_samples=1)
-    _ends_with_abort(*make_dispatcher(("a", "mixed"), ("b", "mixed")), num_samples=2)
+    _ends_with_abort(*make_dispatcher(("a", "mixed"), ("b", "mixed"), migrate=False), num_samples=2)
+
+
+def test_each_unfinished_sample_moves_on_its_own():
+    async def main() -> None:
+        dispatcher, conns = make_dispatcher(("a", "mixed"), ("b", "mixed"))
+        req = GenerateRequest(
+            rid="r", input_ids=list(range(10)), sampling_params={"max_new_tokens": 6, "n": 3, "sampling_seed": 7}
+        )
+        outputs = dispatcher.run(req, num_samples=3)
+        task = asyncio.ensure_future(next_item(outputs))
+        await settle()
+        first = _first_worker(conns)
+        other = "b" if first == "a" else "a"
+        sample = lambda index, tokens, done=False: RequestOutput(  # noqa: E731
+            rid="r", token_ids=tokens, index=index, finished=done, finish_reason=LENGTH if done else None
+        )
+        conns[first].deliver(sample(0, [1, 2]))
+        assert (await task).token_ids == [1, 2]
+        for out in (sample(1, [5]), sample(2, [8, 9, 10, 11, 12, 13], True)):
+            assert (await _take(outputs, lambda out=out: conns[first].deliver(out))).index == out.index
+        task = asyncio.ensure_future(next_item(outputs))
+        conns[first].deliver(StreamFailure("gone"), rid="r")
+        await settle()
+        moved = {m.rid: m for m in conns[other].sent}
+        assert set(moved) == {"r~s0", "r~s1"}  # sample 2 had finished
+        assert moved["r~s0"].generated_ids == [1, 2] and moved["r~s1"].generated_ids == [5]
+        assert moved["r~s1"].sampling_params == {"max_new_tokens": 6, "n": 1, "sampling_seed": 8}
+        assert moved["r~s0"].sampling_params["sampling_seed"] == 7
+        conns[other].deliver(worker_output("r~s1", [6, 7, 8, 9, 10], True, LENGTH))
+        out = await task
+        assert (out.rid, out.index, out.token_ids, out.finished) == ("r", 1, [6, 7, 8, 9, 10], True)
+        assert dispatcher.abort("r")  # a client abort reaches the moved sample still running
+        assert [m.rid for m in conns[other].sent if type(m) is AbortRequest] == ["r~s0"]
+        conns[other].deliver(worker_output("r~s0", [], True, {"type": "abort", "message": "Aborted."}))
+        last = await next_item(outputs)
+        assert (last.index, last.finish_reason["type"]) == (0, "abort")
+        with pytest.raises(StopAsyncIteration):
+            await next_item(outputs)
+
+    asyncio.run(main())
