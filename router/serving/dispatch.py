@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncGenerator, Callable, Collection
 from typing import Any
 
 from pdserve.router.cluster.pairing import Pairing, Route, Tried
@@ -145,7 +145,7 @@ class Dispatcher:
         restartable: bool = False,
         inline: Callable[[RequestOutput], bool] | None = None,
         avoid: Collection[str] = (),
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """`inline(out)`: the consumer takes an ordinary output at once, where it arrives (True),
         or declines with no side effect (False: it is yielded); router/serving/inbox.py says why.
         `avoid`: workers not to try (a moved sample's failed worker)."""

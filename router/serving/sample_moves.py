@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, Collection
 from typing import TYPE_CHECKING, Any
 
 from pdserve.router.serving.generator_api import GenerationError
@@ -41,7 +41,7 @@ async def move_samples(
     generated: dict[int, list[int]],
     avoid: Collection[str],
     abort_output: Any,
-) -> AsyncIterator[RequestOutput]:
+) -> AsyncGenerator[RequestOutput, None]:
     """The merged outputs of the moved samples (`generated`: index -> its tokens so far)."""
     queue: asyncio.Queue = asyncio.Queue()
 

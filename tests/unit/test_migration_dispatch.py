@@ -154,7 +154,7 @@ def test_each_unfinished_sample_moves_on_its_own():
         await settle()
         first = _first_worker(conns)
         other = "b" if first == "a" else "a"
-        sample = lambda index, tokens, done=False: RequestOutput(  # noqa: E731
+        sample = lambda index, tokens, done=False: RequestOutput(
             rid="r", token_ids=tokens, index=index, finished=done, finish_reason=LENGTH if done else None
         )
         conns[first].deliver(sample(0, [1, 2]))
