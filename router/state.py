@@ -153,6 +153,7 @@ class ModelFacts:
     matryoshka_dimensions: list[int] | None = None  # see ServerInfo
     hidden_size: int = 0
     labels: list[str] = field(default_factory=list)  # a classifier's labels (reward model, cross-encoder)
+    cross_encoder: bool = False  # a classifier over text pairs (the worker says: shared/models/pooling.py)
 
     @property
     def kind(self) -> str:
@@ -161,13 +162,6 @@ class ModelFacts:
         if self.cross_encoder:
             return "a cross-encoder (rerank) model"
         return "a classification model" if self.labels else "an embedding model"
-
-    @property
-    def cross_encoder(self) -> bool:
-        """A classifier over text pairs: BERT or XLM-RoBERTa with a classification head."""
-        return bool(self.labels) and any(
-            a.startswith(("Bert", "XLMRoberta", "Roberta")) for a in self.architectures
-        )
 
     @classmethod
     def from_server_info(cls, info: ServerInfo) -> ModelFacts:
@@ -184,6 +178,7 @@ class ModelFacts:
             matryoshka_dimensions=info.matryoshka_dimensions,
             hidden_size=info.hidden_size,
             labels=list(info.labels),
+            cross_encoder=info.cross_encoder,
         )
 
 

@@ -58,9 +58,8 @@ from pdserve.shared.engine.weight_swap import (
     restore_weights,
 )
 from pdserve.shared.models.config import ModelConfig
-from pdserve.shared.models.pooling import is_classifier
 from pdserve.shared.models.resolver import resolve_model
-from pdserve.shared.models.sequence_classification import label_names
+from pdserve.shared.models.sequence_classification import classifier_facts
 from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput, ServerInfo
 from pdserve.shared.protocol.embedding import EmbeddingOutput, EmbedRequest
 
@@ -342,7 +341,7 @@ class Engine:
             is_generation=self.embedding is None,
             matryoshka_dimensions=matryoshka_dimensions(cfg.hf_config),
             hidden_size=cfg.hidden_size,
-            labels=label_names(cfg.hf_config) if is_classifier(list(cfg.architectures)) else [],
+            **classifier_facts(cfg.hf_config, list(cfg.architectures)),  # type: ignore[arg-type]
         )
 
     def check_weights(self, model_path: str, load_format: str | None = None) -> CheckedWeights:

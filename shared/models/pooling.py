@@ -75,6 +75,11 @@ def is_classifier(architectures: list[str]) -> bool:
     return any(a in CROSS_ENCODER_ARCHITECTURES or a in REWARD_ARCHITECTURES for a in architectures)
 
 
+def is_cross_encoder(architectures: list[str]) -> bool:
+    """A classifier over text pairs (rerank): an encoder with a classification head."""
+    return any(a in CROSS_ENCODER_ARCHITECTURES for a in architectures)
+
+
 def is_encoder(architectures: list[str]) -> bool:
     return any(a in ENCODER_ARCHITECTURES for a in architectures)
 

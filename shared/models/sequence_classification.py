@@ -27,6 +27,7 @@ from torch import nn
 from pdserve.shared.models.bert import BertModel, EncoderBatch, XLMRobertaModel
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.llama import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from pdserve.shared.models.pooling import is_classifier, is_cross_encoder
 
 
 def num_labels(config: ModelConfig) -> int:
@@ -39,6 +40,13 @@ def label_names(hf_config: object) -> list[str]:
     count = int(getattr(hf_config, "num_labels", 0) or len(labels) or 1)
     by_index = {int(k): str(v) for k, v in labels.items()}
     return [by_index.get(i, f"LABEL_{i}") for i in range(count)]
+
+
+def classifier_facts(hf_config: object, architectures: list[str]) -> dict[str, object]:
+    """What a worker's ServerInfo says of a classifier: its labels, and whether it scores text pairs."""
+    if not is_classifier(architectures):
+        return {"labels": [], "cross_encoder": False}
+    return {"labels": label_names(hf_config), "cross_encoder": is_cross_encoder(architectures)}
 
 
 def _cross_encoder_activation(scores: torch.Tensor) -> torch.Tensor:

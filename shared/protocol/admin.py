@@ -45,6 +45,7 @@ class ServerInfo(Message):
     matryoshka_dimensions: list[int] | None = None
     hidden_size: int = 0
     labels: list[str] = field(default_factory=list)  # a classifier's labels by index (id2label)
+    cross_encoder: bool = False  # a classifier over text pairs (/v1/rerank)
 
 
 @dataclass
