@@ -4,7 +4,8 @@
 #   device run: bash bench/gpu_check.sh [stages]      (carry: .whl)
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
 # interleave threshold; also tests_kv (the KV transfer `gpu` tests alone), kv_ipc (kv's cuda_ipc run alone),
-# the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2;
+# the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2,
+# deepseek (DeepSeek-V2-Lite);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8), fp8_compile (the same, compiled)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
@@ -199,6 +200,15 @@ PY
         --output-len 128 --cuda-graph-max-bs 8 --enable-torch-compile $([ $q = fp8 ] && echo --quantization fp8) \
         --result-filename "$RES" --run-name compile-weights-$q
     done ;;
+  deepseek)
+    # DeepSeek-V2-Lite served with dummy weights (MLA over the one-plane latent pool, DeepSeek MoE)
+    python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/deepseek-v2-lite.json --out /tmp/dsv2 >/dev/null
+    run deepseek-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/deepseek-v2-lite.json \
+      --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name deepseek-v2-lite
+    SERVE_MODEL=/tmp/dsv2; serve_start deepseek
+    bench_random deepseek-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
+    bench_random deepseek-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
+    serve_stop; unset SERVE_MODEL ;;
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null
