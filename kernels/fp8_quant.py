@@ -21,7 +21,7 @@ import triton.language as tl
 
 FP8_E4M3_MAX = 448.0
 INV_FP8_E4M3_MAX = 1.0 / 448.0  # the scale is amax times this (in float32)
-_INV_MAX = tl.constexpr(INV_FP8_E4M3_MAX)
+INV_MAX_C = tl.constexpr(INV_FP8_E4M3_MAX)  # the same, as kernels read it
 MIN_AMAX = 1e-12
 _MAX_K = 32768
 
@@ -49,7 +49,7 @@ def _per_token_quant_kernel(x, q, scales, x_stride, K, MIN_AMAX_C: tl.constexpr,
     amax = tl.maximum(tl.max(tl.abs(x32), axis=0), MIN_AMAX_C)
     # scale by a multiply (torch's tensor / scalar on CUDA is one too), the row by an IEEE division
     # (div_rn, as torch's tensor / tensor): Triton's `/` on float32 is approximate on CUDA
-    scale = amax * _INV_MAX
+    scale = amax * INV_MAX_C
     y = round_to_e4m3(tl.clamp(tl.math.div_rn(x32, scale), -448.0, 448.0))
     tl.store(q + row * K + cols, y.to(q.dtype.element_ty), mask=mask)
     tl.store(scales + row, scale)

@@ -6,8 +6,9 @@ Rules:
   dynamic per-token scales, so no calibration is needed and an outlier token costs only its own
   row's precision), multiplies in fp8 with float32 accumulation and scales the result back.
 - GEMM: torch._scaled_mm (cuBLASLt on CUDA; also CPU) for most shapes; on CUDA a Triton kernel
-  (kernels.fp8_gemm) for the skinny M of decode batches, where it reads the weights faster, and for
-  layers whose dims are not multiples of 16 (which cuBLASLt refuses).
+  (kernels.fp8_gemm) for the skinny M of decode batches, where it reads the weights faster and
+  quantizes the rows itself (one launch per linear), and for layers whose dims are not multiples of
+  16 (which cuBLASLt refuses).
 - A MergedLinear becomes an Fp8Linear with the same `shards`: the per-channel scales of a
   checkpoint's q/k/v (or gate/up) land in their rows, and a per-tensor scale fills its shard's rows.
 - `quantize_linears(model)` converts, in place, the linears of the decoder layers (attention and
@@ -92,11 +93,14 @@ class Fp8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if rows.device.type == "cuda":
-            from pdserve.kernels.custom_ops import fp8_gemm_op, per_token_quant_fp8_op
+            from pdserve.kernels.custom_ops import fp8_gemm_dynamic_op, fp8_gemm_op, per_token_quant_fp8_op
 
+            if rows.shape[0] <= SKINNY_M:  # one launch: the rows are quantized inside the GEMM
+                out = fp8_gemm_dynamic_op(rows, self.weight, self.weight_scale, self.bias, self.out_dtype)
+                return out.reshape(*x.shape[:-1], self.out_features)
             q, scales = per_token_quant_fp8_op(rows)
             # cuBLASLt's fp8 GEMM takes only dims that are multiples of 16
-            if rows.shape[0] <= SKINNY_M or self.in_features % 16 or self.out_features % 16:
+            if self.in_features % 16 or self.out_features % 16:
                 out = fp8_gemm_op(q, scales, self.weight, self.weight_scale, self.bias, self.out_dtype)
                 return out.reshape(*x.shape[:-1], self.out_features)
         else:

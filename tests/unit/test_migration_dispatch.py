@@ -147,7 +147,9 @@ def test_each_unfinished_sample_moves_on_its_own():
     async def main() -> None:
         dispatcher, conns = make_dispatcher(("a", "mixed"), ("b", "mixed"))
         req = GenerateRequest(
-            rid="r", input_ids=list(range(10)), sampling_params={"max_new_tokens": 6, "n": 3, "sampling_seed": 7}
+            rid="r",
+            input_ids=list(range(10)),
+            sampling_params={"max_new_tokens": 6, "n": 3, "sampling_seed": 7},
         )
         outputs = dispatcher.run(req, num_samples=3)
         task = asyncio.ensure_future(next_item(outputs))
