@@ -7,7 +7,8 @@
 # the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2,
 # deepseek (DeepSeek-V2-Lite);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
-# _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8), fp8_compile (the same, compiled)
+# _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8), fp8_compile (the same, compiled),
+# fp8_serving (serve bf16 against fp8 weights + fp8 KV, c1 and c64)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -194,6 +195,10 @@ PY
       run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
         --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
     done ;;
+  fp8_serving)
+    # issue 16's serving goal: bf16 against fp8 weights + fp8 KV through serve, 1,024 in / 256 out, c64
+    serve_and_bench fp8-serving-bf16
+    serve_and_bench fp8-serving-fp8 --quantization fp8 --kv-cache-dtype fp8_e4m3 ;;
   fp8_compile)
     for q in bf16 fp8; do
       run one-batch-compile-$q 300 python3 -m pdserve.bench.bench_one_batch --batch-size 1 --input-len 1024 \
