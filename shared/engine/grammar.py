@@ -166,8 +166,10 @@ def advance_over(grammars: list[TokenGrammar | None], tokens: list[int]) -> None
 
 
 def grammar_bitmask(reqs: list[Req], vocab_size: int, device: torch.device) -> torch.Tensor | None:
-    """The batch's token bitmask [B, ceil(V/32)] int32 on `device`, None when no row is constrained."""
-    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    """The batch's token bitmask [B, ceil(V/32)] int32 on `device`, None when no row is constrained.
+    A finished row (its grammar terminated, or it was aborted, after the step was planned) keeps all
+    ones: its token is dropped, and a terminated matcher has nothing to allow."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.is_finished]
     if not rows:
         return None
     bitmask = torch.full((len(reqs), -(-vocab_size // 32)), -1, dtype=torch.int32)
