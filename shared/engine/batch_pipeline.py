@@ -24,8 +24,8 @@ the futures (CUDA graph replay included); then the host reads the step before (i
 ready while this forward runs), advances the matchers over them (and runs their stop checks), fills
 the bitmask and launches this step's sampling with it:
 
-    host:    plan N+1, launch forward N+1 │ read N, advance matchers, fill mask │ launch sampling N+1, report N
-    device:  ... N ....................... │ forward N+1 ......................  │ sampling N+1 ...
+    host:    plan N+1, forward N+1 │ read N, advance matchers, fill mask │ sample N+1, report N
+    device:  ... N ................ │ forward N+1 ....................... │ sampling N+1 ...
 
 A request that ends on step N's token (its grammar terminated, a stop token) was planned into step
 N+1 once too often, as above: its row keeps an all-ones mask and its token is dropped when read.
@@ -159,4 +159,3 @@ class BatchPipeline:
         tokens = self.runner.collect(launched)
         self.stats.decode_seconds += time.perf_counter() - t0  # launching plus waiting for the device
         return self.scheduler.on_decode_done(launched.batch, tokens).progressed
-

@@ -58,12 +58,14 @@ def constrained_steps_overlapped(device: FakeDevice) -> list[int]:
     """Constrained steps whose forward was launched before the step before them was read, and whose
     sampling came after that read."""
     at = {(what, step): i for i, (what, step, _) in enumerate(device.events)}
-    found = []
-    for what, step, constrained in device.events:
-        if what == "forward" and constrained and ("collect", step - 1) in at:
-            if at["forward", step] < at["collect", step - 1] < at["sample", step]:
-                found.append(step)
-    return found
+    return [
+        step
+        for what, step, constrained in device.events
+        if what == "forward"
+        and constrained
+        and ("collect", step - 1) in at
+        and at["forward", step] < at["collect", step - 1] < at["sample", step]
+    ]
 
 
 def test_constrained_and_free_requests_match_in_order():
@@ -114,7 +116,7 @@ def test_abort_of_a_constrained_request_in_flight():
 def test_jump_forward_keeps_constrained_steps_read_before_planning():
     spec = workload(3, 8)
     ref, _, _ = outputs(False, spec, jump=True)
-    got, p, device = outputs(True, spec, jump=True)
+    got, _, device = outputs(True, spec, jump=True)
     assert got == ref
     assert not constrained_steps_overlapped(device)
     at = {(what, step): i for i, (what, step, _) in enumerate(device.events)}

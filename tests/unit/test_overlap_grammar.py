@@ -113,19 +113,22 @@ def _logged(engine: Engine) -> list[tuple[str, int, bool]]:
         note("collect", launched.batch)
         return collect(launched)
 
-    runner.launch_forward, runner.launch_sampling = logged_forward, logged_sampling  # type: ignore[method-assign]
+    runner.launch_forward = logged_forward  # type: ignore[method-assign]
+    runner.launch_sampling = logged_sampling  # type: ignore[method-assign]
     runner.collect = logged_collect  # type: ignore[method-assign]
     return events
 
 
 def _constrained_forwards_before_the_read(events: list[tuple[str, int, bool]]) -> int:
     """Constrained steps launched (forward) while the step before was unread, sampled after its read."""
-    count = 0
-    for i, (what, batch, constrained) in enumerate(events):
-        if what == "forward" and constrained and i + 2 < len(events):
-            if events[i + 1][0] == "collect" and events[i + 2] == ("sample", batch, True):
-                count += 1
-    return count
+    return sum(
+        1
+        for i, (what, batch, constrained) in enumerate(events[:-2])
+        if what == "forward"
+        and constrained
+        and events[i + 1][0] == "collect"
+        and events[i + 2] == ("sample", batch, True)
+    )
 
 
 def test_mixed_batch_equals_in_order_and_launches_before_reading(model_dir):
