@@ -10,12 +10,14 @@ must arrange for constrained steps. `events` records the order of forwards, samp
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 from pdserve.shared.engine.batch_pipeline import BatchPipeline
 from pdserve.shared.engine.engine_stats import EngineStats
 from pdserve.shared.engine.kv_cache_manager import KVCacheManager
 from pdserve.shared.engine.request import Req
+from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 
@@ -161,6 +163,38 @@ def run(p: BatchPipeline, reqs: list[Req], abort_at: dict[str, int] | None = Non
         steps += 1
         assert steps < limit, "no progress"
     assert p.scheduler.kv.available_pages == p.scheduler.kv.num_total_pages
+
+
+def req(
+    rid: str, prompt: list[int], max_new: int, stop: tuple[int, ...] = (), grammar_len: int | None = None
+) -> Req:
+    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=list(stop))
+    grammar = CyclicGrammar(grammar_len) if grammar_len is not None else None
+    return Req(rid=rid, input_ids=list(prompt), params=params, grammar=grammar)
+
+
+def workload(seed: int, n: int, constrained: bool = False) -> list[tuple]:
+    """Arguments of `req`: random prompts, lengths and stop tokens; with `constrained`, about half
+    the requests under grammars of 0 to 20 tokens before END."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        prompt = [rng.randrange(1, 200) for _ in range(rng.randrange(1, 30))]
+        stop = (rng.randrange(1, 98),) if rng.random() < 0.5 else ()
+        spec = (f"r{i}", prompt, rng.choice([1, 2, 5, 17, 40]), stop)
+        if constrained and rng.random() < 0.5:
+            spec += (rng.randrange(0, 21),)
+        out.append(spec)
+    return out
+
+
+def outputs(overlap: bool, spec, num_pages: int = 400, abort_at=None, jumper=None):
+    """Runs `req(*s)` for each s of spec; (output ids and finish reason by rid, pipeline, device)."""
+    p, device = make(num_pages, overlap)
+    p.scheduler.jumper = jumper
+    reqs = [req(*s) for s in spec]
+    run(p, reqs, abort_at)
+    return {r.rid: (list(r.output_ids), r.finish_reason) for r in reqs}, p, device
 
 
 def _constrained(batch: ScheduledBatch) -> bool:

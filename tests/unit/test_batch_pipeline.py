@@ -8,37 +8,11 @@ come back; requests finished one step late must cost only a dropped token.
 
 from __future__ import annotations
 
-import random
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pdserve.shared.engine.batch_pipeline import BatchPipeline
 from pdserve.shared.engine.request import Req
-from pdserve.shared.engine.sampling_params import SamplingParams
-from tests.helpers.fake_decode_device import FakeDevice, make, next_token, run
-
-
-def req(rid: str, prompt: list[int], max_new: int, stop: tuple[int, ...] = ()) -> Req:
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=list(stop))
-    return Req(rid=rid, input_ids=list(prompt), params=params)
-
-
-def workload(seed: int, n: int) -> list[tuple[str, list[int], int, tuple[int, ...]]]:
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [rng.randrange(1, 200) for _ in range(rng.randrange(1, 30))]
-        stop = (rng.randrange(1, 98),) if rng.random() < 0.5 else ()
-        out.append((f"r{i}", prompt, rng.choice([1, 2, 5, 17, 40]), stop))
-    return out
-
-
-def outputs(p_overlap: bool, spec, num_pages: int, abort_at=None) -> tuple[dict, BatchPipeline, FakeDevice]:
-    p, device = make(num_pages, p_overlap)
-    reqs = [req(*s) for s in spec]
-    run(p, reqs, abort_at)
-    return {r.rid: (list(r.output_ids), r.finish_reason) for r in reqs}, p, device
+from tests.helpers.fake_decode_device import make, next_token, outputs, req, run, workload
 
 
 def test_overlap_gives_the_in_order_tokens_and_keeps_steps_in_flight():
@@ -102,9 +76,10 @@ def test_a_tight_pool_retracts_only_after_reading_the_tokens_in_flight():
     # running (the scheduler retracts only for decode): an in-order limitation, not overlap's
     num_pages=st.integers(40, 120),
     abort_after=st.one_of(st.none(), st.integers(0, 12)),
+    constrained=st.booleans(),  # half the requests under a stand-in grammar
 )
-def test_overlap_matches_in_order_on_random_workloads(seed, n, num_pages, abort_after):
-    spec = workload(seed, n)
+def test_overlap_matches_in_order_on_random_workloads(seed, n, num_pages, abort_after, constrained):
+    spec = workload(seed, n, constrained)
     abort_at = {"r0": abort_after} if abort_after is not None else None
     ref, _, _ = outputs(False, spec, num_pages)
     got, _, _ = outputs(True, spec, num_pages, abort_at)

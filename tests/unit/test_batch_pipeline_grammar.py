@@ -10,41 +10,8 @@ jump-forward on, constrained steps are read right after their launch.
 
 from __future__ import annotations
 
-import random
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from pdserve.shared.engine.request import Req
-from pdserve.shared.engine.sampling_params import SamplingParams
-from tests.helpers.fake_decode_device import END, CyclicGrammar, FakeDevice, make, run
-
-
-def req(rid: str, prompt: list[int], max_new: int, grammar_len: int | None, stop: tuple[int, ...]) -> Req:
-    params = SamplingParams(temperature=0.0, max_new_tokens=max_new, stop_token_ids=list(stop))
-    grammar = CyclicGrammar(grammar_len) if grammar_len is not None else None
-    return Req(rid=rid, input_ids=list(prompt), params=params, grammar=grammar)
-
-
-def workload(seed: int, n: int) -> list[tuple]:
-    """Half constrained (grammars of 0 to 20 tokens before END), some with stop tokens."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        prompt = [rng.randrange(1, 200) for _ in range(rng.randrange(1, 30))]
-        grammar_len = rng.randrange(0, 21) if rng.random() < 0.5 else None
-        stop = (rng.randrange(1, 98),) if rng.random() < 0.3 else ()
-        out.append((f"r{i}", prompt, rng.choice([1, 2, 5, 17, 40]), grammar_len, stop))
-    return out
-
-
-def outputs(overlap: bool, spec, num_pages: int = 400, abort_at=None, jump=False):
-    p, device = make(num_pages, overlap)
-    if jump:
-        p.scheduler.jumper = NoJump()
-    reqs = [req(*s) for s in spec]
-    run(p, reqs, abort_at)
-    return {r.rid: (list(r.output_ids), r.finish_reason) for r in reqs}, p, device
+from tests.helpers.fake_decode_device import END, FakeDevice, outputs, workload
 
 
 class NoJump:
@@ -69,7 +36,7 @@ def constrained_steps_overlapped(device: FakeDevice) -> list[int]:
 
 
 def test_constrained_and_free_requests_match_in_order():
-    spec = workload(0, 12)
+    spec = workload(0, 12, constrained=True)
     ref, _, ref_device = outputs(False, spec)
     got, p, device = outputs(True, spec)
     assert got == ref
@@ -83,7 +50,7 @@ def test_constrained_and_free_requests_match_in_order():
 
 
 def test_a_constrained_step_launches_before_the_previous_tokens_are_read():
-    spec = [("json", [5, 6, 7], 30, 12, ()), ("free", [8, 9], 30, None, ())]
+    spec = [("json", [5, 6, 7], 30, (), 12), ("free", [8, 9], 30)]
     ref, _, _ = outputs(False, spec)
     got, _, device = outputs(True, spec)
     assert got == ref and got["json"][1] == {"type": "stop", "matched": END}
@@ -95,7 +62,7 @@ def test_a_constrained_step_launches_before_the_previous_tokens_are_read():
 
 
 def test_grammar_ending_on_the_token_in_flight_drops_one_token():
-    spec = [("short", [1, 2, 3], 30, 3, ()), ("long", [4, 5], 30, 25, ()), ("free", [6], 30, None, ())]
+    spec = [("short", [1, 2, 3], 30, (), 3), ("long", [4, 5], 30, (), 25), ("free", [6], 30)]
     ref, _, ref_device = outputs(False, spec)
     got, _, device = outputs(True, spec)
     assert got == ref
@@ -105,7 +72,7 @@ def test_grammar_ending_on_the_token_in_flight_drops_one_token():
 
 
 def test_abort_of_a_constrained_request_in_flight():
-    spec = [("aborted", [9, 8, 7], 30, 25, ()), ("json", [1, 2], 30, 20, ()), ("free", [3], 30, None, ())]
+    spec = [("aborted", [9, 8, 7], 30, (), 25), ("json", [1, 2], 30, (), 20), ("free", [3], 30)]
     ref, _, _ = outputs(False, spec)
     got, _, _ = outputs(True, spec, abort_at={"aborted": 5})
     assert got["json"] == ref["json"] and got["free"] == ref["free"]
@@ -114,31 +81,12 @@ def test_abort_of_a_constrained_request_in_flight():
 
 
 def test_jump_forward_keeps_constrained_steps_read_before_planning():
-    spec = workload(3, 8)
-    ref, _, _ = outputs(False, spec, jump=True)
-    got, _, device = outputs(True, spec, jump=True)
+    spec = workload(3, 8, constrained=True)
+    ref, _, _ = outputs(False, spec, jumper=NoJump())
+    got, _, device = outputs(True, spec, jumper=NoJump())
     assert got == ref
     assert not constrained_steps_overlapped(device)
     at = {(what, step): i for i, (what, step, _) in enumerate(device.events)}
     for what, step, constrained in device.events:
         if what == "forward" and constrained and ("forward", step + 1) in at:
             assert at["collect", step] < at["forward", step + 1]
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    seed=st.integers(0, 10_000),
-    n=st.integers(1, 10),
-    num_pages=st.integers(40, 120),
-    abort_after=st.one_of(st.none(), st.integers(0, 12)),
-)
-def test_constrained_overlap_matches_in_order_on_random_workloads(seed, n, num_pages, abort_after):
-    spec = workload(seed, n)
-    abort_at = {"r0": abort_after} if abort_after is not None else None
-    ref, _, _ = outputs(False, spec, num_pages)
-    got, _, _ = outputs(True, spec, num_pages, abort_at)
-    for rid, (ids, reason) in got.items():
-        if reason["type"] == "abort":
-            assert rid == "r0" and ids == ref[rid][0][: len(ids)]
-        else:
-            assert (ids, reason) == ref[rid], rid
