@@ -1,5 +1,5 @@
 """On a CUDA GPU with decode CUDA graphs: overlap scheduling (the CUDA default) gives token for token
-the output of `--disable-overlap-schedule`, and launching a graph decode step never waits for the
+the output of `--disable-overlap-schedule` (constrained requests included), and launching a graph decode step never waits for the
 device (which is what lets the host prepare step N+1 while step N runs)."""
 
 from __future__ import annotations
@@ -170,3 +170,26 @@ def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: 
         torch.cuda.empty_cache()
     assert counts == {f"r{i}": 20 for i in range(6)}
     assert sum(checked) > 10  # launches whose inputs came from the step still in flight
+
+
+def test_constrained_requests_overlap_and_equal_in_order(tmp_path: Path):
+    """Constrained and free requests in one batch with CUDA graphs: token for token the in-order
+    run, with constrained steps left in flight (their sampling waits for the previous tokens, their
+    forward does not)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = str(make_tiny_model("llama", tmp_path))
+    prompt = [ord(c) for c in "Answer in JSON: "]
+    schema = '{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}'
+    params = [
+        _greedy(60, json_schema=schema),
+        {"temperature": 1.0, "max_new_tokens": 60, "sampling_seed": 4, "json_schema": schema},
+        {"temperature": 1.0, "max_new_tokens": 30, "sampling_seed": 2, "regex": "(yes|no)!"},
+        _greedy(24, ignore_eos=True),
+        {"temperature": 0.8, "top_k": 30, "max_new_tokens": 24, "sampling_seed": 9, "ignore_eos": True},
+    ]
+    msgs = lambda: _msgs([prompt[i:] for i in range(len(params))], params)
+    ref, ref_overlapped, _ = _run(model_dir, False, msgs())
+    got, overlapped, _ = _run(model_dir, True, msgs())
+    assert ref_overlapped == 0 and overlapped > 10
+    assert got == ref
+    assert got["r2"][1]["type"] == "stop" and len(got["r2"][0]) < 24  # ended mid-batch
