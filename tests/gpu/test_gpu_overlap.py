@@ -1,6 +1,7 @@
 """On a CUDA GPU with decode CUDA graphs: overlap scheduling (the CUDA default) gives token for token
-the output of `--disable-overlap-schedule` (constrained requests included), and launching a graph decode step never waits for the
-device (which is what lets the host prepare step N+1 while step N runs)."""
+the output of `--disable-overlap-schedule` (constrained requests included), and launching a graph
+decode step never waits for the device (which is what lets the host prepare step N+1 while step N
+runs)."""
 
 from __future__ import annotations
 
