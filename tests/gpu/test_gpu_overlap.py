@@ -134,8 +134,10 @@ def test_stop_token_logprobs_penalties_and_retraction(tmp_path: Path):
             "min_new_tokens": 3,
             "logit_bias": {"7": -1.5},
         },
+        # a constrained step's forward is launched before the host reads the step before: no wait
+        {"temperature": 0.0, "regex": "[a-z]{30}"},
     ],
-    ids=["greedy", "sampled"],
+    ids=["greedy", "sampled", "constrained"],
 )
 def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: dict):
     """Every launch of a graph decode step runs under torch's sync debug mode 'error': a blocking
@@ -143,18 +145,27 @@ def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: 
     model_dir = str(make_tiny_model("llama", tmp_path))
     engine = _engine(model_dir, True)
     runner = engine.runner
-    launch = runner.launch
+    forward, sampling = runner.launch_forward, runner.launch_sampling
     checked = []
 
-    def launch_without_sync(batch, futures=None):
+    def without_sync(call, *args):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(batch, futures)
+            return call(*args)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            checked.append(futures is not None)
 
-    runner.launch = launch_without_sync  # type: ignore[method-assign]
+    def forward_without_sync(batch, futures=None):
+        checked.append(futures is not None)
+        return without_sync(forward, batch, futures)
+
+    def sampling_without_sync(fwd):
+        # a constrained step's sampling follows the read of the step before, by design
+        constrained = any(r.grammar is not None for r in fwd.batch.reqs)
+        return sampling(fwd) if constrained else without_sync(sampling, fwd)
+
+    runner.launch_forward = forward_without_sync  # type: ignore[method-assign]
+    runner.launch_sampling = sampling_without_sync  # type: ignore[method-assign]
     rows = [{**params, "max_new_tokens": 20, "ignore_eos": True}] * 6
     if params["temperature"] > 0:
         rows[1] = {**rows[1], "sampling_seed": 11}
