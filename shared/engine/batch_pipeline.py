@@ -18,13 +18,28 @@ step's token for it is dropped when read, its KV slot having gone back with its 
 writes it before any later step can reuse the page: one stream, in launch order). A request whose
 in-flight token is its last whatever the value (max_new_tokens) is left out of the next step.
 
+A step with constrained rows (grammar.py) overlaps too, as in SGLang: its sampling needs a bitmask
+that needs each row's previous token, its forward does not. So its forward is launched at once on
+the futures (CUDA graph replay included); then the host reads the step before (its tokens are
+ready while this forward runs), advances the matchers over them (and runs their stop checks), fills
+the bitmask and launches this step's sampling with it:
+
+    host:    plan N+1, forward N+1 │ read N, advance matchers, fill mask │ sample N+1, report N
+    device:  ... N ................ │ forward N+1 ....................... │ sampling N+1 ...
+
+A request that ends on step N's token (its grammar terminated, a stop token) was planned into step
+N+1 once too often, as above: its row keeps an all-ones mask and its token is dropped when read.
+
 Not overlapped: each of these first reads the step in flight, then runs as in order:
 - extend (prefill) batches, which also sync when their inputs are built;
 - a decode step that would retract or stop a request for want of pages (so the choice sees which
   requests the in-flight tokens finish, as without overlap);
 - a decode step with a request that asks for logprobs (its logits are overwritten by the next
   launch) or samples with penalties (the next step would need this step's token ids on the host):
-  it is read right after it is launched.
+  it is read right after it is launched;
+- with jump-forward on (`--enable-jump-forward`), a decode step with a constrained request, read
+  right after it is launched too: a jump appends tokens and moves the request back to prefilling,
+  which must happen before the next step is planned.
 """
 
 from __future__ import annotations
@@ -105,20 +120,36 @@ class BatchPipeline:
         return self.scheduler.on_batch_done(batch, next_tokens).progressed
 
     def _run_decode(self, batch: ScheduledBatch) -> list[Req]:
-        futures = self.in_flight.future_ids() if self.in_flight is not None else None
+        previous = self.in_flight
+        futures = previous.future_ids() if previous is not None else None
+        # a constrained row's bitmask needs its token in flight: read it between forward and sampling
+        mask_waits = any(r.grammar is not None and r.tokens_in_flight for r in batch.reqs)
         self.batch_log.decode(batch, self.scheduler, self._uses_graph)
         t0 = time.perf_counter()
-        launched = self.runner.launch(batch, futures)
+        forward = self.runner.launch_forward(batch, futures)
         self.stats.decode_seconds += time.perf_counter() - t0
         self.stats.decode_tokens_computed += len(batch.reqs)
         self.scheduler.on_decode_launched(batch)
-        previous, self.in_flight = self.in_flight, launched
-        progressed = self._collect(previous) if previous is not None else []
-        if self.overlap and _may_stay_in_flight(launched):
+        progressed: list[Req] = []
+        if mask_waits and previous is not None:
+            progressed, previous = self._collect(previous), None
+        t0 = time.perf_counter()
+        self.in_flight = self.runner.launch_sampling(forward)
+        self.stats.decode_seconds += time.perf_counter() - t0
+        if previous is not None:
+            progressed = self._collect(previous)
+        if self.overlap and self._may_stay_in_flight(self.in_flight):
             self.num_overlapped_steps += 1
         else:
             progressed += self.drain()
         return progressed
+
+    def _may_stay_in_flight(self, launched: LaunchedDecode) -> bool:
+        """Whether a launched step may stay unread while the next one is planned and launched."""
+        jumps = self.scheduler.jumper is not None
+        return not launched.wants_logprobs and not any(
+            reads_output_ids(r.params) or (jumps and r.grammar is not None) for r in launched.batch.reqs
+        )
 
     def _uses_graph(self, batch_size: int) -> bool:
         return self.runner.decode_uses_graph(batch_size)
@@ -128,11 +159,3 @@ class BatchPipeline:
         tokens = self.runner.collect(launched)
         self.stats.decode_seconds += time.perf_counter() - t0  # launching plus waiting for the device
         return self.scheduler.on_decode_done(launched.batch, tokens).progressed
-
-
-def _may_stay_in_flight(launched: LaunchedDecode) -> bool:
-    """Whether a launched step may stay unread while the next one is planned and launched."""
-    reqs = launched.batch.reqs
-    return not launched.wants_logprobs and not any(
-        reads_output_ids(r.params) or r.grammar is not None for r in reqs
-    )

@@ -20,11 +20,13 @@ Where each piece lives (the README's "Constrained decoding" note says the same):
   `generated_ids`), so P/D handoff, migration and retries (a fresh request, a fresh matcher) keep
   it in step with `output_ids`.
 - Masking: before a step samples, `grammar_bitmask` fills one int32 row per request on the CPU
-  (all ones for unconstrained rows, which leaves their logits bit-identical) and the sampler applies
-  it with one kernel for the batch (kernels/token_bitmask.py). A row's mask needs its previous
-  token, so a decode step holding a constrained request is read back before the next is planned
-  (batch_pipeline.py); batches without one keep overlap scheduling. CUDA graphs are unaffected:
-  sampling runs after the graph's replay.
+  (all ones for unconstrained and finished rows, which leaves their logits bit-identical) and the
+  sampler applies it with one kernel for the batch (kernels/token_bitmask.py). A row's mask needs
+  its previous token, its forward does not: with overlap scheduling a decode step with constrained
+  rows launches its forward at once (on the device's future ids; CUDA graph replay included), then
+  the host reads the step before, whose tokens are ready while that forward runs, advances the
+  matchers, fills the mask and launches the sampling (batch_pipeline.py). Jump-forward needs the
+  token before the next step is planned, so with it on, such steps are read back at once.
 - A matcher that terminates (it accepted a stop token at the grammar's end) ends the request with
   SGLang's reason, `{"type": "stop", "matched": token}` (scheduler_role.py).
 """
@@ -166,8 +168,10 @@ def advance_over(grammars: list[TokenGrammar | None], tokens: list[int]) -> None
 
 
 def grammar_bitmask(reqs: list[Req], vocab_size: int, device: torch.device) -> torch.Tensor | None:
-    """The batch's token bitmask [B, ceil(V/32)] int32 on `device`, None when no row is constrained."""
-    rows = [i for i, r in enumerate(reqs) if r.grammar is not None]
+    """The batch's token bitmask [B, ceil(V/32)] int32 on `device`, None when no row is constrained.
+    A finished row (its grammar terminated, or it was aborted, after the step was planned) keeps all
+    ones: its token is dropped, and a terminated matcher has nothing to allow."""
+    rows = [i for i, r in enumerate(reqs) if r.grammar is not None and not r.is_finished]
     if not rows:
         return None
     bitmask = torch.full((len(reqs), -(-vocab_size // 32)), -1, dtype=torch.int32)

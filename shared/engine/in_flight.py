@@ -16,6 +16,11 @@ Two things make that possible without the host waiting for the device:
   copied to pinned host memory without blocking, with an event recorded after the copy; `token_ids`
   waits for that event alone, never for work launched after it.
 
+- `DecodeForward`: a decode step can be launched in two halves, the forward (which needs no
+  token of the step before it) and the sampling. A step with constrained rows launches its
+  forward on the futures, reads the step before (whose tokens are ready while this forward runs),
+  advances the matchers over them and only then launches its sampling with their bitmask.
+
 Rules: `logits` is valid until the next launch (CUDA graphs replay into one output buffer), so a
 step whose logprobs must be read is collected before the next launch. On the CPU every call runs
 to completion; the same code then only changes the order in which the host does things.
@@ -51,6 +56,17 @@ class FutureTokenIds:
         """Replaces the placeholders in input_ids (int64, on the ids' device) in place, no host sync."""
         rows = (-input_ids - 1).clamp_(0, self._next_ids.numel() - 1)
         input_ids.copy_(torch.where(input_ids < 0, self._next_ids[rows], input_ids))
+
+
+@dataclass
+class DecodeForward:
+    """A decode step whose forward is launched and whose sampling is not (ModelRunner.launch_sampling).
+    `inputs` were read before the step was recorded as launched, so their counts are this step's;
+    its token bitmask is filled when the sampling launches."""
+
+    batch: ScheduledBatch
+    logits: torch.Tensor  # [B, V]; valid until the next launch
+    inputs: SamplingInputs
 
 
 @dataclass

@@ -4,7 +4,9 @@ The runner owns the torch side of the engine: the model, the paged KV pool, the 
 and the sampler. It writes logprobs into the requests (they are the client's data) and returns one
 sampled token per request that reached the end of its fill_ids, None for the others. A decode step
 can also be launched and collected in two calls (`launch`, `collect`), so the engine may plan and
-launch the next step before reading this one's tokens (overlap scheduling, in_flight.py).
+launch the next step before reading this one's tokens (overlap scheduling, in_flight.py); `launch`
+itself splits into `launch_forward` and `launch_sampling`, so a step with constrained rows can run
+its forward while the host reads the step before and fills the bitmask from its tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
 from pdserve.shared.engine.expert_distribution import attach_expert_recorder
 from pdserve.shared.engine.grammar import grammar_bitmask
-from pdserve.shared.engine.in_flight import FutureTokenIds, LaunchedDecode
+from pdserve.shared.engine.in_flight import DecodeForward, FutureTokenIds, LaunchedDecode
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
@@ -164,6 +166,12 @@ class ModelRunner:
 
         `futures`: the ids of the launched step before this one, for requests whose input token is
         still in flight (overlap scheduling); they are resolved on the device."""
+        return self.launch_sampling(self.launch_forward(batch, futures))
+
+    @torch.inference_mode()
+    def launch_forward(self, batch: ScheduledBatch, futures: FutureTokenIds | None = None) -> DecodeForward:
+        """The first half of `launch`: the decode step's forward, CUDA graph replay included, with
+        its sampling inputs read now (before the step is recorded as launched) and no bitmask yet."""
         step = self._decode_inputs(batch, futures)
         resolve = futures.resolve if futures is not None else None
         if self.expert_recorder is not None:  # a graph's padding rows are not counted
@@ -187,8 +195,16 @@ class ModelRunner:
             logits = self.model.compute_logits(self.model.forward(fb)[fb.logits_indices])
         if self.expert_recorder is not None:
             self.expert_recorder.end_forward()
-        inputs = self._sampling_inputs(batch.reqs)
-        return LaunchedDecode.of(batch, logits, inputs, self.sampler.sample_on_device(logits, inputs))
+        return DecodeForward(batch, logits, self._sampling_inputs(batch.reqs))
+
+    @torch.inference_mode()
+    def launch_sampling(self, forward: DecodeForward) -> LaunchedDecode:
+        """The second half of `launch`: the token bitmask from the matchers as they stand now (a
+        constrained row needs the tokens before this step accepted), then the sampling."""
+        inputs = forward.inputs
+        inputs.token_bitmask = grammar_bitmask(forward.batch.reqs, self.config.vocab_size, self.device)
+        next_ids = self.sampler.sample_on_device(forward.logits, inputs)
+        return LaunchedDecode.of(forward.batch, forward.logits, inputs, next_ids)
 
     @torch.inference_mode()
     def collect(self, launched: LaunchedDecode) -> list[int]:
@@ -215,7 +231,9 @@ class ModelRunner:
         rows = [sample_rows[i] for i in sampled]
         # a decode step samples every row in order: no index tensor to build and copy to the device
         picked = logits[: len(rows)] if rows == list(range(len(rows))) else logits[rows]
-        out = self.sampler.sample(picked, self._sampling_inputs(reqs))
+        inputs = self._sampling_inputs(reqs)
+        inputs.token_bitmask = grammar_bitmask(reqs, self.config.vocab_size, self.device)
+        out = self.sampler.sample(picked, inputs)
         for j, i in enumerate(sampled):
             req = batch.reqs[i]
             next_tokens[i] = out.next_token_ids[j]
@@ -317,6 +335,7 @@ class ModelRunner:
             req.input_token_ids_logprobs.extend(id_lps)
 
     def _sampling_inputs(self, reqs: list[Req]) -> SamplingInputs:
+        """Every row's sampling inputs but the token bitmask, which its caller fills when it samples."""
         return SamplingInputs(
             params=[r.params for r in reqs],
             prompt_ids=[r.input_ids for r in reqs],
@@ -327,5 +346,4 @@ class ModelRunner:
             token_ids_logprob=[r.token_ids_logprob if r.return_logprob else None for r in reqs],
             return_logprob=[r.return_logprob for r in reqs],
             num_generated=[len(r.output_ids) + r.tokens_in_flight for r in reqs],
-            token_bitmask=grammar_bitmask(reqs, self.config.vocab_size, self.device),
         )

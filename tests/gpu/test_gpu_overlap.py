@@ -1,6 +1,7 @@
 """On a CUDA GPU with decode CUDA graphs: overlap scheduling (the CUDA default) gives token for token
-the output of `--disable-overlap-schedule`, and launching a graph decode step never waits for the
-device (which is what lets the host prepare step N+1 while step N runs)."""
+the output of `--disable-overlap-schedule` (constrained requests included), and launching a graph
+decode step never waits for the device (which is what lets the host prepare step N+1 while step N
+runs)."""
 
 from __future__ import annotations
 
@@ -133,8 +134,10 @@ def test_stop_token_logprobs_penalties_and_retraction(tmp_path: Path):
             "min_new_tokens": 3,
             "logit_bias": {"7": -1.5},
         },
+        # a constrained step's forward is launched before the host reads the step before: no wait
+        {"temperature": 0.0, "regex": "[a-z]{30}"},
     ],
-    ids=["greedy", "sampled"],
+    ids=["greedy", "sampled", "constrained"],
 )
 def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: dict):
     """Every launch of a graph decode step runs under torch's sync debug mode 'error': a blocking
@@ -142,18 +145,27 @@ def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: 
     model_dir = str(make_tiny_model("llama", tmp_path))
     engine = _engine(model_dir, True)
     runner = engine.runner
-    launch = runner.launch
+    forward, sampling = runner.launch_forward, runner.launch_sampling
     checked = []
 
-    def launch_without_sync(batch, futures=None):
+    def without_sync(call, *args):
         torch.cuda.set_sync_debug_mode("error")
         try:
-            return launch(batch, futures)
+            return call(*args)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-            checked.append(futures is not None)
 
-    runner.launch = launch_without_sync  # type: ignore[method-assign]
+    def forward_without_sync(batch, futures=None):
+        checked.append(futures is not None)
+        return without_sync(forward, batch, futures)
+
+    def sampling_without_sync(fwd):
+        # a constrained step's sampling follows the read of the step before, by design
+        constrained = any(r.grammar is not None for r in fwd.batch.reqs)
+        return sampling(fwd) if constrained else without_sync(sampling, fwd)
+
+    runner.launch_forward = forward_without_sync  # type: ignore[method-assign]
+    runner.launch_sampling = sampling_without_sync  # type: ignore[method-assign]
     rows = [{**params, "max_new_tokens": 20, "ignore_eos": True}] * 6
     if params["temperature"] > 0:
         rows[1] = {**rows[1], "sampling_seed": 11}
@@ -170,3 +182,26 @@ def test_graph_decode_launch_never_waits_for_the_device(tmp_path: Path, params: 
         torch.cuda.empty_cache()
     assert counts == {f"r{i}": 20 for i in range(6)}
     assert sum(checked) > 10  # launches whose inputs came from the step still in flight
+
+
+def test_constrained_requests_overlap_and_equal_in_order(tmp_path: Path):
+    """Constrained and free requests in one batch with CUDA graphs: token for token the in-order
+    run, with constrained steps left in flight (their sampling waits for the previous tokens, their
+    forward does not)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model_dir = str(make_tiny_model("llama", tmp_path))
+    prompt = [ord(c) for c in "Answer in JSON: "]
+    schema = '{"type":"object","properties":{"n":{"type":"integer"}},"required":["n"]}'
+    params = [
+        _greedy(60, json_schema=schema),
+        {"temperature": 1.0, "max_new_tokens": 60, "sampling_seed": 4, "json_schema": schema},
+        {"temperature": 1.0, "max_new_tokens": 30, "sampling_seed": 2, "regex": "(yes|no)!"},
+        _greedy(24, ignore_eos=True),
+        {"temperature": 0.8, "top_k": 30, "max_new_tokens": 24, "sampling_seed": 9, "ignore_eos": True},
+    ]
+    msgs = lambda: _msgs([prompt[i:] for i in range(len(params))], params)
+    ref, ref_overlapped, _ = _run(model_dir, False, msgs())
+    got, overlapped, _ = _run(model_dir, True, msgs())
+    assert ref_overlapped == 0 and overlapped > 10
+    assert got == ref
+    assert got["r2"][1]["type"] == "stop" and len(got["r2"][0]) < 24  # ended mid-batch
