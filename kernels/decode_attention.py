@@ -30,7 +30,7 @@ import triton.language as tl
 
 from pdserve.kernels.attention_mask import hidden_keys, soft_cap
 from pdserve.kernels.extend_attention import check_pages, check_window_softcap, tanh
-from pdserve.kernels.fp8_kv import check_scales, dequantize_kv_ref
+from pdserve.kernels.fp8_kv_format import check_scales, dequantize_kv_ref
 
 _LOG2E = 1.4426950408889634
 

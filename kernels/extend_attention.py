@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.attention_mask import hidden_keys, soft_cap
-from pdserve.kernels.fp8_kv import check_scales, dequantize_kv_ref, is_fp8
+from pdserve.kernels.fp8_kv_format import check_scales, dequantize_kv_ref, is_fp8
 
 _LOG2E = 1.4426950408889634
 

@@ -22,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.fp8_kv import FP8_KV_DTYPES, check_scales, fp8_store_args, quantize_kv_ref, quantize_to_fp8
+from pdserve.kernels.fp8_kv import fp8_store_args, quantize_to_fp8
+from pdserve.kernels.fp8_kv_format import FP8_KV_DTYPES, check_scales, quantize_kv_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CACHE_DTYPES = _DTYPES + FP8_KV_DTYPES

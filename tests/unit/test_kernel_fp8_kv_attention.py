@@ -18,7 +18,7 @@ import torch
 
 from pdserve.kernels.decode_attention import decode_attention, decode_attention_ref
 from pdserve.kernels.extend_attention import extend_attention, extend_attention_ref
-from pdserve.kernels.fp8_kv import quantize_kv_ref
+from pdserve.kernels.fp8_kv_format import quantize_kv_ref
 from tests.helpers.paged_kv import PagedKV, random_paged_kv
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
@@ -51,7 +51,9 @@ def test_decode_attention_matches_reference(fp8, dtype, page_size, hq, hkv, d):
     decode_attention(
         q, k_pages, v_pages, table, lens, scale, out, 3, block_n=16, k_scale=K_SCALE, v_scale=V_SCALE
     )
-    want = decode_attention_ref(q.float(), k_pages, v_pages, table, lens, scale, k_scale=K_SCALE, v_scale=V_SCALE)
+    want = decode_attention_ref(
+        q.float(), k_pages, v_pages, table, lens, scale, k_scale=K_SCALE, v_scale=V_SCALE
+    )
     torch.testing.assert_close(out.float(), want, **_tolerance(dtype))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdserve.kernels.fp8_kv import FP8_MAX, quantize_kv_ref
+from pdserve.kernels.fp8_kv_format import FP8_MAX, quantize_kv_ref
 from pdserve.kernels.kv_store import store_kv, store_kv_ref
 from pdserve.kernels.rope import rotary_store_kv, rotary_store_kv_ref
 from pdserve.shared.models.rope import RopeConfig, RotaryEmbedding
