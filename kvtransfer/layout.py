@@ -64,10 +64,6 @@ class KVLayout:
             "planes": self.num_planes,
         }
 
-    def describe(self) -> str:
-        w = self.to_wire()
-        return f"{w['dtype']} layers={w['layers']} page_size={w['page_size']} heads={w['heads']} dim={w['head_dim']} planes={w['planes']}"
-
 
 def layout_mismatch(sender: dict[str, Any], receiver: dict[str, Any]) -> str | None:
     """Why a prefill worker's pages (layout `sender`, `to_wire()` form) cannot go into a decode worker's
