@@ -130,6 +130,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--quantization", default=None, choices=["fp8"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e5m2", "fp8_e4m3"])
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--result-filename", default=None, help="append one JSON line per case")
     p.add_argument("--run-name", default="")
@@ -154,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_torch_compile=ns.enable_torch_compile,
         attention_backend=ns.attention_backend,
         quantization=ns.quantization,
+        kv_cache_dtype=ns.kv_cache_dtype,
         chunked_prefill_size=max(8192, max(b * i for b, i, _ in cases)),
         max_prefill_tokens=max(16384, max(b * i for b, i, _ in cases)),
         random_seed=ns.seed,
@@ -163,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         f"model {ns.model_path} ({engine.model_config.dtype}), device {ns.device}, "
         f"KV pool {engine.max_total_num_tokens} tokens, attention {type(engine.runner.attn_backend).__name__}, "
         f"cuda graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets[-1]}, "
-        f"torch.compile {'on' if ns.enable_torch_compile else 'off'}, weights {ns.quantization or 'as loaded'}"
+        f"torch.compile {'on' if ns.enable_torch_compile else 'off'}, weights {ns.quantization or 'as loaded'}, "
+        f"KV cache {engine.runner.kv_dtype}"
     )
     run_case(engine, min(ns.batch_size), min(ns.input_len), 4, ns.seed)  # warm-up
     rows = []

@@ -7,8 +7,9 @@
 # the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2,
 # deepseek (DeepSeek-V2-Lite);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
-# _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8), fp8_compile (the same, compiled),
-# fp8_serving (serve bf16 against fp8 weights + fp8 KV, c1 and c64)
+# _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
+# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_serving (serve bf16
+# against fp8 weights + fp8 KV, c1 and c64)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -194,7 +195,9 @@ PY
     for q in bf16 fp8; do
       run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
         --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
-    done ;;
+    done
+    run one-batch-fp8-kv 300 python3 -m pdserve.bench.bench_one_batch --quantization fp8 --kv-cache-dtype fp8_e4m3 \
+      --batch-size 64 --input-len 1280 --output-len 128 --result-filename "$RES" --run-name weights-fp8-kv-fp8 ;;
   fp8_serving)
     # issue 16's serving goal: bf16 against fp8 weights + fp8 KV through serve, 1,024 in / 256 out, c64
     serve_and_bench fp8-serving-bf16

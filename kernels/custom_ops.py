@@ -9,6 +9,9 @@ Rules:
   kv_heads, head_dim] and a layer index, never the per-layer views: views of one base handed in
   as separate graph inputs make torch.compile build a "synthetic base" and copy it. V is
   `kv[layer, -1]`: the second plane, or the only one of a one-plane pool (V read out of K).
+- An fp8 pool's scales travel the same way: `kv_scales` [layers, planes] float32 (or None for a
+  16-bit pool), K's scale `kv_scales[layer, 0]` and V's `kv_scales[layer, -1]`; tensors, so a
+  CUDA graph reads them at replay and torch.compile never specializes on their values.
 - An op returns either nothing (it writes its `!` arguments) or new tensors: a custom op may not
   return its inputs. The `*_` names write in place; wrappers that return the written tensors stay
   with the callers (shared.models.fast_path).
@@ -80,8 +83,23 @@ def rotary_(
     _apply_rotary(q, k, positions, inv_freq, attention_scaling)
 
 
-def store_kv_(kv: torch.Tensor, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    _store_kv(kv[layer, 0], kv[layer, -1], slots, k, v)
+def _layer_scales(
+    kv_scales: torch.Tensor | None, layer: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if kv_scales is None:
+        return None, None
+    return kv_scales[layer, :1], kv_scales[layer, -1:]
+
+
+def store_kv_(
+    kv: torch.Tensor,
+    layer: int,
+    slots: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
+) -> None:
+    _store_kv(kv[layer, 0], kv[layer, -1], slots, k, v, *_layer_scales(kv_scales, layer))
 
 
 def rotary_store_kv_(
@@ -94,8 +112,12 @@ def rotary_store_kv_(
     kv: torch.Tensor,
     layer: int,
     slots: torch.Tensor,
+    kv_scales: torch.Tensor | None = None,
 ) -> None:
-    _rotary_store_kv(q, k, v, positions, inv_freq, attention_scaling, kv[layer, 0], kv[layer, -1], slots)
+    _rotary_store_kv(
+        q, k, v, positions, inv_freq, attention_scaling, kv[layer, 0], kv[layer, -1], slots,
+        *_layer_scales(kv_scales, layer),
+    )  # fmt: skip
 
 
 def decode_attention(
@@ -109,12 +131,14 @@ def decode_attention(
     workspace: torch.Tensor,
     window: int = 0,
     softcap: float = 0.0,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     # window 0 and softcap 0.0 stand for None: a schema has no optional scalars worth their cost
     out = q.new_empty(q.shape)
+    k_scale, v_scale = _layer_scales(kv_scales, layer)
     return _decode_attention(
         q, kv[layer, 0], kv[layer, -1], page_table, seq_lens, scale, out, num_kv_splits, workspace,
-        window=window or None, softcap=softcap or None,
+        window=window or None, softcap=softcap or None, k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip
 
 
@@ -130,11 +154,14 @@ def extend_attention(
     scale: float,
     window: int = 0,
     softcap: float = 0.0,
+    kv_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     out = q.new_empty(q.shape)
+    k_scale, v_scale = _layer_scales(kv_scales, layer)
     return _extend_attention(
         q, kv[layer, 0], kv[layer, -1], page_table, seq_lens, extend_lens, extend_start_loc,
         max_extend_len, scale, out, window=window or None, softcap=softcap or None,
+        k_scale=k_scale, v_scale=v_scale,
     )  # fmt: skip
 
 

@@ -18,6 +18,8 @@ Rules:
 - CUDA-graph safe: no host syncs, and both grids depend only on shapes and num_kv_splits; pass a
   preallocated `workspace` so a captured graph keeps reusing the same memory.
 - Scores, softmax and sums in float32; p is cast to V's dtype for the second matmul.
+- An fp8 pool with `k_scale`/`v_scale`: as extend_attention (K and V read as q's dtype, K's scale
+  in the score scale, V's on each split's partial output).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import triton.language as tl
 
 from pdserve.kernels.attention_mask import hidden_keys, soft_cap
 from pdserve.kernels.extend_attention import check_pages, check_window_softcap, tanh
+from pdserve.kernels.fp8_kv_format import check_scales, dequantize_kv_ref
 
 _LOG2E = 1.4426950408889634
 
@@ -41,6 +44,8 @@ def _decode_split_kernel(
     lse_ptr,
     page_table_ptr,
     seq_lens_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     window,
     softcap,
@@ -61,6 +66,7 @@ def _decode_split_kernel(
     WINDOWED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,  # False: the scale pointers are placeholders, never read
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -68,6 +74,8 @@ def _decode_split_kernel(
     # torch.compile (inductor) passes Python floats as fp64 scalars: kept, they would promote the
     # scores, and the loop-carried softmax state, to fp64
     qk_scale = tl.cast(qk_scale, tl.float32)
+    if FP8_KV:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     seq_len = tl.load(seq_lens_ptr + req).to(tl.int32)
     # The keys read: the window's (from seq_len - window), else all. Slices are whole BLOCK_N
     # blocks from there, so only the last block is partial.
@@ -107,6 +115,8 @@ def _decode_split_kernel(
         v = tl.load(
             v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_n[:, None] & mask_d[None, :], other=0.0
         )
+        k = k.to(q.dtype)  # a no-op but for an fp8 pool (whose scales apply outside the dots)
+        v = v.to(q.dtype)
         qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if SOFTCAP:  # softcap comes in log2 units, like qk_scale
             qk = softcap * tanh(qk / softcap)
@@ -122,6 +132,8 @@ def _decode_split_kernel(
     # An empty slice (start >= end) has l_i == 0: it writes zeros and -inf, which stage 2 weighs 0.
     has_keys = l_i > 0
     part = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if FP8_KV:
+        part = part * tl.load(v_scale_ptr)
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     rows = (req.to(tl.int64) * num_q_heads + heads) * num_kv_splits + split  # [B, Hq, S] index
     tl.store(
@@ -205,6 +217,8 @@ def decode_attention(
     window: int | None = None,
     softcap: float | None = None,
     block_n: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per request over its paged sequence; see the module rules.
 
@@ -212,6 +226,7 @@ def decode_attention(
     (allocated here when None). `block_n` overrides the tile table (tests)."""
     num_q_heads, num_kv_heads, head_dim = check_pages(q, k_pages, v_pages, page_table)
     check_window_softcap(window, softcap)
+    check_scales(k_pages.dtype, k_scale, v_scale, q.device)
     batch = q.shape[0]
     assert page_table.shape[0] == batch, f"page_table has {page_table.shape[0]} rows for a batch of {batch}"
     assert seq_lens.shape == (batch,) and seq_lens.dtype in (torch.int32, torch.int64), (
@@ -244,6 +259,7 @@ def decode_attention(
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_split_kernel[(batch, num_kv_heads, num_kv_splits)](
         q, k_pages, v_pages, parts, lse, page_table, seq_lens,
+        k_scale if k_scale is not None else seq_lens, v_scale if v_scale is not None else seq_lens,
         scale * _LOG2E, window or 0, (softcap or 0.0) * _LOG2E, num_q_heads, num_kv_splits,
         q.stride(0), q.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), page_table.stride(0),
@@ -256,6 +272,7 @@ def decode_attention(
         WINDOWED=window is not None,
         SOFTCAP=softcap is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8_KV=k_scale is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
@@ -279,8 +296,11 @@ def decode_attention_ref(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The test oracle in plain torch (float32, one request and one head at a time); seq_len 0 -> 0."""
+    """The test oracle in plain torch (float32, one request and one head at a time); seq_len 0 -> 0;
+    an fp8 pool's K and V dequantized first."""
     num_q_heads, num_kv_heads = q.shape[1], k_pages.shape[2]
     group = num_q_heads // num_kv_heads
     page_size = k_pages.shape[1]
@@ -291,8 +311,8 @@ def decode_attention_ref(
             continue
         positions = torch.arange(seq_len, device=q.device)
         pages = page_table[i].long()[positions // page_size]
-        keys = k_pages[pages, positions % page_size].float()  # [seq_len, Hkv, D]
-        values = v_pages[pages, positions % page_size].float()
+        keys = dequantize_kv_ref(k_pages[pages, positions % page_size], k_scale)  # [seq_len, Hkv, D]
+        values = dequantize_kv_ref(v_pages[pages, positions % page_size], v_scale)
         hidden = hidden_keys(positions, positions[-1:], window)[0]
         for h in range(num_q_heads):
             scores = soft_cap((keys[:, h // group] @ q[i, h].float()) * scale, softcap)

@@ -16,6 +16,9 @@ Rules (those of shared/engine/attention_ref.py, which this kernel must reproduce
 - Writes out [T, Hq, D] (q's dtype) for the rows of requests with extend_len > 0, nothing else.
 - Online softmax (flash attention) in float32; p is cast to V's dtype for the second matmul, as
   every flash kernel does, so half-precision results differ from the reference by that rounding.
+- An fp8 pool (kernels.fp8_kv; q in any float dtype) needs `k_scale` and `v_scale`: K and V are
+  read as q's dtype (exact: every fp8 value is a float16/bfloat16 value), K's scale joins the
+  score scale and V's multiplies the output, in float32. The reference dequantizes first.
 
 Grid: (Hq, query blocks, requests). Heads vary fastest so the programs reading one kv head's pages
 run together and share them through L2; query blocks are walked last-first so the longest programs
@@ -31,6 +34,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.attention_mask import hidden_keys, soft_cap
+from pdserve.kernels.fp8_kv_format import check_scales, dequantize_kv_ref, is_fp8
 
 _LOG2E = 1.4426950408889634
 
@@ -91,6 +95,8 @@ def _attend_key_block(
     else:
         k = tl.load(k_ptr + kv_off[None, :] + offs_d[:, None], mask=mask_d[:, None], other=0.0)
         v = tl.load(v_ptr + kv_off[:, None] + offs_d[None, :], mask=mask_d[None, :], other=0.0)
+    k = k.to(q.dtype)  # a no-op but for an fp8 pool (whose scales the caller applies)
+    v = v.to(q.dtype)
     qk = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if SOFTCAP:
         qk = softcap * tanh(qk / softcap)
@@ -122,6 +128,8 @@ def _extend_attention_kernel(
     seq_lens_ptr,
     extend_lens_ptr,
     extend_start_ptr,
+    k_scale_ptr,
+    v_scale_ptr,
     qk_scale,
     window,
     softcap,
@@ -142,10 +150,13 @@ def _extend_attention_kernel(
     WINDOWED: tl.constexpr,
     SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_KV: tl.constexpr,  # False: the scale pointers are placeholders, never read
 ):
     head = tl.program_id(0)
     block_m = tl.num_programs(1) - 1 - tl.program_id(1)
     qk_scale = tl.cast(qk_scale, tl.float32)  # see decode_attention: float args may come as fp64
+    if FP8_KV:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
     req = tl.program_id(2)
     extend_len = tl.load(extend_lens_ptr + req).to(tl.int32)
     if block_m * BLOCK_M >= extend_len:
@@ -205,6 +216,8 @@ def _extend_attention_kernel(
 
     # Padding rows past extend_len may see no key under a window (l_i 0); they are not stored.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    if FP8_KV:
+        out = out * tl.load(v_scale_ptr)
     tl.store(
         out_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
         out.to(out_ptr.dtype.element_ty),
@@ -246,7 +259,7 @@ def check_pages(
         "k/v pages must be [pages, page_size, Hkv, D]"
     )
     assert k_pages.is_contiguous() and v_pages.is_contiguous(), "k/v pages must be contiguous"
-    assert k_pages.dtype == v_pages.dtype == q.dtype, (
+    assert k_pages.dtype == v_pages.dtype and (k_pages.dtype == q.dtype or is_fp8(k_pages.dtype)), (
         f"q {q.dtype}, k {k_pages.dtype}, v {v_pages.dtype} differ"
     )
     _, _, num_kv_heads, head_dim = k_pages.shape
@@ -286,6 +299,8 @@ def extend_attention(
     softcap: float | None = None,
     block_m: int | None = None,
     block_n: int | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of every request's new tokens over its paged sequence; see the module rules.
 
@@ -293,6 +308,7 @@ def extend_attention(
     `block_m`/`block_n` override the tile table (tests use small tiles to cross block edges)."""
     num_q_heads, num_kv_heads, head_dim = check_pages(q, k_pages, v_pages, page_table)
     check_window_softcap(window, softcap)
+    check_scales(k_pages.dtype, k_scale, v_scale, q.device)
     batch = page_table.shape[0]
     for name, t in (
         ("seq_lens", seq_lens),
@@ -312,6 +328,7 @@ def extend_attention(
     grid = (num_q_heads, triton.cdiv(max_extend_len, block_m), batch)
     _extend_attention_kernel[grid](
         q, k_pages, v_pages, out, page_table, seq_lens, extend_lens, extend_start_loc,
+        k_scale if k_scale is not None else seq_lens, v_scale if v_scale is not None else seq_lens,
         scale * _LOG2E, window or 0, (softcap or 0.0) * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), page_table.stride(0),
@@ -325,6 +342,7 @@ def extend_attention(
         SOFTCAP=softcap is not None,
         # float32 callers want float32 results (the engine's exact path): no TF32 in the dots
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8_KV=k_scale is not None,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
@@ -343,10 +361,11 @@ def extend_attention_ref(
     *,
     window: int | None = None,
     softcap: float | None = None,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The test oracle in plain torch (float32, one request and one head at a time).
-
-    Rows of q that belong to no request come back as zeros."""
+    """The test oracle in plain torch (float32, one request and one head at a time); an fp8 pool's
+    K and V dequantized first. Rows of q that belong to no request come back as zeros."""
     num_q_heads, num_kv_heads = q.shape[1], k_pages.shape[2]
     group = num_q_heads // num_kv_heads
     page_size = k_pages.shape[1]
@@ -357,8 +376,8 @@ def extend_attention_ref(
             continue
         positions = torch.arange(seq_len, device=q.device)
         pages = page_table[i].long()[positions // page_size]
-        keys = k_pages[pages, positions % page_size].float()  # [seq_len, Hkv, D]
-        values = v_pages[pages, positions % page_size].float()
+        keys = dequantize_kv_ref(k_pages[pages, positions % page_size], k_scale)  # [seq_len, Hkv, D]
+        values = dequantize_kv_ref(v_pages[pages, positions % page_size], v_scale)
         q_pos = torch.arange(seq_len - extend, seq_len, device=q.device)
         hidden = hidden_keys(positions, q_pos, window)  # [extend, seq_len]
         for h in range(num_q_heads):

@@ -19,7 +19,8 @@ Rules:
 - `rotary_store_kv` also writes, as kernels.kv_store does, the rotated k (rounded to k's dtype
   first, exactly as rope then store) and v `[T, Hkv, D]` (strided like k) into `k_cache`/`v_cache`
   `[num_pages, page_size, Hkv, D]` (contiguous, one dtype) at flat `slots` `[T]`, cast to the
-  cache dtype. Slot values are not checked (padded rows point into page 0); slots must be
+  cache dtype; an fp8 cache with `k_scale`/`v_scale`, quantized as kernels.fp8_kv says (the
+  rotated k in k's dtype, then quantized: bit for bit as rope, then store_kv_ref). Slot values are not checked (padded rows point into page 0); slots must be
   distinct. Why fused: rope and the store are two latency-bound launches per layer of a decode
   step (bench/RESULTS.md); fused, each token's k is read once and written to both places.
 - One program per (token, block of q heads or of kv heads; a kv program also stores its heads of
@@ -32,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.fp8_kv import fp8_store_args, quantize_to_fp8
 from pdserve.kernels.kv_store import check_store_args, store_kv_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -91,6 +93,8 @@ def _rope_kernel(
     slots,
     inv_freq,
     attention_scaling,
+    k_scale,
+    v_scale,
     q_stride_t,
     q_stride_h,
     k_stride_t,
@@ -103,6 +107,8 @@ def _rope_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     STORE_KV: tl.constexpr,  # False: v, the caches and slots are placeholders, never read
+    FP8_MAX_C: tl.constexpr,  # 0: no fp8 cache (the scales are placeholders, never read)
+    E5M2: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -121,11 +127,18 @@ def _rope_kernel(
             # int64 before multiplying: a large pool has more than 2**31 elements per layer.
             slot = tl.load(slots + token).to(tl.int64)
             dst = slot * num_kv_heads * (2 * HALF) + heads[:, None] * (2 * HALF) + dims[None, :]
-            tl.store(k_cache + dst, k1.to(k_cache.dtype.element_ty), mask=mask)
-            tl.store(k_cache + dst + HALF, k2.to(k_cache.dtype.element_ty), mask=mask)
             v_first = v + token * v_stride_t + heads[:, None] * v_stride_h + dims[None, :]
             v1 = tl.load(v_first, mask=mask)
             v2 = tl.load(v_first + HALF, mask=mask)
+            if FP8_MAX_C > 0:
+                ks = tl.load(k_scale)
+                vs = tl.load(v_scale)
+                k1 = quantize_to_fp8(k1, ks, FP8_MAX_C, E5M2)
+                k2 = quantize_to_fp8(k2, ks, FP8_MAX_C, E5M2)
+                v1 = quantize_to_fp8(v1, vs, FP8_MAX_C, E5M2)
+                v2 = quantize_to_fp8(v2, vs, FP8_MAX_C, E5M2)
+            tl.store(k_cache + dst, k1.to(k_cache.dtype.element_ty), mask=mask)
+            tl.store(k_cache + dst + HALF, k2.to(k_cache.dtype.element_ty), mask=mask)
             tl.store(v_cache + dst, v1.to(v_cache.dtype.element_ty), mask=mask)
             tl.store(v_cache + dst + HALF, v2.to(v_cache.dtype.element_ty), mask=mask)
 
@@ -148,7 +161,10 @@ def _check_rotary_args(
     return tokens, num_q_heads, num_kv_heads, head_dim
 
 
-def _launch(q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, store_kv: bool) -> None:
+def _launch(
+    q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, store_kv: bool,
+    k_scale=None, v_scale=None,
+) -> None:  # fmt: skip
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     block_half = triton.next_power_of_2(head_dim // 2)
@@ -156,9 +172,11 @@ def _launch(q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_sca
     grid = (tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
     _rope_kernel[grid](
         q, k, v, k_cache, v_cache, positions, slots, inv_freq, float(attention_scaling),
+        k_scale if k_scale is not None else inv_freq, v_scale if v_scale is not None else inv_freq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         num_q_heads, num_kv_heads,
         HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, STORE_KV=store_kv,
+        **fp8_store_args(k_cache.dtype if store_kv else q.dtype),
     )  # fmt: skip
 
 
@@ -186,12 +204,17 @@ def rotary_store_kv(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """Rotates q and k in place and writes the rotated k and v into the caches at `slots` (see the rules)."""
     tokens = _check_rotary_args(q, k, positions, inv_freq)[0]
-    check_store_args(k_cache, v_cache, slots, k, v)  # k, v and slots agree with the caches, on q's device
+    # k, v and slots agree with the caches, on q's device; the scales with the cache dtype
+    check_store_args(k_cache, v_cache, slots, k, v, k_scale, v_scale)
     if tokens > 0:
-        _launch(q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, store_kv=True)
+        _launch(
+            q, k, v, k_cache, v_cache, positions, slots, inv_freq, attention_scaling, True, k_scale, v_scale
+        )
 
 
 def apply_rotary_ref(
@@ -225,9 +248,11 @@ def rotary_store_kv_ref(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     slots: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     """The oracle of rotary_store_kv: the rope oracle written back into q and k, then the store's."""
     q_rot, k_rot = apply_rotary_ref(q, k, positions, inv_freq, attention_scaling)
     q.copy_(q_rot)
     k.copy_(k_rot)
-    store_kv_ref(k_cache, v_cache, slots, k, v)
+    store_kv_ref(k_cache, v_cache, slots, k, v, k_scale, v_scale)

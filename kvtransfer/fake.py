@@ -35,7 +35,7 @@ from pdserve.kvtransfer.base import (
     KVTransferConfig,
     KVTransferError,
 )
-from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.layout import KVLayout, layout_mismatch
 from pdserve.kvtransfer.state import TransferState, check_send_args, msgpack_roundtrip
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
@@ -186,9 +186,10 @@ class FakeReceiver(_FakeSide, KVReceiver):
         """Both sides exist and init() was called: check layouts, flush early sends (hub lock held)."""
         sender = self._link.sender
         assert sender is not None
-        layouts = (KVLayout.of(sender._manager.pool), KVLayout.of(self._manager.pool))
-        if layouts[0] != layouts[1]:
-            reason = f"KV layout mismatch: sender {layouts[0].describe()}, receiver {layouts[1].describe()}"
+        reason = layout_mismatch(
+            KVLayout.of(sender._manager.pool).to_wire(), KVLayout.of(self._manager.pool).to_wire()
+        )
+        if reason is not None:
             _fail_link(self._hub, self._link, self, reason, "")
             return
         sender._state.advance(KVPoll.WaitingForInput)

@@ -64,9 +64,19 @@ class KVLayout:
             "planes": self.num_planes,
         }
 
-    def describe(self) -> str:
-        w = self.to_wire()
-        return f"{w['dtype']} layers={w['layers']} page_size={w['page_size']} heads={w['heads']} dim={w['head_dim']} planes={w['planes']}"
+
+def layout_mismatch(sender: dict[str, Any], receiver: dict[str, Any]) -> str | None:
+    """Why a prefill worker's pages (layout `sender`, `to_wire()` form) cannot go into a decode worker's
+    pool of layout `receiver`, or None. Pages travel as they are stored, so a pair must agree on every
+    field; the KV cache dtype (`--kv-cache-dtype`) is named first, as the likeliest to differ."""
+    if sender == receiver:
+        return None
+    if sender.get("dtype") != receiver.get("dtype"):
+        return (
+            f"KV cache dtype mismatch: the prefill worker stores {sender.get('dtype')}, the decode worker "
+            f"{receiver.get('dtype')} (--kv-cache-dtype and --dtype must give both the same pool dtype)"
+        )
+    return f"KV layout mismatch: sender {sender}, receiver {receiver}"
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,13 @@ def scatter_pages(
         stream.synchronize()
         return
     idx = _page_index(pool, pages)
+    # torch's CPU index_copy_ has no float8: an fp8 pool's pages are copied as the bytes they are
+    kv, src = (
+        (pool.kv.view(torch.uint8), src.view(torch.uint8)) if pool.kv.element_size() == 1 else (pool.kv, src)
+    )
     for i, layer in enumerate(range(spec.layer_begin, spec.layer_end)):
         for plane in range(pool.shape.num_planes):
-            pool.kv[layer, plane].index_copy_(0, idx, src[i, plane])
+            kv[layer, plane].index_copy_(0, idx, src[i, plane])
 
 
 @dataclass(eq=False)

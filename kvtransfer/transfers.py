@@ -23,7 +23,14 @@ from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.base import KVPoll, KVTransferConfig, KVTransferError
 from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.handles import CLOSED
-from pdserve.kvtransfer.layout import KVLayout, MessageSpec, data_error, data_header, plan_messages
+from pdserve.kvtransfer.layout import (
+    KVLayout,
+    MessageSpec,
+    data_error,
+    data_header,
+    layout_mismatch,
+    plan_messages,
+)
 from pdserve.kvtransfer.plane_host import PeerLink
 from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
 
@@ -183,10 +190,9 @@ class Transfers:
         rec.dest_num_pages = ready.num_pages
         rec.offer = ready.plane
         self.peers.send(rec.peer, wire.Bound(rec.nonce))
-        if ready.layout != self.layout.to_wire():
-            self.fail_outbound(
-                rec, f"KV layout mismatch: sender {self.layout.describe()}, receiver {ready.layout}"
-            )
+        mismatch = layout_mismatch(self.layout.to_wire(), ready.layout)
+        if mismatch is not None:
+            self.fail_outbound(rec, mismatch)
             return
         if not self._check_page_count(rec):
             return

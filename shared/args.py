@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3")
 
 
 @dataclass
@@ -36,6 +37,8 @@ class EngineArgs:
     # fp8 weights (shared/models/quantization.py): quantize a 16-bit checkpoint at load; fp8
     # checkpoints are detected without it
     quantization: str | None = None  # None | fp8
+    # the KV pool's dtype (shared/engine/kv_pool.py): auto (the model's) | fp8_e5m2 | fp8_e4m3
+    kv_cache_dtype: str = "auto"
     # serve embeddings (EmbedRequest) instead of generating; also inferred from the model
     # (shared/models/pooling.py)
     is_embedding: bool = False
@@ -74,6 +77,10 @@ class EngineArgs:
             raise ValueError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.page_size < 1:
             raise ValueError("--page-size must be >= 1")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}"
+            )
         if self.schedule_policy not in ("fcfs", "lpm"):
             raise ValueError(f"--schedule-policy must be fcfs or lpm, got {self.schedule_policy!r}")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
@@ -122,6 +129,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "attention_backend": ["auto", "triton", "torch"],
         "expert_distribution_recorder_mode": ["stat"],
         "quantization": ["fp8"],
+        "kv_cache_dtype": list(KV_CACHE_DTYPES),
     }
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")
@@ -149,4 +157,4 @@ def _parse_type(f: dataclasses.Field) -> Any:
     return str
 
 
-__all__ = ["DEFAULT_MODEL", "EngineArgs", "add_engine_args", "engine_args_from"]
+__all__ = ["DEFAULT_MODEL", "KV_CACHE_DTYPES", "EngineArgs", "add_engine_args", "engine_args_from"]

@@ -12,6 +12,8 @@
   addresses it saw, so the workspace is allocated outside capture (the graph runner's warm-up
   calls size it) and reused by every later call that fits. When a larger batch needs more, a new
   buffer is made and the old one is kept alive, never freed: graphs captured on it stay valid.
+- An fp8 pool: every op gets the pool's `kv_scales` (kernels.fp8_kv); q stays in the model's
+  dtype (the kernels read fp8 K/V as q's dtype).
 - The number of KV splits depends only on the batch shape (or is fixed by the constructor), so a
   graph captured for a batch size always launches the same grid.
 """
@@ -80,7 +82,7 @@ class TritonAttention:
         window: int | None = None,
         softcap: float | None = None,
     ) -> torch.Tensor:
-        store_kv_op(batch.kv_pool.kv, layer_id, batch.out_cache_loc, k, v)
+        store_kv_op(batch.kv_pool.kv, layer_id, batch.out_cache_loc, k, v, batch.kv_pool.kv_scales)
         return self.attend_stored(layer_id, q, batch, scale, window=window, softcap=softcap)
 
     def attend_rotary(
@@ -99,7 +101,7 @@ class TritonAttention:
         """`attend` of q and k BEFORE rope: rotates them in place and stores K/V in one launch."""
         rotary_store_kv_op(
             q, k, v, rope.positions, rope.inv_freq, rope.attention_scaling,
-            batch.kv_pool.kv, layer_id, batch.out_cache_loc,
+            batch.kv_pool.kv, layer_id, batch.out_cache_loc, batch.kv_pool.kv_scales,
         )  # fmt: skip
         return self.attend_stored(layer_id, q, batch, scale, window=window, softcap=softcap)
 
@@ -114,8 +116,8 @@ class TritonAttention:
         softcap: float | None = None,
     ) -> torch.Tensor:
         """Attention over K/V already in the pool; the output in q's dtype."""
-        kv = batch.kv_pool.kv
-        if q.dtype != kv.dtype:  # the kernels read q and the pool in one dtype
+        kv, kv_scales = batch.kv_pool.kv, batch.kv_pool.kv_scales
+        if q.dtype != kv.dtype and kv_scales is None:  # a 16-bit pool is read in q's dtype
             out = self.attend_stored(layer_id, q.to(kv.dtype), batch, scale, window=window, softcap=softcap)
             return out.to(q.dtype)
         window_arg, softcap_arg = window or 0, softcap or 0.0  # the ops' "none"
@@ -127,9 +129,9 @@ class TritonAttention:
             )
             return decode_attention_op(
                 q, kv, layer_id, batch.page_table, batch.seq_lens, scale, splits, workspace,
-                window_arg, softcap_arg,
+                window_arg, softcap_arg, kv_scales,
             )  # fmt: skip
         return extend_attention_op(
             q, kv, layer_id, batch.page_table, batch.seq_lens, batch.extend_lens, batch.extend_start_loc,
-            max(batch.extend_lens_cpu, default=0), scale, window_arg, softcap_arg,
+            max(batch.extend_lens_cpu, default=0), scale, window_arg, softcap_arg, kv_scales,
         )  # fmt: skip

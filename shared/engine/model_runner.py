@@ -16,19 +16,21 @@ from dataclasses import dataclass
 
 import torch
 
+from pdserve.kernels.fp8_kv_format import is_fp8
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs
 from pdserve.shared.engine.expert_distribution import attach_expert_recorder
 from pdserve.shared.engine.grammar import grammar_bitmask
 from pdserve.shared.engine.in_flight import DecodeForward, FutureTokenIds, LaunchedDecode
-from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
+from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool, kv_cache_dtype
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
+from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.loader import load_model
 
 logger = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class ModelRunner:
         self.config = model_config
         self.device = torch.device(args.device)
         self.local_dir = local_dir
+        self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, model_config.dtype)
+        checkpoint_kv_scales = KVScaleCollector()
         with slow_step(f"loading the weights ({args.load_format}) onto {self.device}"):
             self.model = load_model(
                 model_config,
@@ -63,6 +67,7 @@ class ModelRunner:
                 device=self.device,
                 seed=args.random_seed,
                 quantization=args.quantization,
+                kv_scales=checkpoint_kv_scales,
             )
         if embedding is not None:
             self.embedding = embedding.with_head_of(self.model)
@@ -79,14 +84,18 @@ class ModelRunner:
             use_triton_kernels(self.model)
         else:
             self.attn_backend = TorchRefAttention()
-        self.pool = PagedKVPool(self._pool_shape(), model_config.dtype, self.device)
+        shape = self._pool_shape()
+        scales = checkpoint_kv_scales.as_tensor(shape.num_layers, shape.num_planes)
+        # a 16-bit pool stores K/V as computed: the checkpoint's scales only serve an fp8 one
+        self.pool = PagedKVPool(shape, self.kv_dtype, self.device, scales if is_fp8(self.kv_dtype) else None)
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
         logger.info(
-            "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
+            "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB, %s), attention %s",
             model_config.architectures,
             self.pool.num_pages,
             self.pool.page_size,
             self.pool.nbytes / 2**20,
+            self.kv_dtype,
             type(self.attn_backend).__name__,
         )
         self.graphs: DecodeGraphRunner | None = None
@@ -124,7 +133,7 @@ class ModelRunner:
             used = total - free
             budget = int(total * args.mem_fraction_static) - used
             pages = KVPoolShape.pages_for_budget(
-                budget, cfg.num_layers, ps, cfg.num_kv_heads, cfg.head_dim, cfg.dtype, cfg.kv_planes
+                budget, cfg.num_layers, ps, cfg.num_kv_heads, cfg.head_dim, self.kv_dtype, cfg.kv_planes
             )
             tokens = pages * ps
         else:

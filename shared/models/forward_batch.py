@@ -30,6 +30,7 @@ class KVPool(Protocol):
     shared/engine/kv_pool.py); models never touch it."""
 
     kv: torch.Tensor  # [layers, 2, pages, page_size, kv_heads, head_dim]
+    kv_scales: torch.Tensor | None  # an fp8 pool's [layers, planes] float32 scales; None otherwise
 
     @property
     def page_size(self) -> int: ...

@@ -9,6 +9,8 @@ Rules:
 - The result is in eval mode, without grad, in `config.dtype`, on `device`; under an fp8 scheme
   (shared.models.quantization) the decoder layers' linears are fp8 (shared.models.fp8_linear):
   swapped in before an fp8 checkpoint loads, or quantized from the loaded (or dummy) weights.
+- KV cache scales in the checkpoint (shared.models.kv_scales) never reach the model: they go to
+  `kv_scales` when given (the model runner's, for an fp8 KV pool), else they are dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fp8_linear import fp8_linears_for_checkpoint, quantize_linears
+from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.quantization import DROPPED_SUFFIXES, fp8_scheme
 from pdserve.shared.models.registry import get_model_class
 from pdserve.shared.models.weights import WeightLoadError
@@ -89,6 +92,7 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     quantization: str | None = None,
+    kv_scales: KVScaleCollector | None = None,
 ) -> nn.Module:
     """The model for `config` with its weights (see the module rules)."""
     if load_format not in LOAD_FORMATS:
@@ -107,7 +111,8 @@ def load_model(
     else:
         if local_dir is None:
             raise WeightLoadError(f"load_format {load_format!r} needs a checkpoint directory")
-        weights = iter_weights(local_dir)
+        collector = kv_scales if kv_scales is not None else KVScaleCollector()
+        weights = collector.weights_without_scales(iter_weights(local_dir))
         if fp8_loaded:
             weights = ((name, t) for name, t in weights if not name.endswith(DROPPED_SUFFIXES))
         model.load_weights(weights)

@@ -203,7 +203,9 @@ def test_layout_mismatch_fails(hub):
     sender = prefill.make_sender("r", decode.endpoint)
     receiver.init([1])
     assert receiver.poll() == KVPoll.Failed
-    assert receiver.failure_reason.startswith("KV layout mismatch: sender float16 layers=3")
+    assert receiver.failure_reason.startswith(
+        "KV cache dtype mismatch: the prefill worker stores float16, the decode worker bfloat16"
+    )
     assert sender.poll() == KVPoll.Failed
 
 

@@ -180,7 +180,9 @@ def test_layout_mismatch_fails_the_sender_and_tells_the_receiver(manager, raw):
     raw.expect(wire.Bound)
     abort, _ = raw.expect(wire.Abort)
     assert wait_final(sender) == KVPoll.Failed
-    assert sender.failure_reason.startswith("KV layout mismatch: sender float16 layers=2 page_size=2")
+    assert sender.failure_reason.startswith(
+        "KV cache dtype mismatch: the prefill worker stores float16, the decode worker bfloat16"
+    )
     assert (abort.nonce, abort.reason, abort.to_sender) == (b"n3", sender.failure_reason, False)
     assert no_state(manager)
 
