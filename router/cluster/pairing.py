@@ -82,7 +82,12 @@ class Pairing:
         )
         if local or num_samples > 1 or len(input_ids) < self.local_prefill_threshold:
             return Route(worker)
-        prefillers = [h for h in self.pool.candidates(tried.prefill, "prefill") if h.kv_addr]
+        # a prefill partner stores KV as the decode worker does (the transfer refuses a mismatch)
+        prefillers = [
+            h
+            for h in self.pool.candidates(tried.prefill, "prefill")
+            if h.kv_addr and h.kv_cache_dtype == worker.kv_cache_dtype
+        ]
         if not prefillers:
             return Route(worker)
         try:

@@ -118,6 +118,12 @@ class WorkerHandle:
         return str(args.get("kv_addr") or "")
 
     @property
+    def kv_cache_dtype(self) -> str:
+        """The worker's `--kv-cache-dtype` (its ServerInfo): a P/D pair must store KV alike."""
+        args = self.server_info.args if self.server_info else {}
+        return str(args.get("kv_cache_dtype") or "auto")
+
+    @property
     def free_page_fraction(self) -> float:
         """Free + evictable KV pages over all pages, as last reported (1.0 before any report)."""
         load = self.last_load

@@ -115,3 +115,11 @@ def test_serve_plans_prefill_and_decode_workers():
     assert router[router.index("--local-prefill-threshold") + 1] == "32"
     mixed = worker_command(plan_disaggregated(["cpu"], 0, 1)[0], argparse.Namespace(**vars(ns)), "r")
     assert "--mem-fraction-static" not in mixed
+
+
+def test_a_prefill_worker_that_stores_kv_otherwise_is_no_partner():
+    pool = _pool(("p8", "prefill", 100), ("p", "prefill", 100), ("d", "decode", 100))
+    pool.workers["p8"].server_info.args["kv_cache_dtype"] = "fp8_e4m3"  # type: ignore[union-attr]
+    pairing = _pairing(pool)
+    assert {_ids(pairing.route(list(range(100)), 1, Tried()))[1] for _ in range(4)} == {"p"}
+    assert _ids(pairing.route(list(range(100)), 1, Tried(prefill={"p"}))) == ("d", None)  # local prefill
