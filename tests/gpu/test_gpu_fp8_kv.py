@@ -27,8 +27,15 @@ pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
-K_SCALE = torch.tensor([0.02], device=DEVICE)
-V_SCALE = torch.tensor([0.5], device=DEVICE)
+# CUDA tensors made when a test runs: one made at import breaks collection where there is no GPU
+K_SCALE: torch.Tensor
+V_SCALE: torch.Tensor
+
+
+@pytest.fixture(autouse=True)
+def _cuda_scales():
+    global K_SCALE, V_SCALE
+    K_SCALE, V_SCALE = torch.tensor([0.02], device=DEVICE), torch.tensor([0.5], device=DEVICE)
 
 
 def _nan_caches(num_pages: int, page_size: int, heads: int, dim: int, fp8: torch.dtype):
