@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import zmq
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
@@ -25,9 +26,12 @@ from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
+from pdserve.shared.engine.tp_steps import StepReceiver, StepSender, open_step_channel
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.loader import load_model
+from pdserve.shared.models.tensor_parallel import kv_heads_per_rank
+from pdserve.shared.models.tensor_parallel_layers import TPRank, gather_logits, min_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,12 @@ class PromptLogprobRows:
 
 
 class ModelRunner:
-    """`embedding` (an embedding model's mode): forwards pool finished prompts and sample nothing."""
+    """`embedding` (an embedding model's mode): forwards pool finished prompts and sample nothing.
+
+    With `args.tp_size` > 1 this process is one rank of the default process group: the model and
+    the KV pool hold the rank's heads (shared.models.tensor_parallel), every rank's pool has the
+    same pages, rank 0 sends each forward pass to the followers first (tp_steps.py) and gathers the
+    logits; followers run `forward_logits` on what they receive (tp_follower.py)."""
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig, local_dir, embedding=None):
         self.args = args
@@ -53,6 +62,9 @@ class ModelRunner:
         self.config = model_config
         self.device = torch.device(args.device)
         self.local_dir = local_dir
+        self.tp = TPRank.current() if args.tp_size > 1 else None
+        if self.tp is not None and embedding is not None:
+            raise ValueError(f"--tp {args.tp_size}: embedding models have no tensor-parallel support yet")
         with slow_step(f"loading the weights ({args.load_format}) onto {self.device}"):
             self.model = load_model(
                 model_config,
@@ -61,6 +73,7 @@ class ModelRunner:
                 device=self.device,
                 seed=args.random_seed,
                 quantization=args.quantization,
+                tp_rank=self.tp,
             )
         if embedding is not None:
             self.embedding = embedding.with_head_of(self.model)
@@ -78,6 +91,15 @@ class ModelRunner:
         else:
             self.attn_backend = TorchRefAttention()
         self.pool = PagedKVPool(self._pool_shape(), model_config.dtype, self.device)
+        # rank 0 sends each forward pass to the followers; a follower receives them
+        self.step_sender: StepSender | None = None
+        self.step_receiver: StepReceiver | None = None
+        if self.tp is not None:
+            channel = open_step_channel(self.tp, zmq.Context())
+            if isinstance(channel, StepSender):
+                self.step_sender = channel
+            else:
+                self.step_receiver = channel
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
         logger.info(
             "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB), attention %s",
@@ -91,7 +113,13 @@ class ModelRunner:
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
         )
-        if self.device.type == "cuda" and not args.disable_cuda_graph and embedding is None:
+        # graphs across ranks would need every rank to replay in step: not yet
+        if (
+            self.device.type == "cuda"
+            and not args.disable_cuda_graph
+            and embedding is None
+            and self.tp is None
+        ):
             self.graphs = DecodeGraphRunner(
                 self.model,
                 self.pool,
@@ -128,9 +156,13 @@ class ModelRunner:
         else:
             tokens = DEFAULT_CPU_POOL_TOKENS
         num_pages = tokens // ps + 1  # + the reserved page 0
+        kv_heads = cfg.num_kv_heads
+        if self.tp is not None:  # rank 0 hands out page ids that must exist on every rank
+            num_pages = min_over_ranks(num_pages, self.device)
+            kv_heads = kv_heads_per_rank(kv_heads, self.tp.size)
         if num_pages < 2:
             raise ValueError(f"KV pool too small: {tokens} tokens with page size {ps}")
-        return KVPoolShape(layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim, cfg.kv_planes)
+        return KVPoolShape(layers, num_pages, ps, kv_heads, cfg.head_dim, cfg.kv_planes)
 
     def decode_uses_graph(self, batch_size: int) -> bool:
         """Whether a decode step of batch_size requests replays a captured CUDA graph."""
@@ -147,13 +179,13 @@ class ModelRunner:
         fb, sample_rows, prompt_rows = self._build(batch)
         if self.expert_recorder is not None:
             self.expert_recorder.begin_forward(len(fb.input_ids))
-        hidden = self.model.forward(fb)
+        hidden = self._forward(fb)
         if self.expert_recorder is not None:
             self.expert_recorder.end_forward()
         if self.embedding is not None:
             self.embedding.collect(batch, hidden)
             return [None] * len(batch.reqs)
-        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        logits = self._logits(hidden[fb.logits_indices])
         for rows in prompt_rows:
             self._record_prompt_logprobs(rows, logits)
         return self._sample(batch, logits, sample_rows)
@@ -184,11 +216,27 @@ class ModelRunner:
             )
             if resolve is not None:
                 resolve(fb.input_ids)
-            logits = self.model.compute_logits(self.model.forward(fb)[fb.logits_indices])
+            logits = self.forward_logits(fb)
         if self.expert_recorder is not None:
             self.expert_recorder.end_forward()
         inputs = self._sampling_inputs(batch.reqs)
         return LaunchedDecode.of(batch, logits, inputs, self.sampler.sample_on_device(logits, inputs))
+
+    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+        if self.step_sender is not None:  # the followers run the same pass, meeting its collectives
+            self.step_sender.send(fb)
+        return self.model.forward(fb)
+
+    def _logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden_rows)
+        if self.tp is None:
+            return logits
+        return gather_logits(logits, self.config.vocab_size, self.tp.size)
+
+    @torch.inference_mode()
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """One forward pass and the logits of its `logits_indices` rows (all ranks: the full vocabulary)."""
+        return self._logits(self._forward(fb)[fb.logits_indices])
 
     @torch.inference_mode()
     def collect(self, launched: LaunchedDecode) -> list[int]:
