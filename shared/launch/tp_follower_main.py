@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine-args", required=True, help="the worker's EngineArgs as JSON")
     ns = parser.parse_args(argv)
     _die_with_parent()
+    # a terminal's Ctrl-C reaches the whole process group: rank 0 alone decides when ranks stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,

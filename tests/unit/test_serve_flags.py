@@ -113,3 +113,10 @@ def test_router_flags_reach_the_router_only(parsers):
     assert router[router.index("--worker-liveness-timeout") + 1] == "9.0"
     assert "--max-body-bytes" not in worker and "--update-weights-drain-timeout" not in router
     assert worker[worker.index("--update-weights-drain-timeout") + 1] == "3.0"
+
+
+def test_serve_passes_tp_to_every_worker(parsers):
+    worker, flags = parsers[1], parsers[2]
+    ns = build_parser(flags).parse_args(["--tp", "2"])
+    cmd = worker_command(WorkerSpec("mixed", "cpu", 0), ns, REDIS, flags)
+    assert worker.parse_args(cmd[3:]).tp_size == 2
