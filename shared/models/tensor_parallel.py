@@ -136,8 +136,9 @@ def _shard_vocab(model: LlamaForCausalLM, config: ModelConfig, rank: TPRank) -> 
     rows = rank.vocab_rows(config.vocab_size)
     rule = ShardRule(0, rank.rank * rows, rows)
     embed = model.model.embed_tokens
-    model.model.embed_tokens = VocabParallelEmbedding(
-        rule.start, rows, embed.embedding_dim, dtype=embed.weight.dtype
+    model.model.add_module(
+        "embed_tokens",
+        VocabParallelEmbedding(rule.start, rows, embed.embedding_dim, dtype=embed.weight.dtype),
     )
     rules = {"model.embed_tokens.weight": rule}
     if model.lm_head is not None:  # a tied model's logits read the embedding's slice
