@@ -23,7 +23,8 @@ PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    """SIGKILL when the parent exits (Linux); elsewhere the loop's parent check does it."""
+    """SIGKILL when the parent exits (Linux: when the thread that started this process ends, the
+    worker's main thread); elsewhere the loop's parent check does it."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):

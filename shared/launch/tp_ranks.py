@@ -69,6 +69,8 @@ def join_process_group(device: str, rank: int, world_size: int, init_method: str
 
 def check_shards(args: EngineArgs) -> None:
     """ValueError unless the model of `args` shards over `args.tp_size` ranks."""
+    if args.is_embedding:
+        raise ValueError(f"--tp {args.tp_size}: embedding models have no tensor-parallel support yet")
     local_dir = resolve_model(args.model_path).local_dir
     config = ModelConfig.from_path(
         local_dir, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code
