@@ -55,6 +55,8 @@ class EngineArgs:
     # MoE models: count each expert's routed tokens per layer (shared/engine/expert_distribution.py)
     expert_distribution_recorder_mode: str | None = None  # None (off) | stat
     expert_distribution_recorder_buffer_size: int = 1000  # forward passes kept; -1: all
+    # Tensor parallelism (shared/models/tensor_parallel.py): ranks of one worker, one process each
+    tp_size: int = 1
 
     @property
     def effective_tokenizer_path(self) -> str:
@@ -103,6 +105,8 @@ class EngineArgs:
             or self.expert_distribution_recorder_buffer_size < -1
         ):
             raise ValueError("--expert-distribution-recorder-buffer-size must be >= 1, or -1 for no bound")
+        if self.tp_size < 1:
+            raise ValueError("--tp must be >= 1")
         if self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
         if self.enable_torch_compile and self.attention_backend == "torch" and self.device.startswith("cuda"):
@@ -131,6 +135,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "quantization": ["fp8"],
         "kv_cache_dtype": list(KV_CACHE_DTYPES),
     }
+    aliases = {"tp_size": ("--tp", "--tensor-parallel-size")}  # SGLang's spellings
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -138,7 +143,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action="store_true", default=default)
             continue
         kind = _parse_type(f)
-        parser.add_argument(flag, dest=f.name, type=kind, default=default, choices=choices.get(f.name))
+        parser.add_argument(
+            flag,
+            *aliases.get(f.name, ()),
+            dest=f.name,
+            type=kind,
+            default=default,
+            choices=choices.get(f.name),
+        )
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:

@@ -28,10 +28,13 @@ from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
+from pdserve.shared.engine.tp_steps import step_ends
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.loader import load_model
+from pdserve.shared.models.tensor_parallel import kv_heads_per_rank
+from pdserve.shared.models.tensor_parallel_layers import TPRank, gather_logits, min_over_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +52,12 @@ class PromptLogprobRows:
 
 
 class ModelRunner:
-    """`embedding` (an embedding model's mode): forwards pool finished prompts and sample nothing."""
+    """`embedding` (an embedding model's mode): forwards pool finished prompts and sample nothing.
+
+    With `args.tp_size` > 1 this process is one rank of the default process group: the model and
+    the KV pool hold the rank's heads (shared.models.tensor_parallel), every rank's pool has the
+    same pages, rank 0 sends each forward pass to the followers first (tp_steps.py) and gathers the
+    logits; followers run `forward_logits` on what they receive (tp_follower.py)."""
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig, local_dir, embedding=None):
         self.args = args
@@ -59,6 +67,9 @@ class ModelRunner:
         self.local_dir = local_dir
         self.kv_dtype = kv_cache_dtype(args.kv_cache_dtype, model_config.dtype)
         checkpoint_kv_scales = KVScaleCollector()
+        self.tp = TPRank.current() if args.tp_size > 1 else None
+        if self.tp is not None and embedding is not None:
+            raise ValueError(f"--tp {args.tp_size}: embedding models have no tensor-parallel support yet")
         with slow_step(f"loading the weights ({args.load_format}) onto {self.device}"):
             self.model = load_model(
                 model_config,
@@ -68,6 +79,7 @@ class ModelRunner:
                 seed=args.random_seed,
                 quantization=args.quantization,
                 kv_scales=checkpoint_kv_scales,
+                tp_rank=self.tp,
             )
         if embedding is not None:
             self.embedding = embedding.with_head_of(self.model)
@@ -88,6 +100,8 @@ class ModelRunner:
         scales = checkpoint_kv_scales.as_tensor(shape.num_layers, shape.num_planes)
         # a 16-bit pool stores K/V as computed: the checkpoint's scales only serve an fp8 one
         self.pool = PagedKVPool(shape, self.kv_dtype, self.device, scales if is_fp8(self.kv_dtype) else None)
+        # rank 0 sends each forward pass to the followers; a follower receives them
+        self.step_sender, self.step_receiver = step_ends(self.tp)
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
         logger.info(
             "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB, %s), attention %s",
@@ -102,7 +116,13 @@ class ModelRunner:
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
         )
-        if self.device.type == "cuda" and not args.disable_cuda_graph and embedding is None:
+        # graphs across ranks would need every rank to replay in step: not yet
+        if (
+            self.device.type == "cuda"
+            and not args.disable_cuda_graph
+            and embedding is None
+            and self.tp is None
+        ):
             self.graphs = DecodeGraphRunner(
                 self.model,
                 self.pool,
@@ -139,9 +159,13 @@ class ModelRunner:
         else:
             tokens = DEFAULT_CPU_POOL_TOKENS
         num_pages = tokens // ps + 1  # + the reserved page 0
+        kv_heads = cfg.num_kv_heads
+        if self.tp is not None:  # rank 0 hands out page ids that must exist on every rank
+            num_pages = min_over_ranks(num_pages, self.device)
+            kv_heads = kv_heads_per_rank(kv_heads, self.tp.size)
         if num_pages < 2:
             raise ValueError(f"KV pool too small: {tokens} tokens with page size {ps}")
-        return KVPoolShape(layers, num_pages, ps, cfg.num_kv_heads, cfg.head_dim, cfg.kv_planes)
+        return KVPoolShape(layers, num_pages, ps, kv_heads, cfg.head_dim, cfg.kv_planes)
 
     def decode_uses_graph(self, batch_size: int) -> bool:
         """Whether a decode step of batch_size requests replays a captured CUDA graph."""
@@ -158,13 +182,13 @@ class ModelRunner:
         fb, sample_rows, prompt_rows = self._build(batch)
         if self.expert_recorder is not None:
             self.expert_recorder.begin_forward(len(fb.input_ids))
-        hidden = self.model.forward(fb)
+        hidden = self._forward(fb)
         if self.expert_recorder is not None:
             self.expert_recorder.end_forward()
         if self.embedding is not None:
             self.embedding.collect(batch, hidden)
             return [None] * len(batch.reqs)
-        logits = self.model.compute_logits(hidden[fb.logits_indices])
+        logits = self._logits(hidden[fb.logits_indices])
         for rows in prompt_rows:
             self._record_prompt_logprobs(rows, logits)
         return self._sample(batch, logits, sample_rows)
@@ -201,7 +225,7 @@ class ModelRunner:
             )
             if resolve is not None:
                 resolve(fb.input_ids)
-            logits = self.model.compute_logits(self.model.forward(fb)[fb.logits_indices])
+            logits = self.forward_logits(fb)
         if self.expert_recorder is not None:
             self.expert_recorder.end_forward()
         return DecodeForward(batch, logits, self._sampling_inputs(batch.reqs))
@@ -214,6 +238,22 @@ class ModelRunner:
         inputs.token_bitmask = grammar_bitmask(forward.batch.reqs, self.config.vocab_size, self.device)
         next_ids = self.sampler.sample_on_device(forward.logits, inputs)
         return LaunchedDecode.of(forward.batch, forward.logits, inputs, next_ids)
+
+    def _forward(self, fb: ForwardBatch) -> torch.Tensor:
+        if self.step_sender is not None:  # the followers run the same pass, meeting its collectives
+            self.step_sender.send(fb)
+        return self.model.forward(fb)
+
+    def _logits(self, hidden_rows: torch.Tensor) -> torch.Tensor:
+        logits = self.model.compute_logits(hidden_rows)
+        if self.tp is None:
+            return logits
+        return gather_logits(logits, self.config.vocab_size, self.tp.size)
+
+    @torch.inference_mode()
+    def forward_logits(self, fb: ForwardBatch) -> torch.Tensor:
+        """One forward pass and the logits of its `logits_indices` rows (all ranks: the full vocabulary)."""
+        return self._logits(self._forward(fb)[fb.logits_indices])
 
     @torch.inference_mode()
     def collect(self, launched: LaunchedDecode) -> list[int]:

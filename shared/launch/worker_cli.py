@@ -18,7 +18,8 @@ auto's backend for pairs cuda_ipc cannot serve: `--kv-transfer-fallback zmq|nccl
 the others, chosen per pair; CPU workers run zmq. Transfers that do not finish within
 `--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt only with room for
 `--num-reserved-decode-tokens` output tokens besides (decode/decode_role.py).
-Logs go to stderr; stdout carries only the ready line. The worker starts no child processes.
+Logs go to stderr; stdout carries only the ready line. The worker starts no child processes but
+its tensor-parallel ranks (`--tp N`: N-1 followers, one per rank, tp_ranks.py).
 Start-up steps that take more than a second (importing torch, resolving or converting the model,
 loading weights, capturing CUDA graphs, starting the KV backend, the warm-up) each log a line as
 they run and one when done (shared/engine/startup_log.py). While serving, the engine logs SGLang's
@@ -137,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         engine_args = engine_args_from(ns)
     except ValueError as exc:  # EngineArgs.validate names the flag
         print(f"worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if engine_args.tp_size > 1 and ns.role != "mixed":  # the KV transfer moves rank 0's heads alone
+        print(
+            f"worker: --tp {engine_args.tp_size} serves --role mixed only (not yet {ns.role})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     return run_worker(ns, engine_args)
 

@@ -6,8 +6,9 @@ Start-up order (so probes and clients see sensible states at every moment):
   1. SIGTERM/SIGINT handlers (a signal during loading ends the process cleanly after the load);
   2. the HTTP port (`/health` answers 503 while loading) and the ZMQ ROUTER socket (clients may
      connect and queue requests early);
-  3. the engine (model + KV pool; prefill/decode: and the KV transfer manager over that pool), one
-     warm-up forward of one token (mixed: through generate, then a cache flush);
+  3. with `--tp N`, ranks 1..N-1 (tp_ranks.py); the engine (model + KV pool; prefill/decode: and
+     the KV transfer manager over that pool), one warm-up forward of one token (mixed: through
+     generate, then a cache flush);
   4. `/health` turns 200 and one line goes to stdout:
      `pdserve worker ready role=mixed zmq=tcp://H:P http=http://H:Q` (prefill/decode add
      `kv=<endpoint>`, the address peers' KV managers dial; it is also `kv_addr` in Redis);
@@ -131,6 +132,20 @@ class StartupError(RuntimeError):
     """A start-up failure the operator can fix (an address the KV backend cannot bind): logged, exit 1."""
 
 
+def start_tp_ranks(engine_args: EngineArgs):
+    """`--tp N` > 1: ranks 1..N-1 started and joined with this process as rank 0 (tp_ranks.py);
+    a rank that dies later ends the worker. None for one rank: nothing starts."""
+    if engine_args.tp_size == 1:
+        return None
+    from pdserve.shared.launch.tp_ranks import TensorParallelRanks, exit_worker
+
+    try:
+        with slow_step(f"starting {engine_args.tp_size - 1} tensor-parallel ranks"):
+            return TensorParallelRanks(engine_args, exit_worker)
+    except ValueError as exc:  # the model does not shard over N ranks
+        raise StartupError(str(exc)) from exc
+
+
 def kv_event_publisher(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str):
     """The KV event publisher of a mixed or prefill worker in a cluster (not started), else None:
     routers choose those roles by cached prefix."""
@@ -205,6 +220,7 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
     registration: WorkerRegistration | None = None
     kv_events = None
     engine = None
+    tp_ranks = None
     http_port = _http_port(ns)
     ctx = zmq.Context()
     try:
@@ -227,6 +243,7 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         with slow_step("importing torch"):
             import torch  # noqa: F401 (the slowest import of the engine; nothing when already loaded)
         try:
+            tp_ranks = start_tp_ranks(engine_args)
             engine = build_engine(ns, engine_args, worker_id, kv_events)
         except FileNotFoundError as exc:  # ModelNotFoundError: a wrong --model-path is not a crash
             logger.error("cannot load the model: %s", exc)
@@ -277,5 +294,7 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         ctx.term()
         if http is not None:
             http.close()
+        if tp_ranks is not None:
+            tp_ranks.close()
     logger.info("worker stopped")
     return 0

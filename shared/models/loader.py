@@ -11,6 +11,9 @@ Rules:
   swapped in before an fp8 checkpoint loads, or quantized from the loaded (or dummy) weights.
 - KV cache scales in the checkpoint (shared.models.kv_scales) never reach the model: they go to
   `kv_scales` when given (the model runner's, for an fp8 KV pool), else they are dropped.
+- A tensor-parallel rank builds the whole model on the meta device, shards it (a pass,
+  shared.models.tensor_parallel) and loads its slice of each tensor of the full checkpoint; its
+  dummy weights are drawn for its slices (they differ from a single rank's).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from pdserve.shared.models.fp8_linear import fp8_linears_for_checkpoint, quantiz
 from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.quantization import DROPPED_SUFFIXES, fp8_scheme
 from pdserve.shared.models.registry import get_model_class
+from pdserve.shared.models.tensor_parallel import shard_checkpoint, shard_model
+from pdserve.shared.models.tensor_parallel_layers import TPRank
 from pdserve.shared.models.weights import WeightLoadError
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
@@ -93,14 +98,17 @@ def load_model(
     seed: int = 0,
     quantization: str | None = None,
     kv_scales: KVScaleCollector | None = None,
+    tp_rank: TPRank | None = None,
 ) -> nn.Module:
-    """The model for `config` with its weights (see the module rules)."""
+    """The model for `config` with its weights (see the module rules); with `tp_rank`, that rank's
+    slice of it (shared.models.tensor_parallel)."""
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     scheme = fp8_scheme(config.hf_config, quantization)
     model_class = get_model_class(config.architectures)
     with torch.device("meta"):
         model = model_class(config)
+        shard_rules = shard_model(model, config, tp_rank) if tp_rank is not None else None
     fp8_loaded = scheme is not None and scheme.checkpoint_is_fp8 and load_format != "dummy"
     if fp8_loaded:
         fp8_linears_for_checkpoint(model, scheme.keep)  # type: ignore[union-attr]
@@ -115,6 +123,8 @@ def load_model(
         weights = collector.weights_without_scales(iter_weights(local_dir))
         if fp8_loaded:
             weights = ((name, t) for name, t in weights if not name.endswith(DROPPED_SUFFIXES))
+        if shard_rules is not None:
+            weights = shard_checkpoint(weights, shard_rules)
         model.load_weights(weights)
     if scheme is not None and not fp8_loaded:
         quantize_linears(model, scheme.keep)

@@ -113,3 +113,24 @@ def test_router_flags_reach_the_router_only(parsers):
     assert router[router.index("--worker-liveness-timeout") + 1] == "9.0"
     assert "--max-body-bytes" not in worker and "--update-weights-drain-timeout" not in router
     assert worker[worker.index("--update-weights-drain-timeout") + 1] == "3.0"
+
+
+def test_serve_passes_tp_to_every_worker(parsers):
+    worker, flags = parsers[1], parsers[2]
+    ns = build_parser(flags).parse_args(["--tp", "2"])
+    cmd = worker_command(WorkerSpec("mixed", "cpu", 0), ns, REDIS, flags)
+    assert worker.parse_args(cmd[3:]).tp_size == 2
+
+
+def test_tp_is_refused_where_it_does_not_work_yet(capsys):
+    from pdserve.shared.launch import worker_cli
+    from pdserve.shared.launch.serve.cli import TP_MIXED_ONLY, _plan
+
+    assert worker_cli.main(["--role", "prefill", "--tp", "2"]) == worker_cli.EXIT_USAGE
+    assert "--role mixed only" in capsys.readouterr().err
+    serve = build_parser()
+    with pytest.raises(ValueError, match=TP_MIXED_ONLY):
+        _plan(serve.parse_args(["--prefill", "1", "--decode", "1", "--tp", "2"]))
+    with pytest.raises(ValueError, match="one worker only"):
+        _plan(serve.parse_args(["--device", "cuda:0,cuda:2", "--tp", "2"]))
+    assert len(_plan(serve.parse_args(["--tp", "2"]))) == 1

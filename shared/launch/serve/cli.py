@@ -93,10 +93,21 @@ def build_parser(flags: passthrough.PassThrough | None = None) -> argparse.Argum
     return parser
 
 
+TP_MIXED_ONLY = (
+    "--tp > 1 serves mixed workers only: prefill and decode workers would move rank 0's KV heads alone"
+)
+
+
 def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
     devices = parse_devices(ns.device)
+    if ns.tp_size > 1 and (ns.prefill is not None or ns.decode is not None):
+        raise PlanError(TP_MIXED_ONLY)
     if ns.prefill is None and ns.decode is None:
-        return plan_workers(devices, ns.workers)
+        specs = plan_workers(devices, ns.workers)
+        if ns.tp_size > 1 and len(specs) > 1 and any(s.device.startswith("cuda") for s in specs):
+            # a worker's ranks take the GPUs after its own: several would share them
+            raise PlanError("--tp > 1 on GPUs: one worker only (--dp is not there yet)")
+        return specs
     if ns.workers is not None:
         raise PlanError("--workers (mixed) and --prefill/--decode (disaggregated) exclude each other")
     return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static)

@@ -1,0 +1,59 @@
+"""A follower rank's process (rank 1..N-1 of a `--tp N` worker), started by tp_ranks.py.
+
+It joins the worker's process group, builds its runner and runs rank 0's forward passes
+(shared/engine/tp_follower.py) until rank 0 is gone or it gets SIGTERM. It binds no client socket
+and prints nothing to stdout; logs go to stderr with its rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.tp_follower import build_follower_runner, serve_follower
+from pdserve.shared.launch.tp_ranks import join_process_group, rank_device
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """SIGKILL when the parent exits (Linux: when the thread that started this process ends, the
+    worker's main thread); elsewhere the loop's parent check does it."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tp_follower_main")
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--world-size", type=int, required=True)
+    parser.add_argument("--init-method", required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    parser.add_argument("--engine-args", required=True, help="the worker's EngineArgs as JSON")
+    ns = parser.parse_args(argv)
+    _die_with_parent()
+    # a terminal's Ctrl-C reaches the whole process group: rank 0 alone decides when ranks stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format=f"%(asctime)s %(levelname)s tp-rank-{ns.rank} %(name)s: %(message)s",
+    )
+    args = EngineArgs(**json.loads(ns.engine_args))
+    args.device = rank_device(args.device, ns.rank)
+    join_process_group(args.device, ns.rank, ns.world_size, ns.init_method)
+    runner = build_follower_runner(args)
+    serve_follower(runner, keep_going=lambda: os.getppid() == ns.parent_pid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

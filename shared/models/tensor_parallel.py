@@ -1,0 +1,174 @@
+"""Tensor parallelism as a pass over a plain model (after gpt-fast's `apply_tp`): `shard_model`
+swaps a rank's slice in for each full projection of a model built on the meta device, and returns
+the rules that slice the full checkpoint's tensors while they load.
+
+Rules:
+- Dense Llama-family models only (`SHARDABLE`); another architecture with --tp > 1 is refused by
+  name, as are shapes that do not split: query heads and the MLP width must divide by the size, and
+  KV heads must divide by it or divide it.
+- Column-parallel (each rank its output rows): q/k/v split by heads inside the merged qkv
+  projection, gate and up each split inside gate_up. Attention then sees num_heads / size query
+  heads; with fewer KV heads than ranks each KV head is replicated on size / kv_heads ranks (the
+  one its query heads read), as SGLang does.
+- Row-parallel, then an all-reduce: o_proj and down_proj (tensor_parallel_layers.py).
+- Vocabulary-parallel: the embedding and lm_head (a tied model's logits use the embedding slice);
+  the vocabulary is padded with zero rows to a multiple of the size; the runner gathers the logits.
+- Norms (q/k norms included), rope and biases of row-parallel layers stay whole on every rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.layers import GatedMLP, MergedLinear
+from pdserve.shared.models.llama import Attention, LlamaForCausalLM
+from pdserve.shared.models.tensor_parallel_layers import RowParallelLinear, TPRank, VocabParallelEmbedding
+
+SHARDABLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
+
+def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str | None = None) -> None:
+    """ValueError naming what keeps `config` from running on `tp_size` ranks (nothing for 1)."""
+    if tp_size == 1:
+        return
+    arch = config.architecture if config.architectures else config.model_type
+    if arch not in SHARDABLE:
+        raise ValueError(
+            f"--tp {tp_size}: {arch} has no tensor-parallel support yet (dense {', '.join(SHARDABLE)} only)"
+        )
+    if quantization is not None:
+        raise ValueError(f"--tp {tp_size}: quantized weights ({quantization}) are not sharded yet")
+    heads, kv_heads = config.num_attention_heads, config.num_kv_heads
+    if heads % tp_size:
+        raise ValueError(f"--tp {tp_size}: {heads} attention heads do not split over {tp_size} ranks")
+    if kv_heads % tp_size and tp_size % kv_heads:
+        raise ValueError(f"--tp {tp_size}: {kv_heads} KV heads neither split over nor divide {tp_size} ranks")
+    if config.intermediate_size % tp_size:
+        raise ValueError(
+            f"--tp {tp_size}: MLP width {config.intermediate_size} does not split over {tp_size}"
+        )
+
+
+def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
+    """KV heads each rank holds (and its KV pool stores): a slice, or one replicated head."""
+    return max(1, num_kv_heads // tp_size)
+
+
+def kv_head_start(rank: TPRank, num_kv_heads: int) -> int:
+    """The first KV head of `rank` (with fewer KV heads than ranks: the one its query heads read)."""
+    if num_kv_heads >= rank.size:
+        return rank.rank * (num_kv_heads // rank.size)
+    return rank.rank * num_kv_heads // rank.size
+
+
+@dataclass(frozen=True)
+class ShardRule:
+    """A rank's slice of a checkpoint tensor: `length` entries of `dim` from `start`; entries past
+    the tensor's end (vocabulary padding) are zeros."""
+
+    dim: int
+    start: int
+    length: int
+
+    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
+        size = tensor.shape[self.dim]
+        start = min(self.start, size)
+        available = min(self.length, size - start)
+        piece = tensor.narrow(self.dim, start, available)
+        if available == self.length:
+            return piece
+        pad_shape = list(tensor.shape)
+        pad_shape[self.dim] = self.length - available
+        return torch.cat([piece, tensor.new_zeros(pad_shape)], dim=self.dim)
+
+
+def _rows(prefix: str, names: Iterable[str], rule: ShardRule, bias: bool) -> dict[str, ShardRule]:
+    """The rule for each named projection's weight (and bias) under `prefix`."""
+    attrs = ("weight", "bias") if bias else ("weight",)
+    return {f"{prefix}.{name}.{attr}": rule for name in names for attr in attrs}
+
+
+def _shard_attention(name: str, attn: Attention, rank: TPRank) -> dict[str, ShardRule]:
+    head_dim, old = attn.head_dim, attn.qkv_proj
+    num_heads, num_kv_heads = attn.num_heads // rank.size, kv_heads_per_rank(attn.num_kv_heads, rank.size)
+    kv_start = kv_head_start(rank, attn.num_kv_heads)
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    bias = old.bias is not None
+    attn.qkv_proj = MergedLinear(
+        old.in_features, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias, old.weight.dtype
+    )
+    o_old = attn.o_proj
+    attn.o_proj = RowParallelLinear(
+        q_size, o_old.out_features, bias=o_old.bias is not None, dtype=o_old.weight.dtype
+    )
+    attn.num_heads, attn.num_kv_heads = num_heads, num_kv_heads
+    attn.split_sizes = (q_size, kv_size, kv_size)
+    return {
+        **_rows(name, ("q_proj",), ShardRule(0, rank.rank * q_size, q_size), bias),
+        **_rows(name, ("k_proj", "v_proj"), ShardRule(0, kv_start * head_dim, kv_size), bias),
+        f"{name}.o_proj.weight": ShardRule(1, rank.rank * q_size, q_size),
+    }
+
+
+def _shard_mlp(name: str, mlp: GatedMLP, rank: TPRank) -> dict[str, ShardRule]:
+    width = mlp.intermediate_size // rank.size
+    old, down = mlp.gate_up_proj, mlp.down_proj
+    bias = old.bias is not None
+    mlp.intermediate_size = width
+    mlp.gate_up_proj = MergedLinear(
+        old.in_features, {"gate_proj": width, "up_proj": width}, bias, old.weight.dtype
+    )
+    mlp.down_proj = RowParallelLinear(
+        width, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype
+    )
+    return {
+        **_rows(name, ("gate_proj", "up_proj"), ShardRule(0, rank.rank * width, width), bias),
+        f"{name}.down_proj.weight": ShardRule(1, rank.rank * width, width),
+    }
+
+
+def _shard_vocab(model: LlamaForCausalLM, config: ModelConfig, rank: TPRank) -> dict[str, ShardRule]:
+    rows = rank.vocab_rows(config.vocab_size)
+    rule = ShardRule(0, rank.rank * rows, rows)
+    embed = model.model.embed_tokens
+    model.model.add_module(
+        "embed_tokens",
+        VocabParallelEmbedding(rule.start, rows, embed.embedding_dim, dtype=embed.weight.dtype),
+    )
+    rules = {"model.embed_tokens.weight": rule}
+    if model.lm_head is not None:  # a tied model's logits read the embedding's slice
+        model.lm_head = nn.Linear(config.hidden_size, rows, bias=False, dtype=model.lm_head.weight.dtype)
+        rules["lm_head.weight"] = rule
+    return rules
+
+
+def shard_model(model: nn.Module, config: ModelConfig, rank: TPRank) -> dict[str, ShardRule]:
+    """Makes `model` (just built, on the meta device) `rank`'s slice; returns checkpoint name ->
+    the slice of that tensor the rank loads (names absent: the whole tensor)."""
+    check_tensor_parallel(config, rank.size)
+    if not isinstance(model, LlamaForCausalLM) or type(model).__name__ not in SHARDABLE:
+        raise ValueError(f"--tp {rank.size}: {type(model).__name__} has no tensor-parallel support yet")
+    device = next(model.parameters()).device
+    rules: dict[str, ShardRule] = {}
+    with torch.device(device):
+        for name, module in list(model.named_modules()):
+            if isinstance(module, Attention):
+                rules.update(_shard_attention(name, module, rank))
+            elif isinstance(module, GatedMLP):
+                rules.update(_shard_mlp(name, module, rank))
+        rules.update(_shard_vocab(model, config, rank))
+    return rules
+
+
+def shard_checkpoint(
+    weights: Iterable[tuple[str, torch.Tensor]], rules: dict[str, ShardRule]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's pairs with each tensor a rule names cut to this rank's slice."""
+    for name, tensor in weights:
+        rule = rules.get(name)
+        yield name, tensor if rule is None else rule.apply(tensor)
