@@ -110,9 +110,12 @@ def test_every_request_succeeds_with_exact_lengths(
     assert line["output_lens"] == asked
     assert line["total_output_tokens"] == sum(asked)
     assert line["tokenizer"] == model_dir or Path(line["tokenizer"]).resolve() == Path(model_dir).resolve()
-    for key in ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "mean_itl_ms",
+    for key in ("request_throughput", "output_throughput", "median_ttft_ms", "p99_ttft_ms",
                 "median_e2e_latency_ms", "p99_e2e_latency_ms", "concurrency", "max_output_tokens_per_s"):  # fmt: skip
         assert line[key] > 0, key
+    # a stream whose router fell behind folds its backlog into one event, so a loaded box may see 8
+    # tokens arrive at once and no inter-token gap at all; any gap measured is positive
+    assert line["mean_itl_ms"] > 0 or not any(line["itls"]), line["itls"]
     assert all(len(itl) <= n - 1 for itl, n in zip(line["itls"], asked))
     assert all(0 < t < lat for t, lat in zip(line["ttfts"], line["latencies"]))
 
