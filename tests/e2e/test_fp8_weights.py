@@ -21,7 +21,7 @@ import torch
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from tests.helpers.cluster_waits import live_workers, wait_until
-from tests.helpers.fp8_reference import fake_quantize_linears
+from tests.helpers.fp8_reference import fake_quantize_experts, fake_quantize_linears
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -55,12 +55,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_moe", "mixtral"])
 def test_fp8_engine_equals_the_fake_quantized_model(tmp_path, kind, one_thread):
     model_dir = str(make_tiny_model(kind, tmp_path / kind))
     fp8 = _engine(model_dir, "fp8")
     reference = _engine(model_dir, None)
     assert fake_quantize_linears(reference.runner.model) > 0
+    fake_quantize_experts(reference.runner.model)  # MoE kinds: tests/e2e/test_fp8_moe.py checks the swap
     prompts = _prompts(len(kind))
     _assert_same(
         fp8.generate(prompts, GREEDY, return_logprob=True),
