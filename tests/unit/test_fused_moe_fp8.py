@@ -103,7 +103,9 @@ def test_fp8_ref_matches_dequantized_experts_in_float64():
         for j in range(top_k):
             e = int(ids[t, j])
             q, sx = per_token_quant_fp8_ref(x[t : t + 1])
-            gate, up = ((q.double() * sx.double()) @ (w13[e].double() * s13[e, :, None].double()).T).chunk(2, -1)
+            gate, up = ((q.double() * sx.double()) @ (w13[e].double() * s13[e, :, None].double()).T).chunk(
+                2, -1
+            )
             act = (F.silu(gate.float()) * up.float()).float()
             qa, sa = per_token_quant_fp8_ref(act)
             down = (qa.double() * sa.double()) @ (w2[e].double() * s2[e, :, None].double()).T
