@@ -1,7 +1,7 @@
 """kernels.fused_moe on a CUDA GPU at Qwen1.5-MoE-A2.7B's shape (H 2048, I 1408, 60 experts, top-4,
 bfloat16), against the memory roofline of the weights it must read and against fused_moe_ref.
 
-    python -m pdserve.bench.bench_fused_moe [--tokens 1,64] [--json-out FILE] [--sweep]
+    python -m pdserve.bench.bench_fused_moe [--tokens 1,64] [--json-out FILE] [--sweep] [--fp8]
 
 - Roofline: the bytes of the distinct experts the routing selects (their w13 and w2 rows, each read
   once), at the device-to-device copy rate measured in the same run (`dst.copy_(src)` of 1 GiB,
@@ -12,6 +12,9 @@ bfloat16), against the memory roofline of the weights it must read and against f
   align ops' launches alone cost ~0.5 ms.
 - Routing: select_experts over random logits (renormalized), so T = 64 selects nearly every expert.
 - `--sweep` also times each (BLOCK_M, BLOCK_N, BLOCK_K) of a small grid, to check the block table.
+- `--fp8`: the experts as float8_e4m3fn with per-row scales (the `--quantization fp8` path; the
+  activations stay bfloat16 and are quantized per row inside the kernel); the roofline counts 1 byte
+  a weight.
 On a machine without CUDA it says so and exits 0.
 """
 
@@ -23,6 +26,7 @@ import statistics
 
 import torch
 
+from pdserve.kernels.fp8_quant import per_channel_quant_fp8
 from pdserve.kernels.fused_moe import fused_moe, fused_moe_ref, moe_block_config, select_experts
 
 HIDDEN, INTER, EXPERTS, TOP_K = 2048, 1408, 60, 4
@@ -76,7 +80,10 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() / (us * 1e-6) / 1e9
 
 
-def bench_tokens(tokens: int, w13: torch.Tensor, w2: torch.Tensor, copy_gbs: float, sweep: bool) -> dict:
+def bench_tokens(
+    tokens: int, w13: torch.Tensor, w2: torch.Tensor, copy_gbs: float, sweep: bool, scales: dict
+) -> dict:
+    """One row; `scales` ({} or w13_scale/w2_scale) goes to every call, so fp8 experts run fp8."""
     gen = torch.Generator(device="cuda").manual_seed(tokens)
     x = torch.randn(tokens, HIDDEN, generator=gen, device="cuda").to(DTYPE)
     logits = torch.randn(tokens, EXPERTS, generator=gen, device="cuda")
@@ -84,13 +91,16 @@ def bench_tokens(tokens: int, w13: torch.Tensor, w2: torch.Tensor, copy_gbs: flo
     distinct = int(torch.unique(ids).numel())
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     weight_bytes = distinct * expert_bytes
-    ours_us = graph_time_us(lambda: fused_moe(x, w13, w2, weights, ids))
-    eager_us = time_us(lambda: fused_moe(x, w13, w2, weights, ids))
-    ref_us = time_us(lambda: fused_moe_ref(x, w13, w2, weights, ids), iters=10, warmup=2)
-    got, want = fused_moe(x, w13, w2, weights, ids), fused_moe_ref(x, w13, w2, weights, ids)
+    ours_us = graph_time_us(lambda: fused_moe(x, w13, w2, weights, ids, **scales))
+    eager_us = time_us(lambda: fused_moe(x, w13, w2, weights, ids, **scales))
+    ref_us = time_us(lambda: fused_moe_ref(x, w13, w2, weights, ids, **scales), iters=10, warmup=2)
+    got, want = (
+        fused_moe(x, w13, w2, weights, ids, **scales),
+        fused_moe_ref(x, w13, w2, weights, ids, **scales),
+    )
     roofline_us = weight_bytes / (copy_gbs * 1e9) * 1e6
     row = {
-        "shape": "qwen1.5-moe-a2.7b", "tokens": tokens, "distinct_experts": distinct,
+        "shape": "qwen1.5-moe-a2.7b" + ("-fp8" if scales else ""), "tokens": tokens, "distinct_experts": distinct,
         "weight_mb": weight_bytes / 1e6, "tiles": list(moe_block_config(tokens * TOP_K, EXPERTS, DTYPE)),
         "ours_us": ours_us, "roofline_us": roofline_us, "fraction_of_roofline": roofline_us / ours_us,
         "ours_gbs": weight_bytes / (ours_us * 1e-6) / 1e9, "eager_us": eager_us, "ref_us": ref_us,
@@ -99,7 +109,7 @@ def bench_tokens(tokens: int, w13: torch.Tensor, w2: torch.Tensor, copy_gbs: flo
     if sweep:
         sweep_us: dict[str, float] = {}
         for tiles in SWEEP:
-            run = lambda tiles=tiles: fused_moe(x, w13, w2, weights, ids, block_sizes=tiles)
+            run = lambda tiles=tiles: fused_moe(x, w13, w2, weights, ids, block_sizes=tiles, **scales)
             sweep_us["x".join(map(str, tiles))] = graph_time_us(run)
         row["sweep_us"] = sweep_us
     return row
@@ -110,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="1,64", help="comma-separated token counts")
     p.add_argument("--json-out", default=None, help="append one JSON line per row")
     p.add_argument("--sweep", action="store_true", help="also time a grid of block sizes")
+    p.add_argument("--fp8", action="store_true", help="fp8 expert weights with per-row scales")
     ns = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_fused_moe: no CUDA GPU here, nothing to measure (run it on a GPU machine)")
@@ -118,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     w13 = (torch.randn(EXPERTS, 2 * INTER, HIDDEN, generator=gen, device="cuda") / HIDDEN**0.5).to(DTYPE)
     w2 = (torch.randn(EXPERTS, HIDDEN, INTER, generator=gen, device="cuda") / INTER**0.5).to(DTYPE)
+    scales: dict = {}
+    if ns.fp8:
+        q13, s13 = per_channel_quant_fp8(w13.reshape(-1, HIDDEN))
+        q2, s2 = per_channel_quant_fp8(w2.reshape(-1, INTER))
+        w13, w2 = q13.reshape(w13.shape), q2.reshape(w2.shape)
+        scales = {"w13_scale": s13.reshape(EXPERTS, -1), "w2_scale": s2.reshape(EXPERTS, -1)}
     copy_gbs = copy_bandwidth_gbs()
-    rows = [bench_tokens(int(t), w13, w2, copy_gbs, ns.sweep) for t in ns.tokens.split(",")]
-    print(f"{gpu}: copy {copy_gbs:,.0f} GB/s (read + write); Qwen1.5-MoE-A2.7B layer, bf16\n")
+    rows = [bench_tokens(int(t), w13, w2, copy_gbs, ns.sweep, scales) for t in ns.tokens.split(",")]
+    weights_kind = "fp8 experts" if ns.fp8 else "bf16"
+    print(f"{gpu}: copy {copy_gbs:,.0f} GB/s (read + write); Qwen1.5-MoE-A2.7B layer, {weights_kind}\n")
     print(
         "| T | experts read | MB | tiles (M, N, K, warps) | ours µs (graph) | eager µs | roofline µs | of roofline | ref µs | max err |"
     )

@@ -167,12 +167,19 @@ PY
     run embed-hf 240 python3 -m pdserve.bench.bench_embeddings --hf --config bench/configs/gte-qwen2-1.5b.json \
       --json-out "$RES" ;;
   moe)
-    # the fused-MoE kernel against the weights' memory roofline, then Qwen1.5-MoE-A2.7B served with dummy weights
+    # the fused-MoE kernel against the weights' memory roofline, then Qwen1.5-MoE-A2.7B served with dummy weights,
+    # bf16 and then fp8
     run bench-fused-moe 200 python3 -m pdserve.bench.bench_fused_moe --json-out "$OUT/fused_moe.json"
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/qwen1.5-moe-a2.7b.json --out /tmp/qwenmoe >/dev/null
     SERVE_MODEL=/tmp/qwenmoe; serve_start moe
     bench_random moe-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random moe-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
+    serve_stop
+    # the same with fp8 experts and linears (--quantization fp8): the kernel, then the served model
+    run bench-fused-moe-fp8 200 python3 -m pdserve.bench.bench_fused_moe --fp8 --json-out "$OUT/fused_moe.json"
+    serve_start moe-fp8 --quantization fp8
+    bench_random moe-fp8-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
+    bench_random moe-fp8-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
     serve_stop; unset SERVE_MODEL ;;
   grammar)
     # issue 15's overhead: every request under a grammar against the same serve unconstrained,

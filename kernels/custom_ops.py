@@ -176,6 +176,28 @@ def fused_moe(
     return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
 
 
+def fused_moe_fp8(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w13_scale: torch.Tensor,
+    w2: torch.Tensor,
+    w2_scale: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    return _fused_moe(
+        hidden,
+        w13,
+        w2,
+        topk_weights,
+        topk_ids,
+        expert_offset=expert_offset,
+        w13_scale=w13_scale,
+        w2_scale=w2_scale,
+    )
+
+
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _per_token_quant_fp8(x)
 
@@ -222,6 +244,7 @@ rotary_store_kv_op = _register(rotary_store_kv_, ("q", "k", "kv"), _no_output)
 decode_attention_op = _register(decode_attention, ("workspace",), _new_like)
 extend_attention_op = _register(extend_attention, (), _new_like)
 fused_moe_op = _register(fused_moe, (), _new_like)
+fused_moe_fp8_op = _register(fused_moe_fp8, (), _new_like)
 per_token_quant_fp8_op = _register(per_token_quant_fp8, (), _per_token_quant_fp8_fake)
 fp8_gemm_op = _register(fp8_gemm, (), _fp8_gemm_fake)
 fp8_gemm_dynamic_op = _register(fp8_gemm_dynamic, (), _fp8_gemm_dynamic_fake)

@@ -16,6 +16,11 @@ Rules:
   one grouped GEMM over w13 for the pairs' rows (each block multiplies by its one expert's
   weights, so unselected experts are never read) ending in SiLU-and-mul; one grouped GEMM over w2 that
   multiplies by the routing weight; the sum over k. No host sync; grids from shapes only.
+- fp8 experts (`w13_scale` [E, 2I] and `w2_scale` [E, H] float32 given; w13/w2 float8_e4m3fn, one
+  scale per expert and output row): each GEMM quantizes its input rows per row inside the kernel,
+  exactly as kernels.fp8_quant does (the row's amax over K first, then the K loop on rounded
+  values), multiplies fp8 by fp8 into float32 and scales by row scale * weight-row scale before the
+  same roundings as above. The reference dequantizes: (q(x) . w_q) * s_x * s_w in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from pdserve.kernels.fp8_quant import INV_MAX_C, MIN_AMAX, per_token_quant_fp8_ref, round_to_e4m3
 from pdserve.kernels.moe_align import ExpertBlocks, align_pairs_to_experts
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -38,6 +44,7 @@ def _grouped_gemm_kernel(
     sorted_pairs_ptr,
     block_experts_ptr,
     pair_weights_ptr,
+    b_scale_ptr,
     num_pairs,
     n_size,
     k_size,
@@ -45,6 +52,7 @@ def _grouped_gemm_kernel(
     stride_be,
     stride_bn,
     stride_cm,
+    stride_bse,
     A_ROWS_PER_PAIR: tl.constexpr,
     GATED: tl.constexpr,
     MUL_ROUTED_WEIGHT: tl.constexpr,
@@ -52,10 +60,13 @@ def _grouped_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8_W: tl.constexpr,
+    MIN_AMAX_C: tl.constexpr,
 ):
     """c[p, n] = a[p // A_ROWS_PER_PAIR] . b[expert of p, n] for one block of sorted rows and one
     block of output columns. GATED: b's rows n and n + n_size are gate and up, and c gets
-    silu(gate) * up with kernels.activation's roundings. MUL_ROUTED_WEIGHT: times the pair's weight."""
+    silu(gate) * up with kernels.activation's roundings. MUL_ROUTED_WEIGHT: times the pair's weight.
+    FP8_W: b is fp8 with per-row scales; a's rows are quantized per row on the fly."""
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:
@@ -72,9 +83,19 @@ def _grouped_gemm_kernel(
     up_offset = n_size * stride_bn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    a_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if FP8_W:  # the rows' scales, as kernels.fp8_quant computes them
+        for k0 in range(0, k_size, BLOCK_K):
+            mask_k = offs_k < k_size - k0
+            x = tl.load(a_block + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
+            a_scale = tl.maximum(a_scale, tl.max(tl.abs(x), axis=1))
+        a_scale = tl.maximum(a_scale, MIN_AMAX_C) * INV_MAX_C
     for k0 in range(0, k_size, BLOCK_K):
         mask_k = offs_k < k_size - k0
         a = tl.load(a_block, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if FP8_W:
+            a = tl.math.div_rn(a.to(tl.float32), a_scale[:, None])
+            a = round_to_e4m3(tl.clamp(a, -448.0, 448.0)).to(b_ptr.dtype.element_ty)
         b = tl.load(b_block, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
@@ -82,6 +103,12 @@ def _grouped_gemm_kernel(
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_block += BLOCK_K
         b_block += BLOCK_K
+    if FP8_W:
+        b_scales = b_scale_ptr + expert * stride_bse + offs_n
+        acc = acc * a_scale[:, None] * tl.load(b_scales, mask=mask_n, other=0.0)[None, :]
+        if GATED:
+            up_scale = tl.load(b_scales + n_size, mask=mask_n, other=0.0)
+            acc_up = acc_up * a_scale[:, None] * up_scale[None, :]
     if GATED:
         # round gate and up to the dtype first: the unfused path stores them before activating
         gate = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
@@ -117,21 +144,26 @@ def _grouped_gemm(
     pair_weights: torch.Tensor | None,
     a_rows_per_pair: int,
     tiles: tuple[int, int, int, int],
+    b_scale: torch.Tensor | None = None,
 ) -> None:
-    """out's rows of the sorted pairs; gated (silu(gate) * up) when b has twice out's columns."""
+    """out's rows of the sorted pairs; gated (silu(gate) * up) when b has twice out's columns;
+    b in fp8 with b_scale [E, N] when given."""
     num_pairs, n_size = out.shape
     _, block_n, block_k, num_warps = tiles
     grid = (blocks.block_experts.numel(), triton.cdiv(n_size, block_n))
     _grouped_gemm_kernel[grid](
         a, b, out, blocks.sorted_pairs, blocks.block_experts,
         pair_weights if pair_weights is not None else out,  # never read without MUL_ROUTED_WEIGHT
+        b_scale if b_scale is not None else out,  # never read without FP8_W
         num_pairs, n_size, b.shape[2],
         a.stride(0), b.stride(0), b.stride(1), out.stride(0),
+        b_scale.stride(0) if b_scale is not None else 0,
         A_ROWS_PER_PAIR=a_rows_per_pair,
         GATED=b.shape[1] == 2 * n_size,
         MUL_ROUTED_WEIGHT=pair_weights is not None,
         BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
+        FP8_W=b_scale is not None, MIN_AMAX_C=MIN_AMAX,
         num_warps=num_warps,
     )  # fmt: skip
 
@@ -142,13 +174,25 @@ def _check_args(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> None:
     assert hidden.dim() == 2 and hidden.dtype in _DTYPES, (tuple(hidden.shape), hidden.dtype)
     assert w13.dim() == 3 and w2.dim() == 3, "w13 must be [E, 2I, H] and w2 [E, H, I]"
     experts, two_inter, width = w13.shape
     assert width == hidden.shape[1] and two_inter % 2 == 0, (tuple(w13.shape), tuple(hidden.shape))
     assert w2.shape == (experts, width, two_inter // 2), f"w2 {tuple(w2.shape)} vs w13 {tuple(w13.shape)}"
-    assert w13.dtype == w2.dtype == hidden.dtype, (hidden.dtype, w13.dtype, w2.dtype)
+    if w13_scale is None and w2_scale is None:
+        assert w13.dtype == w2.dtype == hidden.dtype, (hidden.dtype, w13.dtype, w2.dtype)
+    else:
+        assert w13.dtype == w2.dtype == torch.float8_e4m3fn, (w13.dtype, w2.dtype)
+        assert w13_scale is not None and w2_scale is not None, "fp8 experts need both scales"
+        assert w13_scale.shape == w13.shape[:2] and w2_scale.shape == w2.shape[:2], (
+            tuple(w13_scale.shape),
+            tuple(w2_scale.shape),
+        )
+        assert w13_scale.dtype == w2_scale.dtype == torch.float32, (w13_scale.dtype, w2_scale.dtype)
+        assert w13_scale.stride(1) == 1 and w2_scale.stride(1) == 1, "scales need a contiguous last dim"
     assert topk_ids.dim() == 2 and topk_ids.shape[0] == hidden.shape[0], tuple(topk_ids.shape)
     assert topk_weights.shape == topk_ids.shape and topk_weights.dtype == torch.float32, (
         tuple(topk_weights.shape),
@@ -168,12 +212,14 @@ def fused_moe(
     *,
     expert_offset: int = 0,
     block_sizes: tuple[int, int, int] | None = None,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The experts' weighted sum for every token; see the module rules.
+    """The experts' weighted sum for every token; see the module rules (scales given: fp8 experts).
 
     `block_sizes` (BLOCK_M, BLOCK_N, BLOCK_K) overrides the table (tests use small tiles to cross
     block edges with tiny shapes)."""
-    _check_args(hidden, w13, w2, topk_weights, topk_ids)
+    _check_args(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     tokens, top_k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     num_pairs = tokens * top_k
@@ -187,10 +233,10 @@ def fused_moe(
     blocks = align_pairs_to_experts(topk_ids, num_experts, tiles[0], expert_offset)
     # rows of dropped pairs are written by neither GEMM and read by neither
     act = torch.empty((num_pairs, inter), dtype=hidden.dtype, device=hidden.device)
-    _grouped_gemm(hidden, w13, act, blocks, None, top_k, tiles)
+    _grouped_gemm(hidden, w13, act, blocks, None, top_k, tiles, w13_scale)
     # ... but the sum over k reads them: zeros
     down = torch.zeros((num_pairs, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
-    _grouped_gemm(act, w2, down, blocks, topk_weights.reshape(-1), 1, tiles)
+    _grouped_gemm(act, w2, down, blocks, topk_weights.reshape(-1), 1, tiles, w2_scale)
     return down.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
 
 
@@ -202,9 +248,12 @@ def fused_moe_ref(
     topk_ids: torch.Tensor,
     *,
     expert_offset: int = 0,
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The test oracle: a torch loop over the local experts, float32 GEMMs, the kernel's rounding points."""
-    _check_args(hidden, w13, w2, topk_weights, topk_ids)
+    """The test oracle: a torch loop over the local experts, float32 GEMMs, the kernel's rounding
+    points; with scales, fp8 experts by dequantized float32 GEMMs (also the CPU path of fp8 MoE)."""
+    _check_args(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     tokens, top_k = topk_ids.shape
     per_slot = torch.zeros((tokens, top_k, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     local = topk_ids.long() - expert_offset
@@ -212,12 +261,22 @@ def fused_moe_ref(
         rows, slots = torch.nonzero(local == e, as_tuple=True)
         if rows.numel() == 0:
             continue
-        gate_up = (hidden[rows].float() @ w13[e].float().T).to(hidden.dtype)
+        scale13 = None if w13_scale is None else w13_scale[e]
+        gate_up = _ref_matmul(hidden[rows], w13[e], scale13).to(hidden.dtype)
         gate, up = gate_up.chunk(2, dim=-1)
         act = F.silu(gate) * up
-        down = (act.float() @ w2[e].float().T) * topk_weights[rows, slots, None]
+        scale2 = None if w2_scale is None else w2_scale[e]
+        down = _ref_matmul(act, w2[e], scale2) * topk_weights[rows, slots, None]
         per_slot[rows, slots] = down
     return per_slot.sum(dim=1).to(hidden.dtype)  # the kernel's order: slot by slot
+
+
+def _ref_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T in float32; with w_scale, x quantized per row and both operands dequantized."""
+    if w_scale is None:
+        return x.float() @ w.float().T
+    q, x_scale = per_token_quant_fp8_ref(x)
+    return (q.float() @ w.float().T) * x_scale * w_scale[None, :]
 
 
 def select_experts(

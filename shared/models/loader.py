@@ -7,7 +7,7 @@ Rules:
   `model.safetensors.index.json`); "dummy" draws deterministic random weights (normal, std 0.02;
   norm weights 1) from `seed` on the target device, for benchmarks without a checkpoint.
 - The result is in eval mode, without grad, in `config.dtype`, on `device`; under an fp8 scheme
-  (shared.models.quantization) the decoder layers' linears are fp8 (shared.models.fp8_linear):
+  (shared.models.quantization) the decoder layers' linears and MoE experts are fp8 (shared.models.fp8_linear, fp8_moe):
   swapped in before an fp8 checkpoint loads, or quantized from the loaded (or dummy) weights.
 - KV cache scales in the checkpoint (shared.models.kv_scales) never reach the model: they go to
   `kv_scales` when given (the model runner's, for an fp8 KV pool), else they are dropped.
@@ -28,6 +28,7 @@ from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fp8_linear import fp8_linears_for_checkpoint, quantize_linears
+from pdserve.shared.models.fp8_moe import fp8_experts_for_checkpoint, quantize_experts
 from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.quantization import DROPPED_SUFFIXES, fp8_scheme
 from pdserve.shared.models.registry import get_model_class
@@ -112,6 +113,7 @@ def load_model(
     fp8_loaded = scheme is not None and scheme.checkpoint_is_fp8 and load_format != "dummy"
     if fp8_loaded:
         fp8_linears_for_checkpoint(model, scheme.keep)  # type: ignore[union-attr]
+        fp8_experts_for_checkpoint(model, scheme.keep)  # type: ignore[union-attr]
     model.to_empty(device=torch.device(device))
     model.reset_buffers()
     if load_format == "dummy":
@@ -128,6 +130,7 @@ def load_model(
         model.load_weights(weights)
     if scheme is not None and not fp8_loaded:
         quantize_linears(model, scheme.keep)
+        quantize_experts(model, scheme.keep)
     model.eval()
     model.requires_grad_(False)
     return model

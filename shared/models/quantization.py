@@ -6,8 +6,8 @@ Rules (as SGLang: an fp8 checkpoint is detected without a flag):
   RedHatAI/Meta-Llama-3.1-8B-Instruct-FP8), and "fp8" without `weight_block_size`: the linear
   weights arrive as float8_e4m3fn with their `weight_scale`; static `input_scale`s are dropped,
   since activations are always scaled per token at run time.
-- `--quantization fp8` on a 16/32-bit checkpoint quantizes the decoder layers' linears at load,
-  per output channel.
+- `--quantization fp8` on a 16/32-bit checkpoint quantizes the decoder layers' linears and MoE
+  experts at load, per output channel (per expert and row for the experts).
 - Block-wise fp8 (`weight_block_size`, DeepSeek-V3 / Qwen3-FP8 style) and other methods (AWQ,
   GPTQ, ...) are refused with a message naming them, never loaded wrong.
 - What the checkpoint kept in its own dtype (`ignore` / `modules_to_not_convert` /

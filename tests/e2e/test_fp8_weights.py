@@ -1,5 +1,5 @@
 """`--quantization fp8` end to end on CPU: an engine with fp8 weights against the same model in
-float32 with fake-quantized linears (tests/helpers/fp8_reference.py), then a real worker process
+float32 with fake-quantized linears and MoE experts (tests/helpers/fp8_reference.py), then a real worker process
 behind a real router serving the same tokens.
 
 The bound: the fp8 GEMM and the reference multiply the same fp8 values and differ only in the order
@@ -7,7 +7,8 @@ of their float32 sums (~1e-6 relative). The next layer quantizes its input again
 sitting on an fp8 rounding boundary may round to its neighbour on one side only: one input of 64
 moves by one fp8 step (1/16 of its value), which moved a logprob by 1.5e-3 in one run. Logprobs
 agree to 1e-2, well inside fp8's own cost (tokens flip against float32, see bench/RESULTS.md), and
-greedy tokens are identical. One intra-op thread, so the sums' order is the same on every machine.
+greedy tokens are identical. MoE experts requantize twice per expert (the layer's rows, then the
+SiLU-and-mul rows) with the same boundary argument; their runs agree to ~1e-6. One intra-op thread, so the sums' order is the same on every machine.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from tests.helpers.cluster_waits import live_workers, wait_until
-from tests.helpers.fp8_reference import fake_quantize_linears
+from tests.helpers.fp8_reference import fake_quantize_experts, fake_quantize_linears
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -55,12 +56,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen2_moe", "mixtral", "deepseek_v2"])
 def test_fp8_engine_equals_the_fake_quantized_model(tmp_path, kind, one_thread):
     model_dir = str(make_tiny_model(kind, tmp_path / kind))
     fp8 = _engine(model_dir, "fp8")
     reference = _engine(model_dir, None)
     assert fake_quantize_linears(reference.runner.model) > 0
+    # the MoE kinds' experts are fp8 too: their reference fake-quantizes them as well
+    assert (fake_quantize_experts(reference.runner.model) > 0) == (kind not in ("llama", "qwen2"))
     prompts = _prompts(len(kind))
     _assert_same(
         fp8.generate(prompts, GREEDY, return_logprob=True),
