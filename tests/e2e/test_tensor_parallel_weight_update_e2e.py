@@ -14,23 +14,15 @@ from pathlib import Path
 import pytest
 import requests
 
-from pdserve.shared.args import EngineArgs
-from pdserve.shared.engine.engine import Engine
 from tests.helpers.checkpoint_copies import misshapen_copy, perturbed_copy
 from tests.helpers.cluster_waits import live_workers, wait_until
+from tests.helpers.engine_tokens import tp1_greedy_tokens
 
 pytestmark = pytest.mark.slow
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "2048", "--log-level", "warning"]
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11] * 23]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
-
-
-def _tp1_tokens(model_dir: Path) -> list[list[int]]:
-    engine = Engine(
-        EngineArgs(model_path=str(model_dir), device="cpu", dtype="float32", max_total_tokens=512)
-    )
-    return [out["output_ids"] for out in engine.generate(PROMPTS, GREEDY)]
 
 
 def _served_tokens(url: str) -> list[list[int]]:
@@ -50,7 +42,7 @@ def test_a_tp2_worker_reloads_every_rank_from_disk(
     a = Path(tiny_llama_dir)
     b = perturbed_copy(a, tmp_path / "b", seed=7)
     misshapen = misshapen_copy(a, tmp_path / "misshapen", "model.layers.1.mlp.up_proj.weight")
-    on_a, on_b = _tp1_tokens(a), _tp1_tokens(b)
+    on_a, on_b = tp1_greedy_tokens(a, PROMPTS, GREEDY), tp1_greedy_tokens(b, PROMPTS, GREEDY)
     assert on_a != on_b
     worker = worker_launcher("--model-path", str(a), "--tp", "2", *FLAGS)
     url = router_launcher("--worker-addr", worker.zmq_address).url
