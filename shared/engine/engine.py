@@ -48,16 +48,16 @@ from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.scheduler import Scheduler, SchedulerConfig
 from pdserve.shared.engine.scheduler_role import MixedRole
 from pdserve.shared.engine.startup_log import slow_step
+from pdserve.shared.engine.tp_weights import swap_weights
 from pdserve.shared.engine.weight_swap import (
     UPDATE_OK,
     CheckedWeights,
     WeightsUpdateError,
-    apply_weights,
     check_weights,
     next_weight_version,
-    restore_weights,
 )
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.loader import meta_model
 from pdserve.shared.models.resolver import resolve_model
 from pdserve.shared.models.sequence_classification import classifier_facts
 from pdserve.shared.protocol import FlushCacheResult, GenerateRequest, LoadReport, RequestOutput, ServerInfo
@@ -347,7 +347,9 @@ class Engine:
     def check_weights(self, model_path: str, load_format: str | None = None) -> CheckedWeights:
         """Checks a checkpoint against the live model (weight_swap.py); raises WeightsUpdateError.
         Reads parameter shapes only, so it may run in another thread while the engine steps."""
-        return check_weights(self.runner.model, self.model_config, model_path, load_format)
+        # a rank's slices are cut as at load: the whole checkpoint must fit the whole model
+        model = self.runner.model if self.runner.tp is None else meta_model(self.model_config)
+        return check_weights(model, self.model_config, model_path, load_format)
 
     def update_weights_from_disk(
         self,
@@ -364,11 +366,7 @@ class Engine:
             return False, "Failed to update weights: requests are still running."
         try:
             checked = checked or self.check_weights(model_path, load_format)
-            try:
-                apply_weights(self.runner.model, checked)
-            except WeightsUpdateError:
-                restore_weights(self.runner.model, self.args, self.local_dir)
-                raise
+            swap_weights(self.runner, checked, self.local_dir)  # every rank's, all or nothing
         except WeightsUpdateError as exc:
             return False, str(exc)
         self.kv.flush()  # cached pages hold K/V computed by the old weights

@@ -32,7 +32,7 @@ from pdserve.shared.engine.tp_steps import step_ends
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.kv_scales import KVScaleCollector
-from pdserve.shared.models.loader import load_model
+from pdserve.shared.models.loader import load_model, shard_rules_of
 from pdserve.shared.models.tensor_parallel import kv_heads_per_rank
 from pdserve.shared.models.tensor_parallel_layers import TPRank, gather_logits, min_over_ranks
 
@@ -100,6 +100,8 @@ class ModelRunner:
         scales = checkpoint_kv_scales.as_tensor(shape.num_layers, shape.num_planes)
         # a 16-bit pool stores K/V as computed: the checkpoint's scales only serve an fp8 one
         self.pool = PagedKVPool(shape, self.kv_dtype, self.device, scales if is_fp8(self.kv_dtype) else None)
+        # the checkpoint slices of this rank, for weight updates (tp_weights.py)
+        self.shard_rules = shard_rules_of(model_config, self.tp) if self.tp is not None else None
         # rank 0 sends each forward pass to the followers; a follower receives them
         self.step_sender, self.step_receiver = step_ends(self.tp)
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)

@@ -3,7 +3,8 @@
 Life: build the rank's ModelRunner (its slice of the weights, its heads' KV pool, the same pages as
 rank 0; the collectives of that construction meet rank 0's engine building its own), then loop:
 receive a pass from rank 0 (tp_steps.py), run it (its collectives meet rank 0's), drop the
-logits (rank 0 samples). No scheduler, no sockets to clients, no sampling.
+logits (rank 0 samples); a control message between passes is an admin operation every rank does
+(a weight update: tp_weights.py), dispatched by its type. No scheduler, no sockets to clients, no sampling.
 It returns when `keep_going()` turns false (checked whenever no pass came for `poll_s`): its
 launcher asks whether rank 0 is still there.
 """
@@ -15,10 +16,15 @@ from collections.abc import Callable
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.model_runner import ModelRunner
+from pdserve.shared.engine.tp_steps import ReloadWeights
+from pdserve.shared.engine.tp_weights import follow_reload
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.resolver import resolve_model
 
 logger = logging.getLogger(__name__)
+
+CONTROL_HANDLERS: dict[type, Callable[[ModelRunner, ReloadWeights], None]] = {ReloadWeights: follow_reload}
 
 
 def build_follower_runner(args: EngineArgs) -> ModelRunner:
@@ -46,5 +52,8 @@ def serve_follower(runner: ModelRunner, keep_going: Callable[[], bool], poll_s: 
                 logger.info("tensor-parallel follower stops after %d forward passes", passes)
                 return passes
             continue
-        runner.forward_logits(batch)
-        passes += 1
+        if isinstance(batch, ForwardBatch):
+            runner.forward_logits(batch)
+            passes += 1
+        else:
+            CONTROL_HANDLERS[type(batch)](runner, batch)

@@ -15,11 +15,14 @@ Rules:
   binds one PUSH socket per follower on loopback and broadcasts their addresses through the process
   group; follower r connects a PULL socket to the r-th.
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
-  frame per tensor of `TENSOR_FIELDS`, in that order.
+  frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
+  every rank must do, such as `ReloadWeights`): one msgpack frame naming it. Followers act on it
+  between passes, in the order rank 0 sent it.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import msgpack
@@ -44,6 +47,19 @@ TENSOR_FIELDS = (
 _DTYPES = {"int64": torch.int64, "int32": torch.int32}
 
 
+@dataclass(frozen=True)
+class ReloadWeights:
+    """Control: every rank loads its slice of the checkpoint in `local_dir` (tp_weights.py)."""
+
+    local_dir: str
+    load_format: str
+
+
+CONTROL_MESSAGES: dict[str, type[ReloadWeights]] = {"reload_weights": ReloadWeights}
+_CONTROL_NAMES = {kind: name for name, kind in CONTROL_MESSAGES.items()}
+ControlMessage = ReloadWeights
+
+
 class StepSender:
     """Rank 0's end: `send(batch)` before each forward pass."""
 
@@ -64,7 +80,12 @@ class StepSender:
             "extend_lens": batch.extend_lens_cpu,
             "tensors": [[str(t.dtype).removeprefix("torch."), list(t.shape)] for t in tensors],
         }
-        frames = [msgpack.packb(header), *(t.numpy() for t in tensors)]
+        self._send_frames([msgpack.packb(header), *(t.numpy() for t in tensors)])
+
+    def send_control(self, message: ControlMessage) -> None:
+        self._send_frames([msgpack.packb({"control": _CONTROL_NAMES[type(message)], **asdict(message)})])
+
+    def _send_frames(self, frames: list[Any]) -> None:
         for sock in self.sockets:
             sock.send_multipart(frames, copy=False)
 
@@ -74,7 +95,8 @@ class StepSender:
 
 
 class StepReceiver:
-    """A follower's end: `receive(...)` the next pass, or None when none came within the timeout."""
+    """A follower's end: `receive(...)` the next pass or control message, or None when none came
+    within the timeout."""
 
     def __init__(self, ctx: zmq.Context, address: str):
         self.socket = ctx.socket(zmq.PULL)
@@ -83,11 +105,13 @@ class StepReceiver:
 
     def receive(
         self, pool: KVPool, backend: AttentionBackend, device: torch.device, timeout_s: float
-    ) -> ForwardBatch | None:
+    ) -> ForwardBatch | ControlMessage | None:
         if not self.socket.poll(int(timeout_s * 1000)):
             return None
         header_frame, *frames = self.socket.recv_multipart()
         header = msgpack.unpackb(header_frame)
+        if "control" in header:
+            return CONTROL_MESSAGES[header.pop("control")](**header)
         tensors = {}
         for name, (dtype, shape), frame in zip(TENSOR_FIELDS, header["tensors"], frames):
             host = (

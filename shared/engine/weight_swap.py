@@ -9,6 +9,10 @@ Two steps, so a bad checkpoint never touches the served weights:
    half-old, half-new weights). If reading fails half-way (a file changed or vanished after the
    check), the caller restores its previous weights (`restore_weights`); the message then says so.
 
+On a tensor-parallel rank the check compares the whole checkpoint with the whole model (built on
+the meta device), and the copy and the restore take the rank's `shard_rules`
+(loader.shard_rules_of): each tensor is cut as at load.
+
 Messages follow SGLang: a path that resolves to nothing gives exactly
 "Failed to get weights iterator: <path> (repository not found)."; a checkpoint that does not fit
 gives "Failed to update weights: <what does not fit>."; success is "Succeeded to update model weights.".
@@ -28,6 +32,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import init_dummy_weights, iter_weights, safetensors_files
 from pdserve.shared.models.resolver import ModelNotFoundError, resolve_model
+from pdserve.shared.models.tensor_parallel import ShardRule, shard_checkpoint
 from pdserve.shared.models.weights import WeightLoadError, checkpoint_targets
 
 UPDATE_OK = "Succeeded to update model weights."
@@ -62,6 +67,9 @@ def _names(names: list[str] | set[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
+ShardRules = dict[str, ShardRule] | None
+
+
 def _checkpoint_shapes(local_dir: Path) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path in safetensors_files(local_dir):
@@ -72,9 +80,14 @@ def _checkpoint_shapes(local_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_weights(
-    model: nn.Module, model_config: ModelConfig, model_path: str, load_format: str | None = None
+    model: nn.Module,
+    model_config: ModelConfig,
+    model_path: str,
+    load_format: str | None = None,
 ) -> CheckedWeights:
-    """Raises WeightsUpdateError unless `model_path` holds a checkpoint that fits `model` exactly."""
+    """Raises WeightsUpdateError unless `model_path` holds a checkpoint that fits `model` exactly
+    (a tensor-parallel rank passes the whole model on the meta device: its slices are then cut as
+    at load)."""
     if load_format not in UPDATE_LOAD_FORMATS:
         raise WeightsUpdateError(
             f"Failed to update weights: load_format {load_format!r} cannot be reloaded from disk "
@@ -141,20 +154,27 @@ def _check_shapes(model: nn.Module, checkpoint_shapes: dict[str, tuple[int, ...]
 
 
 @torch.no_grad()
-def apply_weights(model: nn.Module, checked: CheckedWeights) -> None:
+def apply_weights(model: nn.Module, checked: CheckedWeights, shard_rules: ShardRules = None) -> None:
     """Copies the checked checkpoint into `model` (engine idle). Raises WeightsUpdateError when
     reading fails half-way; the model's weights are then mixed and the caller must restore them."""
     try:
-        model.load_weights(iter_weights(checked.local_dir), strict=True)
+        model.load_weights(_weights(checked.local_dir, shard_rules), strict=True)
     except (WeightLoadError, OSError, RuntimeError) as exc:
         raise WeightsUpdateError(
             f"Failed to update weights: {exc}.\nRolling back to original weights."
         ) from exc
 
 
-def restore_weights(model: nn.Module, args: EngineArgs, local_dir: Path) -> None:
+def restore_weights(
+    model: nn.Module, args: EngineArgs, local_dir: Path, shard_rules: ShardRules = None
+) -> None:
     """Restores the weights served before a failed copy (same source, same seed)."""
     if args.load_format == "dummy":
         init_dummy_weights(model, args.random_seed)
     else:
-        model.load_weights(iter_weights(local_dir), strict=True)
+        model.load_weights(_weights(local_dir, shard_rules), strict=True)
+
+
+def _weights(local_dir: Path, shard_rules: ShardRules):
+    weights = iter_weights(local_dir)
+    return shard_checkpoint(weights, shard_rules) if shard_rules else weights

@@ -6,7 +6,8 @@ Rules:
   a refused architecture or shape is a ValueError naming it.
 - One process group per worker, its store on a free loopback port of rank 0: gloo on the CPU,
   nccl on CUDA (rank r on the r-th device from the worker's); every collective has a timeout.
-  On the CPU each rank gets an equal share of the cores, so N ranks do not oversubscribe them.
+  On the CPU each rank gets an equal share of the worker's threads (all cores, or serve's
+  OMP_NUM_THREADS share when several workers run), so N ranks do not oversubscribe them.
 - A follower that exits while the ranks are not closing is a dead rank: the watcher thread kills
   the other followers (useless without it) and runs `on_rank_exit(rank, status)`. A worker cannot
   serve without it (rank 0's next pass would wait on it): the worker's callback
@@ -57,7 +58,8 @@ def join_process_group(device: str, rank: int, world_size: int, init_method: str
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+        # the worker's share of the cores (serve's OMP_NUM_THREADS under --dp), split over its ranks
+        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
     dist.init_process_group(
         backend="nccl" if device.startswith("cuda") else "gloo",
         init_method=init_method,

@@ -32,7 +32,7 @@ from pdserve.shared.models.fp8_moe import fp8_experts_for_checkpoint, quantize_e
 from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.quantization import DROPPED_SUFFIXES, fp8_scheme
 from pdserve.shared.models.registry import get_model_class
-from pdserve.shared.models.tensor_parallel import shard_checkpoint, shard_model
+from pdserve.shared.models.tensor_parallel import ShardRule, shard_checkpoint, shard_model
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 from pdserve.shared.models.weights import WeightLoadError
 
@@ -89,6 +89,19 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             param.fill_(1.0)
         else:
             param.normal_(0.0, DUMMY_STD, generator=generator)
+
+
+def meta_model(config: ModelConfig) -> nn.Module:
+    """The whole model for `config` on the meta device: its shapes, no memory, no values."""
+    with torch.device("meta"):
+        return get_model_class(config.architectures)(config)
+
+
+def shard_rules_of(config: ModelConfig, tp_rank: TPRank) -> dict[str, ShardRule]:
+    """The checkpoint slices `tp_rank` loads, as `load_model` cuts them (a weight update cuts the
+    new checkpoint alike)."""
+    with torch.device("meta"):
+        return shard_model(meta_model(config), config, tp_rank)
 
 
 def load_model(

@@ -72,6 +72,11 @@ def drain_timeout_message(timeout_s: float) -> str:
     )
 
 
+TP_TENSOR_UPDATE_MESSAGE = (
+    "Failed to update weights: /update_weights_from_tensor does not reach the other "
+    "tensor-parallel ranks yet; use /update_weights_from_disk."
+)
+
 AnyUpdate = UpdateWeightsRequest | UpdateWeightsFromTensor
 
 
@@ -230,6 +235,8 @@ def _check_disk(engine, request: UpdateWeightsRequest) -> CheckedWeights:
 
 
 def _check_tensors(engine, request: UpdateWeightsFromTensor) -> CheckedTensors:
+    if engine.runner.tp is not None:  # the tensors would reach rank 0's slices alone
+        raise WeightsUpdateError(TP_TENSOR_UPDATE_MESSAGE)
     named = decode_named_tensors(request.serialized_named_tensors)
     return check_named_tensors(engine.runner.model, named, request.load_format)
 

@@ -21,7 +21,6 @@ test can wait for the moment the update starts draining instead of guessing it w
 from __future__ import annotations
 
 import importlib.metadata
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 import zmq
-from safetensors.torch import load_file, save_file
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
@@ -42,6 +39,7 @@ from pdserve.shared.worker.metrics import WorkerMetrics
 from pdserve.shared.worker.mixed import MixedWorker
 from pdserve.shared.worker.update_queue import DEFAULT_DRAIN_TIMEOUT_S, drain_timeout_message
 from pdserve.shared.worker.zmq_io import DealerSocket, RouterSocket
+from tests.helpers.checkpoint_copies import misshapen_copy, perturbed_copy
 from tests.helpers.tiny_models import make_tiny_model
 
 POOL_TOKENS = 2048
@@ -51,32 +49,14 @@ SHORT = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
 LONG = {"temperature": 0.0, "max_new_tokens": 900, "ignore_eos": True}
 
 
-def _perturbed_copy(src: Path, dst: Path, seed: int) -> Path:
-    """A checkpoint with the names and shapes of `src` and other values."""
-    shutil.copytree(src, dst)
-    tensors = load_file(str(src / "model.safetensors"))
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in tensors.items()}
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
-def _misshapen_copy(src: Path, dst: Path, name: str) -> Path:
-    shutil.copytree(src, dst)
-    tensors = load_file(str(src / "model.safetensors"))
-    tensors[name] = tensors[name][: tensors[name].shape[0] // 2].contiguous()
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory) -> dict[str, str]:
     root = Path(tmp_path_factory.mktemp("weights"))
     a = make_tiny_model("llama", root / "a")
     return {
         "a": str(a),
-        "b": str(_perturbed_copy(a, root / "b", seed=7)),
-        "misshapen": str(_misshapen_copy(a, root / "misshapen", "model.layers.1.mlp.up_proj.weight")),
+        "b": str(perturbed_copy(a, root / "b", seed=7)),
+        "misshapen": str(misshapen_copy(a, root / "misshapen", "model.layers.1.mlp.up_proj.weight")),
         "mistral": str(make_tiny_model("mistral", root / "mistral")),
     }
 

@@ -131,6 +131,30 @@ def test_tp_is_refused_where_it_does_not_work_yet(capsys):
     serve = build_parser()
     with pytest.raises(ValueError, match=TP_MIXED_ONLY):
         _plan(serve.parse_args(["--prefill", "1", "--decode", "1", "--tp", "2"]))
-    with pytest.raises(ValueError, match="one worker only"):
+    with pytest.raises(ValueError, match="consecutive GPUs"):
         _plan(serve.parse_args(["--device", "cuda:0,cuda:2", "--tp", "2"]))
     assert len(_plan(serve.parse_args(["--tp", "2"]))) == 1
+
+
+def test_dp_places_workers_of_tp_gpus_without_overlap():
+    from pdserve.shared.launch.serve.cli import _plan
+
+    serve = build_parser()
+
+    def devices(*flags: str) -> list[tuple[str, str]]:
+        return [(s.name, s.device) for s in _plan(serve.parse_args(list(flags)))]
+
+    four = "cuda:0,cuda:1,cuda:2,cuda:3"
+    assert devices("--dp", "2", "--tp", "2", "--device", four) == [
+        ("mixed-0", "cuda:0"),
+        ("mixed-1", "cuda:2"),
+    ]
+    assert devices("--tp", "2", "--device", four) == [("mixed-0", "cuda:0"), ("mixed-1", "cuda:2")]
+    assert devices("--dp-size", "4", "--device", four) == [(f"mixed-{i}", f"cuda:{i}") for i in range(4)]
+    assert devices("--data-parallel-size", "2", "--tp", "2") == [("mixed-0", "cpu"), ("mixed-1", "cpu")]
+    with pytest.raises(ValueError, match="needs 6 GPUs, --device lists 4"):
+        devices("--dp", "3", "--tp", "2", "--device", four)
+    with pytest.raises(ValueError, match="consecutive GPUs"):
+        devices("--dp", "2", "--tp", "2", "--device", "cuda:0,cuda:2,cuda:3,cuda:4")
+    with pytest.raises(ValueError, match="beside GPUs"):
+        devices("--tp", "2", "--device", "cpu,cuda:0,cuda:1")

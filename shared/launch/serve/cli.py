@@ -3,10 +3,11 @@
     serve                                   # SmolLM2-135M-Instruct on the CPU, http://127.0.0.1:30000
     serve --model-path Qwen/Qwen2.5-0.5B-Instruct --device cuda --port 8000
     serve --workers 2 --redis-url redis://redis:6379 --policy least_load
+    serve --dp 2 --tp 2 --device cuda          # 2 workers (data parallel) of 2 GPUs each: cuda:0-1, cuda:2-3
     serve --prefill 1 --decode 1 --kv-transfer-backend zmq   # disaggregated: the router pairs them
 
 What it runs (launcher.py): an embedded Redis unless `--redis-url` is given, one mixed worker per
-device (or `--workers N`, spread over the devices; or `--prefill N --decode M` prefill and
+device (or `--workers N` / `--dp N`, spread over the devices, each of `--tp M` GPUs; or `--prefill N --decode M` prefill and
 decode workers, plan.py), and the router on `--host`/`--port`. Every router and worker flag that
 `serve` does not set itself is accepted and passed on (passthrough.py). When the router's /health
 is 200 and it lists every worker as live, one line goes to stdout:
@@ -42,8 +43,8 @@ from pdserve.shared.launch.serve.plan import (
     WorkerSpec,
     cpu_threads_env,
     parse_devices,
+    plan_data_parallel,
     plan_disaggregated,
-    plan_workers,
     router_command,
     worker_command,
 )
@@ -63,7 +64,16 @@ def build_parser(flags: passthrough.PassThrough | None = None) -> argparse.Argum
     parser = argparse.ArgumentParser(prog="serve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1", help="the router's address (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=30000, help="the router's port")
-    parser.add_argument("--workers", type=int, default=None, help="mixed workers (default: one per device)")
+    parser.add_argument(
+        "--workers",
+        "--dp",
+        "--dp-size",
+        "--data-parallel-size",
+        dest="workers",
+        type=int,
+        default=None,
+        help="mixed workers, each of --tp ranks (SGLang's --dp; default: one per device, or per --tp GPUs)",
+    )
     parser.add_argument("--prefill", type=int, default=None, help="prefill workers (disaggregated mode)")
     parser.add_argument("--decode", type=int, default=None, help="decode workers (disaggregated mode)")
     parser.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
@@ -103,11 +113,7 @@ def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
     if ns.tp_size > 1 and (ns.prefill is not None or ns.decode is not None):
         raise PlanError(TP_MIXED_ONLY)
     if ns.prefill is None and ns.decode is None:
-        specs = plan_workers(devices, ns.workers)
-        if ns.tp_size > 1 and len(specs) > 1 and any(s.device.startswith("cuda") for s in specs):
-            # a worker's ranks take the GPUs after its own: several would share them
-            raise PlanError("--tp > 1 on GPUs: one worker only (--dp is not there yet)")
-        return specs
+        return plan_data_parallel(devices, ns.workers, ns.tp_size)
     if ns.workers is not None:
         raise PlanError("--workers (mixed) and --prefill/--decode (disaggregated) exclude each other")
     return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static)

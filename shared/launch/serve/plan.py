@@ -4,6 +4,11 @@ Rules:
 - Workers are a list of `WorkerSpec` (role, device); the launcher starts whatever the list holds.
   `--workers N`: mixed workers (plan_workers). `--prefill N --decode M`: N prefill then M decode
   workers (plan_disaggregated); the router pairs them.
+- `--dp N` (SGLang's data parallelism: `--dp-size`, `--data-parallel-size`) is `--workers N`: N
+  mixed workers behind the router. With `--tp M` each worker takes M GPUs of the list, without
+  overlap: worker i gets the i-th run of M (`--device` of its rank 0 the run's first; its ranks
+  take the GPUs after it, so a run must be consecutive GPU numbers); on the CPU it just starts N
+  workers (plan_data_parallel).
 - `--device` is one device or a comma list (`cpu`, `cuda`, `cuda:0,cuda:1`); a bare `cuda` means
   every visible GPU. Workers are spread over the listed devices round-robin. A CUDA device hosts
   one worker (each sizes its KV pool from the device's free memory, so two would fight over it);
@@ -86,6 +91,32 @@ def plan_workers(devices: list[str], num_workers: int | None, role: str = "mixed
             f"--workers {count} puts several workers on {', '.join(crowded)}: one worker per GPU "
             "(list more devices with --device cuda:0,cuda:1,...)"
         )
+    return specs
+
+
+def plan_data_parallel(devices: list[str], num_workers: int | None, tp_size: int) -> list[WorkerSpec]:
+    """Mixed workers of `tp_size` ranks each (see the rules); default: as many as the GPUs allow,
+    one on the CPU."""
+    cuda = [d for d in devices if d.startswith("cuda")]
+    if tp_size == 1 or not cuda:
+        return plan_workers(devices, num_workers)
+    if len(cuda) != len(devices):
+        raise PlanError("--tp > 1: --device lists the CPU beside GPUs")
+    count = len(cuda) // tp_size if num_workers is None else num_workers
+    if count < 1 or count * tp_size > len(cuda):
+        raise PlanError(
+            f"--dp {num_workers or 1} --tp {tp_size} needs {max(1, count) * tp_size} GPUs, "
+            f"--device lists {len(cuda)}"
+        )
+    specs = []
+    for i in range(count):
+        run = [int(d.split(":")[1]) for d in cuda[i * tp_size : (i + 1) * tp_size]]
+        if run != list(range(run[0], run[0] + tp_size)):
+            raise PlanError(
+                f"--tp {tp_size}: worker {i} would get GPUs {run}; a worker's ranks take "
+                "consecutive GPUs (list them in order: --device cuda:0,cuda:1,...)"
+            )
+        specs.append(WorkerSpec("mixed", cuda[i * tp_size], i))
     return specs
 
 
