@@ -21,6 +21,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -141,18 +142,19 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, new)
 
 
-def quantize_linears(model: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> int:
-    """Converts the decoder layers' linears to fp8 from their weights, one at a time (so the peak
-    memory is the model plus one layer); returns how many."""
-    found = _convertible(model, keep)
-    for name, linear in found:
-        _replace(model, name, Fp8Linear.quantized(linear))
+def replace_each(model: nn.Module, found: list[tuple[str, Any]], make: Callable[[Any], nn.Module]) -> int:
+    """Puts make(module) in each found module's place, one at a time (so converting from loaded
+    weights peaks at the model plus one module); returns how many."""
+    for name, module in found:
+        _replace(model, name, make(module))
     return len(found)
+
+
+def quantize_linears(model: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> int:
+    """Converts the decoder layers' linears to fp8 from their weights; returns how many."""
+    return replace_each(model, _convertible(model, keep), Fp8Linear.quantized)
 
 
 def fp8_linears_for_checkpoint(model: nn.Module, keep: Callable[[str], bool]) -> int:
     """Swaps empty Fp8Linears in where an fp8 checkpoint holds fp8 weights; returns how many."""
-    found = _convertible(model, keep)
-    for name, linear in found:
-        _replace(model, name, Fp8Linear.like(linear))
-    return len(found)
+    return replace_each(model, _convertible(model, keep), Fp8Linear.like)

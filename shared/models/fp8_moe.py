@@ -23,7 +23,7 @@ from torch import nn
 
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8
 from pdserve.kernels.fused_moe import fused_moe_ref
-from pdserve.shared.models.fp8_linear import _replace
+from pdserve.shared.models.fp8_linear import replace_each
 from pdserve.shared.models.moe_block import MoEExperts
 from pdserve.shared.models.weights import Target
 
@@ -102,15 +102,9 @@ def convertible_experts(model: nn.Module, keep: Callable[[str], bool]) -> list[t
 
 def quantize_experts(model: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> int:
     """Converts the MoE layers' experts to fp8 from their weights, layer by layer; returns how many."""
-    found = convertible_experts(model, keep)
-    for name, experts in found:
-        _replace(model, name, Fp8MoEExperts.quantized(experts))
-    return len(found)
+    return replace_each(model, convertible_experts(model, keep), Fp8MoEExperts.quantized)
 
 
 def fp8_experts_for_checkpoint(model: nn.Module, keep: Callable[[str], bool]) -> int:
     """Swaps empty Fp8MoEExperts in where an fp8 checkpoint holds fp8 experts; returns how many."""
-    found = convertible_experts(model, keep)
-    for name, experts in found:
-        _replace(model, name, Fp8MoEExperts(experts))
-    return len(found)
+    return replace_each(model, convertible_experts(model, keep), Fp8MoEExperts)
