@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8_ref
-from pdserve.shared.models.fp8_linear import _convertible, _replace
+from pdserve.shared.models.fp8_linear import _convertible, replace_each
 from pdserve.shared.models.fp8_moe import Fp8MoEExperts, convertible_experts
 from pdserve.shared.models.moe_block import MoEExperts
 
@@ -32,10 +32,7 @@ class FakeQuantLinear(nn.Module):
 @torch.no_grad()
 def fake_quantize_linears(model: nn.Module) -> int:
     """Replaces the linears `quantize_linears` would convert by FakeQuantLinears; returns how many."""
-    found = _convertible(model, lambda name: False)
-    for name, linear in found:
-        _replace(model, name, FakeQuantLinear(linear))
-    return len(found)
+    return replace_each(model, _convertible(model, lambda name: False), FakeQuantLinear)
 
 
 class FakeQuantMoEExperts(MoEExperts):
@@ -67,7 +64,4 @@ def _fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def fake_quantize_experts(model: nn.Module) -> int:
     """Replaces the MoEExperts `quantize_experts` would convert by FakeQuantMoEExperts; returns how many."""
-    found = convertible_experts(model, lambda name: False)
-    for name, experts in found:
-        _replace(model, name, FakeQuantMoEExperts(experts))
-    return len(found)
+    return replace_each(model, convertible_experts(model, lambda name: False), FakeQuantMoEExperts)
