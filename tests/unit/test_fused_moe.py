@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pdserve.kernels.custom_ops import fused_moe_op
 from pdserve.kernels.fused_moe import fused_moe, fused_moe_ref, moe_block_config, select_experts
 from pdserve.kernels.moe_align import align_pairs_to_experts, max_padded_rows
+from tests.helpers.moe_routing import random_routing
 
 HIDDEN, INTER = 40, 24
 TILES = (16, 16, 16)
@@ -25,12 +26,6 @@ def _experts(num_experts: int, dtype: torch.dtype, seed: int, hidden: int = HIDD
     w13 = torch.randn(num_experts, 2 * inter, hidden, generator=gen) / hidden**0.5
     w2 = torch.randn(num_experts, hidden, inter, generator=gen) / inter**0.5
     return w13.to(dtype), w2.to(dtype), gen
-
-
-def _routing(tokens: int, top_k: int, lo: int, hi: int, gen: torch.Generator):
-    """Random ids in [lo, hi) with repeats allowed, weights in (0, 1)."""
-    ids = torch.randint(lo, hi, (tokens, top_k), generator=gen, dtype=torch.int32)
-    return torch.rand(tokens, top_k, generator=gen), ids
 
 
 def _assert_matches_ref(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -54,7 +49,7 @@ def test_kernel_matches_ref(num_experts, top_k, tokens, dtype):
     over 96 pairs leaves many with no token)."""
     w13, w2, gen = _experts(num_experts, dtype, seed=num_experts * 100 + top_k * 10 + tokens)
     x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
-    weights, ids = _routing(tokens, top_k, 0, num_experts, gen)
+    weights, ids = random_routing(tokens, top_k, 0, num_experts, gen)
     got = fused_moe(x, w13, w2, weights, ids, block_sizes=TILES)
     _assert_matches_ref(got, fused_moe_ref(x, w13, w2, weights, ids))
 
@@ -64,7 +59,7 @@ def test_default_tiles_and_int64_ids(dtype):
     """The launcher's own block table (tiles wider than the sizes) and int64 ids, as torch.topk gives."""
     w13, w2, gen = _experts(6, dtype, seed=7, hidden=72, inter=40)
     x = torch.randn(11, 72, generator=gen).to(dtype)
-    weights, ids = _routing(11, 3, 0, 6, gen)
+    weights, ids = random_routing(11, 3, 0, 6, gen)
     got = fused_moe(x, w13, w2, weights, ids.long())
     _assert_matches_ref(got, fused_moe_ref(x, w13, w2, weights, ids))
 
@@ -76,7 +71,7 @@ def test_shard_drops_other_experts(dtype):
     w13, w2, gen = _experts(local, dtype, seed=11)
     tokens = 20
     x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
-    weights, ids = _routing(tokens, 2, -1, 12, gen)
+    weights, ids = random_routing(tokens, 2, -1, 12, gen)
     ids[:3] = torch.tensor([[0, 11], [-1, 3], [9, 9]], dtype=torch.int32)  # all off-shard
     ids[3] = torch.tensor([5, 5], dtype=torch.int32)  # one expert twice
     got = fused_moe(x, w13, w2, weights, ids, expert_offset=offset, block_sizes=TILES)
@@ -91,7 +86,7 @@ def test_shards_sum_to_the_whole():
     """Two shards' outputs add up to the unsharded layer (the sum tensor parallelism would take)."""
     w13, w2, gen = _experts(7, torch.float32, seed=3)
     x = torch.randn(13, HIDDEN, generator=gen)
-    weights, ids = _routing(13, 2, 0, 7, gen)
+    weights, ids = random_routing(13, 2, 0, 7, gen)
     whole = fused_moe(x, w13, w2, weights, ids, block_sizes=TILES)
     first = fused_moe(x, w13[:4], w2[:4], weights, ids, block_sizes=TILES)
     second = fused_moe(x, w13[4:], w2[4:], weights, ids, expert_offset=4, block_sizes=TILES)
@@ -114,7 +109,7 @@ def test_ref_matches_dense_experts():
     num_experts, top_k, tokens = 5, 3, 6
     w13, w2, gen = _experts(num_experts, torch.float32, seed=17)
     x = torch.randn(tokens, HIDDEN, generator=gen)
-    weights, ids = _routing(tokens, top_k, 0, num_experts, gen)
+    weights, ids = random_routing(tokens, top_k, 0, num_experts, gen)
     ids[0] = torch.tensor([1, 1, 4], dtype=torch.int32)
     dense_weights = torch.zeros(tokens, num_experts, dtype=torch.float64)
     dense_weights.scatter_add_(1, ids.long(), weights.double())
@@ -189,7 +184,7 @@ def test_custom_op_matches_launcher():
     fake implementation pass torch's op checks (fake tensors, AOT dispatch with dynamic shapes)."""
     w13, w2, gen = _experts(4, torch.float32, seed=23)
     x = torch.randn(5, HIDDEN, generator=gen)
-    weights, ids = _routing(5, 2, 0, 6, gen)
+    weights, ids = random_routing(5, 2, 0, 6, gen)
     got = fused_moe_op(x, w13, w2, weights, ids, 1)
     torch.testing.assert_close(got, fused_moe_ref(x, w13, w2, weights, ids, expert_offset=1))
     results = torch.library.opcheck(fused_moe_op, (x, w13, w2, weights, ids, 1))
@@ -199,7 +194,7 @@ def test_custom_op_matches_launcher():
 def test_launcher_checks():
     w13, w2, gen = _experts(3, torch.float32, seed=1)
     x = torch.randn(4, HIDDEN, generator=gen)
-    weights, ids = _routing(4, 2, 0, 3, gen)
+    weights, ids = random_routing(4, 2, 0, 3, gen)
     with pytest.raises(AssertionError):
         fused_moe(x, w13, w2[:, :, :-1], weights, ids)  # w2's I differs from w13's
     with pytest.raises(AssertionError):

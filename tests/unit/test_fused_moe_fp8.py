@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from pdserve.kernels.custom_ops import fused_moe_fp8_op
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8_ref
 from pdserve.kernels.fused_moe import fused_moe, fused_moe_ref
+from tests.helpers.moe_routing import random_routing
 
 HIDDEN, INTER = 40, 24
 TILES = (16, 16, 16)
@@ -37,11 +38,6 @@ def _fp8_experts(num_experts: int, seed: int, hidden: int = HIDDEN, inter: int =
     )
 
 
-def _routing(tokens: int, top_k: int, lo: int, hi: int, gen: torch.Generator):
-    ids = torch.randint(lo, hi, (tokens, top_k), generator=gen, dtype=torch.int32)
-    return torch.rand(tokens, top_k, generator=gen), ids
-
-
 def _assert_matches_ref(got: torch.Tensor, want: torch.Tensor) -> None:
     assert got.dtype == want.dtype and got.shape == want.shape
     assert not got.isnan().any()
@@ -60,7 +56,7 @@ def test_fp8_kernel_matches_ref(num_experts, top_k, tokens, dtype):
     """Awkward expert counts, top-k 1/2/8, T = 0, 1 and dozens, repeated ids, experts with no token."""
     w13, s13, w2, s2, gen = _fp8_experts(num_experts, seed=num_experts * 100 + top_k * 10 + tokens)
     x = torch.randn(tokens, HIDDEN, generator=gen).to(dtype)
-    weights, ids = _routing(tokens, top_k, 0, num_experts, gen)
+    weights, ids = random_routing(tokens, top_k, 0, num_experts, gen)
     got = fused_moe(x, w13, w2, weights, ids, block_sizes=TILES, w13_scale=s13, w2_scale=s2)
     _assert_matches_ref(got, fused_moe_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2))
 
@@ -69,7 +65,7 @@ def test_fp8_default_tiles_through_the_custom_op():
     """The launcher's own tile table (tiles wider than the sizes), int64 ids, the registered op."""
     w13, s13, w2, s2, gen = _fp8_experts(6, seed=7, hidden=72, inter=40)
     x = torch.randn(11, 72, generator=gen)
-    weights, ids = _routing(11, 3, 0, 6, gen)
+    weights, ids = random_routing(11, 3, 0, 6, gen)
     got = fused_moe_fp8_op(x, w13, s13, w2, s2, weights, ids.long(), 0)
     _assert_matches_ref(got, fused_moe_ref(x, w13, w2, weights, ids, w13_scale=s13, w2_scale=s2))
 
@@ -79,7 +75,7 @@ def test_fp8_shard_drops_other_experts():
     offset, local, tokens = 4, 3, 20
     w13, s13, w2, s2, gen = _fp8_experts(local, seed=11)
     x = torch.randn(tokens, HIDDEN, generator=gen)
-    weights, ids = _routing(tokens, 2, -1, 12, gen)
+    weights, ids = random_routing(tokens, 2, -1, 12, gen)
     ids[:3] = torch.tensor([[0, 11], [-1, 3], [9, 9]], dtype=torch.int32)
     got = fused_moe(
         x, w13, w2, weights, ids, expert_offset=offset, block_sizes=TILES, w13_scale=s13, w2_scale=s2
@@ -97,7 +93,7 @@ def test_fp8_ref_matches_dequantized_experts_in_float64():
     num_experts, top_k, tokens = 5, 3, 6
     w13, s13, w2, s2, gen = _fp8_experts(num_experts, seed=17)
     x = torch.randn(tokens, HIDDEN, generator=gen)
-    weights, ids = _routing(tokens, top_k, 0, num_experts, gen)
+    weights, ids = random_routing(tokens, top_k, 0, num_experts, gen)
     want = torch.zeros(tokens, HIDDEN, dtype=torch.float64)
     for t in range(tokens):
         for j in range(top_k):
@@ -117,7 +113,7 @@ def test_fp8_ref_matches_dequantized_experts_in_float64():
 def test_fp8_scales_are_checked():
     w13, s13, w2, s2, gen = _fp8_experts(3, seed=1)
     x = torch.randn(4, HIDDEN, generator=gen)
-    weights, ids = _routing(4, 2, 0, 3, gen)
+    weights, ids = random_routing(4, 2, 0, 3, gen)
     with pytest.raises(AssertionError):
         fused_moe_ref(x, w13, w2, weights, ids, w13_scale=s13)  # w2's scale missing
     with pytest.raises(AssertionError):

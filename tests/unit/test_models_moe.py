@@ -55,18 +55,7 @@ def _fused_copy(src: Path, dest: Path) -> Path:
 
 def test_logits_match_hf_whole_and_chunked(tiny: Tiny):
     ids = _prompt(21, seed=1)
-    ref = tiny.hf_logits(ids)
-    whole = tiny.run(tiny.pool(), ForwardMode.EXTEND, ids, [0], [len(ids)], [[3, 4, 5, 6, 7, 8]])
-    assert ref.abs().max().item() > 0.5
-    assert (whole - ref).abs().max().item() < ATOL
-    pool, pages, got, done = tiny.pool(), [9, 2, 14, 5, 11, 30], [], 0
-    for chunk in (7, 6):
-        got.append(tiny.run(pool, ForwardMode.EXTEND, ids[done : done + chunk], [done], [chunk], [pages]))
-        done += chunk
-    while done < len(ids):
-        got.append(tiny.run(pool, ForwardMode.DECODE, ids[done : done + 1], [done], [1], [pages]))
-        done += 1
-    assert (torch.cat(got) - ref).abs().max().item() < ATOL
+    tiny.assert_whole_and_chunked_match_hf(ids)
 
 
 def test_fast_path_swaps_in_the_fused_moe_kernel(tmp_path: Path):

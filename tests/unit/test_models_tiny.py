@@ -66,6 +66,21 @@ class Tiny:
         hidden = self.model(batch)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
+    def assert_whole_and_chunked_match_hf(self, ids: list[int]) -> None:
+        """The prompt whole, then in two chunks and decode steps over scattered pages: HF's logits."""
+        ref = self.hf_logits(ids)
+        whole = self.run(self.pool(), ForwardMode.EXTEND, ids, [0], [len(ids)], [[3, 4, 5, 6, 7, 8]])
+        assert ref.abs().max().item() > 0.5
+        assert (whole - ref).abs().max().item() < ATOL
+        pool, pages, got, done = self.pool(), [9, 2, 14, 5, 11, 30], [], 0
+        for chunk in (7, 6):
+            got.append(self.run(pool, ForwardMode.EXTEND, ids[done : done + chunk], [done], [chunk], [pages]))
+            done += chunk
+        while done < len(ids):
+            got.append(self.run(pool, ForwardMode.DECODE, ids[done : done + 1], [done], [1], [pages]))
+            done += 1
+        assert (torch.cat(got) - ref).abs().max().item() < ATOL
+
 
 @pytest.fixture(scope="module", params=TINY_KINDS)
 def tiny(request, tmp_path_factory) -> Tiny:
