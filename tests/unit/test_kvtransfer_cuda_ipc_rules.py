@@ -122,7 +122,10 @@ def test_the_sender_is_done_when_its_last_copy_is(pair):
     late_sender = prefill.make_sender("again", decode.endpoint)
     late.init([20])
     wait_until(lambda: late_sender.poll() == KVPoll.WaitingForInput)
-    decode.call_soon(lambda: (held.clear(), held.set(), release.clear(), release.wait(10)))
+    held.clear()
+    release.clear()  # here, not in the lambda: a late-running lambda would clear the set() below
+    decode.call_soon(lambda: (held.set(), release.wait(10)))
+    held.wait(5)
     late_sender.send([4], is_last=True, first_output={})
     wait_until(lambda: late_sender.poll() == KVPoll.Success)
     late.abort("changed its mind")
