@@ -14,7 +14,7 @@ import pytest
 from pdserve.bench.bench_router import main as bench_router_main
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 
 def test_bench_router_smoke(tmp_path, capsys):

@@ -23,7 +23,7 @@ from tests.helpers.tiny_classifiers import make_tiny_classifier
 from tests.helpers.tiny_embedding_models import minilm_dir
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 COMMON = ["--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
 QUERY = "What is a panda?"

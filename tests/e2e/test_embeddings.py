@@ -25,7 +25,7 @@ from tests.helpers.cluster_waits import wait_until
 from tests.helpers.router_http import assert_error
 from tests.helpers.tiny_embedding_models import minilm_dir
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 COMMON = ["--model-path", MINILM, "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]

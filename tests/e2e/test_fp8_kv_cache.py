@@ -23,7 +23,7 @@ from pdserve.shared.engine.kv_pool import kv_cache_dtype
 from tests.helpers.fp8_kv_reference import fake_quantize_kv_stores
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
 FLAGS = ["fp8_e4m3", "fp8_e5m2"]

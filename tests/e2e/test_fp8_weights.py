@@ -25,7 +25,7 @@ from tests.helpers.cluster_waits import live_workers, wait_until
 from tests.helpers.fp8_reference import fake_quantize_experts, fake_quantize_linears
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
 

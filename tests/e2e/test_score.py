@@ -14,7 +14,7 @@ import torch
 from tests.helpers.router_http import assert_error
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 LABELS = [ord("y"), ord("n"), ord(" ")]
 

@@ -18,7 +18,7 @@ from tests.helpers.cluster_waits import live_workers
 from tests.helpers.engine_tokens import tp1_greedy_tokens
 from tests.helpers.tiny_models import make_tiny_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11] * 23, [3, 4, 5]]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}

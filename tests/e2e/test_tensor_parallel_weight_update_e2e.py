@@ -18,7 +18,7 @@ from tests.helpers.checkpoint_copies import misshapen_copy, perturbed_copy
 from tests.helpers.cluster_waits import live_workers, wait_until
 from tests.helpers.engine_tokens import tp1_greedy_tokens
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "2048", "--log-level", "warning"]
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11] * 23]

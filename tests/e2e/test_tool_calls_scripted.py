@@ -23,7 +23,7 @@ import requests
 from tests.helpers.scripted_model import make_scripted_model
 from tests.helpers.stream_assembly import assemble_deltas, without_ids
 
-pytestmark = [pytest.mark.slow]
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 ARGS = '{"city": "Paris", "note": "a}b{"}'
 SCRIPTS = {
