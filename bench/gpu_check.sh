@@ -170,6 +170,9 @@ PY
     # the fused-MoE kernel against the weights' memory roofline, then Qwen1.5-MoE-A2.7B served with dummy weights,
     # bf16 and then fp8
     run bench-fused-moe 200 python3 -m pdserve.bench.bench_fused_moe --json-out "$OUT/fused_moe.json"
+    # the batch-1 step's kernels (the goal: 1.5x the active weights' bytes at the copy rate)
+    run profile-moe-bs1 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/qwen1.5-moe-a2.7b.json \
+      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_moe_bs1.json"
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/qwen1.5-moe-a2.7b.json --out /tmp/qwenmoe >/dev/null
     SERVE_MODEL=/tmp/qwenmoe; serve_start moe
     bench_random moe-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
@@ -204,7 +207,10 @@ PY
         --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
     done
     run one-batch-fp8-kv 300 python3 -m pdserve.bench.bench_one_batch --quantization fp8 --kv-cache-dtype fp8_e4m3 \
-      --batch-size 64 --input-len 1280 --output-len 128 --result-filename "$RES" --run-name weights-fp8-kv-fp8 ;;
+      --batch-size 64 --input-len 1280 --output-len 128 --result-filename "$RES" --run-name weights-fp8-kv-fp8
+    # where the fp8 batch-1 step's time goes (its floor is the fp8 weights' bytes at the copy rate)
+    run profile-fp8-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
+      --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json" ;;
   fp8_serving)
     # issue 16's serving goal: bf16 against fp8 weights + fp8 KV through serve, 1,024 in / 256 out, c64
     serve_and_bench fp8-serving-bf16

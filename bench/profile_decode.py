@@ -1,6 +1,7 @@
 """Where a decode step's time goes: GPU time per kernel, and the gap between GPU busy and wall time.
 
     python -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 [--disable-cuda-graph]
+        [--quantization fp8] [--kv-cache-dtype fp8_e4m3] [--model-path CONFIG]
 
 Runs bench_one_batch's case (dummy Llama-3.1-8B weights by default) once to warm up, then
 again with its `--steps` decode steps (not the prefill) under torch.profiler (CUDA activities; kernels replayed from CUDA graphs are
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--quantization", default=None, help="fp8: profile the fp8-weight step")
+    p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--json-out", default=None)
     ns = p.parse_args(argv)
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
             max_running_requests=max(ns.batch_size, 1),
             cuda_graph_max_bs=max(ns.batch_size, 1),
             disable_cuda_graph=ns.disable_cuda_graph,
+            quantization=ns.quantization,
+            kv_cache_dtype=ns.kv_cache_dtype,
             chunked_prefill_size=max(8192, ns.batch_size * ns.input_len),
             max_prefill_tokens=max(16384, ns.batch_size * ns.input_len),
         )
