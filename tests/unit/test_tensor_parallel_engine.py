@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.shared.args import EngineArgs
-from pdserve.shared.engine.engine import Engine
-from pdserve.shared.launch.tp_ranks import TensorParallelRanks
 from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.tensor_parallel_generate import output_logprobs, tp_generate
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -39,46 +37,14 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(n)] for n in PROMPT_LENS]
 
 
-def _generate(model_dir: str, tp_size: int) -> list[dict]:
-    args = EngineArgs(
-        model_path=model_dir,
-        device="cpu",
-        dtype="float32",
-        tp_size=tp_size,
-        page_size=4,
-        chunked_prefill_size=16,  # the long prompts prefill in chunks
-        max_total_tokens=1024,
-    )
-    died: list[tuple[int, int]] = []
-    ranks = TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s))) if tp_size > 1 else None
-    try:
-        engine = Engine(args)
-        out = engine.generate(
-            _prompts(), {"temperature": 0.0, "max_new_tokens": MAX_NEW}, return_logprob=True
-        )
-        load = engine.load()
-        assert load.num_free_pages + load.num_evictable_pages == load.num_total_pages
-        if ranks is not None:
-            assert engine.runner.pool.kv.shape[4] == max(1, engine.model_config.num_kv_heads // tp_size)
-    finally:
-        if ranks is not None:
-            ranks.close()
-    assert not died
-    return out
-
-
-def _logprobs(out: dict) -> list[float]:
-    return [lp for lp, _tok, *_ in out["meta_info"]["output_token_logprobs"]]
-
-
 def test_tp2_equals_tp1_and_transformers(model_dir):
-    single = _generate(model_dir, 1)
-    sharded = _generate(model_dir, 2)
+    single, _ = tp_generate(model_dir, 1, _prompts(), MAX_NEW)
+    sharded, _ = tp_generate(model_dir, 2, _prompts(), MAX_NEW)
     reference = hf_greedy(model_dir, _prompts(), MAX_NEW)
     for one, two, (hf_ids, hf_lps) in zip(single, sharded, reference):
         assert two["output_ids"] == one["output_ids"] == hf_ids
-        assert _logprobs(two) == pytest.approx(_logprobs(one), abs=LOGPROB_TOL)
-        assert _logprobs(two) == pytest.approx(hf_lps, abs=LOGPROB_TOL)
+        assert output_logprobs(two) == pytest.approx(output_logprobs(one), abs=LOGPROB_TOL)
+        assert output_logprobs(two) == pytest.approx(hf_lps, abs=LOGPROB_TOL)
 
 
 def test_other_architectures_and_unsplittable_shapes_are_refused_by_name():

@@ -1,0 +1,56 @@
+"""One batch of greedy generation through an Engine of `tp_size` ranks (gloo on the CPU), for the
+tensor-parallel parity tests: the test process is rank 0, `TensorParallelRanks` starts the others
+as real processes.
+
+    out, expert_counts = tp_generate(model_dir, 2, prompts, max_new=6)
+
+Checks on the way: every page is back after the batch, each rank's KV pool holds its share of the
+KV heads, and no rank died. `expert_counts` is rank 0's expert-distribution record summed over the
+passes ([layers, experts]; None for a dense model).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.engine import Engine
+from pdserve.shared.launch.tp_ranks import TensorParallelRanks
+from pdserve.shared.models.tensor_parallel import kv_heads_per_rank
+
+
+def tp_generate(
+    model_dir: str, tp_size: int, prompts: list[list[int]], max_new: int
+) -> tuple[list[dict], torch.Tensor | None]:
+    args = EngineArgs(
+        model_path=model_dir,
+        device="cpu",
+        dtype="float32",
+        tp_size=tp_size,
+        page_size=4,
+        chunked_prefill_size=16,  # the long prompts prefill in chunks
+        max_total_tokens=1024,
+        expert_distribution_recorder_mode="stat",
+    )
+    died: list[tuple[int, int]] = []
+    ranks = TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s))) if tp_size > 1 else None
+    try:
+        engine = Engine(args)
+        recorder = engine.runner.expert_recorder
+        if recorder is not None:
+            recorder.start()
+        out = engine.generate(prompts, {"temperature": 0.0, "max_new_tokens": max_new}, return_logprob=True)
+        load = engine.load()
+        assert load.num_free_pages + load.num_evictable_pages == load.num_total_pages
+        kv_heads = kv_heads_per_rank(engine.model_config.num_kv_heads, tp_size)
+        assert engine.runner.pool.kv.shape[4] == kv_heads
+        counts = None if recorder is None else recorder.logical_count().sum(0)
+    finally:
+        if ranks is not None:
+            ranks.close()
+    assert not died
+    return out, counts
+
+
+def output_logprobs(out: dict) -> list[float]:
+    return [lp for lp, _tok, *_ in out["meta_info"]["output_token_logprobs"]]
