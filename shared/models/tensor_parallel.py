@@ -47,6 +47,9 @@ SHARDABLE = (
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
     "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Phi3ForCausalLM",
     *MOE_SHARDABLE,
 )
 

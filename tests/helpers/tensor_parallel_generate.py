@@ -2,7 +2,9 @@
 tensor-parallel parity tests: the test process is rank 0, `TensorParallelRanks` starts the others
 as real processes.
 
+    single, _ = tp_generate(model_dir, 1, prompts, max_new=6)
     out, expert_counts = tp_generate(model_dir, 2, prompts, max_new=6)
+    assert_tp_parity(single, out, hf_greedy(model_dir, prompts, 6), tol=1e-5)
 
 Checks on the way: every page is back after the batch, each rank's KV pool holds its share of the
 KV heads, and no rank died. `expert_counts` is rank 0's expert-distribution record summed over the
@@ -11,6 +13,7 @@ passes ([layers, experts]; None for a dense model).
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pdserve.shared.args import EngineArgs
@@ -54,3 +57,13 @@ def tp_generate(
 
 def output_logprobs(out: dict) -> list[float]:
     return [lp for lp, _tok, *_ in out["meta_info"]["output_token_logprobs"]]
+
+
+def assert_tp_parity(
+    single: list[dict], sharded: list[dict], reference: list[tuple[list[int], list[float]]], tol: float
+) -> None:
+    """Each prompt's greedy tokens equal at TP=1, sharded and in transformers; logprobs within `tol`."""
+    for one, many, (hf_ids, hf_lps) in zip(single, sharded, reference, strict=True):
+        assert many["output_ids"] == one["output_ids"] == hf_ids
+        assert output_logprobs(many) == pytest.approx(output_logprobs(one), abs=tol)
+        assert output_logprobs(many) == pytest.approx(hf_lps, abs=tol)

@@ -21,7 +21,7 @@ from pdserve.shared.models.loader import meta_model
 from pdserve.shared.models.tensor_parallel import check_tensor_parallel, shard_checkpoint, shard_model
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 from tests.helpers.hf_reference import hf_greedy
-from tests.helpers.tensor_parallel_generate import output_logprobs, tp_generate
+from tests.helpers.tensor_parallel_generate import assert_tp_parity, tp_generate
 from tests.helpers.tiny_models import make_tiny_model, tiny_config
 
 pytestmark = pytest.mark.slow
@@ -45,10 +45,7 @@ def test_sharded_moe_equals_tp1_and_transformers(kind, tmp_path):
     assert single_counts is not None and single_counts.sum() > 0
     for tp_size in TP_SIZES[kind]:
         sharded, counts = tp_generate(model_dir, tp_size, _prompts(), MAX_NEW)
-        for one, many, (hf_ids, hf_lps) in zip(single, sharded, reference):
-            assert many["output_ids"] == one["output_ids"] == hf_ids, tp_size
-            assert output_logprobs(many) == pytest.approx(output_logprobs(one), abs=LOGPROB_TOL)
-            assert output_logprobs(many) == pytest.approx(hf_lps, abs=LOGPROB_TOL)
+        assert_tp_parity(single, sharded, reference, LOGPROB_TOL)
         assert counts is not None and torch.equal(counts, single_counts), tp_size
 
 
