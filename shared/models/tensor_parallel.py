@@ -31,6 +31,7 @@ from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.gemma import ScaledEmbedding
 from pdserve.shared.models.layers import GatedMLP, MergedLinear
 from pdserve.shared.models.llama import Attention, LlamaForCausalLM
+from pdserve.shared.models.mla_attention import MLAttention
 from pdserve.shared.models.moe_block import SparseMoeBlock
 from pdserve.shared.models.shard_rule import ShardRule, projection_rules
 from pdserve.shared.models.tensor_parallel_layers import (
@@ -39,6 +40,7 @@ from pdserve.shared.models.tensor_parallel_layers import (
     TPRank,
     VocabParallelEmbedding,
 )
+from pdserve.shared.models.tensor_parallel_mla import shard_mla_attention
 from pdserve.shared.models.tensor_parallel_mlp import shard_gated_mlp
 from pdserve.shared.models.tensor_parallel_moe import MOE_SHARDABLE, check_moe_widths, shard_moe_block
 
@@ -50,6 +52,7 @@ SHARDABLE = (
     "GemmaForCausalLM",
     "Gemma2ForCausalLM",
     "Phi3ForCausalLM",
+    "DeepseekV2ForCausalLM",  # MLA: tensor_parallel_mla.py
     *MOE_SHARDABLE,
 )
 
@@ -150,6 +153,8 @@ def shard_model(model: nn.Module, config: ModelConfig, rank: TPRank) -> dict[str
                 continue
             if isinstance(module, Attention):
                 rules.update(_shard_attention(name, module, rank))
+            elif isinstance(module, MLAttention):
+                rules.update(shard_mla_attention(name, module, rank))
             elif isinstance(module, GatedMLP):
                 rules.update(shard_gated_mlp(name, module, rank, RowParallelLinear))
             elif isinstance(module, SparseMoeBlock):

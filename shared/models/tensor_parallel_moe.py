@@ -1,13 +1,15 @@
-"""The MoE families under tensor parallelism (Mixtral, Qwen2-MoE): a pass over a `SparseMoeBlock`.
+"""The MoE families under tensor parallelism (Mixtral, Qwen2-MoE, DeepSeek-V2's MoE layers): a pass
+over a `SparseMoeBlock`.
 
 Rules:
 - Every rank holds every expert, each with a slice of its intermediate width: the gate and up rows
   of `w13` (column-parallel) and the matching columns of `w2` (row-parallel). The expert math
   (the torch loop or the fused-MoE kernel) runs unchanged on the local [E, 2*I/size, H] and
   [E, H, I/size] stacks and yields a partial sum.
-- The router (`gate`) and Qwen2-MoE's `shared_expert_gate` stay whole: routing is computed the same
+- The router (`gate`, DeepSeek's in float32) and Qwen2-MoE's `shared_expert_gate` stay whole: routing is computed the same
   on every rank, so the expert-distribution record of rank 0 is the worker's.
-- The shared expert is split like a dense MLP, but its down projection keeps its partial sum.
+- The shared expert (DeepSeek: shared experts, one gated MLP) is split like a dense MLP, but its
+  down projection keeps its partial sum.
 - One all-reduce per layer, over the routed experts' and the shared expert's partial sums together
   (a forward hook on the block), not one per expert.
 - Checkpoint tensors are cut in both forms that load (shared.models.moe_weights): one per expert
@@ -19,6 +21,7 @@ from __future__ import annotations
 from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.layers import GatedMLP
 from pdserve.shared.models.moe_block import MoEExperts, SparseMoeBlock
 from pdserve.shared.models.moe_weights import FUSED_DOWN, FUSED_GATE_UP
 from pdserve.shared.models.shard_rule import ShardRule
@@ -64,8 +67,10 @@ def shard_moe_block(name: str, block: SparseMoeBlock, rank: TPRank) -> dict[str,
     )
     checkpoint_name = block.checkpoint_name(name)
     rules = _expert_rules(name, checkpoint_name, block.experts, full, rank)
-    if block.shared_expert is not None:
-        shared = f"{checkpoint_name}.shared_expert"
-        rules.update(shard_gated_mlp(shared, block.shared_expert, rank, nn.Linear))
+    for child_name, child in list(
+        block.named_children()
+    ):  # Qwen2-MoE's shared_expert, DeepSeek's shared_experts
+        if isinstance(child, GatedMLP):
+            rules.update(shard_gated_mlp(f"{checkpoint_name}.{child_name}", child, rank, nn.Linear))
     block.register_forward_hook(all_reduce_output)
     return rules

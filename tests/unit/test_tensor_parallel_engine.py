@@ -47,12 +47,13 @@ def test_tp2_equals_tp1_and_transformers(model_dir):
 def test_other_architectures_and_unsplittable_shapes_are_refused_by_name():
     from pdserve.shared.models.config import ModelConfig
     from pdserve.shared.models.tensor_parallel import check_tensor_parallel
+    from tests.helpers.tiny_classifiers import tiny_classifier_config
     from tests.helpers.tiny_models import tiny_config
 
-    deepseek = ModelConfig.from_hf_config(tiny_config("deepseek_v2"))
-    check_tensor_parallel(deepseek, 1)  # one rank: nothing to shard
-    with pytest.raises(ValueError, match="DeepseekV2ForCausalLM"):
-        check_tensor_parallel(deepseek, 2)
+    reward = ModelConfig.from_hf_config(tiny_classifier_config("llama", num_labels=1))
+    check_tensor_parallel(reward, 1)  # one rank: nothing to shard
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
+        check_tensor_parallel(reward, 2)
     llama = ModelConfig.from_hf_config(tiny_config("llama"))  # 4 heads, 2 KV heads
     check_tensor_parallel(llama, 4)  # each KV head replicated on 2 ranks
     with pytest.raises(ValueError, match="3 ranks"):
