@@ -13,6 +13,8 @@ passes ([layers, experts]; None for a dense model).
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -67,3 +69,28 @@ def assert_tp_parity(
         assert many["output_ids"] == one["output_ids"] == hf_ids
         assert output_logprobs(many) == pytest.approx(output_logprobs(one), abs=tol)
         assert output_logprobs(many) == pytest.approx(hf_lps, abs=tol)
+
+
+def random_prompts(lengths: tuple[int, ...], seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(n)] for n in lengths]
+
+
+def check_sharded_generation(
+    model_dir: str, tp_sizes: tuple[int, ...], prompts: list[list[int]], max_new: int = 6, tol: float = 1e-5
+) -> None:
+    """At each of `tp_sizes`: `assert_tp_parity` against TP=1 and transformers (logprobs within
+    `tol`) and, for an MoE model, rank 0's expert-distribution record equal to TP=1's (routing is
+    replicated)."""
+    from tests.helpers.hf_reference import hf_greedy
+
+    single, single_counts = tp_generate(model_dir, 1, prompts, max_new)
+    reference = hf_greedy(model_dir, prompts, max_new)
+    for tp_size in tp_sizes:
+        sharded, counts = tp_generate(model_dir, tp_size, prompts, max_new)
+        assert_tp_parity(single, sharded, reference, tol)
+        if single_counts is None:
+            assert counts is None
+        else:
+            assert single_counts.sum() > 0
+            assert counts is not None and torch.equal(counts, single_counts), tp_size

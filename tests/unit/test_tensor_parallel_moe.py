@@ -11,8 +11,6 @@ expert; transformers' fused experts), and an expert width that does not split is
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -20,33 +18,19 @@ from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import meta_model
 from pdserve.shared.models.tensor_parallel import check_tensor_parallel, shard_checkpoint, shard_model
 from pdserve.shared.models.tensor_parallel_layers import TPRank
-from tests.helpers.hf_reference import hf_greedy
-from tests.helpers.tensor_parallel_generate import assert_tp_parity, tp_generate
+from tests.helpers.tensor_parallel_generate import check_sharded_generation, random_prompts
 from tests.helpers.tiny_models import make_tiny_model, tiny_config
 
 pytestmark = pytest.mark.slow
 
 TP_SIZES = {"mixtral": (2,), "qwen2_moe_sparse": (2, 4)}
 PROMPT_LENS = (1, 7, 23, 40)
-MAX_NEW = 6
-LOGPROB_TOL = 1e-5
-
-
-def _prompts() -> list[list[int]]:
-    rng = random.Random(11)
-    return [[rng.randrange(3, 500) for _ in range(n)] for n in PROMPT_LENS]
 
 
 @pytest.mark.parametrize("kind", sorted(TP_SIZES))
 def test_sharded_moe_equals_tp1_and_transformers(kind, tmp_path):
     model_dir = str(make_tiny_model(kind, tmp_path / kind))
-    single, single_counts = tp_generate(model_dir, 1, _prompts(), MAX_NEW)
-    reference = hf_greedy(model_dir, _prompts(), MAX_NEW)
-    assert single_counts is not None and single_counts.sum() > 0
-    for tp_size in TP_SIZES[kind]:
-        sharded, counts = tp_generate(model_dir, tp_size, _prompts(), MAX_NEW)
-        assert_tp_parity(single, sharded, reference, LOGPROB_TOL)
-        assert counts is not None and torch.equal(counts, single_counts), tp_size
+    check_sharded_generation(model_dir, TP_SIZES[kind], random_prompts(PROMPT_LENS, seed=11))
 
 
 def test_expert_tensors_are_cut_alike_in_both_checkpoint_forms():
