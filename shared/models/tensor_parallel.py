@@ -3,7 +3,8 @@ swaps a rank's slice in for each full projection of a model built on the meta de
 the rules that slice the full checkpoint's tensors while they load.
 
 Rules:
-- The Llama family and its MoE members (`SHARDABLE`; the MoE blocks: tensor_parallel_moe.py);
+- The Llama family, Gemma, Phi-3, the MoE families (their blocks: tensor_parallel_moe.py) and
+  DeepSeek-V2 (its latent attention: tensor_parallel_mla.py), as `SHARDABLE` names them;
   another architecture with --tp > 1 is refused by name, as are shapes that do not split: query
   heads and the MLP (and expert) widths must divide by the size, and KV heads must divide by it or
   divide it.
@@ -15,8 +16,8 @@ Rules:
 - A checkpoint that fuses projections (Phi-3's qkv_proj and gate_up_proj) is cut per part
   (shard_rule.py), so the model's own loading splits the rank's fused slice as it splits a whole one.
 - Vocabulary-parallel: the embedding (Gemma's scaled one too) and lm_head (a tied model's logits
-  use the embedding slice);
-  the vocabulary is padded with zero rows to a multiple of the size; the runner gathers the logits.
+  use the embedding slice); the vocabulary is padded with zero rows to a multiple of the size; the
+  runner gathers the logits.
 - Norms (q/k norms included), rope and biases of row-parallel layers stay whole on every rank.
 """
 
