@@ -156,12 +156,16 @@ class SparseMoeBlock(nn.Module):
             out = out + torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
         return out
 
+    def checkpoint_name(self, module_name: str) -> str:
+        """The checkpoint's name of this block, whose module name is `module_name`."""
+        if self.checkpoint_prefix is None:
+            return module_name
+        parent = module_name.rpartition(".")[0]
+        return f"{parent}.{self.checkpoint_prefix}" if parent else self.checkpoint_prefix
+
     def named_checkpoint_targets(self, module_name: str) -> dict[str, Target]:
         """Checkpoint names of this block's tensors (called with the block's own module name)."""
-        prefix = module_name
-        if self.checkpoint_prefix is not None:
-            parent = module_name.rpartition(".")[0]
-            prefix = f"{parent}.{self.checkpoint_prefix}" if parent else self.checkpoint_prefix
+        prefix = self.checkpoint_name(module_name)
         targets = self.experts.expert_targets(f"{prefix}.experts")
         for child_name, child in self.named_children():
             if child is not self.experts:

@@ -3,33 +3,59 @@ swaps a rank's slice in for each full projection of a model built on the meta de
 the rules that slice the full checkpoint's tensors while they load.
 
 Rules:
-- Dense Llama-family models only (`SHARDABLE`); another architecture with --tp > 1 is refused by
-  name, as are shapes that do not split: query heads and the MLP width must divide by the size, and
-  KV heads must divide by it or divide it.
+- The Llama family, Gemma, Phi-3, the MoE families (their blocks: tensor_parallel_moe.py) and
+  DeepSeek-V2 (its latent attention: tensor_parallel_mla.py), as `SHARDABLE` names them;
+  another architecture with --tp > 1 is refused by name, as are shapes that do not split: query
+  heads and the MLP (and expert) widths must divide by the size, and KV heads must divide by it or
+  divide it.
 - Column-parallel (each rank its output rows): q/k/v split by heads inside the merged qkv
   projection, gate and up each split inside gate_up. Attention then sees num_heads / size query
   heads; with fewer KV heads than ranks each KV head is replicated on size / kv_heads ranks (the
   one its query heads read), as SGLang does.
 - Row-parallel, then an all-reduce: o_proj and down_proj (tensor_parallel_layers.py).
-- Vocabulary-parallel: the embedding and lm_head (a tied model's logits use the embedding slice);
-  the vocabulary is padded with zero rows to a multiple of the size; the runner gathers the logits.
+- A checkpoint that fuses projections (Phi-3's qkv_proj and gate_up_proj) is cut per part
+  (shard_rule.py), so the model's own loading splits the rank's fused slice as it splits a whole one.
+- Vocabulary-parallel: the embedding (Gemma's scaled one too) and lm_head (a tied model's logits
+  use the embedding slice); the vocabulary is padded with zero rows to a multiple of the size; the
+  runner gathers the logits.
 - Norms (q/k norms included), rope and biases of row-parallel layers stay whole on every rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.gemma import ScaledEmbedding
 from pdserve.shared.models.layers import GatedMLP, MergedLinear
 from pdserve.shared.models.llama import Attention, LlamaForCausalLM
-from pdserve.shared.models.tensor_parallel_layers import RowParallelLinear, TPRank, VocabParallelEmbedding
+from pdserve.shared.models.mla_attention import MLAttention
+from pdserve.shared.models.moe_block import SparseMoeBlock
+from pdserve.shared.models.shard_rule import ShardRule, projection_rules
+from pdserve.shared.models.tensor_parallel_layers import (
+    RowParallelLinear,
+    ScaledVocabParallelEmbedding,
+    TPRank,
+    VocabParallelEmbedding,
+)
+from pdserve.shared.models.tensor_parallel_mla import shard_mla_attention
+from pdserve.shared.models.tensor_parallel_mlp import shard_gated_mlp
+from pdserve.shared.models.tensor_parallel_moe import MOE_SHARDABLE, check_moe_widths, shard_moe_block
 
-SHARDABLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SHARDABLE = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
+    "GemmaForCausalLM",
+    "Gemma2ForCausalLM",
+    "Phi3ForCausalLM",
+    "DeepseekV2ForCausalLM",  # MLA: tensor_parallel_mla.py
+    *MOE_SHARDABLE,
+)
 
 
 def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str | None = None) -> None:
@@ -39,7 +65,7 @@ def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str |
     arch = config.architecture if config.architectures else config.model_type
     if arch not in SHARDABLE:
         raise ValueError(
-            f"--tp {tp_size}: {arch} has no tensor-parallel support yet (dense {', '.join(SHARDABLE)} only)"
+            f"--tp {tp_size}: {arch} has no tensor-parallel support yet ({', '.join(SHARDABLE)} only)"
         )
     if quantization is not None:
         raise ValueError(f"--tp {tp_size}: quantized weights ({quantization}) are not sharded yet")
@@ -52,6 +78,7 @@ def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str |
         raise ValueError(
             f"--tp {tp_size}: MLP width {config.intermediate_size} does not split over {tp_size}"
         )
+    check_moe_widths(config, tp_size)
 
 
 def kv_heads_per_rank(num_kv_heads: int, tp_size: int) -> int:
@@ -66,38 +93,12 @@ def kv_head_start(rank: TPRank, num_kv_heads: int) -> int:
     return rank.rank * num_kv_heads // rank.size
 
 
-@dataclass(frozen=True)
-class ShardRule:
-    """A rank's slice of a checkpoint tensor: `length` entries of `dim` from `start`; entries past
-    the tensor's end (vocabulary padding) are zeros."""
-
-    dim: int
-    start: int
-    length: int
-
-    def apply(self, tensor: torch.Tensor) -> torch.Tensor:
-        size = tensor.shape[self.dim]
-        start = min(self.start, size)
-        available = min(self.length, size - start)
-        piece = tensor.narrow(self.dim, start, available)
-        if available == self.length:
-            return piece
-        pad_shape = list(tensor.shape)
-        pad_shape[self.dim] = self.length - available
-        return torch.cat([piece, tensor.new_zeros(pad_shape)], dim=self.dim)
-
-
-def _rows(prefix: str, names: Iterable[str], rule: ShardRule, bias: bool) -> dict[str, ShardRule]:
-    """The rule for each named projection's weight (and bias) under `prefix`."""
-    attrs = ("weight", "bias") if bias else ("weight",)
-    return {f"{prefix}.{name}.{attr}": rule for name in names for attr in attrs}
-
-
 def _shard_attention(name: str, attn: Attention, rank: TPRank) -> dict[str, ShardRule]:
     head_dim, old = attn.head_dim, attn.qkv_proj
+    full_q, full_kv = attn.num_heads * head_dim, attn.num_kv_heads * head_dim
     num_heads, num_kv_heads = attn.num_heads // rank.size, kv_heads_per_rank(attn.num_kv_heads, rank.size)
-    kv_start = kv_head_start(rank, attn.num_kv_heads)
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q_start, k_start = rank.rank * q_size, kv_head_start(rank, attn.num_kv_heads) * head_dim
     bias = old.bias is not None
     attn.qkv_proj = MergedLinear(
         old.in_features, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, bias, old.weight.dtype
@@ -108,27 +109,15 @@ def _shard_attention(name: str, attn: Attention, rank: TPRank) -> dict[str, Shar
     )
     attn.num_heads, attn.num_kv_heads = num_heads, num_kv_heads
     attn.split_sizes = (q_size, kv_size, kv_size)
-    return {
-        **_rows(name, ("q_proj",), ShardRule(0, rank.rank * q_size, q_size), bias),
-        **_rows(name, ("k_proj", "v_proj"), ShardRule(0, kv_start * head_dim, kv_size), bias),
-        f"{name}.o_proj.weight": ShardRule(1, rank.rank * q_size, q_size),
-    }
-
-
-def _shard_mlp(name: str, mlp: GatedMLP, rank: TPRank) -> dict[str, ShardRule]:
-    width = mlp.intermediate_size // rank.size
-    old, down = mlp.gate_up_proj, mlp.down_proj
-    bias = old.bias is not None
-    mlp.intermediate_size = width
-    mlp.gate_up_proj = MergedLinear(
-        old.in_features, {"gate_proj": width, "up_proj": width}, bias, old.weight.dtype
-    )
-    mlp.down_proj = RowParallelLinear(
-        width, down.out_features, bias=down.bias is not None, dtype=down.weight.dtype
+    # a checkpoint that fuses q, k and v (Phi-3's qkv_proj): the rank's rows of each part
+    fused = ShardRule(
+        0, q_start, q_size, ((full_q + k_start, kv_size), (full_q + full_kv + k_start, kv_size))
     )
     return {
-        **_rows(name, ("gate_proj", "up_proj"), ShardRule(0, rank.rank * width, width), bias),
-        f"{name}.down_proj.weight": ShardRule(1, rank.rank * width, width),
+        **projection_rules(name, ("q_proj",), ShardRule(0, q_start, q_size), bias),
+        **projection_rules(name, ("k_proj", "v_proj"), ShardRule(0, k_start, kv_size), bias),
+        **projection_rules(name, ("qkv_proj",), fused, bias),
+        f"{name}.o_proj.weight": ShardRule(1, q_start, q_size),
     }
 
 
@@ -136,10 +125,13 @@ def _shard_vocab(model: LlamaForCausalLM, config: ModelConfig, rank: TPRank) -> 
     rows = rank.vocab_rows(config.vocab_size)
     rule = ShardRule(0, rank.rank * rows, rows)
     embed = model.model.embed_tokens
-    model.model.add_module(
-        "embed_tokens",
-        VocabParallelEmbedding(rule.start, rows, embed.embedding_dim, dtype=embed.weight.dtype),
+    dim, dtype = embed.embedding_dim, embed.weight.dtype
+    sliced = (
+        ScaledVocabParallelEmbedding(rule.start, rows, dim, embed.scale, dtype=dtype)
+        if isinstance(embed, ScaledEmbedding)
+        else VocabParallelEmbedding(rule.start, rows, dim, dtype=dtype)
     )
+    model.model.add_module("embed_tokens", sliced)
     rules = {"model.embed_tokens.weight": rule}
     if model.lm_head is not None:  # a tied model's logits read the embedding's slice
         model.lm_head = nn.Linear(config.hidden_size, rows, bias=False, dtype=model.lm_head.weight.dtype)
@@ -155,12 +147,20 @@ def shard_model(model: nn.Module, config: ModelConfig, rank: TPRank) -> dict[str
         raise ValueError(f"--tp {rank.size}: {type(model).__name__} has no tensor-parallel support yet")
     device = next(model.parameters()).device
     rules: dict[str, ShardRule] = {}
+    moe_blocks: list[str] = []  # their shared experts are sharded with them
     with torch.device(device):
         for name, module in list(model.named_modules()):
+            if any(name.startswith(f"{block}.") for block in moe_blocks):
+                continue
             if isinstance(module, Attention):
                 rules.update(_shard_attention(name, module, rank))
+            elif isinstance(module, MLAttention):
+                rules.update(shard_mla_attention(name, module, rank))
             elif isinstance(module, GatedMLP):
-                rules.update(_shard_mlp(name, module, rank))
+                rules.update(shard_gated_mlp(name, module, rank, RowParallelLinear))
+            elif isinstance(module, SparseMoeBlock):
+                rules.update(shard_moe_block(name, module, rank))
+                moe_blocks.append(name)
         rules.update(_shard_vocab(model, config, rank))
     return rules
 

@@ -8,6 +8,10 @@ Rules:
 - `VocabParallelEmbedding` holds rows [start, start + rows) of the (padded) vocabulary; ids outside
   them look up zeros, and the all-reduce leaves each token the one row that holds it (exact: every
   other term is 0).
+- `ScaledVocabParallelEmbedding` multiplies the summed rows by the embedding's scale, as the full
+  one does.
+- `all_reduce_output` is a forward hook summing a module's partial output (an MoE block's routed
+  and shared experts: one all-reduce per layer).
 - `gather_logits` joins every rank's vocabulary slice of the logits and drops the padding rows.
 """
 
@@ -70,6 +74,19 @@ class VocabParallelEmbedding(nn.Module):
         return out
 
 
+class ScaledVocabParallelEmbedding(VocabParallelEmbedding):
+    """The slice of a scaled embedding (Gemma's: times sqrt(hidden), rounded to the weight dtype)."""
+
+    def __init__(
+        self, start: int, num_rows: int, hidden_size: int, scale: float, dtype: torch.dtype | None = None
+    ):
+        super().__init__(start, num_rows, hidden_size, dtype=dtype)
+        self.scale = scale
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return super().forward(input_ids) * self.scale
+
+
 def gather_logits(local: torch.Tensor, vocab_size: int, world_size: int) -> torch.Tensor:
     """[N, vocab] from every rank's [N, rows] slice (all ranks get them; only rank 0 samples)."""
     parts = [torch.empty_like(local) for _ in range(world_size)]
@@ -82,3 +99,9 @@ def min_over_ranks(value: int, device: torch.device) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def all_reduce_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """A forward hook that sums `module`'s partial output over the ranks (in place)."""
+    dist.all_reduce(output)
+    return output

@@ -22,7 +22,7 @@ import requests
 from pdserve.shared.launch.worker_process import WorkerProcess
 from tests.helpers.cluster_waits import all_pages_back, live_workers, wait_until
 from tests.helpers.hf_reference import hf_greedy
-from tests.helpers.tiny_models import make_tiny_model
+from tests.helpers.tiny_classifiers import make_tiny_classifier
 
 pytestmark = pytest.mark.slow
 
@@ -101,10 +101,10 @@ def test_a_killed_rank_takes_the_worker_down(worker_launcher, router_launcher, t
 
 
 def test_an_architecture_without_tensor_parallelism_is_refused_by_name(tmp_path):
-    model_dir = make_tiny_model("gemma", tmp_path / "gemma")
+    model_dir = make_tiny_classifier("llama", tmp_path / "reward")
     flags = ["--port", "0", "--model-path", str(model_dir), "--tp", "2", *FLAGS]
     with WorkerProcess(flags, stderr=subprocess.PIPE) as worker:
         with pytest.raises(RuntimeError, match="status 1"):
             worker.wait_ready(60)
         assert worker.proc.stderr is not None
-        assert "GemmaForCausalLM has no tensor-parallel support" in worker.proc.stderr.read()
+        assert "LlamaForSequenceClassification has no tensor-parallel support" in worker.proc.stderr.read()

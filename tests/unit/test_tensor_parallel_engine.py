@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pdserve.shared.args import EngineArgs
-from pdserve.shared.engine.engine import Engine
-from pdserve.shared.launch.tp_ranks import TensorParallelRanks
 from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.tensor_parallel_generate import assert_tp_parity, tp_generate
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -39,57 +37,23 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 500) for _ in range(n)] for n in PROMPT_LENS]
 
 
-def _generate(model_dir: str, tp_size: int) -> list[dict]:
-    args = EngineArgs(
-        model_path=model_dir,
-        device="cpu",
-        dtype="float32",
-        tp_size=tp_size,
-        page_size=4,
-        chunked_prefill_size=16,  # the long prompts prefill in chunks
-        max_total_tokens=1024,
-    )
-    died: list[tuple[int, int]] = []
-    ranks = TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s))) if tp_size > 1 else None
-    try:
-        engine = Engine(args)
-        out = engine.generate(
-            _prompts(), {"temperature": 0.0, "max_new_tokens": MAX_NEW}, return_logprob=True
-        )
-        load = engine.load()
-        assert load.num_free_pages + load.num_evictable_pages == load.num_total_pages
-        if ranks is not None:
-            assert engine.runner.pool.kv.shape[4] == max(1, engine.model_config.num_kv_heads // tp_size)
-    finally:
-        if ranks is not None:
-            ranks.close()
-    assert not died
-    return out
-
-
-def _logprobs(out: dict) -> list[float]:
-    return [lp for lp, _tok, *_ in out["meta_info"]["output_token_logprobs"]]
-
-
 def test_tp2_equals_tp1_and_transformers(model_dir):
-    single = _generate(model_dir, 1)
-    sharded = _generate(model_dir, 2)
+    single, _ = tp_generate(model_dir, 1, _prompts(), MAX_NEW)
+    sharded, _ = tp_generate(model_dir, 2, _prompts(), MAX_NEW)
     reference = hf_greedy(model_dir, _prompts(), MAX_NEW)
-    for one, two, (hf_ids, hf_lps) in zip(single, sharded, reference):
-        assert two["output_ids"] == one["output_ids"] == hf_ids
-        assert _logprobs(two) == pytest.approx(_logprobs(one), abs=LOGPROB_TOL)
-        assert _logprobs(two) == pytest.approx(hf_lps, abs=LOGPROB_TOL)
+    assert_tp_parity(single, sharded, reference, LOGPROB_TOL)
 
 
 def test_other_architectures_and_unsplittable_shapes_are_refused_by_name():
     from pdserve.shared.models.config import ModelConfig
     from pdserve.shared.models.tensor_parallel import check_tensor_parallel
+    from tests.helpers.tiny_classifiers import tiny_classifier_config
     from tests.helpers.tiny_models import tiny_config
 
-    gemma = ModelConfig.from_hf_config(tiny_config("gemma"))
-    check_tensor_parallel(gemma, 1)  # one rank: nothing to shard
-    with pytest.raises(ValueError, match="GemmaForCausalLM"):
-        check_tensor_parallel(gemma, 2)
+    reward = ModelConfig.from_hf_config(tiny_classifier_config("llama", num_labels=1))
+    check_tensor_parallel(reward, 1)  # one rank: nothing to shard
+    with pytest.raises(ValueError, match="LlamaForSequenceClassification"):
+        check_tensor_parallel(reward, 2)
     llama = ModelConfig.from_hf_config(tiny_config("llama"))  # 4 heads, 2 KV heads
     check_tensor_parallel(llama, 4)  # each KV head replicated on 2 ranks
     with pytest.raises(ValueError, match="3 ranks"):
