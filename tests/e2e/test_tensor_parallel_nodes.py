@@ -32,7 +32,6 @@ from tests.helpers.router_http import greedy_generate
 pytestmark = pytest.mark.slow
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--log-level", "warning"]
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two ranks on the test machine's cores
 MAX_NEW = 8
 LOGPROB_TOL = 1e-5
 EXIT_WITHIN_S = 15.0  # a stale beat (5 s) plus process exit on a loaded machine
@@ -51,9 +50,7 @@ def start_node(tiny_llama_dir, tmp_path_factory) -> Iterator[Callable[[int, int]
             *node_flags(node_rank, port),
         ]  # fmt: skip
         log = open(logs / f"node-{len(started)}.log", "w")  # noqa: SIM115 (the child holds it)
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **ONE_THREAD}
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()
         started.append(proc)
         return proc
@@ -79,9 +76,7 @@ def start_pairs(count: int, start_node, worker_launcher, tiny_llama_dir, *worker
     nodes1 = [start_node(1, port) for port in ports]
     pairs = []
     for port, node1 in zip(ports, nodes1):
-        node0 = worker_launcher(
-            "--model-path", tiny_llama_dir, *node_flags(0, port), *worker_flags, env=ONE_THREAD
-        )
+        node0 = worker_launcher("--model-path", tiny_llama_dir, *node_flags(0, port), *worker_flags)
         (rank1,) = psutil.Process(node1.pid).children()
         assert not psutil.Process(node0.pid).children()  # its one rank on this node is itself
         pairs.append((node1, rank1.pid, node0))
