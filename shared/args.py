@@ -57,10 +57,19 @@ class EngineArgs:
     expert_distribution_recorder_buffer_size: int = 1000  # forward passes kept; -1: all
     # Tensor parallelism (shared/models/tensor_parallel.py): ranks of one worker, one process each
     tp_size: int = 1
+    # Ranks on several hosts (shared/launch/tp_node.py): --tp N over --nnodes K hosts, N/K ranks each;
+    # rank 0's host (node 0) hosts the process group's rendezvous at --dist-init-addr HOST:PORT
+    nnodes: int = 1
+    node_rank: int = 0
+    dist_init_addr: str | None = None
 
     @property
     def effective_tokenizer_path(self) -> str:
         return self.tokenizer_path or self.model_path
+
+    @property
+    def tp_ranks_per_node(self) -> int:
+        return self.tp_size // self.nnodes
 
     def validate(self) -> None:
         if self.load_format not in ("auto", "safetensors", "dummy"):
@@ -109,6 +118,7 @@ class EngineArgs:
             raise ValueError("--tp must be >= 1")
         if self.cuda_graph_max_bs < 1:
             raise ValueError("--cuda-graph-max-bs must be >= 1")
+        self._validate_nodes()
         if self.enable_torch_compile and self.attention_backend == "torch" and self.device.startswith("cuda"):
             # The torch backend stores K/V with a plain Triton launch and torch indexing, which
             # torch.compile functionalizes: it copies the whole KV pool around them (a 22.6 GiB
@@ -118,6 +128,20 @@ class EngineArgs:
                 "--enable-torch-compile needs the triton attention backend on CUDA: with "
                 "--attention-backend torch, torch.compile copies the whole KV pool"
             )
+
+    def _validate_nodes(self) -> None:
+        if self.nnodes < 1:
+            raise ValueError("--nnodes must be >= 1")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"--node-rank must be in [0, {self.nnodes}) for --nnodes {self.nnodes}")
+        if self.tp_size % self.nnodes:
+            raise ValueError(
+                f"--tp {self.tp_size} does not split over --nnodes {self.nnodes}: each node runs tp/nnodes ranks"
+            )
+        if self.nnodes > 1 and self.dist_init_addr is None:
+            raise ValueError(f"--nnodes {self.nnodes} needs --dist-init-addr HOST:PORT (node 0's address)")
+        if self.dist_init_addr is not None:
+            split_host_port(self.dist_init_addr)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -135,7 +159,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "quantization": ["fp8"],
         "kv_cache_dtype": list(KV_CACHE_DTYPES),
     }
-    aliases = {"tp_size": ("--tp", "--tensor-parallel-size")}  # SGLang's spellings
+    aliases = {  # SGLang's spellings
+        "tp_size": ("--tp", "--tensor-parallel-size"),
+        "dist_init_addr": ("--nccl-init-addr", "--nccl-init"),
+    }
     for f in dataclasses.fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -160,6 +187,14 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return args
 
 
+def split_host_port(address: str) -> tuple[str, int]:
+    """`HOST:PORT` (--dist-init-addr) as (host, port); ValueError naming the flag otherwise."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--dist-init-addr must be HOST:PORT, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
 def _parse_type(f: dataclasses.Field) -> Any:
     text = str(f.type)
     if "int" in text:
@@ -169,4 +204,11 @@ def _parse_type(f: dataclasses.Field) -> Any:
     return str
 
 
-__all__ = ["DEFAULT_MODEL", "KV_CACHE_DTYPES", "EngineArgs", "add_engine_args", "engine_args_from"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "KV_CACHE_DTYPES",
+    "EngineArgs",
+    "add_engine_args",
+    "engine_args_from",
+    "split_host_port",
+]

@@ -28,7 +28,7 @@ from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
-from pdserve.shared.engine.tp_steps import step_ends
+from pdserve.shared.engine.tp_steps import step_channel_host, step_ends
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
 from pdserve.shared.models.kv_scales import KVScaleCollector
@@ -103,7 +103,7 @@ class ModelRunner:
         # the checkpoint slices of this rank, for weight updates (tp_weights.py)
         self.shard_rules = shard_rules_of(model_config, self.tp) if self.tp is not None else None
         # rank 0 sends each forward pass to the followers; a follower receives them
-        self.step_sender, self.step_receiver = step_ends(self.tp)
+        self.step_sender, self.step_receiver = step_ends(self.tp, step_channel_host(args))
         self.sampler = Sampler(model_config.vocab_size, self.device, seed=args.random_seed)
         logger.info(
             "model loaded: %s, KV pool %d pages x %d tokens (%.1f MiB, %s), attention %s",

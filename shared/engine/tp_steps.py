@@ -12,7 +12,8 @@ supervision of the ranks (shared/launch/tp_ranks.py), not by a timeout.
 
 Rules:
 - `open_step_channel` is a collective: every rank calls it once, after its KV pool exists. Rank 0
-  binds one PUSH socket per follower on loopback and broadcasts their addresses through the process
+  binds one PUSH socket per follower on loopback (ranks on several hosts: on node 0's
+  --dist-init-addr host, `step_channel_host`) and broadcasts their addresses through the process
   group; follower r connects a PULL socket to the r-th.
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
   frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
@@ -22,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -30,6 +32,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from pdserve.shared.args import EngineArgs, split_host_port
 from pdserve.shared.models.forward_batch import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 
@@ -133,17 +136,25 @@ class StepReceiver:
         self.socket.close()
 
 
-def step_ends(rank: TPRank | None) -> tuple[StepSender | None, StepReceiver | None]:
+def step_channel_host(args: EngineArgs) -> str:
+    """Where rank 0 binds the step channel: loopback on one host; across hosts, the address of node 0
+    that every node already dials for the rendezvous (the --dist-init-addr host)."""
+    if args.nnodes == 1 or args.dist_init_addr is None:
+        return "127.0.0.1"
+    return socket.gethostbyname(split_host_port(args.dist_init_addr)[0])
+
+
+def step_ends(rank: TPRank | None, host: str = "127.0.0.1") -> tuple[StepSender | None, StepReceiver | None]:
     """(sender, receiver) of this rank: rank 0 sends, a follower receives, no TP has neither."""
     if rank is None:
         return None, None
-    channel = open_step_channel(rank, zmq.Context())
+    channel = open_step_channel(rank, zmq.Context(), host)
     return (channel, None) if isinstance(channel, StepSender) else (None, channel)
 
 
-def open_step_channel(rank: TPRank, ctx: zmq.Context) -> StepSender | StepReceiver:
+def open_step_channel(rank: TPRank, ctx: zmq.Context, host: str = "127.0.0.1") -> StepSender | StepReceiver:
     """Rank 0's sender or this follower's receiver (a collective: see the module rules)."""
-    sender = StepSender(ctx, rank.size - 1) if rank.rank == 0 else None
+    sender = StepSender(ctx, rank.size - 1, host) if rank.rank == 0 else None
     addresses: list[Any] = [sender.addresses if sender is not None else None]
     dist.broadcast_object_list(addresses, src=0)
     return sender if sender is not None else StepReceiver(ctx, addresses[0][rank.rank - 1])

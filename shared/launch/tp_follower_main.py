@@ -1,4 +1,5 @@
-"""A follower rank's process (rank 1..N-1 of a `--tp N` worker), started by tp_ranks.py.
+"""A follower rank's process (rank 1..N-1 of a `--tp N` worker), started by tp_ranks.py (or, for
+the ranks of another host, by that host's launcher: tp_node.py, then its parent).
 
 It joins the worker's process group, builds its runner and runs rank 0's forward passes
 (shared/engine/tp_follower.py) until rank 0 is gone or it gets SIGTERM. It binds no client socket
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s %(levelname)s tp-rank-{ns.rank} %(name)s: %(message)s",
     )
     args = EngineArgs(**json.loads(ns.engine_args))
-    args.device = rank_device(args.device, ns.rank)
-    join_process_group(args.device, ns.rank, ns.world_size, ns.init_method)
+    args.device = rank_device(args.device, ns.rank % args.tp_ranks_per_node)  # its place on this host
+    join_process_group(args.device, ns.rank, ns.world_size, ns.init_method, args.tp_ranks_per_node)
     runner = build_follower_runner(args)
     serve_follower(runner, keep_going=lambda: os.getppid() == ns.parent_pid)
     return 0

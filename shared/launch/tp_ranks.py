@@ -15,6 +15,10 @@ Rules:
 - Followers die with rank 0: PR_SET_PDEATHSIG where Linux offers it, and their loop checks that
   rank 0 is still their parent between passes.
 - `close()` stops the followers (SIGTERM, SIGKILL after a grace) and leaves the process group.
+- Ranks on several hosts (`--nnodes K`): this process starts only node 0's ranks 1..N/K-1; the
+  store is at --dist-init-addr, and node launchers (tp_node.py) start the others. Across hosts the
+  ranks are watched through that store (tp_node_watch.py): a node that reports a dead rank, or whose
+  beat stops, is a dead rank as above; `close()` first tells the nodes that the worker closes.
 - `--tp 1` starts nothing: the worker calls none of this.
 """
 
@@ -27,7 +31,7 @@ import os
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import timedelta
 
 import torch
@@ -35,6 +39,7 @@ import torch.distributed as dist
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.cluster.redis_server import free_port
+from pdserve.shared.launch.tp_node_watch import NodeWatch
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.resolver import resolve_model
 from pdserve.shared.models.tensor_parallel import check_tensor_parallel
@@ -46,20 +51,24 @@ STOP_GRACE_S = 5.0
 
 
 def rank_device(device: str, rank: int) -> str:
-    """Rank r's device: the CPU for every rank, else the r-th GPU from the worker's first."""
+    """Rank r's device: the CPU for every rank, else the r-th GPU from the worker's first (r: the
+    rank's place on its host)."""
     if not device.startswith("cuda"):
         return device
     first = int(device.split(":", 1)[1]) if ":" in device else 0
     return f"cuda:{first + rank}"
 
 
-def join_process_group(device: str, rank: int, world_size: int, init_method: str) -> None:
-    """This process as `rank` of the worker's group (see the module rules)."""
+def join_process_group(
+    device: str, rank: int, world_size: int, init_method: str, local_ranks: int | None = None
+) -> None:
+    """This process as `rank` of the worker's group (see the module rules); `local_ranks`: how
+    many of the ranks share this host (default all)."""
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     else:
         # the worker's share of the cores (serve's OMP_NUM_THREADS under --dp), split over its ranks
-        torch.set_num_threads(max(1, torch.get_num_threads() // world_size))
+        torch.set_num_threads(max(1, torch.get_num_threads() // (local_ranks or world_size)))
     dist.init_process_group(
         backend="nccl" if device.startswith("cuda") else "gloo",
         init_method=init_method,
@@ -67,6 +76,36 @@ def join_process_group(device: str, rank: int, world_size: int, init_method: str
         rank=rank,
         timeout=COLLECTIVE_TIMEOUT,
     )
+
+
+def init_method_of(args: EngineArgs) -> str:
+    """The rendezvous: --dist-init-addr when the ranks span hosts, else a free loopback port."""
+    if args.nnodes > 1 and args.dist_init_addr is not None:
+        return f"tcp://{args.dist_init_addr}"
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def follower_command(args: EngineArgs, init_method: str, rank: int) -> list[str]:
+    """The command line of follower `rank` (tp_follower_main.py), a child of this process."""
+    return [
+        sys.executable, "-m", "pdserve.shared.launch.tp_follower_main",
+        "--world-size", str(args.tp_size), "--init-method", init_method, "--rank", str(rank),
+        "--parent-pid", str(os.getpid()), "--engine-args", json.dumps(dataclasses.asdict(args)),
+    ]  # fmt: skip
+
+
+def stop_processes(procs: Iterable[subprocess.Popen]) -> None:
+    """SIGTERM to those still running, SIGKILL to those alive STOP_GRACE_S later; reaps them all."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def check_shards(args: EngineArgs) -> None:
@@ -88,18 +127,19 @@ class TensorParallelRanks:
         self.size = args.tp_size
         self.on_rank_exit = on_rank_exit
         self._closing = threading.Event()
-        init_method = f"tcp://127.0.0.1:{free_port()}"
-        cmd = [
-            sys.executable, "-m", "pdserve.shared.launch.tp_follower_main",
-            "--world-size", str(self.size), "--init-method", init_method,
-            "--parent-pid", str(os.getpid()), "--engine-args", json.dumps(dataclasses.asdict(args)),
-        ]  # fmt: skip
-        self.followers = {r: subprocess.Popen([*cmd, "--rank", str(r)]) for r in range(1, self.size)}
+        init_method = init_method_of(args)
+        self.followers = {
+            r: subprocess.Popen(follower_command(args, init_method, r))
+            for r in range(1, args.tp_ranks_per_node)
+        }
         self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
         self._watcher.start()
         self._threads = torch.get_num_threads()
+        self.nodes: NodeWatch | None = None
         try:
-            join_process_group(rank_device(args.device, 0), 0, self.size, init_method)
+            join_process_group(rank_device(args.device, 0), 0, self.size, init_method, args.tp_ranks_per_node)
+            if args.nnodes > 1:
+                self.nodes = NodeWatch(args, self._on_node_exit)
         except BaseException:
             self.close()
             raise
@@ -115,23 +155,27 @@ class TensorParallelRanks:
                 status = proc.poll()
                 if status is not None and not self._closing.is_set():
                     logger.error("tensor-parallel rank %d exited with status %d", rank, status)
-                    for other in self.followers.values():
-                        if other.poll() is None:
-                            other.kill()
+                    self._kill_followers()
                     self.on_rank_exit(rank, status)
                     return
 
-    def close(self) -> None:
-        self._closing.set()
+    def _kill_followers(self) -> None:
         for proc in self.followers.values():
             if proc.poll() is None:
-                proc.terminate()
-        for proc in self.followers.values():
-            try:
-                proc.wait(STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+
+    def _on_node_exit(self, rank: int, status: int) -> None:
+        """A rank of another host is gone: as a local follower's death (see the module rules)."""
+        if not self._closing.is_set():
+            self._closing.set()
+            self._kill_followers()
+            self.on_rank_exit(rank, status)
+
+    def close(self) -> None:
+        self._closing.set()
+        if self.nodes is not None:  # before the store goes with the process group
+            self.nodes.close()
+        stop_processes(self.followers.values())
         if dist.is_initialized():
             dist.destroy_process_group()
         torch.set_num_threads(self._threads)

@@ -18,6 +18,9 @@ auto's backend for pairs cuda_ipc cannot serve: `--kv-transfer-fallback zmq|nccl
 the others, chosen per pair; CPU workers run zmq. Transfers that do not finish within
 `--kv-transfer-timeout` seconds fail; a decode worker pre-allocates a prompt only with room for
 `--num-reserved-decode-tokens` output tokens besides (decode/decode_role.py).
+Ranks on several hosts: `--tp N --nnodes K --dist-init-addr HOST:PORT` (node 0's address) with
+`--node-rank 0` on node 0 (the worker) and `--node-rank R` on host R, which starts its N/K ranks and
+supervises them, serving nothing itself (tp_node.py).
 Logs go to stderr; stdout carries only the ready line. The worker starts no child processes but
 its tensor-parallel ranks (`--tp N`: N-1 followers, one per rank, tp_ranks.py).
 Start-up steps that take more than a second (importing torch, resolving or converting the model,
@@ -145,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if engine_args.nnodes > 1 and ns.role != "mixed":
+        print(f"worker: --nnodes {engine_args.nnodes} serves --role mixed only", file=sys.stderr)
+        return EXIT_USAGE
+    if engine_args.node_rank > 0:  # another host's ranks of node 0's worker: no worker here
+        from pdserve.shared.launch.tp_node import run_node
+
+        return run_node(engine_args)
     return run_worker(ns, engine_args)
 
 

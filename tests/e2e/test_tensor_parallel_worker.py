@@ -22,6 +22,7 @@ import requests
 from pdserve.shared.launch.worker_process import WorkerProcess
 from tests.helpers.cluster_waits import all_pages_back, live_workers, wait_until
 from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.router_http import greedy_generate
 from tests.helpers.tiny_classifiers import make_tiny_classifier
 
 pytestmark = pytest.mark.slow
@@ -54,16 +55,8 @@ def test_a_tp2_worker_serves_transformers_greedy_tokens(worker_launcher, router_
     rng = random.Random(3)
     prompts = [[rng.randrange(3, 256) for _ in range(n)] for n in (4, 30)]
     for prompt, (want_ids, want_lps) in zip(prompts, hf_greedy(tiny_llama_dir, prompts, MAX_NEW)):
-        body = {
-            "input_ids": prompt,
-            "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW},
-            "return_logprob": True,
-        }
-        resp = requests.post(url + "/generate", json=body, timeout=60)
-        assert resp.status_code == 200, resp.text
-        out = resp.json()
-        assert out["output_ids"] == want_ids
-        got_lps = [row[0] for row in out["meta_info"]["output_token_logprobs"]]
+        got_ids, got_lps = greedy_generate(url, prompt, MAX_NEW)
+        assert got_ids == want_ids
         assert got_lps == pytest.approx(want_lps, abs=LOGPROB_TOL)
     info = requests.get(url + "/get_server_info", timeout=10).json()
     assert '"tp_size": 2' in json.dumps(info)

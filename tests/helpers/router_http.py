@@ -15,6 +15,19 @@ def post(url: str, path: str, body, headers=AUTH, **kw) -> requests.Response:
     return requests.post(url + path, json=body, headers=headers, timeout=120, **kw)
 
 
+def greedy_generate(url: str, prompt: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """(output ids, their logprobs) of a greedy native /generate of `prompt` (no API key)."""
+    body = {
+        "input_ids": prompt,
+        "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens},
+        "return_logprob": True,
+    }
+    resp = requests.post(url + "/generate", json=body, timeout=60)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    return out["output_ids"], [row[0] for row in out["meta_info"]["output_token_logprobs"]]
+
+
 def sse_chunks(resp: requests.Response) -> list:
     """The JSON chunks of an SSE response, checking the framing; the last item is "[DONE]"."""
     chunks = []

@@ -110,6 +110,10 @@ TP_MIXED_ONLY = (
 
 def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
     devices = parse_devices(ns.device)
+    if ns.nnodes > 1:
+        raise PlanError(
+            "--nnodes: serve runs on one host; run `worker --nnodes K --node-rank R` on each host"
+        )
     if ns.tp_size > 1 and (ns.prefill is not None or ns.decode is not None):
         raise PlanError(TP_MIXED_ONLY)
     if ns.prefill is None and ns.decode is None:
