@@ -55,6 +55,7 @@ from pdserve.shared.engine.weight_swap import (
     WeightsUpdateError,
     check_weights,
     next_weight_version,
+    refuse_fp8_dummy_update,
 )
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import meta_model
@@ -348,7 +349,11 @@ class Engine:
         """Checks a checkpoint against the live model (weight_swap.py); raises WeightsUpdateError.
         Reads parameter shapes only, so it may run in another thread while the engine steps."""
         # a rank's slices are cut as at load: the whole checkpoint must fit the whole model
-        model = self.runner.model if self.runner.tp is None else meta_model(self.model_config)
+        if self.runner.tp is None:
+            model = self.runner.model
+        else:
+            model = meta_model(self.model_config, self.args.quantization)
+        refuse_fp8_dummy_update(model, self.args.load_format)
         return check_weights(model, self.model_config, model_path, load_format)
 
     def update_weights_from_disk(
