@@ -29,6 +29,7 @@ from tests.helpers.checkpoint_copies import perturbed_copy
 from tests.helpers.cluster_waits import live_workers, wait_until
 from tests.helpers.engine_tokens import tp1_greedy_tokens
 from tests.helpers.fp8_checkpoint import COMPRESSED_TENSORS_PER_TENSOR, fp8_checkpoint
+from tests.helpers.router_http import served_output_ids
 from tests.helpers.sglang_control import serialize_named_tensors
 
 pytestmark = pytest.mark.slow
@@ -58,17 +59,6 @@ def checkpoints(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
 def expected(checkpoints) -> dict[str, list[list[int]]]:
     """Tokens of each checkpoint's fp8 model loaded from scratch (TP=1)."""
     return {name: tp1_greedy_tokens(checkpoints[name], PROMPTS, GREEDY, "fp8") for name in ("a", "b", "b8")}
-
-
-def _served(url: str) -> list[list[int]]:
-    outs = []
-    for prompt in PROMPTS:
-        resp = requests.post(
-            url + "/generate", json={"input_ids": prompt, "sampling_params": GREEDY}, timeout=60
-        )
-        assert resp.status_code == 200, resp.text
-        outs.append(resp.json()["output_ids"])
-    return outs
 
 
 def _post(url: str, path: str, body: dict) -> requests.Response:
@@ -109,16 +99,16 @@ def test_an_fp8_worker_updates_from_disk_and_from_tensors(
 ):
     assert len({str(t) for t in expected.values()}) == 3  # three different models
     url = _start(worker_launcher, router_launcher, checkpoints["a"])
-    assert _served(url) == expected["a"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["a"]
 
     resp = _from_disk(url, checkpoints["b"])  # 16-bit: quantized into the fp8 weights and scales
     assert resp.status_code == 200 and resp.json()["message"] == "Succeeded to update model weights.", (
         resp.text
     )
-    assert _served(url) == expected["b"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b"]
     resp = _from_disk(url, checkpoints["b8"])  # fp8 per tensor: copied with its scales
     assert resp.status_code == 200, resp.text
-    assert _served(url) == expected["b8"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b8"]
 
     # the stored parameter, as SGLang answers: e4m3 values without the scale, and the scales apart
     b8 = load_file(str(checkpoints["b8"] / "model.safetensors"))
@@ -133,13 +123,13 @@ def test_an_fp8_worker_updates_from_disk_and_from_tensors(
     ]
     for resp, words in refusals:
         _refused(resp, words)
-    assert _served(url) == expected["b8"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b8"]
 
     # B's float32 tensors: each fp8 linear's rows quantized here, as a fresh load of B does
     b = load_file(str(checkpoints["b"] / "model.safetensors"))
     resp = _from_tensors(url, sorted(b.items()))
     assert resp.status_code == 200, resp.text
-    assert _served(url) == expected["b"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b"]
     weight, scale = per_channel_quant_fp8(b[K_PROJ])
     assert torch.equal(_weights(url, K_PROJ, 4), weight[:4].float())
     assert torch.equal(_weights(url, K_PROJ + "_scale"), scale)
@@ -149,10 +139,10 @@ def test_a_tp2_fp8_worker_updates_every_rank_from_disk(
     worker_launcher, router_launcher, checkpoints, expected
 ):
     url = _start(worker_launcher, router_launcher, checkpoints["a"], "--tp", "2")
-    assert _served(url) == expected["a"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["a"]
     for name in ("b", "b8"):
         resp = _from_disk(url, checkpoints[name])
         assert resp.status_code == 200, resp.text
-        assert _served(url) == expected[name]
+        assert served_output_ids(url, PROMPTS, GREEDY) == expected[name]
     _refused(_from_disk(url, checkpoints["blockwise"]), "block-wise")
-    assert _served(url) == expected["b8"]
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b8"]
