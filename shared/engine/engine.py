@@ -55,7 +55,6 @@ from pdserve.shared.engine.weight_swap import (
     WeightsUpdateError,
     check_weights,
     next_weight_version,
-    refuse_fp8_dummy_update,
 )
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import meta_model
@@ -349,12 +348,9 @@ class Engine:
         """Checks a checkpoint against the live model (weight_swap.py); raises WeightsUpdateError.
         Reads parameter shapes only, so it may run in another thread while the engine steps."""
         # a rank's slices are cut as at load: the whole checkpoint must fit the whole model
-        if self.runner.tp is None:
-            model = self.runner.model
-        else:
-            model = meta_model(self.model_config, self.args.quantization)
-        refuse_fp8_dummy_update(model, self.args.load_format)
-        return check_weights(model, self.model_config, model_path, load_format)
+        tp = self.runner.tp is not None
+        model = meta_model(self.model_config, self.args.quantization) if tp else self.runner.model
+        return check_weights(model, self.model_config, model_path, load_format, self.args.load_format)
 
     def update_weights_from_disk(
         self,

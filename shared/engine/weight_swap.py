@@ -103,10 +103,12 @@ def check_weights(
     model_config: ModelConfig,
     model_path: str,
     load_format: str | None = None,
+    served_load_format: str = "auto",
 ) -> CheckedWeights:
     """Raises WeightsUpdateError unless `model_path` holds a checkpoint that fits `model` exactly
     (a tensor-parallel rank passes the whole model on the meta device: its slices are then cut as
-    at load)."""
+    at load); `served_load_format` is how the live weights were loaded."""
+    _refuse_fp8_dummy_update(model, served_load_format)
     if load_format not in UPDATE_LOAD_FORMATS:
         raise WeightsUpdateError(
             f"Failed to update weights: load_format {load_format!r} cannot be reloaded from disk "
@@ -137,7 +139,7 @@ def check_weights(
     return CheckedWeights(model_path, Path(resolved.local_dir), load_format or "auto")
 
 
-def refuse_fp8_dummy_update(model: nn.Module, served_load_format: str) -> None:
+def _refuse_fp8_dummy_update(model: nn.Module, served_load_format: str) -> None:
     """An fp8 model drawn from dummy weights could not be restored after a failed copy (its random
     weights were quantized after they were drawn): such a model is not updated at all."""
     if served_load_format == "dummy" and fp8_weight_names(checkpoint_targets(model)):
