@@ -70,8 +70,9 @@ def fp8_checkpoint(
             yield name + SCALE_SUFFIX, scale
         elif name.endswith(SCALE_SUFFIX) and name[: -len(SCALE_SUFFIX)] in fp8_weights:
             weight_rule = rules.get(name[: -len(SCALE_SUFFIX)])
-            per_row = weight_rule is not None and weight_rule.dim == 0 and tensor.numel() > 1
-            yield name, weight_rule.apply(tensor.reshape(-1)) if per_row else tensor  # type: ignore[union-attr]
+            if weight_rule is not None and weight_rule.dim == 0 and tensor.numel() > 1:  # one per row
+                tensor = weight_rule.apply(tensor.reshape(-1))
+            yield name, tensor
         else:
             yield name, tensor if rule is None else rule.apply(tensor)
 
