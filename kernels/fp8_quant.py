@@ -73,8 +73,14 @@ def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def per_token_quant_fp8_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x32 = x.float()
-    scales = x32.abs().amax(dim=-1, keepdim=True).clamp(min=MIN_AMAX) * INV_FP8_E4M3_MAX
-    q = (x32 / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return quant_fp8_by_amax_ref(x32, x32.abs().amax(dim=-1, keepdim=True))
+
+
+def quant_fp8_by_amax_ref(x: torch.Tensor, amax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] quantized as above with the given per-row amax [M, 1] (a tensor-parallel rank's
+    slice of a row takes the whole row's, so it rounds as the unsplit row does)."""
+    scales = amax.float().clamp(min=MIN_AMAX) * INV_FP8_E4M3_MAX
+    q = (x.float() / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q, scales
 
 

@@ -348,8 +348,9 @@ class Engine:
         """Checks a checkpoint against the live model (weight_swap.py); raises WeightsUpdateError.
         Reads parameter shapes only, so it may run in another thread while the engine steps."""
         # a rank's slices are cut as at load: the whole checkpoint must fit the whole model
-        model = self.runner.model if self.runner.tp is None else meta_model(self.model_config)
-        return check_weights(model, self.model_config, model_path, load_format)
+        tp = self.runner.tp is not None
+        model = meta_model(self.model_config, self.args.quantization) if tp else self.runner.model
+        return check_weights(model, self.model_config, model_path, load_format, self.args.load_format)
 
     def update_weights_from_disk(
         self,

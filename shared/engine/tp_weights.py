@@ -50,7 +50,7 @@ def _reload_everywhere(runner: ModelRunner, checked: CheckedWeights, previous_di
     failure's message (every rank restored)."""
     error: str | None = None
     try:
-        apply_weights(runner.model, checked, runner.shard_rules)
+        apply_weights(runner.model, checked, runner.shard_rules, runner.config.dtype)
     except WeightsUpdateError as exc:
         error = str(exc)
     if runner.tp is not None:
@@ -60,5 +60,5 @@ def _reload_everywhere(runner: ModelRunner, checked: CheckedWeights, previous_di
         error = f"{failed[0][1]} (tensor-parallel rank {failed[0][0]})" if failed else None
     if error is not None:
         logger.warning("weight update failed, restoring the previous weights: %s", error)
-        restore_weights(runner.model, runner.args, previous_dir, runner.shard_rules)
+        restore_weights(runner.model, runner.args, previous_dir, runner.shard_rules, runner.config.dtype)
     return error

@@ -30,10 +30,18 @@ from torch import nn
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.fp8_checkpoint import (
+    SCALE_SUFFIX,
+    check_fp8_pairs,
+    fp8_checkpoint,
+    fp8_weight_names,
+    is_fp8,
+)
 from pdserve.shared.models.loader import init_dummy_weights, iter_weights, safetensors_files
+from pdserve.shared.models.quantization import DROPPED_SUFFIXES, QuantizationError, fp8_scheme
 from pdserve.shared.models.resolver import ModelNotFoundError, resolve_model
 from pdserve.shared.models.tensor_parallel import ShardRule, shard_checkpoint
-from pdserve.shared.models.weights import WeightLoadError, checkpoint_targets
+from pdserve.shared.models.weights import WeightLoadError, checkpoint_targets, load_checkpoint_weights
 
 UPDATE_OK = "Succeeded to update model weights."
 UPDATE_LOAD_FORMATS = (None, "auto", "safetensors")
@@ -70,13 +78,24 @@ def _names(names: list[str] | set[str], limit: int = 8) -> str:
 ShardRules = dict[str, ShardRule] | None
 
 
-def _checkpoint_shapes(local_dir: Path) -> dict[str, tuple[int, ...]]:
-    shapes: dict[str, tuple[int, ...]] = {}
+# safetensors' dtype names, for the header check (meta tensors carry shape and dtype, no values)
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _checkpoint_tensors(local_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors on the meta device: shapes and dtypes from the headers."""
+    tensors: dict[str, torch.Tensor] = {}
     for path in safetensors_files(local_dir):
         with safe_open(str(path), framework="pt", device="cpu") as f:
             for name in list(f.keys()):
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+                piece = f.get_slice(name)
+                dtype = _DTYPES.get(piece.get_dtype(), torch.float32)
+                tensors[name] = torch.empty(tuple(piece.get_shape()), dtype=dtype, device="meta")
+    return tensors
 
 
 def check_weights(
@@ -84,10 +103,12 @@ def check_weights(
     model_config: ModelConfig,
     model_path: str,
     load_format: str | None = None,
+    served_load_format: str = "auto",
 ) -> CheckedWeights:
     """Raises WeightsUpdateError unless `model_path` holds a checkpoint that fits `model` exactly
     (a tensor-parallel rank passes the whole model on the meta device: its slices are then cut as
-    at load)."""
+    at load); `served_load_format` is how the live weights were loaded."""
+    _refuse_fp8_dummy_update(model, served_load_format)
     if load_format not in UPDATE_LOAD_FORMATS:
         raise WeightsUpdateError(
             f"Failed to update weights: load_format {load_format!r} cannot be reloaded from disk "
@@ -107,34 +128,56 @@ def check_weights(
             f"the served model is {model_config.architectures}."
         )
     try:
-        shapes = _checkpoint_shapes(resolved.local_dir)
+        fp8_scheme(new_config.hf_config, None)
+    except QuantizationError as exc:
+        raise WeightsUpdateError(f"Failed to update weights: {exc}.") from exc
+    try:
+        tensors = _checkpoint_tensors(resolved.local_dir)
     except (WeightLoadError, OSError) as exc:
         raise WeightsUpdateError(f"Failed to get weights iterator: {exc}.") from exc
-    _check_shapes(model, shapes)
+    _check_shapes(model, tensors)
     return CheckedWeights(model_path, Path(resolved.local_dir), load_format or "auto")
 
 
-def _as_model_names(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    """The checkpoint's shapes under the names the model loads them by: its `checkpoint_pairs`
-    (renamed, fused tensors split) run over meta tensors, so no value is read."""
+def _refuse_fp8_dummy_update(model: nn.Module, served_load_format: str) -> None:
+    """An fp8 model drawn from dummy weights could not be restored after a failed copy (its random
+    weights were quantized after they were drawn): such a model is not updated at all."""
+    if served_load_format == "dummy" and fp8_weight_names(checkpoint_targets(model)):
+        raise WeightsUpdateError(
+            "Failed to update weights: an fp8 model served with --load-format dummy cannot be updated "
+            "(its weights could not be restored if the update failed); serve it from a checkpoint."
+        )
+
+
+def _as_model_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's meta tensors under the names the model loads them by: its
+    `checkpoint_pairs` (renamed, fused tensors split), so no value is read."""
     pairs = getattr(model, "checkpoint_pairs", None)
-    if pairs is None:
-        return shapes
-    meta = ((name, torch.empty(shape, device="meta")) for name, shape in shapes.items())
-    return {name: tuple(tensor.shape) for name, tensor in pairs(meta)}
+    return tensors if pairs is None else dict(pairs(tensors.items()))
 
 
-def _check_shapes(model: nn.Module, checkpoint_shapes: dict[str, tuple[int, ...]]) -> None:
-    shapes = _as_model_names(model, checkpoint_shapes)
+def _check_shapes(model: nn.Module, checkpoint_tensors: dict[str, torch.Tensor]) -> None:
+    tensors = _as_model_names(model, checkpoint_tensors)
     ignore = getattr(model, "ignore_checkpoint_tensor", lambda name: False)
     targets = checkpoint_targets(model)
+    fp8_weights = fp8_weight_names(targets)
+    problem = check_fp8_pairs(targets, tensors)
+    if problem is not None:
+        raise WeightsUpdateError(f"Failed to update weights: {problem}.")
+    # an fp8 model drops static input scales, and a 16-bit weight brings its own scale
+    if fp8_weights:
+        tensors = {n: t for n, t in tensors.items() if not n.endswith(DROPPED_SUFFIXES)}
+    quantized_here = {w + SCALE_SUFFIX for w in fp8_weights if w in tensors and not is_fp8(tensors[w].dtype)}
     unexpected: list[str] = []
-    for name, shape in shapes.items():
+    for name, tensor in tensors.items():
         target = targets.get(name)
         if target is None:
             if not ignore(name):
                 unexpected.append(name)
             continue
+        if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in fp8_weights:
+            continue  # one per tensor or per row, checked by check_fp8_pairs
+        shape = tuple(tensor.shape)
         param, rows = target
         expected = tuple(param.shape if rows is None else param[rows].shape)  # a view: no values read
         if shape != expected:
@@ -146,7 +189,7 @@ def _check_shapes(model: nn.Module, checkpoint_shapes: dict[str, tuple[int, ...]
         raise WeightsUpdateError(
             f"Failed to update weights: tensors the served model does not have: {_names(unexpected)}."
         )
-    missing = set(targets) - set(shapes)
+    missing = set(targets) - set(tensors) - quantized_here
     if missing:
         raise WeightsUpdateError(
             f"Failed to update weights: tensors missing from the checkpoint: {_names(missing)}."
@@ -154,11 +197,17 @@ def _check_shapes(model: nn.Module, checkpoint_shapes: dict[str, tuple[int, ...]
 
 
 @torch.no_grad()
-def apply_weights(model: nn.Module, checked: CheckedWeights, shard_rules: ShardRules = None) -> None:
-    """Copies the checked checkpoint into `model` (engine idle). Raises WeightsUpdateError when
+def apply_weights(
+    model: nn.Module,
+    checked: CheckedWeights,
+    shard_rules: ShardRules = None,
+    dtype: torch.dtype = torch.float32,
+) -> None:
+    """Copies the checked checkpoint into `model` (engine idle; `dtype` the model's, which 16-bit
+    weights are rounded to before an fp8 model quantizes them). Raises WeightsUpdateError when
     reading fails half-way; the model's weights are then mixed and the caller must restore them."""
     try:
-        model.load_weights(_weights(checked.local_dir, shard_rules), strict=True)
+        _load(model, checked.local_dir, shard_rules, dtype)
     except (WeightLoadError, OSError, RuntimeError) as exc:
         raise WeightsUpdateError(
             f"Failed to update weights: {exc}.\nRolling back to original weights."
@@ -166,15 +215,30 @@ def apply_weights(model: nn.Module, checked: CheckedWeights, shard_rules: ShardR
 
 
 def restore_weights(
-    model: nn.Module, args: EngineArgs, local_dir: Path, shard_rules: ShardRules = None
+    model: nn.Module,
+    args: EngineArgs,
+    local_dir: Path,
+    shard_rules: ShardRules = None,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Restores the weights served before a failed copy (same source, same seed)."""
     if args.load_format == "dummy":
         init_dummy_weights(model, args.random_seed)
     else:
-        model.load_weights(_weights(local_dir, shard_rules), strict=True)
+        _load(model, local_dir, shard_rules, dtype)
 
 
-def _weights(local_dir: Path, shard_rules: ShardRules):
+def _load(model: nn.Module, local_dir: Path, shard_rules: ShardRules, dtype: torch.dtype) -> None:
     weights = iter_weights(local_dir)
-    return shard_checkpoint(weights, shard_rules) if shard_rules else weights
+    fp8_weights = fp8_weight_names(checkpoint_targets(model))
+    if not fp8_weights:
+        model.load_weights(shard_checkpoint(weights, shard_rules) if shard_rules else weights, strict=True)
+        return
+    # fp8: 16-bit weights quantized, fp8 ones and their scales as they are, under the model's names
+    # (tensor-parallel families load by the checkpoint's own names, so the rules still apply)
+    weights = ((name, t) for name, t in weights if not name.endswith(DROPPED_SUFFIXES))
+    pairs = getattr(model, "checkpoint_pairs", lambda w: w)(weights)
+    ignore = getattr(model, "ignore_checkpoint_tensor", lambda name: False)
+    load_checkpoint_weights(
+        model, fp8_checkpoint(pairs, fp8_weights, dtype, shard_rules), ignore, strict=True
+    )

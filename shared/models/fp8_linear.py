@@ -54,11 +54,11 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.ones(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype)) if bias else None
 
-    @staticmethod
-    def like(linear: nn.Linear) -> Fp8Linear:
-        """An empty Fp8Linear of linear's shape (on linear's device; meta stays meta)."""
+    @classmethod
+    def like(cls, linear: nn.Linear) -> Fp8Linear:
+        """An empty Fp8Linear (or subclass) of linear's shape (on linear's device; meta stays meta)."""
         with torch.device(linear.weight.device):
-            return Fp8Linear(
+            return cls(
                 linear.in_features,
                 linear.out_features,
                 linear.bias is not None,
@@ -66,10 +66,10 @@ class Fp8Linear(nn.Module):
                 getattr(linear, "shards", None),
             )
 
-    @staticmethod
+    @classmethod
     @torch.no_grad()
-    def quantized(linear: nn.Linear) -> Fp8Linear:
-        fp8 = Fp8Linear.like(linear)
+    def quantized(cls, linear: nn.Linear) -> Fp8Linear:
+        fp8 = cls.like(linear)
         weight, scale = per_channel_quant_fp8(linear.weight.data)
         fp8.weight.data = weight
         fp8.weight_scale.data = scale
@@ -92,38 +92,51 @@ class Fp8Linear(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gemm(x, self.bias)
+
+    def gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ dequant(weight)^T + bias, x's rows quantized per token on the fly."""
         rows = x.reshape(-1, self.in_features)
         if rows.device.type == "cuda":
-            from pdserve.kernels.custom_ops import fp8_gemm_dynamic_op, fp8_gemm_op, per_token_quant_fp8_op
+            from pdserve.kernels.custom_ops import fp8_gemm_dynamic_op, per_token_quant_fp8_op
 
             if rows.shape[0] <= SKINNY_M:  # one launch: the rows are quantized inside the GEMM
-                out = fp8_gemm_dynamic_op(rows, self.weight, self.weight_scale, self.bias, self.out_dtype)
+                out = fp8_gemm_dynamic_op(rows, self.weight, self.weight_scale, bias, self.out_dtype)
                 return out.reshape(*x.shape[:-1], self.out_features)
             q, scales = per_token_quant_fp8_op(rows)
-            # cuBLASLt's fp8 GEMM takes only dims that are multiples of 16
-            if self.in_features % 16 or self.out_features % 16:
-                out = fp8_gemm_op(q, scales, self.weight, self.weight_scale, self.bias, self.out_dtype)
-                return out.reshape(*x.shape[:-1], self.out_features)
         else:
             q, scales = per_token_quant_fp8_ref(rows)
-        out = torch._scaled_mm(
+        return self.gemm_quantized(q, scales, bias).reshape(*x.shape[:-1], self.out_features)
+
+    def gemm_quantized(
+        self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """[M, out] from rows q [M, K] in e4m3 with their float32 scales [M, 1]."""
+        # cuBLASLt's fp8 GEMM takes only dims that are multiples of 16
+        if q.device.type == "cuda" and (self.in_features % 16 or self.out_features % 16):
+            from pdserve.kernels.custom_ops import fp8_gemm_op
+
+            return fp8_gemm_op(q, scales, self.weight, self.weight_scale, bias, self.out_dtype)
+        return torch._scaled_mm(
             q,
             self.weight.t(),
             scale_a=scales,
             scale_b=self.weight_scale[None, :],
-            bias=self.bias,
+            bias=bias,
             out_dtype=self.out_dtype,
         )
-        return out.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3 per-channel"
 
 
-def _convertible(model: nn.Module, keep: Callable[[str], bool]) -> list[tuple[str, nn.Linear]]:
+def convertible_linears(
+    model: nn.Module, keep: Callable[[str], bool], kinds: tuple[type, ...] = (nn.Linear, MergedLinear)
+) -> list[tuple[str, nn.Linear]]:
+    """The decoder layers' linears of exactly the types `kinds` that become fp8 (see the rules)."""
     found = []
     for name, module in model.named_modules():
-        if type(module) not in (nn.Linear, MergedLinear) or ".layers." not in f".{name}":
+        if type(module) not in kinds or ".layers." not in f".{name}":
             continue
         parent, _, leaf = name.rpartition(".")
         if leaf in _KEPT:
@@ -152,9 +165,9 @@ def replace_each(model: nn.Module, found: list[tuple[str, Any]], make: Callable[
 
 def quantize_linears(model: nn.Module, keep: Callable[[str], bool] = lambda name: False) -> int:
     """Converts the decoder layers' linears to fp8 from their weights; returns how many."""
-    return replace_each(model, _convertible(model, keep), Fp8Linear.quantized)
+    return replace_each(model, convertible_linears(model, keep), Fp8Linear.quantized)
 
 
 def fp8_linears_for_checkpoint(model: nn.Module, keep: Callable[[str], bool]) -> int:
     """Swaps empty Fp8Linears in where an fp8 checkpoint holds fp8 weights; returns how many."""
-    return replace_each(model, _convertible(model, keep), Fp8Linear.like)
+    return replace_each(model, convertible_linears(model, keep), Fp8Linear.like)

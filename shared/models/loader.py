@@ -13,13 +13,15 @@ Rules:
   `kv_scales` when given (the model runner's, for an fp8 KV pool), else they are dropped.
 - A tensor-parallel rank builds the whole model on the meta device, shards it (a pass,
   shared.models.tensor_parallel) and loads its slice of each tensor of the full checkpoint; its
-  dummy weights are drawn for its slices (they differ from a single rank's).
+  dummy weights are drawn for its slices (they differ from a single rank's). Under an fp8 scheme
+  its fp8 modules are swapped in first and a 16-bit checkpoint is quantized as it streams
+  (shared.models.fp8_checkpoint), so each slice holds the single-rank model's bits.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -27,14 +29,16 @@ from safetensors import safe_open
 from torch import nn
 
 from pdserve.shared.models.config import ModelConfig
+from pdserve.shared.models.fp8_checkpoint import fp8_checkpoint, fp8_weight_names
 from pdserve.shared.models.fp8_linear import fp8_linears_for_checkpoint, quantize_linears
 from pdserve.shared.models.fp8_moe import fp8_experts_for_checkpoint, quantize_experts
 from pdserve.shared.models.kv_scales import KVScaleCollector
 from pdserve.shared.models.quantization import DROPPED_SUFFIXES, fp8_scheme
 from pdserve.shared.models.registry import get_model_class
 from pdserve.shared.models.tensor_parallel import ShardRule, shard_checkpoint, shard_model
+from pdserve.shared.models.tensor_parallel_fp8 import fp8_row_parallel_for_checkpoint, quantize_row_parallel
 from pdserve.shared.models.tensor_parallel_layers import TPRank
-from pdserve.shared.models.weights import WeightLoadError
+from pdserve.shared.models.weights import WeightLoadError, checkpoint_targets
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 DUMMY_STD = 0.02
@@ -91,10 +95,15 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             param.normal_(0.0, DUMMY_STD, generator=generator)
 
 
-def meta_model(config: ModelConfig) -> nn.Module:
-    """The whole model for `config` on the meta device: its shapes, no memory, no values."""
+def meta_model(config: ModelConfig, quantization: str | None = None) -> nn.Module:
+    """The whole model for `config` on the meta device: its shapes, no memory, no values (with
+    its fp8 modules under an fp8 scheme)."""
     with torch.device("meta"):
-        return get_model_class(config.architectures)(config)
+        model = get_model_class(config.architectures)(config)
+        scheme = fp8_scheme(config.hf_config, quantization)
+        if scheme is not None:
+            _fp8_modules(model, scheme.keep, for_checkpoint=True)
+        return model
 
 
 def shard_rules_of(config: ModelConfig, tp_rank: TPRank) -> dict[str, ShardRule]:
@@ -102,6 +111,19 @@ def shard_rules_of(config: ModelConfig, tp_rank: TPRank) -> dict[str, ShardRule]
     new checkpoint alike)."""
     with torch.device("meta"):
         return shard_model(meta_model(config), config, tp_rank)
+
+
+def _fp8_modules(model: nn.Module, keep: Callable[[str], bool], for_checkpoint: bool) -> None:
+    """The fp8 modules in place of the linears and experts: empty ones for a checkpoint to fill,
+    else converted from their weights."""
+    if for_checkpoint:
+        fp8_linears_for_checkpoint(model, keep)
+        fp8_experts_for_checkpoint(model, keep)
+        fp8_row_parallel_for_checkpoint(model, keep)
+    else:
+        quantize_linears(model, keep)
+        quantize_experts(model, keep)
+        quantize_row_parallel(model, keep)
 
 
 def load_model(
@@ -123,10 +145,14 @@ def load_model(
     with torch.device("meta"):
         model = model_class(config)
         shard_rules = shard_model(model, config, tp_rank) if tp_rank is not None else None
-    fp8_loaded = scheme is not None and scheme.checkpoint_is_fp8 and load_format != "dummy"
+    # a rank quantizes while its slices load: a row-parallel slice needs its whole rows' scales
+    fp8_loaded = (
+        scheme is not None
+        and (scheme.checkpoint_is_fp8 or shard_rules is not None)
+        and load_format != "dummy"
+    )
     if fp8_loaded:
-        fp8_linears_for_checkpoint(model, scheme.keep)  # type: ignore[union-attr]
-        fp8_experts_for_checkpoint(model, scheme.keep)  # type: ignore[union-attr]
+        _fp8_modules(model, scheme.keep, for_checkpoint=True)  # type: ignore[union-attr]
     model.to_empty(device=torch.device(device))
     model.reset_buffers()
     if load_format == "dummy":
@@ -138,12 +164,14 @@ def load_model(
         weights = collector.weights_without_scales(iter_weights(local_dir))
         if fp8_loaded:
             weights = ((name, t) for name, t in weights if not name.endswith(DROPPED_SUFFIXES))
-        if shard_rules is not None:
+        if shard_rules is not None and fp8_loaded:
+            targets = checkpoint_targets(model)
+            weights = fp8_checkpoint(weights, fp8_weight_names(targets), config.dtype, shard_rules)
+        elif shard_rules is not None:
             weights = shard_checkpoint(weights, shard_rules)
         model.load_weights(weights)
     if scheme is not None and not fp8_loaded:
-        quantize_linears(model, scheme.keep)
-        quantize_experts(model, scheme.keep)
+        _fp8_modules(model, scheme.keep, for_checkpoint=False)
     model.eval()
     model.requires_grad_(False)
     return model

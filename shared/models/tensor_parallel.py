@@ -19,6 +19,7 @@ Rules:
   use the embedding slice); the vocabulary is padded with zero rows to a multiple of the size; the
   runner gathers the logits.
 - Norms (q/k norms included), rope and biases of row-parallel layers stay whole on every rank.
+- fp8 weights (`--quantization fp8` or an fp8 checkpoint): tensor_parallel_fp8.py, fp8_checkpoint.py.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str |
         raise ValueError(
             f"--tp {tp_size}: {arch} has no tensor-parallel support yet ({', '.join(SHARDABLE)} only)"
         )
-    if quantization is not None:
+    if quantization not in (None, "fp8"):  # fp8: tensor_parallel_fp8.py
         raise ValueError(f"--tp {tp_size}: quantized weights ({quantization}) are not sharded yet")
     heads, kv_heads = config.num_attention_heads, config.num_kv_heads
     if heads % tp_size:

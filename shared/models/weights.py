@@ -56,6 +56,11 @@ def checkpoint_targets(model: nn.Module) -> dict[str, Target]:
     return targets
 
 
+def scale_as(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """An fp8 scale shaped as its target: one per tensor spread over the rows, or one per row."""
+    return tensor.reshape(-1).expand(shape) if tensor.numel() == 1 else tensor.reshape(shape)
+
+
 def _summarize(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
@@ -82,9 +87,7 @@ def load_checkpoint_weights(
         param, rows = target
         dest = param.data if rows is None else param.data[rows]
         if name.endswith(".weight_scale") and tensor.numel() in (1, dest.numel()):
-            tensor = (
-                tensor.reshape(-1).expand(dest.shape) if tensor.numel() == 1 else tensor.reshape(dest.shape)
-            )
+            tensor = scale_as(tensor, dest.shape)
         if dest.shape != tensor.shape:
             raise WeightLoadError(
                 f"tensor {name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)}"

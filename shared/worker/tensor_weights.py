@@ -10,10 +10,16 @@ Rules (`/update_weights_from_tensor` and `/get_weights_by_name`, as SGLang has t
   model's own parameter names (SGLang's "direct"); other formats are refused;
 - every tensor is checked (a known name, exactly the target's shape, a floating dtype) before any
   is copied: an update copies all of its tensors or none;
+- on an fp8 linear (or fp8 expert) a 16/32-bit weight is quantized per output row into the fp8
+  weight and its `weight_scale`; an fp8 weight is copied as it is and needs its `weight_scale` in
+  the same update (one per row, or one per tensor); fp8 values for a 16-bit parameter are refused
+  (shared.models.fp8_checkpoint);
 - parameters not named keep their values (an RL step may send only what changed); tensors a model
   drops on purpose (rotary buffers, the lm_head of a tied model) are skipped, as a checkpoint load does;
 - a read-out is the first `truncate_size` rows of the parameter (elements of a 1-D one) in float32,
-  as nested lists; a tied model's `lm_head.weight` reads the embedding, which it shares.
+  as nested lists; a tied model's `lm_head.weight` reads the embedding, which it shares. An fp8
+  weight reads as its stored e4m3 values, without its scale (as SGLang returns the parameter);
+  `<name>_scale` reads the scales.
 """
 
 from __future__ import annotations
@@ -24,7 +30,14 @@ import torch
 from torch import nn
 
 from pdserve.shared.engine.weight_swap import WeightsUpdateError
-from pdserve.shared.models.weights import Target, TargetIndex, checkpoint_targets
+from pdserve.shared.models.fp8_checkpoint import (
+    SCALE_SUFFIX,
+    check_fp8_pairs,
+    fp8_weight_names,
+    is_fp8,
+    quantize_rows,
+)
+from pdserve.shared.models.weights import Target, TargetIndex, checkpoint_targets, scale_as
 
 TENSOR_LOAD_FORMATS = (None, "auto", "direct")
 TENSOR_UPDATE_OK = "Success"
@@ -44,9 +57,13 @@ def _targets(model: nn.Module, load_format: str | None) -> dict[str, Target]:
 
 
 def check_named_tensors(
-    model: nn.Module, named: list[tuple[str, torch.Tensor]], load_format: str | None = None
+    model: nn.Module,
+    named: list[tuple[str, torch.Tensor]],
+    load_format: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> CheckedTensors:
-    """Raises WeightsUpdateError (message for the client) unless every tensor fits its target."""
+    """Raises WeightsUpdateError (message for the client) unless every tensor fits its target;
+    `dtype` is the model's (16-bit weights for an fp8 parameter are rounded to it, then quantized)."""
     if load_format not in TENSOR_LOAD_FORMATS:
         raise WeightsUpdateError(
             f"Failed to update weights: load_format {load_format!r} is not supported "
@@ -56,8 +73,16 @@ def check_named_tensors(
         raise WeightsUpdateError("Failed to update weights: no tensors were given.")
     targets = _targets(model, load_format)
     ignore = getattr(model, "ignore_checkpoint_tensor", lambda name: False)
+    problem = check_fp8_pairs(targets, dict(named))
+    if problem is not None:
+        raise WeightsUpdateError(f"Failed to update weights: {problem}.")
+    fp8_weights = fp8_weight_names(targets)
     copies: list[tuple[nn.Parameter, TargetIndex, torch.Tensor]] = []
     for name, tensor in named:
+        if name.removesuffix(SCALE_SUFFIX) in fp8_weights and name.endswith(SCALE_SUFFIX):
+            param, rows = targets[name]  # one per tensor or per row (check_fp8_pairs)
+            copies.append((param, rows, scale_as(tensor, (param if rows is None else param[rows]).shape)))
+            continue
         target = targets.get(name)
         if target is None:
             if load_format != "direct" and ignore(name):
@@ -74,6 +99,10 @@ def check_named_tensors(
             raise WeightsUpdateError(
                 f"Failed to update weights: tensor {name} is {tensor.dtype}, not a floating-point tensor."
             )
+        if name in fp8_weights and not is_fp8(tensor.dtype):  # quantized here, with its scale
+            weight, scale = quantize_rows(tensor, dtype)
+            copies += [(param, rows, weight), (*targets[name + SCALE_SUFFIX], scale)]
+            continue
         copies.append((param, rows, tensor))
     return CheckedTensors(copies)
 

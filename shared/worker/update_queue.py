@@ -238,7 +238,7 @@ def _check_tensors(engine, request: UpdateWeightsFromTensor) -> CheckedTensors:
     if engine.runner.tp is not None:  # the tensors would reach rank 0's slices alone
         raise WeightsUpdateError(TP_TENSOR_UPDATE_MESSAGE)
     named = decode_named_tensors(request.serialized_named_tensors)
-    return check_named_tensors(engine.runner.model, named, request.load_format)
+    return check_named_tensors(engine.runner.model, named, request.load_format, engine.model_config.dtype)
 
 
 def _swap_disk(engine, request: UpdateWeightsRequest, checked: CheckedWeights) -> tuple[bool, str]:

@@ -17,23 +17,13 @@ import requests
 from tests.helpers.checkpoint_copies import misshapen_copy, perturbed_copy
 from tests.helpers.cluster_waits import live_workers, wait_until
 from tests.helpers.engine_tokens import tp1_greedy_tokens
+from tests.helpers.router_http import served_output_ids
 
 pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--max-total-tokens", "2048", "--log-level", "warning"]
 PROMPTS = [[5, 17, 33, 2, 90, 41, 7], [11] * 23]
 GREEDY = {"temperature": 0.0, "max_new_tokens": 8, "ignore_eos": True}
-
-
-def _served_tokens(url: str) -> list[list[int]]:
-    outs = []
-    for prompt in PROMPTS:
-        resp = requests.post(
-            url + "/generate", json={"input_ids": prompt, "sampling_params": GREEDY}, timeout=60
-        )
-        assert resp.status_code == 200, resp.text
-        outs.append(resp.json()["output_ids"])
-    return outs
 
 
 def test_a_tp2_worker_reloads_every_rank_from_disk(
@@ -47,21 +37,21 @@ def test_a_tp2_worker_reloads_every_rank_from_disk(
     worker = worker_launcher("--model-path", str(a), "--tp", "2", *FLAGS)
     url = router_launcher("--worker-addr", worker.zmq_address).url
     wait_until(lambda: len(live_workers(url)) == 1, 20.0, "the worker")
-    assert _served_tokens(url) == on_a
+    assert served_output_ids(url, PROMPTS, GREEDY) == on_a
 
     resp = requests.post(url + "/update_weights_from_disk", json={"model_path": str(b)}, timeout=120)
     assert resp.status_code == 200, resp.text
     assert resp.json()["message"] == "Succeeded to update model weights."
-    assert _served_tokens(url) == on_b
+    assert served_output_ids(url, PROMPTS, GREEDY) == on_b
 
     resp = requests.post(url + "/update_weights_from_disk", json={"model_path": str(misshapen)}, timeout=120)
     assert resp.status_code == 400, resp.text
     assert "model.layers.1.mlp.up_proj.weight" in resp.json()["message"]
-    assert _served_tokens(url) == on_b
+    assert served_output_ids(url, PROMPTS, GREEDY) == on_b
 
     resp = requests.post(
         url + "/update_weights_from_tensor", json={"serialized_named_tensors": ["x"]}, timeout=60
     )
     assert resp.status_code == 400, resp.text
     assert "tensor-parallel ranks" in resp.json()["message"]
-    assert _served_tokens(url) == on_b
+    assert served_output_ids(url, PROMPTS, GREEDY) == on_b

@@ -9,8 +9,14 @@ from pdserve.shared.engine.engine import Engine
 
 
 def tp1_greedy_tokens(
-    model_dir: str | Path, prompts: list[list[int]], sampling_params: dict
+    model_dir: str | Path, prompts: list[list[int]], sampling_params: dict, quantization: str | None = None
 ) -> list[list[int]]:
     """Each prompt's output ids from a TP=1 engine on `model_dir`."""
-    args = EngineArgs(model_path=str(model_dir), device="cpu", dtype="float32", max_total_tokens=512)
+    args = EngineArgs(
+        model_path=str(model_dir),
+        device="cpu",
+        dtype="float32",
+        max_total_tokens=512,
+        quantization=quantization,
+    )
     return [out["output_ids"] for out in Engine(args).generate(prompts, sampling_params)]

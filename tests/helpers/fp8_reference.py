@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8_ref
-from pdserve.shared.models.fp8_linear import _convertible, replace_each
+from pdserve.shared.models.fp8_linear import convertible_linears, replace_each
 from pdserve.shared.models.fp8_moe import Fp8MoEExperts, convertible_experts
 from pdserve.shared.models.moe_block import MoEExperts
 
@@ -32,7 +32,7 @@ class FakeQuantLinear(nn.Module):
 @torch.no_grad()
 def fake_quantize_linears(model: nn.Module) -> int:
     """Replaces the linears `quantize_linears` would convert by FakeQuantLinears; returns how many."""
-    return replace_each(model, _convertible(model, lambda name: False), FakeQuantLinear)
+    return replace_each(model, convertible_linears(model, lambda name: False), FakeQuantLinear)
 
 
 class FakeQuantMoEExperts(MoEExperts):

@@ -28,6 +28,18 @@ def greedy_generate(url: str, prompt: list[int], max_new_tokens: int) -> tuple[l
     return out["output_ids"], [row[0] for row in out["meta_info"]["output_token_logprobs"]]
 
 
+def served_output_ids(url: str, prompts: list[list[int]], sampling_params: dict) -> list[list[int]]:
+    """Each prompt's output ids from `/generate`, one request at a time."""
+    outs = []
+    for prompt in prompts:
+        resp = requests.post(
+            url + "/generate", json={"input_ids": prompt, "sampling_params": sampling_params}, timeout=60
+        )
+        assert resp.status_code == 200, resp.text
+        outs.append(resp.json()["output_ids"])
+    return outs
+
+
 def sse_chunks(resp: requests.Response) -> list:
     """The JSON chunks of an SSE response, checking the framing; the last item is "[DONE]"."""
     chunks = []

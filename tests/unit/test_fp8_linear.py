@@ -3,24 +3,26 @@ converts, fp8 checkpoints (per channel and per tensor) read as published, and th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from pdserve.kernels.fp8_quant import per_channel_quant_fp8
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fp8_linear import Fp8Linear, quantize_linears
 from pdserve.shared.models.layers import MergedLinear
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.quantization import QuantizationError, fp8_scheme
+from tests.helpers.fp8_checkpoint import (
+    COMPRESSED_TENSORS,
+    COMPRESSED_TENSORS_PER_TENSOR,
+    FBGEMM,
+    fp8_checkpoint,
+)
 from tests.helpers.fp8_reference import FakeQuantLinear
 from tests.helpers.tiny_models import make_tiny_model, tiny_config
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -67,41 +69,6 @@ def test_moe_routers_stay_in_the_model_dtype():
     assert kinds["model.layers.0.self_attn.qkv_proj"] == "Fp8Linear"
 
 
-def _fp8_checkpoint(src: Path, dst: Path, per_tensor: bool, quantization_config: dict) -> Path:
-    """src's tiny checkpoint with its layers' projections stored as fp8 + scales (+ input scales)."""
-    dst.mkdir(parents=True, exist_ok=True)
-    tensors = load_file(str(src / "model.safetensors"))
-    for name in list(tensors):
-        if name.endswith(".weight") and name.split(".")[-2] in PROJECTIONS:
-            w = tensors[name]
-            if per_tensor:
-                scale = w.abs().amax().clamp(min=1e-12) / 448.0
-                q = (w / scale).to(torch.float8_e4m3fn)
-                scale = scale.reshape(1)
-            else:
-                q, scale = per_channel_quant_fp8(w)
-                scale = scale[:, None]
-            tensors[name] = q
-            tensors[name[: -len("weight")] + "weight_scale"] = scale
-            tensors[name[: -len("weight")] + "input_scale"] = torch.ones(1)
-    save_file(tensors, str(dst / "model.safetensors"))
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = quantization_config
-    (dst / "config.json").write_text(json.dumps(config))
-    return dst
-
-
-COMPRESSED_TENSORS = {
-    "quant_method": "compressed-tensors",
-    "format": "float-quantized",
-    "config_groups": {"group_0": {"weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
-                                  "input_activations": {"num_bits": 8, "type": "float", "dynamic": True},
-                                  "targets": ["Linear"]}},
-    "ignore": ["lm_head"],
-}  # fmt: skip
-FBGEMM = {"quant_method": "fbgemm_fp8", "activation_scale_ub": 1200.0, "modules_to_not_convert": ["lm_head"]}
-
-
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory) -> Path:
     return make_tiny_model("llama", tmp_path_factory.mktemp("llama"))
@@ -111,7 +78,7 @@ def tiny_llama(tmp_path_factory) -> Path:
 def test_a_per_channel_fp8_checkpoint_loads_as_quantizing_at_load_would(tiny_llama, tmp_path, qc):
     """Quantizing the float32 checkpoint at load and reading its per-channel fp8 export give the
     same weights, bit for bit, detected from the checkpoint without a flag."""
-    fp8_dir = _fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False, quantization_config=qc)
+    fp8_dir = fp8_checkpoint(tiny_llama, tmp_path / "fp8", per_tensor=False, quantization_config=qc)
     at_load = load_model(ModelConfig.from_path(tiny_llama, dtype="float32"), tiny_llama, quantization="fp8")
     read = load_model(ModelConfig.from_path(fp8_dir, dtype="float32"), fp8_dir)
     a, b = dict(at_load.named_parameters()), dict(read.named_parameters())
@@ -122,11 +89,9 @@ def test_a_per_channel_fp8_checkpoint_loads_as_quantizing_at_load_would(tiny_lla
 
 
 def test_a_per_tensor_fp8_checkpoint_spreads_each_scale_over_its_shard(tiny_llama, tmp_path):
-    qc = {
-        **COMPRESSED_TENSORS,
-        "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "tensor"}}},
-    }
-    fp8_dir = _fp8_checkpoint(tiny_llama, tmp_path / "fp8t", per_tensor=True, quantization_config=qc)
+    fp8_dir = fp8_checkpoint(
+        tiny_llama, tmp_path / "fp8t", per_tensor=True, quantization_config=COMPRESSED_TENSORS_PER_TENSOR
+    )
     model = load_model(ModelConfig.from_path(fp8_dir, dtype="float32"), fp8_dir)
     tensors = load_file(str(fp8_dir / "model.safetensors"))
     qkv = model.model.layers[1].self_attn.qkv_proj

@@ -58,8 +58,9 @@ def test_other_architectures_and_unsplittable_shapes_are_refused_by_name():
     check_tensor_parallel(llama, 4)  # each KV head replicated on 2 ranks
     with pytest.raises(ValueError, match="3 ranks"):
         check_tensor_parallel(llama, 3)
-    with pytest.raises(ValueError, match="fp8"):
-        check_tensor_parallel(llama, 2, "fp8")
+    check_tensor_parallel(llama, 2, "fp8")  # fp8 shards (test_tensor_parallel_fp8.py)
+    with pytest.raises(ValueError, match="awq"):
+        check_tensor_parallel(llama, 2, "awq")
 
 
 def test_shard_rule_pads_the_vocabulary_with_zeros():
