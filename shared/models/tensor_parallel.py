@@ -35,6 +35,7 @@ from pdserve.shared.models.layers import GatedMLP, MergedLinear
 from pdserve.shared.models.llama import Attention, LlamaForCausalLM
 from pdserve.shared.models.mla_attention import MLAttention
 from pdserve.shared.models.moe_block import SparseMoeBlock
+from pdserve.shared.models.quantization import fp8_scheme
 from pdserve.shared.models.shard_rule import ShardRule, projection_rules
 from pdserve.shared.models.tensor_parallel_layers import (
     RowParallelLinear,
@@ -58,6 +59,10 @@ SHARDABLE = (
     *MOE_SHARDABLE,
 )
 
+# fp8 under TP: the Llama family's plain projections (tensor_parallel_fp8.py); experts' per-row
+# scales, MLA's projections and Phi-3's fused fp8 checkpoint scales have no per-rank cut yet
+FP8_SHARDABLE = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+
 
 def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str | None = None) -> None:
     """ValueError naming what keeps `config` from running on `tp_size` ranks (nothing for 1)."""
@@ -70,6 +75,10 @@ def check_tensor_parallel(config: ModelConfig, tp_size: int, quantization: str |
         )
     if quantization not in (None, "fp8"):  # fp8: tensor_parallel_fp8.py
         raise ValueError(f"--tp {tp_size}: quantized weights ({quantization}) are not sharded yet")
+    if arch not in FP8_SHARDABLE and fp8_scheme(config.hf_config, quantization) is not None:
+        raise ValueError(
+            f"--tp {tp_size}: fp8 weights of {arch} are not sharded yet ({', '.join(FP8_SHARDABLE)} only)"
+        )
     heads, kv_heads = config.num_attention_heads, config.num_kv_heads
     if heads % tp_size:
         raise ValueError(f"--tp {tp_size}: {heads} attention heads do not split over {tp_size} ranks")

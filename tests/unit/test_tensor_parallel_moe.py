@@ -77,3 +77,10 @@ def test_an_expert_width_that_does_not_split_is_refused_by_name():
     check_tensor_parallel(config, 2)
     with pytest.raises(ValueError, match="shared_expert_intermediate_size 50 does not split over 4"):
         check_tensor_parallel(config, 4)
+
+
+def test_fp8_experts_under_tp_are_refused_by_name():
+    config = ModelConfig.from_hf_config(tiny_config("mixtral"))
+    with pytest.raises(ValueError, match="fp8 weights of MixtralForCausalLM are not sharded yet"):
+        check_tensor_parallel(config, 2, "fp8")
+    check_tensor_parallel(config, 2, None)
