@@ -37,6 +37,7 @@ from pdserve.shared.models.fp8_checkpoint import (
     fp8_weight_names,
     is_fp8,
 )
+from pdserve.shared.models.kv_scales import is_kv_scale_name
 from pdserve.shared.models.loader import init_dummy_weights, iter_weights, safetensors_files
 from pdserve.shared.models.quantization import DROPPED_SUFFIXES, QuantizationError, fp8_scheme
 from pdserve.shared.models.resolver import ModelNotFoundError, resolve_model
@@ -157,6 +158,8 @@ def _as_model_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[
 
 
 def _check_shapes(model: nn.Module, checkpoint_tensors: dict[str, torch.Tensor]) -> None:
+    # the KV pool's scales are read at load only: an update leaves them as they are
+    checkpoint_tensors = {n: t for n, t in checkpoint_tensors.items() if not is_kv_scale_name(n)}
     tensors = _as_model_names(model, checkpoint_tensors)
     ignore = getattr(model, "ignore_checkpoint_tensor", lambda name: False)
     targets = checkpoint_targets(model)
@@ -229,7 +232,7 @@ def restore_weights(
 
 
 def _load(model: nn.Module, local_dir: Path, shard_rules: ShardRules, dtype: torch.dtype) -> None:
-    weights = iter_weights(local_dir)
+    weights = ((name, t) for name, t in iter_weights(local_dir) if not is_kv_scale_name(name))
     fp8_weights = fp8_weight_names(checkpoint_targets(model))
     if not fp8_weights:
         model.load_weights(shard_checkpoint(weights, shard_rules) if shard_rules else weights, strict=True)

@@ -24,6 +24,13 @@ _BOTH_SUFFIXES = (".kv_scale",)
 _DROPPED_SUFFIXES = (".q_scale", ".prob_scale")
 
 
+def is_kv_scale_name(name: str) -> bool:
+    """Whether `name` is an attention scale a checkpoint may carry (K's, V's, or one dropped)."""
+    if name.endswith(_DROPPED_SUFFIXES):
+        return True
+    return name.endswith((*_K_SUFFIXES, *_V_SUFFIXES, *_BOTH_SUFFIXES)) and _LAYER.search(name) is not None
+
+
 class KVScaleCollector:
     def __init__(self) -> None:
         self.k: dict[int, float] = {}
