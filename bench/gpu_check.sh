@@ -9,7 +9,9 @@
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
 # fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_serving (serve bf16
-# against fp8 weights + fp8 KV, c1 and c64)
+# against fp8 weights + fp8 KV, c1 and c64);
+# on two GPUs: multi (= multi_kv multi_pd multi_tp multi_split multi_threshold; bench/gpu_multi.sh says
+# what each runs and how to split them over two device calls)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -17,7 +19,8 @@ set -u
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"; RES="$OUT/results.jsonl"; SUMMARY=$(mktemp)
-STAGES=${*:-tests kernels one_batch compile profile hf serving serving_pd kv split interleave threshold}
+source bench/gpu_multi.sh
+STAGES=$(expand_stages ${*:-tests kernels one_batch compile profile hf serving serving_pd kv split interleave threshold})
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site:$PWD
@@ -259,6 +262,8 @@ PY
         --peer-device cuda:1 --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc_2gpu.jsonl"
     fi
     cat "$OUT"/kv_*.jsonl >> "$RES" ;;
+  multi_*)
+    multi_stage "$stage" ;;
   esac
 done
 
@@ -268,3 +273,4 @@ echo "| --- | --- | --- |"
 cat "$SUMMARY"
 echo
 grep -h '^|' "$LOG" | tail -60 || true
+if [ -f "$OUT/multi/goodput.md" ]; then echo; cat "$OUT/multi/goodput.md"; fi
