@@ -55,13 +55,15 @@ def generate(base: str, input_ids: list[int], params: dict = GREEDY) -> list[int
     return resp.json()["output_ids"]
 
 
-def mixed_greedy(model_dir: str, prompts: list[list[int]], params: dict = GREEDY) -> list[list[int]]:
+def mixed_greedy(
+    model_dir: str, prompts: list[list[int]], params: dict = GREEDY, device: str = "cuda"
+) -> list[list[int]]:
     """The mixed engine's tokens, one prompt at a time (decode batches of one, as serve's were)."""
     from pdserve.shared.args import EngineArgs
     from pdserve.shared.engine.engine import Engine
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    mixed = Engine(EngineArgs(model_path=model_dir, device="cuda", **ENGINE))
+    mixed = Engine(EngineArgs(model_path=model_dir, device=device, **ENGINE))
     return [mixed.generate([p], params)[0]["output_ids"] for p in prompts]
 
 
