@@ -7,6 +7,7 @@ workers on the GPUs each run needs."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -88,7 +89,9 @@ def test_fewer_than_two_gpus_skip_every_stage_and_tp_is_a_hook_or_the_tp_stage(t
     lines = _bash(f"for s in {MULTI}; do multi_stage $s; done", tmp_path, gpus=1)
     assert lines == [f"| {s} | skipped: 1 GPU(s), needs 2 | 0 s |" for s in MULTI.split()]
     tp = _bash("multi_stage multi_tp", tmp_path)
-    has_tp_stage = "\n  tp)" in (ROOT / "bench/gpu_check.sh").read_text()
+    has_tp_stage = (
+        re.search(r"^  tp[)|]", (ROOT / "bench/gpu_check.sh").read_text(), re.MULTILINE) is not None
+    )
     want = "run multi-tp 420 bash bench/gpu_check.sh tp" if has_tp_stage else "| multi-tp | hook: "
     assert len(tp) == 1 and tp[0].startswith(want)
 
