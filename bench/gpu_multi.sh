@@ -4,9 +4,9 @@
 #
 #   multi_kv         nccl and cuda_ipc KV transfer cuda:0 -> cuda:1 against the pair's copy rate (goal >= 80%
 #                    at 1,024 tokens of the Llama-3.1-8B KV)                                        ~80 s
-#   multi_pd         the two-GPU `gpu` tests: bit-exact nccl transfers and SIGKILL of a sender; serve with
-#                    P on cuda:0 and D on cuda:1 (nccl, cuda_ipc): the mixed engine's greedy tokens, and
-#                    SIGKILL of either worker frees the survivor's pages within 5 s                 ~200 s
+#   multi_pd         the two-GPU `gpu` tests: bit-exact nccl and cuda_ipc transfers cuda:0 -> cuda:1, SIGKILL
+#                    of an nccl sender; serve with P on cuda:0 and D on cuda:1 (nccl, cuda_ipc): the mixed
+#                    engine's greedy tokens, and SIGKILL of either worker frees the survivor's pages in 5 s ~220 s
 #   multi_tp         TP=2 against TP=1: the `tp` stage of gpu_check.sh when it has one, else a hook ~200 s
 #   multi_split      1P1D (P on cuda:0, D on cuda:1, --local-prefill-threshold 0) against two mixed workers
 #                    (one per GPU), the Llama-3.1-8B shape with dummy weights, SGLang's bench_serving at
@@ -96,6 +96,7 @@ multi_stage() {  # multi_stage STAGE: one multi-GPU stage (skipped on fewer than
     cat "$OUT"/multi/kv_*.jsonl >> "$RES" 2>/dev/null ;;
   multi_pd)
     run multi-pd-tests 330 python3 -m pytest -q -m gpu tests/gpu/test_kvtransfer_nccl.py \
+      "tests/gpu/test_kvtransfer_cuda_ipc.py::test_bit_exact_bf16_two_processes_one_gpu[cuda_ipc-cuda:1]" \
       tests/gpu/test_gpu_serve_two_gpus.py -p no:cacheprovider --timeout 240 ;;
   multi_tp)
     if grep -qE '^  tp[)|]' bench/gpu_check.sh; then

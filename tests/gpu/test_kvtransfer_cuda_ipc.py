@@ -36,8 +36,10 @@ BIG_SHAPE = [8, 1024, 16, 8, 128]  # 512 MiB of bf16: enough to see it freed
 SEED_A, SEED_B, SEED_D = 201, 202, 203
 
 
-def open_manager(peer: PeerProcess, seed: int, backend: str = "cuda_ipc", shape=SHAPE, **config) -> str:
-    cmd = {"name": "m", "backend": backend, "device": "cuda:0", "dtype": "bfloat16", "shape": shape}
+def open_manager(
+    peer: PeerProcess, seed: int, backend: str = "cuda_ipc", shape=SHAPE, device: str = "cuda:0", **config
+) -> str:
+    cmd = {"name": "m", "backend": backend, "device": device, "dtype": "bfloat16", "shape": shape}
     return peer.call("open", seed=seed, timeout_s=120, **cmd, **config)["endpoint"]
 
 
@@ -50,12 +52,19 @@ def random_requests(src: str, dst: str, seed: int, rng: random.Random, dst_free:
     return ipc.random_requests(src, dst, seed, rng, dst_free, prefix, SHAPE[1], (1, 3, 7, 13, 31))
 
 
-@pytest.mark.parametrize("backend", ["cuda_ipc", "auto"])
-def test_bit_exact_bf16_two_processes_one_gpu(procs, backend):
+TWO_GPUS = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: the receiver on cuda:1")
+
+
+@pytest.mark.parametrize(
+    ("backend", "receiver_device"),
+    [("cuda_ipc", "cuda:0"), ("auto", "cuda:0"), pytest.param("cuda_ipc", "cuda:1", marks=TWO_GPUS)],
+)
+def test_bit_exact_bf16_two_processes_one_gpu(procs, backend, receiver_device):
+    """Two senders on cuda:0 into one receiver on cuda:0, or on cuda:1 where there are two GPUs."""
     sender_a, sender_b, receiver = procs(), procs(), procs()
     src_a = open_manager(sender_a, SEED_A, backend)
     src_b = open_manager(sender_b, SEED_B, backend)
-    dst = open_manager(receiver, SEED_D, backend)
+    dst = open_manager(receiver, SEED_D, backend, device=receiver_device)
     rng = random.Random(11)
     dst_free = list(range(1, SHAPE[1]))
     rng.shuffle(dst_free)
