@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
+from pdserve.shared.engine.tp_kv_messages import KV_CONTROL_MESSAGES
 from pdserve.shared.models.forward_batch import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 
@@ -55,9 +56,10 @@ class ReloadWeights:
     load_format: str
 
 
-CONTROL_MESSAGES: dict[str, type[ReloadWeights]] = {"reload_weights": ReloadWeights}
+# the KV transfer's messages (tp_kv_messages.py) go on this channel too, in order with the passes
+CONTROL_MESSAGES: dict[str, type] = {"reload_weights": ReloadWeights, **KV_CONTROL_MESSAGES}
 _CONTROL_NAMES = {kind: name for name, kind in CONTROL_MESSAGES.items()}
-ControlMessage = ReloadWeights
+ControlMessage = Any  # an instance of a CONTROL_MESSAGES type
 
 
 class StepSender:

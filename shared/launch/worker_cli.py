@@ -139,12 +139,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # EngineArgs.validate names the flag
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if engine_args.tp_size > 1 and ns.role != "mixed":  # the KV transfer moves rank 0's heads alone
-        print(
-            f"worker: --tp {engine_args.tp_size} serves --role mixed only (not yet {ns.role})",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     return run_worker(ns, engine_args)
 
 
