@@ -191,21 +191,27 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
     if ns.role == "prefill":
         from pdserve.prefill.prefill_engine import PrefillEngine
 
-        engine = PrefillEngine(engine_args, make_kv, kv_listener)
-    else:
-        from pdserve.decode.decode_engine import DecodeEngine
+        return open_follower_kv(PrefillEngine(engine_args, make_kv, kv_listener), ns, kv_host)
+    from pdserve.decode.decode_engine import DecodeEngine
 
-        engine = DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens)
+    return open_follower_kv(DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens), ns, kv_host)
+
+
+def open_follower_kv(engine, ns: argparse.Namespace, kv_host: str):
+    """With `--tp N`: the followers' KV managers join rank 0's (shared/engine/tp_kv_transfer.py)."""
+    from pdserve.kvtransfer.base import KVTransferError
+
     sender = engine.runner.step_sender
-    if sender is not None:
-        try:
-            with slow_step("starting the KV transfer backend of the tensor-parallel ranks"):
-                engine.kv_manager.open_followers(
-                    sender.send_control, engine_args.tp_size - 1, kv_host, kv_manager_options(ns)
-                )
-        except KVTransferError as exc:
-            engine.kv_manager.close()
-            raise StartupError(f"cannot start the KV transfer backend of every rank: {exc}") from exc
+    if sender is None:
+        return engine
+    try:
+        with slow_step("starting the KV transfer backend of the tensor-parallel ranks"):
+            engine.kv_manager.open_followers(
+                sender.send_control, engine.args.tp_size - 1, kv_host, kv_manager_options(ns)
+            )
+    except KVTransferError as exc:
+        engine.kv_manager.close()
+        raise StartupError(f"cannot start the KV transfer backend of every rank: {exc}") from exc
     return engine
 
 
