@@ -15,7 +15,7 @@ import random
 import pytest
 import requests
 
-from tests.helpers.cluster_waits import all_pages_back, live_workers, wait_until
+from tests.helpers.cluster_waits import all_pages_back, live_workers, run_in_thread, wait_until
 from tests.helpers.hf_reference import hf_greedy
 
 pytestmark = pytest.mark.slow
@@ -43,12 +43,19 @@ PROMPTS = {
 def workers(worker_launcher, tiny_llama_dir):
     flags = ["--model-path", tiny_llama_dir, *COMMON, *KV]
     prefill = ["--role", "prefill", "--chunked-prefill-size", "32"]
-    return {
-        "P2": worker_launcher(*flags, *prefill, "--tp", "2"),
-        "D2": worker_launcher(*flags, "--role", "decode", "--tp", "2"),
-        "P1": worker_launcher(*flags, *prefill),
-        "D1": worker_launcher(*flags, "--role", "decode"),
+    roles = {
+        "P2": [*prefill, "--tp", "2"],
+        "D2": ["--role", "decode", "--tp", "2"],
+        "P1": prefill,
+        "D1": ["--role", "decode"],
     }
+    started: dict = {}
+    threads = [run_in_thread(lambda r=r: worker_launcher(*flags, *r), started, n) for n, r in roles.items()]
+    for thread in threads:  # started together: their start-ups overlap
+        thread.join()
+    failed = {name: w for name, w in started.items() if isinstance(w, BaseException)}
+    assert not failed, f"workers that did not start: {failed}"
+    return started
 
 
 @pytest.fixture(scope="module")
