@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.model_runner import ModelRunner
@@ -50,7 +51,7 @@ def serve_follower(runner: ModelRunner, keep_going: Callable[[], bool], poll_s: 
     kv = FollowerKV(
         runner.pool, runner.tp.rank, follower_heads(runner.pool, runner.tp, runner.config.num_kv_heads)
     )
-    kv_handlers = kv.handlers()
+    handlers = {kind: partial(handle, runner) for kind, handle in CONTROL_HANDLERS.items()} | kv.handlers()
     passes = 0
     try:
         while True:
@@ -64,10 +65,8 @@ def serve_follower(runner: ModelRunner, keep_going: Callable[[], bool], poll_s: 
             if isinstance(batch, ForwardBatch):
                 runner.forward_logits(batch)
                 passes += 1
-            elif type(batch) in kv_handlers:
-                kv_handlers[type(batch)](batch)
             else:
-                CONTROL_HANDLERS[type(batch)](runner, batch)
+                handlers[type(batch)](batch)
             kv.pump()
     finally:
         kv.close()
