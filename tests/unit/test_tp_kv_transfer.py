@@ -7,7 +7,8 @@ the real step channel (tp_steps.py) and report sockets, so every state between r
 - different widths (P TP=2 -> D TP=1, P TP=1 -> D TP=4, replicated heads on either side): each decode head
   holds the prefill rank's slice that holds it;
 - a follower's failure fails the request on rank 0 with that rank's reason;
-- the legs' planning refuses different widths on a backend without head slices.
+- different widths with a side that moves whole pools only (cuda_ipc, nccl) are refused by name
+  when the handle is made, on either side: nothing moves.
 """
 
 from __future__ import annotations
@@ -174,3 +175,21 @@ def test_different_widths_without_head_slices_are_refused_by_name():
     with pytest.raises(KVTransferError, match=r"--tp 2 cannot send KV to a decode worker of --tp 1"):
         plan_legs(prefill, decode, own_sends=True)
     assert [leg.peer for leg in plan_legs(decode, decode, own_sends=False)] == ["nccl://c"]
+
+
+def test_a_rank_without_head_slices_refuses_another_width_when_the_handle_is_made(hub):
+    p = Worker("p", hub, 2)
+    shape = KVPoolShape(LAYERS, PAGES, PAGE_SIZE, KV_HEADS, HEAD_DIM)
+    pool = PagedKVPool(shape, torch.float32, "cpu")
+    whole_pools_only = RankKV.open("fake", pool, "d", list(range(KV_HEADS)), hub=hub)
+    for manager in whole_pools_only.head_managers.values():  # as cuda_ipc or nccl would offer
+        manager.close()
+    whole_pools_only.head_managers.clear()
+    d = TPKVManager("fake", whole_pools_only, pool, "d", None)
+    assert d.endpoint == whole_pools_only.full.endpoint  # one rank, whole pools: the plain endpoint
+    with pytest.raises(KVTransferError, match=r"--tp 2 cannot send KV to a decode worker of --tp 1"):
+        d.make_receiver("r1", p.manager.endpoint)
+    with pytest.raises(KVTransferError, match=r"--tp 2 cannot send KV to a decode worker of --tp 1"):
+        p.manager.make_sender("r1", d.endpoint)
+    assert hub.open_links() == 0
+    d.close(), p.close()
