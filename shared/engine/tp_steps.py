@@ -16,7 +16,8 @@ Rules:
   group; follower r connects a PULL socket to the r-th.
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
   frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
-  every rank must do, such as `ReloadWeights`): one msgpack frame naming it. Followers act on it
+  every rank must do, such as `ReloadWeights`, or a step of a KV transfer: tp_kv_messages.py):
+  one msgpack frame naming it. Followers act on it
   between passes, in the order rank 0 sent it.
 """
 
