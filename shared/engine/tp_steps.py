@@ -17,7 +17,8 @@ Rules:
   group; follower r connects a PULL socket to the r-th.
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
   frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
-  every rank must do, such as `ReloadWeights`): one msgpack frame naming it. Followers act on it
+  every rank must do, such as `ReloadWeights`, or a step of a KV transfer: tp_kv_messages.py):
+  one msgpack frame naming it. Followers act on it
   between passes, in the order rank 0 sent it.
 """
 
@@ -33,6 +34,7 @@ import torch.distributed as dist
 import zmq
 
 from pdserve.shared.args import EngineArgs, split_host_port
+from pdserve.shared.engine.tp_kv_messages import KV_CONTROL_MESSAGES
 from pdserve.shared.models.forward_batch import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 
@@ -58,9 +60,10 @@ class ReloadWeights:
     load_format: str
 
 
-CONTROL_MESSAGES: dict[str, type[ReloadWeights]] = {"reload_weights": ReloadWeights}
+# the KV transfer's messages (tp_kv_messages.py) go on this channel too, in order with the passes
+CONTROL_MESSAGES: dict[str, type] = {"reload_weights": ReloadWeights, **KV_CONTROL_MESSAGES}
 _CONTROL_NAMES = {kind: name for name, kind in CONTROL_MESSAGES.items()}
-ControlMessage = ReloadWeights
+ControlMessage = Any  # an instance of a CONTROL_MESSAGES type
 
 
 class StepSender:

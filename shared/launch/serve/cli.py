@@ -103,8 +103,9 @@ def build_parser(flags: passthrough.PassThrough | None = None) -> argparse.Argum
     return parser
 
 
-TP_MIXED_ONLY = (
-    "--tp > 1 serves mixed workers only: prefill and decode workers would move rank 0's KV heads alone"
+TP_DISAGGREGATED_ON_GPUS = (
+    "--tp > 1 with --prefill/--decode runs on the CPU only: serve does not give their ranks GPUs yet "
+    "(start them with `worker --role prefill|decode --tp N --device cuda:K`)"
 )
 
 
@@ -114,8 +115,9 @@ def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
         raise PlanError(
             "--nnodes: serve runs on one host; run `worker --nnodes K --node-rank R` on each host"
         )
-    if ns.tp_size > 1 and (ns.prefill is not None or ns.decode is not None):
-        raise PlanError(TP_MIXED_ONLY)
+    disaggregated = ns.prefill is not None or ns.decode is not None
+    if ns.tp_size > 1 and disaggregated and any(d.startswith("cuda") for d in devices):
+        raise PlanError(TP_DISAGGREGATED_ON_GPUS)
     if ns.prefill is None and ns.decode is None:
         return plan_data_parallel(devices, ns.workers, ns.tp_size)
     if ns.workers is not None:
