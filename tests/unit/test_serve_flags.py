@@ -122,14 +122,18 @@ def test_serve_passes_tp_to_every_worker(parsers):
     assert worker.parse_args(cmd[3:]).tp_size == 2
 
 
-def test_tp_is_refused_where_it_does_not_work_yet():
-    from pdserve.shared.launch.serve.cli import TP_DISAGGREGATED_ON_GPUS, _plan
+def test_prefill_and_decode_workers_of_tp_gpus_take_runs_without_overlap():
+    from pdserve.shared.launch.serve.cli import _plan
 
     serve = build_parser()
     pd_tp2 = ["--prefill", "1", "--decode", "1", "--tp", "2"]
-    with pytest.raises(ValueError, match=r"runs on the CPU only"):
-        _plan(serve.parse_args([*pd_tp2, "--device", "cuda:0,cuda:1,cuda:2,cuda:3"]))
-    assert TP_DISAGGREGATED_ON_GPUS.startswith("--tp > 1 with --prefill/--decode")
+    specs = _plan(serve.parse_args([*pd_tp2, "--device", "cuda:0,cuda:1,cuda:2,cuda:3"]))
+    assert [(s.role, s.device, s.mem_fraction_static) for s in specs] == [
+        ("prefill", "cuda:0", None),
+        ("decode", "cuda:2", None),
+    ]
+    with pytest.raises(ValueError, match="needs 6 GPUs, --device lists 4"):
+        _plan(serve.parse_args([*pd_tp2, "--decode", "2", "--device", "cuda:0,cuda:1,cuda:2,cuda:3"]))
     assert [s.role for s in _plan(serve.parse_args(pd_tp2))] == ["prefill", "decode"]  # CPU: each of 2 ranks
     with pytest.raises(ValueError, match="consecutive GPUs"):
         _plan(serve.parse_args(["--device", "cuda:0,cuda:2", "--tp", "2"]))

@@ -103,26 +103,17 @@ def build_parser(flags: passthrough.PassThrough | None = None) -> argparse.Argum
     return parser
 
 
-TP_DISAGGREGATED_ON_GPUS = (
-    "--tp > 1 with --prefill/--decode runs on the CPU only: serve does not give their ranks GPUs yet "
-    "(start them with `worker --role prefill|decode --tp N --device cuda:K`)"
-)
-
-
 def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
     devices = parse_devices(ns.device)
     if ns.nnodes > 1:
         raise PlanError(
             "--nnodes: serve runs on one host; run `worker --nnodes K --node-rank R` on each host"
         )
-    disaggregated = ns.prefill is not None or ns.decode is not None
-    if ns.tp_size > 1 and disaggregated and any(d.startswith("cuda") for d in devices):
-        raise PlanError(TP_DISAGGREGATED_ON_GPUS)
     if ns.prefill is None and ns.decode is None:
         return plan_data_parallel(devices, ns.workers, ns.tp_size)
     if ns.workers is not None:
         raise PlanError("--workers (mixed) and --prefill/--decode (disaggregated) exclude each other")
-    return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static)
+    return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static, ns.tp_size)
 
 
 def _client_host(host: str) -> str:
