@@ -169,7 +169,6 @@ class DecodeGraphRunner:
         logits = self.model.compute_logits(self.model.forward(batch))
         return logits if self._gather_logits is None else self._gather_logits(logits)
 
-
     def _captured_forward(self, bs: int) -> Callable[[ForwardBatch], torch.Tensor]:
         """What the graph of bucket bs replays: the compiled forward where it applies."""
         if self._compiled_forward is not None and bs <= TORCH_COMPILE_MAX_BS:

@@ -31,7 +31,12 @@ import torch
 import torch.distributed as dist
 
 from pdserve.shared.args import EngineArgs
-from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner, DecodeInputs, capture_order, smallest_bucket
+from pdserve.shared.engine.cuda_graph_runner import (
+    DecodeGraphRunner,
+    DecodeInputs,
+    capture_order,
+    smallest_bucket,
+)
 from pdserve.shared.engine.kv_pool import PagedKVPool
 from pdserve.shared.engine.startup_log import slow_step
 from pdserve.shared.engine.tp_graph_step import GraphStep

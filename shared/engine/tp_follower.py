@@ -30,11 +30,10 @@ from pdserve.shared.models.resolver import resolve_model
 logger = logging.getLogger(__name__)
 
 
-
 def follow_graph_step(runner: ModelRunner, step: GraphStep) -> None:
     """Replays the graph step rank 0 sent (the logits are rank 0's to sample)."""
     if not isinstance(runner.graphs, DecodeGraphRunner):
-        raise RuntimeError("rank 0 replays a CUDA graph but this rank captured none")
+        raise TypeError("rank 0 replays a CUDA graph but this rank captured none")
     replay_graph_step(runner.graphs, step)
 
 

@@ -44,7 +44,9 @@ from pdserve.shared.models.tensor_parallel_layers import TPRank
 def _step(batch_size: int, pages_per_req: int = 3) -> DecodeInputs:
     ids = [100 + i for i in range(batch_size)]
     positions = [5 * i + 2 for i in range(batch_size)]
-    pages = [[7 * i + j + 1 for j in range(1 + (i + pages_per_req) % pages_per_req)] for i in range(batch_size)]
+    pages = [
+        [7 * i + j + 1 for j in range(1 + (i + pages_per_req) % pages_per_req)] for i in range(batch_size)
+    ]
     slots = [pages[i][0] * 4 + 1 for i in range(batch_size)]
     return DecodeInputs(ids, positions, slots, pages)
 
