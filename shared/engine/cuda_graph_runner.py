@@ -3,6 +3,7 @@
     graphs = DecodeGraphRunner(model, pool, backend, max_bs=160, max_pages_per_req=..., device=...)
     graphs.capture()                              # after the KV pool is allocated
     if graphs.fits(bs): logits = graphs.replay(DecodeInputs(...))   # logits [bs, vocab] float32
+    meta, table = graphs.pack(step); graphs.replay_packed(meta, table)  # the same, in two halves
 
 Why: at batch 1 a Llama-8B decode step launches several hundred kernels; launched one by one from
 Python, the launches take longer than the kernels. A graph replays them all in one call.
@@ -19,6 +20,9 @@ Rules:
   graph sizes the shared pool and the smaller ones reuse its memory.
 - The page-table buffer is [max_bs, max_pages_per_req]; a step writes only the columns its longest
   request needs (the kernels read no further than each row's sequence length).
+- Under tensor parallelism (tp_decode_graphs.py) every rank captures the same buckets in
+  `capture_order`, `gather_logits` puts the logits all-gather inside each graph, and rank 0 sends
+  the packed inputs so that the followers `replay_packed` the same bucket.
 - The attention backend keeps its own work buffers between calls (a graph replays the addresses
   it saw at capture); TritonAttention does.
 - With `compile_forward` (--enable-torch-compile) the buckets up to TORCH_COMPILE_MAX_BS capture

@@ -73,15 +73,15 @@ class TPDecodeGraphs:
         self.sender.send_graph_step(GraphStep(meta, table, ids_from_rank0=resolve_input_ids is not None))
         if resolve_input_ids is None:
             return self.graphs.replay_packed(meta, table)
-        return self.graphs.replay_packed(meta, table, partial(_resolve_and_broadcast, resolve_input_ids))
+        return self.graphs.replay_packed(meta, table, partial(resolve_and_broadcast_ids, resolve_input_ids))
 
 
-def _resolve_and_broadcast(resolve: Callable[[torch.Tensor], None], input_ids: torch.Tensor) -> None:
+def resolve_and_broadcast_ids(resolve: Callable[[torch.Tensor], None], input_ids: torch.Tensor) -> None:
     resolve(input_ids)
     dist.broadcast(input_ids, src=0)
 
 
-def _receive_ids(input_ids: torch.Tensor) -> None:
+def receive_rank0_ids(input_ids: torch.Tensor) -> None:
     dist.broadcast(input_ids, src=0)
 
 
@@ -98,7 +98,7 @@ def follower_bucket(step: GraphStep, buckets: list[int]) -> int:
 def replay_graph_step(graphs: DecodeGraphRunner, step: GraphStep) -> torch.Tensor:
     """A follower's replay of rank 0's graph step (its logits: rank 0 samples, the follower drops them)."""
     follower_bucket(step, graphs.buckets)
-    return graphs.replay_packed(step.meta, step.table, _receive_ids if step.ids_from_rank0 else None)
+    return graphs.replay_packed(step.meta, step.table, receive_rank0_ids if step.ids_from_rank0 else None)
 
 
 def agree_on_capture_order(order: list[int], tp: TPRank) -> None:

@@ -31,10 +31,10 @@ from pdserve.shared.engine.in_flight import FutureTokenIds
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.tp_decode_graphs import (
-    _receive_ids,
-    _resolve_and_broadcast,
     agree_on_capture_order,
     follower_bucket,
+    receive_rank0_ids,
+    resolve_and_broadcast_ids,
 )
 from pdserve.shared.engine.tp_graph_step import GraphStep
 from pdserve.shared.engine.tp_steps import ReloadWeights, StepReceiver, StepSender
@@ -122,9 +122,9 @@ def _rank_main(rank: int, port: int, max_bs_of_rank: list[int], results) -> None
         futures = FutureTokenIds(reqs, torch.tensor([11, 22, 33]))
         ids = torch.tensor([futures.placeholder(reqs[1]), 57, futures.placeholder(reqs[2])])
         if rank == 0:
-            _resolve_and_broadcast(futures.resolve, ids)
+            resolve_and_broadcast_ids(futures.resolve, ids)
         else:
-            _receive_ids(ids)  # a follower's rows hold the placeholders rank 0 sent
+            receive_rank0_ids(ids)  # a follower's rows hold the placeholders rank 0 sent
         results.put((rank, agreed, ids.tolist()))
     finally:
         dist.destroy_process_group()
