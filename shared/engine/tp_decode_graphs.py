@@ -23,7 +23,6 @@ Without tensor parallelism the result is a plain DecodeGraphRunner, exactly as b
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from functools import partial
 
@@ -44,8 +43,6 @@ from pdserve.shared.engine.tp_steps import StepSender
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import AttentionBackend
 from pdserve.shared.models.tensor_parallel_layers import TPRank, gather_logits
-
-logger = logging.getLogger(__name__)
 
 
 class TPDecodeGraphs:
@@ -77,11 +74,13 @@ class TPDecodeGraphs:
 
 
 def resolve_and_broadcast_ids(resolve: Callable[[torch.Tensor], None], input_ids: torch.Tensor) -> None:
+    """Rank 0: the in-flight ids into its graph's ids rows, then those rows to every rank."""
     resolve(input_ids)
     dist.broadcast(input_ids, src=0)
 
 
 def receive_rank0_ids(input_ids: torch.Tensor) -> None:
+    """A follower: rank 0's resolved ids over the placeholders it received."""
     dist.broadcast(input_ids, src=0)
 
 
