@@ -21,9 +21,9 @@ from typing import Any
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner
 from pdserve.shared.engine.model_runner import ModelRunner
-from pdserve.shared.engine.tp_kv_follower import FollowerKV, follower_heads
 from pdserve.shared.engine.tp_decode_graphs import replay_graph_step
 from pdserve.shared.engine.tp_graph_step import GraphStep
+from pdserve.shared.engine.tp_kv_follower import FollowerKV, follower_heads
 from pdserve.shared.engine.tp_steps import ReloadWeights
 from pdserve.shared.engine.tp_weights import follow_reload
 from pdserve.shared.models.config import ModelConfig

@@ -34,8 +34,8 @@ import torch.distributed as dist
 import zmq
 
 from pdserve.shared.args import EngineArgs, split_host_port
-from pdserve.shared.engine.tp_kv_messages import KV_CONTROL_MESSAGES
 from pdserve.shared.engine.tp_graph_step import GraphStep, decode_graph_step, encode_graph_step
+from pdserve.shared.engine.tp_kv_messages import KV_CONTROL_MESSAGES
 from pdserve.shared.models.forward_batch import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 
