@@ -23,6 +23,7 @@ import requests
 
 from tests.helpers.cluster_waits import all_pages_back, live_workers, run_in_thread, wait_until
 from tests.helpers.hf_reference import hf_greedy
+from tests.helpers.router_http import greedy_generate
 
 pytestmark = pytest.mark.slow
 
@@ -91,16 +92,8 @@ def test_a_pair_of_any_widths_serves_the_greedy_tokens_of_tp1(pair, workers, ref
     wait_until(lambda: live_workers(url, "prefill") and live_workers(url, "decode"), 30.0, "both workers")
     cached_before = _prefill_cached(url)
     for prompt, ((want_ids, want_lps), mixed_ids) in zip(PROMPTS[pair], references[pair]):
-        body = {
-            "input_ids": prompt,
-            "sampling_params": {"temperature": 0.0, "max_new_tokens": MAX_NEW},
-            "return_logprob": True,
-        }
-        resp = requests.post(url + "/generate", json=body, timeout=120)
-        assert resp.status_code == 200, resp.text
-        out = resp.json()
-        assert out["output_ids"] == want_ids == mixed_ids, (pair, len(prompt))
-        got_lps = [row[0] for row in out["meta_info"]["output_token_logprobs"]]
+        got_ids, got_lps = greedy_generate(url, prompt, MAX_NEW)
+        assert got_ids == want_ids == mixed_ids, (pair, len(prompt))
         assert got_lps == pytest.approx(want_lps, abs=LOGPROB_TOL)
     assert _prefill_cached(url) > cached_before  # the prompts were prefilled at P
     wait_until(lambda: all_pages_back(url), 15.0, "every page back")
