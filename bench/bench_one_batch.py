@@ -9,6 +9,8 @@ prefill of all prompts at once, then `output_len - 1` decode steps, each timed w
 (the sampled token ids come back to the host every step, as they do when serving). What is timed
 is the engine's step: building the batch, the forward (CUDA graph replay for decode), sampling.
 A warm-up case runs first so compilation and first launches stay out of the numbers.
+With `--tp N` this process is rank 0 of N ranks (one GPU each from --device's, as a worker's:
+shared/launch/tp_ranks.py) and times rank 0's steps, which wait on every rank's collectives.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampling_params import SamplingParams
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
+from pdserve.shared.launch.tp_ranks import TensorParallelRanks, exit_worker
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "llama-3.1-8b.json")
 
@@ -131,6 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--attention-backend", default="auto", choices=["auto", "triton", "torch"])
     p.add_argument("--quantization", default=None, choices=["fp8"])
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e5m2", "fp8_e4m3"])
+    p.add_argument("--tp", "--tp-size", dest="tp", type=int, default=1, help="tensor-parallel ranks")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--result-filename", default=None, help="append one JSON line per case")
     p.add_argument("--run-name", default="")
@@ -159,20 +163,31 @@ def main(argv: list[str] | None = None) -> int:
         chunked_prefill_size=max(8192, max(b * i for b, i, _ in cases)),
         max_prefill_tokens=max(16384, max(b * i for b, i, _ in cases)),
         random_seed=ns.seed,
+        tp_size=ns.tp,
     )
+    ranks = TensorParallelRanks(args, on_rank_exit=exit_worker) if ns.tp > 1 else None
+    try:
+        return _run_cases(ns, args, cases)
+    finally:
+        if ranks is not None:
+            ranks.close()
+
+
+def _run_cases(ns: argparse.Namespace, args: EngineArgs, cases: list[tuple[int, int, int]]) -> int:
     engine = Engine(args)
     print(
         f"model {ns.model_path} ({engine.model_config.dtype}), device {ns.device}, "
         f"KV pool {engine.max_total_num_tokens} tokens, attention {type(engine.runner.attn_backend).__name__}, "
         f"cuda graphs {'off' if engine.runner.graphs is None else engine.runner.graphs.buckets[-1]}, "
         f"torch.compile {'on' if ns.enable_torch_compile else 'off'}, weights {ns.quantization or 'as loaded'}, "
-        f"KV cache {engine.runner.kv_dtype}"
+        f"KV cache {engine.runner.kv_dtype}, tp {ns.tp}"
     )
     run_case(engine, min(ns.batch_size), min(ns.input_len), 4, ns.seed)  # warm-up
     rows = []
     for b, i, o in cases:
         r = run_case(engine, b, i, o, ns.seed)
         r["run_name"] = ns.run_name
+        r["tp"] = ns.tp
         rows.append(r)
         print(
             f"bs={b} in={i} out={o} | Prefill. latency: {r['prefill_latency_s']:.5f} s, "
@@ -185,11 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             with open(ns.result_filename, "a") as f:
                 f.write(json.dumps(r) + "\n")
     print()
-    print("| bs | in | out | prefill ms | prefill tok/s | decode median ms | decode p90 ms | decode tok/s |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(
+        "| tp | bs | in | out | prefill ms | prefill tok/s | decode median ms | decode p90 ms | decode tok/s |"
+    )
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['batch_size']} | {r['input_len']} | {r['output_len']} | {r['prefill_latency_s'] * 1e3:.2f} | "
+            f"| {ns.tp} | {r['batch_size']} | {r['input_len']} | {r['output_len']} | {r['prefill_latency_s'] * 1e3:.2f} | "
             f"{r['prefill_throughput_tok_s']:,.0f} | {r['median_decode_latency_s'] * 1e3:.3f} | "
             f"{r['p90_decode_latency_s'] * 1e3:.3f} | {r['median_decode_throughput_tok_s']:,.0f} |"
         )

@@ -9,9 +9,10 @@
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
 # fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_serving (serve bf16
-# against fp8 weights + fp8 KV, c1 and c64);
+# against fp8 weights + fp8 KV, c1 and c64); tp (needs 2 GPUs: bench_one_batch of the 8B shape at batch 1 and 64,
+# --tp 1 and --tp 2 in one run, the TP=2/TP=1 decode-step ratio, then the TP=2 CUDA-graph parity test);
 # on two GPUs: multi (= multi_kv multi_pd multi_tp multi_split multi_threshold; bench/gpu_multi.sh says
-# what each runs and how to split them over two device calls)
+# what each runs and how to split them over device calls)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
@@ -262,6 +263,26 @@ PY
         --peer-device cuda:1 --tokens 16,256,1024,4096 --repeats 20 --output-file "$OUT/kv_cuda_ipc_2gpu.jsonl"
     fi
     cat "$OUT"/kv_*.jsonl >> "$RES" ;;
+  tp)
+    # issue 18's TP=2 run: the decode graphs are captured across both ranks (shared/engine/tp_decode_graphs.py)
+    if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
+      echo "| tp | skipped: needs 2 GPUs | 0 s |" >> "$SUMMARY"
+    else
+      for tp in 1 2; do
+        run one-batch-tp$tp 360 python3 -m pdserve.bench.bench_one_batch --tp $tp --batch-size 1 64 \
+          --input-len 1024 --output-len 256 --result-filename "$OUT/tp.jsonl" --run-name tp$tp
+      done
+      cat "$OUT/tp.jsonl" >> "$RES"
+      python3 - "$OUT/tp.jsonl" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+step = {(r["tp"], r["batch_size"]): r["median_decode_latency_s"] for r in rows}
+for bs in (1, 64):
+    if (1, bs) in step and (2, bs) in step:
+        print(f"| tp2/tp1 decode step, bs {bs} | {step[2, bs] / step[1, bs]:.3f} (goal at bs 1: <= 0.6) |")
+PY
+      run gpu-tests-tp 300 python3 -m pytest -q -m gpu tests/gpu/test_gpu_tp_graphs.py -p no:cacheprovider --timeout 240
+    fi ;;
   multi_*)
     multi_stage "$stage" ;;
   esac

@@ -7,7 +7,8 @@
 #   multi_pd         the two-GPU `gpu` tests: bit-exact nccl and cuda_ipc transfers cuda:0 -> cuda:1, SIGKILL
 #                    of an nccl sender; serve with P on cuda:0 and D on cuda:1 (nccl, cuda_ipc): the mixed
 #                    engine's greedy tokens, and SIGKILL of either worker frees the survivor's pages in 5 s ~220 s
-#   multi_tp         TP=2 against TP=1: the `tp` stage of gpu_check.sh when it has one, else a hook ~200 s
+#   multi_tp         TP=2 against TP=1: another name of gpu_check.sh's `tp` stage (bench_one_batch of the 8B
+#                    at --tp 1 and 2, batch 1 and 64, the step ratio; the TP=2 CUDA-graph parity test) ~400 s
 #   multi_split      1P1D (P on cuda:0, D on cuda:1, --local-prefill-threshold 0) against two mixed workers
 #                    (one per GPU), the Llama-3.1-8B shape with dummy weights, SGLang's bench_serving at
 #                    Poisson request rates swept to saturation: prefill-heavy 4,096 in / 256 out, decode-heavy
@@ -16,19 +17,19 @@
 #                    short+long mix against multi_split's two pure setups (needs multi_split's files in
 #                    the same $OUT: run it in the same call, after multi_split)                    ~100 s
 #
-# `multi` is all five in that order (~16 minutes). A device call is capped at 600 s, so the first lease
-# of a two-GPU kind (nvidia-h100-x2 or nvidia-h200-x2, carry .whl) takes two calls:
-#   bash bench/gpu_check.sh multi_kv multi_pd multi_tp
+# `multi` is all five in that order (~20 minutes). A device call is capped at 600 s, so the first lease
+# of a two-GPU kind (nvidia-h100-x2 or nvidia-h200-x2, carry .whl) takes three calls:
+#   bash bench/gpu_check.sh multi_kv multi_pd
+#   bash bench/gpu_check.sh multi_tp
 #   bash bench/gpu_check.sh multi_split multi_threshold
-# (the first call's time includes the `tp` stage's own; if that runs past ~300 s, give multi_tp a call of
-# its own). The rates aim past saturation: a 4,096-token prefill of the 8B takes ~0.3 s on an H100, so
-# one prefill worker saturates near 3 req/s and the mixed pair near 6; one decode worker of 1,024-token
+# The rates aim past saturation: a 4,096-token prefill of the 8B takes ~0.3 s on an H100, so one
+# prefill worker saturates near 3 req/s and the mixed pair near 6; one decode worker of 1,024-token
 # outputs near 4 req/s. Raise a mix's rates when its top rate's throughput still follows the offered rate.
 # Each stage stops starting runs once its budget is spent; MULTI_SECONDS (arrivals per rate, default 10 s),
 # MULTI_RATES_PREFILL, MULTI_RATES_DECODE, MULTI_RATES_SHORT_LONG and MULTI_KV_BACKEND (the 1P1D pair's
 # backend, default auto) change the sweep. The goodput tables and the goals' verdicts are printed last.
 
-MULTI_STAGES="multi_kv multi_pd multi_tp multi_split multi_threshold"
+MULTI_STAGES="multi_kv multi_pd tp multi_split multi_threshold"
 MULTI_SECONDS=${MULTI_SECONDS:-10}
 MULTI_RATES_PREFILL=${MULTI_RATES_PREFILL:-1.5 3 6}
 MULTI_RATES_DECODE=${MULTI_RATES_DECODE:-2 4 8}
@@ -37,10 +38,14 @@ MULTI_THRESHOLD=512
 # the three mixes: name, input length, output length, range ratio (input lengths uniform in [ratio*in, in])
 MULTI_MIXES="prefill-heavy:4096:256:1 decode-heavy:256:1024:1 short-long:2048:256:0.015625"
 
-expand_stages() {  # expand_stages STAGE...: the stage list with `multi` replaced by its five stages
+expand_stages() {  # expand_stages STAGE...: the stage list, `multi` replaced by its stages, multi_tp by tp
   local stage out=()
   for stage in "$@"; do
-    if [ "$stage" = multi ]; then out+=($MULTI_STAGES); else out+=("$stage"); fi
+    case $stage in
+    multi) out+=($MULTI_STAGES) ;;
+    multi_tp) out+=(tp) ;;
+    *) out+=("$stage") ;;
+    esac
   done
   echo "${out[*]}"
 }
@@ -98,12 +103,6 @@ multi_stage() {  # multi_stage STAGE: one multi-GPU stage (skipped on fewer than
     run multi-pd-tests 330 python3 -m pytest -q -m gpu tests/gpu/test_kvtransfer_nccl.py \
       "tests/gpu/test_kvtransfer_cuda_ipc.py::test_bit_exact_bf16_two_processes_one_gpu[cuda_ipc-cuda:1]" \
       tests/gpu/test_gpu_serve_two_gpus.py -p no:cacheprovider --timeout 240 ;;
-  multi_tp)
-    if grep -qE '^  tp[)|]' bench/gpu_check.sh; then
-      run multi-tp 420 bash bench/gpu_check.sh tp
-    else
-      echo "| multi-tp | hook: bench/gpu_check.sh has no tp stage yet | 0 s |" >> "$SUMMARY"
-    fi ;;
   multi_split)
     deadline=$((SECONDS + 340))
     serve_start multi-1p1d --prefill 1 --decode 1 --device cuda:0,cuda:1 \

@@ -32,7 +32,20 @@ def _page_index(pool: PagedKVPool, pages: list[int]) -> torch.Tensor:
 def _gather_into(pool: PagedKVPool, idx: torch.Tensor, spec: MessageSpec, out: torch.Tensor) -> None:
     for i, layer in enumerate(range(spec.layer_begin, spec.layer_end)):
         for plane in range(pool.shape.num_planes):
-            torch.index_select(pool.kv[layer, plane], 0, idx, out=out[i, plane])
+            if out.device == pool.device:
+                torch.index_select(pool.kv[layer, plane], 0, idx, out=out[i, plane])
+            else:
+                out[i, plane].copy_(pool.kv[layer, plane].index_select(0, idx))
+
+
+def _by_indexing(pool: PagedKVPool, ready_event: Any = None) -> bool:
+    """CPU pools, and head-slice views of CUDA pools (kvtransfer/head_slice.py: the kernels need
+    the contiguous pool), copy with torch indexing; a CUDA view first waits for `ready_event`."""
+    if pool.device.type == "cuda" and pool.kv.is_contiguous():
+        return False
+    if ready_event is not None:
+        ready_event.synchronize()
+    return True
 
 
 def gather_pages(
@@ -44,8 +57,10 @@ def gather_pages(
     ready_event: Any = None,
 ) -> None:
     """Copies K and V of `pages` for the spec's layers into `out` (host or pool device)."""
-    if pool.device.type != "cuda":
+    if _by_indexing(pool, ready_event):
         _gather_into(pool, _page_index(pool, pages), spec, out)
+        if pool.device.type == "cuda":
+            torch.cuda.synchronize(pool.device)
         return
     from pdserve.kernels.page_copy import gather_kv_pages  # here: CPU-only processes never load Triton
 
@@ -66,7 +81,7 @@ def scatter_pages(
     pool: PagedKVPool, pages: list[int], spec: MessageSpec, src: torch.Tensor, stream: Any = None
 ) -> None:
     """Writes `src` ([layers, 2, pages, ...], host or pool device) into `pages` for the spec's layers."""
-    if pool.device.type == "cuda":
+    if not _by_indexing(pool):
         from pdserve.kernels.page_copy import scatter_kv_pages  # here: CPU-only processes never load Triton
 
         with torch.cuda.stream(stream):
@@ -80,9 +95,12 @@ def scatter_pages(
     kv, src = (
         (pool.kv.view(torch.uint8), src.view(torch.uint8)) if pool.kv.element_size() == 1 else (pool.kv, src)
     )
+    src = src.to(pool.device)
     for i, layer in enumerate(range(spec.layer_begin, spec.layer_end)):
         for plane in range(pool.shape.num_planes):
             kv[layer, plane].index_copy_(0, idx, src[i, plane])
+    if pool.device.type == "cuda":
+        torch.cuda.synchronize(pool.device)
 
 
 @dataclass(eq=False)

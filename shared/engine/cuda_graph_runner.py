@@ -3,6 +3,7 @@
     graphs = DecodeGraphRunner(model, pool, backend, max_bs=160, max_pages_per_req=..., device=...)
     graphs.capture()                              # after the KV pool is allocated
     if graphs.fits(bs): logits = graphs.replay(DecodeInputs(...))   # logits [bs, vocab] float32
+    meta, table = graphs.pack(step); graphs.replay_packed(meta, table)  # the same, in two halves
 
 Why: at batch 1 a Llama-8B decode step launches several hundred kernels; launched one by one from
 Python, the launches take longer than the kernels. A graph replays them all in one call.
@@ -19,6 +20,9 @@ Rules:
   graph sizes the shared pool and the smaller ones reuse its memory.
 - The page-table buffer is [max_bs, max_pages_per_req]; a step writes only the columns its longest
   request needs (the kernels read no further than each row's sequence length).
+- Under tensor parallelism (tp_decode_graphs.py) every rank captures the same buckets in
+  `capture_order`, `gather_logits` puts the logits all-gather inside each graph, and rank 0 sends
+  the packed inputs so that the followers `replay_packed` the same bucket.
 - The attention backend keeps its own work buffers between calls (a graph replays the addresses
   it saw at capture); TritonAttention does.
 - With `compile_forward` (--enable-torch-compile) the buckets up to TORCH_COMPILE_MAX_BS capture
@@ -55,6 +59,19 @@ def batch_size_buckets(max_bs: int) -> list[int]:
     buckets += list(range(8, max_bs, 8))
     buckets.append(max_bs)
     return sorted(set(buckets))
+
+
+def smallest_bucket(buckets: list[int], batch_size: int) -> int:
+    """The bucket whose graph replays a step of batch_size requests."""
+    for b in buckets:
+        if b >= batch_size:
+            return b
+    raise ValueError(f"batch size {batch_size} is over the largest captured graph ({buckets[-1]})")
+
+
+def capture_order(buckets: list[int]) -> list[int]:
+    """The order `capture` captures the buckets in: largest first (it sizes the one shared pool)."""
+    return list(reversed(buckets))
 
 
 @dataclass
@@ -100,6 +117,8 @@ class DecodeGraphRunner:
         max_pages_per_req: int,
         device: torch.device,
         compile_forward: bool = False,
+        gather_logits: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        capture_error_mode: str = "global",
     ) -> None:
         self.model = model
         self.pool = pool
@@ -108,6 +127,9 @@ class DecodeGraphRunner:
         self.max_pages_per_req = max_pages_per_req
         self.device = device
         self.buckets = batch_size_buckets(max_bs)
+        # tensor parallelism: a rank's vocabulary slice to the whole logits, inside the graph
+        self._gather_logits = gather_logits
+        self._capture_error_mode = capture_error_mode
         # rows: input ids, positions, slots, seq_lens; one host->device copy per step
         self._meta = torch.zeros((4, max_bs), dtype=torch.int64, device=device)
         self._meta_host = torch.zeros((4, max_bs), dtype=torch.int64, pin_memory=True)
@@ -148,7 +170,8 @@ class DecodeGraphRunner:
         )
 
     def _forward(self, batch: ForwardBatch) -> torch.Tensor:
-        return self.model.compute_logits(self.model.forward(batch))
+        logits = self.model.compute_logits(self.model.forward(batch))
+        return logits if self._gather_logits is None else self._gather_logits(logits)
 
     def _captured_forward(self, bs: int) -> Callable[[ForwardBatch], torch.Tensor]:
         """What the graph of bucket bs replays: the compiled forward where it applies."""
@@ -166,7 +189,7 @@ class DecodeGraphRunner:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         free_before = torch.cuda.mem_get_info(self.device)[0]
         with torch.cuda.stream(stream):
-            for bs in reversed(self.buckets):
+            for bs in capture_order(self.buckets):
                 batch = self._batch(bs)
                 forward = self._captured_forward(bs)
                 # Warm-up outside the graph: eager first (Triton kernels compile, backends size their
@@ -175,7 +198,9 @@ class DecodeGraphRunner:
                 forward(batch)
                 stream.synchronize()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._mempool, stream=stream):
+                with torch.cuda.graph(
+                    graph, pool=self._mempool, stream=stream, capture_error_mode=self._capture_error_mode
+                ):
                     self._logits[bs] = forward(batch)
                 if self._mempool is None:
                     self._mempool = graph.pool()
@@ -192,28 +217,39 @@ class DecodeGraphRunner:
         )
 
     def bucket_for(self, batch_size: int) -> int:
-        for b in self.buckets:
-            if b >= batch_size:
-                return b
-        raise ValueError(f"batch size {batch_size} is over the largest captured graph ({self.max_bs})")
+        return smallest_bucket(self.buckets, batch_size)
+
+    def pack(self, step: DecodeInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step as its bucket's host input blocks (pack_decode_inputs); the bucket is meta's width."""
+        width = max(len(r) for r in step.page_rows)
+        if width > self.max_pages_per_req:
+            raise ValueError(
+                f"a request holds {width} pages, the graphs' page table {self.max_pages_per_req}"
+            )
+        return pack_decode_inputs(step, self.bucket_for(step.batch_size), width)
 
     def replay(
         self, step: DecodeInputs, resolve_input_ids: Callable[[torch.Tensor], None] | None = None
     ) -> torch.Tensor:
         """Logits [bs, vocab] (float32) of one decode step; valid until the next replay.
 
+        `resolve_input_ids` edits the step's input ids on the device after the copy, before the
+        graph reads them (in_flight.py)."""
+        meta, table = self.pack(step)
+        return self.replay_packed(meta, table, resolve_input_ids)
+
+    def replay_packed(
+        self,
+        meta: torch.Tensor,
+        table: torch.Tensor,
+        resolve_input_ids: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """`replay` from packed inputs: meta [4, bucket] and table [bs, width] (pack).
+
         The host buffers are pinned and copied without blocking; they are rewritten only once the
         previous replay's copies are done (an event), since with overlap scheduling the caller
-        launches the next step without waiting for this one. `resolve_input_ids` edits the step's
-        input ids on the device after the copy, before the graph reads them (in_flight.py)."""
-        bs = step.batch_size
-        bucket = self.bucket_for(bs)
-        width = max(len(r) for r in step.page_rows)
-        if width > self.max_pages_per_req:
-            raise ValueError(
-                f"a request holds {width} pages, the graphs' page table {self.max_pages_per_req}"
-            )
-        meta, table = pack_decode_inputs(step, bucket, width)
+        launches the next step without waiting for this one."""
+        bucket, (bs, width) = meta.shape[1], table.shape
         self._staging_read.synchronize()  # the last replay's copies have read the pinned buffers
         self._meta_host[:, :bucket].copy_(meta)
         self._meta[:, :bucket].copy_(self._meta_host[:, :bucket], non_blocking=True)

@@ -28,6 +28,7 @@ from pdserve.shared.engine.request import Req
 from pdserve.shared.engine.sampler import SampleOutput, Sampler, SamplingInputs, token_logprobs
 from pdserve.shared.engine.scheduled_batch import BatchKind, ScheduledBatch
 from pdserve.shared.engine.startup_log import slow_step
+from pdserve.shared.engine.tp_decode_graphs import TPDecodeGraphs, build_decode_graphs
 from pdserve.shared.engine.tp_steps import step_channel_host, step_ends
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
@@ -57,7 +58,8 @@ class ModelRunner:
     With `args.tp_size` > 1 this process is one rank of the default process group: the model and
     the KV pool hold the rank's heads (shared.models.tensor_parallel), every rank's pool has the
     same pages, rank 0 sends each forward pass to the followers first (tp_steps.py) and gathers the
-    logits; followers run `forward_logits` on what they receive (tp_follower.py)."""
+    logits; followers run `forward_logits` on what they receive (tp_follower.py), and a decode step
+    that fits a CUDA graph replays it on every rank (tp_decode_graphs.py)."""
 
     def __init__(self, args: EngineArgs, model_config: ModelConfig, local_dir, embedding=None):
         self.args = args
@@ -114,28 +116,22 @@ class ModelRunner:
             self.kv_dtype,
             type(self.attn_backend).__name__,
         )
-        self.graphs: DecodeGraphRunner | None = None
+        self.graphs: DecodeGraphRunner | TPDecodeGraphs | None = None
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers())
         )
-        # graphs across ranks would need every rank to replay in step: not yet
-        if (
-            self.device.type == "cuda"
-            and not args.disable_cuda_graph
-            and embedding is None
-            and self.tp is None
-        ):
-            self.graphs = DecodeGraphRunner(
+        # under TP every rank captures here, together (tp_decode_graphs.py)
+        if self.device.type == "cuda" and not args.disable_cuda_graph and embedding is None:
+            self.graphs = build_decode_graphs(
                 self.model,
                 self.pool,
                 self.attn_backend,
-                max_bs=min(args.cuda_graph_max_bs, args.max_running_requests),
-                max_pages_per_req=-(-model_config.context_length // args.page_size),
-                device=self.device,
-                compile_forward=args.enable_torch_compile,
+                args,
+                model_config,
+                self.device,
+                self.tp,
+                self.step_sender,
             )
-            with slow_step(f"capturing CUDA graphs (batch sizes up to {self.graphs.max_bs})"):
-                self.graphs.capture()
         elif args.enable_torch_compile:
             # Without decode graphs (CPU, --disable-cuda-graph) every forward pass runs compiled;
             # with them, the graphs of the small decode batches capture a compiled forward.

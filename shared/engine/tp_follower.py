@@ -3,8 +3,10 @@
 Life: build the rank's ModelRunner (its slice of the weights, its heads' KV pool, the same pages as
 rank 0; the collectives of that construction meet rank 0's engine building its own), then loop:
 receive a pass from rank 0 (tp_steps.py), run it (its collectives meet rank 0's), drop the
-logits (rank 0 samples); a control message between passes is an admin operation every rank does
-(a weight update: tp_weights.py), dispatched by its type. No scheduler, no sockets to clients, no sampling.
+logits (rank 0 samples); a decode step that fits a CUDA graph comes as a GraphStep and replays the
+bucket rank 0 chose (tp_decode_graphs.py); a control message between passes is an admin operation
+every rank does (a weight update: tp_weights.py; a KV transfer's step: tp_kv_follower.py),
+dispatched by its type. No scheduler, no sockets to clients, no sampling.
 It returns when `keep_going()` turns false (checked whenever no pass came for `poll_s`): its
 launcher asks whether rank 0 is still there.
 """
@@ -13,9 +15,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 from pdserve.shared.args import EngineArgs
+from pdserve.shared.engine.cuda_graph_runner import DecodeGraphRunner
 from pdserve.shared.engine.model_runner import ModelRunner
+from pdserve.shared.engine.tp_decode_graphs import replay_graph_step
+from pdserve.shared.engine.tp_graph_step import GraphStep
+from pdserve.shared.engine.tp_kv_follower import FollowerKV, follower_heads
 from pdserve.shared.engine.tp_steps import ReloadWeights
 from pdserve.shared.engine.tp_weights import follow_reload
 from pdserve.shared.models.config import ModelConfig
@@ -24,7 +32,18 @@ from pdserve.shared.models.resolver import resolve_model
 
 logger = logging.getLogger(__name__)
 
-CONTROL_HANDLERS: dict[type, Callable[[ModelRunner, ReloadWeights], None]] = {ReloadWeights: follow_reload}
+
+def follow_graph_step(runner: ModelRunner, step: GraphStep) -> None:
+    """Replays the graph step rank 0 sent (the logits are rank 0's to sample)."""
+    if not isinstance(runner.graphs, DecodeGraphRunner):
+        raise TypeError("rank 0 replays a CUDA graph but this rank captured none")
+    replay_graph_step(runner.graphs, step)
+
+
+CONTROL_HANDLERS: dict[type, Callable[[ModelRunner, Any], None]] = {
+    ReloadWeights: follow_reload,
+    GraphStep: follow_graph_step,
+}
 
 
 def build_follower_runner(args: EngineArgs) -> ModelRunner:
@@ -44,16 +63,26 @@ def serve_follower(runner: ModelRunner, keep_going: Callable[[], bool], poll_s: 
     """Runs rank 0's passes until `keep_going()` is false; returns how many ran."""
     receiver = runner.step_receiver
     assert receiver is not None, "serve_follower needs a follower rank's runner"
+    assert runner.tp is not None
+    kv = FollowerKV(
+        runner.pool, runner.tp.rank, follower_heads(runner.pool, runner.tp, runner.config.num_kv_heads)
+    )
+    handlers = {kind: partial(handle, runner) for kind, handle in CONTROL_HANDLERS.items()} | kv.handlers()
     passes = 0
-    while True:
-        batch = receiver.receive(runner.pool, runner.attn_backend, runner.device, poll_s)
-        if batch is None:
-            if not keep_going():
-                logger.info("tensor-parallel follower stops after %d forward passes", passes)
-                return passes
-            continue
-        if isinstance(batch, ForwardBatch):
-            runner.forward_logits(batch)
-            passes += 1
-        else:
-            CONTROL_HANDLERS[type(batch)](runner, batch)
+    try:
+        while True:
+            batch = receiver.receive(runner.pool, runner.attn_backend, runner.device, kv.poll_s(poll_s))
+            if batch is None:
+                kv.pump()
+                if not keep_going():
+                    logger.info("tensor-parallel follower stops after %d forward passes", passes)
+                    return passes
+                continue
+            if isinstance(batch, ForwardBatch):
+                runner.forward_logits(batch)
+                passes += 1
+            else:
+                handlers[type(batch)](batch)
+            kv.pump()
+    finally:
+        kv.close()

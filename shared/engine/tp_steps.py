@@ -17,8 +17,9 @@ Rules:
   group; follower r connects a PULL socket to the r-th.
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
   frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
-  every rank must do, such as `ReloadWeights`): one msgpack frame naming it. Followers act on it
-  between passes, in the order rank 0 sent it.
+  every rank must do, such as `ReloadWeights`, or a step of a KV transfer: tp_kv_messages.py):
+  one msgpack frame naming it. Followers act on it between passes, in the order rank 0 sent it;
+  or a decode step that replays a CUDA graph on every rank (`GraphStep`, tp_graph_step.py).
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import torch.distributed as dist
 import zmq
 
 from pdserve.shared.args import EngineArgs, split_host_port
+from pdserve.shared.engine.tp_graph_step import GraphStep, decode_graph_step, encode_graph_step
+from pdserve.shared.engine.tp_kv_messages import KV_CONTROL_MESSAGES
 from pdserve.shared.models.forward_batch import AttentionBackend, ForwardBatch, ForwardMode, KVPool
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 
@@ -58,9 +61,10 @@ class ReloadWeights:
     load_format: str
 
 
-CONTROL_MESSAGES: dict[str, type[ReloadWeights]] = {"reload_weights": ReloadWeights}
+# the KV transfer's messages (tp_kv_messages.py) go on this channel too, in order with the passes
+CONTROL_MESSAGES: dict[str, type] = {"reload_weights": ReloadWeights, **KV_CONTROL_MESSAGES}
 _CONTROL_NAMES = {kind: name for name, kind in CONTROL_MESSAGES.items()}
-ControlMessage = ReloadWeights
+ControlMessage = Any  # an instance of a CONTROL_MESSAGES type
 
 
 class StepSender:
@@ -88,6 +92,9 @@ class StepSender:
     def send_control(self, message: ControlMessage) -> None:
         self._send_frames([msgpack.packb({"control": _CONTROL_NAMES[type(message)], **asdict(message)})])
 
+    def send_graph_step(self, step: GraphStep) -> None:
+        self._send_frames(encode_graph_step(step))
+
     def _send_frames(self, frames: list[Any]) -> None:
         for sock in self.sockets:
             sock.send_multipart(frames, copy=False)
@@ -108,13 +115,15 @@ class StepReceiver:
 
     def receive(
         self, pool: KVPool, backend: AttentionBackend, device: torch.device, timeout_s: float
-    ) -> ForwardBatch | ControlMessage | None:
+    ) -> ForwardBatch | ControlMessage | GraphStep | None:
         if not self.socket.poll(int(timeout_s * 1000)):
             return None
         header_frame, *frames = self.socket.recv_multipart()
         header = msgpack.unpackb(header_frame)
         if "control" in header:
             return CONTROL_MESSAGES[header.pop("control")](**header)
+        if "graph_step" in header:
+            return decode_graph_step(header, frames)
         tensors = {}
         for name, (dtype, shape), frame in zip(TENSOR_FIELDS, header["tensors"], frames):
             host = (

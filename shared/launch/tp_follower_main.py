@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     # a terminal's Ctrl-C reaches the whole process group: rank 0 alone decides when ranks stop
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # rank 0's stop: unwind, so the loop's `finally` closes this rank's KV managers
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     logging.basicConfig(
         stream=sys.stderr,
         level=logging.INFO,

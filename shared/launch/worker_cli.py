@@ -142,12 +142,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # EngineArgs.validate names the flag
         print(f"worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if engine_args.tp_size > 1 and ns.role != "mixed":  # the KV transfer moves rank 0's heads alone
-        print(
-            f"worker: --tp {engine_args.tp_size} serves --role mixed only (not yet {ns.role})",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
     if engine_args.nnodes > 1 and ns.role != "mixed":
         print(f"worker: --nnodes {engine_args.nnodes} serves --role mixed only", file=sys.stderr)
         return EXIT_USAGE

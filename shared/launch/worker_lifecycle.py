@@ -168,8 +168,8 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
         from pdserve.shared.engine.engine import Engine  # torch import: after the ports answer
 
         return Engine(engine_args, kv_listener)
-    from pdserve.kvtransfer import make_kv_manager
     from pdserve.kvtransfer.base import KVTransferConfig, KVTransferError
+    from pdserve.shared.engine.tp_kv_transfer import open_worker_kv
 
     config = KVTransferConfig()
     if ns.kv_transfer_timeout is not None:
@@ -179,8 +179,9 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
     def make_kv(pool):
         try:
             with slow_step(f"starting the {ns.kv_transfer_backend} KV transfer backend"):
-                return make_kv_manager(
-                    ns.kv_transfer_backend, pool, worker_id, kv_host, config, **kv_manager_options(ns)
+                # every rank's managers (shared/engine/tp_kv_transfer.py); followers join below
+                return open_worker_kv(
+                    ns.kv_transfer_backend, pool, worker_id, kv_host, config, kv_manager_options(ns)
                 )
         except KVTransferError as exc:
             raise StartupError(
@@ -190,10 +191,28 @@ def build_engine(ns: argparse.Namespace, engine_args: EngineArgs, worker_id: str
     if ns.role == "prefill":
         from pdserve.prefill.prefill_engine import PrefillEngine
 
-        return PrefillEngine(engine_args, make_kv, kv_listener)
+        return open_follower_kv(PrefillEngine(engine_args, make_kv, kv_listener), ns, kv_host)
     from pdserve.decode.decode_engine import DecodeEngine
 
-    return DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens)
+    return open_follower_kv(DecodeEngine(engine_args, make_kv, ns.num_reserved_decode_tokens), ns, kv_host)
+
+
+def open_follower_kv(engine, ns: argparse.Namespace, kv_host: str):
+    """With `--tp N`: the followers' KV managers join rank 0's (shared/engine/tp_kv_transfer.py)."""
+    from pdserve.kvtransfer.base import KVTransferError
+
+    sender = engine.runner.step_sender
+    if sender is None:
+        return engine
+    try:
+        with slow_step("starting the KV transfer backend of the tensor-parallel ranks"):
+            engine.kv_manager.open_followers(
+                sender.send_control, engine.args.tp_size - 1, kv_host, kv_manager_options(ns)
+            )
+    except KVTransferError as exc:
+        engine.kv_manager.close()
+        raise StartupError(f"cannot start the KV transfer backend of every rank: {exc}") from exc
+    return engine
 
 
 def worker_class(role: str):

@@ -32,7 +32,7 @@ from tests.helpers.fp8_checkpoint import COMPRESSED_TENSORS_PER_TENSOR, fp8_chec
 from tests.helpers.router_http import served_output_ids
 from tests.helpers.sglang_control import serialize_named_tensors
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.untimed]
 
 FLAGS = ["--dtype", "float32", "--device", "cpu", "--quantization", "fp8", "--max-total-tokens", "2048",
          "--log-level", "warning"]  # fmt: skip

@@ -22,9 +22,12 @@ def live_workers(url: str, role: str = "mixed") -> list[str]:
     return requests.get(url + "/get_server_info", timeout=10).json()["live_workers"][role]
 
 
-def all_pages_back(url: str) -> bool:
-    """Every worker the router knows is idle, with every page free or cached."""
+def all_pages_back(url: str, live_only: bool = False) -> bool:
+    """Every worker the router knows (`live_only`: that still answers) is idle, with every page
+    free or cached."""
     rows = requests.get(url + "/get_load", timeout=10).json()
+    if live_only:
+        rows = [r for r in rows if r["responding"]]
     return all(
         r["num_reqs"] == 0
         and r["router_inflight"] == 0

@@ -122,15 +122,19 @@ def test_serve_passes_tp_to_every_worker(parsers):
     assert worker.parse_args(cmd[3:]).tp_size == 2
 
 
-def test_tp_is_refused_where_it_does_not_work_yet(capsys):
-    from pdserve.shared.launch import worker_cli
-    from pdserve.shared.launch.serve.cli import TP_MIXED_ONLY, _plan
+def test_prefill_and_decode_workers_of_tp_gpus_take_runs_without_overlap():
+    from pdserve.shared.launch.serve.cli import _plan
 
-    assert worker_cli.main(["--role", "prefill", "--tp", "2"]) == worker_cli.EXIT_USAGE
-    assert "--role mixed only" in capsys.readouterr().err
     serve = build_parser()
-    with pytest.raises(ValueError, match=TP_MIXED_ONLY):
-        _plan(serve.parse_args(["--prefill", "1", "--decode", "1", "--tp", "2"]))
+    pd_tp2 = ["--prefill", "1", "--decode", "1", "--tp", "2"]
+    specs = _plan(serve.parse_args([*pd_tp2, "--device", "cuda:0,cuda:1,cuda:2,cuda:3"]))
+    assert [(s.role, s.device, s.mem_fraction_static) for s in specs] == [
+        ("prefill", "cuda:0", None),
+        ("decode", "cuda:2", None),
+    ]
+    with pytest.raises(ValueError, match="needs 6 GPUs, --device lists 4"):
+        _plan(serve.parse_args([*pd_tp2, "--decode", "2", "--device", "cuda:0,cuda:1,cuda:2,cuda:3"]))
+    assert [s.role for s in _plan(serve.parse_args(pd_tp2))] == ["prefill", "decode"]  # CPU: each of 2 ranks
     with pytest.raises(ValueError, match="consecutive GPUs"):
         _plan(serve.parse_args(["--device", "cuda:0,cuda:2", "--tp", "2"]))
     assert len(_plan(serve.parse_args(["--tp", "2"]))) == 1

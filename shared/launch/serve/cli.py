@@ -103,24 +103,17 @@ def build_parser(flags: passthrough.PassThrough | None = None) -> argparse.Argum
     return parser
 
 
-TP_MIXED_ONLY = (
-    "--tp > 1 serves mixed workers only: prefill and decode workers would move rank 0's KV heads alone"
-)
-
-
 def _plan(ns: argparse.Namespace) -> list[WorkerSpec]:
     devices = parse_devices(ns.device)
     if ns.nnodes > 1:
         raise PlanError(
             "--nnodes: serve runs on one host; run `worker --nnodes K --node-rank R` on each host"
         )
-    if ns.tp_size > 1 and (ns.prefill is not None or ns.decode is not None):
-        raise PlanError(TP_MIXED_ONLY)
     if ns.prefill is None and ns.decode is None:
         return plan_data_parallel(devices, ns.workers, ns.tp_size)
     if ns.workers is not None:
         raise PlanError("--workers (mixed) and --prefill/--decode (disaggregated) exclude each other")
-    return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static)
+    return plan_disaggregated(devices, ns.prefill or 0, ns.decode or 1, ns.mem_fraction_static, ns.tp_size)
 
 
 def _client_host(host: str) -> str:

@@ -8,7 +8,8 @@ Rules:
   mixed workers behind the router. With `--tp M` each worker takes M GPUs of the list, without
   overlap: worker i gets the i-th run of M (`--device` of its rank 0 the run's first; its ranks
   take the GPUs after it, so a run must be consecutive GPU numbers); on the CPU it just starts N
-  workers (plan_data_parallel).
+  workers (plan_data_parallel). `--prefill N --decode M --tp K` on GPUs likewise: N + M runs of K
+  GPUs, prefill workers first, no GPU shared.
 - `--device` is one device or a comma list (`cpu`, `cuda`, `cuda:0,cuda:1`); a bare `cuda` means
   every visible GPU. Workers are spread over the listed devices round-robin. A CUDA device hosts
   one worker (each sizes its KV pool from the device's free memory, so two would fight over it);
@@ -100,15 +101,20 @@ def plan_data_parallel(devices: list[str], num_workers: int | None, tp_size: int
     cuda = [d for d in devices if d.startswith("cuda")]
     if tp_size == 1 or not cuda:
         return plan_workers(devices, num_workers)
+    count = len(cuda) // tp_size if num_workers is None else num_workers
+    what = f"--dp {num_workers or 1} --tp {tp_size}"
+    return [WorkerSpec("mixed", first, i) for i, first in enumerate(_gpu_runs(devices, count, tp_size, what))]
+
+
+def _gpu_runs(devices: list[str], count: int, tp_size: int, what: str) -> list[str]:
+    """The first GPU of each of `count` workers of `tp_size` ranks: worker i gets the i-th run of
+    `tp_size` consecutive GPUs of the list, no GPU shared."""
+    cuda = [d for d in devices if d.startswith("cuda")]
     if len(cuda) != len(devices):
         raise PlanError("--tp > 1: --device lists the CPU beside GPUs")
-    count = len(cuda) // tp_size if num_workers is None else num_workers
     if count < 1 or count * tp_size > len(cuda):
-        raise PlanError(
-            f"--dp {num_workers or 1} --tp {tp_size} needs {max(1, count) * tp_size} GPUs, "
-            f"--device lists {len(cuda)}"
-        )
-    specs = []
+        raise PlanError(f"{what} needs {max(1, count) * tp_size} GPUs, --device lists {len(cuda)}")
+    firsts = []
     for i in range(count):
         run = [int(d.split(":")[1]) for d in cuda[i * tp_size : (i + 1) * tp_size]]
         if run != list(range(run[0], run[0] + tp_size)):
@@ -116,17 +122,25 @@ def plan_data_parallel(devices: list[str], num_workers: int | None, tp_size: int
                 f"--tp {tp_size}: worker {i} would get GPUs {run}; a worker's ranks take "
                 "consecutive GPUs (list them in order: --device cuda:0,cuda:1,...)"
             )
-        specs.append(WorkerSpec("mixed", cuda[i * tp_size], i))
-    return specs
+        firsts.append(cuda[i * tp_size])
+    return firsts
 
 
 def plan_disaggregated(
-    devices: list[str], num_prefill: int, num_decode: int, mem_fraction_static: float = 0.85
+    devices: list[str],
+    num_prefill: int,
+    num_decode: int,
+    mem_fraction_static: float = 0.85,
+    tp_size: int = 1,
 ) -> list[WorkerSpec]:
     """num_prefill prefill then num_decode decode workers, devices round-robin (see the rules)."""
     if num_prefill < 0 or num_decode < 1:
         raise PlanError("--decode must be >= 1 and --prefill >= 0 (0: every request prefills at decode)")
     roles = ["prefill"] * num_prefill + ["decode"] * num_decode
+    if tp_size > 1 and any(d.startswith("cuda") for d in devices):
+        what = f"--prefill {num_prefill} --decode {num_decode} --tp {tp_size}"
+        firsts = _gpu_runs(devices, len(roles), tp_size, what)
+        return [WorkerSpec(role, first, i) for i, (role, first) in enumerate(zip(roles, firsts))]
     placed = [devices[i % len(devices)] for i in range(len(roles))]
     specs: list[WorkerSpec] = []
     for i, (role, device) in enumerate(zip(roles, placed)):
