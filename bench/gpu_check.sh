@@ -11,8 +11,8 @@
 # fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_serving (serve bf16
 # against fp8 weights + fp8 KV, c1 and c64); tp (needs 2 GPUs: bench_one_batch of the 8B shape at batch 1 and 64,
 # --tp 1 and --tp 2 in one run, the TP=2/TP=1 decode-step ratio, then the TP=2 CUDA-graph parity test);
-# on two GPUs: multi (= multi_kv multi_pd multi_tp multi_split multi_threshold; bench/gpu_multi.sh says
-# what each runs and how to split them over device calls)
+# on two GPUs: multi (= multi_kv multi_pd tp multi_split multi_threshold; multi_tp is another name of tp;
+# bench/gpu_multi.sh says what each runs and how to split them over device calls)
 # (the device's copy carries no up-to-date .git: record the commit you ran at yourself)
 # Everything goes to $OUT/gpu_check.log (and JSON lines to $OUT/results.jsonl); each stage has a
 # time limit so that one hung stage cannot eat the whole lease.
