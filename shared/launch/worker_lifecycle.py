@@ -36,6 +36,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.cluster.membership import WorkerRegistration, advertise_host, default_worker_id
 from pdserve.shared.cluster.worker_info import WorkerInfo
 from pdserve.shared.engine.startup_log import slow_step
+from pdserve.shared.launch.worker_gpu import use_worker_gpu
 from pdserve.shared.worker.http_server import HealthMetricsServer, HealthState
 from pdserve.shared.worker.metrics import WorkerMetrics
 from pdserve.shared.worker.zmq_io import RouterSocket, tcp_address
@@ -261,6 +262,7 @@ def run_worker(ns: argparse.Namespace, engine_args: EngineArgs) -> int:
         kv_events = kv_event_publisher(ns, engine_args, worker_id)
         with slow_step("importing torch"):
             import torch  # noqa: F401 (the slowest import of the engine; nothing when already loaded)
+        use_worker_gpu(engine_args.device)
         try:
             tp_ranks = start_tp_ranks(engine_args)
             engine = build_engine(ns, engine_args, worker_id, kv_events)

@@ -2,7 +2,7 @@
 stages and the tp stage, the rate sweep asks bench_random for the right runs within its budget
 (gpu_check.sh's `run`, `serve_start`, `serve_stop` and `bench_random` replaced by recorders: nothing
 GPU-only runs), a host of fewer than two GPUs skips every stage, and the serve flags the stages use
-place the workers on the GPUs each run needs."""
+place the workers on the GPUs each run needs (each worker makes its GPU the current device)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pdserve.shared.launch.serve.cli import _plan, build_parser
 from pdserve.shared.launch.serve.plan import worker_command
+from pdserve.shared.launch.worker_gpu import cuda_index
 
 ROOT = Path(__file__).resolve().parents[2]
 MULTI = "multi_kv multi_pd multi_split multi_threshold"  # and the tp stage
@@ -102,11 +103,14 @@ def test_the_stages_serve_flags_place_one_worker_per_gpu():
     def placed(flags: str) -> list[tuple[str, str, object]]:
         ns = parser.parse_args(flags.split())
         specs = _plan(ns)
-        for spec in specs:  # the device each worker process is started with
+        for spec in specs:  # the device each worker process is started with, and makes current
             cmd = worker_command(spec, ns, "redis://h:1/0")
             assert cmd[cmd.index("--device") + 1] == spec.device
+            assert cuda_index(spec.device) == int(spec.device.split(":")[1])
         return [(s.name, s.device, s.mem_fraction_static) for s in specs]
 
     # P alone on GPU 0 and D alone on GPU 1: each sizes its pool from its whole GPU (no split)
     assert placed(pd_flags) == [("prefill-0", "cuda:0", None), ("decode-1", "cuda:1", None)]
     assert placed(mixed_flags) == [("mixed-0", "cuda:0", None), ("mixed-1", "cuda:1", None)]
+    # the CPU and a bare `cuda` leave the current device alone
+    assert (cuda_index("cpu"), cuda_index("cuda"), cuda_index("cuda:12")) == (None, None, 12)
