@@ -12,10 +12,10 @@
 #   multi_split      1P1D (P on cuda:0, D on cuda:1, --local-prefill-threshold 0) against two mixed workers
 #                    (one per GPU), the Llama-3.1-8B shape with dummy weights, SGLang's bench_serving at
 #                    Poisson request rates swept to saturation: prefill-heavy 4,096 in / 256 out, decode-heavy
-#                    256 in / 1,024 out, and short+long (32..2,048 in / 256 out); tables by bench/goodput.py ~380 s
+#                    256 in / 1,024 out, and short+long (32..2,048 in / 256 out); tables by bench/goodput.py ~400 s
 #   multi_threshold  the router's conditional disaggregation (1P1D, --local-prefill-threshold 512) on the
 #                    short+long mix against multi_split's two pure setups (needs multi_split's files in
-#                    the same $OUT: run it in the same call, after multi_split)                    ~100 s
+#                    the same $OUT: run it in the same call, after multi_split)                    ~90 s
 #
 # `multi` is all five in that order (~20 minutes). A device call is capped at 600 s, so the first lease
 # of a two-GPU kind (nvidia-h100-x2 or nvidia-h200-x2, carry .whl) takes three calls:
@@ -25,12 +25,14 @@
 # The rates aim past saturation: a 4,096-token prefill of the 8B takes ~0.3 s on an H100, so one
 # prefill worker saturates near 3 req/s and the mixed pair near 6; one decode worker of 1,024-token
 # outputs near 4 req/s. Raise a mix's rates when its top rate's throughput still follows the offered rate.
-# Each stage stops starting runs once its budget is spent; MULTI_SECONDS (arrivals per rate, default 10 s),
+# A call that runs past 600 s still brings back $OUT: `python -m pdserve.bench.goodput` makes the tables
+# from $OUT/multi/*.jsonl afterwards (multi_split and multi_threshold below show its flags).
+# Each stage stops starting runs once its budget is spent; MULTI_SECONDS (arrivals per rate, default 8 s),
 # MULTI_RATES_PREFILL, MULTI_RATES_DECODE, MULTI_RATES_SHORT_LONG and MULTI_KV_BACKEND (the 1P1D pair's
 # backend, default auto) change the sweep. The goodput tables and the goals' verdicts are printed last.
 
 MULTI_STAGES="multi_kv multi_pd tp multi_split multi_threshold"
-MULTI_SECONDS=${MULTI_SECONDS:-10}
+MULTI_SECONDS=${MULTI_SECONDS:-8}
 MULTI_RATES_PREFILL=${MULTI_RATES_PREFILL:-1.5 3 6}
 MULTI_RATES_DECODE=${MULTI_RATES_DECODE:-2 4 8}
 MULTI_RATES_SHORT_LONG=${MULTI_RATES_SHORT_LONG:-3 6}
@@ -104,10 +106,10 @@ multi_stage() {  # multi_stage STAGE: one multi-GPU stage (skipped on fewer than
       "tests/gpu/test_kvtransfer_cuda_ipc.py::test_bit_exact_bf16_two_processes_one_gpu[cuda_ipc-cuda:1]" \
       tests/gpu/test_gpu_serve_two_gpus.py -p no:cacheprovider --timeout 240 ;;
   multi_split)
-    deadline=$((SECONDS + 340))
+    deadline=$((SECONDS + 400))  # half of it for each setup, its start included
     serve_start multi-1p1d --prefill 1 --decode 1 --device cuda:0,cuda:1 \
       --kv-transfer-backend "${MULTI_KV_BACKEND:-auto}" --local-prefill-threshold 0
-    sweep 1p1d $((SECONDS + (deadline - SECONDS) / 2)) $MULTI_MIXES
+    sweep 1p1d $((deadline - 200)) $MULTI_MIXES
     serve_stop
     serve_start multi-2mixed --workers 2 --device cuda:0,cuda:1
     sweep 2mixed "$deadline" $MULTI_MIXES
@@ -117,7 +119,7 @@ multi_stage() {  # multi_stage STAGE: one multi-GPU stage (skipped on fewer than
         --setup "2 mixed" "$OUT/multi/2mixed-$mix.jsonl"
     done ;;
   multi_threshold)
-    deadline=$((SECONDS + 90))
+    deadline=$((SECONDS + 80))
     serve_start multi-conditional --prefill 1 --decode 1 --device cuda:0,cuda:1 \
       --kv-transfer-backend "${MULTI_KV_BACKEND:-auto}" --local-prefill-threshold "$MULTI_THRESHOLD"
     sweep conditional "$deadline" "${MULTI_MIXES##* }"

@@ -54,7 +54,7 @@ def test_the_scripts_parse_and_multi_expands(tmp_path):
     want = "kv multi_kv multi_pd tp multi_split multi_threshold tests"
     assert _bash("expand_stages kv multi tests", tmp_path) == [want]
     assert _bash("expand_stages multi_split multi_tp", tmp_path) == ["multi_split tp"]
-    assert _bash("for r in 0.2 1.5 8; do num_prompts $r; done", tmp_path) == ["8", "15", "80"]
+    assert _bash("for r in 0.2 1.5 8; do num_prompts $r; done", tmp_path) == ["8", "12", "64"]
     # gpu_check.sh hands every multi_* stage to multi_stage
     assert "STAGES=$(expand_stages ${*:-" in (ROOT / "bench/gpu_check.sh").read_text()
     assert "multi_*)\n    multi_stage" in (ROOT / "bench/gpu_check.sh").read_text()
@@ -73,11 +73,11 @@ def test_the_sweep_asks_for_each_rate_until_its_budget_is_spent(tmp_path):
         )
 
     assert lines == [
-        want("prefill-heavy", "1.5", 15, "4096 256", "1"),
-        want("prefill-heavy", "3", 30, "4096 256", "1"),
-        want("prefill-heavy", "6", 60, "4096 256", "1"),
-        want("short-long", "3", 30, "2048 256", "0.015625"),
-        want("short-long", "6", 60, "2048 256", "0.015625"),
+        want("prefill-heavy", "1.5", 12, "4096 256", "1"),
+        want("prefill-heavy", "3", 24, "4096 256", "1"),
+        want("prefill-heavy", "6", 48, "4096 256", "1"),
+        want("short-long", "3", 24, "2048 256", "0.015625"),
+        want("short-long", "6", 48, "2048 256", "0.015625"),
     ]
     spent = _bash('MULTI_RATES_DECODE="1 2"; sweep 2mixed $SECONDS "decode-heavy:256:1024:1"', tmp_path)
     assert spent == [
