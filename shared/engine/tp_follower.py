@@ -4,7 +4,7 @@ Life: build the rank's ModelRunner (its slice of the weights, its heads' KV pool
 rank 0; the collectives of that construction meet rank 0's engine building its own), then loop:
 receive a pass from rank 0 (tp_steps.py), run it (its collectives meet rank 0's), drop the
 logits (rank 0 samples); a control message between passes is an admin operation every rank does
-(a weight update: tp_weights.py), dispatched by its type. No scheduler, no sockets to clients, no sampling.
+(a weight update: tp_weights.py, tp_tensor_updates.py; a weight read: tp_weight_reads.py), dispatched by its type. No scheduler, no sockets to clients, no sampling.
 It returns when `keep_going()` turns false (checked whenever no pass came for `poll_s`): its
 launcher asks whether rank 0 is still there.
 """
@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.model_runner import ModelRunner
-from pdserve.shared.engine.tp_steps import ReloadWeights
+from pdserve.shared.engine.tp_steps import ReadWeights, ReloadWeights, UpdateTensors
+from pdserve.shared.engine.tp_tensor_updates import follow_tensor_update
+from pdserve.shared.engine.tp_weight_reads import follow_weight_read
 from pdserve.shared.engine.tp_weights import follow_reload
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch
@@ -24,7 +27,11 @@ from pdserve.shared.models.resolver import resolve_model
 
 logger = logging.getLogger(__name__)
 
-CONTROL_HANDLERS: dict[type, Callable[[ModelRunner, ReloadWeights], None]] = {ReloadWeights: follow_reload}
+CONTROL_HANDLERS: dict[type, Callable[[ModelRunner, Any], None]] = {
+    ReloadWeights: follow_reload,
+    UpdateTensors: follow_tensor_update,  # tp_tensor_updates.py
+    ReadWeights: follow_weight_read,  # tp_weight_reads.py
+}
 
 
 def build_follower_runner(args: EngineArgs) -> ModelRunner:

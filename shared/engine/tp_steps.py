@@ -17,8 +17,9 @@ Rules:
   group; follower r connects a PULL socket to the r-th.
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
   frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
-  every rank must do, such as `ReloadWeights`): one msgpack frame naming it. Followers act on it
-  between passes, in the order rank 0 sent it.
+  every rank must do, such as `ReloadWeights`): one msgpack frame naming it (to every follower, or
+  one message each with `send_control_each`). Followers act on it between passes, in the order
+  rank 0 sent it.
 """
 
 from __future__ import annotations
@@ -58,9 +59,29 @@ class ReloadWeights:
     load_format: str
 
 
-CONTROL_MESSAGES: dict[str, type[ReloadWeights]] = {"reload_weights": ReloadWeights}
+@dataclass(frozen=True)
+class UpdateTensors:
+    """Control: this follower's entry of `/update_weights_from_tensor` (tp_tensor_updates.py)."""
+
+    entry: str | bytes
+    load_format: str | None
+
+
+@dataclass(frozen=True)
+class ReadWeights:
+    """Control: every rank hands rank 0 its part of a parameter's first rows (tp_weight_reads.py)."""
+
+    name: str
+    truncate_size: int
+
+
+ControlMessage = ReloadWeights | UpdateTensors | ReadWeights
+CONTROL_MESSAGES: dict[str, type[ControlMessage]] = {
+    "reload_weights": ReloadWeights,
+    "update_tensors": UpdateTensors,
+    "read_weights": ReadWeights,
+}
 _CONTROL_NAMES = {kind: name for name, kind in CONTROL_MESSAGES.items()}
-ControlMessage = ReloadWeights
 
 
 class StepSender:
@@ -86,7 +107,16 @@ class StepSender:
         self._send_frames([msgpack.packb(header), *(t.numpy() for t in tensors)])
 
     def send_control(self, message: ControlMessage) -> None:
-        self._send_frames([msgpack.packb({"control": _CONTROL_NAMES[type(message)], **asdict(message)})])
+        self._send_frames([self._control_frame(message)])
+
+    def send_control_each(self, messages: list[ControlMessage]) -> None:
+        """messages[i] to follower i + 1 (a message that differs per rank)."""
+        for sock, message in zip(self.sockets, messages, strict=True):
+            sock.send_multipart([self._control_frame(message)], copy=False)
+
+    @staticmethod
+    def _control_frame(message: ControlMessage) -> bytes:
+        return msgpack.packb({"control": _CONTROL_NAMES[type(message)], **asdict(message)})
 
     def _send_frames(self, frames: list[Any]) -> None:
         for sock in self.sockets:

@@ -115,7 +115,8 @@ def apply_named_tensors(checked: CheckedTensors) -> None:
         dest.copy_(tensor)
 
 
-def _parameter(model: nn.Module, name: str) -> torch.Tensor:
+def parameter_by_name(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter (or the rows of a merged one) by its model or checkpoint name; KeyError if none."""
     own = dict(model.named_parameters())
     if name in own:
         return own[name]
@@ -131,5 +132,5 @@ def _parameter(model: nn.Module, name: str) -> torch.Tensor:
 @torch.no_grad()
 def weights_by_name(model: nn.Module, name: str, truncate_size: int = 100) -> list:
     """The parameter's first `truncate_size` rows as float32 lists; KeyError for an unknown name."""
-    param = _parameter(model, name)
+    param = parameter_by_name(model, name)
     return param[:truncate_size].to(device="cpu", dtype=torch.float32).tolist()
