@@ -23,6 +23,8 @@ Rules:
 
 from __future__ import annotations
 
+import logging
+
 from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.tensor_payload import TensorPayloadError, decode_named_tensors
 from pdserve.shared.engine.tensor_weights import CheckedTensors, apply_named_tensors, check_named_tensors
@@ -32,6 +34,8 @@ from pdserve.shared.engine.weight_swap import WeightsUpdateError
 from pdserve.shared.models.fp8_checkpoint import fp8_checkpoint, fp8_weight_names
 from pdserve.shared.models.loader import meta_model
 from pdserve.shared.models.weights import checkpoint_targets
+
+logger = logging.getLogger(__name__)
 
 Entry = str | bytes
 
@@ -86,6 +90,7 @@ def follow_tensor_update(runner: ModelRunner, message: UpdateTensors) -> None:
     except TensorPayloadError as exc:
         error = f"Failed to update weights: {exc}."
     except Exception as exc:  # any failure is the client's answer, and the ranks must still agree
+        logger.exception("checking this rank's tensors failed")
         error = f"Failed to update weights: {type(exc).__name__}: {exc}."
     if ranks_verdict(runner.tp, error) is None and checked is not None:
         apply_named_tensors(checked)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
+from pdserve.shared.engine.tp_weight_reads import read_weights
 from pdserve.shared.protocol import (
     AdminReply,
     ExpertRecord,
@@ -36,7 +37,6 @@ from pdserve.shared.protocol import (
 )
 from pdserve.shared.worker.expert_record import expert_record_answer
 from pdserve.shared.worker.profiler import StepProfiler, safe_label
-from pdserve.shared.engine.tp_weight_reads import read_weights
 
 
 class WorkerControl:

@@ -31,6 +31,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pdserve.shared.engine.tensor_payload import TensorPayloadError
+from pdserve.shared.engine.tensor_weights import TENSOR_UPDATE_OK, CheckedTensors
+from pdserve.shared.engine.tp_tensor_updates import check_rank_tensors, rank_entries, swap_rank_tensors
 from pdserve.shared.engine.weight_swap import CheckedWeights, WeightsUpdateError
 from pdserve.shared.protocol import (
     GenerateRequest,
@@ -41,9 +44,6 @@ from pdserve.shared.protocol import (
     UpdateWeightsRequest,
     UpdateWeightsResult,
 )
-from pdserve.shared.engine.tensor_payload import TensorPayloadError
-from pdserve.shared.engine.tensor_weights import TENSOR_UPDATE_OK, CheckedTensors
-from pdserve.shared.engine.tp_tensor_updates import check_rank_tensors, rank_entries, swap_rank_tensors
 
 logger = logging.getLogger(__name__)
 

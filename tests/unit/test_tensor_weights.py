@@ -15,11 +15,11 @@ import torch
 import torch.multiprocessing
 from safetensors.torch import load_file
 
+from pdserve.shared.engine.tensor_payload import TensorPayloadError, decode_named_tensors
+from pdserve.shared.engine.tensor_weights import apply_named_tensors, check_named_tensors, weights_by_name
 from pdserve.shared.engine.weight_swap import WeightsUpdateError
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
-from pdserve.shared.engine.tensor_payload import TensorPayloadError, decode_named_tensors
-from pdserve.shared.engine.tensor_weights import apply_named_tensors, check_named_tensors, weights_by_name
 from tests.helpers.sglang_control import serialize_named_tensors as serialize
 from tests.helpers.tiny_models import make_tiny_model
 
