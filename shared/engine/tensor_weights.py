@@ -125,7 +125,9 @@ def parameter_by_name(model: nn.Module, name: str) -> torch.Tensor:
         param, rows = target
         return param if rows is None else param[rows]
     if name == "lm_head.weight" and getattr(model, "lm_head", 0) is None:  # tied: logits use the embedding
-        return model.get_submodule("model.embed_tokens").weight
+        weight = model.get_submodule("model.embed_tokens").weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
     raise KeyError(name)
 
 
