@@ -111,7 +111,9 @@ class StepSender:
 
     def send_control_each(self, messages: list[ControlMessage]) -> None:
         """messages[i] to follower i + 1 (a message that differs per rank)."""
-        for sock, message in zip(self.sockets, messages, strict=True):
+        if len(messages) != len(self.sockets):  # checked first: no follower may get one alone
+            raise ValueError(f"{len(messages)} control messages for {len(self.sockets)} followers")
+        for sock, message in zip(self.sockets, messages):
             sock.send_multipart([self._control_frame(message)], copy=False)
 
     @staticmethod
