@@ -60,7 +60,8 @@ def check_rank_tensors(runner: ModelRunner, entry: Entry, load_format: str | Non
     if runner.tp is None or runner.shard_rules is None or load_format == "direct":
         return check_named_tensors(runner.model, named, load_format, dtype)
     whole = meta_model(runner.config, runner.args.quantization)
-    check_named_tensors(whole, named, load_format, dtype)
+    # shapes, names and dtypes only: the meta copies read no values and quantize nothing
+    check_named_tensors(whole, [(name, t.to("meta")) for name, t in named], load_format, dtype)
     fp8_weights = fp8_weight_names(checkpoint_targets(runner.model))
     sliced = list(fp8_checkpoint(named, fp8_weights, dtype, runner.shard_rules))
     return check_named_tensors(runner.model, sliced, load_format, dtype)
