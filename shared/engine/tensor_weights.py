@@ -20,6 +20,8 @@ Rules (`/update_weights_from_tensor` and `/get_weights_by_name`, as SGLang has t
   as nested lists; a tied model's `lm_head.weight` reads the embedding, which it shares. An fp8
   weight reads as its stored e4m3 values, without its scale (as SGLang returns the parameter);
   `<name>_scale` reads the scales.
+Under tensor parallelism each rank checks and copies its slices (tp_tensor_updates.py) and a
+read-out is gathered from every rank (tp_weight_reads.py).
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ Rules:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
 
@@ -30,6 +32,8 @@ from pdserve.shared.engine.tp_steps import ReadWeights
 from pdserve.shared.models.fp8_checkpoint import SCALE_SUFFIX
 from pdserve.shared.models.loader import meta_model
 from pdserve.shared.models.shard_rule import ShardRule
+
+logger = logging.getLogger(__name__)
 
 # (dim, [(start in the whole parameter, this rank's values there)]), or None: rank 0's values
 Part = tuple[int, list[tuple[int, torch.Tensor]]] | None
@@ -67,7 +71,8 @@ def _gather_parts(runner: ModelRunner, name: str, truncate_size: int) -> list[Pa
     assert runner.tp is not None
     try:
         part = _local_part(runner, name, truncate_size)
-    except KeyError:
+    except Exception:  # the ranks must meet in the collective whatever happens: rank 0's values then
+        logger.exception("reading this rank's part of %s failed", name)
         part = None
     parts: list[Part] = [None] * runner.tp.size
     dist.all_gather_object(parts, part)
