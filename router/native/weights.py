@@ -11,10 +11,11 @@ Rules (bodies and answers as SGLang 0.5.3 has them):
   `/get_weight_version`, `/get_model_info`, `/get_server_info` and each response's
   `meta_info.weight_version` show it. `abort_all_requests` (default true) aborts what runs first.
   200 {"success": true, "message": "Weight version updated to <v>", "new_version": <v>}.
-- `/update_weights_from_tensor` sends one entry of `serialized_named_tensors` to every worker
-  (pdserve workers are one rank each: a list of more than one entry is a 400). An entry is
+- `/update_weights_from_tensor` sends `serialized_named_tensors` to every worker, which needs one
+  entry per tensor-parallel rank (entry r for rank r, as SGLang's scheduler reads it; another
+  count is a 400 from the worker; shared/engine/tp_tensor_updates.py). An entry is
   SGLang's ForkingPickler pickle of (name, tensor) pairs, read without running code
-  (shared/worker/tensor_payload.py): the tensors stay in the sender's shared memory (CPU, with the
+  (shared/engine/tensor_payload.py): the tensors stay in the sender's shared memory (CPU, with the
   "file_system" sharing strategy) or GPU (CUDA IPC), so the sender runs on the workers' host and
   keeps them alive until the answer. Each worker checks every tensor against its parameters, lets
   running requests finish (as `/update_weights_from_disk` does; `abort_all_requests` aborts them
@@ -23,7 +24,8 @@ Rules (bodies and answers as SGLang 0.5.3 has them):
   with the workers' reasons (a partial update says how many workers took it).
 - `/get_weights_by_name` reads a parameter on one worker: by checkpoint (Hugging Face) name or the
   model's own name; the answer is the first `truncate_size` rows as float lists (SGLang's truncated
-  parameter); an unknown name is a 400.
+  parameter; on a tensor-parallel worker the whole parameter's rows, gathered from its ranks); an
+  unknown name is a 400.
 All but `/get_weight_version` need the admin key when one is set (router/native/fanout.py).
 """
 
@@ -99,12 +101,6 @@ async def handle_update_weights_from_tensor(request: web.Request) -> web.Respons
     entries = field(body, "serialized_named_tensors", list)
     if not entries or not all(isinstance(e, str) and e for e in entries):
         raise http_error(400, "serialized_named_tensors must be a non-empty list of base64 strings.")
-    if len(entries) != 1:
-        raise http_error(
-            400,
-            f"serialized_named_tensors has {len(entries)} entries: pdserve workers run one rank each "
-            "(no tensor parallelism), send one.",
-        )
     load_format = field(body, "load_format", str)
     if load_format is not None and load_format not in TENSOR_LOAD_FORMATS:
         raise http_error(
@@ -118,7 +114,7 @@ async def handle_update_weights_from_tensor(request: web.Request) -> web.Respons
     if field(body, "abort_all_requests", bool, False):
         await _abort_everything(request, state)
     msg = UpdateWeightsFromTensor(
-        serialized_named_tensors=entries[0],
+        serialized_named_tensors=entries,  # each worker takes entry r for its rank r
         load_format=load_format,
         flush_cache=flush_cache,
         weight_version=weight_version,

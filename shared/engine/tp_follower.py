@@ -5,8 +5,9 @@ rank 0; the collectives of that construction meet rank 0's engine building its o
 receive a pass from rank 0 (tp_steps.py), run it (its collectives meet rank 0's), drop the
 logits (rank 0 samples); a decode step that fits a CUDA graph comes as a GraphStep and replays the
 bucket rank 0 chose (tp_decode_graphs.py); a control message between passes is an admin operation
-every rank does (a weight update: tp_weights.py; a KV transfer's step: tp_kv_follower.py),
-dispatched by its type. No scheduler, no sockets to clients, no sampling.
+every rank does (a weight update: tp_weights.py, tp_tensor_updates.py; a weight read:
+tp_weight_reads.py; a KV transfer's step: tp_kv_follower.py), dispatched by its type. No
+scheduler, no sockets to clients, no sampling.
 It returns when `keep_going()` turns false (checked whenever no pass came for `poll_s`): its
 launcher asks whether rank 0 is still there.
 """
@@ -24,7 +25,9 @@ from pdserve.shared.engine.model_runner import ModelRunner
 from pdserve.shared.engine.tp_decode_graphs import replay_graph_step
 from pdserve.shared.engine.tp_graph_step import GraphStep
 from pdserve.shared.engine.tp_kv_follower import FollowerKV, follower_heads
-from pdserve.shared.engine.tp_steps import ReloadWeights
+from pdserve.shared.engine.tp_steps import ReadWeights, ReloadWeights, UpdateTensors
+from pdserve.shared.engine.tp_tensor_updates import follow_tensor_update
+from pdserve.shared.engine.tp_weight_reads import follow_weight_read
 from pdserve.shared.engine.tp_weights import follow_reload
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.forward_batch import ForwardBatch
@@ -42,6 +45,8 @@ def follow_graph_step(runner: ModelRunner, step: GraphStep) -> None:
 
 CONTROL_HANDLERS: dict[type, Callable[[ModelRunner, Any], None]] = {
     ReloadWeights: follow_reload,
+    UpdateTensors: follow_tensor_update,  # tp_tensor_updates.py
+    ReadWeights: follow_weight_read,  # tp_weight_reads.py
     GraphStep: follow_graph_step,
 }
 

@@ -18,8 +18,9 @@ Rules:
 - A message is a msgpack header (mode, host lengths, each tensor's dtype and shape) then one raw
   frame per tensor of `TENSOR_FIELDS`, in that order; or a control message (an admin operation
   every rank must do, such as `ReloadWeights`, or a step of a KV transfer: tp_kv_messages.py):
-  one msgpack frame naming it. Followers act on it between passes, in the order rank 0 sent it;
-  or a decode step that replays a CUDA graph on every rank (`GraphStep`, tp_graph_step.py).
+  one msgpack frame naming it (to every follower, or one message each with `send_control_each`).
+  Followers act on it between passes, in the order rank 0 sent it; or a decode step that replays a
+  CUDA graph on every rank (`GraphStep`, tp_graph_step.py).
 """
 
 from __future__ import annotations
@@ -61,8 +62,29 @@ class ReloadWeights:
     load_format: str
 
 
+@dataclass(frozen=True)
+class UpdateTensors:
+    """Control: this follower's entry of `/update_weights_from_tensor` (tp_tensor_updates.py)."""
+
+    entry: str | bytes
+    load_format: str | None
+
+
+@dataclass(frozen=True)
+class ReadWeights:
+    """Control: every rank hands rank 0 its part of a parameter's first rows (tp_weight_reads.py)."""
+
+    name: str
+    truncate_size: int
+
+
 # the KV transfer's messages (tp_kv_messages.py) go on this channel too, in order with the passes
-CONTROL_MESSAGES: dict[str, type] = {"reload_weights": ReloadWeights, **KV_CONTROL_MESSAGES}
+CONTROL_MESSAGES: dict[str, type] = {
+    "reload_weights": ReloadWeights,
+    "update_tensors": UpdateTensors,
+    "read_weights": ReadWeights,
+    **KV_CONTROL_MESSAGES,
+}
 _CONTROL_NAMES = {kind: name for name, kind in CONTROL_MESSAGES.items()}
 ControlMessage = Any  # an instance of a CONTROL_MESSAGES type
 
@@ -90,7 +112,18 @@ class StepSender:
         self._send_frames([msgpack.packb(header), *(t.numpy() for t in tensors)])
 
     def send_control(self, message: ControlMessage) -> None:
-        self._send_frames([msgpack.packb({"control": _CONTROL_NAMES[type(message)], **asdict(message)})])
+        self._send_frames([self._control_frame(message)])
+
+    def send_control_each(self, messages: list[ControlMessage]) -> None:
+        """messages[i] to follower i + 1 (a message that differs per rank)."""
+        if len(messages) != len(self.sockets):  # checked first: no follower may get one alone
+            raise ValueError(f"{len(messages)} control messages for {len(self.sockets)} followers")
+        for sock, message in zip(self.sockets, messages):
+            sock.send_multipart([self._control_frame(message)], copy=False)
+
+    @staticmethod
+    def _control_frame(message: ControlMessage) -> bytes:
+        return msgpack.packb({"control": _CONTROL_NAMES[type(message)], **asdict(message)})
 
     def send_graph_step(self, step: GraphStep) -> None:
         self._send_frames(encode_graph_step(step))

@@ -23,6 +23,7 @@ from pdserve.shared.engine.weight_swap import (
     apply_weights,
     restore_weights,
 )
+from pdserve.shared.models.tensor_parallel_layers import TPRank
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,17 @@ def follow_reload(runner: ModelRunner, message: ReloadWeights) -> None:
         runner.args.load_format = checked.load_format
 
 
+def ranks_verdict(tp: TPRank | None, error: str | None) -> str | None:
+    """The ranks exchange their errors (a collective): None when every rank succeeded, else the
+    first failure's message naming its rank. Without tensor parallelism: `error` itself."""
+    if tp is None:
+        return error
+    errors: list[str | None] = [None] * tp.size
+    dist.all_gather_object(errors, error)
+    failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
+    return f"{failed[0][1]} (tensor-parallel rank {failed[0][0]})" if failed else None
+
+
 def _reload_everywhere(runner: ModelRunner, checked: CheckedWeights, previous_dir: Path) -> str | None:
     """This rank's copy, then the ranks' verdict: None when every rank succeeded, else the first
     failure's message (every rank restored)."""
@@ -53,11 +65,7 @@ def _reload_everywhere(runner: ModelRunner, checked: CheckedWeights, previous_di
         apply_weights(runner.model, checked, runner.shard_rules, runner.config.dtype)
     except WeightsUpdateError as exc:
         error = str(exc)
-    if runner.tp is not None:
-        errors: list[str | None] = [None] * runner.tp.size
-        dist.all_gather_object(errors, error)
-        failed = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-        error = f"{failed[0][1]} (tensor-parallel rank {failed[0][0]})" if failed else None
+    error = ranks_verdict(runner.tp, error)
     if error is not None:
         logger.warning("weight update failed, restoring the previous weights: %s", error)
         restore_weights(runner.model, runner.args, previous_dir, runner.shard_rules, runner.config.dtype)

@@ -147,12 +147,13 @@ class FreezeGC(Message):
 
 @dataclass
 class UpdateWeightsFromTensor(Message):
-    """New values for some parameters, as one rank's entry of SGLang's `serialized_named_tensors`
-    (shared/worker/tensor_payload.py); answered with UpdateWeightsResult."""
+    """New values for some parameters: SGLang's `serialized_named_tensors`, one entry per
+    tensor-parallel rank (or one entry as such; shared/engine/tensor_payload.py); answered with
+    UpdateWeightsResult."""
 
     TAG: ClassVar[str] = "update_weights_tensor"
     query_id: int = 0
-    serialized_named_tensors: str | bytes = ""
+    serialized_named_tensors: str | bytes | list[str | bytes] = ""
     load_format: str | None = None
     flush_cache: bool = True
     weight_version: str | None = None

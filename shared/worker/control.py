@@ -13,7 +13,8 @@ Messages (shared/protocol/admin.py) and answers:
 - ExpertRecord -> AdminReply (shared/worker/expert_record.py; a dump's message names the file);
 - FreezeGC -> AdminReply: `gc.freeze()` after a collection, so the objects alive now (the model,
   the pools) are never scanned again; the message says how many objects are frozen;
-- GetWeightsByName -> WeightsByName (shared/worker/tensor_weights.py), or why not.
+- GetWeightsByName -> WeightsByName (shared/engine/tensor_weights.py; under tensor parallelism the
+  whole parameter's rows, gathered from every rank: tp_weight_reads.py), or why not.
 Rules: the loop thread calls every handler; each answers exactly once, at once.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable
 
+from pdserve.shared.engine.tp_weight_reads import read_weights
 from pdserve.shared.protocol import (
     AdminReply,
     ExpertRecord,
@@ -35,7 +37,6 @@ from pdserve.shared.protocol import (
 )
 from pdserve.shared.worker.expert_record import expert_record_answer
 from pdserve.shared.worker.profiler import StepProfiler, safe_label
-from pdserve.shared.worker.tensor_weights import weights_by_name
 
 
 class WorkerControl:
@@ -82,7 +83,7 @@ class WorkerControl:
 
     def _on_get_weights(self, identity: bytes, msg: GetWeightsByName) -> None:
         try:
-            parameter = weights_by_name(self.engine.runner.model, msg.name, msg.truncate_size)
+            parameter = read_weights(self.engine.runner, msg.name, msg.truncate_size)
         except KeyError:
             reply = WeightsByName(
                 query_id=msg.query_id, success=False, message=f"The served model has no parameter {msg.name}."

@@ -4,7 +4,8 @@ drain, swap, release.
 One update at a time, in arrival order; each goes through three phases:
 
   checking  the checkpoint is resolved and checked against the live model (or the tensors are
-            opened, shared/worker/tensor_payload.py, and checked, tensor_weights.py) in a helper
+            opened, shared/engine/tensor_payload.py, and checked, tensor_weights.py; under
+            tensor parallelism rank 0's entry, tp_tensor_updates.py) in a helper
             thread (resolving a hub id can take long) while the loop keeps serving as usual;
             an update that does not fit is answered with the failure at once, nothing paused.
   draining  new requests are held in arrival order (not refused, not admitted); requests
@@ -30,6 +31,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from pdserve.shared.engine.tensor_payload import TensorPayloadError
+from pdserve.shared.engine.tensor_weights import TENSOR_UPDATE_OK, CheckedTensors
+from pdserve.shared.engine.tp_tensor_updates import check_rank_tensors, rank_entries, swap_rank_tensors
 from pdserve.shared.engine.weight_swap import CheckedWeights, WeightsUpdateError
 from pdserve.shared.protocol import (
     GenerateRequest,
@@ -39,13 +43,6 @@ from pdserve.shared.protocol import (
     UpdateWeightsFromTensor,
     UpdateWeightsRequest,
     UpdateWeightsResult,
-)
-from pdserve.shared.worker.tensor_payload import TensorPayloadError, decode_named_tensors
-from pdserve.shared.worker.tensor_weights import (
-    TENSOR_UPDATE_OK,
-    CheckedTensors,
-    apply_named_tensors,
-    check_named_tensors,
 )
 
 logger = logging.getLogger(__name__)
@@ -71,11 +68,6 @@ def drain_timeout_message(timeout_s: float) -> str:
         f"within the {timeout_s:g} s drain timeout."
     )
 
-
-TP_TENSOR_UPDATE_MESSAGE = (
-    "Failed to update weights: /update_weights_from_tensor does not reach the other "
-    "tensor-parallel ranks yet; use /update_weights_from_disk."
-)
 
 AnyUpdate = UpdateWeightsRequest | UpdateWeightsFromTensor
 
@@ -235,10 +227,9 @@ def _check_disk(engine, request: UpdateWeightsRequest) -> CheckedWeights:
 
 
 def _check_tensors(engine, request: UpdateWeightsFromTensor) -> CheckedTensors:
-    if engine.runner.tp is not None:  # the tensors would reach rank 0's slices alone
-        raise WeightsUpdateError(TP_TENSOR_UPDATE_MESSAGE)
-    named = decode_named_tensors(request.serialized_named_tensors)
-    return check_named_tensors(engine.runner.model, named, request.load_format, engine.model_config.dtype)
+    tp = engine.runner.tp
+    entries = rank_entries(request.serialized_named_tensors, 1 if tp is None else tp.size)
+    return check_rank_tensors(engine.runner, entries[0], request.load_format)  # rank 0's entry
 
 
 def _swap_disk(engine, request: UpdateWeightsRequest, checked: CheckedWeights) -> tuple[bool, str]:
@@ -250,7 +241,12 @@ def _swap_disk(engine, request: UpdateWeightsRequest, checked: CheckedWeights) -
 def _swap_tensors(engine, request: UpdateWeightsFromTensor, checked: CheckedTensors) -> tuple[bool, str]:
     if engine.has_work():
         return False, "Failed to update weights: requests are still running."
-    apply_named_tensors(checked)  # checked: every tensor fits, so the copy cannot fail half-way
+    tp = engine.runner.tp
+    entries = rank_entries(request.serialized_named_tensors, 1 if tp is None else tp.size)
+    try:  # checked: every tensor fits, so a copy cannot fail half-way; followers check theirs first
+        swap_rank_tensors(engine.runner, checked, entries, request.load_format)
+    except WeightsUpdateError as exc:
+        return False, str(exc)
     engine.note_new_weights(request.weight_version, request.flush_cache)
     return True, TENSOR_UPDATE_OK
 

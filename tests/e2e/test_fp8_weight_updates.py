@@ -10,7 +10,9 @@ the new weights serves:
   cannot work is a 400 that changes nothing (fp8 values without their scale, fp8 values for a
   16-bit parameter, a block-wise fp8 checkpoint).
 - TP=2: the disk updates reach both ranks (each quantizes or cuts its own slice) and give the TP=1
-  fp8 model's tokens (test_tensor_parallel_fp8.py: TP=2 equals TP=1 on fp8).
+  fp8 model's tokens (test_tensor_parallel_fp8.py: TP=2 equals TP=1 on fp8); so do tensor updates
+  (one entry per rank, whole tensors: B's float32 ones quantized per row, B8's fp8 ones with their
+  scales), read back whole from both ranks; fp8 values without their scale are a 400.
 """
 
 from __future__ import annotations
@@ -69,10 +71,9 @@ def _from_disk(url: str, path: Path) -> requests.Response:
     return _post(url, "/update_weights_from_disk", {"model_path": str(path)})
 
 
-def _from_tensors(url: str, named: list[tuple[str, torch.Tensor]]) -> requests.Response:
-    return _post(
-        url, "/update_weights_from_tensor", {"serialized_named_tensors": [serialize_named_tensors(named)]}
-    )
+def _from_tensors(url: str, named: list[tuple[str, torch.Tensor]], ranks: int = 1) -> requests.Response:
+    entries = [serialize_named_tensors(named)] * ranks  # SGLang: one entry per tensor-parallel rank
+    return _post(url, "/update_weights_from_tensor", {"serialized_named_tensors": entries})
 
 
 def _weights(url: str, name: str, truncate_size: int = 100) -> torch.Tensor:
@@ -145,4 +146,19 @@ def test_a_tp2_fp8_worker_updates_every_rank_from_disk(
         assert resp.status_code == 200, resp.text
         assert served_output_ids(url, PROMPTS, GREEDY) == expected[name]
     _refused(_from_disk(url, checkpoints["blockwise"]), "block-wise")
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b8"]
+
+    b = load_file(str(checkpoints["b"] / "model.safetensors"))
+    resp = _from_tensors(url, sorted(b.items()), ranks=2)
+    assert resp.status_code == 200, resp.text
+    assert served_output_ids(url, PROMPTS, GREEDY) == expected["b"]
+    weight, scale = per_channel_quant_fp8(b[K_PROJ])  # one KV head (16 rows) on each rank
+    assert torch.equal(_weights(url, K_PROJ), weight.float())
+    assert torch.equal(_weights(url, K_PROJ + "_scale"), scale)
+    b8 = load_file(str(checkpoints["b8"] / "model.safetensors"))
+    _refused(_from_tensors(url, [(K_PROJ, b8[K_PROJ])], ranks=2), f"{K_PROJ}_scale is not given")
+    b8_weights = sorted((n, t) for n, t in b8.items() if not n.endswith(".input_scale"))  # refused as at TP=1
+    resp = _from_tensors(url, b8_weights, ranks=2)
+    assert resp.status_code == 200, resp.text
+    assert torch.equal(_weights(url, K_PROJ), b8[K_PROJ].float())
     assert served_output_ids(url, PROMPTS, GREEDY) == expected["b8"]

@@ -180,7 +180,8 @@ def test_bad_tensor_updates_are_400s_that_change_nothing(router):
     assert resp.status_code == 400 and "builtins.print" in resp.json()["message"]
 
     refused({}, "serialized_named_tensors")
-    refused({"serialized_named_tensors": ["a", "b"]}, "one rank each")
+    resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": [fd_shared] * 2})
+    assert resp.status_code == 400 and "one entry per tensor-parallel rank" in resp.json()["message"]
     resp = admin(router, "/update_weights_from_tensor", {"serialized_named_tensors": ["not base64!"]})
     assert resp.status_code == 400 and "not base64" in resp.json()["message"]  # SGLang's {success, message}
     refused({"serialized_named_tensors": [fd_shared], "flush_cache": "no"}, "flush_cache must be a boolean")

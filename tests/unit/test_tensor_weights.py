@@ -1,6 +1,6 @@
 """`/update_weights_from_tensor` on the worker side, without processes: SGLang's payload read by the
-allow-listed unpickler (shared/worker/tensor_payload.py), and tensors checked, copied and read back
-by name on a tiny Llama and a tiny tied Qwen2 (shared/worker/tensor_weights.py).
+allow-listed unpickler (shared/engine/tensor_payload.py), and tensors checked, copied and read back
+by name on a tiny Llama and a tiny tied Qwen2 (shared/engine/tensor_weights.py).
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import torch
 import torch.multiprocessing
 from safetensors.torch import load_file
 
+from pdserve.shared.engine.tensor_payload import TensorPayloadError, decode_named_tensors
+from pdserve.shared.engine.tensor_weights import apply_named_tensors, check_named_tensors, weights_by_name
 from pdserve.shared.engine.weight_swap import WeightsUpdateError
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model
-from pdserve.shared.worker.tensor_payload import TensorPayloadError, decode_named_tensors
-from pdserve.shared.worker.tensor_weights import apply_named_tensors, check_named_tensors, weights_by_name
 from tests.helpers.sglang_control import serialize_named_tensors as serialize
 from tests.helpers.tiny_models import make_tiny_model
 

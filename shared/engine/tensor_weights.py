@@ -20,6 +20,8 @@ Rules (`/update_weights_from_tensor` and `/get_weights_by_name`, as SGLang has t
   as nested lists; a tied model's `lm_head.weight` reads the embedding, which it shares. An fp8
   weight reads as its stored e4m3 values, without its scale (as SGLang returns the parameter);
   `<name>_scale` reads the scales.
+Under tensor parallelism each rank checks and copies its slices (tp_tensor_updates.py) and a
+read-out is gathered from every rank (tp_weight_reads.py).
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def apply_named_tensors(checked: CheckedTensors) -> None:
         dest.copy_(tensor)
 
 
-def _parameter(model: nn.Module, name: str) -> torch.Tensor:
+def parameter_by_name(model: nn.Module, name: str) -> torch.Tensor:
+    """A parameter (or the rows of a merged one) by its model or checkpoint name; KeyError if none."""
     own = dict(model.named_parameters())
     if name in own:
         return own[name]
@@ -124,12 +127,14 @@ def _parameter(model: nn.Module, name: str) -> torch.Tensor:
         param, rows = target
         return param if rows is None else param[rows]
     if name == "lm_head.weight" and getattr(model, "lm_head", 0) is None:  # tied: logits use the embedding
-        return model.get_submodule("model.embed_tokens").weight
+        weight = model.get_submodule("model.embed_tokens").weight
+        assert isinstance(weight, torch.Tensor)
+        return weight
     raise KeyError(name)
 
 
 @torch.no_grad()
 def weights_by_name(model: nn.Module, name: str, truncate_size: int = 100) -> list:
     """The parameter's first `truncate_size` rows as float32 lists; KeyError for an unknown name."""
-    param = _parameter(model, name)
+    param = parameter_by_name(model, name)
     return param[:truncate_size].to(device="cpu", dtype=torch.float32).tolist()
