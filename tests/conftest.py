@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 # With `-n 2 --dist loadgroup` (the README's test command) the end-to-end tests that judge timings
 # (liveness windows, drains, restarts, detection within seconds) run one after the other on one
 # xdist worker, so two of them never compete for the cores; the rest, and end-to-end tests marked
-# `untimed`, are spread over both workers.
+# `untimed`, are spread over both workers, each such module kept whole on one.
 E2E_DIR = os.path.join(os.path.dirname(__file__), "e2e") + os.sep
 
 
@@ -33,8 +33,12 @@ E2E_DIR = os.path.join(os.path.dirname(__file__), "e2e") + os.sep
 def pytest_collection_modifyitems(config, items):
     e2e = pytest.mark.xdist_group("e2e")
     for item in items:
-        if str(item.path).startswith(E2E_DIR) and "untimed" not in item.keywords:
+        if not str(item.path).startswith(E2E_DIR):
+            continue
+        if "untimed" not in item.keywords:
             item.add_marker(e2e)
+        else:  # its module's processes (module-scoped fixtures) start on one worker, not on both
+            item.add_marker(pytest.mark.xdist_group(f"e2e-{item.path.stem}"))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh runs these on a lent GPU)")

@@ -150,8 +150,9 @@ def test_mixed_router_serves_the_dashboard_series(router_launcher, mixed, tiny_l
     assert 0.0 <= usage < 1.0
 
 
-def test_a_worker_serves_its_own_sglang_series(mixed, tiny_llama_dir):
-    # after the traffic of the test before (module order)
+def test_a_worker_serves_its_own_sglang_series(router_launcher, mixed, tiny_llama_dir):
+    # its own traffic: the module is untimed, so xdist may run this test without the one before
+    traffic(router_launcher("--worker-addr", mixed.zmq_address).url, [prompt(12, seed=3), prompt(40, seed=4)])
     got = counter_reaches(mixed.http_url, "sglang:time_to_first_token_seconds_count", 4)
     for name in SGLANG_EXPORTED:
         assert got[name].samples, name

@@ -12,9 +12,9 @@ from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fp8_moe import Fp8MoEExperts, quantize_experts
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.moe_block import MoEExperts
+from tests.helpers.fp8_checkpoint import COMPRESSED_TENSORS, fp8_checkpoint
 from tests.helpers.fp8_reference import FakeQuantMoEExperts
 from tests.helpers.tiny_models import make_tiny_model, tiny_config
-from tests.unit.test_fp8_linear import COMPRESSED_TENSORS, _fp8_checkpoint
 
 NUM_EXPERTS, HIDDEN, INTER = 6, 40, 24
 
@@ -89,7 +89,7 @@ def tiny_qwen2_moe(tmp_path_factory) -> Path:
 def test_a_per_channel_fp8_moe_checkpoint_loads_as_quantizing_at_load_would(tiny_qwen2_moe, tmp_path):
     """The experts' gate/up/down stored as fp8 with per-expert weight_scales (compressed-tensors):
     read without a flag, bit for bit what quantizing the float32 checkpoint at load gives."""
-    fp8_dir = _fp8_checkpoint(
+    fp8_dir = fp8_checkpoint(
         tiny_qwen2_moe, tmp_path / "fp8", per_tensor=False, quantization_config=COMPRESSED_TENSORS
     )
     at_load = load_model(

@@ -58,6 +58,7 @@ _VALUES = {
     "list[list[list[Any]]]": [[[-0.5, 3]]],
     "dict[str, Any]": {"k": [1, 2]},
     "str | bytes": b"bytes",
+    "str | bytes | list[str | bytes]": ["entry", b"bytes"],
     "GenerateRequest": GenerateRequest(rid="inner", input_ids=[5], sampling_params={"n": 1}),
     "list[RequestOutput]": [_full_output()],
 }
