@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -95,10 +96,36 @@ def init_dummy_weights(model: nn.Module, seed: int = 0) -> None:
             param.normal_(0.0, DUMMY_STD, generator=generator)
 
 
+# what nn modules' reset_parameters call: on the meta device they compute nothing, and their
+# decompositions import torch._dynamo (half a second of every worker's start)
+_PARAM_INITS = (
+    "normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+    "trunc_normal_", "zeros_", "ones_", "constant_",
+)  # fmt: skip
+
+
+@contextmanager
+def on_meta_device() -> Iterator[None]:
+    """`torch.device("meta")` with nn.init's initialisers turned into no-ops meanwhile."""
+    saved = {name: getattr(nn.init, name) for name in _PARAM_INITS}
+    for name in _PARAM_INITS:
+        setattr(nn.init, name, _unchanged)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, init in saved.items():
+            setattr(nn.init, name, init)
+
+
+def _unchanged(tensor: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+    return tensor
+
+
 def meta_model(config: ModelConfig, quantization: str | None = None) -> nn.Module:
     """The whole model for `config` on the meta device: its shapes, no memory, no values (with
     its fp8 modules under an fp8 scheme)."""
-    with torch.device("meta"):
+    with on_meta_device():
         model = get_model_class(config.architectures)(config)
         scheme = fp8_scheme(config.hf_config, quantization)
         if scheme is not None:
@@ -109,7 +136,7 @@ def meta_model(config: ModelConfig, quantization: str | None = None) -> nn.Modul
 def shard_rules_of(config: ModelConfig, tp_rank: TPRank) -> dict[str, ShardRule]:
     """The checkpoint slices `tp_rank` loads, as `load_model` cuts them (a weight update cuts the
     new checkpoint alike)."""
-    with torch.device("meta"):
+    with on_meta_device():
         return shard_model(meta_model(config), config, tp_rank)
 
 
@@ -142,7 +169,7 @@ def load_model(
         raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {load_format!r}")
     scheme = fp8_scheme(config.hf_config, quantization)
     model_class = get_model_class(config.architectures)
-    with torch.device("meta"):
+    with on_meta_device():
         model = model_class(config)
         shard_rules = shard_model(model, config, tp_rank) if tp_rank is not None else None
     # a rank quantizes while its slices load: a row-parallel slice needs its whole rows' scales
