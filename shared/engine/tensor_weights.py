@@ -39,6 +39,8 @@ from pdserve.shared.models.fp8_checkpoint import (
     is_fp8,
     quantize_rows,
 )
+from pdserve.shared.models.kv_scales import is_kv_scale_name
+from pdserve.shared.models.quantization import DROPPED_SUFFIXES
 from pdserve.shared.models.weights import Target, TargetIndex, checkpoint_targets, scale_as
 
 TENSOR_LOAD_FORMATS = (None, "auto", "direct")
@@ -56,6 +58,12 @@ def _targets(model: nn.Module, load_format: str | None) -> dict[str, Target]:
     if load_format == "direct":
         return {name: (param, None) for name, param in model.named_parameters()}
     return checkpoint_targets(model)
+
+
+def _dropped_at_load(name: str, fp8_model: bool) -> bool:
+    """A checkpoint tensor that loading drops too: KV-cache scales (read at load only) and, on an
+    fp8 model, static activation scales (its activations are quantized per token)."""
+    return is_kv_scale_name(name) or (fp8_model and name.endswith(DROPPED_SUFFIXES))
 
 
 def check_named_tensors(
@@ -87,7 +95,7 @@ def check_named_tensors(
             continue
         target = targets.get(name)
         if target is None:
-            if load_format != "direct" and ignore(name):
+            if load_format != "direct" and (ignore(name) or _dropped_at_load(name, bool(fp8_weights))):
                 continue
             raise WeightsUpdateError(f"Failed to update weights: the served model has no parameter {name}.")
         param, rows = target

@@ -118,3 +118,30 @@ def test_truncation_and_the_tied_lm_head(tmp_path):
     assert checked.copies == []  # skipped as a checkpoint load skips it: the embedding is untouched
     with pytest.raises(KeyError):
         weights_by_name(model, "model.missing.weight")
+
+
+def test_the_scales_loading_drops_are_skipped_by_checkpoint_name_only(tmp_path):
+    """KV-cache scales (and, on an fp8 model, static input scales) are dropped at load: a tensor
+    update that carries them (an fp8 checkpoint's tensors as they are) updates the weights beside them."""
+    model, checkpoint = tiny("llama", tmp_path)
+    k_name = "model.layers.0.self_attn.k_proj.weight"
+    new_k = torch.full_like(checkpoint[k_name], 0.25)
+    scales = [
+        ("model.layers.0.self_attn.k_scale", torch.tensor(0.5)),
+        ("model.layers.1.self_attn.v_scale", torch.tensor(2.0)),
+    ]
+    apply_named_tensors(check_named_tensors(model, [(k_name, new_k), *scales]))
+    torch.testing.assert_close(torch.tensor(weights_by_name(model, k_name, 1000)), new_k)
+    with pytest.raises(WeightsUpdateError, match="no parameter model.layers.0.self_attn.k_scale"):
+        check_named_tensors(model, scales, load_format="direct")
+    # a 16-bit model has no input scales to drop: one is a tensor it does not have
+    with pytest.raises(WeightsUpdateError, match="no parameter .*input_scale"):
+        check_named_tensors(model, [("model.layers.0.self_attn.k_proj.input_scale", torch.tensor(1.0))])
+
+    fp8_model = load_model(
+        ModelConfig.from_path(tmp_path / "llama", dtype="float32", device="cpu"),
+        tmp_path / "llama",
+        quantization="fp8",
+    )
+    input_scale = ("model.layers.0.self_attn.k_proj.input_scale", torch.tensor(1.0))
+    apply_named_tensors(check_named_tensors(fp8_model, [(k_name, new_k), input_scale]))
