@@ -14,8 +14,8 @@ import random
 import signal
 import subprocess
 import threading
-from pathlib import Path
 
+import psutil
 import pytest
 import requests
 
@@ -32,24 +32,9 @@ MAX_NEW = 8
 LOGPROB_TOL = 1e-5
 
 
-def _children(pid: int) -> list[int]:
-    """Processes whose parent is `pid` (Linux /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return found
-
-
 def test_a_tp2_worker_serves_transformers_greedy_tokens(worker_launcher, router_launcher, tiny_llama_dir):
     worker = worker_launcher("--model-path", tiny_llama_dir, "--tp", "2", *FLAGS)
-    assert len(_children(worker.pid)) == 1  # rank 1
+    assert len(psutil.Process(worker.pid).children()) == 1  # rank 1
     url = router_launcher("--worker-addr", worker.zmq_address).url
     wait_until(lambda: len(live_workers(url)) == 1, 20.0, "the worker")
     rng = random.Random(3)
@@ -65,7 +50,7 @@ def test_a_tp2_worker_serves_transformers_greedy_tokens(worker_launcher, router_
 
 def test_a_killed_rank_takes_the_worker_down(worker_launcher, router_launcher, tiny_llama_dir):
     worker = worker_launcher("--model-path", tiny_llama_dir, "--tp", "2", *FLAGS)
-    (follower,) = _children(worker.pid)
+    (follower,) = (p.pid for p in psutil.Process(worker.pid).children())
     url = router_launcher("--worker-addr", worker.zmq_address).url
     wait_until(lambda: len(live_workers(url)) == 1, 20.0, "the worker")
     first_token, stream_ended = threading.Event(), threading.Event()
