@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.bench.bench_fused_moe import copy_bandwidth_gbs, graph_time_us
-from pdserve.kernels.fp8_gemm import auto_split_k, fp8_gemm, fp8_gemm_dynamic, fp8_gemm_ref
+from pdserve.kernels.fp8_gemm import auto_split_k, fp8_gemm, fp8_gemm_ref
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8
 
 # (name, N, K) of Llama-3.1-8B's linears: merged qkv, o, merged gate/up, down
@@ -38,7 +38,6 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
     q, qs = per_token_quant_fp8(x)
     split = auto_split_k(k, 256)
     triton_us = graph_time_us(lambda: fp8_gemm(q, qs, w8, ws, None, torch.bfloat16))
-    fused_us = graph_time_us(lambda: fp8_gemm_dynamic(x, w8, ws, None, torch.bfloat16))
     scaled_us = graph_time_us(
         lambda: torch._scaled_mm(q, w8.t(), scale_a=qs, scale_b=ws[None, :], out_dtype=torch.bfloat16)
     )
@@ -48,7 +47,7 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
     want = fp8_gemm_ref(q, qs, w8, ws, None, torch.float32)
     row = {
         "shape": name, "m": m, "n": n, "k": k, "split_k": split,
-        "triton_us": triton_us, "fused_quant_us": fused_us, "scaled_mm_us": scaled_us, "bf16_us": bf16_us, "quant_us": quant_us,
+        "triton_us": triton_us, "scaled_mm_us": scaled_us, "bf16_us": bf16_us, "quant_us": quant_us,
         "fp8_roofline_us": n * k / (copy_gbs * 1e9) * 1e6, "bf16_roofline_us": 2 * n * k / (copy_gbs * 1e9) * 1e6,
         "max_rel_err_vs_ref": float((got - want).abs().max() / want.abs().max()),
     }  # fmt: skip
@@ -81,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(
-            f"| {r['shape']} | {r['m']} | {r['split_k']} | {r['triton_us']:.1f} | {r['fused_quant_us']:.1f} | "
-            f"{r['scaled_mm_us']:.1f} | "
+            f"| {r['shape']} | {r['m']} | {r['split_k']} | {r['triton_us']:.1f} | {r['scaled_mm_us']:.1f} | "
             f"{r['bf16_us']:.1f} | {r['fp8_roofline_us']:.1f} | {r['quant_us']:.1f} | {r['max_rel_err_vs_ref']:.1e} |"
         )
     for r in rows:

@@ -5,7 +5,7 @@
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
 # interleave threshold; also tests_kv (the KV transfer `gpu` tests alone), kv_ipc (kv's cuda_ipc run alone),
 # the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2,
-# deepseek (DeepSeek-V2-Lite);
+# deepseek (DeepSeek-V2-Lite); kinds_engine (Gemma-2 and Qwen1.5-MoE engines and the fused-MoE kernel, no serve);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
 # fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_serving (serve bf16
@@ -189,18 +189,25 @@ PY
     bench_random moe-fp8-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
     serve_stop; unset SERVE_MODEL ;;
   grammar)
-    # issue 15's overhead: every request under a grammar against the same serve unconstrained,
-    # 1,024 in / 256 out at concurrency 1 and 64. The synthetic tokenizer's tokens are words w<i>, no
-    # JSON punctuation, so the grammar is a regex over them: each step still fills and applies the
-    # batch's bitmask and advances every matcher, which is the cost measured.
+    # issue 15's overhead: every request under a JSON schema (GRAMMAR=regex: a regex) against the same
+    # serve unconstrained, 1,024 in / 256 out at concurrency 1 and 64. The synthetic tokenizer's
+    # tokens are the words w<i> and JSON's pieces (synthetic_model_dir), so the schema's key is a
+    # word and its strings hold words (at least 100 of them: no request closes its object before
+    # 256 tokens); each step fills and applies the batch's bitmask and advances every matcher, which
+    # is the cost measured.
     serve_start grammar
     free='{"temperature": 0.0, "max_new_tokens": 256, "ignore_eos": true}'
-    constrained='{"temperature": 0.0, "max_new_tokens": 256, "ignore_eos": true, "regex": "(w[0-9]+)+"}'
+    if [ "${GRAMMAR:-json}" = regex ]; then
+      constraint='"regex": "(w[0-9]+)+"'
+    else
+      constraint='"json_schema": "{\"type\": \"object\", \"properties\": {\"w99\": {\"type\": \"array\", \"items\": {\"type\": \"string\"}, \"minItems\": 100}}, \"required\": [\"w99\"]}"'
+    fi
+    constrained="{\"temperature\": 0.0, \"max_new_tokens\": 256, \"ignore_eos\": true, $constraint}"
     for c in 1 64; do
       n=$([ $c = 1 ] && echo 16 || echo 256)
       bench_random grammar-free-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
         --extra-request-body "{\"sampling_params\": $free}"
-      bench_random grammar-json-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
+      bench_random grammar-${GRAMMAR:-json}-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
         --extra-request-body "{\"sampling_params\": $constrained}"
     done
     serve_stop ;;
@@ -234,6 +241,17 @@ PY
     bench_random deepseek-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random deepseek-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
     serve_stop; unset SERVE_MODEL ;;
+  kinds_engine)
+    # the model kinds' engines alone, no serve: Gemma-2-9B's step and profile, Qwen1.5-MoE's batch-1
+    # profile, the fused-MoE kernel in bf16 and fp8
+    run gemma2-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/gemma-2-9b.json \
+      --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name gemma2
+    run gemma2-profile 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/gemma-2-9b.json \
+      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_gemma2.json"
+    run profile-moe-bs1 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/qwen1.5-moe-a2.7b.json \
+      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_moe_bs1.json"
+    run bench-fused-moe 200 python3 -m pdserve.bench.bench_fused_moe --json-out "$OUT/fused_moe.json"
+    run bench-fused-moe-fp8 200 python3 -m pdserve.bench.bench_fused_moe --fp8 --json-out "$OUT/fused_moe.json" ;;
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null

@@ -8,7 +8,8 @@ router, `bench_serving` and the OpenAI routes still need one that covers every i
 emit: this writes a word-level tokenizer whose token i is the word `w<i>` (ids that are special in
 the config, bos and eos, get `<|bos|>`-style names), with a ChatML template. Decoding joins words
 with spaces, so text length grows with the token count as with a real tokenizer, and encoding
-the decoded text gives the ids back exactly.
+the decoded text gives the ids back exactly. Ids 1 to 21 are JSON's pieces (`{`, `"`, digits, ...)
+so that a JSON schema's grammar has tokens to choose (the constrained-decoding benchmark).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ _CHATML = (
     " + ' <|im_end|> ' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant ' }}{% endif %}"
 )
 
+_JSON_PIECES = ["{", "}", "[", "]", ":", ",", '"', "true", "false", "null", "-", *"0123456789"]
+
 
 def write_model_dir(config_path: str, out: str) -> Path:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
@@ -34,6 +37,7 @@ def write_model_dir(config_path: str, out: str) -> Path:
     eos_ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
     bos = config.get("bos_token_id")
     names = {i: f"w{i}" for i in range(vocab_size)}
+    names.update(enumerate(_JSON_PIECES, start=1))
     if bos is not None:
         names[bos] = "<|bos|>"
     for n, i in enumerate(eos_ids):

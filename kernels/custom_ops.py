@@ -32,7 +32,6 @@ from pdserve.kernels.activation import silu_and_mul as _silu_and_mul
 from pdserve.kernels.decode_attention import decode_attention as _decode_attention
 from pdserve.kernels.extend_attention import extend_attention as _extend_attention
 from pdserve.kernels.fp8_gemm import fp8_gemm as _fp8_gemm
-from pdserve.kernels.fp8_gemm import fp8_gemm_dynamic as _fp8_gemm_dynamic
 from pdserve.kernels.fp8_quant import per_token_quant_fp8 as _per_token_quant_fp8
 from pdserve.kernels.fused_moe import fused_moe as _fused_moe
 from pdserve.kernels.kv_store import store_kv as _store_kv
@@ -213,16 +212,6 @@ def fp8_gemm(
     return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
-def fp8_gemm_dynamic(
-    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype
-) -> torch.Tensor:
-    return _fp8_gemm_dynamic(x, w, w_scale, bias, out_dtype)
-
-
-def _fp8_gemm_dynamic_fake(x, w, w_scale, bias, out_dtype) -> torch.Tensor:
-    return x.new_empty((x.shape[0], w.shape[0]), dtype=out_dtype)
-
-
 def _per_token_quant_fp8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
 
@@ -247,4 +236,3 @@ fused_moe_op = _register(fused_moe, (), _new_like)
 fused_moe_fp8_op = _register(fused_moe_fp8, (), _new_like)
 per_token_quant_fp8_op = _register(per_token_quant_fp8, (), _per_token_quant_fp8_fake)
 fp8_gemm_op = _register(fp8_gemm, (), _fp8_gemm_fake)
-fp8_gemm_dynamic_op = _register(fp8_gemm_dynamic, (), _fp8_gemm_dynamic_fake)

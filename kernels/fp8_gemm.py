@@ -10,10 +10,6 @@ Rules:
   streaming weights. Split-K programs add their scaled partial sums into a float32 buffer
   (atomics), which is rounded to out_dtype once at the end.
 - w is read K-contiguous, the operand layout Hopper's fp8 tensor cores take without a transpose.
-- `fp8_gemm_dynamic` takes the activation rows unquantized (bf16/fp16/fp32) and quantizes them per
-  token inside the GEMM, exactly as kernels.fp8_quant does (each program reads its rows' whole K
-  once for their scales, from L2 at decode's M): one launch per linear instead of two, the same
-  bits as quantizing first.
 - `fp8_gemm_ref` is the same arithmetic in torch (float32 matmul of the dequantized operands).
 """
 
@@ -22,8 +18,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from pdserve.kernels.fp8_quant import INV_MAX_C, MIN_AMAX, round_to_e4m3
 
 
 @triton.jit
@@ -42,8 +36,6 @@ def _fp8_gemm_kernel(
     k_per_split,
     HAS_BIAS: tl.constexpr,
     ATOMIC: tl.constexpr,
-    QUANT_A: tl.constexpr,
-    MIN_AMAX_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -57,19 +49,7 @@ def _fp8_gemm_kernel(
     n_ok = rn < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    if QUANT_A:  # the rows' scales, as kernels.fp8_quant computes them
-        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(
-                a + rm[:, None].to(tl.int64) * a_stride + rk[None, :],
-                mask=m_ok[:, None] & (rk < K)[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-        sa = tl.maximum(amax, MIN_AMAX_C) * INV_MAX_C
-    else:
-        sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
+    sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -79,9 +59,6 @@ def _fp8_gemm_kernel(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        if QUANT_A:
-            a_tile = tl.math.div_rn(a_tile.to(tl.float32), sa[:, None])
-            a_tile = round_to_e4m3(tl.clamp(a_tile, -448.0, 448.0)).to(w.dtype.element_ty)
         w_tile = tl.load(
             w + rn[None, :].to(tl.int64) * w_stride + rk[:, None],
             mask=k_ok[:, None] & n_ok[None, :],
@@ -126,27 +103,6 @@ def fp8_gemm(
     """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
     None picks it from the shape (auto_split_k)."""
     _check(a, a_scale, w, w_scale)
-    return _launch(a, a_scale, w, w_scale, bias, out_dtype, block_n, block_k, split_k)
-
-
-def fp8_gemm_dynamic(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    out_dtype: torch.dtype,
-    block_n: int = 32,
-    block_k: int = 256,
-    split_k: int | None = None,
-) -> torch.Tensor:
-    """fp8_gemm of x [M, K] (16/32-bit) quantized per token inside the kernel; see the module rules."""
-    if x.dim() != 2 or x.stride(-1) != 1 or not x.is_floating_point() or x.element_size() == 1:
-        raise ValueError("x must be [M, K] in a 16 or 32-bit float dtype with a contiguous last dim")
-    _check(x.new_empty((0, x.shape[1]), dtype=torch.float8_e4m3fn), w_scale.new_empty((0, 1)), w, w_scale)
-    return _launch(x, None, w, w_scale, bias, out_dtype, block_n, block_k, split_k)
-
-
-def _launch(a, a_scale, w, w_scale, bias, out_dtype, block_n, block_k, split_k) -> torch.Tensor:
     M, K = a.shape
     N = w.shape[0]
     if split_k is None:
@@ -162,9 +118,9 @@ def _launch(a, a_scale, w, w_scale, bias, out_dtype, block_n, block_k, split_k) 
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
     grid = (triton.cdiv(M, 16), triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
     _fp8_gemm_kernel[grid](
-        a, a_scale if a_scale is not None else w_scale, w, w_scale, bias if bias is not None else w_scale,
+        a, a_scale, w, w_scale, bias if bias is not None else w_scale,
         out, M, N, K, a.stride(0), w.stride(0), k_per_split,
-        HAS_BIAS=bias is not None, ATOMIC=atomic, QUANT_A=a_scale is None, MIN_AMAX_C=MIN_AMAX,
+        HAS_BIAS=bias is not None, ATOMIC=atomic,
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out.to(out_dtype) if atomic else out

@@ -6,9 +6,10 @@ Rules:
   dynamic per-token scales, so no calibration is needed and an outlier token costs only its own
   row's precision), multiplies in fp8 with float32 accumulation and scales the result back.
 - GEMM: torch._scaled_mm (cuBLASLt on CUDA; also CPU) for most shapes; on CUDA a Triton kernel
-  (kernels.fp8_gemm) for the skinny M of decode batches, where it reads the weights faster and
-  quantizes the rows itself (one launch per linear), and for layers whose dims are not multiples of
-  16 (which cuBLASLt refuses).
+  (kernels.fp8_gemm) for the skinny M of decode batches, where it reads the weights faster, and for
+  layers whose dims are not multiples of 16 (which cuBLASLt refuses). The rows are quantized by
+  their own launch: quantizing inside the GEMM redoes a row's quantization in every program of the
+  grid, 5x slower on an H100 at M = 1 (bench/RESULTS.md).
 - A MergedLinear becomes an Fp8Linear with the same `shards`: the per-channel scales of a
   checkpoint's q/k/v (or gate/up) land in their rows, and a per-tensor scale fills its shard's rows.
 - `quantize_linears(model)` converts, in place, the linears of the decoder layers (attention and
@@ -98,12 +99,12 @@ class Fp8Linear(nn.Module):
         """x @ dequant(weight)^T + bias, x's rows quantized per token on the fly."""
         rows = x.reshape(-1, self.in_features)
         if rows.device.type == "cuda":
-            from pdserve.kernels.custom_ops import fp8_gemm_dynamic_op, per_token_quant_fp8_op
+            from pdserve.kernels.custom_ops import fp8_gemm_op, per_token_quant_fp8_op
 
-            if rows.shape[0] <= SKINNY_M:  # one launch: the rows are quantized inside the GEMM
-                out = fp8_gemm_dynamic_op(rows, self.weight, self.weight_scale, bias, self.out_dtype)
-                return out.reshape(*x.shape[:-1], self.out_features)
             q, scales = per_token_quant_fp8_op(rows)
+            if rows.shape[0] <= SKINNY_M:
+                out = fp8_gemm_op(q, scales, self.weight, self.weight_scale, bias, self.out_dtype)
+                return out.reshape(*x.shape[:-1], self.out_features)
         else:
             q, scales = per_token_quant_fp8_ref(rows)
         return self.gemm_quantized(q, scales, bias).reshape(*x.shape[:-1], self.out_features)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from pdserve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_dynamic, fp8_gemm_ref
+from pdserve.kernels.fp8_gemm import fp8_gemm, fp8_gemm_ref
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8, per_token_quant_fp8_ref
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.attention_ref import TorchRefAttention
@@ -51,10 +51,6 @@ def test_fp8_gemm_on_cuda(m, n, k, split_k):
     want = fp8_gemm_ref(a, sa, w, sw, bias, torch.float32)
     got = fp8_gemm(a, sa, w, sw, bias, torch.bfloat16, split_k=split_k)
     torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
-    x = torch.randn(m, k, generator=gen, device=DEVICE).to(torch.bfloat16)
-    q, sq = per_token_quant_fp8(x)
-    fused = fp8_gemm_dynamic(x, w, sw, bias, torch.bfloat16, split_k=split_k)
-    torch.testing.assert_close(fused, fp8_gemm(q, sq, w, sw, bias, torch.bfloat16, split_k=split_k))
     if n % 16 == 0 and k % 16 == 0:  # cuBLASLt's fp8 GEMM takes nothing else
         cublas = torch._scaled_mm(a, w.t(), scale_a=sa, scale_b=sw[None, :], out_dtype=torch.bfloat16) + bias
         torch.testing.assert_close(cublas.float(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())

@@ -113,21 +113,3 @@ def test_tiny_negatives_keep_their_sign():
     row = torch.tensor([[448.0, -1e-5, 1e-5, -0.0009, 0.0]])
     q, _ = per_token_quant_fp8(row)
     assert torch.equal(q.view(torch.uint8), row.to(torch.float8_e4m3fn).view(torch.uint8))
-
-
-@pytest.mark.parametrize("m,n,k", [(1, 64, 128), (5, 96, 200), (16, 64, 72)])
-@pytest.mark.parametrize("split_k", [1, 2])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_quantizing_inside_the_gemm_equals_quantizing_first(m, n, k, split_k, dtype):
-    """One launch, the same bits: the rows' scales and fp8 values are those of per_token_quant_fp8."""
-    from pdserve.kernels.fp8_gemm import fp8_gemm_dynamic
-
-    gen = torch.Generator().manual_seed(m * n + k)
-    x = (5 * torch.randn(m, k, generator=gen)).to(dtype)
-    w, w_scale = per_channel_quant_fp8(torch.randn(n, k, generator=gen) / k**0.5)
-    bias = torch.randn(n, generator=gen)
-    q, scales = per_token_quant_fp8(x)
-    args = {"block_n": 32, "block_k": 32, "split_k": split_k}
-    fused = fp8_gemm_dynamic(x, w, w_scale, bias, torch.float32, **args)
-    first = fp8_gemm(q, scales, w, w_scale, bias, torch.float32, **args)
-    torch.testing.assert_close(fused, first, rtol=0, atol=1e-6 if split_k > 1 else 0)
