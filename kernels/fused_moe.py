@@ -17,10 +17,10 @@ Rules:
   weights, so unselected experts are never read) ending in SiLU-and-mul; one grouped GEMM over w2 that
   multiplies by the routing weight; the sum over k. No host sync; grids from shapes only.
 - fp8 experts (`w13_scale` [E, 2I] and `w2_scale` [E, H] float32 given; w13/w2 float8_e4m3fn, one
-  scale per expert and output row): each GEMM quantizes its input rows per row inside the kernel,
-  exactly as kernels.fp8_quant does (the row's amax over K first, then the K loop on rounded
-  values), multiplies fp8 by fp8 into float32 and scales by row scale * weight-row scale before the
-  same roundings as above. The reference dequantizes: (q(x) . w_q) * s_x * s_w in float32.
+  scale per expert and output row): each GEMM's input rows are quantized per row first
+  (kernels.fp8_quant, one launch; quantizing inside the GEMM would redo a row in every program that
+  reads it), the GEMM multiplies fp8 by fp8 into float32 and scales by row scale * weight-row scale
+  before the same roundings as above. The reference dequantizes: (q(x) . w_q) * s_x * s_w in float32.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from pdserve.kernels.fp8_quant import INV_MAX_C, MIN_AMAX, per_token_quant_fp8_ref, round_to_e4m3
+from pdserve.kernels.fp8_quant import per_token_quant_fp8, per_token_quant_fp8_ref
 from pdserve.kernels.moe_align import ExpertBlocks, align_pairs_to_experts
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -45,6 +45,7 @@ def _grouped_gemm_kernel(
     block_experts_ptr,
     pair_weights_ptr,
     b_scale_ptr,
+    a_scale_ptr,
     num_pairs,
     n_size,
     k_size,
@@ -61,12 +62,11 @@ def _grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8_W: tl.constexpr,
-    MIN_AMAX_C: tl.constexpr,
 ):
     """c[p, n] = a[p // A_ROWS_PER_PAIR] . b[expert of p, n] for one block of sorted rows and one
     block of output columns. GATED: b's rows n and n + n_size are gate and up, and c gets
     silu(gate) * up with kernels.activation's roundings. MUL_ROUTED_WEIGHT: times the pair's weight.
-    FP8_W: b is fp8 with per-row scales; a's rows are quantized per row on the fly."""
+    FP8_W: a and b are fp8 with per-row scales."""
     block = tl.program_id(0)
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:
@@ -84,18 +84,11 @@ def _grouped_gemm_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     a_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if FP8_W:  # the rows' scales, as kernels.fp8_quant computes them
-        for k0 in range(0, k_size, BLOCK_K):
-            mask_k = offs_k < k_size - k0
-            x = tl.load(a_block + k0, mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)
-            a_scale = tl.maximum(a_scale, tl.max(tl.abs(x), axis=1))
-        a_scale = tl.maximum(a_scale, MIN_AMAX_C) * INV_MAX_C
+    if FP8_W:
+        a_scale = tl.load(a_scale_ptr + a_rows, mask=mask_m, other=0.0)
     for k0 in range(0, k_size, BLOCK_K):
         mask_k = offs_k < k_size - k0
         a = tl.load(a_block, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if FP8_W:
-            a = tl.math.div_rn(a.to(tl.float32), a_scale[:, None])
-            a = round_to_e4m3(tl.clamp(a, -448.0, 448.0)).to(b_ptr.dtype.element_ty)
         b = tl.load(b_block, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         if GATED:
@@ -147,7 +140,10 @@ def _grouped_gemm(
     b_scale: torch.Tensor | None = None,
 ) -> None:
     """out's rows of the sorted pairs; gated (silu(gate) * up) when b has twice out's columns;
-    b in fp8 with b_scale [E, N] when given."""
+    b in fp8 with b_scale [E, N] when given, a's rows then quantized first."""
+    a_scale = None
+    if b_scale is not None:
+        a, a_scale = per_token_quant_fp8(a)
     num_pairs, n_size = out.shape
     _, block_n, block_k, num_warps = tiles
     grid = (blocks.block_experts.numel(), triton.cdiv(n_size, block_n))
@@ -155,6 +151,7 @@ def _grouped_gemm(
         a, b, out, blocks.sorted_pairs, blocks.block_experts,
         pair_weights if pair_weights is not None else out,  # never read without MUL_ROUTED_WEIGHT
         b_scale if b_scale is not None else out,  # never read without FP8_W
+        a_scale if a_scale is not None else out,
         num_pairs, n_size, b.shape[2],
         a.stride(0), b.stride(0), b.stride(1), out.stride(0),
         b_scale.stride(0) if b_scale is not None else 0,
@@ -163,7 +160,7 @@ def _grouped_gemm(
         MUL_ROUTED_WEIGHT=pair_weights is not None,
         BLOCK_M=blocks.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         DOT_PRECISION="ieee" if b.dtype == torch.float32 else "tf32",
-        FP8_W=b_scale is not None, MIN_AMAX_C=MIN_AMAX,
+        FP8_W=b_scale is not None,
         num_warps=num_warps,
     )  # fmt: skip
 
