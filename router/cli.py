@@ -56,6 +56,7 @@ from pdserve.router.serving.generator_api import GenerationError
 from pdserve.router.serving.metrics import ClusterOfState
 from pdserve.router.serving.request_metrics import RequestLog
 from pdserve.router.state import STATE_KEY, RouterArgs, RouterState
+from pdserve.shared.process_exit import exit_process
 
 logger = logging.getLogger("pdserve.router")
 
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.processes > 1 and not role.is_child:
             from pdserve.router.supervisor import supervise
 
-            return uvloop.run(supervise(argv, args.host, args.port, args.processes, READY_PREFIX))
+            exit_process(uvloop.run(supervise(argv, args.host, args.port, args.processes, READY_PREFIX)))
         uvloop.run(serve(args, role, ns.log_requests, ns.ready_when_serving))
     except ValueError as exc:  # --chat-template that is neither a file nor a template
         print(f"router: {exc}", file=sys.stderr)
@@ -329,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
-    return 0
+    exit_process(0)
+    return 0  # not reached: the served router's process has ended
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from pdserve.decode.decode_role import DEFAULT_NUM_RESERVED_DECODE_TOKENS
 from pdserve.shared.args import add_engine_args, engine_args_from
 from pdserve.shared.engine.batch_log import DEFAULT_DECODE_LOG_INTERVAL
 from pdserve.shared.launch.worker_lifecycle import run_worker
+from pdserve.shared.process_exit import exit_process
 from pdserve.shared.worker.mixed import DEFAULT_SHUTDOWN_DRAIN_S
 from pdserve.shared.worker.update_queue import DEFAULT_DRAIN_TIMEOUT_S
 
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         from pdserve.shared.launch.tp_node import run_node
 
         return run_node(engine_args)
-    return run_worker(ns, engine_args)
+    exit_process(run_worker(ns, engine_args))
+    return 0  # not reached: the served worker's process has ended
 
 
 if __name__ == "__main__":

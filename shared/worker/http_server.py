@@ -16,6 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pdserve.shared.worker.metrics import WorkerMetrics
 
+# serve_forever's check for shutdown(): its 0.5 s default was half a second of every worker's stop
+SHUTDOWN_POLL_S = 0.05
+
 logger = logging.getLogger(__name__)
 
 
@@ -75,7 +78,9 @@ class HealthMetricsServer:
         self._server = ThreadingHTTPServer((host, port), _handler_class(state, metrics))
         self._server.daemon_threads = True
         self.host, self.port = self._server.server_address[:2]
-        self._thread = threading.Thread(target=self._server.serve_forever, name="worker-http", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(SHUTDOWN_POLL_S,), name="worker-http", daemon=True
+        )
 
     @property
     def url(self) -> str:

@@ -50,6 +50,7 @@ from pdserve.shared.launch.serve.plan import (
 )
 from pdserve.shared.launch.serve.restart_policy import RestartRules
 from pdserve.shared.launch.serve.supervisor import ChildGaveUp
+from pdserve.shared.process_exit import exit_process
 
 logger = logging.getLogger("pdserve.serve")
 
@@ -184,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         level=ns.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return run(ns, flags)
+    exit_process(run(ns, flags))
+    return 0  # not reached: serve's process has ended with its status
 
 
 if __name__ == "__main__":
