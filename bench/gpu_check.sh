@@ -8,7 +8,7 @@
 # deepseek (DeepSeek-V2-Lite); kinds_engine (Gemma-2 and Qwen1.5-MoE engines and the fused-MoE kernel, no serve);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
-# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_serving (serve bf16
+# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_step (fp8's decode steps and profile alone), fp8_serving (serve bf16
 # against fp8 weights + fp8 KV, c1 and c64); tp (needs 2 GPUs: bench_one_batch of the 8B shape at batch 1 and 64,
 # --tp 1 and --tp 2 in one run, the TP=2/TP=1 decode-step ratio, then the TP=2 CUDA-graph parity test);
 # on two GPUs: multi (= multi_kv multi_pd tp multi_split multi_threshold; multi_tp is another name of tp;
@@ -204,7 +204,7 @@ PY
     fi
     constrained="{\"temperature\": 0.0, \"max_new_tokens\": 256, \"ignore_eos\": true, $constraint}"
     for c in 1 64; do
-      n=$([ $c = 1 ] && echo 16 || echo 256)
+      n=$([ $c = 1 ] && echo 8 || echo 256)
       bench_random grammar-free-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
         --extra-request-body "{\"sampling_params\": $free}"
       bench_random grammar-${GRAMMAR:-json}-c$c 200 1024 256 --num-prompts $n --max-concurrency $c --warmup-requests 2 \
@@ -220,6 +220,14 @@ PY
     run one-batch-fp8-kv 300 python3 -m pdserve.bench.bench_one_batch --quantization fp8 --kv-cache-dtype fp8_e4m3 \
       --batch-size 64 --input-len 1280 --output-len 128 --result-filename "$RES" --run-name weights-fp8-kv-fp8
     # where the fp8 batch-1 step's time goes (its floor is the fp8 weights' bytes at the copy rate)
+    run profile-fp8-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
+      --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json" ;;
+  fp8_step)
+    # the fp8 stage's decode steps and batch-1 profile alone (bf16 beside it), without the GEMM sweep
+    for q in bf16 fp8; do
+      run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
+        --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
+    done
     run profile-fp8-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
       --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json" ;;
   fp8_serving)
