@@ -8,7 +8,7 @@
 # deepseek (DeepSeek-V2-Lite); kinds_engine (Gemma-2 and Qwen1.5-MoE engines and the fused-MoE kernel, no serve);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
-# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_step (fp8's decode steps and profile alone), fp8_serving (serve bf16
+# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_step (fp8's decode steps and profile alone), same_lease (bench_one_batch of a carried older tree, .baseline, then of this one), fp8_serving (serve bf16
 # against fp8 weights + fp8 KV, c1 and c64); tp (needs 2 GPUs: bench_one_batch of the 8B shape at batch 1 and 64,
 # --tp 1 and --tp 2 in one run, the TP=2/TP=1 decode-step ratio, then the TP=2 CUDA-graph parity test);
 # on two GPUs: multi (= multi_kv multi_pd tp multi_split multi_threshold; multi_tp is another name of tp;
@@ -99,6 +99,18 @@ for stage in $STAGES; do
       tests/gpu/test_gpu_serve_cuda_ipc.py -p no:cacheprovider --timeout 120 ;;
   kernels)
     run bench-attention 150 python3 -m pdserve.bench.bench_attention --json-out "$OUT/attention.json" ;;
+  same_lease)
+    # this tree's bench_one_batch against an older commit's in the same lease (issue 17: TP=1 no
+    # slower). Make the older tree first: git archive <commit> | tar -x -C .baseline (carry .baseline).
+    if [ ! -d .baseline ]; then echo "same_lease: no .baseline tree carried" | tee -a "$LOG"; continue; fi
+    mkdir -p /tmp/pdns_base/pdserve
+    for d in router prefill decode kvtransfer kernels shared bench; do ln -sfn "$PWD/.baseline/$d" /tmp/pdns_base/pdserve/$d; done
+    cp -r /tmp/pdns/pdserve-0.1.0.dist-info /tmp/pdns_base/
+    for tree in baseline this; do
+      path=$([ $tree = baseline ] && echo /tmp/pdns_base:$PWD/.baseline:/tmp/site || echo "$PYTHONPATH")
+      run one-batch-$tree 240 env PYTHONPATH="$path" python3 -m pdserve.bench.bench_one_batch --batch-size 1 64 \
+        --input-len 1024 --output-len 128 --result-filename "$RES" --run-name same-lease-$tree
+    done ;;
   one_batch)
     run one-batch 300 python3 -m pdserve.bench.bench_one_batch --batch-size 1 64 --input-len 1024 \
       --output-len 256 --result-filename "$RES" --run-name in1024-out256
