@@ -37,8 +37,11 @@ from pdserve.kernels.fused_moe import fused_moe as _fused_moe
 from pdserve.kernels.kv_store import store_kv as _store_kv
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm as _fused_add_rmsnorm
 from pdserve.kernels.rmsnorm import rmsnorm as _rmsnorm
+from pdserve.kernels.rmsnorm_fp8 import fused_add_rmsnorm_fp8 as _fused_add_rmsnorm_fp8
+from pdserve.kernels.rmsnorm_fp8 import rmsnorm_fp8 as _rmsnorm_fp8
 from pdserve.kernels.rope import apply_rotary as _apply_rotary
 from pdserve.kernels.rope import rotary_store_kv as _rotary_store_kv
+from pdserve.kernels.silu_mul_fp8 import silu_mul_fp8 as _silu_mul_fp8
 
 _LIB = torch.library.Library("pdserve", "FRAGMENT")
 
@@ -212,8 +215,30 @@ def fp8_gemm(
     return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
+def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _rmsnorm_fp8(x, weight, eps)
+
+
+def fused_add_rmsnorm_fp8_(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_add_rmsnorm_fp8(x, residual, weight, eps)
+
+
+def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _silu_mul_fp8(x)
+
+
 def _per_token_quant_fp8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x.new_empty(x.shape, dtype=torch.float8_e4m3fn), x.new_empty((x.shape[0], 1), dtype=torch.float32)
+
+
+def _norm_fp8_fake(x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    return _per_token_quant_fp8_fake(x)
+
+
+def _silu_mul_fp8_fake(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _per_token_quant_fp8_fake(x.new_empty((x.shape[0], x.shape[1] // 2)))
 
 
 def _fp8_gemm_fake(a, a_scale, w, w_scale, bias, out_dtype) -> torch.Tensor:
@@ -236,3 +261,6 @@ fused_moe_op = _register(fused_moe, (), _new_like)
 fused_moe_fp8_op = _register(fused_moe_fp8, (), _new_like)
 per_token_quant_fp8_op = _register(per_token_quant_fp8, (), _per_token_quant_fp8_fake)
 fp8_gemm_op = _register(fp8_gemm, (), _fp8_gemm_fake)
+rmsnorm_fp8_op = _register(rmsnorm_fp8, (), _norm_fp8_fake)
+fused_add_rmsnorm_fp8_op = _register(fused_add_rmsnorm_fp8_, ("residual",), _norm_fp8_fake)
+silu_mul_fp8_op = _register(silu_mul_fp8, (), _silu_mul_fp8_fake)

@@ -93,9 +93,11 @@ class ModelRunner:
         if use_triton:
             from pdserve.shared.engine.attention_triton import TritonAttention
             from pdserve.shared.models.fast_path import use_triton_kernels
+            from pdserve.shared.models.fp8_fused import fuse_fp8_inputs
 
             self.attn_backend = TritonAttention()
             use_triton_kernels(self.model)
+            fuse_fp8_inputs(self.model)  # fp8 linears' inputs quantized by the norm/activation kernels
         else:
             self.attn_backend = TorchRefAttention()
         shape = self._pool_shape()

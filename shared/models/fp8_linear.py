@@ -5,6 +5,8 @@ Rules:
   `bias` in the model dtype. Its forward quantizes each input row on the fly (kernels.fp8_quant:
   dynamic per-token scales, so no calibration is needed and an outlier token costs only its own
   row's precision), multiplies in fp8 with float32 accumulation and scales the result back.
+- `forward` also takes `Fp8Rows` (rows a fused kernel already quantized exactly so) and skips its
+  own quantization.
 - GEMM: torch._scaled_mm (cuBLASLt on CUDA; also CPU) for most shapes; on CUDA a Triton kernel
   (kernels.fp8_gemm) for the skinny M of decode batches, where it reads the weights faster, and for
   layers whose dims are not multiples of 16 (which cuBLASLt refuses). The rows are quantized by
@@ -22,7 +24,7 @@ Rules:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +37,30 @@ SKINNY_M = 16
 # Linears inside the decoder layers that stay in the model dtype: MoE routers, and MLA's kv_b_proj,
 # whose weight the absorbed attention reads per head rather than calling it.
 _KEPT = frozenset({"gate", "shared_expert_gate", "kv_b_proj"})
+
+
+class Fp8Rows(NamedTuple):
+    """Rows already quantized for an Fp8Linear (by the kernel that produced them, see
+    shared.models.fp8_fused): q [M, K] float8_e4m3fn and their float32 scales [M, 1], as
+    kernels.fp8_quant's per-token quantization gives them."""
+
+    q: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the rows they stand for: modules between the producer and the linear
+        read `hidden.shape` as they would of the 16-bit tensor."""
+        return self.q.shape
+
+
+def quantize_rows(rows: torch.Tensor) -> Fp8Rows:
+    """rows [M, K] quantized per token: the Triton launch on CUDA, the torch reference elsewhere."""
+    if rows.device.type == "cuda":
+        from pdserve.kernels.custom_ops import per_token_quant_fp8_op
+
+        return Fp8Rows(*per_token_quant_fp8_op(rows))
+    return Fp8Rows(*per_token_quant_fp8_ref(rows))
 
 
 class Fp8Linear(nn.Module):
@@ -92,22 +118,19 @@ class Fp8Linear(nn.Module):
             for attr, p in params
         }
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
         return self.gemm(x, self.bias)
 
-    def gemm(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x @ dequant(weight)^T + bias, x's rows quantized per token on the fly."""
-        rows = x.reshape(-1, self.in_features)
-        if rows.device.type == "cuda":
-            from pdserve.kernels.custom_ops import fp8_gemm_op, per_token_quant_fp8_op
+    def gemm(self, x: torch.Tensor | Fp8Rows, bias: torch.Tensor | None) -> torch.Tensor:
+        """x @ dequant(weight)^T + bias: x's rows quantized per token on the fly, or already (Fp8Rows)."""
+        rows = x if isinstance(x, Fp8Rows) else quantize_rows(x.reshape(-1, self.in_features))
+        if rows.q.device.type == "cuda" and rows.q.shape[0] <= SKINNY_M:
+            from pdserve.kernels.custom_ops import fp8_gemm_op
 
-            q, scales = per_token_quant_fp8_op(rows)
-            if rows.shape[0] <= SKINNY_M:
-                out = fp8_gemm_op(q, scales, self.weight, self.weight_scale, bias, self.out_dtype)
-                return out.reshape(*x.shape[:-1], self.out_features)
+            out = fp8_gemm_op(rows.q, rows.scales, self.weight, self.weight_scale, bias, self.out_dtype)
         else:
-            q, scales = per_token_quant_fp8_ref(rows)
-        return self.gemm_quantized(q, scales, bias).reshape(*x.shape[:-1], self.out_features)
+            out = self.gemm_quantized(rows.q, rows.scales, bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def gemm_quantized(
         self, q: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
