@@ -41,25 +41,25 @@ def round_to_e4m3(y):
 
 
 @triton.jit
-def quantize_row_e4m3(x32, min_amax):
-    """(y, scale): a row held whole in float32 (masked lanes 0) quantized as the rules say, y on
-    e4m3's grid still as float32. Kernels that produce a row quantize it here, bit for bit alike."""
+def store_row_e4m3(x32, q, scales, row, cols, width, min_amax):
+    """Quantizes a row held whole in float32 (lanes past `width` 0) as the rules say and stores it:
+    q's row `row` [width] and scales[row]. Every kernel that produces quantized rows ends here, so
+    their bits and scales are this kernel's."""
     amax = tl.maximum(tl.max(tl.abs(x32), axis=0), min_amax)
     # scale by a multiply (torch's tensor / scalar on CUDA is one too), the row by an IEEE division
     # (div_rn, as torch's tensor / tensor): Triton's `/` on float32 is approximate on CUDA
     scale = amax * INV_MAX_C
-    return round_to_e4m3(tl.clamp(tl.math.div_rn(x32, scale), -448.0, 448.0)), scale
+    y = round_to_e4m3(tl.clamp(tl.math.div_rn(x32, scale), -448.0, 448.0))
+    tl.store(q + row * width + cols, y.to(q.dtype.element_ty), mask=cols < width)
+    tl.store(scales + row, scale)
 
 
 @triton.jit
 def _per_token_quant_kernel(x, q, scales, x_stride, K, MIN_AMAX_C: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    x32 = tl.load(x + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    y, scale = quantize_row_e4m3(x32, MIN_AMAX_C)
-    tl.store(q + row * K + cols, y.to(q.dtype.element_ty), mask=mask)
-    tl.store(scales + row, scale)
+    x32 = tl.load(x + row * x_stride + cols, mask=cols < K, other=0.0).to(tl.float32)
+    store_row_e4m3(x32, q, scales, row, cols, K, MIN_AMAX_C)
 
 
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,7 @@ of storing the 16-bit rows and quantizing them in a launch of their own.
 Rules:
 - Bit for bit what the unfused path gives: kernels.rmsnorm's output in x's dtype (its numerics,
   block size and warps), then kernels.fp8_quant's per-token quantization of those stored values
-  (the row rounded to x's dtype first, then its amax, scale and e4m3 rounding: `quantize_row_e4m3`).
+  (the row rounded to x's dtype first, then its amax, scale and e4m3 rounding: `store_row_e4m3`).
 - `rmsnorm_fp8(x, weight, eps)` and `fused_add_rmsnorm_fp8(x, residual, weight, eps)` return
   (q [T, hidden] float8_e4m3fn, scales [T, 1] float32). The fused form writes s = x + residual
   (rounded to x's dtype) IN PLACE into `residual`, as kernels.rmsnorm does; x is only read (its
@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, quantize_row_e4m3
+from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, store_row_e4m3
 from pdserve.kernels.rmsnorm import _check_weight, _launch_params, fused_add_rmsnorm_ref, rmsnorm_ref
 
 
@@ -56,9 +56,7 @@ def _rmsnorm_fp8_kernel(
     w = tl.load(weight + cols, mask=mask, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype.element_ty)
     # the stored 16-bit row is what the unfused path quantizes; masked lanes are 0 (w is)
-    y8, scale = quantize_row_e4m3(y.to(tl.float32), MIN_AMAX_C)
-    tl.store(q + row * hidden + cols, y8.to(q.dtype.element_ty), mask=mask)
-    tl.store(scales + row, scale)
+    store_row_e4m3(y.to(tl.float32), q, scales, row, cols, hidden, MIN_AMAX_C)
 
 
 def _launch(

@@ -4,7 +4,7 @@ Rules:
 - x `[T, 2I]` (gate columns first, then up; any row stride, contiguous last dim) -> (q [T, I]
   float8_e4m3fn, scales [T, 1] float32), bit for bit what the unfused path gives:
   kernels.activation's silu_and_mul in x's dtype (its two roundings), then kernels.fp8_quant's
-  per-token quantization of those values (`quantize_row_e4m3`).
+  per-token quantization of those values (`store_row_e4m3`).
 - Layout: one program per row holding the whole row of I in registers (I up to 32768; 14,336 for
   Llama-3.1-8B). The scale needs the amax of the whole row before any element can be rounded, and
   a row split across programs would need a second launch (or a grid-wide sync) to share it, which
@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.activation import silu_and_mul_ref
-from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, quantize_row_e4m3
+from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, store_row_e4m3
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_INTER = 32768
@@ -36,9 +36,7 @@ def _silu_mul_fp8_kernel(x, q, scales, x_stride, inter, MIN_AMAX_C: tl.constexpr
     # kernels.activation's expression: silu rounded to the dtype, then the product rounded again
     act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype.element_ty)
     y = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype.element_ty)
-    y8, scale = quantize_row_e4m3(y.to(tl.float32), MIN_AMAX_C)  # masked lanes: silu(0) * 0 = 0
-    tl.store(q + row * inter + cols, y8.to(q.dtype.element_ty), mask=mask)
-    tl.store(scales + row, scale)
+    store_row_e4m3(y.to(tl.float32), q, scales, row, cols, inter, MIN_AMAX_C)  # masked: silu(0) * 0
 
 
 def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,7 +31,8 @@ from pdserve.shared.models.tensor_parallel_layers import RowParallelLinear
 class Fp8RowParallelLinear(Fp8Linear):
     """y = all_reduce(x_slice @ dequant(W_slice)^T) + b: x arrives split along its last dim."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # never handed Fp8Rows: a slice's rows need the whole row's amax (shared.models.fp8_fused skips it)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         rows = x.reshape(-1, self.in_features)
         # each row is quantized with the whole row's amax, as on one rank: a slice's own would
         # round it differently and move logits by about fp8's own error (tokens then differ)

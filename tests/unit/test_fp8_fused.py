@@ -14,8 +14,8 @@ from pdserve.shared.engine.attention_ref import TorchRefAttention
 from pdserve.shared.engine.kv_pool import KVPoolShape, PagedKVPool
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.fast_path import TritonGatedMLP, use_triton_kernels
-from pdserve.shared.models.fp8_fused import Fp8InputGatedMLP, Fp8InputRMSNorm, fuse_fp8_inputs
 from pdserve.shared.models.forward_batch import ForwardBatch, ForwardMode
+from pdserve.shared.models.fp8_fused import Fp8InputGatedMLP, Fp8InputRMSNorm, fuse_fp8_inputs
 from pdserve.shared.models.loader import load_model
 from pdserve.shared.models.tensor_parallel_fp8 import Fp8RowParallelLinear
 from tests.helpers.tiny_models import make_tiny_model
@@ -39,16 +39,20 @@ def _fast_fp8(config: ModelConfig, model_dir) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def _greedy(model, config: ModelConfig) -> tuple[list[torch.Tensor], list[list[int]]]:
+def greedy_steps(
+    model, config: ModelConfig, device: str = "cpu"
+) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Logits of a batched prefill and DECODE_STEPS greedy steps of both prompts; the tokens."""
     shape = KVPoolShape(config.num_layers, 16, PAGE_SIZE, config.num_kv_heads, config.head_dim)
-    pool = PagedKVPool(shape, torch.float32, "cpu")
+    pool = PagedKVPool(shape, config.dtype, device)
     pages = [[5, 2, 9, 14], [7, 1, 11]]
     lens = [len(p) for p in PROMPTS]
-    mode, ids, prefix, extend = ForwardMode.EXTEND, sum(PROMPTS, []), [0, 0], lens
+    mode, ids, prefix, extend = ForwardMode.EXTEND, [t for p in PROMPTS for t in p], [0, 0], lens
     all_logits, tokens = [], [[], []]
     for _ in range(DECODE_STEPS + 1):
-        batch = ForwardBatch.build(mode, ids, prefix, extend, pages, PAGE_SIZE, pool, TorchRefAttention())
+        batch = ForwardBatch.build(
+            mode, ids, prefix, extend, pages, PAGE_SIZE, pool, TorchRefAttention(), device=device
+        )
         logits = model.compute_logits(model(batch)[batch.logits_indices])
         all_logits.append(logits)
         ids = logits.argmax(-1).tolist()
@@ -70,9 +74,9 @@ def test_fused_inputs_give_the_unfused_logits_and_tokens(tiny):
     assert isinstance(layer.input_layernorm, Fp8InputRMSNorm) and isinstance(layer.mlp, Fp8InputGatedMLP)
     assert type(fused.model.norm) is not Fp8InputRMSNorm  # the final norm feeds the 16-bit lm_head
 
-    want_logits, want_tokens = _greedy(unfused, config)
+    want_logits, want_tokens = greedy_steps(unfused, config)
     with _OpCounts() as ops:
-        got_logits, got_tokens = _greedy(fused, config)
+        got_logits, got_tokens = greedy_steps(fused, config)
     assert want_logits[0].abs().max().item() > 0.1  # random weights: the comparison means something
     for got, want in zip(got_logits, want_logits):
         assert torch.equal(got, want)
