@@ -23,9 +23,10 @@ import triton.language as tl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _BLOCK = 1024
-_SQRT_2_OVER_PI = 0.7978845608028654  # torch's kBeta: M_SQRT2 * M_2_SQRTPI * 0.5
-_KAPPA = 0.044715
-_TANH_SATURATES = 8.664339742
+# constexpr: a compiled kernel may read only constexpr globals
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # torch's kBeta: M_SQRT2 * M_2_SQRTPI * 0.5
+_KAPPA = tl.constexpr(0.044715)
+_TANH_SATURATES = tl.constexpr(8.664339742)
 
 
 @triton.jit
