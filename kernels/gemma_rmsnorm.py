@@ -26,84 +26,77 @@ from pdserve.kernels.rmsnorm import _check_weight, _launch_params
 
 
 @triton.jit
-def _gemma_normed(x32, weight, cols, mask, hidden, eps):
-    """The float32 normed row times (1 + weight), multiplied in the module's order."""
-    inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + tl.cast(eps, tl.float32))
-    w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
-    return (x32 * inv_rms) * (1.0 + w)
-
-
-@triton.jit
-def _gemma_rmsnorm_kernel(x, out, weight, x_stride, hidden, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < hidden
-    x32 = tl.load(x + row * x_stride + cols, mask=mask, other=0.0).to(tl.float32)
-    y = _gemma_normed(x32, weight, cols, mask, hidden, eps)
-    tl.store(out + row * hidden + cols, y.to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _gemma_fused_add_rmsnorm_kernel(
-    x, residual, weight, x_stride, r_stride, hidden, eps, BLOCK: tl.constexpr
+def _gemma_rmsnorm_kernel(
+    x,
+    residual,
+    out,
+    x_stride,
+    r_stride,
+    out_stride,
+    weight,
+    hidden,
+    eps,
+    ADD_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x_row = x + row * x_stride + cols
-    r_row = residual + row * r_stride + cols
-    xv = tl.load(x_row, mask=mask, other=0.0)
-    rv = tl.load(r_row, mask=mask, other=0.0)
-    # Rounded to the dtype before normalizing, as torch's `x + residual` is.
-    summed = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
-    tl.store(r_row, summed, mask=mask)
-    y = _gemma_normed(summed.to(tl.float32), weight, cols, mask, hidden, eps)
-    tl.store(x_row, y.to(x.dtype.element_ty), mask=mask)
+    xv = tl.load(x + row * x_stride + cols, mask=mask, other=0.0)
+    if ADD_RESIDUAL:
+        r_row = residual + row * r_stride + cols
+        rv = tl.load(r_row, mask=mask, other=0.0)
+        # Rounded to the dtype before normalizing, as torch's `x + residual` is.
+        xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
+        tl.store(r_row, xv, mask=mask)
+    x32 = xv.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + tl.cast(eps, tl.float32))
+    w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
+    y = (x32 * inv_rms) * (1.0 + w)  # the module's order, all in float32
+    tl.store(out + row * out_stride + cols, y.to(out.dtype.element_ty), mask=mask)
+
+
+def _check_rows(x: torch.Tensor, *buffers: torch.Tensor) -> None:
+    """x and the buffers the kernel writes: `[T, hidden]` alike, contiguous last dims, distinct."""
+    assert x.ndim == 2, f"x must be [T, hidden]: {tuple(x.shape)}"
+    for t in (x, *buffers):
+        assert t.shape == x.shape and t.dtype == x.dtype and t.device == x.device, (t.shape, t.dtype)
+        assert t.stride(-1) == 1, "x and the buffers need a contiguous last dim"
+    assert all(b is not x for b in buffers), "what the kernel writes must not overlap x"
+
+
+def _launch(
+    x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    """One program per row of x; with a residual, the sum goes into it (and the norm into out)."""
+    _check_weight(weight, x)
+    if x.shape[0] == 0:
+        return
+    block, num_warps = _launch_params(x.shape[-1])
+    r = x if residual is None else residual  # not read without ADD_RESIDUAL
+    _gemma_rmsnorm_kernel[(x.shape[0],)](
+        x, r, out, x.stride(0), r.stride(0), out.stride(0), weight, x.shape[-1], eps,
+        ADD_RESIDUAL=residual is not None, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
 
 
 def gemma_rmsnorm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Gemma's RMSNorm of each row of x `[T, hidden]`; returns `out` (new if None)."""
-    assert x.ndim == 2, f"x must be [T, hidden]: {tuple(x.shape)}"
-    assert x.stride(-1) == 1, "x needs a contiguous last dim"
-    _check_weight(weight, x)
-    if out is None:
-        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous(), (out.shape, out.dtype)
-    assert out.device == x.device
-    if x.shape[0] == 0:
-        return out
-    block, num_warps = _launch_params(x.shape[-1])
-    _gemma_rmsnorm_kernel[(x.shape[0],)](
-        x, out, weight, x.stride(0), x.shape[-1], eps, BLOCK=block, num_warps=num_warps
-    )
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if out is None else out
+    _check_rows(x, out)
+    assert out.is_contiguous(), "out is written row after row"
+    _launch(x, None, out, weight, eps)
     return out
 
 
 def gemma_fused_add_rmsnorm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(norm(x + residual), x + residual), written in place into (x, residual): see the rules."""
-    assert x.ndim == 2 and x.shape == residual.shape, (x.shape, residual.shape)
-    assert x.stride(-1) == 1 and residual.stride(-1) == 1, "x and residual need a contiguous last dim"
-    assert residual.dtype == x.dtype and residual.device == x.device, (residual.dtype, x.dtype)
-    assert x is not residual, "x and residual must not overlap"
-    _check_weight(weight, x)
-    if x.shape[0] == 0:
-        return x, residual
-    block, num_warps = _launch_params(x.shape[-1])
-    _gemma_fused_add_rmsnorm_kernel[(x.shape[0],)](
-        x,
-        residual,
-        weight,
-        x.stride(0),
-        residual.stride(0),
-        x.shape[-1],
-        eps,
-        BLOCK=block,
-        num_warps=num_warps,
-    )
+    """Gemma's (norm(x + residual), x + residual), written into (x, residual): see the rules."""
+    _check_rows(x, residual)
+    _launch(x, residual, x, weight, eps)  # each row read whole before it is written
     return x, residual
 
 
