@@ -34,6 +34,9 @@ from pdserve.kernels.extend_attention import extend_attention as _extend_attenti
 from pdserve.kernels.fp8_gemm import fp8_gemm as _fp8_gemm
 from pdserve.kernels.fp8_quant import per_token_quant_fp8 as _per_token_quant_fp8
 from pdserve.kernels.fused_moe import fused_moe as _fused_moe
+from pdserve.kernels.gelu_and_mul import gelu_and_mul as _gelu_and_mul
+from pdserve.kernels.gemma_rmsnorm import gemma_fused_add_rmsnorm as _gemma_fused_add_rmsnorm
+from pdserve.kernels.gemma_rmsnorm import gemma_rmsnorm as _gemma_rmsnorm
 from pdserve.kernels.kv_store import store_kv as _store_kv
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm as _fused_add_rmsnorm
 from pdserve.kernels.rmsnorm import rmsnorm as _rmsnorm
@@ -73,6 +76,20 @@ def fused_add_rmsnorm_(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return _silu_and_mul(x)
+
+
+def gemma_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _gemma_rmsnorm(x, weight, eps)
+
+
+def gemma_fused_add_rmsnorm_(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    _gemma_fused_add_rmsnorm(x, residual, weight, eps)
+
+
+def gelu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    return _gelu_and_mul(x)
 
 
 def rotary_(
@@ -252,6 +269,9 @@ def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:
 rmsnorm_op = _register(rmsnorm, (), _new_like)
 fused_add_rmsnorm_op = _register(fused_add_rmsnorm_, ("x", "residual"), _no_output)
 silu_and_mul_op = _register(silu_and_mul, (), _silu_and_mul_fake)
+gemma_rmsnorm_op = _register(gemma_rmsnorm, (), _new_like)
+gemma_fused_add_rmsnorm_op = _register(gemma_fused_add_rmsnorm_, ("x", "residual"), _no_output)
+gelu_and_mul_op = _register(gelu_and_mul, (), _silu_and_mul_fake)  # the same [T, 2I] -> [T, I]
 rotary_op = _register(rotary_, ("q", "k"), _no_output)
 store_kv_op = _register(store_kv_, ("kv",), _no_output)
 rotary_store_kv_op = _register(rotary_store_kv_, ("q", "k", "kv"), _no_output)

@@ -4,6 +4,9 @@
 - every RMSNorm (the decoder layers' two norms, the final norm, Qwen3's per-head q/k norms) by a
   `TritonRMSNorm` (both forms: plain, and residual-add + norm);
 - every GatedMLP by a `TritonGatedMLP`: the same two projections, `silu_and_mul` between them;
+- Gemma's: every GemmaRMSNorm by a `TritonGemmaRMSNorm` (the (1 + weight) kernels of
+  kernels.gemma_rmsnorm, both forms) and every GeluGatedMLP by a `TritonGeluGatedMLP`
+  (`gelu_and_mul` between the projections);
 - every MoEExperts (the MoE families' stacked experts) by a `TritonMoEExperts`: one fused-MoE
   launch pair over the selected experts instead of a loop over them (and, inside a CUDA graph,
   instead of running every expert);
@@ -18,8 +21,10 @@ Rules:
 - Replacements hold the original Parameters and buffers under the same names: nothing is copied,
   and checkpoint loading, weight updates and `reset_buffers` work the same after the pass.
 - Only modules of exactly these torch types are swapped, so a second pass changes nothing and
-  unknown subclasses are left alone: Gemma's (1 + weight) norms and GeGLU MLPs (shared.models.gemma)
-  are subclasses and keep their torch code, since these kernels compute weight * x and SiLU. The return value counts the modules replaced.
+  unknown subclasses are left alone: a subclass computes something else (Gemma's norms and MLPs
+  subclass Llama's), so each needs its own kernels and its own entry here. Replacements subclass
+  what they replace, so isinstance checks and class attributes (`neutral_weight`) still hold.
+  The return value counts the modules replaced.
 - Inference only: the kernels have no backward, and they write in place where their docstrings
   say so (fused_add_rmsnorm into its x and residual, rope into q and k). They are called through
   their torch custom ops (kernels.custom_ops), so torch.compile keeps them as opaque calls.
@@ -28,7 +33,7 @@ Rules:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 import torch
 from torch import nn
@@ -36,11 +41,15 @@ from torch import nn
 from pdserve.kernels.custom_ops import (
     fused_add_rmsnorm_op,
     fused_moe_op,
+    gelu_and_mul_op,
+    gemma_fused_add_rmsnorm_op,
+    gemma_rmsnorm_op,
     rmsnorm_op,
     rotary_op,
     silu_and_mul_op,
 )
 from pdserve.shared.models.forward_batch import ForwardBatch
+from pdserve.shared.models.gemma import GeluGatedMLP, GemmaRMSNorm
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.llama import ApplyRotary, Attention, DecoderModel
 from pdserve.shared.models.moe_block import MoEExperts
@@ -49,6 +58,10 @@ from pdserve.shared.models.rope import RotaryEmbedding
 
 class TritonRMSNorm(RMSNorm):
     """RMSNorm through the Triton kernels; `forward(x, residual)` writes into x and residual."""
+
+    # The kernels, as class attributes: TritonGemmaRMSNorm names Gemma's.
+    norm_op: ClassVar[torch._ops.OpOverload] = rmsnorm_op
+    fused_add_norm_op: ClassVar[torch._ops.OpOverload] = fused_add_rmsnorm_op
 
     def __init__(self, norm: RMSNorm):
         nn.Module.__init__(self)  # not RMSNorm.__init__: it would allocate a weight we then drop
@@ -59,13 +72,15 @@ class TritonRMSNorm(RMSNorm):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
-            return rmsnorm_op(x, self.weight, self.eps)
-        fused_add_rmsnorm_op(x, residual, self.weight, self.eps)
+            return self.norm_op(x, self.weight, self.eps)
+        self.fused_add_norm_op(x, residual, self.weight, self.eps)
         return x, residual
 
 
 class TritonGatedMLP(GatedMLP):
     """down(silu_and_mul(gate_up(x))) over the original projections."""
+
+    activation_op: ClassVar[torch._ops.OpOverload] = silu_and_mul_op  # [T, 2I] -> [T, I]
 
     def __init__(self, mlp: GatedMLP):
         nn.Module.__init__(self)  # not GatedMLP.__init__: it would allocate both projections
@@ -75,8 +90,22 @@ class TritonGatedMLP(GatedMLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        act = silu_and_mul_op(gate_up.reshape(-1, gate_up.shape[-1]))
+        act = self.activation_op(gate_up.reshape(-1, gate_up.shape[-1]))
         return self.down_proj(act.reshape(*x.shape[:-1], self.intermediate_size))
+
+
+class TritonGemmaRMSNorm(TritonRMSNorm, GemmaRMSNorm):
+    """GemmaRMSNorm ((1 + weight), float32, one rounding) through kernels.gemma_rmsnorm; `x` is
+    `[T, hidden]`, and `forward(x, residual)` writes into x and residual as TritonRMSNorm's."""
+
+    norm_op = gemma_rmsnorm_op
+    fused_add_norm_op = gemma_fused_add_rmsnorm_op
+
+
+class TritonGeluGatedMLP(TritonGatedMLP, GeluGatedMLP):
+    """down(gelu_and_mul(gate_up(x))) over GeluGatedMLP's projections."""
+
+    activation_op = gelu_and_mul_op
 
 
 class TritonMoEExperts(MoEExperts):
@@ -167,7 +196,7 @@ def _rope_swappable(decoder: DecoderModel) -> bool:
 
 
 def use_triton_kernels(model: nn.Module) -> int:
-    """Swaps the Triton RMSNorm, rope, SiLU-and-mul and fused MoE into `model` (see the module rules).
+    """Swaps the Triton norms, rope, gated activations and fused MoE into `model` (see the module rules).
 
     Returns the number of modules replaced (0 when the pass already ran).
     """
@@ -178,6 +207,10 @@ def use_triton_kernels(model: nn.Module) -> int:
                 swaps.append((module, name, TritonRMSNorm(child)))
             elif type(child) is GatedMLP:
                 swaps.append((module, name, TritonGatedMLP(child)))
+            elif type(child) is GemmaRMSNorm:
+                swaps.append((module, name, TritonGemmaRMSNorm(child)))
+            elif type(child) is GeluGatedMLP:
+                swaps.append((module, name, TritonGeluGatedMLP(child)))
             elif type(child) is MoEExperts:
                 swaps.append((module, name, TritonMoEExperts(child)))
     # Collected first, applied after: replacing children while walking modules() would revisit them.

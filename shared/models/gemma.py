@@ -10,8 +10,8 @@ Gemma 2 adds: post-attention and pre/post feed-forward norms (four per layer), t
 `final_logit_softcapping` on the logits, and the sliding window on the layers that the config's
 `layer_types` marks "sliding_attention".
 
-The norm and MLP are subclasses of llama's, not the same types, so the CUDA fast path
-(shared.models.fast_path, which swaps exact types) leaves them in torch.
+The norm and MLP are subclasses of llama's, not the same types: the CUDA fast path
+(shared.models.fast_path, which swaps exact types) gives them kernels of their own.
 """
 
 from __future__ import annotations
