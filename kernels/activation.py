@@ -34,6 +34,12 @@ def _silu_and_mul_kernel(x, out, x_stride, inter, BLOCK: tl.constexpr):
 
 def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """silu(x[:, :I]) * x[:, I:] for x `[T, 2I]`; returns `out` (new if None)."""
+    return launch_gated(_silu_and_mul_kernel, x, out)
+
+
+def launch_gated(kernel, x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """Checks x `[T, 2I]` and out, then launches a gated-activation kernel of this file's signature
+    (x, out, x_stride, inter, BLOCK) on one program per (row, block of columns); returns out."""
     assert x.ndim == 2 and x.shape[1] % 2 == 0, f"x must be [T, 2I]: {tuple(x.shape)}"
     assert x.stride(1) == 1, "x needs a contiguous last dim"
     assert x.dtype in _DTYPES, x.dtype
@@ -47,8 +53,7 @@ def silu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tens
     assert out.device == x.device
     if tokens == 0 or inter == 0:
         return out
-    grid = (tokens, triton.cdiv(inter, _BLOCK))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), inter, BLOCK=_BLOCK)
+    kernel[(tokens, triton.cdiv(inter, _BLOCK))](x, out, x.stride(0), inter, BLOCK=_BLOCK)
     return out
 
 

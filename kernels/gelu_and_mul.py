@@ -21,8 +21,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_BLOCK = 1024
+from pdserve.kernels.activation import launch_gated
+
 # constexpr: a compiled kernel may read only constexpr globals
 _SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # torch's kBeta: M_SQRT2 * M_2_SQRTPI * 0.5
 _KAPPA = tl.constexpr(0.044715)
@@ -56,16 +56,7 @@ def _gelu_and_mul_kernel(x, out, x_stride, inter, BLOCK: tl.constexpr):
 
 def gelu_and_mul(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """gelu_tanh(x[:, :I]) * x[:, I:] for x `[T, 2I]`; returns `out` (new if None)."""
-    assert x.ndim == 2 and x.shape[1] % 2 == 0, f"x must be [T, 2I]: {tuple(x.shape)}"
-    assert x.stride(1) == 1, "x needs a contiguous last dim"
-    assert x.dtype in _DTYPES, x.dtype
-    tokens, inter = x.shape[0], x.shape[1] // 2
-    out = torch.empty((tokens, inter), dtype=x.dtype, device=x.device) if out is None else out
-    assert out.shape == (tokens, inter) and out.dtype == x.dtype, (out.shape, out.dtype)
-    assert out.is_contiguous() and out.device == x.device
-    if tokens and inter:
-        _gelu_and_mul_kernel[(tokens, triton.cdiv(inter, _BLOCK))](x, out, x.stride(0), inter, BLOCK=_BLOCK)
-    return out
+    return launch_gated(_gelu_and_mul_kernel, x, out)
 
 
 def gelu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:

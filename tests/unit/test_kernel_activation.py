@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from pdserve.kernels.activation import silu_and_mul, silu_and_mul_ref
+from pdserve.kernels.gelu_and_mul import gelu_and_mul
 from pdserve.shared.models.layers import GatedMLP
 from tests.helpers.kernel_checks import assert_matches_ref
 
@@ -55,11 +56,12 @@ def test_in_gated_mlp(dtype):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
-def test_empty_and_launcher_checks():
-    assert silu_and_mul(torch.randn(0, 8)).shape == (0, 4)
+@pytest.mark.parametrize("gated", [silu_and_mul, gelu_and_mul])  # both through launch_gated
+def test_empty_and_launcher_checks(gated):
+    assert gated(torch.randn(0, 8)).shape == (0, 4)
     with pytest.raises(AssertionError):
-        silu_and_mul(torch.randn(3, 7))  # odd width
+        gated(torch.randn(3, 7))  # odd width
     with pytest.raises(AssertionError):
-        silu_and_mul(torch.randn(8, 3).t())  # last dim strided
+        gated(torch.randn(8, 3).t())  # last dim strided
     with pytest.raises(AssertionError):
-        silu_and_mul(torch.randn(3, 8), out=torch.empty(3, 4).half())
+        gated(torch.randn(3, 8), out=torch.empty(3, 4).half())
