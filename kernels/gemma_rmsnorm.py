@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.rmsnorm import _check_weight, _launch_params
+from pdserve.kernels.rmsnorm import _check_weight, _launch_params, inverse_rms, load_row_adding_residual
 
 
 @triton.jit
@@ -42,17 +42,10 @@ def _gemma_rmsnorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    xv = tl.load(x + row * x_stride + cols, mask=mask, other=0.0)
-    if ADD_RESIDUAL:
-        r_row = residual + row * r_stride + cols
-        rv = tl.load(r_row, mask=mask, other=0.0)
-        # Rounded to the dtype before normalizing, as torch's `x + residual` is.
-        xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
-        tl.store(r_row, xv, mask=mask)
+    xv = load_row_adding_residual(x, residual, row, x_stride, r_stride, cols, mask, ADD_RESIDUAL)
     x32 = xv.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + tl.cast(eps, tl.float32))
     w = tl.load(weight + cols, mask=mask, other=0.0).to(tl.float32)
-    y = (x32 * inv_rms) * (1.0 + w)  # the module's order, all in float32
+    y = (x32 * inverse_rms(x32, hidden, eps)) * (1.0 + w)  # the module's order, all in float32
     tl.store(out + row * out_stride + cols, y.to(out.dtype.element_ty), mask=mask)
 
 

@@ -25,6 +25,25 @@ _MAX_HIDDEN = 65536
 
 
 @triton.jit
+def load_row_adding_residual(x, residual, row, x_stride, r_stride, cols, mask, ADD_RESIDUAL: tl.constexpr):
+    """x's row in x's dtype; with ADD_RESIDUAL, x + residual instead, rounded to the dtype before
+    anything normalizes it (as torch's `x + residual` is) and written into residual's row."""
+    xv = tl.load(x + row * x_stride + cols, mask=mask, other=0.0)
+    if ADD_RESIDUAL:
+        r_row = residual + row * r_stride + cols
+        rv = tl.load(r_row, mask=mask, other=0.0)
+        xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
+        tl.store(r_row, xv, mask=mask)
+    return xv
+
+
+@triton.jit
+def inverse_rms(x32, hidden, eps):
+    """1 / sqrt(mean(x32^2) + eps) of a row held whole in float32 (lanes past `hidden` 0)."""
+    return tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + tl.cast(eps, tl.float32))
+
+
+@triton.jit
 def _rmsnorm_kernel(
     x,
     out,
@@ -42,8 +61,7 @@ def _rmsnorm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
     x32 = tl.load(x + outer * x_stride0 + inner * x_stride1 + cols, mask=mask, other=0.0).to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x32 * x32, axis=0) / hidden + tl.cast(eps, tl.float32))
-    normed = (x32 * inv_rms).to(out.dtype.element_ty)
+    normed = (x32 * inverse_rms(x32, hidden, eps)).to(out.dtype.element_ty)
     w = tl.load(weight + cols, mask=mask)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(out.dtype.element_ty)
     tl.store(out + row.to(tl.int64) * hidden + cols, y, mask=mask)
@@ -63,19 +81,11 @@ def _fused_add_rmsnorm_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    x_row = x + row * x_stride + cols
-    r_row = residual + row * r_stride + cols
-    xv = tl.load(x_row, mask=mask, other=0.0)
-    rv = tl.load(r_row, mask=mask, other=0.0)
-    # Rounded to the dtype before normalizing, as torch's `x + residual` is.
-    summed = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
-    tl.store(r_row, summed, mask=mask)
-    s32 = summed.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(s32 * s32, axis=0) / hidden + tl.cast(eps, tl.float32))
-    normed = (s32 * inv_rms).to(x.dtype.element_ty)
+    s32 = load_row_adding_residual(x, residual, row, x_stride, r_stride, cols, mask, True).to(tl.float32)
+    normed = (s32 * inverse_rms(s32, hidden, eps)).to(x.dtype.element_ty)
     w = tl.load(weight + cols, mask=mask)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype.element_ty)
-    tl.store(x_row, y, mask=mask)
+    tl.store(x + row * x_stride + cols, y, mask=mask)
 
 
 def _launch_params(hidden: int) -> tuple[int, int]:

@@ -22,7 +22,14 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, store_row_e4m3
-from pdserve.kernels.rmsnorm import _check_weight, _launch_params, fused_add_rmsnorm_ref, rmsnorm_ref
+from pdserve.kernels.rmsnorm import (
+    _check_weight,
+    _launch_params,
+    fused_add_rmsnorm_ref,
+    inverse_rms,
+    load_row_adding_residual,
+    rmsnorm_ref,
+)
 
 
 @triton.jit
@@ -43,16 +50,10 @@ def _rmsnorm_fp8_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden
-    xv = tl.load(x + row * x_stride + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r_row = residual + row * r_stride + cols
-        rv = tl.load(r_row, mask=mask, other=0.0)
-        # rounded to the dtype before normalizing, as torch's `x + residual` is
-        xv = (xv.to(tl.float32) + rv.to(tl.float32)).to(x.dtype.element_ty)
-        tl.store(r_row, xv, mask=mask)
-    s32 = xv.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(s32 * s32, axis=0) / hidden + tl.cast(eps, tl.float32))
-    normed = (s32 * inv_rms).to(x.dtype.element_ty)
+    s32 = load_row_adding_residual(x, residual, row, x_stride, r_stride, cols, mask, HAS_RESIDUAL).to(
+        tl.float32
+    )
+    normed = (s32 * inverse_rms(s32, hidden, eps)).to(x.dtype.element_ty)
     w = tl.load(weight + cols, mask=mask, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype.element_ty)
     # the stored 16-bit row is what the unfused path quantizes; masked lanes are 0 (w is)
