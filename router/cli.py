@@ -331,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     exit_process(0)
-    return 0  # not reached: the served router's process has ended
 
 
 if __name__ == "__main__":

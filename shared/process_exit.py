@@ -11,9 +11,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 
-def exit_process(status: int) -> None:
+def exit_process(status: int) -> NoReturn:
     """Flushes stdout, stderr and the logging handlers, then ends the process with `status`."""
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):

@@ -151,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_node(engine_args)
     exit_process(run_worker(ns, engine_args))
-    return 0  # not reached: the served worker's process has ended
 
 
 if __name__ == "__main__":

@@ -186,7 +186,6 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     exit_process(run(ns, flags))
-    return 0  # not reached: serve's process has ended with its status
 
 
 if __name__ == "__main__":
