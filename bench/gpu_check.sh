@@ -86,6 +86,35 @@ serve_and_bench() {  # serve_and_bench NAME [serve flags...]: 1,024 in / 256 out
   serve_stop
 }
 
+# Runs that more than one stage makes (each stage says why it makes them)
+fp8_decode_steps() {  # bench_one_batch at batch 1, 8 and 64: bf16, then fp8 weights
+  for q in bf16 fp8; do
+    run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
+      --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
+  done
+}
+
+fp8_profile_bs1() {  # where the fp8 batch-1 step's time goes (its floor: the fp8 weights' bytes at the copy rate)
+  run profile-fp8-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
+    --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json"
+}
+
+gemma2_engine() {  # Gemma-2-9B's engine alone: its steps and a batch-1 decode profile
+  run gemma2-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/gemma-2-9b.json \
+    --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name gemma2
+  run gemma2-profile 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/gemma-2-9b.json \
+    --batch-size 1 --input-len 1024 --json-out "$OUT/profile_gemma2.json"
+}
+
+moe_profile_bs1() {  # Qwen1.5-MoE's batch-1 step's kernels (the goal: 1.5x the active weights' bytes at the copy rate)
+  run profile-moe-bs1 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/qwen1.5-moe-a2.7b.json \
+    --batch-size 1 --input-len 1024 --json-out "$OUT/profile_moe_bs1.json"
+}
+
+fused_moe_kernel() {  # fused_moe_kernel [--fp8]: the fused-MoE kernel against the weights' memory roofline
+  run bench-fused-moe${1:+-fp8} 200 python3 -m pdserve.bench.bench_fused_moe "$@" --json-out "$OUT/fused_moe.json"
+}
+
 MODEL8B=/tmp/llama8b
 python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/llama-3.1-8b.json --out $MODEL8B >/dev/null
 
@@ -185,17 +214,15 @@ PY
   moe)
     # the fused-MoE kernel against the weights' memory roofline, then Qwen1.5-MoE-A2.7B served with dummy weights,
     # bf16 and then fp8
-    run bench-fused-moe 200 python3 -m pdserve.bench.bench_fused_moe --json-out "$OUT/fused_moe.json"
-    # the batch-1 step's kernels (the goal: 1.5x the active weights' bytes at the copy rate)
-    run profile-moe-bs1 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/qwen1.5-moe-a2.7b.json \
-      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_moe_bs1.json"
+    fused_moe_kernel
+    moe_profile_bs1
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/qwen1.5-moe-a2.7b.json --out /tmp/qwenmoe >/dev/null
     SERVE_MODEL=/tmp/qwenmoe; serve_start moe
     bench_random moe-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random moe-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
     serve_stop
     # the same with fp8 experts and linears (--quantization fp8): the kernel, then the served model
-    run bench-fused-moe-fp8 200 python3 -m pdserve.bench.bench_fused_moe --fp8 --json-out "$OUT/fused_moe.json"
+    fused_moe_kernel --fp8
     serve_start moe-fp8 --quantization fp8
     bench_random moe-fp8-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random moe-fp8-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
@@ -225,23 +252,14 @@ PY
     serve_stop ;;
   fp8)
     run bench-fp8-gemm 200 python3 -m pdserve.bench.bench_fp8_gemm --rows 1,16,64 --sweep --json-out "$OUT/fp8_gemm.json"
-    for q in bf16 fp8; do
-      run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
-        --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
-    done
+    fp8_decode_steps
     run one-batch-fp8-kv 300 python3 -m pdserve.bench.bench_one_batch --quantization fp8 --kv-cache-dtype fp8_e4m3 \
       --batch-size 64 --input-len 1280 --output-len 128 --result-filename "$RES" --run-name weights-fp8-kv-fp8
-    # where the fp8 batch-1 step's time goes (its floor is the fp8 weights' bytes at the copy rate)
-    run profile-fp8-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
-      --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json" ;;
+    fp8_profile_bs1 ;;
   fp8_step)
     # the fp8 stage's decode steps and batch-1 profile alone (bf16 beside it), without the GEMM sweep
-    for q in bf16 fp8; do
-      run one-batch-$q 240 python3 -m pdserve.bench.bench_one_batch --batch-size 1 8 64 --input-len 1024 \
-        --output-len 128 $([ $q = fp8 ] && echo --quantization fp8) --result-filename "$RES" --run-name weights-$q
-    done
-    run profile-fp8-bs1 150 python3 -m pdserve.bench.profile_decode --batch-size 1 --input-len 1024 \
-      --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json" ;;
+    fp8_decode_steps
+    fp8_profile_bs1 ;;
   fp8_serving)
     # issue 16's serving goal: bf16 against fp8 weights + fp8 KV through serve, 1,024 in / 256 out, c64
     serve_and_bench fp8-serving-bf16
@@ -264,22 +282,15 @@ PY
   kinds_engine)
     # the model kinds' engines alone, no serve: Gemma-2-9B's step and profile, Qwen1.5-MoE's batch-1
     # profile, the fused-MoE kernel in bf16 and fp8
-    run gemma2-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/gemma-2-9b.json \
-      --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name gemma2
-    run gemma2-profile 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/gemma-2-9b.json \
-      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_gemma2.json"
-    run profile-moe-bs1 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/qwen1.5-moe-a2.7b.json \
-      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_moe_bs1.json"
-    run bench-fused-moe 200 python3 -m pdserve.bench.bench_fused_moe --json-out "$OUT/fused_moe.json"
-    run bench-fused-moe-fp8 200 python3 -m pdserve.bench.bench_fused_moe --fp8 --json-out "$OUT/fused_moe.json" ;;
+    gemma2_engine
+    moe_profile_bs1
+    fused_moe_kernel
+    fused_moe_kernel --fp8 ;;
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
     python3 -m pdserve.bench.synthetic_model_dir --config bench/configs/gemma-2-9b.json --out /tmp/gemma2 >/dev/null
     # the engine alone first (bench_one_batch and a decode profile), so a slow serve can be placed
-    run gemma2-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/gemma-2-9b.json \
-      --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name gemma2
-    run gemma2-profile 150 python3 -m pdserve.bench.profile_decode --model-path bench/configs/gemma-2-9b.json \
-      --batch-size 1 --input-len 1024 --json-out "$OUT/profile_gemma2.json"
+    gemma2_engine
     SERVE_MODEL=/tmp/gemma2; serve_start gemma2
     bench_random gemma2-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random gemma2-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
