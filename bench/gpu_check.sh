@@ -99,6 +99,11 @@ fp8_profile_bs1() {  # where the fp8 batch-1 step's time goes (its floor: the fp
     --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json"
 }
 
+fp8_profile_bs64() {  # where batch 64 x 1,280 goes with fp8 weights and an fp8 KV cache (issue 16's 0.6x goal)
+  run profile-fp8-kv-bs64 150 python3 -m pdserve.bench.profile_decode --batch-size 64 --input-len 1280 \
+    --quantization fp8 --kv-cache-dtype fp8_e4m3 --json-out "$OUT/profile_fp8_kv_bs64.json"
+}
+
 gemma2_engine() {  # Gemma-2-9B's engine alone: its steps and a batch-1 decode profile
   run gemma2-one-batch 200 python3 -m pdserve.bench.bench_one_batch --model-path bench/configs/gemma-2-9b.json \
     --batch-size 1 64 --input-len 1024 --output-len 32 --result-filename "$RES" --run-name gemma2
@@ -262,7 +267,8 @@ PY
   fp8_step)
     # the fp8 stage's decode steps and batch-1 profile alone (bf16 beside it), without the GEMM sweep
     fp8_decode_steps
-    fp8_profile_bs1 ;;
+    fp8_profile_bs1
+    fp8_profile_bs64 ;;
   fp8_serving)
     # issue 16's serving goal: bf16 against fp8 weights + fp8 KV through serve, 1,024 in / 256 out, c64
     serve_and_bench fp8-serving-bf16
