@@ -225,7 +225,13 @@ async def serve(
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port, reuse_port=role.is_child or None)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        # Leaving through the event loop would first wait for start-up work in threads (the
+        # tokenizer's load, seconds): a supervisor restarting this router waits for the exit.
+        print(f"router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        exit_process(1)
     control = await start_control(state, role.control_socket(role.index)) if role.is_child else None
     port = runner.addresses[0][1] if runner.addresses else args.port
     url = f"http://{args.host}:{port}"
@@ -327,9 +333,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # --chat-template that is neither a file nor a template
         print(f"router: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except OSError as exc:
-        print(f"router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
     exit_process(0)
 
 

@@ -320,10 +320,8 @@ class RouterState:
         )
 
     async def _load_tokenizer(self, path: str) -> None:
-        from pdserve.shared.tokenizer import get_tokenizer
-
         try:
-            self.tokenizer = await asyncio.to_thread(get_tokenizer, path)
+            self.tokenizer = await asyncio.to_thread(_import_and_load_tokenizer, path)
             logger.info("tokenizer of %s loaded", path)
         except Exception as exc:  # noqa: BLE001 (any loading failure is reported by require_ready)
             self._tokenizer_error = f"cannot load the tokenizer {path}: {exc}"
@@ -378,3 +376,11 @@ class RouterState:
 
 
 STATE_KEY = web.AppKey("pdserve_state", RouterState)
+
+
+def _import_and_load_tokenizer(path: str) -> Any:
+    """In a thread: importing transformers (and torch under it) takes seconds, which the event
+    loop would otherwise spend not listening and not answering."""
+    from pdserve.shared.tokenizer import get_tokenizer
+
+    return get_tokenizer(path)
