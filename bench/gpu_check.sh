@@ -293,7 +293,7 @@ PY
     # profile, the fused-MoE kernel in bf16 and fp8
     gemma2_engine
     moe_profile_bs1
-    fused_moe_kernel
+    fused_moe_kernel --sweep
     fused_moe_kernel --fp8 ;;
   gemma2)
     # Gemma-2-9B served with dummy weights (soft-capping, alternating sliding window)
