@@ -9,9 +9,7 @@ weights each must read.
 - Times: medians of CUDA graph replays with CUDA events, L2 flushed before each
   (bench_fused_moe.graph_time_us): what a decode step pays, without Python's launch cost.
   The activation's per-token quantization is timed apart (it runs once per linear).
-- At M <= kernels.fp8_gemv.MAX_ROWS the CUDA-core GEMV (kernels.fp8_gemv) is timed beside them.
-- `--sweep` times the Triton kernels over (BLOCK_N, BLOCK_K, split-K), the GEMV also over num_warps,
-  to check auto_split_k's pick and the GEMV's defaults.
+- `--sweep` times the Triton kernel over (BLOCK_N, BLOCK_K, split-K) to check auto_split_k's pick.
 On a machine without CUDA it says so and exits 0.
 """
 
@@ -25,15 +23,11 @@ import torch.nn.functional as F
 
 from pdserve.bench.bench_fused_moe import copy_bandwidth_gbs, graph_time_us
 from pdserve.kernels.fp8_gemm import auto_split_k, fp8_gemm, fp8_gemm_ref
-from pdserve.kernels.fp8_gemv import MAX_ROWS, fp8_gemv
 from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8
 
 # (name, N, K) of Llama-3.1-8B's linears: merged qkv, o, merged gate/up, down
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
 SWEEP = [(bn, bk, sk) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
-GEMV_SWEEP = [
-    (bn, bk, sk, nw) for bn in (8, 16, 32) for bk in (512, 1024) for sk in (1, 2, 4) for nw in (4, 8)
-]
 
 
 def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool) -> dict:
@@ -47,18 +41,13 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
     scaled_us = graph_time_us(
         lambda: torch._scaled_mm(q, w8.t(), scale_a=qs, scale_b=ws[None, :], out_dtype=torch.bfloat16)
     )
-    gemv = m <= MAX_ROWS
-    gemv_us = graph_time_us(lambda: fp8_gemv(q, qs, w8, ws, None, torch.bfloat16)) if gemv else None
     bf16_us = graph_time_us(lambda: F.linear(x, w16))
     quant_us = graph_time_us(lambda: per_token_quant_fp8(x))
     got = fp8_gemm(q, qs, w8, ws, None, torch.bfloat16).float()
     want = fp8_gemm_ref(q, qs, w8, ws, None, torch.float32)
-    if gemv:  # the larger of the two kernels' errors
-        got_gemv = fp8_gemv(q, qs, w8, ws, None, torch.bfloat16).float()
-        got = max(got, got_gemv, key=lambda g: float((g - want).abs().max()))
     row = {
         "shape": name, "m": m, "n": n, "k": k, "split_k": split,
-        "triton_us": triton_us, "gemv_us": gemv_us, "scaled_mm_us": scaled_us, "bf16_us": bf16_us, "quant_us": quant_us,
+        "triton_us": triton_us, "scaled_mm_us": scaled_us, "bf16_us": bf16_us, "quant_us": quant_us,
         "fp8_roofline_us": n * k / (copy_gbs * 1e9) * 1e6, "bf16_roofline_us": 2 * n * k / (copy_gbs * 1e9) * 1e6,
         "max_rel_err_vs_ref": float((got - want).abs().max() / want.abs().max()),
     }  # fmt: skip
@@ -68,15 +57,6 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
                 lambda bn=bn, bk=bk, sk=sk: fp8_gemm(q, qs, w8, ws, None, torch.bfloat16, bn, bk, sk)
             )
             for bn, bk, sk in SWEEP
-        }
-    if sweep and gemv:
-        row["gemv_sweep_us"] = {
-            f"{bn}x{bk}x{sk}w{nw}": graph_time_us(
-                lambda bn=bn, bk=bk, sk=sk, nw=nw: fp8_gemv(
-                    q, qs, w8, ws, None, torch.bfloat16, bn, bk, sk, nw
-                )
-            )
-            for bn, bk, sk, nw in GEMV_SWEEP
         }
     return row
 
@@ -95,13 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = [bench_shape(*s, int(m), copy_gbs, ns.sweep) for m in ns.rows.split(",") for s in SHAPES]
     print(f"{gpu}: copy {copy_gbs:,.0f} GB/s (read + write); Llama-3.1-8B linears\n")
     print(
-        "| linear | M | split-K | triton fp8 µs | fp8 GEMV µs | _scaled_mm µs | bf16 µs | fp8 roofline µs | quant µs | rel err |"
+        "| linear | M | split-K | triton fp8 µs | _scaled_mm µs | bf16 µs | fp8 roofline µs | quant µs | rel err |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        gemv = "-" if r["gemv_us"] is None else f"{r['gemv_us']:.1f}"
         print(
-            f"| {r['shape']} | {r['m']} | {r['split_k']} | {r['triton_us']:.1f} | {gemv} | {r['scaled_mm_us']:.1f} | "
+            f"| {r['shape']} | {r['m']} | {r['split_k']} | {r['triton_us']:.1f} | {r['scaled_mm_us']:.1f} | "
             f"{r['bf16_us']:.1f} | {r['fp8_roofline_us']:.1f} | {r['quant_us']:.1f} | {r['max_rel_err_vs_ref']:.1e} |"
         )
     for r in rows:
@@ -109,11 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             best = min(r["sweep_us"], key=r["sweep_us"].get)
             print(
                 f"{r['shape']} M={r['m']}: best {best} {r['sweep_us'][best]:.1f} µs (auto {r['triton_us']:.1f})"
-            )
-        if "gemv_sweep_us" in r:
-            best = min(r["gemv_sweep_us"], key=r["gemv_sweep_us"].get)
-            print(
-                f"{r['shape']} M={r['m']} GEMV: best {best} {r['gemv_sweep_us'][best]:.1f} µs (default {r['gemv_us']:.1f})"
             )
     if ns.json_out:
         with open(ns.json_out, "a") as f:

@@ -32,8 +32,6 @@ from pdserve.kernels.activation import silu_and_mul as _silu_and_mul
 from pdserve.kernels.decode_attention import decode_attention as _decode_attention
 from pdserve.kernels.extend_attention import extend_attention as _extend_attention
 from pdserve.kernels.fp8_gemm import fp8_gemm as _fp8_gemm
-from pdserve.kernels.fp8_gemv import MAX_ROWS as _GEMV_MAX_ROWS
-from pdserve.kernels.fp8_gemv import fp8_gemv as _fp8_gemv
 from pdserve.kernels.fp8_quant import per_token_quant_fp8 as _per_token_quant_fp8
 from pdserve.kernels.fused_moe import fused_moe as _fused_moe
 from pdserve.kernels.gelu_and_mul import gelu_and_mul as _gelu_and_mul
@@ -231,9 +229,7 @@ def fp8_gemm(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    # decode's fewest rows: a read of the weights, which the GEMV streams without tl.dot's padding
-    gemm = _fp8_gemv if a.shape[0] <= _GEMV_MAX_ROWS else _fp8_gemm
-    return gemm(a, a_scale, w, w_scale, bias, out_dtype)
+    return _fp8_gemm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
 def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:

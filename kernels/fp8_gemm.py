@@ -21,38 +21,6 @@ import triton.language as tl
 
 
 @triton.jit
-def scale_and_store(
-    acc,
-    a_scale,
-    w_scale,
-    bias,
-    out,
-    rm,
-    rn,
-    m_ok,
-    n_ok,
-    N,
-    pid_k,
-    HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
-):
-    """The float32 sums acc [rows, cols] times their row and column scales, plus the bias (added by
-    the first K split only), stored in out's dtype or added atomically into a float32 buffer."""
-    sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
-    sw = tl.load(w_scale + rn, mask=n_ok, other=0.0)
-    acc = acc * sa[:, None] * sw[None, :]
-    if HAS_BIAS:
-        b = tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[None, :]
-    offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out + offsets, acc, mask=mask)
-    else:
-        tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _fp8_gemm_kernel(
     a,
     a_scale,
@@ -81,6 +49,7 @@ def _fp8_gemm_kernel(
     n_ok = rn < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
+    sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -96,14 +65,20 @@ def _fp8_gemm_kernel(
             other=0.0,
         )
         acc = tl.dot(a_tile, w_tile, acc)
-    scale_and_store(
-        acc, a_scale, w_scale, bias, out, rm, rn, m_ok, n_ok, N, pid_k, HAS_BIAS=HAS_BIAS, ATOMIC=ATOMIC
-    )
+    sw = tl.load(w_scale + rn, mask=n_ok, other=0.0)
+    acc = acc * sa[:, None] * sw[None, :]
+    if HAS_BIAS:
+        b = tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
+        acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[None, :]
+    offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if ATOMIC:
+        tl.atomic_add(out + offsets, acc, mask=mask)
+    else:
+        tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
 
 
-def check_fp8_operands(
-    a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor
-) -> None:
+def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor) -> None:
     if a.dtype != torch.float8_e4m3fn or w.dtype != torch.float8_e4m3fn:
         raise ValueError("a and w must be float8_e4m3fn")
     if a.dim() != 2 or w.dim() != 2 or a.shape[1] != w.shape[1]:
@@ -127,13 +102,17 @@ def fp8_gemm(
 ) -> torch.Tensor:
     """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
     None picks it from the shape (auto_split_k)."""
-    check_fp8_operands(a, a_scale, w, w_scale)
+    _check(a, a_scale, w, w_scale)
     M, K = a.shape
     N = w.shape[0]
     if split_k is None:
         split_k = auto_split_k(K, block_k)
     atomic = split_k > 1
-    out = gemm_output(a, N, out_dtype, atomic)
+    out = (
+        torch.zeros((M, N), dtype=torch.float32, device=a.device)
+        if atomic
+        else a.new_empty((M, N), dtype=out_dtype)
+    )
     if M == 0:
         return out.to(out_dtype)
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
@@ -145,13 +124,6 @@ def fp8_gemm(
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
     )  # fmt: skip
     return out.to(out_dtype) if atomic else out
-
-
-def gemm_output(a: torch.Tensor, n: int, out_dtype: torch.dtype, atomic: bool) -> torch.Tensor:
-    """The [M, n] result: zeros in float32 for split-K's atomic partial sums, else out_dtype."""
-    if atomic:
-        return torch.zeros((a.shape[0], n), dtype=torch.float32, device=a.device)
-    return a.new_empty((a.shape[0], n), dtype=out_dtype)
 
 
 _K_BLOCKS_PER_SPLIT = 14

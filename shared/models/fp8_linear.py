@@ -8,8 +8,8 @@ Rules:
 - `forward` also takes `Fp8Rows` (rows a fused kernel already quantized exactly so) and skips its
   own quantization.
 - GEMM: torch._scaled_mm (cuBLASLt on CUDA; also CPU) for most shapes; on CUDA a Triton kernel
-  (kernels.fp8_gemm, and its GEMV at the fewest rows) for the skinny M of decode batches, where it
-  reads the weights faster, and for layers whose dims are not multiples of 16 (which cuBLASLt refuses). The rows are quantized by
+  (kernels.fp8_gemm) for the skinny M of decode batches, where it reads the weights faster, and for
+  layers whose dims are not multiples of 16 (which cuBLASLt refuses). The rows are quantized by
   their own launch: quantizing inside the GEMM redoes a row's quantization in every program of the
   grid, 5x slower on an H100 at M = 1 (bench/RESULTS.md).
 - A MergedLinear becomes an Fp8Linear with the same `shards`: the per-channel scales of a

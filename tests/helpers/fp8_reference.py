@@ -65,12 +65,3 @@ def _fake_quant_rows(x: torch.Tensor) -> torch.Tensor:
 def fake_quantize_experts(model: nn.Module) -> int:
     """Replaces the MoEExperts `quantize_experts` would convert by FakeQuantMoEExperts; returns how many."""
     return replace_each(model, convertible_experts(model, lambda name: False), FakeQuantMoEExperts)
-
-
-def gemm_operands(m: int, n: int, k: int, seed: int):
-    """Quantized rows a [m, k] with their scales, per-channel fp8 weights w [n, k] with theirs, and a
-    float32 bias [n]: the operands of kernels.fp8_gemm and fp8_gemv, drawn on the CPU."""
-    gen = torch.Generator().manual_seed(seed)
-    a, a_scale = per_token_quant_fp8_ref(torch.randn(m, k, generator=gen))
-    w, w_scale = per_channel_quant_fp8(torch.randn(n, k, generator=gen) / k**0.5)
-    return a, a_scale, w, w_scale, torch.randn(n, generator=gen)

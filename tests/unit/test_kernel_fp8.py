@@ -17,7 +17,6 @@ from pdserve.kernels.fp8_quant import (
     per_token_quant_fp8,
     per_token_quant_fp8_ref,
 )
-from tests.helpers.fp8_reference import gemm_operands
 
 
 @pytest.mark.parametrize("rows,cols", [(1, 64), (5, 100), (17, 576), (3, 1)])
@@ -50,11 +49,18 @@ def test_per_channel_weights_round_trip():
     assert ((q.float() * scales[:, None] - w).abs() <= w.abs() / 16 + 1e-6).all()
 
 
+def _operands(m: int, n: int, k: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    a, a_scale = per_token_quant_fp8_ref(torch.randn(m, k, generator=gen))
+    w, w_scale = per_channel_quant_fp8(torch.randn(n, k, generator=gen) / k**0.5)
+    return a, a_scale, w, w_scale, torch.randn(n, generator=gen)
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 64, 128), (3, 96, 200), (16, 64, 256), (21, 130, 72)])
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_fp8_gemm_matches_ref(m, n, k, split_k, with_bias):
-    a, a_scale, w, w_scale, bias = gemm_operands(m, n, k, seed=m + n + k)
+    a, a_scale, w, w_scale, bias = _operands(m, n, k, seed=m + n + k)
     bias = bias if with_bias else None
     out = fp8_gemm(a, a_scale, w, w_scale, bias, torch.float32, block_n=32, block_k=32, split_k=split_k)
     want = fp8_gemm_ref(a, a_scale, w, w_scale, bias, torch.float32)
@@ -62,7 +68,7 @@ def test_fp8_gemm_matches_ref(m, n, k, split_k, with_bias):
 
 
 def test_fp8_gemm_rounds_once_to_half():
-    a, a_scale, w, w_scale, bias = gemm_operands(4, 64, 96, seed=3)
+    a, a_scale, w, w_scale, bias = _operands(4, 64, 96, seed=3)
     out = fp8_gemm(a, a_scale, w, w_scale, bias.half(), torch.float16, block_n=32, block_k=32)
     want = fp8_gemm_ref(a, a_scale, w, w_scale, bias.half(), torch.float16)
     assert out.dtype == torch.float16
@@ -70,7 +76,7 @@ def test_fp8_gemm_rounds_once_to_half():
 
 
 def test_fp8_gemm_refuses_other_dtypes_and_shapes():
-    a, a_scale, w, w_scale, _ = gemm_operands(2, 32, 64, seed=4)
+    a, a_scale, w, w_scale, _ = _operands(2, 32, 64, seed=4)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         fp8_gemm(a.float(), a_scale, w, w_scale, None, torch.float32)
     with pytest.raises(ValueError, match="agree on K"):
