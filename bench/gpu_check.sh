@@ -5,7 +5,7 @@
 # Stages (default: all, in this order): tests kernels one_batch compile profile hf serving serving_pd kv split
 # interleave threshold; also tests_kv (the KV transfer `gpu` tests alone), kv_ipc (kv's cuda_ipc run alone),
 # the model kinds: embed (/v1/embeddings against HF), moe (fused-MoE kernel, Qwen1.5-MoE served), gemma2,
-# deepseek (DeepSeek-V2-Lite); kinds_engine (Gemma-2 and Qwen1.5-MoE engines and the fused-MoE kernel, no serve);
+# deepseek (DeepSeek-V2-Lite); kinds_engine (Gemma-2 and Qwen1.5-MoE engines and the fused-MoE kernel, no serve), gemma2_engine (Gemma-2's alone);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
 # fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_step (fp8's decode steps and profile alone), same_lease (bench_one_batch of a carried older tree, .baseline, then of this one), fp8_serving (serve bf16
@@ -141,7 +141,8 @@ for stage in $STAGES; do
     for d in router prefill decode kvtransfer kernels shared bench; do ln -sfn "$PWD/.baseline/$d" /tmp/pdns_base/pdserve/$d; done
     cp -r /tmp/pdns/pdserve-0.1.0.dist-info /tmp/pdns_base/
     for tree in baseline this; do
-      path=$([ $tree = baseline ] && echo /tmp/pdns_base:$PWD/.baseline:/tmp/site || echo "$PYTHONPATH")
+      # not .baseline itself on the path: its top-level `kernels` would shadow the hub package transformers imports
+      path=$([ $tree = baseline ] && echo /tmp/pdns_base:/tmp/site || echo "$PYTHONPATH")
       run one-batch-$tree 240 env PYTHONPATH="$path" python3 -m pdserve.bench.bench_one_batch --batch-size 1 64 \
         --input-len 1024 --output-len 128 --result-filename "$RES" --run-name same-lease-$tree
     done ;;
@@ -285,6 +286,8 @@ PY
     bench_random deepseek-c1 120 1024 256 --num-prompts 8 --max-concurrency 1 --warmup-requests 1
     bench_random deepseek-c64 200 1024 256 --num-prompts 128 --max-concurrency 64 --warmup-requests 2
     serve_stop; unset SERVE_MODEL ;;
+  gemma2_engine)
+    gemma2_engine ;;
   kinds_engine)
     # the model kinds' engines alone, no serve: Gemma-2-9B's step and profile, Qwen1.5-MoE's batch-1
     # profile, the fused-MoE kernel in bf16 and fp8

@@ -172,19 +172,24 @@ def test_model_config_from_bare_json_file(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
-    "name,device,checkpoint,want",
+    "name,device,checkpoint,model_type,want",
     [
-        ("auto", "cpu", "bfloat16", torch.float32),
-        ("auto", "cuda:1", "float16", torch.float16),
-        ("auto", "cuda", None, torch.float32),
-        ("half", "cpu", None, torch.float16),
-        ("bf16", "cpu", None, torch.bfloat16),
-        ("float", "cuda", "bfloat16", torch.float32),
-        ("fp32", "cpu", None, torch.float32),
+        ("auto", "cpu", "bfloat16", "llama", torch.float32),
+        ("auto", "cuda:1", "float16", "llama", torch.float16),
+        ("auto", "cuda", "torch.bfloat16", "qwen2", torch.bfloat16),
+        # float32 or unstated checkpoints run in 16 bits on CUDA, Gemma's in bfloat16
+        ("auto", "cuda", None, "llama", torch.float16),
+        ("auto", "cuda", "float32", "bert", torch.float16),
+        ("auto", "cuda", torch.float32, "gemma2", torch.bfloat16),
+        ("auto", "cpu", "float32", "gemma2", torch.float32),
+        ("half", "cpu", None, "llama", torch.float16),
+        ("bf16", "cpu", None, "llama", torch.bfloat16),
+        ("float", "cuda", "bfloat16", "gemma", torch.float32),
+        ("fp32", "cpu", None, "llama", torch.float32),
     ],
 )
-def test_dtype_resolution(name, device, checkpoint, want):
-    assert resolve_dtype(name, checkpoint, device) == want
+def test_dtype_resolution(name, device, checkpoint, model_type, want):
+    assert resolve_dtype(name, checkpoint, device, model_type) == want
 
 
 def test_dtype_resolution_rejects_unknown():
