@@ -99,9 +99,11 @@ fp8_profile_bs1() {  # where the fp8 batch-1 step's time goes (its floor: the fp
     --quantization fp8 --json-out "$OUT/profile_fp8_bs1.json"
 }
 
-fp8_profile_bs64() {  # where batch 64 x 1,280 goes with fp8 weights and an fp8 KV cache (issue 16's 0.6x goal)
+fp8_profile_bs64() {  # where batch 64 x 1,280 goes with fp8 weights and an fp8 KV cache (issue 16's 0.6x goal), bf16 beside it
   run profile-fp8-kv-bs64 150 python3 -m pdserve.bench.profile_decode --batch-size 64 --input-len 1280 \
     --quantization fp8 --kv-cache-dtype fp8_e4m3 --json-out "$OUT/profile_fp8_kv_bs64.json"
+  run profile-bf16-bs64 150 python3 -m pdserve.bench.profile_decode --batch-size 64 --input-len 1280 \
+    --json-out "$OUT/profile_bf16_bs64.json"
 }
 
 gemma2_engine() {  # Gemma-2-9B's engine alone: its steps and a batch-1 decode profile
