@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # --chat-template that is neither a file nor a template
         print(f"router: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:  # a socket or file the router could not open (the port: see serve)
+        print(f"router: {exc}", file=sys.stderr)
+        return 1
     exit_process(0)
 
 
