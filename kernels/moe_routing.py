@@ -35,16 +35,9 @@ _ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 0}
 
 @triton.jit
 def _moe_routing_kernel(
-    logits_ptr,
-    weights_ptr,
-    ids_ptr,
-    num_experts,
-    stride_row,
-    TOP_K: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
-    ROUND_TO: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-):
+    logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row,
+    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, BLOCK_E: tl.constexpr,
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     valid = offs < num_experts
@@ -117,14 +110,11 @@ def moe_routing(
 
 
 def moe_routing_ref(
-    router_logits: torch.Tensor,
-    top_k: int,
-    renormalize: bool,
-    weights_dtype: torch.dtype = torch.float32,
-    round_to: torch.dtype | None = None,
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, round_to: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The oracle: select_experts' arithmetic (softmax in float32, renormalise by the sum, cast),
-    the experts taken by a stable descending sort of the float32 logits (the kernel's tie rule)."""
+    """The oracle, float32 weights and int32 ids: select_experts' arithmetic (softmax in float32,
+    renormalise by the sum, round), the experts taken by a stable descending sort of the float32
+    logits (the kernel's tie rule)."""
     _check_args(router_logits, top_k, round_to)
     logits = router_logits.float()
     logits = torch.where(logits.isnan(), float("-inf"), logits)
@@ -135,4 +125,4 @@ def moe_routing_ref(
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if round_to is not None:
         weights = weights.to(round_to).float()
-    return weights.to(weights_dtype), ids.to(torch.int32)
+    return weights, ids.to(torch.int32)

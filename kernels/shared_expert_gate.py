@@ -24,16 +24,9 @@ _BLOCK = 1024
 
 @triton.jit
 def _gated_shared_kernel(
-    routed_ptr,
-    shared_ptr,
-    gate_ptr,
-    out_ptr,
-    hidden,
-    stride_routed,
-    stride_shared,
-    stride_gate,
+    routed_ptr, shared_ptr, gate_ptr, out_ptr, hidden, stride_routed, stride_shared, stride_gate,
     BLOCK: tl.constexpr,
-):
+):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden

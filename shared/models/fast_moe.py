@@ -53,7 +53,10 @@ def merge_gate_rows(gate: nn.Linear, shared_expert_gate: nn.Linear) -> torch.Ten
     parts = (gate, shared_expert_gate)
     if any(type(m) is not nn.Linear or m.bias is not None for m in parts):
         return None
-    if gate.weight.dtype != shared_expert_gate.weight.dtype or gate.weight.device != shared_expert_gate.weight.device:
+    if (
+        gate.weight.dtype != shared_expert_gate.weight.dtype
+        or gate.weight.device != shared_expert_gate.weight.device
+    ):
         return None
     merged = torch.cat([gate.weight, shared_expert_gate.weight])
     num_experts = gate.weight.shape[0]

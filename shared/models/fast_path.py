@@ -51,11 +51,11 @@ from pdserve.kernels.custom_ops import (
     rotary_op,
     silu_and_mul_op,
 )
+from pdserve.shared.models.fast_moe import TritonSparseMoeBlock
 from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.gemma import GeluGatedMLP, GemmaRMSNorm
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.llama import ApplyRotary, Attention, DecoderModel
-from pdserve.shared.models.fast_moe import TritonSparseMoeBlock
 from pdserve.shared.models.moe_block import MoEExperts, SparseMoeBlock
 from pdserve.shared.models.rope import RotaryEmbedding
 

@@ -79,7 +79,9 @@ def test_block_equals_the_plain_block(kind, dtype):
             want, got = p(hidden), f(hidden)
             (weights, ids), (want_weights, want_ids) = f.route(hidden), p.route(hidden)
         assert torch.equal(ids.long(), want_ids)  # the same experts, with weights rounded alike
-        assert weights.dtype == torch.float32 and want_weights.dtype == (torch.float32 if kind == "mixtral" else dtype)
+        assert weights.dtype == torch.float32 and want_weights.dtype == (
+            torch.float32 if kind == "mixtral" else dtype
+        )
         torch.testing.assert_close(weights, want_weights.float(), rtol=1e-6, atol=0)
         assert got.dtype == dtype and got.shape == want.shape
         scale = want.abs().max().item()
