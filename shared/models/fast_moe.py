@@ -23,6 +23,8 @@ Rules:
   Parameters become views of its rows: the Parameters stay the checkpoint's targets, so a weight
   load or update (which copies into them in place) writes the merged weight too. It is a plain
   attribute, not a Parameter: checkpoint names, parameter counts and weight bytes do not change.
+  Moving the model after the pass (`.to()`) would give the Parameters storage of their own: the
+  pass runs where the model serves, once its weights are loaded (as the model runner applies it).
 - The replacement holds the original modules and attributes, takes over the block's forward hooks
   (tensor parallelism's all-reduce) and its expert-distribution observer, which gets int64 ids.
 """
