@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from pdserve.shared.engine.tensor_weights import apply_named_tensors, check_named_tensors
 from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.deepseek_moe import DeepseekV2MoeBlock
 from pdserve.shared.models.fast_moe import TritonSparseMoeBlock
@@ -106,27 +107,36 @@ def test_ops_of_the_block():
 
 
 def test_weight_updates_reach_the_merged_gate():
-    """Loads copy into the gates' Parameters in place: the merged weight is their storage. The
-    checkpoint's names and the parameter count are those of the plain model."""
+    """Loads and updates copy into the gates' Parameters in place (a checkpoint load, then
+    /update_weights_from_tensor's path): the merged weight is their storage. The checkpoint's
+    names and the parameter count are those of the plain model."""
     plain, fast = _models("qwen2_moe", torch.float32)
     assert checkpoint_targets(fast).keys() == checkpoint_targets(plain).keys()
     assert sum(p.numel() for p in fast.parameters()) == sum(p.numel() for p in plain.parameters())
     gen = torch.Generator().manual_seed(11)
-    new = {
-        name: torch.randn(target[0].shape, generator=gen)
-        for name, target in checkpoint_targets(plain).items()
+    gate_names = [
+        name
+        for name in checkpoint_targets(plain)
         if name.endswith(("mlp.gate.weight", "mlp.shared_expert_gate.weight"))
-    }
-    assert len(new) == 6  # three sparse layers
-    for model in (plain, fast):
-        load_checkpoint_weights(model, new.items(), ignore=lambda name: False, strict=False)
-    for p, f in _block_pairs(plain, fast):
-        assert f.merged_gate is not None
-        assert f.gate.weight.data_ptr() == f.merged_gate.data_ptr()
-        assert torch.equal(f.merged_gate, torch.cat([p.gate.weight, p.shared_expert_gate.weight]))
-        hidden = _hidden(p.gate.weight.shape[1], torch.float32, seed=7)
-        with torch.no_grad():
-            torch.testing.assert_close(f(hidden), p(hidden), rtol=1e-5, atol=1e-6)
+    ]
+    assert len(gate_names) == 6  # three sparse layers
+    for update in ("load", "from_tensor"):
+        new = [
+            (name, torch.randn(checkpoint_targets(plain)[name][0].shape, generator=gen))
+            for name in gate_names
+        ]
+        load_checkpoint_weights(plain, new, ignore=lambda name: False, strict=False)
+        if update == "load":
+            load_checkpoint_weights(fast, new, ignore=lambda name: False, strict=False)
+        else:
+            apply_named_tensors(check_named_tensors(fast, new))
+        for p, f in _block_pairs(plain, fast):
+            assert f.merged_gate is not None
+            assert f.gate.weight.data_ptr() == f.merged_gate.data_ptr()
+            assert torch.equal(f.merged_gate, torch.cat([p.gate.weight, p.shared_expert_gate.weight]))
+            hidden = _hidden(p.gate.weight.shape[1], torch.float32, seed=7)
+            with torch.no_grad():
+                torch.testing.assert_close(f(hidden), p(hidden), rtol=1e-5, atol=1e-6)
 
 
 def test_hooks_and_observer_carry_over():
