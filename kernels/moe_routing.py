@@ -36,7 +36,8 @@ _ROUNDING = {None: 0, torch.float16: 1, torch.bfloat16: 2, torch.float32: 0}
 @triton.jit
 def _moe_routing_kernel(
     logits_ptr, weights_ptr, ids_ptr, num_experts, stride_row,
-    TOP_K: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr, BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND_TO: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
@@ -47,9 +48,9 @@ def _moe_routing_kernel(
     probs = probs / tl.sum(probs, axis=0)
     alive = valid
     total = 0.0
-    out_offs = tl.arange(0, TOP_K)
-    picked_w = tl.zeros([TOP_K], dtype=tl.float32)
-    picked_id = tl.zeros([TOP_K], dtype=tl.int32)
+    out_offs = tl.arange(0, BLOCK_K)  # TOP_K rounded up to a power of two, as arange needs
+    picked_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    picked_id = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
         best = tl.max(tl.where(alive, x, float("-inf")), axis=0)
         # the lowest live id holding the best logit (padding lanes are never alive, and k <= E)
@@ -68,8 +69,9 @@ def _moe_routing_kernel(
         bits = picked_w.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         picked_w = bits.to(tl.float32, bitcast=True)
-    tl.store(weights_ptr + row * TOP_K + out_offs, picked_w.to(weights_ptr.dtype.element_ty))
-    tl.store(ids_ptr + row * TOP_K + out_offs, picked_id)
+    out_mask = out_offs < TOP_K
+    tl.store(weights_ptr + row * TOP_K + out_offs, picked_w.to(weights_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + row * TOP_K + out_offs, picked_id, mask=out_mask)
 
 
 def _check_args(router_logits: torch.Tensor, top_k: int, round_to: torch.dtype | None) -> None:
@@ -103,7 +105,8 @@ def moe_routing(
     block_e = triton.next_power_of_2(num_experts)
     _moe_routing_kernel[(tokens,)](
         router_logits, weights, ids, num_experts, router_logits.stride(0),
-        TOP_K=top_k, RENORMALIZE=renormalize, ROUND_TO=_ROUNDING[round_to], BLOCK_E=block_e,
+        TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), RENORMALIZE=renormalize,
+        ROUND_TO=_ROUNDING[round_to], BLOCK_E=block_e,
         num_warps=1 if block_e <= 64 else 2,
     )  # fmt: skip
     return weights, ids

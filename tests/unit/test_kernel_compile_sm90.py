@@ -27,11 +27,12 @@ _COMPILE = textwrap.dedent(
     compiled = 0
     # each dtype, both ends of top-k and of the expert block, each branch of RENORMALIZE and ROUND_TO
     for dtype, top_k, block_e, renormalize, round_to in (
-        ("fp32", 1, 4, False, 0), ("fp16", 4, 64, True, 1), ("bf16", 8, 256, True, 2), ("bf16", 4, 64, False, 0)
+        ("fp32", 1, 4, False, 0), ("fp16", 4, 64, True, 1), ("bf16", 8, 256, True, 2), ("bf16", 6, 64, False, 0)
     ):
         signature = {"logits_ptr": "*" + dtype, "weights_ptr": "*fp32", "ids_ptr": "*i32",
                      "num_experts": "i32", "stride_row": "i32"}
-        constexprs = {"TOP_K": top_k, "RENORMALIZE": renormalize, "ROUND_TO": round_to, "BLOCK_E": block_e}
+        constexprs = {"TOP_K": top_k, "BLOCK_K": triton.next_power_of_2(top_k), "RENORMALIZE": renormalize,
+                      "ROUND_TO": round_to, "BLOCK_E": block_e}
         cubin(_moe_routing_kernel, signature, constexprs)
         compiled += 1
     for dtype in ("fp32", "fp16", "bf16"):

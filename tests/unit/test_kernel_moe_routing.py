@@ -1,8 +1,8 @@
 """kernels.moe_routing (Triton interpreter) against moe_routing_ref: ids exactly, weights within
-float32 rounding, over expert counts 4 to 256, top-k 1 to 8, 1 to 64 tokens, renormalised or not,
-float32/float16/bfloat16 logits and each rounding of the weights; the tie rule (equal logits go to
-the lower expert id), NaN rows, strided logits, the reference against today's select_experts, and
-the custom op's checks.
+float32 rounding, over expert counts 4 to 256, top-k 1 to 8 (3 and 6 too), 1 to 64 tokens,
+renormalised or not, float32/float16/bfloat16 logits and each rounding of the weights; the tie
+rule (equal logits go to the lower expert id), NaN rows, strided logits, the reference against
+today's select_experts, and the custom op's checks.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def _assert_same(got, want) -> None:
     torch.testing.assert_close(w, want_w, rtol=2e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("experts,top_k", [(e, k) for e in EXPERTS for k in TOP_KS if k <= e])
+# and top-k of no power of two (DeepSeek's 6): the kernel pads its k lanes and stores k
+@pytest.mark.parametrize(
+    "experts,top_k", [(e, k) for e in EXPERTS for k in TOP_KS if k <= e] + [(8, 3), (64, 6)]
+)
 def test_matches_ref(experts, top_k):
     gen = torch.Generator().manual_seed(experts * 10 + top_k)
     for dtype, renormalize, tokens, round_to in CASES:
