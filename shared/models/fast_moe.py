@@ -2,7 +2,8 @@
 merged into the router's GEMM and its tail in one launch.
 
 `TritonSparseMoeBlock(block)` stands in for a SparseMoeBlock (exactly that type: DeepSeek-V2's
-block routes by groups and scales, and keeps its own routing); shared.models.fast_path swaps it in.
+block routes by groups and scales, and keeps its own routing) whose expert count and top-k the
+routing kernel takes (`fits`: up to 256 experts, top-8); shared.models.fast_path swaps it in.
 Per layer, the plain block's routing runs the router GEMM, then ~8 small launches (a float32 copy,
 softmax, top-k, the renormalisation's sum and division, the ids to int32 and to int64, the weights
 to the model's dtype and back to float32), and Qwen2-MoE's shared expert adds its gate's GEMV
@@ -36,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.kernels.custom_ops import add_gated_shared_expert_op, moe_routing_op
+from pdserve.kernels.moe_routing import MAX_EXPERTS, MAX_TOP_K
 from pdserve.shared.models.moe_block import SparseMoeBlock
 
 _HOOK_DICTS = (
@@ -85,6 +87,11 @@ class TritonSparseMoeBlock(SparseMoeBlock):
         self.merged_gate: torch.Tensor | None = None
         if self.shared_expert_gate is not None:
             self.merged_gate = merge_gate_rows(self.gate, self.shared_expert_gate)
+
+    @staticmethod
+    def fits(block: SparseMoeBlock) -> bool:
+        """Whether the routing kernel takes this block's expert count and top-k."""
+        return block.experts.num_experts <= MAX_EXPERTS and block.top_k <= MAX_TOP_K
 
     def _select(self, router_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         round_to = None if self.weights_in_fp32 else router_logits.dtype

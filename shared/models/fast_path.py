@@ -10,7 +10,8 @@
 - every MoEExperts (the MoE families' stacked experts) by a `TritonMoEExperts`: one fused-MoE
   launch pair over the selected experts instead of a loop over them (and, inside a CUDA graph,
   instead of running every expert);
-- every SparseMoeBlock (exactly that type) by a `TritonSparseMoeBlock` (shared.models.fast_moe):
+- every SparseMoeBlock (exactly that type, of at most 256 experts and top-8) by a
+  `TritonSparseMoeBlock` (shared.models.fast_moe):
   routing in one launch, Qwen2-MoE's shared-expert gate merged into the router's GEMM and its
   tail in one launch;
 - in every DecoderModel, `rotary_emb` by a `TritonRotaryEmbedding` and each layer's `self_attn`
@@ -224,7 +225,7 @@ def use_triton_kernels(model: nn.Module) -> int:
         (module, name, TritonSparseMoeBlock(child))
         for module in model.modules()
         for name, child in module.named_children()
-        if type(child) is SparseMoeBlock
+        if type(child) is SparseMoeBlock and TritonSparseMoeBlock.fits(child)
     ]
     _apply(moe_swaps)
     # Rope second, so that each RopeFusedAttention takes over q/k norms already swapped.

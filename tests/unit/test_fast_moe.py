@@ -2,7 +2,8 @@
 on the same weights (Qwen2-MoE with its shared expert, renormalised or not; Mixtral), in float32
 and float16; the ops it runs (routing one op, the shared gate in the router's GEMM, the tail one
 op); weight loads and updates reaching the merged gate; forward hooks and the expert observer
-carried over; DeepSeek-V2's block left alone; torch.compile tracing it whole.
+carried over; DeepSeek-V2's block and one of too many experts left alone; torch.compile tracing
+it whole.
 """
 
 from __future__ import annotations
@@ -164,11 +165,16 @@ def test_hooks_and_observer_carry_over():
     assert use_triton_kernels(model) == 0  # a second pass changes nothing
 
 
-def test_deepseek_block_keeps_its_routing():
-    model = load_model(ModelConfig.from_hf_config(tiny_config("deepseek_v2")), None, "dummy")
-    use_triton_kernels(model)
-    blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
-    assert blocks and all(type(m) is DeepseekV2MoeBlock for m in blocks)
+def test_blocks_the_kernel_does_not_route_keep_their_routing():
+    """DeepSeek-V2's block (grouped top-k, scaling) and a block of more experts than the kernel's 256."""
+    deepseek = load_model(ModelConfig.from_hf_config(tiny_config("deepseek_v2")), None, "dummy")
+    wide_config = tiny_config("qwen2_moe")
+    wide_config.num_experts = 260
+    wide = load_model(ModelConfig.from_hf_config(wide_config), None, "dummy")
+    for model, kind in ((deepseek, DeepseekV2MoeBlock), (wide, SparseMoeBlock)):
+        use_triton_kernels(model)
+        blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
+        assert blocks and all(type(m) is kind for m in blocks)
 
 
 def test_torch_compile_traces_one_graph():
