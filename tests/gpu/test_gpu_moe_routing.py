@@ -26,20 +26,13 @@ from pdserve.shared.models.fast_path import TritonGatedMLP, TritonMoEExperts
 from pdserve.shared.models.moe_block import SparseMoeBlock
 from pdserve.shared.models.qwen2_moe import QWEN2_MOE_EXPERT_NAMES
 from tests.gpu.test_gpu_fast_path import _prompts, _run
+from tests.gpu.test_gpu_fused_moe import _no_tf32  # noqa: F401  (autouse: float32 GEMMs without TF32)
 from tests.helpers.tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.gpu
 
 DEVICE = "cuda"
 BENCH_CONFIG = Path(__file__).resolve().parents[2] / "bench" / "configs" / "qwen1.5-moe-a2.7b.json"
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _gen(seed: int) -> torch.Generator:
