@@ -281,9 +281,8 @@ def _moe_routing_fake(
     router_logits: torch.Tensor, top_k: int, *args, **kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
     shape = (router_logits.shape[0], top_k)
-    return router_logits.new_empty(shape, dtype=torch.float32), router_logits.new_empty(
-        shape, dtype=torch.int32
-    )
+    weights = router_logits.new_empty(shape, dtype=torch.float32)
+    return weights, router_logits.new_empty(shape, dtype=torch.int32)
 
 
 def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:

@@ -11,9 +11,8 @@
   launch pair over the selected experts instead of a loop over them (and, inside a CUDA graph,
   instead of running every expert);
 - every SparseMoeBlock (exactly that type, of at most 256 experts and top-8) by a
-  `TritonSparseMoeBlock` (shared.models.fast_moe):
-  routing in one launch, Qwen2-MoE's shared-expert gate merged into the router's GEMM and its
-  tail in one launch;
+  `TritonSparseMoeBlock` (shared.models.fast_moe): routing in one launch, Qwen2-MoE's
+  shared-expert gate merged into the router's GEMM and its tail in one launch;
 - in every DecoderModel, `rotary_emb` by a `TritonRotaryEmbedding` and each layer's `self_attn`
   by a `RopeFusedAttention` (same projections and norms, its `rotary` a `TritonApplyRotary`). They
   are swapped together: the new embedding hands over positions and inv_freq instead of cos/sin,
