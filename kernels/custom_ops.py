@@ -38,12 +38,14 @@ from pdserve.kernels.gelu_and_mul import gelu_and_mul as _gelu_and_mul
 from pdserve.kernels.gemma_rmsnorm import gemma_fused_add_rmsnorm as _gemma_fused_add_rmsnorm
 from pdserve.kernels.gemma_rmsnorm import gemma_rmsnorm as _gemma_rmsnorm
 from pdserve.kernels.kv_store import store_kv as _store_kv
+from pdserve.kernels.moe_routing import moe_routing as _moe_routing
 from pdserve.kernels.rmsnorm import fused_add_rmsnorm as _fused_add_rmsnorm
 from pdserve.kernels.rmsnorm import rmsnorm as _rmsnorm
 from pdserve.kernels.rmsnorm_fp8 import fused_add_rmsnorm_fp8 as _fused_add_rmsnorm_fp8
 from pdserve.kernels.rmsnorm_fp8 import rmsnorm_fp8 as _rmsnorm_fp8
 from pdserve.kernels.rope import apply_rotary as _apply_rotary
 from pdserve.kernels.rope import rotary_store_kv as _rotary_store_kv
+from pdserve.kernels.shared_expert_gate import add_gated_shared_expert as _add_gated_shared_expert
 from pdserve.kernels.silu_mul_fp8 import silu_mul_fp8 as _silu_mul_fp8
 
 _LIB = torch.library.Library("pdserve", "FRAGMENT")
@@ -217,6 +219,19 @@ def fused_moe_fp8(
     )
 
 
+def moe_routing(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, round_to: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # float32 weights: what fused_moe reads, so no cast runs between the two
+    return _moe_routing(router_logits, top_k, renormalize, torch.float32, round_to)
+
+
+def add_gated_shared_expert(
+    routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor
+) -> torch.Tensor:
+    return _add_gated_shared_expert(routed, shared, gate_logits)
+
+
 def per_token_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _per_token_quant_fp8(x)
 
@@ -262,6 +277,14 @@ def _fp8_gemm_fake(a, a_scale, w, w_scale, bias, out_dtype) -> torch.Tensor:
     return a.new_empty((a.shape[0], w.shape[0]), dtype=out_dtype)
 
 
+def _moe_routing_fake(
+    router_logits: torch.Tensor, top_k: int, *args, **kwargs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (router_logits.shape[0], top_k)
+    weights = router_logits.new_empty(shape, dtype=torch.float32)
+    return weights, router_logits.new_empty(shape, dtype=torch.int32)
+
+
 def _silu_and_mul_fake(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0], x.shape[1] // 2))
 
@@ -279,6 +302,8 @@ decode_attention_op = _register(decode_attention, ("workspace",), _new_like)
 extend_attention_op = _register(extend_attention, (), _new_like)
 fused_moe_op = _register(fused_moe, (), _new_like)
 fused_moe_fp8_op = _register(fused_moe_fp8, (), _new_like)
+moe_routing_op = _register(moe_routing, (), _moe_routing_fake)
+add_gated_shared_expert_op = _register(add_gated_shared_expert, (), _new_like)
 per_token_quant_fp8_op = _register(per_token_quant_fp8, (), _per_token_quant_fp8_fake)
 fp8_gemm_op = _register(fp8_gemm, (), _fp8_gemm_fake)
 rmsnorm_fp8_op = _register(rmsnorm_fp8, (), _norm_fp8_fake)

@@ -10,6 +10,9 @@
 - every MoEExperts (the MoE families' stacked experts) by a `TritonMoEExperts`: one fused-MoE
   launch pair over the selected experts instead of a loop over them (and, inside a CUDA graph,
   instead of running every expert);
+- every SparseMoeBlock (exactly that type, of at most 256 experts and top-8) by a
+  `TritonSparseMoeBlock` (shared.models.fast_moe): routing in one launch, Qwen2-MoE's
+  shared-expert gate merged into the router's GEMM and its tail in one launch;
 - in every DecoderModel, `rotary_emb` by a `TritonRotaryEmbedding` and each layer's `self_attn`
   by a `RopeFusedAttention` (same projections and norms, its `rotary` a `TritonApplyRotary`). They
   are swapped together: the new embedding hands over positions and inv_freq instead of cos/sin,
@@ -48,11 +51,12 @@ from pdserve.kernels.custom_ops import (
     rotary_op,
     silu_and_mul_op,
 )
+from pdserve.shared.models.fast_moe import TritonSparseMoeBlock
 from pdserve.shared.models.forward_batch import ForwardBatch
 from pdserve.shared.models.gemma import GeluGatedMLP, GemmaRMSNorm
 from pdserve.shared.models.layers import GatedMLP, RMSNorm
 from pdserve.shared.models.llama import ApplyRotary, Attention, DecoderModel
-from pdserve.shared.models.moe_block import MoEExperts
+from pdserve.shared.models.moe_block import MoEExperts, SparseMoeBlock
 from pdserve.shared.models.rope import RotaryEmbedding
 
 
@@ -215,6 +219,14 @@ def use_triton_kernels(model: nn.Module) -> int:
                 swaps.append((module, name, TritonMoEExperts(child)))
     # Collected first, applied after: replacing children while walking modules() would revisit them.
     _apply(swaps)
+    # MoE blocks second, so that each TritonSparseMoeBlock takes over experts and MLPs already swapped.
+    moe_swaps: list[tuple[nn.Module, str, nn.Module]] = [
+        (module, name, TritonSparseMoeBlock(child))
+        for module in model.modules()
+        for name, child in module.named_children()
+        if type(child) is SparseMoeBlock and TritonSparseMoeBlock.fits(child)
+    ]
+    _apply(moe_swaps)
     # Rope second, so that each RopeFusedAttention takes over q/k norms already swapped.
     rope_swaps: list[tuple[nn.Module, str, nn.Module]] = []
     for module in model.modules():
@@ -224,7 +236,7 @@ def use_triton_kernels(model: nn.Module) -> int:
                 (layer, "self_attn", RopeFusedAttention(layer.self_attn)) for layer in module.layers
             )
     _apply(rope_swaps)
-    return len(swaps) + len(rope_swaps)
+    return len(swaps) + len(moe_swaps) + len(rope_swaps)
 
 
 def _apply(swaps: list[tuple[nn.Module, str, nn.Module]]) -> None:

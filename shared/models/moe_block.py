@@ -35,7 +35,8 @@ from pdserve.shared.models.weights import Target, checkpoint_targets
 
 
 class ExpertRoutingObserver(Protocol):
-    """Sees the experts chosen in each MoE layer (device ops only: it runs inside CUDA graphs)."""
+    """Sees the experts chosen in each MoE layer (device ops only: it runs inside CUDA graphs);
+    topk_ids [T, k] int64."""
 
     def on_select_experts(self, layer_id: int, topk_ids: torch.Tensor) -> None: ...
 
@@ -94,7 +95,7 @@ class MoEExperts(nn.Module):
             dense = torch.zeros(
                 hidden.shape[0], self.num_experts, dtype=topk_weights.dtype, device=hidden.device
             )
-            dense.scatter_(1, topk_ids, topk_weights)
+            dense.scatter_(1, topk_ids.long(), topk_weights)  # int32 ids from the fast path's routing
             for e in range(self.num_experts):
                 out += (self._expert(e, hidden) * dense[:, e : e + 1]).to(out.dtype)
             return out
