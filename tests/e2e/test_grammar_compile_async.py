@@ -152,7 +152,7 @@ def test_decode_worker_waits_for_its_matcher(model_dir):
     decode = DecodeEngine(_args(model_dir), lambda pool: FakeKVManager(pool, "decode-0", hub))
     pair = PDPair(prefill, decode)
     try:
-        schema = big_enum("d")
+        schema = big_enum("d", n=3_000)  # compiled three times here: small enough, still not instant
         params = {
             "temperature": 1.0,
             "sampling_seed": 2,
