@@ -7,10 +7,11 @@ Rules (every writer and reader of an fp8 pool follows them; `quantize_kv_ref` an
   largest finite value first (e4m3 448, e5m2 57344), rounded to nearest even.
 - Read value = stored * scale in float32. The attention kernels fold the K scale into the score
   scale and the V scale into the output (the same products, associated differently).
-- In Triton, `quantize_to_fp8` rounds to the format's grid itself before converting: the
-  interpreter rounds a mantissa that carries into the exponent wrong (kernels.fp8_quant), so a
-  kernel converts only values the format holds exactly. `div_rn` keeps CUDA's float32 division
-  exact, as torch's.
+- Under Triton's interpreter `quantize_to_fp8` rounds to the format's grid itself before
+  converting: the interpreter rounds a mantissa that carries into the exponent wrong
+  (kernels.fp8_quant), so a kernel converts only values the format holds exactly. Compiled for a
+  GPU the hardware's conversion rounds (to nearest even, the same bits). `div_rn` keeps CUDA's
+  float32 division exact, as torch's.
 - Scales reach the kernels as one-element float32 tensors (views of the pool's `kv_scales`): a
   CUDA graph replays their addresses, so a scale set after capture still counts.
 """
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.fp8_kv_format import FP8_MAX
-from pdserve.kernels.fp8_quant import round_to_e4m3
+from pdserve.kernels.fp8_quant import round_to_e4m3, soft_round
 
 
 @triton.jit
@@ -39,9 +40,12 @@ def round_to_e5m2(y):
 
 
 @triton.jit
-def quantize_to_fp8(x, scale, FP8_MAX_C: tl.constexpr, E5M2: tl.constexpr):
-    """x / scale clamped and rounded to the fp8 grid (float32); the caller converts it."""
+def quantize_to_fp8(x, scale, FP8_MAX_C: tl.constexpr, E5M2: tl.constexpr, SOFT_ROUND: tl.constexpr):
+    """x / scale clamped (float32) and, under the interpreter, rounded to the fp8 grid; the caller
+    converts it."""
     y = tl.clamp(tl.math.div_rn(x.to(tl.float32), scale), -FP8_MAX_C, FP8_MAX_C)
+    if not SOFT_ROUND:
+        return y
     if E5M2:
         return round_to_e5m2(y)
     return round_to_e4m3(y)
@@ -49,4 +53,8 @@ def quantize_to_fp8(x, scale, FP8_MAX_C: tl.constexpr, E5M2: tl.constexpr):
 
 def fp8_store_args(cache_dtype: torch.dtype) -> dict[str, object]:
     """The constexprs a storing kernel takes for a cache of this dtype (FP8_MAX_C 0: no fp8)."""
-    return {"FP8_MAX_C": FP8_MAX.get(cache_dtype, 0.0), "E5M2": cache_dtype == torch.float8_e5m2}
+    return {
+        "FP8_MAX_C": FP8_MAX.get(cache_dtype, 0.0),
+        "E5M2": cache_dtype == torch.float8_e5m2,
+        "SOFT_ROUND": soft_round(),
+    }

@@ -48,6 +48,7 @@ def _store_kv_kernel(
     BLOCK_D: tl.constexpr,
     FP8_MAX_C: tl.constexpr,  # 0: no fp8 (the scales are placeholders, never read)
     E5M2: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -61,8 +62,8 @@ def _store_kv_kernel(
     k_val = tl.load(k_src, mask=mask)
     v_val = tl.load(v_src, mask=mask)
     if FP8_MAX_C > 0:
-        k_val = quantize_to_fp8(k_val, tl.load(k_scale), FP8_MAX_C, E5M2)
-        v_val = quantize_to_fp8(v_val, tl.load(v_scale), FP8_MAX_C, E5M2)
+        k_val = quantize_to_fp8(k_val, tl.load(k_scale), FP8_MAX_C, E5M2, SOFT_ROUND)
+        v_val = quantize_to_fp8(v_val, tl.load(v_scale), FP8_MAX_C, E5M2, SOFT_ROUND)
     tl.store(k_cache + dst, k_val.to(k_cache.dtype.element_ty), mask=mask)
     tl.store(v_cache + dst, v_val.to(v_cache.dtype.element_ty), mask=mask)
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, store_row_e4m3
+from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, soft_round, store_row_e4m3
 from pdserve.kernels.rmsnorm import (
     _check_weight,
     _launch_params,
@@ -45,6 +45,7 @@ def _rmsnorm_fp8_kernel(
     eps,
     HAS_RESIDUAL: tl.constexpr,
     MIN_AMAX_C: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -57,7 +58,7 @@ def _rmsnorm_fp8_kernel(
     w = tl.load(weight + cols, mask=mask, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype.element_ty)
     # the stored 16-bit row is what the unfused path quantizes; masked lanes are 0 (w is)
-    store_row_e4m3(y.to(tl.float32), q, scales, row, cols, hidden, MIN_AMAX_C)
+    store_row_e4m3(y.to(tl.float32), q, scales, row, cols, hidden, MIN_AMAX_C, SOFT_ROUND)
 
 
 def _launch(
@@ -83,6 +84,7 @@ def _launch(
         eps,
         HAS_RESIDUAL=residual is not None,
         MIN_AMAX_C=MIN_AMAX,
+        SOFT_ROUND=soft_round(),
         BLOCK=block,
         num_warps=num_warps,
     )

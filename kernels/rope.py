@@ -109,6 +109,7 @@ def _rope_kernel(
     STORE_KV: tl.constexpr,  # False: v, the caches and slots are placeholders, never read
     FP8_MAX_C: tl.constexpr,  # 0: no fp8 cache (the scales are placeholders, never read)
     E5M2: tl.constexpr,
+    SOFT_ROUND: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
@@ -133,10 +134,10 @@ def _rope_kernel(
             if FP8_MAX_C > 0:
                 ks = tl.load(k_scale)
                 vs = tl.load(v_scale)
-                k1 = quantize_to_fp8(k1, ks, FP8_MAX_C, E5M2)
-                k2 = quantize_to_fp8(k2, ks, FP8_MAX_C, E5M2)
-                v1 = quantize_to_fp8(v1, vs, FP8_MAX_C, E5M2)
-                v2 = quantize_to_fp8(v2, vs, FP8_MAX_C, E5M2)
+                k1 = quantize_to_fp8(k1, ks, FP8_MAX_C, E5M2, SOFT_ROUND)
+                k2 = quantize_to_fp8(k2, ks, FP8_MAX_C, E5M2, SOFT_ROUND)
+                v1 = quantize_to_fp8(v1, vs, FP8_MAX_C, E5M2, SOFT_ROUND)
+                v2 = quantize_to_fp8(v2, vs, FP8_MAX_C, E5M2, SOFT_ROUND)
             tl.store(k_cache + dst, k1.to(k_cache.dtype.element_ty), mask=mask)
             tl.store(k_cache + dst + HALF, k2.to(k_cache.dtype.element_ty), mask=mask)
             tl.store(v_cache + dst, v1.to(v_cache.dtype.element_ty), mask=mask)

@@ -20,14 +20,16 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.activation import silu_and_mul_ref
-from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, store_row_e4m3
+from pdserve.kernels.fp8_quant import MIN_AMAX, per_token_quant_fp8_ref, soft_round, store_row_e4m3
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_INTER = 32768
 
 
 @triton.jit
-def _silu_mul_fp8_kernel(x, q, scales, x_stride, inter, MIN_AMAX_C: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_fp8_kernel(
+    x, q, scales, x_stride, inter, MIN_AMAX_C: tl.constexpr, SOFT_ROUND: tl.constexpr, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < inter
@@ -36,7 +38,8 @@ def _silu_mul_fp8_kernel(x, q, scales, x_stride, inter, MIN_AMAX_C: tl.constexpr
     # kernels.activation's expression: silu rounded to the dtype, then the product rounded again
     act = (gate / (1.0 + tl.exp(-gate))).to(x.dtype.element_ty)
     y = (act.to(tl.float32) * up.to(tl.float32)).to(x.dtype.element_ty)
-    store_row_e4m3(y.to(tl.float32), q, scales, row, cols, inter, MIN_AMAX_C)  # masked: silu(0) * 0
+    # masked lanes: silu(0) * 0
+    store_row_e4m3(y.to(tl.float32), q, scales, row, cols, inter, MIN_AMAX_C, SOFT_ROUND)
 
 
 def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +56,9 @@ def silu_mul_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     block = triton.next_power_of_2(inter)
     num_warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
     _silu_mul_fp8_kernel[(tokens,)](
-        x, q, scales, x.stride(0), inter, MIN_AMAX_C=MIN_AMAX, BLOCK=block, num_warps=num_warps
-    )
+        x, q, scales, x.stride(0), inter, MIN_AMAX_C=MIN_AMAX, SOFT_ROUND=soft_round(),
+        BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
     return q, scales
 
 

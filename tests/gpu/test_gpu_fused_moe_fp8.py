@@ -2,7 +2,7 @@
 against fused_moe_ref's fp8 path at real model sizes in bfloat16 (Qwen1.5-MoE-A2.7B, Mixtral-8x7B),
 a shard, and a CUDA-graph replay with new routing; float16 hidden too.
 
-Tolerance: kernel and reference quantize each row with the same arithmetic (div_rn, e4m3 rounding
+Tolerance: kernel and reference quantize each row with the same arithmetic (a reciprocal, e4m3 rounding
 as kernels.fp8_quant) and multiply the same fp8 values, but their float32 sums run in different
 orders: a gate/up value may round one bfloat16 ulp the other way, and the SiLU-and-mul row that
 follows may then requantize one element to its fp8 neighbour (1/16 of its value), which moves that

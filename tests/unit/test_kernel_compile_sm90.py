@@ -1,5 +1,5 @@
-"""The MoE routing and gated shared-expert kernels compile for an H100 (sm_90) on this machine, with
-no GPU: Triton's compiler, in a process without TRITON_INTERPRET, down to a cubin, for every dtype
+"""Kernels compile for an H100 (sm_90) on this machine, with no GPU (the MoE routing and gated
+shared-expert kernels; the kernels that write fp8, whose GPU build differs from the interpreter's): Triton's compiler, in a process without TRITON_INTERPRET, down to a cubin, for every dtype
 and each branch of their constexprs. The interpreter runs the kernels' numbers; this catches what
 only the compiler refuses (types, layouts, unsupported ops)."""
 
@@ -46,11 +46,73 @@ _COMPILE = textwrap.dedent(
 )
 
 
-def test_kernels_compile_for_sm90(tmp_path: Path):
+def _run_without_interpreter(script: str, tmp_path: Path) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     done = subprocess.run(
-        [sys.executable, "-c", _COMPILE], check=False, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script], check=False, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-4000:]
-    assert "compiled 7" in done.stdout, done.stdout
+    return done.stdout
+
+
+def test_kernels_compile_for_sm90(tmp_path: Path):
+    out = _run_without_interpreter(_COMPILE, tmp_path)
+    assert "compiled 7" in out, out
+
+
+_COMPILE_FP8_WRITERS = textwrap.dedent(
+    """
+    import re
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from pdserve.kernels.fp8_quant import _per_token_quant_kernel
+    from pdserve.kernels.kv_store import _store_kv_kernel
+    from pdserve.kernels.rmsnorm_fp8 import _rmsnorm_fp8_kernel
+    from pdserve.kernels.rope import _rope_kernel
+    from pdserve.kernels.silu_mul_fp8 import _silu_mul_fp8_kernel
+
+    target = GPUTarget("cuda", 90, 32)
+    def ptx(fn, pointers, constexprs, num_warps=4):
+        # arguments not named in pointers are int32 scalars (strides, sizes)
+        signature = {name: pointers.get(name, "i32") for name in fn.arg_names if name not in constexprs}
+        signature = {**signature, **{name: "constexpr" for name in constexprs}}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                                options={"num_warps": num_warps})
+        assert kernel.asm["cubin"], fn
+        return kernel.asm["ptx"]
+    def ops(text, op):
+        return len(re.findall(r"^\\s+" + re.escape(op) + r"\\b", text, re.M))
+    row = {"x": "*bf16", "q": "*fp8e4nv", "scales": "*fp32"}
+    quantizing = {
+        "per_token": ptx(_per_token_quant_kernel, row, {"MIN_AMAX_C": 1e-12, "SOFT_ROUND": False, "BLOCK": 4096}),
+        "silu_mul": ptx(_silu_mul_fp8_kernel, row, {"MIN_AMAX_C": 1e-12, "SOFT_ROUND": False, "BLOCK": 16384}, 16),
+        "rmsnorm": ptx(_rmsnorm_fp8_kernel, {**row, "residual": "*bf16", "weight": "*bf16", "eps": "fp32"},
+                       {"HAS_RESIDUAL": True, "MIN_AMAX_C": 1e-12, "SOFT_ROUND": False, "BLOCK": 4096}),
+    }
+    for name, text in quantizing.items():
+        # the hardware rounds, and the row's reciprocal is its one IEEE division
+        assert ops(text, "cvt.rn.satfinite.e4m3x2.f32") > 0, name
+        assert ops(text, "div.rn.f32") == 1, (name, ops(text, "div.rn.f32"))
+    for fmt, e5m2, fp8_max in (("fp8e4nv", False, 448.0), ("fp8e5", True, 57344.0)):
+        cache = {"k_cache": "*" + fmt, "v_cache": "*" + fmt, "slots": "*i64", "k_scale": "*fp32", "v_scale": "*fp32"}
+        fp8 = {"FP8_MAX_C": fp8_max, "E5M2": e5m2, "SOFT_ROUND": False}
+        stores = (
+            ptx(_store_kv_kernel, {**cache, "k": "*bf16", "v": "*bf16"}, {"BLOCK_H": 8, "BLOCK_D": 128, **fp8}),
+            ptx(_rope_kernel, {**cache, "q": "*bf16", "k": "*bf16", "v": "*bf16", "positions": "*i64",
+                               "inv_freq": "*fp32", "attention_scaling": "fp32"},
+                {"HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64, "STORE_KV": True, **fp8}),
+        )
+        for text in stores:
+            assert ops(text, "cvt.rn.satfinite." + ("e5m2x2" if e5m2 else "e4m3x2") + ".f32") > 0, fmt
+    print("compiled fp8 writers")
+    """
+)
+
+
+def test_fp8_writers_compile_for_sm90_with_hardware_rounding(tmp_path: Path):
+    """Compiled for a GPU, the kernels that write fp8 leave the rounding to the hardware's conversion
+    (the interpreter's software rounding is compiled out) and quantize a row with one division."""
+    out = _run_without_interpreter(_COMPILE_FP8_WRITERS, tmp_path)
+    assert "compiled fp8 writers" in out, out
