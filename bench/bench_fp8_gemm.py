@@ -9,7 +9,8 @@ weights each must read.
 - Times: medians of CUDA graph replays with CUDA events, L2 flushed before each
   (bench_fused_moe.graph_time_us): what a decode step pays, without Python's launch cost.
   The activation's per-token quantization is timed apart (it runs once per linear).
-- `--sweep` times the Triton kernel over (BLOCK_N, BLOCK_K, split-K) to check auto_split_k's pick.
+- `--sweep` times the Triton kernel over (BLOCK_N, BLOCK_K, split-K), and at M = 1 also warps and
+  pipeline stages, to check the defaults and auto_split_k's pick.
 On a machine without CUDA it says so and exits 0.
 """
 
@@ -27,7 +28,10 @@ from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8
 
 # (name, N, K) of Llama-3.1-8B's linears: merged qkv, o, merged gate/up, down
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-SWEEP = [(bn, bk, sk) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+SWEEP = [(bn, bk, sk, 4, 3) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+# at M = 1 the weight stream is all there is: deeper pipelines and other warp counts too
+SWEEP_M1 = [(bn, bk, sk, nw, ns) for bn in (32, 64) for bk in (256, 512) for sk in (1, 2) for nw in (4, 8)
+            for ns in (3, 5)]  # fmt: skip
 
 
 def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool) -> dict:
@@ -53,10 +57,12 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
     }  # fmt: skip
     if sweep:
         row["sweep_us"] = {
-            f"{bn}x{bk}x{sk}": graph_time_us(
-                lambda bn=bn, bk=bk, sk=sk: fp8_gemm(q, qs, w8, ws, None, torch.bfloat16, bn, bk, sk)
+            f"{bn}x{bk}x{sk} w{nw} s{ns}": graph_time_us(
+                lambda bn=bn, bk=bk, sk=sk, nw=nw, ns=ns: fp8_gemm(
+                    q, qs, w8, ws, None, torch.bfloat16, bn, bk, sk, num_warps=nw, num_stages=ns
+                )
             )
-            for bn, bk, sk in SWEEP
+            for bn, bk, sk, nw, ns in (SWEEP_M1 if m == 1 else SWEEP)
         }
     return row
 

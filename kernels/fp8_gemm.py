@@ -99,9 +99,12 @@ def fp8_gemm(
     block_n: int = 32,
     block_k: int = 256,
     split_k: int | None = None,
+    num_warps: int = 4,
+    num_stages: int = 3,
 ) -> torch.Tensor:
     """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
-    None picks it from the shape (auto_split_k)."""
+    None picks it from the shape (auto_split_k). num_stages is the software pipeline's depth: the
+    weight tiles each program has in flight."""
     _check(a, a_scale, w, w_scale)
     M, K = a.shape
     N = w.shape[0]
@@ -121,7 +124,7 @@ def fp8_gemm(
         a, a_scale, w, w_scale, bias if bias is not None else w_scale,
         out, M, N, K, a.stride(0), w.stride(0), k_per_split,
         HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out.to(out_dtype) if atomic else out
 
