@@ -104,7 +104,8 @@ def _rope_kernel(
     num_q_heads,
     num_kv_heads,
     HALF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
+    BLOCK_HQ: tl.constexpr,
+    BLOCK_HKV: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     STORE_KV: tl.constexpr,  # False: v, the caches and slots are placeholders, never read
     FP8_MAX_C: tl.constexpr,  # 0: no fp8 cache (the scales are placeholders, never read)
@@ -114,12 +115,12 @@ def _rope_kernel(
     token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     c, s = _rope_cos_sin(positions, inv_freq, attention_scaling, token, HALF, BLOCK_HALF)
-    q_blocks = tl.cdiv(num_q_heads, BLOCK_H)
+    q_blocks = tl.cdiv(num_q_heads, BLOCK_HQ)
     if block < q_blocks:
-        heads = block * BLOCK_H + tl.arange(0, BLOCK_H)
-        _rotate_heads(q + token * q_stride_t, q_stride_h, heads, num_q_heads, c, s, HALF, BLOCK_HALF)
+        q_heads = block * BLOCK_HQ + tl.arange(0, BLOCK_HQ)  # own name: a shape unlike the kv branch's
+        _rotate_heads(q + token * q_stride_t, q_stride_h, q_heads, num_q_heads, c, s, HALF, BLOCK_HALF)
     else:
-        heads = (block - q_blocks) * BLOCK_H + tl.arange(0, BLOCK_H)
+        heads = (block - q_blocks) * BLOCK_HKV + tl.arange(0, BLOCK_HKV)
         k1, k2, mask = _rotate_heads(
             k + token * k_stride_t, k_stride_h, heads, num_kv_heads, c, s, HALF, BLOCK_HALF
         )
@@ -169,14 +170,17 @@ def _launch(
     tokens, num_q_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     block_half = triton.next_power_of_2(head_dim // 2)
-    block_h = min(triton.next_power_of_2(max(num_q_heads, num_kv_heads)), max(1, 2048 // block_half))
-    grid = (tokens, triton.cdiv(num_q_heads, block_h) + triton.cdiv(num_kv_heads, block_h))
+    # kv programs sized to the kv heads (a GQA model has a quarter of q's or fewer): padded lanes
+    # would still quantize and store under masks
+    block_hq = min(triton.next_power_of_2(num_q_heads), max(1, 2048 // block_half))
+    block_hkv = min(triton.next_power_of_2(num_kv_heads), max(1, 2048 // block_half))
+    grid = (tokens, triton.cdiv(num_q_heads, block_hq) + triton.cdiv(num_kv_heads, block_hkv))
     _rope_kernel[grid](
         q, k, v, k_cache, v_cache, positions, slots, inv_freq, float(attention_scaling),
         k_scale if k_scale is not None else inv_freq, v_scale if v_scale is not None else inv_freq,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         num_q_heads, num_kv_heads,
-        HALF=head_dim // 2, BLOCK_H=block_h, BLOCK_HALF=block_half, STORE_KV=store_kv,
+        HALF=head_dim // 2, BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, STORE_KV=store_kv,
         **fp8_store_args(k_cache.dtype if store_kv else q.dtype),
     )  # fmt: skip
 

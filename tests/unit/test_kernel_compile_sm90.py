@@ -102,7 +102,7 @@ _COMPILE_FP8_WRITERS = textwrap.dedent(
             ptx(_store_kv_kernel, {**cache, "k": "*bf16", "v": "*bf16"}, {"BLOCK_H": 8, "BLOCK_D": 128, **fp8}),
             ptx(_rope_kernel, {**cache, "q": "*bf16", "k": "*bf16", "v": "*bf16", "positions": "*i64",
                                "inv_freq": "*fp32", "attention_scaling": "fp32"},
-                {"HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64, "STORE_KV": True, **fp8}),
+                {"HALF": 64, "BLOCK_HQ": 32, "BLOCK_HKV": 8, "BLOCK_HALF": 64, "STORE_KV": True, **fp8}),
         )
         for text in stores:
             assert ops(text, "cvt.rn.satfinite." + ("e5m2x2" if e5m2 else "e4m3x2") + ".f32") > 0, fmt
