@@ -193,8 +193,19 @@ def fused_moe(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_offset: int = 0,
+    shared: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return _fused_moe(hidden, w13, w2, topk_weights, topk_ids, expert_offset=expert_offset)
+    return _fused_moe(
+        hidden,
+        w13,
+        w2,
+        topk_weights,
+        topk_ids,
+        expert_offset=expert_offset,
+        shared=shared,
+        shared_gate=shared_gate,
+    )
 
 
 def fused_moe_fp8(
@@ -206,6 +217,8 @@ def fused_moe_fp8(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_offset: int = 0,
+    shared: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     return _fused_moe(
         hidden,
@@ -216,6 +229,8 @@ def fused_moe_fp8(
         expert_offset=expert_offset,
         w13_scale=w13_scale,
         w2_scale=w2_scale,
+        shared=shared,
+        shared_gate=shared_gate,
     )
 
 

@@ -16,7 +16,8 @@ Rules:
   (on CUDA up to _TRITON_ALIGN_MAX_PAIRS pairs in its one-launch Triton path, else in torch ops);
   one grouped GEMM over w13 for the pairs' rows (each block multiplies by its one expert's
   weights, so unselected experts are never read) ending in SiLU-and-mul; one grouped GEMM over w2 that
-  multiplies by the routing weight; the sum over k. No host sync; grids from shapes only.
+  multiplies by the routing weight; the sum over k (kernels.moe_combine, which also adds a gated
+  shared expert when given one). No host sync; grids from shapes only.
 - fp8 experts (`w13_scale` [E, 2I] and `w2_scale` [E, H] float32 given; w13/w2 float8_e4m3fn, one
   scale per expert and output row): each GEMM's input rows are quantized per row first
   (kernels.fp8_quant, one launch; quantizing inside the GEMM would redo a row in every program that
@@ -37,6 +38,8 @@ from pdserve.kernels.moe_align import (
     align_pairs_to_experts_ref,
     align_pairs_to_experts_triton,
 )
+from pdserve.kernels.moe_combine import moe_combine, sum_slots_in_order
+from pdserve.kernels.shared_expert_gate import add_gated_shared_expert_ref
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # decode sizes, where the sort's ~35 torch launches cost more than the GEMMs' weight reads; the one
@@ -220,8 +223,11 @@ def fused_moe(
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
     align_in_triton: bool | None = None,
+    shared: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The experts' weighted sum for every token; see the module rules (scales given: fp8 experts).
+    """The experts' weighted sum for every token; see the module rules (scales given: fp8 experts;
+    `shared` [T, H] and `shared_gate` [T] given: plus the gated shared expert, kernels.moe_combine).
 
     `block_sizes` (BLOCK_M, BLOCK_N, BLOCK_K) overrides the table (tests use small tiles to cross
     block edges with tiny shapes). `align_in_triton` forces the pair sort's path (None: the Triton
@@ -231,6 +237,8 @@ def fused_moe(
     num_experts, inter = w13.shape[0], w2.shape[2]
     num_pairs = tokens * top_k
     if num_pairs == 0:
+        if shared is not None:
+            return add_gated_shared_expert_ref(hidden.new_zeros(hidden.shape), shared, shared_gate)
         return hidden.new_zeros(hidden.shape)
     tiles = moe_block_config(num_pairs, num_experts, hidden.dtype)
     if block_sizes is not None:
@@ -244,10 +252,10 @@ def fused_moe(
     # rows of dropped pairs are written by neither GEMM and read by neither
     act = torch.empty((num_pairs, inter), dtype=hidden.dtype, device=hidden.device)
     _grouped_gemm(hidden, w13, act, blocks, None, top_k, tiles, w13_scale)
-    # ... but the sum over k reads them: zeros
-    down = torch.zeros((num_pairs, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
+    down = torch.empty((num_pairs, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     _grouped_gemm(act, w2, down, blocks, topk_weights.reshape(-1), 1, tiles, w2_scale)
-    return down.view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    return moe_combine(down, ids, num_experts, expert_offset, hidden.dtype, shared, shared_gate)
 
 
 def fused_moe_ref(
@@ -260,9 +268,12 @@ def fused_moe_ref(
     expert_offset: int = 0,
     w13_scale: torch.Tensor | None = None,
     w2_scale: torch.Tensor | None = None,
+    shared: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The test oracle: a torch loop over the local experts, float32 GEMMs, the kernel's rounding
-    points; with scales, fp8 experts by dequantized float32 GEMMs (also the CPU path of fp8 MoE)."""
+    points; with scales, fp8 experts by dequantized float32 GEMMs (also the CPU path of fp8 MoE);
+    with `shared`, the gated shared expert added as fused_moe does."""
     _check_args(hidden, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale)
     tokens, top_k = topk_ids.shape
     per_slot = torch.zeros((tokens, top_k, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
@@ -278,7 +289,10 @@ def fused_moe_ref(
         scale2 = None if w2_scale is None else w2_scale[e]
         down = _ref_matmul(act, w2[e], scale2) * topk_weights[rows, slots, None]
         per_slot[rows, slots] = down
-    return per_slot.sum(dim=1).to(hidden.dtype)  # the kernel's order: slot by slot
+    routed = sum_slots_in_order(per_slot).to(hidden.dtype)
+    if shared is None:
+        return routed
+    return add_gated_shared_expert_ref(routed, shared, shared_gate)
 
 
 def _ref_matmul(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:

@@ -23,6 +23,17 @@ _BLOCK = 1024
 
 
 @triton.jit
+def add_gated_shared(routed, shared_ptr, gate_ptr, row, cols, mask, stride_shared, stride_gate, dtype):
+    """routed (float32 values of `dtype`) + sigmoid(g) * shared for one row's columns, rounded as
+    the rules say; returns the row in `dtype`."""
+    g = tl.load(gate_ptr + row * stride_gate).to(tl.float32)
+    scale = (1.0 / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    shared = tl.load(shared_ptr + row * stride_shared + cols, mask=mask, other=0.0).to(tl.float32)
+    gated = (scale * shared).to(dtype).to(tl.float32)
+    return (routed + gated).to(dtype)
+
+
+@triton.jit
 def _gated_shared_kernel(
     routed_ptr, shared_ptr, gate_ptr, out_ptr, hidden, stride_routed, stride_shared, stride_gate,
     BLOCK: tl.constexpr,
@@ -30,16 +41,14 @@ def _gated_shared_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < hidden
-    dtype = out_ptr.dtype.element_ty
-    g = tl.load(gate_ptr + row * stride_gate).to(tl.float32)
-    scale = (1.0 / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
-    shared = tl.load(shared_ptr + row * stride_shared + cols, mask=mask, other=0.0).to(tl.float32)
     routed = tl.load(routed_ptr + row * stride_routed + cols, mask=mask, other=0.0).to(tl.float32)
-    gated = (scale * shared).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row * hidden + cols, (routed + gated).to(dtype), mask=mask)
+    out = add_gated_shared(
+        routed, shared_ptr, gate_ptr, row, cols, mask, stride_shared, stride_gate, out_ptr.dtype.element_ty
+    )
+    tl.store(out_ptr + row * hidden + cols, out, mask=mask)
 
 
-def _check_args(routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor) -> None:
+def check_shared_args(routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor) -> None:
     assert routed.dim() == 2 and routed.shape == shared.shape, (tuple(routed.shape), tuple(shared.shape))
     assert gate_logits.shape == (routed.shape[0],), (tuple(gate_logits.shape), tuple(routed.shape))
     assert routed.dtype in _DTYPES and routed.dtype == shared.dtype == gate_logits.dtype, (
@@ -54,7 +63,7 @@ def add_gated_shared_expert(
     routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor
 ) -> torch.Tensor:
     """routed + sigmoid(gate_logits)[:, None] * shared, a new tensor; see the module rules."""
-    _check_args(routed, shared, gate_logits)
+    check_shared_args(routed, shared, gate_logits)
     tokens, hidden = routed.shape
     out = torch.empty((tokens, hidden), dtype=routed.dtype, device=routed.device)
     if tokens == 0 or hidden == 0:
@@ -74,5 +83,5 @@ def add_gated_shared_expert_ref(
     routed: torch.Tensor, shared: torch.Tensor, gate_logits: torch.Tensor
 ) -> torch.Tensor:
     """The oracle: the torch expression of SparseMoeBlock, in the tensors' dtype."""
-    _check_args(routed, shared, gate_logits)
+    check_shared_args(routed, shared, gate_logits)
     return routed + torch.sigmoid(gate_logits)[:, None] * shared

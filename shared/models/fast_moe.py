@@ -12,8 +12,9 @@ to the model's dtype and back to float32), and Qwen2-MoE's shared expert adds it
   expert, the router's GEMM alone);
 - kernels.moe_routing on its first E columns, in place: float32 weights and int32 ids, which is
   what the fused MoE reads, so nothing runs between the two;
-- the experts, the shared expert, then kernels.shared_expert_gate: routed + sigmoid(g) * shared
-  from the GEMM's last column.
+- the shared expert, then the experts, whose closing launch (kernels.moe_combine) sums the k
+  slots and adds sigmoid(g) * shared from the GEMM's last column (experts without that launch:
+  kernels.shared_expert_gate after them).
 
 Rules:
 - Results equal the plain block's up to float rounding order: the routing weights are rounded to
@@ -114,5 +115,7 @@ class TritonSparseMoeBlock(SparseMoeBlock):
         else:
             router_logits, shared_gate = self.gate(hidden), self.shared_expert_gate(hidden)[:, 0]
         topk_weights, topk_ids = self._select(router_logits)
-        routed = self.experts(hidden, topk_weights, topk_ids)
-        return add_gated_shared_expert_op(routed, self.shared_expert(hidden), shared_gate)
+        shared = self.shared_expert(hidden)
+        if self.experts.takes_gated_shared:
+            return self.experts(hidden, topk_weights, topk_ids, shared, shared_gate)
+        return add_gated_shared_expert_op(self.experts(hidden, topk_weights, topk_ids), shared, shared_gate)

@@ -115,6 +115,8 @@ class TritonGeluGatedMLP(TritonGatedMLP, GeluGatedMLP):
 class TritonMoEExperts(MoEExperts):
     """The fused-MoE kernel over the original stacked `w13`/`w2` (same layout, nothing copied)."""
 
+    takes_gated_shared = True
+
     def __init__(self, experts: MoEExperts):
         nn.Module.__init__(self)  # not MoEExperts.__init__: it would allocate the expert weights
         self.num_experts = experts.num_experts
@@ -124,9 +126,16 @@ class TritonMoEExperts(MoEExperts):
         self.w2 = experts.w2
 
     def forward(
-        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared: torch.Tensor | None = None,
+        shared_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return fused_moe_op(hidden, self.w13, self.w2, topk_weights.float(), topk_ids, 0)
+        """The routed experts' sum; given a shared expert's output and gate logits, plus
+        sigmoid(gate) * shared in the same closing launch (shared.models.fast_moe)."""
+        return fused_moe_op(hidden, self.w13, self.w2, topk_weights.float(), topk_ids, 0, shared, shared_gate)
 
 
 class RopeInputs(NamedTuple):

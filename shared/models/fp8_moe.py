@@ -31,6 +31,8 @@ from pdserve.shared.models.weights import Target
 class Fp8MoEExperts(MoEExperts):
     """MoEExperts with fp8 weights and per-row scales (see the module rules)."""
 
+    takes_gated_shared = True
+
     def __init__(self, experts: MoEExperts):
         nn.Module.__init__(self)  # not MoEExperts.__init__: the weights are made here in fp8
         self.num_experts = experts.num_experts
@@ -68,18 +70,34 @@ class Fp8MoEExperts(MoEExperts):
         return targets
 
     def forward(
-        self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared: torch.Tensor | None = None,
+        shared_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """As TritonMoEExperts.forward, with fp8 experts (the torch reference off CUDA)."""
         weights = topk_weights.float()
         if hidden.device.type == "cuda":
             from pdserve.kernels.custom_ops import fused_moe_fp8_op
 
             return fused_moe_fp8_op(
-                hidden, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, topk_ids, 0
+                hidden,
+                self.w13,
+                self.w13_scale,
+                self.w2,
+                self.w2_scale,
+                weights,
+                topk_ids,
+                0,
+                shared,
+                shared_gate,
             )
         return fused_moe_ref(
-            hidden, self.w13, self.w2, weights, topk_ids, w13_scale=self.w13_scale, w2_scale=self.w2_scale
-        )
+            hidden, self.w13, self.w2, weights, topk_ids, w13_scale=self.w13_scale, w2_scale=self.w2_scale,
+            shared=shared, shared_gate=shared_gate,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, fp8 e4m3 per-channel"

@@ -56,6 +56,9 @@ class MoEExperts(nn.Module):
     ("gate_proj", "up_proj", "down_proj"), Mixtral's ("w1", "w3", "w2").
     """
 
+    # whether forward also takes (shared, shared_gate) and adds sigmoid(gate) * shared itself
+    takes_gated_shared = False
+
     def __init__(
         self,
         num_experts: int,

@@ -1,7 +1,8 @@
-"""Kernels compile for an H100 (sm_90) on this machine, with no GPU (the MoE routing and gated
-shared-expert kernels; the kernels that write fp8, whose GPU build differs from the interpreter's): Triton's compiler, in a process without TRITON_INTERPRET, down to a cubin, for every dtype
-and each branch of their constexprs. The interpreter runs the kernels' numbers; this catches what
-only the compiler refuses (types, layouts, unsupported ops)."""
+"""Kernels compile for an H100 (sm_90) on this machine, with no GPU: the MoE routing, gated
+shared-expert and combine kernels, and the kernels that write fp8 (whose GPU build differs from the
+interpreter's). Triton's compiler, in a process without TRITON_INTERPRET, down to a cubin, for
+every dtype and each branch of their constexprs. The interpreter runs the kernels' numbers; this
+catches what only the compiler refuses (types, layouts, unsupported ops)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ _COMPILE = textwrap.dedent(
     from triton.compiler import ASTSource
     from pdserve.kernels.moe_routing import _moe_routing_kernel
     from pdserve.kernels.shared_expert_gate import _gated_shared_kernel
+    from pdserve.kernels.moe_combine import _moe_combine_kernel
 
     target = GPUTarget("cuda", 90, 32)
     def cubin(fn, signature, constexprs):
@@ -41,6 +43,12 @@ _COMPILE = textwrap.dedent(
                      **{n: "i32" for n in ("hidden", "stride_routed", "stride_shared", "stride_gate")}}
         cubin(_gated_shared_kernel, signature, {"BLOCK": 1024})
         compiled += 1
+    for dtype, has_shared in (("bf16", True), ("fp16", False)):
+        signature = {"down_ptr": "*fp32", "ids_ptr": "*i32", "shared_ptr": "*" + dtype, "gate_ptr": "*" + dtype,
+                     "out_ptr": "*" + dtype, **{n: "i32" for n in ("hidden", "top_k", "expert_lo", "num_experts",
+                                                                   "stride_shared", "stride_gate")}}
+        cubin(_moe_combine_kernel, signature, {"HAS_SHARED": has_shared, "BLOCK": 1024})
+        compiled += 1
     print("compiled", compiled)
     """
 )
@@ -58,7 +66,7 @@ def _run_without_interpreter(script: str, tmp_path: Path) -> str:
 
 def test_kernels_compile_for_sm90(tmp_path: Path):
     out = _run_without_interpreter(_COMPILE, tmp_path)
-    assert "compiled 7" in out, out
+    assert "compiled 9" in out, out
 
 
 _COMPILE_FP8_WRITERS = textwrap.dedent(
