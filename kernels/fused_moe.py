@@ -238,6 +238,7 @@ def fused_moe(
     num_pairs = tokens * top_k
     if num_pairs == 0:
         if shared is not None:
+            assert shared_gate is not None, "a shared expert needs its gate logits"
             return add_gated_shared_expert_ref(hidden.new_zeros(hidden.shape), shared, shared_gate)
         return hidden.new_zeros(hidden.shape)
     tiles = moe_block_config(num_pairs, num_experts, hidden.dtype)
@@ -292,6 +293,7 @@ def fused_moe_ref(
     routed = sum_slots_in_order(per_slot).to(hidden.dtype)
     if shared is None:
         return routed
+    assert shared_gate is not None, "a shared expert needs its gate logits"
     return add_gated_shared_expert_ref(routed, shared, shared_gate)
 
 

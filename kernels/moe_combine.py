@@ -91,19 +91,18 @@ def moe_combine(
     """The tokens' MoE outputs `[T, H]` in `dtype`; see the module rules."""
     tokens, top_k, hidden = _check(down, topk_ids, dtype)
     out = torch.empty((tokens, hidden), dtype=dtype, device=down.device)
-    has_shared = shared is not None
-    if has_shared:
+    # without a shared expert the kernel never reads these: any float tensor will do
+    shared_rows, gate, shared_stride, gate_stride = down, down, 0, 0
+    if shared is not None:
         assert gate_logits is not None, "a shared expert needs its gate logits"
         check_shared_args(out, shared, gate_logits)
-        if shared.stride(1) != 1:
-            shared = shared.contiguous()
+        shared_rows = shared if shared.stride(1) == 1 else shared.contiguous()
+        gate, shared_stride, gate_stride = gate_logits, shared_rows.stride(0), gate_logits.stride(0)
     if tokens == 0 or hidden == 0:
         return out
     _moe_combine_kernel[(tokens, triton.cdiv(hidden, _BLOCK))](
-        down, topk_ids, shared if has_shared else down, gate_logits if has_shared else down, out,
-        hidden, top_k, expert_offset, num_experts,
-        shared.stride(0) if has_shared else 0, gate_logits.stride(0) if has_shared else 0,
-        HAS_SHARED=has_shared, BLOCK=_BLOCK,
+        down, topk_ids, shared_rows, gate, out, hidden, top_k, expert_offset, num_experts,
+        shared_stride, gate_stride, HAS_SHARED=shared is not None, BLOCK=_BLOCK,
     )  # fmt: skip
     return out
 
