@@ -28,9 +28,9 @@ from pdserve.kernels.fp8_quant import per_channel_quant_fp8, per_token_quant_fp8
 
 # (name, N, K) of Llama-3.1-8B's linears: merged qkv, o, merged gate/up, down
 SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)]
-SWEEP = [(bn, bk, sk, 4, 3) for bn in (32, 64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
+SWEEP = [(bn, bk, sk, 4, 4) for bn in (64, 128) for bk in (128, 256) for sk in (1, 2, 4, 8)]
 # at M = 1 the weight stream is all there is: deeper pipelines and other warp counts too
-SWEEP_M1 = [(bn, bk, sk, nw, ns) for bn in (32, 64) for bk in (256, 512) for sk in (1, 2) for nw in (4, 8)
+SWEEP_M1 = [(bn, bk, sk, nw, ns) for bn in (64, 128) for bk in (256, 512) for sk in (1, 2) for nw in (4, 8)
             for ns in (3, 5)]  # fmt: skip
 
 

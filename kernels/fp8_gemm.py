@@ -5,11 +5,17 @@ Rules:
   float32; bias [N] (optional) in the output dtype. out[m, n] = sum_k a[m, k] * w[n, k] accumulated
   in float32, times a_scale[m] * w_scale[n], plus bias[n], rounded once to out_dtype.
 - Written for the skinny M of decode batches, where cuBLASLt's fp8 GEMM (torch._scaled_mm) leaves
-  bandwidth unused: a tile of BLOCK_M rows (16, the smallest tl.dot takes; fewer rows are masked)
-  against BLOCK_N weight rows, and split-K when N alone gives too few programs to keep every SM
-  streaming weights. Split-K programs add their scaled partial sums into a float32 buffer
-  (atomics), which is rounded to out_dtype once at the end.
-- w is read K-contiguous, the operand layout Hopper's fp8 tensor cores take without a transpose.
+  bandwidth unused: a tile of BLOCK_M rows (16; fewer rows are masked) against BLOCK_N weight rows,
+  and split-K when N alone gives too few programs to keep every SM streaming weights. Split-K
+  programs add their scaled partial sums into a float32 buffer (atomics), which is rounded to
+  out_dtype once at the end.
+- Operands swapped: each program computes out^T = w @ a^T, so the weight tile is the MMA's M side
+  (BLOCK_N >= 64: Hopper's warpgroup MMA, wgmma m64nNk32 with e4m3 operands read from shared
+  memory) and the 16 token rows its N side. Both operands are K-contiguous, the only layout fp8
+  wgmma takes. In the a @ w^T orientation the 16 token rows were the MMA's M side, too few for
+  wgmma: Triton fell back to mma.sync in float16 and converted every fp8 weight value to float16
+  first (cvt.rn.f16x2.e4m3x2, twice per value read), which bounded the kernel at ~40-60% of the
+  copy rate (bench_fp8_gemm on an H100).
 - `fp8_gemm_ref` is the same arithmetic in torch (float32 matmul of the dequantized operands).
 """
 
@@ -49,29 +55,30 @@ def _fp8_gemm_kernel(
     n_ok = rn < N
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # out^T tile [BLOCK_N, BLOCK_M] = w tile [BLOCK_N, BLOCK_K] @ a^T tile [BLOCK_K, BLOCK_M]: see the rules
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < k_end
-        a_tile = tl.load(
-            a + rm[:, None].to(tl.int64) * a_stride + rk[None, :],
-            mask=m_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
         w_tile = tl.load(
-            w + rn[None, :].to(tl.int64) * w_stride + rk[:, None],
-            mask=k_ok[:, None] & n_ok[None, :],
+            w + rn[:, None].to(tl.int64) * w_stride + rk[None, :],
+            mask=n_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(a_tile, w_tile, acc)
+        a_tile = tl.load(
+            a + rm[None, :].to(tl.int64) * a_stride + rk[:, None],
+            mask=k_ok[:, None] & m_ok[None, :],
+            other=0.0,
+        )
+        acc = tl.dot(w_tile, a_tile, acc)
+    sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     sw = tl.load(w_scale + rn, mask=n_ok, other=0.0)
-    acc = acc * sa[:, None] * sw[None, :]
+    acc = acc * sw[:, None] * sa[None, :]
     if HAS_BIAS:
         b = tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
-        acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[None, :]
-    offsets = rm[:, None].to(tl.int64) * N + rn[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
+        acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[:, None]
+    offsets = rm[None, :].to(tl.int64) * N + rn[:, None]
+    mask = n_ok[:, None] & m_ok[None, :]
     if ATOMIC:
         tl.atomic_add(out + offsets, acc, mask=mask)
     else:
@@ -96,11 +103,11 @@ def fp8_gemm(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
-    block_n: int = 32,
+    block_n: int = 64,
     block_k: int = 256,
     split_k: int | None = None,
     num_warps: int = 4,
-    num_stages: int = 3,
+    num_stages: int = 4,
 ) -> torch.Tensor:
     """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
     None picks it from the shape (auto_split_k). num_stages is the software pipeline's depth: the

@@ -114,6 +114,15 @@ _COMPILE_FP8_WRITERS = textwrap.dedent(
         )
         for text in stores:
             assert ops(text, "cvt.rn.satfinite." + ("e5m2x2" if e5m2 else "e4m3x2") + ".f32") > 0, fmt
+    # the skinny fp8 GEMM at its default tiles: e4m3 warpgroup MMAs, no fp8 value widened first
+    from pdserve.kernels.fp8_gemm import _fp8_gemm_kernel
+    gemm = {"a": "*fp8e4nv", "a_scale": "*fp32", "w": "*fp8e4nv", "w_scale": "*fp32", "bias": "*bf16", "out": "*bf16"}
+    for atomic, has_bias in ((False, False), (True, True)):
+        text = ptx(_fp8_gemm_kernel, {**gemm, "out": "*fp32" if atomic else "*bf16"},
+                   {"HAS_BIAS": has_bias, "ATOMIC": atomic, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256})
+        wgmma = [line for line in text.splitlines() if "wgmma.mma_async" in line]
+        assert wgmma and all(".e4m3.e4m3" in line for line in wgmma), "no fp8 wgmma"
+        assert "cvt.rn.f16x2.e4m3x2" not in text, "fp8 operands widened to float16"
     print("compiled fp8 writers")
     """
 )
