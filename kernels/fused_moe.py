@@ -18,6 +18,11 @@ Rules:
   weights, so unselected experts are never read) ending in SiLU-and-mul; one grouped GEMM over w2 that
   multiplies by the routing weight; the sum over k (kernels.moe_combine, which also adds a gated
   shared expert when given one). No host sync; grids from shapes only.
+- Tiles transposed: a program computes c^T = b_expert @ a^T for its BLOCK_N weight rows and
+  BLOCK_M sorted pair rows, so the weight rows are the MMA's M side (BLOCK_N >= 64: Hopper's
+  warpgroup MMA) and both operands are K-contiguous. With the pair rows on the M side (16 at
+  decode) Triton had to use mma.sync, and for fp8 experts it widened every weight value to
+  float16 first (kernels.fp8_gemm, whose rules say more).
 - fp8 experts (`w13_scale` [E, 2I] and `w2_scale` [E, H] float32 given; w13/w2 float8_e4m3fn, one
   scale per expert and output row): each GEMM's input rows are quantized per row first
   (kernels.fp8_quant, one launch; quantizing inside the GEMM would redo a row in every program that
@@ -82,6 +87,7 @@ def _grouped_gemm_kernel(
     expert = tl.load(block_experts_ptr + block).to(tl.int64)
     if expert < 0:
         return
+    # Transposed tiles (see the rules): the accumulators are c^T [BLOCK_N, BLOCK_M]
     offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(sorted_pairs_ptr + offs_m)
     mask_m = pairs < num_pairs
@@ -89,30 +95,30 @@ def _grouped_gemm_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < n_size
     offs_k = tl.arange(0, BLOCK_K)
-    a_block = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :]
-    b_block = b_ptr + expert * stride_be + offs_n[None, :].to(tl.int64) * stride_bn + offs_k[:, None]
+    a_block = a_ptr + a_rows[None, :] * stride_am + offs_k[:, None]
+    b_block = b_ptr + expert * stride_be + offs_n[:, None].to(tl.int64) * stride_bn + offs_k[None, :]
     up_offset = n_size * stride_bn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     a_scale = tl.zeros([BLOCK_M], dtype=tl.float32)
     if FP8_W:
         a_scale = tl.load(a_scale_ptr + a_rows, mask=mask_m, other=0.0)
     for k0 in range(0, k_size, BLOCK_K):
         mask_k = offs_k < k_size - k0
-        a = tl.load(a_block, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        b = tl.load(b_block, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a = tl.load(a_block, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        b = tl.load(b_block, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
         if GATED:
-            b_up = tl.load(b_block + up_offset, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+            b_up = tl.load(b_block + up_offset, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc_up = tl.dot(b_up, a, acc_up, input_precision=DOT_PRECISION)
         a_block += BLOCK_K
         b_block += BLOCK_K
     if FP8_W:
         b_scales = b_scale_ptr + expert * stride_bse + offs_n
-        acc = acc * a_scale[:, None] * tl.load(b_scales, mask=mask_n, other=0.0)[None, :]
+        acc = acc * tl.load(b_scales, mask=mask_n, other=0.0)[:, None] * a_scale[None, :]
         if GATED:
             up_scale = tl.load(b_scales + n_size, mask=mask_n, other=0.0)
-            acc_up = acc_up * a_scale[:, None] * up_scale[None, :]
+            acc_up = acc_up * up_scale[:, None] * a_scale[None, :]
     if GATED:
         # round gate and up to the dtype first: the unfused path stores them before activating
         gate = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
@@ -121,9 +127,9 @@ def _grouped_gemm_kernel(
         acc = act.to(tl.float32) * up.to(tl.float32)
     if MUL_ROUTED_WEIGHT:
         weight = tl.load(pair_weights_ptr + pairs, mask=mask_m, other=0.0)
-        acc = acc * weight[:, None]
-    c_block = c_ptr + pairs[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
-    tl.store(c_block, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+        acc = acc * weight[None, :]
+    c_block = c_ptr + pairs[None, :].to(tl.int64) * stride_cm + offs_n[:, None]
+    tl.store(c_block, acc.to(c_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_m[None, :])
 
 
 def moe_block_config(num_pairs: int, num_experts: int, dtype: torch.dtype) -> tuple[int, int, int, int]:

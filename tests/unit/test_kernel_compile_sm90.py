@@ -1,6 +1,6 @@
 """Kernels compile for an H100 (sm_90) on this machine, with no GPU: the MoE routing, gated
-shared-expert and combine kernels, and the kernels that write fp8 (whose GPU build differs from the
-interpreter's). Triton's compiler, in a process without TRITON_INTERPRET, down to a cubin, for
+shared-expert and combine kernels, the kernels that write fp8 (whose GPU build differs from the
+interpreter's) and the GEMMs whose instruction choice matters (fp8 skinny GEMM, grouped MoE GEMM). Triton's compiler, in a process without TRITON_INTERPRET, down to a cubin, for
 every dtype and each branch of their constexprs. The interpreter runs the kernels' numbers; this
 catches what only the compiler refuses (types, layouts, unsupported ops)."""
 
@@ -69,7 +69,7 @@ def test_kernels_compile_for_sm90(tmp_path: Path):
     assert "compiled 9" in out, out
 
 
-_COMPILE_FP8_WRITERS = textwrap.dedent(
+_COMPILE_FP8_AND_GEMMS = textwrap.dedent(
     """
     import re
     import triton
@@ -123,13 +123,29 @@ _COMPILE_FP8_WRITERS = textwrap.dedent(
         wgmma = [line for line in text.splitlines() if "wgmma.mma_async" in line]
         assert wgmma and all(".e4m3.e4m3" in line for line in wgmma), "no fp8 wgmma"
         assert "cvt.rn.f16x2.e4m3x2" not in text, "fp8 operands widened to float16"
-    print("compiled fp8 writers")
+    # the fused MoE's grouped GEMM at decode's and prefill's tiles: warpgroup MMAs on the weights
+    from pdserve.kernels.fused_moe import _grouped_gemm_kernel
+    for w_type, tiles, num_warps, gated in (("fp8e4nv", (16, 64, 128), 4, True), ("fp8e4nv", (16, 64, 128), 4, False),
+                                            ("bf16", (16, 64, 128), 4, True), ("bf16", (64, 128, 64), 8, True)):
+        fp8 = w_type == "fp8e4nv"
+        pointers = {"a_ptr": "*" + w_type, "b_ptr": "*" + w_type, "c_ptr": "*bf16", "sorted_pairs_ptr": "*i32",
+                    "block_experts_ptr": "*i32", "pair_weights_ptr": "*fp32", "b_scale_ptr": "*fp32",
+                    "a_scale_ptr": "*fp32"}
+        constexprs = {"A_ROWS_PER_PAIR": 1, "GATED": gated, "MUL_ROUTED_WEIGHT": not gated, "BLOCK_M": tiles[0],
+                      "BLOCK_N": tiles[1], "BLOCK_K": tiles[2], "DOT_PRECISION": "tf32", "FP8_W": fp8}
+        text = ptx(_grouped_gemm_kernel, pointers, constexprs, num_warps)
+        wgmma = [line for line in text.splitlines() if "wgmma.mma_async" in line]
+        assert wgmma and all((".e4m3.e4m3" if fp8 else ".bf16.bf16") in line for line in wgmma), (w_type, tiles)
+        assert "cvt.rn.f16x2.e4m3x2" not in text, "fp8 operands widened to float16"
+    print("compiled fp8 writers and gemms")
     """
 )
 
 
-def test_fp8_writers_compile_for_sm90_with_hardware_rounding(tmp_path: Path):
+def test_fp8_writers_and_gemms_compile_for_sm90_as_intended(tmp_path: Path):
     """Compiled for a GPU, the kernels that write fp8 leave the rounding to the hardware's conversion
-    (the interpreter's software rounding is compiled out) and quantize a row with one division."""
-    out = _run_without_interpreter(_COMPILE_FP8_WRITERS, tmp_path)
-    assert "compiled fp8 writers" in out, out
+    (the interpreter's software rounding is compiled out) and quantize a row with one division; the
+    skinny fp8 GEMM and the fused MoE's grouped GEMM run warpgroup MMAs on their operands as
+    stored (fp8 never widened to float16)."""
+    out = _run_without_interpreter(_COMPILE_FP8_AND_GEMMS, tmp_path)
+    assert "compiled fp8 writers and gemms" in out, out
