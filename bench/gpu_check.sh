@@ -8,7 +8,8 @@
 # deepseek (DeepSeek-V2-Lite); kinds_engine (Gemma-2 and Qwen1.5-MoE engines and the fused-MoE kernel, no serve), gemma2_engine (Gemma-2's alone);
 # grammar (every request under a grammar against the same serve unconstrained); fp8 (the fp8 GEMMs against
 # _scaled_mm and bf16, then bench_one_batch bf16 against --quantization fp8, and fp8 weights with an
-# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_step (fp8's decode steps and profile alone), same_lease (bench_one_batch of a carried older tree, .baseline, then of this one), fp8_serving (serve bf16
+# fp8_e4m3 KV cache at batch 64 x 1280), fp8_compile (the same, compiled), fp8_step (fp8's decode steps and profile alone), gemm_kernels (the fp8 GEMM and the fused MoE
+# alone, no sweep), same_lease (bench_one_batch of a carried older tree, .baseline, then of this one), fp8_serving (serve bf16
 # against fp8 weights + fp8 KV, c1 and c64); tp (needs 2 GPUs: bench_one_batch of the 8B shape at batch 1 and 64,
 # --tp 1 and --tp 2 in one run, the TP=2/TP=1 decode-step ratio, then the TP=2 CUDA-graph parity test);
 # on two GPUs: multi (= multi_kv multi_pd tp multi_split multi_threshold; multi_tp is another name of tp;
@@ -264,6 +265,11 @@ PY
     run one-batch-fp8-kv 300 python3 -m pdserve.bench.bench_one_batch --quantization fp8 --kv-cache-dtype fp8_e4m3 \
       --batch-size 64 --input-len 1280 --output-len 128 --result-filename "$RES" --run-name weights-fp8-kv-fp8
     fp8_profile_bs1 ;;
+  gemm_kernels)
+    # the skinny fp8 GEMM (no sweep) and the fused-MoE kernel in bf16 and fp8, each against its roofline
+    run bench-fp8-gemm 150 python3 -m pdserve.bench.bench_fp8_gemm --rows 1,16,64 --json-out "$OUT/fp8_gemm.json"
+    fused_moe_kernel
+    fused_moe_kernel --fp8 ;;
   fp8_step)
     # the fp8 stage's decode steps and batch-1 profile alone (bf16 beside it), without the GEMM sweep
     fp8_decode_steps
