@@ -9,6 +9,8 @@
   in random order): GB/s over the KV bytes it must read (every K and V of every sequence, once per
   kv head group), as a fraction of copy bandwidth. SDPA gets the same K/V laid out contiguously
   ([B, Hkv, ctx, D], `enable_gqa`), i.e. without paging, which only helps it.
+- Decode over an fp8_e4m3 pool against the same pool in bf16 (BLOCK_N swept): time against the
+  fp8 bytes at the copy rate.
 - Extend (kernels.extend_attention): causal prefill of whole prompts and a chunk over a cached
   prefix; TFLOP/s counts 4 * D * Hq per visible (query, key) pair, as a fraction of the matmul rate.
   SDPA: the same prompts padded into one [B, Hq, T, D] batch, `is_causal=True`, prefix-free cases
@@ -106,6 +108,50 @@ def bench_decode(batch: int, ctx: int, copy_gbs: float, num_sms: int) -> dict:
     }  # fmt: skip
 
 
+def bench_decode_fp8(batch: int, ctx: int, copy_gbs: float, num_sms: int) -> dict:
+    """Decode over an fp8_e4m3 pool (scales 1.0) against the same pool in bf16, same run: the fp8
+    kernel reads half the bytes, so at the copy rate it takes half the time. BLOCK_N swept: a
+    64-key fp8 tile is half the bytes in flight of a bf16 one."""
+    gen = torch.Generator(device="cuda").manual_seed(batch * 7 + ctx)
+    k, v, table = _paged([ctx] * batch, gen)
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+    one = torch.ones(1, dtype=torch.float32, device="cuda")
+    q = torch.randn(batch, HQ, HEAD_DIM, dtype=DTYPE, device="cuda", generator=gen)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    splits = num_kv_splits_for(batch, HKV, num_sms)
+    ws = torch.empty(decode_workspace_numel(batch, HQ, HEAD_DIM, splits), dtype=torch.float32, device="cuda")
+    out = torch.empty_like(q)
+    scale = HEAD_DIM**-0.5
+
+    def run(kp, vp, block_n=None, **scales):
+        return decode_attention(
+            q,
+            kp,
+            vp,
+            table,
+            lens,
+            scale,
+            out=out,
+            num_kv_splits=splits,
+            workspace=ws,
+            block_n=block_n,
+            **scales,
+        )
+
+    bf16_ms = _bench_ms(lambda: run(k, v))
+    fp8_us = {
+        bn: _bench_ms(lambda bn=bn: run(k8, v8, bn, k_scale=one, v_scale=one)) * 1e3 for bn in (32, 64, 128)
+    }
+    fp8_bytes = 2 * batch * ctx * HKV * HEAD_DIM
+    want = run(k8.to(DTYPE), v8.to(DTYPE)).float()  # the same values in bf16
+    got = run(k8, v8, k_scale=one, v_scale=one).float()
+    return {
+        "kind": "decode_fp8", "batch": batch, "ctx": ctx, "splits": splits, "bf16_us": bf16_ms * 1e3,
+        "fp8_us": fp8_us, "fp8_roofline_us": fp8_bytes / (copy_gbs * 1e9) * 1e6,
+        "max_abs_err_vs_bf16_of_fp8_values": float((got - want).abs().max()),
+    }  # fmt: skip
+
+
 def bench_extend(batch: int, new_len: int, prefix_len: int, matmul: float) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(batch * 7919 + new_len + prefix_len)
     seq_len = prefix_len + new_len
@@ -154,6 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         bench_decode(b, ctx, copy_gbs, props.multi_processor_count)
         for b, ctx in ((1, 1280), (1, 8192), (8, 4096), (64, 1280), (64, 4096))
     ]
+    rows += [
+        bench_decode_fp8(b, ctx, copy_gbs, props.multi_processor_count) for b, ctx in ((1, 8192), (64, 1280))
+    ]
     rows += [bench_extend(b, n, pre, mm) for b, n, pre in ((8, 1024, 0), (1, 4096, 0), (4, 512, 3584))]
     print("\n| decode | splits | ours µs | SDPA µs | ours GB/s | of copy | SDPA GB/s | max err |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -162,6 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             f"| bs {r['batch']} x ctx {r['ctx']} | {r['splits']} | {r['ours_us']:.1f} | {r['sdpa_us']:.1f} | "
             f"{r['ours_gbs']:,.0f} | {r['fraction_of_copy']:.0%} | {r['sdpa_gbs']:,.0f} | "
             f"{r['max_abs_err_vs_sdpa']:.1e} |"
+        )
+    print(
+        "\n| decode, fp8_e4m3 KV | bf16 KV µs | fp8 µs, BLOCK_N 32 / 64 / 128 | fp8 roofline µs | max err |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in (r for r in rows if r["kind"] == "decode_fp8"):
+        fp8 = " / ".join(f"{us:.1f}" for us in r["fp8_us"].values())
+        print(
+            f"| bs {r['batch']} x ctx {r['ctx']} | {r['bf16_us']:.1f} | {fp8} | {r['fp8_roofline_us']:.1f} | "
+            f"{r['max_abs_err_vs_bf16_of_fp8_values']:.1e} |"
         )
     print("\n| extend | ours µs | SDPA µs | ours TFLOP/s | of matmul | SDPA TFLOP/s | max err |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -203,11 +203,13 @@ def num_kv_splits_for(batch: int, num_kv_heads: int, num_sms: int, max_splits: i
     return splits
 
 
-def decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, num_warps, num_stages): a fixed table, no autotuning while serving."""
+def decode_config(head_dim: int, dtype: torch.dtype, fp8_kv: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages): a fixed table, no autotuning while serving. An fp8 pool
+    takes twice the keys a tile, so each load in flight carries as many bytes as a 16-bit tile
+    (decode streams KV: bytes in flight set its rate; bench_attention sweeps BLOCK_N)."""
     if dtype == torch.float32 or triton.next_power_of_2(head_dim) > 128:
         return 32, 4, 2
-    return 64, 4, 2
+    return (128 if fp8_kv else 64), 4, 2
 
 
 def decode_attention(
@@ -259,7 +261,7 @@ def decode_attention(
     flat = workspace.view(-1)
     parts = flat[: batch * num_q_heads * num_kv_splits * head_dim]
     lse = flat[parts.numel() : needed]
-    cfg_n, num_warps, num_stages = decode_config(head_dim, q.dtype)
+    cfg_n, num_warps, num_stages = decode_config(head_dim, q.dtype, fp8_kv=k_scale is not None)
     block_n = block_n or cfg_n
     assert block_n >= 16, "tl.dot needs tiles of at least 16"
     group = num_q_heads // num_kv_heads
