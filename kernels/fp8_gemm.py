@@ -73,7 +73,7 @@ def _fp8_gemm_kernel(
         acc = tl.dot(w_tile, a_tile, acc)
     sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     sw = tl.load(w_scale + rn, mask=n_ok, other=0.0)
-    acc = acc * sw[:, None] * sa[None, :]
+    acc = acc * sa[None, :] * sw[:, None]  # the reference's order: row scale first
     if HAS_BIAS:
         b = tl.load(bias + rn, mask=n_ok, other=0.0).to(tl.float32)
         acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[:, None]

@@ -115,10 +115,11 @@ def _grouped_gemm_kernel(
         b_block += BLOCK_K
     if FP8_W:
         b_scales = b_scale_ptr + expert * stride_bse + offs_n
-        acc = acc * tl.load(b_scales, mask=mask_n, other=0.0)[:, None] * a_scale[None, :]
+        # the reference's order: the row scale first
+        acc = acc * a_scale[None, :] * tl.load(b_scales, mask=mask_n, other=0.0)[:, None]
         if GATED:
             up_scale = tl.load(b_scales + n_size, mask=mask_n, other=0.0)
-            acc_up = acc_up * up_scale[:, None] * a_scale[None, :]
+            acc_up = acc_up * a_scale[None, :] * up_scale[:, None]
     if GATED:
         # round gate and up to the dtype first: the unfused path stores them before activating
         gate = acc.to(c_ptr.dtype.element_ty).to(tl.float32)
