@@ -57,16 +57,17 @@ def bench_shape(name: str, n: int, k: int, m: int, copy_gbs: float, sweep: bool)
         "max_rel_err_vs_ref": float((got - want).abs().max() / want.abs().max()),
     }  # fmt: skip
     if sweep:
-        row["sweep_us"] = {}
+        sweep_us: dict[str, float] = {}
         for bn, bk, sk, nw, ns in SWEEP_M1 if m == 1 else SWEEP:
             try:
-                row["sweep_us"][f"{bn}x{bk}x{sk} w{nw} s{ns}"] = graph_time_us(
+                sweep_us[f"{bn}x{bk}x{sk} w{nw} s{ns}"] = graph_time_us(
                     lambda bn=bn, bk=bk, sk=sk, nw=nw, ns=ns: fp8_gemm(
                         q, qs, w8, ws, None, torch.bfloat16, bn, bk, sk, num_warps=nw, num_stages=ns
                     )
                 )
             except OutOfResources:  # deep pipelines of wide tiles outgrow shared memory: not a candidate
                 pass
+        row["sweep_us"] = sweep_us
     return row
 
 

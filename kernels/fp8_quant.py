@@ -33,9 +33,14 @@ MIN_AMAX = 1e-12
 _MAX_K = 32768
 
 
+# read once, as triton.jit reads TRITON_INTERPRET when it decorates a kernel: a kernel module
+# imported under the interpreter stays interpreted
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def soft_round() -> bool:
     """Whether kernels round to the fp8 grid in software (under the interpreter) before converting."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    return _INTERPRETED
 
 
 @triton.jit

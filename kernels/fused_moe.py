@@ -262,8 +262,9 @@ def fused_moe(
     _grouped_gemm(hidden, w13, act, blocks, None, top_k, tiles, w13_scale)
     down = torch.empty((num_pairs, hidden.shape[1]), dtype=torch.float32, device=hidden.device)
     _grouped_gemm(act, w2, down, blocks, topk_weights.reshape(-1), 1, tiles, w2_scale)
-    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-    return moe_combine(down, ids, num_experts, expert_offset, hidden.dtype, shared, shared_gate)
+    return moe_combine(
+        down, topk_ids.contiguous(), num_experts, expert_offset, hidden.dtype, shared, shared_gate
+    )
 
 
 def fused_moe_ref(
