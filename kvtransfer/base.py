@@ -43,6 +43,8 @@ from typing import Any
 
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
+HeadRange = tuple[int, int]  # [start, stop) of a pool's KV heads (kvtransfer/head_slice.py)
+
 
 class KVPoll(enum.IntEnum):
     Failed = 0
@@ -104,9 +106,14 @@ class KVReceiver(ABC):
 
 
 class KVManager(ABC):
-    """One per worker: reachable at `endpoint`; makes senders and receivers; `close()` ends all."""
+    """One per worker: reachable at `endpoint`; makes senders and receivers; `close()` ends all.
+
+    `heads` (start, stop) on a handle moves only those KV heads of this manager's pool, into the
+    peer's handle's own range of as many heads (kvtransfer/head_slice.py). Only a manager whose
+    `moves_head_slices` is true takes it; others raise KVTransferError."""
 
     endpoint: str
+    moves_head_slices: bool = False
 
     def __init__(self, pool: PagedKVPool, worker_id: str, config: KVTransferConfig | None = None):
         self.pool = pool
@@ -114,10 +121,10 @@ class KVManager(ABC):
         self.config = config or KVTransferConfig()
 
     @abstractmethod
-    def make_sender(self, rid: str, dest_endpoint: str) -> KVSender: ...
+    def make_sender(self, rid: str, dest_endpoint: str, heads: HeadRange | None = None) -> KVSender: ...
 
     @abstractmethod
-    def make_receiver(self, rid: str, src_endpoint: str) -> KVReceiver: ...
+    def make_receiver(self, rid: str, src_endpoint: str, heads: HeadRange | None = None) -> KVReceiver: ...
 
     @abstractmethod
     def close(self) -> None: ...

@@ -41,10 +41,17 @@ import torch
 import zmq
 
 from pdserve.kvtransfer import wire
-from pdserve.kvtransfer.base import KVManager, KVReceiver, KVSender, KVTransferConfig, KVTransferError
+from pdserve.kvtransfer.base import (
+    HeadRange,
+    KVManager,
+    KVReceiver,
+    KVSender,
+    KVTransferConfig,
+    KVTransferError,
+)
 from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.handles import CLOSED, ChannelReceiver, ChannelSender
-from pdserve.kvtransfer.layout import KVLayout
+from pdserve.kvtransfer.head_slice import KVRegion
 from pdserve.kvtransfer.peers import PeerTable, check_endpoint
 from pdserve.kvtransfer.plane_host import PlaneHost
 from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
@@ -72,7 +79,8 @@ class ControlPlaneManager(KVManager):
         make_plane: Callable[[PlaneHost], DataPlane],
     ):
         super().__init__(pool, worker_id, config)
-        self.layout = KVLayout.of(pool)
+        self.whole = KVRegion.of(pool)
+        self.layout = self.whole.layout
         self.max_message_bytes = max_message_bytes
         self._ctx = zmq.Context(io_threads=1)
         self._router = self._ctx.socket(zmq.ROUTER)
@@ -97,7 +105,7 @@ class ControlPlaneManager(KVManager):
         self._running = True
         self._stop = False
         self.stopping = False  # set when the loop ends: registrations now fail as closed
-        self.transfers = Transfers(self.peers, self.layout, self.config)
+        self.transfers = Transfers(self.peers, self.config)
         self.plane = make_plane(self)
         self.transfers.plane = self.plane
         self._handlers: dict[type, Callable[[str, Any, list], None]] = {
@@ -111,19 +119,35 @@ class ControlPlaneManager(KVManager):
 
     # ------------------------------------------------------------------ worker-thread API
 
-    def make_sender(self, rid: str, dest_endpoint: str) -> KVSender:
+    @property
+    def moves_head_slices(self) -> bool:  # type: ignore[override]
+        return self.plane.moves_head_slices
+
+    def make_sender(self, rid: str, dest_endpoint: str, heads: HeadRange | None = None) -> KVSender:
         check_endpoint(dest_endpoint)
-        rec = OutboundTransfer(rid, dest_endpoint, TransferState(self.config.transfer_timeout_s))
+        state = TransferState(self.config.transfer_timeout_s)
+        rec = OutboundTransfer(rid, dest_endpoint, state, self._region(heads))
         if not self.call_soon(lambda: self.transfers.register_out(rec)):
             raise KVTransferError(CLOSED)
         return ChannelSender(self, rec)
 
-    def make_receiver(self, rid: str, src_endpoint: str) -> KVReceiver:
+    def make_receiver(self, rid: str, src_endpoint: str, heads: HeadRange | None = None) -> KVReceiver:
         check_endpoint(src_endpoint)
-        rec = InboundTransfer(rid, src_endpoint, os.urandom(8), TransferState(self.config.transfer_timeout_s))
+        state = TransferState(self.config.transfer_timeout_s)
+        rec = InboundTransfer(rid, src_endpoint, os.urandom(8), state, self._region(heads))
         if not self.call_soon(lambda: self.transfers.register_in(rec)):
             raise KVTransferError(CLOSED)
         return ChannelReceiver(self, rec)
+
+    def _region(self, heads: HeadRange | None) -> KVRegion:
+        if heads is None:
+            return self.whole
+        if not self.plane.moves_head_slices:
+            raise KVTransferError(f"the {type(self).__name__}'s copies need whole pools, not KV head slices")
+        try:
+            return KVRegion.of(self.pool, heads)
+        except ValueError as exc:
+            raise KVTransferError(str(exc)) from exc
 
     def close(self) -> None:
         self.call_soon(self._request_stop)

@@ -22,6 +22,10 @@ receiver's rule (nothing written after a final state) with a closer on the recei
 (state.py), since the writing happens in the other process.
 
 Plane-specific control messages (NCCL's link set-up) are registered through `handlers()`.
+
+A plane that copies with torch indexing (zmq) may move a head slice of the pool (head_slice.py):
+it says so with `moves_head_slices` and copies from and into the record's `region`; the others
+are only given transfers of the whole pool.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from pdserve.kvtransfer.wire import Data
 
 
 class DataPlane(ABC):
+    moves_head_slices = False
+
     def __init__(self, host: PlaneHost):
         self.host = host
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from pdserve.kvtransfer.base import (
+    HeadRange,
     KVManager,
     KVPoll,
     KVReceiver,
@@ -35,6 +36,7 @@ from pdserve.kvtransfer.base import (
     KVTransferConfig,
     KVTransferError,
 )
+from pdserve.kvtransfer.head_slice import head_slice_pool
 from pdserve.kvtransfer.layout import KVLayout, layout_mismatch
 from pdserve.kvtransfer.state import TransferState, check_send_args, msgpack_roundtrip
 from pdserve.shared.engine.kv_pool import PagedKVPool
@@ -103,11 +105,13 @@ class FakeTransferHub:
 
 
 class _FakeSide:
-    """What the fake sender and receiver share: state, reason, the link, the hub."""
+    """What the fake sender and receiver share: state, reason, the link, the hub, and the pool it
+    reads or writes (the manager's, or a head slice of it)."""
 
-    def __init__(self, manager: FakeKVManager, rid: str, link: _Link):
+    def __init__(self, manager: FakeKVManager, rid: str, link: _Link, pool: PagedKVPool):
         self.rid = rid
         self._manager = manager
+        self._pool = pool
         self._hub = manager.hub
         self._link = link
         self._state = TransferState(manager.config.transfer_timeout_s)
@@ -124,8 +128,8 @@ class _FakeSide:
 
 
 class FakeSender(_FakeSide, KVSender):
-    def __init__(self, manager: FakeKVManager, rid: str, link: _Link):
-        super().__init__(manager, rid, link)
+    def __init__(self, manager: FakeKVManager, rid: str, link: _Link, pool: PagedKVPool):
+        super().__init__(manager, rid, link, pool)
         self._queued: list[tuple[list[int], bool, dict[str, Any] | None]] = []
         self._last_sent = False
         self._copied = 0  # pages of the request copied so far
@@ -150,9 +154,7 @@ class FakeSender(_FakeSide, KVSender):
                 reason = f"{end} pages sent, the receiver allocated {len(receiver._pages)}"
                 _fail_link(self._hub, self._link, self, reason, "")
                 return
-            _copy_pages(
-                self._manager.pool, pages, receiver._manager.pool, receiver._pages[self._copied : end]
-            )
+            _copy_pages(self._pool, pages, receiver._pool, receiver._pages[self._copied : end])
             self._copied = end
             self._state.advance(KVPoll.Transferring)
             receiver._state.advance(KVPoll.Transferring)
@@ -169,8 +171,8 @@ class FakeSender(_FakeSide, KVSender):
 
 
 class FakeReceiver(_FakeSide, KVReceiver):
-    def __init__(self, manager: FakeKVManager, rid: str, link: _Link):
-        super().__init__(manager, rid, link)
+    def __init__(self, manager: FakeKVManager, rid: str, link: _Link, pool: PagedKVPool):
+        super().__init__(manager, rid, link, pool)
         self._pages: list[int] | None = None
         self._first_output: dict[str, Any] | None = None
 
@@ -186,9 +188,7 @@ class FakeReceiver(_FakeSide, KVReceiver):
         """Both sides exist and init() was called: check layouts, flush early sends (hub lock held)."""
         sender = self._link.sender
         assert sender is not None
-        reason = layout_mismatch(
-            KVLayout.of(sender._manager.pool).to_wire(), KVLayout.of(self._manager.pool).to_wire()
-        )
+        reason = layout_mismatch(KVLayout.of(sender._pool).to_wire(), KVLayout.of(self._pool).to_wire())
         if reason is not None:
             _fail_link(self._hub, self._link, self, reason, "")
             return
@@ -230,6 +230,8 @@ def _copy_pages(src: PagedKVPool, src_pages: list[int], dst: PagedKVPool, dst_pa
 
 
 class FakeKVManager(KVManager):
+    moves_head_slices = True
+
     def __init__(
         self,
         pool: PagedKVPool,
@@ -243,14 +245,15 @@ class FakeKVManager(KVManager):
         self._closed = False
         hub.register(self)
 
-    def make_sender(self, rid: str, dest_endpoint: str) -> KVSender:
+    def make_sender(self, rid: str, dest_endpoint: str, heads: HeadRange | None = None) -> KVSender:
+        pool = self._pool(heads)
         with self.hub.lock:
             self._check_open()
             self.hub.manager(dest_endpoint)
             link = self.hub.link((self.endpoint, dest_endpoint, rid))
             if link.sender is not None:
                 raise KVTransferError(f"a transfer of rid {rid!r} to {dest_endpoint} is already in progress")
-            sender = link.sender = FakeSender(self, rid, link)
+            sender = link.sender = FakeSender(self, rid, link, pool)
             if link.tombstone is not None:
                 _fail_link(self.hub, link, sender, link.tombstone[0], "")
                 self.hub.drop(link)
@@ -258,14 +261,15 @@ class FakeKVManager(KVManager):
                 link.receiver._meet_sender()
             return sender
 
-    def make_receiver(self, rid: str, src_endpoint: str) -> KVReceiver:
+    def make_receiver(self, rid: str, src_endpoint: str, heads: HeadRange | None = None) -> KVReceiver:
+        pool = self._pool(heads)
         with self.hub.lock:
             self._check_open()
             self.hub.manager(src_endpoint)
             link = self.hub.link((src_endpoint, self.endpoint, rid))
             if link.receiver is not None:
                 raise KVTransferError(f"a transfer of rid {rid!r} from {src_endpoint} is already in progress")
-            receiver = link.receiver = FakeReceiver(self, rid, link)
+            receiver = link.receiver = FakeReceiver(self, rid, link, pool)
             if link.tombstone is not None:
                 _fail_link(self.hub, link, receiver, link.tombstone[0], "")
                 self.hub.drop(link)
@@ -284,6 +288,14 @@ class FakeKVManager(KVManager):
                         side._state.fail("KV manager closed" if mine else f"KV peer {self.endpoint} closed")
                 self.hub.drop(link)
             self.hub.unregister(self)
+
+    def _pool(self, heads: HeadRange | None) -> PagedKVPool:
+        if heads is None:
+            return self.pool
+        try:
+            return head_slice_pool(self.pool, *heads)
+        except ValueError as exc:
+            raise KVTransferError(str(exc)) from exc
 
     def _check_open(self) -> None:
         if self._closed:

@@ -4,27 +4,43 @@ tensor-parallel widths (shared/engine/tp_kv_transfer.py).
 A rank of a `--tp N` worker stores only its KV heads; a decode rank of another width needs other
 slices of them. A backend that copies pages with torch indexing (fake, zmq: gather with
 index_select, scatter with index_copy_, which read and write strided views in place) moves a
-head slice when it is given `head_slice_pool(pool, start, stop)` in place of the pool: the same
-page ids, `[num_pages, page_size, stop - start, head_dim]` per layer, no copy of the pool.
+head slice through a view of the pool, `head_slice_pool(pool, start, stop)`: the same page ids,
+`[num_pages, page_size, stop - start, head_dim]` per layer, no copy of the pool. Its manager
+takes `heads=(start, stop)` per handle (base.py), so one manager moves whole pools and every
+slice of its pool alike; the two sides of a head leg name it `leg_rid(rid, head)`.
 
 Backends whose copies need the whole contiguous pool (cuda_ipc maps it, nccl's kernels gather
-it) cannot: `moves_head_slices` says which can, and a worker offers head slices only then.
+it) cannot: their managers' `moves_head_slices` is false, and a worker offers head slices only
+when it is true.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
+from pdserve.kvtransfer.base import HeadRange
+from pdserve.kvtransfer.layout import KVLayout
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
-HEAD_SLICE_BACKENDS = ("fake", "zmq")
+
+@dataclass(frozen=True)
+class KVRegion:
+    """What one transfer reads or writes: its manager's pool, or a head slice of it, and the layout
+    of that."""
+
+    pool: PagedKVPool
+    layout: KVLayout
+
+    @classmethod
+    def of(cls, pool: PagedKVPool, heads: HeadRange | None = None) -> KVRegion:
+        view = pool if heads is None else head_slice_pool(pool, *heads)
+        return cls(view, KVLayout.of(view))
 
 
-def moves_head_slices(backend: str, device_type: str) -> bool:
-    """Whether the worker's backend (`auto` resolved for its device) moves head-slice views."""
-    from pdserve.kvtransfer.auto import worker_backend
-
-    return worker_backend(backend, device_type) in HEAD_SLICE_BACKENDS
+def leg_rid(rid: str, head: int) -> str:
+    """The transfer name of request `rid`'s leg of global KV head `head`, alike on both sides."""
+    return f"{rid}#kv-head{head}"
 
 
 def head_slice_pool(pool: PagedKVPool, start: int, stop: int) -> PagedKVPool:

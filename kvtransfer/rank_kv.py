@@ -1,7 +1,8 @@
-"""One rank's KV managers and the handles of its legs of each request (kvtransfer/tp_legs.py).
+"""One rank's KV manager and the handles of its legs of each request (kvtransfer/tp_legs.py).
 
-A rank of a worker holds a manager over its whole pool and, where the backend moves head slices
-(kvtransfer/head_slice.py), one manager per KV head it holds. The worker's rank 0 and each
+A rank of a worker holds one manager over its pool; where the backend moves head slices
+(kvtransfer/head_slice.py), a leg of one KV head is a handle of that manager over the head's slice,
+named `leg_rid(rid, head)` on both sides. The worker's rank 0 and each
 follower rank (shared/engine/tp_kv_transfer.py, tp_kv_follower.py) keep one `RankKV`; a request's
 transfer is numbered `tid` by rank 0 and is, on each rank, the handles of that rank's legs.
 
@@ -10,7 +11,7 @@ Rules:
   so every rank reports through `poll` alike; rank 0 raises instead (`start(..., strict=True)`).
 - `changes()` (followers) polls every handle and returns the states that changed since the last
   call; a transfer whose legs are all final is forgotten after it was reported.
-- `close()` closes every manager: their transfers fail, as a peer's death would fail them.
+- `close()` closes the manager: its transfers fail, as a peer's death would fail them.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from pdserve.kvtransfer import make_kv_manager
 from pdserve.kvtransfer.base import KVManager, KVPoll, KVReceiver, KVSender, KVTransferConfig, KVTransferError
-from pdserve.kvtransfer.head_slice import head_slice_pool, moves_head_slices
+from pdserve.kvtransfer.head_slice import leg_rid
 from pdserve.kvtransfer.tp_legs import Leg, RankEndpoint
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
@@ -52,10 +53,9 @@ class RefusedLeg(KVSender):
 
 
 class RankKV:
-    def __init__(self, full: KVManager, heads: list[int], head_managers: dict[int, KVManager]):
+    def __init__(self, full: KVManager, heads: list[int]):
         self.full = full
         self.heads = heads
-        self.head_managers = head_managers
         self._legs: dict[int, dict[int, Handle]] = {}  # tid -> leg index -> handle
         self._reported: dict[tuple[int, int], int] = {}
 
@@ -70,25 +70,11 @@ class RankKV:
         config: KVTransferConfig | None = None,
         **options: Any,
     ) -> RankKV:
-        """The rank's managers over `pool`, whose KV heads are the global `heads`, in order."""
-        full = make_kv_manager(backend, pool, worker_id, host, config, **options)
-        head_managers: dict[int, KVManager] = {}
-        try:
-            if moves_head_slices(backend, pool.device.type):
-                for k, head in enumerate(heads):
-                    view = head_slice_pool(pool, k, k + 1)
-                    head_managers[head] = make_kv_manager(
-                        backend, view, f"{worker_id}/head{head}", host, config, **options
-                    )
-        except BaseException:
-            for manager in [full, *head_managers.values()]:
-                manager.close()
-            raise
-        return cls(full, heads, head_managers)
+        """The rank's manager over `pool`, whose KV heads are the global `heads`, in order."""
+        return cls(make_kv_manager(backend, pool, worker_id, host, config, **options), heads)
 
     def endpoint(self) -> RankEndpoint:
-        heads = list(self.head_managers)
-        return RankEndpoint(self.full.endpoint, heads, [self.head_managers[h].endpoint for h in heads])
+        return RankEndpoint(self.full.endpoint, list(self.heads), self.full.moves_head_slices)
 
     def start(
         self, tid: int, rid: str, sends: bool, legs: list[tuple[int, Leg]], strict: bool = False
@@ -96,13 +82,16 @@ class RankKV:
         """Handles for `legs` (index, leg) of this rank; see the module rules for refusals."""
         handles: dict[int, Handle] = {}
         self._legs[tid] = handles
+        make = self.full.make_sender if sends else self.full.make_receiver
         for index, leg in legs:
-            manager = self.full if leg.head is None else self.head_managers.get(leg.head)
             try:
-                if manager is None:
-                    raise KVTransferError(f"this rank has no manager of KV head {leg.head}")
-                make = manager.make_sender if sends else manager.make_receiver
-                handles[index] = make(rid, leg.peer)
+                if leg.head is None:
+                    handles[index] = make(rid, leg.peer)
+                elif leg.head not in self.heads:
+                    raise KVTransferError(f"this rank holds no KV head {leg.head}")
+                else:
+                    k = self.heads.index(leg.head)
+                    handles[index] = make(leg_rid(rid, leg.head), leg.peer, (k, k + 1))
             except KVTransferError as exc:
                 if strict:
                     self.abort(tid, f"another leg was refused: {exc}")
@@ -152,5 +141,4 @@ class RankKV:
         return bool(self._legs)
 
     def close(self) -> None:
-        for manager in [self.full, *self.head_managers.values()]:
-            manager.close()
+        self.full.close()

@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from pdserve.kvtransfer.head_slice import KVRegion
 from pdserve.kvtransfer.layout import MessageSpec
 from pdserve.kvtransfer.state import TransferState
 
@@ -35,6 +36,7 @@ class OutboundTransfer:
     rid: str
     peer: str
     state: TransferState
+    region: KVRegion  # what it reads: the manager's pool or a head slice of it (head_slice.py)
     nonce: bytes | None = None  # from the receiver's Ready
     dest_num_pages: int | None = None
     chunks: deque[Chunk] = field(default_factory=deque)
@@ -55,6 +57,7 @@ class InboundTransfer:
     peer: str
     nonce: bytes
     state: TransferState
+    region: KVRegion  # what it writes: the manager's pool or a head slice of it (head_slice.py)
     pages: list[int] | None = None  # receiver page ids, from init()
     cells_written: int = 0
     first_output: dict[str, Any] | None = None

@@ -5,11 +5,12 @@ rank's managers: `tp-kv:` and a JSON object, or a plain backend endpoint for a s
 offers nothing else (what a worker without this layer advertises). Per rank:
 - `full`: a manager over the rank's whole pool. Two workers of one width pair rank i with rank i:
   the same heads on both sides, whole pages.
-- `head_endpoints`: one manager per KV head the rank holds (`heads`, global numbers, in pool order),
-  over that head's slice of the pool (kvtransfer/head_slice.py); only backends that move head
-  slices offer them. Two workers of different widths move each head a decode rank holds from one
-  prefill rank that holds it: with replicated heads (fewer KV heads than ranks) decode rank j takes
-  the j-th holder modulo their number, a choice both sides compute alike.
+- `heads`: the global KV heads the rank holds, in pool order; `slices`: its manager moves single
+  heads' slices of the pool (kvtransfer/head_slice.py), which only some backends do. Two workers
+  of different widths move each head a decode rank holds from one prefill rank that holds it, a
+  leg between the two ranks' `full` managers over that head's slices: with replicated heads (fewer
+  KV heads than ranks) decode rank j takes the j-th holder modulo their number, a choice both
+  sides compute alike.
 
 A pair that can do neither (different widths on a backend without head slices) is refused with a
 KVTransferError that names both widths and the backend, when the request's handle is made: no
@@ -30,10 +31,7 @@ ENDPOINT_PREFIX = "tp-kv:"
 class RankEndpoint:
     full: str
     heads: list[int] = field(default_factory=list)
-    head_endpoints: list[str] = field(default_factory=list)
-
-    def head_endpoint(self, head: int) -> str:
-        return self.head_endpoints[self.heads.index(head)]
+    slices: bool = False
 
 
 @dataclass(frozen=True)
@@ -47,7 +45,7 @@ class WorkerKVEndpoint:
 
     @property
     def moves_heads(self) -> bool:
-        return all(r.head_endpoints for r in self.ranks)
+        return all(r.slices and r.heads for r in self.ranks)
 
     def encode(self) -> str:
         return ENDPOINT_PREFIX + json.dumps(asdict(self), separators=(",", ":"))
@@ -65,8 +63,8 @@ class WorkerKVEndpoint:
 
 @dataclass(frozen=True)
 class Leg:
-    """One backend transfer of a request: this worker's `rank`, its whole pool (`head` None) or its
-    manager of global KV head `head`, with the peer's manager at `peer`."""
+    """One backend transfer of a request: this worker's `rank`, its whole pool (`head` None) or the
+    slice of global KV head `head`, with the peer rank's manager at `peer`."""
 
     rank: int
     head: int | None
@@ -95,7 +93,7 @@ def plan_legs(own: WorkerKVEndpoint, peer: WorkerKVEndpoint, own_sends: bool) ->
                 raise KVTransferError(f"the prefill worker holds no KV head {head} (another model?)")
             i = holders[j % len(holders)]
             if own_sends:
-                legs.append(Leg(i, head, d_rank.head_endpoint(head)))
+                legs.append(Leg(i, head, d_rank.full))
             else:
-                legs.append(Leg(j, head, prefill.ranks[i].head_endpoint(head)))
+                legs.append(Leg(j, head, prefill.ranks[i].full))
     return legs

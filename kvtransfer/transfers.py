@@ -24,7 +24,6 @@ from pdserve.kvtransfer.base import KVPoll, KVTransferConfig, KVTransferError
 from pdserve.kvtransfer.data_plane import DataPlane
 from pdserve.kvtransfer.handles import CLOSED
 from pdserve.kvtransfer.layout import (
-    KVLayout,
     MessageSpec,
     data_error,
     data_header,
@@ -43,9 +42,8 @@ class Transfers:
 
     plane: DataPlane
 
-    def __init__(self, peers: PeerLink, layout: KVLayout, config: KVTransferConfig):
+    def __init__(self, peers: PeerLink, config: KVTransferConfig):
         self.peers = peers
-        self.layout = layout
         self.config = config
         self.closed = False
         self._out: dict[tuple[str, str], OutboundTransfer] = {}
@@ -164,7 +162,8 @@ class Transfers:
         offer = self.plane.offer(rec)
         if rec.dropped or rec.state.is_final:
             return  # the plane failed it (or the worker aborted meanwhile: its command tells the peer)
-        self.peers.send(rec.peer, wire.Ready(rec.rid, rec.nonce, len(pages), self.layout.to_wire(), offer))
+        ready = wire.Ready(rec.rid, rec.nonce, len(pages), rec.region.layout.to_wire(), offer)
+        self.peers.send(rec.peer, ready)
 
     def after_local_abort_out(self, rec: OutboundTransfer) -> None:
         if not rec.dropped:
@@ -190,7 +189,7 @@ class Transfers:
         rec.dest_num_pages = ready.num_pages
         rec.offer = ready.plane
         self.peers.send(rec.peer, wire.Bound(rec.nonce))
-        mismatch = layout_mismatch(self.layout.to_wire(), ready.layout)
+        mismatch = layout_mismatch(rec.region.layout.to_wire(), ready.layout)
         if mismatch is not None:
             self.fail_outbound(rec, mismatch)
             return
@@ -227,17 +226,17 @@ class Transfers:
         if rec.dropped or rec.state.is_final:
             self._sending.pop(rec, None)
             return False
-        chunk = rec.chunks[0]
+        chunk, layout = rec.chunks[0], rec.region.layout
         if chunk.specs is None:
             chunk.specs = plan_messages(
-                chunk.first_page, len(chunk.pages), self.layout, self.plane.message_bytes(rec)
+                chunk.first_page, len(chunk.pages), layout, self.plane.message_bytes(rec)
             )
             if not chunk.specs:  # is_last with no pages left: the header carries first_output
                 chunk.specs = [MessageSpec(chunk.first_page, 0, 0, 0)]
         spec = chunk.specs[chunk.next_spec]
         last = chunk.is_last and chunk.next_spec == len(chunk.specs) - 1
         assert rec.nonce is not None
-        msg = data_header(rec.rid, rec.nonce, spec, self.layout, last, rec.pages_queued, chunk.first_output)
+        msg = data_header(rec.rid, rec.nonce, spec, layout, last, rec.pages_queued, chunk.first_output)
         offset = spec.first_page - chunk.first_page
         src_pages = chunk.pages[offset : offset + spec.num_pages]
         if not self.plane.submit(rec, msg, spec, src_pages, chunk.ready_event):
@@ -287,7 +286,7 @@ class Transfers:
                     src, wire.Abort(msg.rid, msg.nonce, "the receiver has no such transfer", True)
                 )
             return
-        error = data_error(self.layout, rec.pages, msg) or self.plane.payload_error(msg, payload)
+        error = data_error(rec.region.layout, rec.pages, msg) or self.plane.payload_error(msg, payload)
         if error is not None:
             self.plane.discard(src, msg, payload)
             self.fail_inbound(rec, f"bad data message: {error}")
@@ -305,7 +304,7 @@ class Transfers:
         if not msg.is_last:
             return
         assert rec.pages is not None
-        expected = msg.total_pages * self.layout.num_layers
+        expected = msg.total_pages * rec.region.layout.num_layers
         if msg.total_pages > len(rec.pages) or rec.cells_written != expected:
             self.fail_inbound(
                 rec, f"incomplete KV: {rec.cells_written} page-layers written, the sender sent {expected}"

@@ -35,6 +35,8 @@ DEFAULT_MAX_SLABS = 4
 
 
 class ZmqDataPlane(DataPlane):
+    moves_head_slices = True  # its copies index the pool (staging.py), views included
+
     def __init__(self, host: PlaneHost, slab_bytes: int, max_slabs: int):
         super().__init__(host)
         on_cuda = host.pool.device.type == "cuda"
@@ -64,8 +66,8 @@ class ZmqDataPlane(DataPlane):
             if rec.state.is_final:
                 self.staging.release(slab)
                 return True
-            out = typed_view(slab.buffer, self.host.layout, spec)
-            gather_pages(self.host.pool, src_pages, spec, out, self.stream, ready_event)
+            out = typed_view(slab.buffer, rec.region.layout, spec)
+            gather_pages(rec.region.pool, src_pages, spec, out, self.stream, ready_event)
         frame = memoryview(slab.buffer[: msg.nbytes].numpy())
         self.staging.release(slab, self.host.send(rec.peer, msg, frame))
         return True
@@ -81,10 +83,11 @@ class ZmqDataPlane(DataPlane):
     ) -> None:
         if spec.num_pages:
             raw = torch.frombuffer(payload[0].buffer, dtype=torch.uint8)
+            region = rec.region
             with rec.state.lock:
                 if not rec.state.is_final:
                     scatter_pages(
-                        self.host.pool, dst_pages, spec, typed_view(raw, self.host.layout, spec), self.stream
+                        region.pool, dst_pages, spec, typed_view(raw, region.layout, spec), self.stream
                     )
         done()
 

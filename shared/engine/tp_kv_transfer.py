@@ -29,6 +29,7 @@ import msgpack
 import zmq
 
 from pdserve.kvtransfer.base import (
+    HeadRange,
     KVManager,
     KVPoll,
     KVReceiver,
@@ -103,13 +104,15 @@ class TPKVManager(KVManager):
     def rank_endpoints(self) -> list[RankEndpoint]:
         return list(self._ranks)
 
-    def make_sender(self, rid: str, dest_endpoint: str) -> KVSender:
-        return TPSender(self, self._start(rid, dest_endpoint, True), rid)
+    def make_sender(self, rid: str, dest_endpoint: str, heads: HeadRange | None = None) -> KVSender:
+        return TPSender(self, self._start(rid, dest_endpoint, True, heads), rid)
 
-    def make_receiver(self, rid: str, src_endpoint: str) -> KVReceiver:
-        return TPReceiver(self, self._start(rid, src_endpoint, False), rid)
+    def make_receiver(self, rid: str, src_endpoint: str, heads: HeadRange | None = None) -> KVReceiver:
+        return TPReceiver(self, self._start(rid, src_endpoint, False, heads), rid)
 
-    def _start(self, rid: str, peer_endpoint: str, sends: bool) -> int:
+    def _start(self, rid: str, peer_endpoint: str, sends: bool, heads: HeadRange | None) -> int:
+        if heads is not None:
+            raise KVTransferError("a worker's KV manager plans its own head slices: a handle takes no heads")
         with self._lock:
             if self._closed:
                 raise KVTransferError("KV manager closed")

@@ -27,6 +27,7 @@ import torch
 
 from pdserve.kvtransfer import wire
 from pdserve.kvtransfer.base import KVPoll, KVTransferConfig
+from pdserve.kvtransfer.head_slice import KVRegion
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.kvtransfer.records import Chunk, InboundTransfer, OutboundTransfer
 from pdserve.kvtransfer.state import TransferState
@@ -97,7 +98,7 @@ class Side:
         self.layout, self.config = KVLayout.of(self.pool), CONFIG
         self.max_message_bytes = 2 * layers * CELL  # two pages of every layer per message
         self.link = MemoryLink(name, net)
-        self.transfers = Transfers(self.link, self.layout, self.config)
+        self.transfers = Transfers(self.link, self.config)
         self.plane = self.transfers.plane = ZmqDataPlane(self, 1 << 20, 4)
         t = self.transfers
         self.fail_outbound, self.fail_inbound = t.fail_outbound, t.fail_inbound  # PlaneHost's failing
@@ -118,12 +119,13 @@ class Side:
 
     # what the handles do (handles.py), without the hop to an I/O thread
     def sender(self, rid: str, dest: str) -> OutboundTransfer:
-        rec = OutboundTransfer(rid, dest, TransferState(CONFIG.transfer_timeout_s))
+        rec = OutboundTransfer(rid, dest, TransferState(CONFIG.transfer_timeout_s), KVRegion.of(self.pool))
         self.transfers.register_out(rec)
         return rec
 
     def receiver(self, rid: str, src: str, pages: list[int]) -> InboundTransfer:
-        rec = InboundTransfer(rid, src, os.urandom(8), TransferState(CONFIG.transfer_timeout_s))
+        state = TransferState(CONFIG.transfer_timeout_s)
+        rec = InboundTransfer(rid, src, os.urandom(8), state, KVRegion.of(self.pool))
         self.transfers.register_in(rec)
         self.transfers.init_receiver(rec, pages)
         return rec

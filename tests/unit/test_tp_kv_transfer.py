@@ -182,9 +182,7 @@ def test_a_rank_without_head_slices_refuses_another_width_when_the_handle_is_mad
     shape = KVPoolShape(LAYERS, PAGES, PAGE_SIZE, KV_HEADS, HEAD_DIM)
     pool = PagedKVPool(shape, torch.float32, "cpu")
     whole_pools_only = RankKV.open("fake", pool, "d", list(range(KV_HEADS)), hub=hub)
-    for manager in whole_pools_only.head_managers.values():  # as cuda_ipc or nccl would offer
-        manager.close()
-    whole_pools_only.head_managers.clear()
+    whole_pools_only.full.moves_head_slices = False  # as cuda_ipc's or nccl's manager says
     d = TPKVManager("fake", whole_pools_only, pool, "d", None)
     assert d.endpoint == whole_pools_only.full.endpoint  # one rank, whole pools: the plain endpoint
     with pytest.raises(KVTransferError, match=r"--tp 2 cannot send KV to a decode worker of --tp 1"):
