@@ -9,11 +9,14 @@ import pytest
 import torch
 
 # Worker, router and stand-in processes started by tests share the two cores with each other and
-# with the test process. With one OpenMP thread per core in every process, a busy machine made a
+# with the test processes. With one OpenMP thread per core in every process, a busy machine made a
 # tiny model's decode step 30 times slower (34 ms against 1.1 ms with one thread): each parallel
-# region waits for a thread that is not scheduled. Children get one thread; the test process keeps
-# the default it had before this line.
-torch.set_num_threads(torch.get_num_threads())
+# region waits for a thread that is not scheduled. Children get one thread. A test process keeps
+# its cores' share: under xdist (the README's `-n 2` on two cores) one thread each, since the other
+# xdist worker keeps the other core busy (SmolLM2's batch of 8 with a busy second core: 13-16 s with
+# one thread, 45-49 s with two); run alone, the default.
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, torch.get_num_threads() // _XDIST_WORKERS))
 os.environ["OMP_NUM_THREADS"] = "1"
 
 # Without a GPU the Triton kernels run in Triton's interpreter (numpy underneath). It must be set

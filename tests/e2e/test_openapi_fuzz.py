@@ -27,7 +27,7 @@ SCHEMATHESIS = shutil.which("schemathesis")
 # A short context: a fuzzed request without a token limit generates up to it (at 1,024, ~40k decode
 # steps over the run, most of its time), and a 4xx for a longer prompt is what the fuzzing checks too.
 FLAGS = [
-    "--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--context-length", "192",
+    "--dtype", "float32", "--device", "cpu", "--max-total-tokens", "4096", "--context-length", "96",
     "--log-level", "warning",
 ]  # fmt: skip
 EXCLUDED_PATH_REGEX = (
@@ -35,7 +35,7 @@ EXCLUDED_PATH_REGEX = (
     r"|start_profile|stop_profile|set_internal_state)$"
 )
 MAX_EXAMPLES = 8  # per operation in the fuzzing phase; the coverage phase adds its own cases
-FUZZ_TIMEOUT_S = 240  # ~100 s alone on the dev box; the suite runs it beside another process
+FUZZ_TIMEOUT_S = 240  # ~70 s alone on the dev box; the suite runs it beside another process
 
 
 @pytest.fixture(scope="module")
