@@ -22,6 +22,8 @@ Rules:
   beat.
 - The view only reads Redis: any number of routers can watch one Redis.
 - An `add_worker` that raises is logged and retried on the next scan (the id is not marked known).
+- `stop()` never hangs: the loops end on a flag as well as by cancellation, and the tasks and the
+  client's close get STOP_TIMEOUT_S each.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ _SCAN_COUNT = 1000
 
 
 class ClusterView:
+    STOP_TIMEOUT_S = 3.0
+
     def __init__(self, redis_url: str, membership: Membership, interval_s: float = HEARTBEAT_S):
         self.redis_url = redis_url
         self.membership = membership
@@ -62,6 +66,7 @@ class ClusterView:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._outage = False
+        self._stopping = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -73,13 +78,25 @@ class ClusterView:
         ]
 
     async def stop(self) -> None:
+        """Ends the watch and closes the client within STOP_TIMEOUT_S each: a router that shuts
+        down must not wait on a Redis connection's teardown (it logs one that did not finish).
+        The loops also check `_stopping`: on Python 3.11 a cancel that lands as `wait_for`'s inner
+        wait completes (a join event) is swallowed, and a `while True` loop would run on."""
+        self._stopping = True
+        self._wake.set()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=self.STOP_TIMEOUT_S)
+            if pending:
+                logger.warning(
+                    "membership watch still closing after %.0f s; not waiting", self.STOP_TIMEOUT_S
+                )
         self._tasks = []
-        await self._client.aclose()
+        try:
+            await asyncio.wait_for(self._client.aclose(), self.STOP_TIMEOUT_S)
+        except (asyncio.TimeoutError, RedisError, OSError) as exc:
+            logger.warning("closing the membership client of %s: %r", self.redis_url, exc)
 
     # ------------------------------------------------------------------ scanning
 
@@ -140,7 +157,7 @@ class ClusterView:
             logger.info("worker %s joined: role=%s zmq=%s", worker_id, info.role, info.zmq_addr)
 
     async def _watch(self) -> None:
-        while True:
+        while not self._stopping:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             self._wake.clear()
@@ -166,11 +183,11 @@ class ClusterView:
 
     async def _listen(self) -> None:
         """Wakes the scan on every join/leave event; reconnects after an outage."""
-        while True:
+        while not self._stopping:
             pubsub = self._client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(EVENTS_CHANNEL)
-                while True:
+                while not self._stopping:
                     msg = await pubsub.get_message(timeout=self.interval_s)
                     if msg is not None:
                         await self._on_event(msg.get("data"))

@@ -79,6 +79,7 @@ class PrefixIndex:
         self._outage = False
         self._warned_page_size: set[str] = set()
         self._last_check = float("-inf")
+        self._stopping = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -91,6 +92,7 @@ class PrefixIndex:
     async def stop(self) -> None:
         """Ends the follow task and closes the client, each within STOP_TIMEOUT_S: a Redis call
         that ignores the cancellation must not hang the router's shutdown."""
+        self._stopping = True  # a cancel swallowed inside a Redis read still ends the loop
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
@@ -135,7 +137,7 @@ class PrefixIndex:
         return await self._fold(block_ms=None, check=True)
 
     async def _follow(self) -> None:
-        while True:
+        while not self._stopping:
             check = time.monotonic() - self._last_check >= self.interval_s
             try:
                 block_ms = max(1, int(self.interval_s * 1000))  # BLOCK 0 would wait forever
