@@ -108,6 +108,7 @@ class ControlPlaneManager(KVManager):
         self.transfers = Transfers(self.peers, self.config)
         self.plane = make_plane(self)
         self.transfers.plane = self.plane
+        self.moves_head_slices = self.plane.moves_head_slices
         self._handlers: dict[type, Callable[[str, Any, list], None]] = {
             wire.Ping: self._on_ping,
             wire.Pong: lambda src, msg, payload: None,  # hearing it is all that counts
@@ -118,10 +119,6 @@ class ControlPlaneManager(KVManager):
         self._thread.start()
 
     # ------------------------------------------------------------------ worker-thread API
-
-    @property
-    def moves_head_slices(self) -> bool:  # type: ignore[override]
-        return self.plane.moves_head_slices
 
     def make_sender(self, rid: str, dest_endpoint: str, heads: HeadRange | None = None) -> KVSender:
         check_endpoint(dest_endpoint)
