@@ -141,10 +141,7 @@ class ControlPlaneManager(KVManager):
             return self.whole
         if not self.plane.moves_head_slices:
             raise KVTransferError(f"the {type(self).__name__}'s copies need whole pools, not KV head slices")
-        try:
-            return KVRegion.of(self.pool, heads)
-        except ValueError as exc:
-            raise KVTransferError(str(exc)) from exc
+        return KVRegion.of(self.pool, heads)
 
     def close(self) -> None:
         self.call_soon(self._request_stop)

@@ -36,7 +36,7 @@ from pdserve.kvtransfer.base import (
     KVTransferConfig,
     KVTransferError,
 )
-from pdserve.kvtransfer.head_slice import head_slice_pool
+from pdserve.kvtransfer.head_slice import KVRegion
 from pdserve.kvtransfer.layout import KVLayout, layout_mismatch
 from pdserve.kvtransfer.state import TransferState, check_send_args, msgpack_roundtrip
 from pdserve.shared.engine.kv_pool import PagedKVPool
@@ -246,7 +246,7 @@ class FakeKVManager(KVManager):
         hub.register(self)
 
     def make_sender(self, rid: str, dest_endpoint: str, heads: HeadRange | None = None) -> KVSender:
-        pool = self._pool(heads)
+        pool = KVRegion.of(self.pool, heads).pool
         with self.hub.lock:
             self._check_open()
             self.hub.manager(dest_endpoint)
@@ -262,7 +262,7 @@ class FakeKVManager(KVManager):
             return sender
 
     def make_receiver(self, rid: str, src_endpoint: str, heads: HeadRange | None = None) -> KVReceiver:
-        pool = self._pool(heads)
+        pool = KVRegion.of(self.pool, heads).pool
         with self.hub.lock:
             self._check_open()
             self.hub.manager(src_endpoint)
@@ -288,14 +288,6 @@ class FakeKVManager(KVManager):
                         side._state.fail("KV manager closed" if mine else f"KV peer {self.endpoint} closed")
                 self.hub.drop(link)
             self.hub.unregister(self)
-
-    def _pool(self, heads: HeadRange | None) -> PagedKVPool:
-        if heads is None:
-            return self.pool
-        try:
-            return head_slice_pool(self.pool, *heads)
-        except ValueError as exc:
-            raise KVTransferError(str(exc)) from exc
 
     def _check_open(self) -> None:
         if self._closed:

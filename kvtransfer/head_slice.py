@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from pdserve.kvtransfer.base import HeadRange
+from pdserve.kvtransfer.base import HeadRange, KVTransferError
 from pdserve.kvtransfer.layout import KVLayout
 from pdserve.shared.engine.kv_pool import PagedKVPool
 
@@ -34,7 +34,11 @@ class KVRegion:
 
     @classmethod
     def of(cls, pool: PagedKVPool, heads: HeadRange | None = None) -> KVRegion:
-        view = pool if heads is None else head_slice_pool(pool, *heads)
+        """`pool`, or its `heads` slice; heads outside the pool refuse the handle (KVTransferError)."""
+        try:
+            view = pool if heads is None else head_slice_pool(pool, *heads)
+        except ValueError as exc:
+            raise KVTransferError(str(exc)) from exc
         return cls(view, KVLayout.of(view))
 
 

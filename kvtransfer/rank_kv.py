@@ -2,9 +2,9 @@
 
 A rank of a worker holds one manager over its pool; where the backend moves head slices
 (kvtransfer/head_slice.py), a leg of one KV head is a handle of that manager over the head's slice,
-named `leg_rid(rid, head)` on both sides. The worker's rank 0 and each
-follower rank (shared/engine/tp_kv_transfer.py, tp_kv_follower.py) keep one `RankKV`; a request's
-transfer is numbered `tid` by rank 0 and is, on each rank, the handles of that rank's legs.
+named `leg_rid(rid, head)` on both sides. The worker's rank 0 and each follower rank
+(shared/engine/tp_kv_transfer.py, tp_kv_follower.py) keep one `RankKV`; a request's transfer is
+numbered `tid` by rank 0 and is, on each rank, the handles of that rank's legs.
 
 Rules:
 - A leg the backend refuses at once (KVTransferError) is a handle that is Failed with the reason,
