@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import IO
 
 from typing_extensions import Self  # typing.Self needs Python 3.11
@@ -42,11 +43,18 @@ def http_status(url: str, timeout_s: float = 2.0) -> int | None:
 
 
 class WorkerProcess:
-    """One `worker` subprocess. `args` are the worker's flags (`--port 0` recommended)."""
+    """One `worker` subprocess. `args` are the worker's flags (`--port 0` recommended); `popen`
+    starts it (subprocess.Popen, or a launcher with its interface)."""
 
-    def __init__(self, args: list[str], stderr: IO | int | None = None, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        args: list[str],
+        stderr: IO | int | None = None,
+        env: dict[str, str] | None = None,
+        popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+    ):
         cmd = [sys.executable, "-m", "pdserve.shared.launch.worker_cli", *args]
-        self.proc = subprocess.Popen(
+        self.proc = popen(
             cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **(env or {})}
         )
         self._lines: queue.Queue[str | None] = queue.Queue()

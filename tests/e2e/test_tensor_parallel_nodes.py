@@ -24,6 +24,7 @@ import psutil
 import pytest
 
 from pdserve.shared.cluster.redis_server import free_port
+from tests.helpers import zygote
 from tests.helpers.cluster_waits import live_workers, wait_until
 from tests.helpers.engine_tokens import tp1_greedy_tokens
 from tests.helpers.hf_reference import hf_greedy
@@ -50,7 +51,7 @@ def start_node(tiny_llama_dir, tmp_path_factory) -> Iterator[Callable[[int, int]
             *node_flags(node_rank, port),
         ]  # fmt: skip
         log = open(logs / f"node-{len(started)}.log", "w")  # noqa: SIM115 (the child holds it)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
+        proc = zygote.popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
         log.close()
         started.append(proc)
         return proc

@@ -38,6 +38,7 @@ from pdserve.shared.worker.client import WorkerClient
 from pdserve.shared.worker.metrics import WorkerMetrics
 from pdserve.shared.worker.mixed import SHUTDOWN_MESSAGE, MixedWorker
 from pdserve.shared.worker.zmq_io import DealerSocket, RouterSocket
+from tests.helpers import zygote
 from tests.helpers.tiny_models import make_tiny_model
 
 POOL_TOKENS = 1024
@@ -304,10 +305,10 @@ def test_sigterm_aborts_live_request_and_exits_zero(worker_launcher, tiny_model)
 
 @pytest.mark.slow
 def test_one_shot_client_cli_streams_text_and_meta(worker, tiny_model):
-    res = subprocess.run(
+    res = zygote.run(
         [sys.executable, "-m", "pdserve.shared.worker.client", "--addr", worker.zmq_address,
          "--tokenizer", tiny_model[0], "--prompt", "Hello", "--chat", "--max-new-tokens", "6"],
-        check=False, capture_output=True, text=True, timeout=60,
+        timeout=60,
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     meta = json.loads(res.stdout.strip().splitlines()[-1])["meta_info"]
@@ -371,9 +372,6 @@ def test_requests_arriving_during_shutdown_are_refused(tiny_model):
 )
 def test_disaggregated_role_flags_are_checked_before_loading(flags, message):
     """(The roles themselves are tested in test_disagg_workers.py.)"""
-    res = subprocess.run(
-        [sys.executable, "-m", "pdserve.shared.launch.worker_cli", *flags],
-        check=False, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    res = zygote.run([sys.executable, "-m", "pdserve.shared.launch.worker_cli", *flags], timeout=60)
     assert res.returncode == 2
     assert message in res.stderr

@@ -20,13 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tests.helpers import zygote
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 class PeerProcess:
     def __init__(self, start_timeout_s: float = 60.0, env: dict[str, str] | None = None):
         child_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-        self.proc = subprocess.Popen(
+        self.proc = zygote.popen(
             [sys.executable, "-m", "tests.helpers.kv_transfer_peer"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
