@@ -21,7 +21,7 @@ import requests
 import torch
 
 from pdserve.shared.worker.client import WorkerClient
-from tests.helpers.cluster_waits import wait_until
+from tests.helpers.cluster_waits import live_workers, wait_until
 from tests.helpers.router_http import assert_error
 from tests.helpers.tiny_embedding_models import minilm_dir
 
@@ -134,6 +134,7 @@ def test_pd_cluster_sends_embeddings_to_the_prefill_worker(worker_launcher, rout
     prefill = worker_launcher("--role", "prefill", *kv, *COMMON)
     decode = worker_launcher("--role", "decode", *kv, *COMMON)
     url = router_launcher("--worker-addr", prefill.zmq_address, "--worker-addr", decode.zmq_address).url
+    wait_until(lambda: len(live_workers(url, "prefill")) == 1, 20.0, "the router to reach the prefill worker")
     for _ in range(3):  # the decode worker is a candidate for nothing here
         resp = requests.post(url + "/encode", json={"text": TEXTS}, timeout=60)
         assert resp.status_code == 200, resp.text
