@@ -16,6 +16,11 @@ Rules:
   wgmma: Triton fell back to mma.sync in float16 and converted every fp8 weight value to float16
   first (cvt.rn.f16x2.e4m3x2, twice per value read), which bounded the kernel at ~40-60% of the
   copy rate (bench_fp8_gemm on an H100).
+- float32 sums across the K loop: Hopper's fp8 MMA adds into its accumulator with a shortened
+  mantissa, and Triton leaves it there for the whole loop by default on sm_90
+  (max_num_imprecise_acc 2**30). Each dot here gets `max_num_imprecise_acc=BLOCK_K`, so every
+  BLOCK_K-wide partial product is added into the float32 accumulator at full precision (the
+  promotion DeepSeek-V3's fp8 GEMMs make every 128 elements of K).
 - `fp8_gemm_ref` is the same arithmetic in torch (float32 matmul of the dequantized operands).
 """
 
@@ -70,7 +75,7 @@ def _fp8_gemm_kernel(
             mask=k_ok[:, None] & m_ok[None, :],
             other=0.0,
         )
-        acc = tl.dot(w_tile, a_tile, acc)
+        acc = tl.dot(w_tile, a_tile, acc, max_num_imprecise_acc=BLOCK_K)  # float32 sums: see the rules
     sa = tl.load(a_scale + rm, mask=m_ok, other=0.0)
     sw = tl.load(w_scale + rn, mask=n_ok, other=0.0)
     acc = acc * sa[None, :] * sw[:, None]  # the reference's order: row scale first

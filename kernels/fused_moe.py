@@ -26,7 +26,8 @@ Rules:
 - fp8 experts (`w13_scale` [E, 2I] and `w2_scale` [E, H] float32 given; w13/w2 float8_e4m3fn, one
   scale per expert and output row): each GEMM's input rows are quantized per row first
   (kernels.fp8_quant, one launch; quantizing inside the GEMM would redo a row in every program that
-  reads it), the GEMM multiplies fp8 by fp8 into float32 and scales by row scale * weight-row scale
+  reads it), the GEMM multiplies fp8 by fp8 into float32 (full-precision sums across K, as in
+  kernels.fp8_gemm) and scales by row scale * weight-row scale
   before the same roundings as above. The reference dequantizes: (q(x) . w_q) * s_x * s_w in float32.
 """
 
@@ -107,10 +108,16 @@ def _grouped_gemm_kernel(
         mask_k = offs_k < k_size - k0
         a = tl.load(a_block, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
         b = tl.load(b_block, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
+        if FP8_W:  # float32 sums across K (kernels.fp8_gemm's rules say why)
+            acc = tl.dot(b, a, acc, max_num_imprecise_acc=BLOCK_K)
+        else:
+            acc = tl.dot(b, a, acc, input_precision=DOT_PRECISION)
         if GATED:
             b_up = tl.load(b_block + up_offset, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc_up = tl.dot(b_up, a, acc_up, input_precision=DOT_PRECISION)
+            if FP8_W:
+                acc_up = tl.dot(b_up, a, acc_up, max_num_imprecise_acc=BLOCK_K)
+            else:
+                acc_up = tl.dot(b_up, a, acc_up, input_precision=DOT_PRECISION)
         a_block += BLOCK_K
         b_block += BLOCK_K
     if FP8_W:

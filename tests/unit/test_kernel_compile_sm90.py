@@ -123,6 +123,8 @@ _COMPILE_FP8_AND_GEMMS = textwrap.dedent(
         wgmma = [line for line in text.splitlines() if "wgmma.mma_async" in line]
         assert wgmma and all(".e4m3.e4m3" in line for line in wgmma), "no fp8 wgmma"
         assert "cvt.rn.f16x2.e4m3x2" not in text, "fp8 operands widened to float16"
+        if not (atomic or has_bias):  # its only float32 adds: each dot's sum promoted into the accumulator
+            assert re.search(r"\\badd\\.(rn\\.)?f32", text), "fp8 MMA sums left in the MMA's accumulator"
     # the fused MoE's grouped GEMM at decode's and prefill's tiles: warpgroup MMAs on the weights
     from pdserve.kernels.fused_moe import _grouped_gemm_kernel
     for w_type, tiles, num_warps, gated in (("fp8e4nv", (16, 64, 128), 4, True), ("fp8e4nv", (16, 64, 128), 4, False),
@@ -146,6 +148,8 @@ def test_fp8_writers_and_gemms_compile_for_sm90_as_intended(tmp_path: Path):
     """Compiled for a GPU, the kernels that write fp8 leave the rounding to the hardware's conversion
     (the interpreter's software rounding is compiled out) and quantize a row with one division; the
     skinny fp8 GEMM and the fused MoE's grouped GEMM run warpgroup MMAs on their operands as
-    stored (fp8 never widened to float16)."""
+    stored (fp8 never widened to float16), and the fp8 GEMM adds each dot's sum into its float32
+    accumulator (without `max_num_imprecise_acc`, none: the whole K loop stays in the MMA's
+    shortened accumulator)."""
     out = _run_without_interpreter(_COMPILE_FP8_AND_GEMMS, tmp_path)
     assert "compiled fp8 writers and gemms" in out, out
