@@ -24,8 +24,8 @@ def pick_embedding_worker(
         candidates = [h for role in EMBEDDING_ROLES for h in pool.candidates(exclude, role)]
         if not candidates:
             raise NoWorkerAvailable(
-                "No prefill or mixed worker can compute embeddings (decode workers never do): "
-                + pool.why_none(exclude)
+                "No prefill or mixed worker can compute embeddings: "
+                + pool.why_none(exclude, EMBEDDING_ROLES, "compute embeddings")
             )
         handle = pool.policy.choose(candidates, input_ids)
         if handle.breaker.allow():

@@ -285,7 +285,13 @@ class WorkerPool:
                 return handle
             exclude = {*exclude, handle.worker_id}  # a half-open probe slot was just taken
 
-    def why_none(self, exclude: set[str] | frozenset[str] = frozenset()) -> str:
+    def why_none(
+        self,
+        exclude: set[str] | frozenset[str] = frozenset(),
+        roles: tuple[str, ...] = GENERATE_ROLES,
+        work: str = "run whole requests (it needs a decode partner)",
+    ) -> str:
+        """Each worker's reason for not taking work that `roles` can do (`work` names it)."""
         if not self.workers:
             return "No worker is registered with the router."
         parts = []
@@ -298,8 +304,8 @@ class WorkerPool:
                 state = "not connected"
             elif h.leaving:
                 state = "leaving the cluster"
-            elif h.role not in GENERATE_ROLES:
-                state = f"role {h.role} cannot run whole requests (it needs a decode partner)"
+            elif h.role not in roles:
+                state = f"role {h.role} cannot {work}"
             elif h.breaker.state != BreakerState.CLOSED:
                 state = "circuit open after repeated failures"
             else:
