@@ -23,7 +23,6 @@ import threading
 from typing import IO, Any
 
 import msgpack
-from typing_extensions import Self
 
 _SERVER_MODULE = "tests.helpers.zygote_main"
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -66,20 +65,14 @@ class ZygoteProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for stream in (self.stdin, self.stdout, self.stderr):
-            if stream is not None:
-                stream.close()
-        self.wait()
-
 
 class _Server:
     def __init__(self):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        # One thread: numpy starts its BLAS threads at import unless told, and torch reads its thread
+        # count at import; a fork copies no threads. Children keep one whatever their environment says
+        # (the suite gives them one: tests/conftest.py).
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         # fd 3 in the server: pass_fds keeps the descriptor's number, so move it there first
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _BOOT, str(theirs.fileno())],
@@ -121,7 +114,10 @@ class _Server:
         with self._lock:
             if not self.alive:
                 return None
-            socket.send_fds(self._sock, [request], fds)
+            try:
+                socket.send_fds(self._sock, [request], fds)
+            except OSError:  # the server is gone
+                return None
             return self._spawned.get()
 
     def exit_code(self, pid: int, timeout_s: float | None) -> int | None:
@@ -150,14 +146,12 @@ def start() -> _Server:
         return _server
 
 
-def _stream_fd(spec: Any, default: int, devnull: list[int]) -> tuple[int, int | None]:
+def _stream_fd(spec: Any, default: int) -> tuple[int, int | None]:
     """(fd to send, our end of a pipe or None) for a Popen stdio argument."""
     if spec is None:
         return os.dup(default), None
     if spec == subprocess.DEVNULL:
-        if not devnull:
-            devnull.append(os.open(os.devnull, os.O_RDWR))
-        return os.dup(devnull[0]), None
+        return os.open(os.devnull, os.O_RDWR), None
     if spec == subprocess.PIPE:
         r, w = os.pipe()
         return (r, w) if default == 0 else (w, r)
@@ -166,36 +160,22 @@ def _stream_fd(spec: Any, default: int, devnull: list[int]) -> tuple[int, int | 
     return os.dup(spec.fileno()), None
 
 
-def popen(
-    cmd: list[str],
-    stdin: Any = None,
-    stdout: Any = None,
-    stderr: Any = None,
-    text: bool = False,
-    env: dict[str, str] | None = None,
-    cwd: str | None = None,
-    **kwargs: Any,
-) -> Any:
-    """subprocess.Popen(cmd, ...) for `[sys.executable, "-m", module, ...]`, forked from the server."""
-    if kwargs or len(cmd) < 3 or cmd[0] != sys.executable or cmd[1] != "-m" or stderr == subprocess.STDOUT:
-        return subprocess.Popen(
-            cmd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd, **kwargs
-        )
+def _fork(cmd: list[str], stdio: tuple[Any, Any, Any], text: bool, env: dict | None, cwd: Any) -> Any:
+    """The forked child as a ZygoteProcess, or None when the server is gone."""
     server = start()
-    devnull: list[int] = []
-    ends = [_stream_fd(spec, n, devnull) for n, spec in enumerate((stdin, stdout, stderr))]
+    ends = [_stream_fd(spec, n) for n, spec in enumerate(stdio)]
     try:
         pid = server.spawn(
             cmd[1:], dict(os.environ if env is None else env), str(cwd or os.getcwd()), [e[0] for e in ends]
         )
     finally:
-        for fd in [e[0] for e in ends] + devnull:
-            os.close(fd)
-    if pid is None:  # the server died: a cold start still works
+        for sent, _ in ends:
+            os.close(sent)
+    if pid is None:
         for _, ours in ends:
             if ours is not None:
                 os.close(ours)
-        return subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd)
+        return None
     proc = ZygoteProcess(server, cmd, pid)
     streams = []
     for n, (_, ours) in enumerate(ends):
@@ -206,6 +186,26 @@ def popen(
         streams.append(io.TextIOWrapper(raw, write_through=n == 0) if text else raw)  # as Popen wraps them
     proc.stdin, proc.stdout, proc.stderr = streams
     return proc
+
+
+def popen(
+    cmd: list[str],
+    stdin: Any = None,
+    stdout: Any = None,
+    stderr: Any = None,
+    text: bool = False,
+    env: dict[str, str] | None = None,
+    cwd: Any = None,
+    **kwargs: Any,
+) -> Any:
+    """subprocess.Popen(cmd, ...) for `[sys.executable, "-m", module, ...]`, forked from the server."""
+    forkable = (
+        not kwargs and len(cmd) > 2 and cmd[:2] == [sys.executable, "-m"] and stderr != subprocess.STDOUT
+    )
+    proc = _fork(cmd, (stdin, stdout, stderr), text, env, cwd) if forkable else None
+    return proc or subprocess.Popen(
+        cmd, stdin=stdin, stdout=stdout, stderr=stderr, text=text, env=env, cwd=cwd, **kwargs
+    )
 
 
 def run(cmd: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess:
