@@ -7,8 +7,12 @@ Rules:
 - Written for the skinny M of decode batches, where cuBLASLt's fp8 GEMM (torch._scaled_mm) leaves
   bandwidth unused: a tile of BLOCK_M rows (16; fewer rows are masked) against BLOCK_N weight rows,
   and split-K when N alone gives too few programs to keep every SM streaming weights. Split-K
-  programs add their scaled partial sums into a float32 buffer (atomics), which is rounded to
-  out_dtype once at the end.
+  programs store their scaled partial sums (float32, one slab per split) and count themselves in on
+  their tile's counter; the last one in adds the slabs in split order, rounds once to out_dtype,
+  stores the output and sets the counter back to 0. One launch, no zero-fill before it and no
+  float32 -> out_dtype pass after it, and the same sum in the same order on every run (float32
+  atomics add in arrival order). The counters are one zeroed buffer per device, reused by every
+  call: split-K GEMMs of one process must not run concurrently on two streams.
 - Operands swapped: each program computes out^T = w @ a^T, so the weight tile is the MMA's M side
   (BLOCK_N >= 64: Hopper's warpgroup MMA, wgmma m64nNk32 with e4m3 operands read from shared
   memory) and the 16 token rows its N side. Both operands are K-contiguous, the only layout fp8
@@ -45,8 +49,11 @@ def _fp8_gemm_kernel(
     a_stride,
     w_stride,
     k_per_split,
+    partials,
+    split_stride,
+    counters,
     HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -84,8 +91,19 @@ def _fp8_gemm_kernel(
         acc = acc + tl.where(pid_k == 0, 1.0, 0.0) * b[:, None]
     offsets = rm[None, :].to(tl.int64) * N + rn[:, None]
     mask = n_ok[:, None] & m_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out + offsets, acc, mask=mask)
+    if SPLIT:
+        tl.store(partials + pid_k * split_stride + offsets, acc, mask=mask)
+        # release: this program's slab is visible before its count; acquire: the last one sees them all
+        counter = counters + pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+        splits = tl.num_programs(2)
+        if arrived == splits - 1:
+            total = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            for split in range(splits):
+                slab = partials + split * split_stride
+                total += tl.load(slab + offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(out + offsets, total.to(out.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(counter, 0)
     else:
         tl.store(out + offsets, acc.to(out.dtype.element_ty), mask=mask)
 
@@ -114,31 +132,50 @@ def fp8_gemm(
     num_warps: int = 4,
     num_stages: int = 4,
 ) -> torch.Tensor:
-    """out [M, N] in out_dtype; see the module rules. split_k > 1 adds partial sums atomically;
-    None picks it from the shape (auto_split_k). num_stages is the software pipeline's depth: the
-    weight tiles each program has in flight."""
+    """out [M, N] in out_dtype; see the module rules. split_k > 1 splits K (partial sums added by
+    the last program of each tile); None picks it from the shape (auto_split_k), and a grid with
+    more tiles than the split counters cover is not split. num_stages is the software pipeline's
+    depth: the weight tiles each program has in flight."""
     _check(a, a_scale, w, w_scale)
     M, K = a.shape
     N = w.shape[0]
+    out = a.new_empty((M, N), dtype=out_dtype)
+    if M == 0:
+        return out
+    tiles_m, tiles_n = triton.cdiv(M, BLOCK_M), triton.cdiv(N, block_n)
     if split_k is None:
         split_k = auto_split_k(K, block_k)
-    atomic = split_k > 1
-    out = (
-        torch.zeros((M, N), dtype=torch.float32, device=a.device)
-        if atomic
-        else a.new_empty((M, N), dtype=out_dtype)
-    )
-    if M == 0:
-        return out.to(out_dtype)
+    if tiles_m * tiles_n > SPLIT_COUNTERS:
+        split_k = 1  # thousands of tiles keep every SM busy without splitting K
     k_per_split = triton.cdiv(triton.cdiv(K, split_k), block_k) * block_k
-    grid = (triton.cdiv(M, 16), triton.cdiv(N, block_n), triton.cdiv(K, k_per_split))
-    _fp8_gemm_kernel[grid](
+    splits = triton.cdiv(K, k_per_split)
+    split = splits > 1
+    partials = a.new_empty((splits, M, N), dtype=torch.float32) if split else out
+    counters = _split_counters(a.device) if split else out
+    _fp8_gemm_kernel[(tiles_m, tiles_n, splits)](
         a, a_scale, w, w_scale, bias if bias is not None else w_scale,
-        out, M, N, K, a.stride(0), w.stride(0), k_per_split,
-        HAS_BIAS=bias is not None, ATOMIC=atomic,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        out, M, N, K, a.stride(0), w.stride(0), k_per_split, partials, partials.stride(0), counters,
+        HAS_BIAS=bias is not None, SPLIT=split,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
-    return out.to(out_dtype) if atomic else out
+    return out
+
+
+BLOCK_M = 16
+# Tiles a split-K launch may have (int32 counters, 16 KiB a device): M <= 16 rows and N up to
+# 262,144 at BLOCK_N 64, far past every decode linear.
+SPLIT_COUNTERS = 4096
+_counters_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The device's tile counters, all 0 between launches (each tile's last program resets its own).
+    Made on the first split-K call, which the engine's warm-up makes before any CUDA-graph capture."""
+    counters = _counters_by_device.get(device)
+    if counters is None:
+        counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+        _counters_by_device[device] = counters
+    return counters
 
 
 _K_BLOCKS_PER_SPLIT = 14
@@ -146,8 +183,9 @@ _K_BLOCKS_PER_SPLIT = 14
 
 def auto_split_k(K: int, block_k: int) -> int:
     """K splits so that each program streams about 14 K-blocks: on an H100 (bench_fp8_gemm --sweep)
-    a long K (Llama-3.1-8B's down_proj, 14,336) runs best in 4 splits, K = 4,096 unsplit, where the
-    atomics and the float32 round trip cost more than the parallelism buys."""
+    a long K (Llama-3.1-8B's down_proj, 14,336) ran best in 4 splits, K = 4,096 unsplit, where the
+    float32 partial sums cost more than the parallelism buys (measured with the split-K of float32
+    atomics, a zero-fill and a rounding pass; the serial reduction is not yet swept)."""
     return max(1, min(8, K // (_K_BLOCKS_PER_SPLIT * block_k)))
 
 

@@ -116,14 +116,17 @@ _COMPILE_FP8_AND_GEMMS = textwrap.dedent(
             assert ops(text, "cvt.rn.satfinite." + ("e5m2x2" if e5m2 else "e4m3x2") + ".f32") > 0, fmt
     # the skinny fp8 GEMM at its default tiles: e4m3 warpgroup MMAs, no fp8 value widened first
     from pdserve.kernels.fp8_gemm import _fp8_gemm_kernel
-    gemm = {"a": "*fp8e4nv", "a_scale": "*fp32", "w": "*fp8e4nv", "w_scale": "*fp32", "bias": "*bf16", "out": "*bf16"}
-    for atomic, has_bias in ((False, False), (True, True)):
-        text = ptx(_fp8_gemm_kernel, {**gemm, "out": "*fp32" if atomic else "*bf16"},
-                   {"HAS_BIAS": has_bias, "ATOMIC": atomic, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256})
+    gemm = {"a": "*fp8e4nv", "a_scale": "*fp32", "w": "*fp8e4nv", "w_scale": "*fp32", "bias": "*bf16", "out": "*bf16",
+            "partials": "*fp32", "counters": "*i32"}
+    for split, has_bias in ((False, False), (True, True)):
+        text = ptx(_fp8_gemm_kernel, gemm,
+                   {"HAS_BIAS": has_bias, "SPLIT": split, "BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256})
         wgmma = [line for line in text.splitlines() if "wgmma.mma_async" in line]
         assert wgmma and all(".e4m3.e4m3" in line for line in wgmma), "no fp8 wgmma"
         assert "cvt.rn.f16x2.e4m3x2" not in text, "fp8 operands widened to float16"
-        if not (atomic or has_bias):  # its only float32 adds: each dot's sum promoted into the accumulator
+        if split:  # the tile counter orders the slabs' stores before the last program's loads
+            assert re.search(r"atom\\.[a-z.]*acq_rel[a-z.]*\\.add", text), "split-K counter without acq_rel"
+        if not (split or has_bias):  # its only float32 adds: each dot's sum promoted into the accumulator
             assert re.search(r"\\badd\\.(rn\\.)?f32", text), "fp8 MMA sums left in the MMA's accumulator"
     # the fused MoE's grouped GEMM at decode's and prefill's tiles: warpgroup MMAs on the weights
     from pdserve.kernels.fused_moe import _grouped_gemm_kernel

@@ -1,8 +1,9 @@
 """kernels.fp8_quant and kernels.fp8_gemm against their torch references (Triton interpreter).
 
 Quantization is exact: both sides divide in float32 and round to e4m3 to nearest even. The GEMM sums
-the same float8 products in float32 in another order (and, split-K, in several partial sums), so it
-agrees to float32 rounding; the result is rounded once to the output dtype.
+the same float8 products in float32 in another order (and, split-K, in several partial sums added
+by each tile's last program), so it agrees to float32 rounding; the result is rounded once to the
+output dtype.
 """
 
 from __future__ import annotations
@@ -73,6 +74,31 @@ def test_fp8_gemm_rounds_once_to_half():
     want = fp8_gemm_ref(a, a_scale, w, w_scale, bias.half(), torch.float16)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+
+
+def test_split_k_rounds_the_sum_of_its_slabs_once_and_leaves_its_counters_at_zero():
+    """Split-K's last program per tile adds the float32 slabs in split order and rounds once; the
+    tile counters are back at 0 for the next launch (they are shared by every call on the device)."""
+    from pdserve.kernels.fp8_gemm import _split_counters
+
+    a, a_scale, w, w_scale, bias = _operands(5, 96, 320, seed=6)
+    want = fp8_gemm_ref(a, a_scale, w, w_scale, bias.half(), torch.float16)
+    for _ in range(2):  # the second launch finds the counters as the first left them
+        out = fp8_gemm(a, a_scale, w, w_scale, bias.half(), torch.float16, block_n=32, block_k=32, split_k=4)
+        torch.testing.assert_close(out, want, rtol=1e-3, atol=1e-3)
+        assert not _split_counters(a.device).any()
+
+
+def test_a_grid_past_the_split_counters_is_not_split(monkeypatch):
+    from pdserve.kernels import fp8_gemm as module
+
+    monkeypatch.setattr(module, "SPLIT_COUNTERS", 2)  # 2 x 3 tiles below: more than the counters cover
+    monkeypatch.setattr(module, "_split_counters", lambda device: pytest.fail("split past the counters"))
+    a, a_scale, w, w_scale, _ = _operands(20, 96, 128, seed=7)
+    out = fp8_gemm(a, a_scale, w, w_scale, None, torch.float32, block_n=32, block_k=32, split_k=4)
+    torch.testing.assert_close(
+        out, fp8_gemm_ref(a, a_scale, w, w_scale, None, torch.float32), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_fp8_gemm_refuses_other_dtypes_and_shapes():
