@@ -13,8 +13,10 @@ import ctypes
 import json
 import logging
 import os
+import select
 import signal
 import sys
+from collections.abc import Callable
 
 from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.tp_follower import build_follower_runner, serve_follower
@@ -30,6 +32,19 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):
         pass
+
+
+def parent_alive_check(parent_pid: int) -> Callable[[], bool]:
+    """Whether rank 0 still runs: its pidfd turns readable when it exits (whoever this process's
+    parent is: rank 0 itself, or a launcher that forked it); by the parent pid where pidfds are
+    missing (before Linux 5.3), or when rank 0 is already gone (then the check fails at once)."""
+    try:
+        pidfd = os.pidfd_open(parent_pid)
+    except (AttributeError, OSError):
+        return lambda: os.getppid() == parent_pid
+    exited = select.poll()
+    exited.register(pidfd, select.POLLIN)
+    return lambda: not exited.poll(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args.device = rank_device(args.device, ns.rank % args.tp_ranks_per_node)  # its place on this host
     join_process_group(args.device, ns.rank, ns.world_size, ns.init_method, args.tp_ranks_per_node)
     runner = build_follower_runner(args)
-    serve_follower(runner, keep_going=lambda: os.getppid() == ns.parent_pid)
+    serve_follower(runner, keep_going=parent_alive_check(ns.parent_pid))
     return 0
 
 

@@ -12,8 +12,9 @@ Rules:
   the other followers (useless without it) and runs `on_rank_exit(rank, status)`. A worker cannot
   serve without it (rank 0's next pass would wait on it): the worker's callback
   (`exit_worker`) exits at once.
-- Followers die with rank 0: PR_SET_PDEATHSIG where Linux offers it, and their loop checks that
-  rank 0 is still their parent between passes.
+- Followers die with rank 0: PR_SET_PDEATHSIG where Linux offers it (for rank 0's own children),
+  and their loop checks between passes that rank 0 still runs (its pidfd, whoever started the
+  follower; without pidfds, that rank 0 is still their parent).
 - `close()` stops the followers (SIGTERM, SIGKILL after a grace) and leaves the process group.
 - Ranks on several hosts (`--nnodes K`): this process starts only node 0's ranks 1..N/K-1; the
   store is at --dist-init-addr, and node launchers (tp_node.py) start the others. Across hosts the
@@ -122,15 +123,20 @@ def check_shards(args: EngineArgs) -> None:
 class TensorParallelRanks:
     """Rank 0's side of the ranks (see the module rules)."""
 
-    def __init__(self, args: EngineArgs, on_rank_exit: Callable[[int, int], None]):
+    def __init__(
+        self,
+        args: EngineArgs,
+        on_rank_exit: Callable[[int, int], None],
+        popen: Callable[..., subprocess.Popen] = subprocess.Popen,
+    ):
+        """`popen` starts each follower (subprocess.Popen, or a launcher with its interface)."""
         check_shards(args)
         self.size = args.tp_size
         self.on_rank_exit = on_rank_exit
         self._closing = threading.Event()
         init_method = init_method_of(args)
         self.followers = {
-            r: subprocess.Popen(follower_command(args, init_method, r))
-            for r in range(1, args.tp_ranks_per_node)
+            r: popen(follower_command(args, init_method, r)) for r in range(1, args.tp_ranks_per_node)
         }
         self._watcher = threading.Thread(target=self._watch, name="tp-ranks", daemon=True)
         self._watcher.start()

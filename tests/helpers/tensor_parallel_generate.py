@@ -22,6 +22,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.launch.tp_ranks import TensorParallelRanks
 from pdserve.shared.models.tensor_parallel import kv_heads_per_rank
+from tests.helpers import zygote
 
 
 def tp_generate(
@@ -38,7 +39,11 @@ def tp_generate(
         expert_distribution_recorder_mode="stat",
     )
     died: list[tuple[int, int]] = []
-    ranks = TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s))) if tp_size > 1 else None
+    ranks = (
+        TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s)), popen=zygote.popen)
+        if tp_size > 1
+        else None
+    )
     try:
         engine = Engine(args)
         recorder = engine.runner.expert_recorder

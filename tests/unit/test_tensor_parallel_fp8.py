@@ -32,6 +32,7 @@ from pdserve.shared.models.config import ModelConfig
 from pdserve.shared.models.loader import load_model, shard_rules_of
 from pdserve.shared.models.tensor_parallel_layers import TPRank
 from pdserve.shared.models.weights import checkpoint_targets
+from tests.helpers import zygote
 from tests.helpers.fp8_checkpoint import COMPRESSED_TENSORS_PER_TENSOR, FBGEMM, fp8_checkpoint
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -96,7 +97,11 @@ def _generate(model_dir: Path, tp_size: int, quantization: str | None) -> list[d
         page_size=4, chunked_prefill_size=16, max_total_tokens=1024,
     )  # fmt: skip
     died: list[tuple[int, int]] = []
-    ranks = TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s))) if tp_size > 1 else None
+    ranks = (
+        TensorParallelRanks(args, on_rank_exit=lambda r, s: died.append((r, s)), popen=zygote.popen)
+        if tp_size > 1
+        else None
+    )
     try:
         return Engine(args).generate(_prompts(), GREEDY, return_logprob=True)
     finally:

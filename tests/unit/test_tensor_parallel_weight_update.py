@@ -19,6 +19,7 @@ from pdserve.shared.args import EngineArgs
 from pdserve.shared.engine.engine import Engine
 from pdserve.shared.engine.weight_swap import UPDATE_OK
 from pdserve.shared.launch.tp_ranks import TensorParallelRanks
+from tests.helpers import zygote
 from tests.helpers.checkpoint_copies import misshapen_copy, perturbed_copy
 from tests.helpers.tiny_models import make_tiny_model
 
@@ -52,7 +53,9 @@ def test_tp2_weight_update_reaches_every_rank_all_or_nothing(tmp_path):
     assert on_a != on_b
 
     died: list[tuple[int, int]] = []
-    ranks = TensorParallelRanks(_args(a, 2), on_rank_exit=lambda r, s: died.append((r, s)))
+    ranks = TensorParallelRanks(
+        _args(a, 2), on_rank_exit=lambda r, s: died.append((r, s)), popen=zygote.popen
+    )
     try:
         engine = Engine(_args(a, 2))
         assert _tokens(engine) == on_a
