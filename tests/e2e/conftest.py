@@ -11,8 +11,8 @@ with `healthy`, waits for /health 200; the RouterProcess has the base `url`. Sto
 `redis_url` is a real `redis-server` on a free loopback port (shared/cluster/redis_server.py), one per module.
 
 Workers and routers are forked from a pre-imported interpreter (tests/helpers/zygote.py): real
-processes running the real `python -m` entry points, ready in ~1 s instead of ~7 s of imports.
-`serve`'s own children and tensor-parallel followers still start cold, as users' do.
+processes running the real `python -m` entry points, ready in ~0.7 s instead of ~7 s of imports.
+`serve`'s own children and the followers a `worker --tp N` starts still start cold, as users' do.
 """
 
 from __future__ import annotations
