@@ -119,6 +119,23 @@ def _check(a: torch.Tensor, a_scale: torch.Tensor, w: torch.Tensor, w_scale: tor
         raise ValueError("a_scale must be [M, 1] and w_scale [N]")
 
 
+BLOCK_M = 16
+# Tiles a split-K launch may have (int32 counters, 16 KiB a device): M <= 16 rows and N up to
+# 262,144 at BLOCK_N 64, far past every decode linear.
+SPLIT_COUNTERS = 4096
+_counters_by_device: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device) -> torch.Tensor:
+    """The device's tile counters, all 0 between launches (each tile's last program resets its own).
+    Made on the first split-K call, which the engine's warm-up makes before any CUDA-graph capture."""
+    counters = _counters_by_device.get(device)
+    if counters is None:
+        counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
+        _counters_by_device[device] = counters
+    return counters
+
+
 def fp8_gemm(
     a: torch.Tensor,
     a_scale: torch.Tensor,
@@ -159,23 +176,6 @@ def fp8_gemm(
         BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
-
-
-BLOCK_M = 16
-# Tiles a split-K launch may have (int32 counters, 16 KiB a device): M <= 16 rows and N up to
-# 262,144 at BLOCK_N 64, far past every decode linear.
-SPLIT_COUNTERS = 4096
-_counters_by_device: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device) -> torch.Tensor:
-    """The device's tile counters, all 0 between launches (each tile's last program resets its own).
-    Made on the first split-K call, which the engine's warm-up makes before any CUDA-graph capture."""
-    counters = _counters_by_device.get(device)
-    if counters is None:
-        counters = torch.zeros(SPLIT_COUNTERS, dtype=torch.int32, device=device)
-        _counters_by_device[device] = counters
-    return counters
 
 
 _K_BLOCKS_PER_SPLIT = 14

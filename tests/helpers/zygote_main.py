@@ -5,9 +5,9 @@ reach after those imports.
 Why: every `worker` process spends ~6 s importing torch and transformers (whose model configs pull
 in torch.distributed.tensor, accelerate and sympy) before it reads its flags; an end-to-end run
 starts ~90 workers and ~70 routers. Forked from here, a tiny model's worker is ready in ~0.7 s
-(~7.3 s cold). Only third-party
-libraries are imported here, none of the product's modules: those read the environment when they
-load (Triton kernels pick interpreter or compiler at decoration) and must see the child's.
+(~7.3 s cold). Only third-party libraries are imported here, none of the product's modules: those
+read the environment when they load (Triton kernels pick interpreter or compiler at decoration)
+and must see the child's.
 
 Protocol (SOCK_SEQPACKET on fd 3, msgpack): the client sends {"argv", "env", "cwd"} with three
 file descriptors (stdin, stdout, stderr; a closed pipe end or /dev/null where it wants none); the
